@@ -1,0 +1,47 @@
+"""The FastAPI application: routers, error envelope, body limit, and the gateway's lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from .. import __version__
+from ..config import Settings
+from ..gateway import Gateway
+from . import blobs, errors, images, models
+from .middleware import BodyLimitMiddleware
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gateway = Gateway(settings)
+        await gateway.start()
+        app.state.gateway = gateway
+        app.state.model_views = models.ModelViews(gateway)
+        try:
+            yield
+        finally:
+            await gateway.close()
+
+    app = FastAPI(
+        title="Kontext Gateway",
+        version=__version__,
+        description="OpenAI-compatible image API for the FLUX.1 Kontext family.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(models.router)
+    app.include_router(images.router)
+    app.include_router(blobs.router)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    return app

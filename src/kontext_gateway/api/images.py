@@ -1,0 +1,82 @@
+"""POST /v1/images/generations (JSON) and /v1/images/edits (multipart or JSON).
+
+This module only parses HTTP into fields and files, and renders the outcome; the service does the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+
+from ..catalog import Mode
+from ..errors import invalid, too_large
+from ..gateway import Gateway
+from ..service import InputFile
+
+router = APIRouter()
+
+# `image`, `image[]` (the OpenAI SDKs' array form) and indexed `image[0]`, `image[1]`...
+_IMAGE_FIELD = re.compile(r"^image(\[\d*\])?$")
+
+
+@router.post("/v1/images/generations")
+async def generations(request: Request) -> JSONResponse:
+    fields = await _json_body(request)
+    return await _run(request, "text-to-image", fields, [])
+
+
+@router.post("/v1/images/edits")
+async def edits(request: Request) -> JSONResponse:
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("application/json"):
+        return await _run(request, "edit", await _json_body(request), [])
+    if not content_type.startswith("multipart/form-data"):
+        raise invalid("Send the edit as multipart/form-data (with 'image' files) or as JSON with "
+                      "'images': [{'image_url': ...}].", code="unsupported_media_type")
+    gw: Gateway = request.app.state.gateway
+    form = await request.form(max_files=64, max_fields=256)
+    fields: dict[str, Any] = {}
+    files: list[InputFile] = []
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if name == "mask":
+                raise invalid("Masks are not supported yet: remove 'mask' to edit the whole image.",
+                              param="mask", code="unsupported_parameter")
+            if not _IMAGE_FIELD.match(name):
+                raise invalid(f"Unexpected file field '{name}': send images as 'image' or 'image[]'.",
+                              param=name, code="unexpected_file")
+            if value.size is not None and value.size > gw.settings.max_file_bytes:
+                raise too_large(f"'image' file '{value.filename}' is {value.size} bytes; the limit is "
+                                f"{gw.settings.max_file_bytes} bytes (50 MB).", param="image", code="file_too_large")
+            files.append(InputFile(await value.read(), param="image"))
+        elif _IMAGE_FIELD.match(name):
+            raise invalid("'image' must be an uploaded file.", param="image", code="invalid_type")
+        else:
+            fields[name] = value
+    await form.close()
+    return await _run(request, "edit", fields, files)
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError):
+        raise invalid("The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise invalid("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+async def _run(request: Request, mode: Mode, fields: dict[str, Any], files: list[InputFile]) -> JSONResponse:
+    gw: Gateway = request.app.state.gateway
+    outcome = await gw.images.create(
+        mode=mode, fields=fields, files=files, base_url=str(request.base_url),
+        provider=request.headers.get("x-provider"),
+    )
+    return JSONResponse(outcome.body, headers=outcome.headers)

@@ -1,0 +1,177 @@
+"""The model catalog: models.toml, validated at load, with id / alias / provider-key resolution."""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import tomllib
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..errors import GatewayError, not_found
+
+DEFAULT_CATALOG = Path(__file__).with_name("models.toml")
+
+Mode = Literal["text-to-image", "edit"]
+MODES: tuple[Mode, ...] = ("text-to-image", "edit")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PriceComponent(_Strict):
+    type: str
+    metric: str
+    unit_price: float = Field(ge=0)
+
+
+class Pricing(_Strict):
+    source: str
+    currency: str = "USD"
+    components: tuple[PriceComponent, ...]
+    source_url: str | None = None
+    effective_at: dt.date | None = None
+
+    def price_per_image(self) -> float:
+        return sum(c.unit_price for c in self.components if c.metric == "image")
+
+
+class ProviderEntry(_Strict):
+    provider: str
+    config_key: str
+    provider_model_id: str
+    modes: tuple[Mode, ...] | None = None  # None: every mode of the model
+    pricing: Pricing
+
+    @model_validator(mode="after")
+    def _key_names_provider(self) -> "ProviderEntry":
+        if not self.config_key.startswith(self.provider + "/"):
+            raise ValueError(f"config_key {self.config_key!r} must start with {self.provider + '/'!r}")
+        return self
+
+
+class ExtraParam(_Strict):
+    """A provider-only parameter: passed through to the providers that honour it."""
+
+    name: str
+    type: Literal["string", "integer", "number", "boolean"]
+    description: str
+    providers: tuple[str, ...]
+    enum: tuple[str, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+class ModelSpec(_Strict):
+    id: str
+    name: str
+    creator: str
+    owned_by: str
+    family: str
+    status: Literal["active", "preview", "deprecated"]
+    released: dt.date
+    description: str
+    aliases: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    modes: tuple[Mode, ...]
+    input_modalities: tuple[str, ...]
+    output_modalities: tuple[str, ...]
+    max_resolution: str
+    max_input_images: int = Field(ge=0, le=16)
+    aspect_ratios: tuple[str, ...]
+    resolutions: tuple[str, ...]
+    default_steps: int | None = None
+    default_guidance: float | None = None
+    avg_run_time_s: float | None = None
+    license: str | None = None
+    weights: str | None = None
+    strengths: tuple[str, ...] = ()
+    limitations: tuple[str, ...] = ()
+    example_prompts: tuple[str, ...] = ()
+    providers: tuple[ProviderEntry, ...] = ()
+    params: tuple[ExtraParam, ...] = ()
+
+    @field_validator("max_resolution")
+    @classmethod
+    def _wxh(cls, v: str) -> str:
+        w, _, h = v.partition("x")
+        if not (w.isdigit() and h.isdigit()):
+            raise ValueError(f"max_resolution must be WxH, got {v!r}")
+        return v
+
+    @field_validator("aspect_ratios")
+    @classmethod
+    def _ratios(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for r in v:
+            a, _, b = r.partition(":")
+            if not (a.isdigit() and b.isdigit() and int(a) > 0 and int(b) > 0):
+                raise ValueError(f"aspect ratio must be W:H, got {r!r}")
+        return v
+
+    @property
+    def max_pixels(self) -> int:
+        w, _, h = self.max_resolution.partition("x")
+        return int(w) * int(h)
+
+    @property
+    def created(self) -> int:
+        return int(dt.datetime.combine(self.released, dt.time(), dt.timezone.utc).timestamp())
+
+    def providers_for(self, mode: Mode) -> list[ProviderEntry]:
+        return [p for p in self.providers if p.modes is None or mode in p.modes]
+
+
+class Catalog:
+    def __init__(self, models: list[ModelSpec]) -> None:
+        self.models = models
+        self._index: dict[str, tuple[ModelSpec, ProviderEntry | None]] = {}
+        for m in models:
+            self._add(m.id, m, None)
+            self._add(f"{m.owned_by}/{m.id}", m, None)
+            for alias in m.aliases:
+                self._add(alias, m, None)
+            for p in m.providers:
+                self._add(p.config_key, m, p)
+
+    def _add(self, key: str, model: ModelSpec, provider: ProviderEntry | None) -> None:
+        key = key.lower()
+        if key in self._index and self._index[key][0].id != model.id:
+            raise ValueError(f"catalog: {key!r} names both {self._index[key][0].id} and {model.id}")
+        self._index.setdefault(key, (model, provider))
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> "Catalog":
+        path = path or DEFAULT_CATALOG
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        models = [ModelSpec.model_validate(m) for m in data.get("models", [])]
+        if not models:
+            raise ValueError(f"catalog {path} lists no models")
+        return cls(models)
+
+    def resolve(self, name: str | None, *, param: str = "model") -> tuple[ModelSpec, ProviderEntry | None]:
+        """Model id, alias, `{owned_by}/{id}` or provider config key -> (model, forced provider entry)."""
+        if not name or not name.strip():
+            raise GatewayError("you must provide a model parameter", param=param, code="missing_required_parameter")
+        hit = self._index.get(name.strip().lower())
+        if hit is None:
+            raise not_found(self._unknown_message(name), param=param, code="model_not_found")
+        return hit
+
+    def get(self, name: str) -> ModelSpec:
+        return self.resolve(name)[0]
+
+    def _unknown_message(self, name: str) -> str:
+        msg = f"The model '{name}' does not exist."
+        close = difflib.get_close_matches(name.lower(), list(self._index), n=1, cutoff=0.5)
+        if close:
+            msg += f" Did you mean '{self._index[close[0]][0].id}'?"
+        return msg + f" Available models: {', '.join(m.id for m in self.models)}."
+
+    @cached_property
+    def ids(self) -> list[str]:
+        return [m.id for m in self.models]

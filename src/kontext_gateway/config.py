@@ -1,0 +1,76 @@
+"""Settings: one object, read from the environment (prefix `KONTEXT_`) and CLI flags, passed down."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("KONTEXT_DATA_DIR") or Path.cwd() / "data")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KONTEXT_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    # The model used when a request names none (OpenAI clients may omit `model`).
+    default_model: str = "kontext-tiny"
+    # Another catalog file instead of the built-in one (same format as catalog/models.toml).
+    catalog_path: Path | None = None
+    port: int = 8000
+    data_dir: Path = Field(default_factory=default_data_dir)
+    # SQLite under data_dir unless set; `postgresql://...` switches to PostgreSQL.
+    # `DATABASE_URL` (no prefix) is honoured too, as most deployments set it.
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("database_url", "DATABASE_URL", "KONTEXT_DATABASE_URL")
+    )
+    # Public base URL used in signed image links; by default, the URL the request came in on.
+    public_url: str | None = None
+    # Secret for signing blob URLs; generated once and kept in data_dir/secret.key when unset.
+    url_secret: str | None = None
+    url_ttl_seconds: int = 3600
+
+    # Local engine. [dev] weights in diffusers layout; unset means [dev] is not served locally.
+    dev_weights_dir: Path | None = None
+    # Never fetch weights from a hub unless this is set.
+    allow_downloads: bool = False
+    device: str | None = None  # "cuda", "cpu"; default: cuda when available
+
+    # Limits on what a request may carry.
+    max_body_bytes: int = 256 * MIB
+    max_file_bytes: int = 50 * MIB
+    max_input_pixels: int = 8192 * 8192  # decoded pixel limit against decompression bombs
+    max_n: int = 10
+
+    def resolved_database_url(self) -> str:
+        url = self.database_url or f"sqlite:///{self.data_dir / 'kontext.db'}"
+        # One async driver per backend, whichever spelling the user gave.
+        if url.startswith("postgres://"):
+            url = "postgresql://" + url[len("postgres://"):]
+        if url.startswith("postgresql://") or url.startswith("postgresql+psycopg2://"):
+            url = "postgresql+asyncpg://" + url.split("://", 1)[1]
+        if url.startswith("sqlite://") and not url.startswith("sqlite+aiosqlite://"):
+            url = "sqlite+aiosqlite://" + url[len("sqlite://"):]
+        return url
+
+    def resolved_url_secret(self) -> bytes:
+        if self.url_secret:
+            return self.url_secret.encode()
+        path = self.data_dir / "secret.key"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            try:  # O_EXCL: two processes starting at once agree on one secret
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_hex(32))
+        return path.read_text().strip().encode()

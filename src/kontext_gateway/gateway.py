@@ -1,0 +1,40 @@
+"""The assembled gateway: settings -> catalog, providers, router, database, blobs, service.
+
+Built once per process (by the HTTP app's lifespan, or by the CLI for a local run) and passed down.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .catalog import Catalog
+from .config import Settings
+from .providers.base import Provider
+from .providers.local import LocalProvider
+from .routing import Router
+from .service import ImageService
+from .store.blobs import LocalBlobStore, URLSigner
+from .store.db import Database
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.catalog = Catalog.load(settings.catalog_path)
+        self.providers: dict[str, Provider] = {"local": LocalProvider(settings)}
+        self.router = Router(self.providers)
+        self.db = Database(settings.resolved_database_url())
+        self.blobs = LocalBlobStore(settings.data_dir / "blobs")
+        self.signer = URLSigner(settings.resolved_url_secret())
+        self.images = ImageService(settings, self.catalog, self.router, self.db, self.blobs, self.signer)
+
+    async def start(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.db.start()
+
+    async def close(self) -> None:
+        for provider in self.providers.values():
+            await provider.aclose()
+        await self.db.close()

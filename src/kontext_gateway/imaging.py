@@ -1,0 +1,140 @@
+"""Safe image decode / encode with Pillow.
+
+Uploads are untrusted: we sniff the format from magic bytes, let Pillow open only that format, check the
+pixel count from the header before any pixel is decoded, and turn every Pillow failure into a
+`GatewayError`. Outputs are encoded without metadata so the same image always gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+
+from PIL import Image, ImageOps
+
+from .errors import GatewayError, invalid
+
+OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "gif", "webp", "avif")
+MIME_TYPES: dict[str, str] = {f: f"image/{f}" for f in OUTPUT_FORMATS}
+EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "gif": "gif", "webp": "webp", "avif": "avif"}
+
+# Input formats we decode, mapped to Pillow's plugin name. AVIF is output-only: a smaller decoder attack surface.
+_INPUT_FORMATS: dict[str, str] = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF"}
+_ACCEPTED = "PNG, JPEG, WebP or GIF"
+_DEFAULT_QUALITY: dict[str, int] = {"jpeg": 90, "webp": 90, "avif": 80}
+_WHITE = (255, 255, 255, 255)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format named by the file's magic bytes, or None; never trusts a client's filename or MIME type."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[4:8] == b"ftyp":
+        # ISO-BMFF: major brand, minor version, then compatible brands, all inside the first (ftyp) box.
+        end = min(int.from_bytes(data[:4], "big"), len(data))
+        brands = {data[i : i + 4] for i in range(8, end - 3, 4)}
+        if brands & {b"avif", b"avis"}:
+            return "avif"
+    return None
+
+
+def decode_image(data: bytes, *, param: str = "image", max_pixels: int) -> Image.Image:
+    """Decode an upload to a fully loaded RGB image (EXIF orientation applied, transparency over white)."""
+    fmt = sniff_format(data)
+    if fmt not in _INPUT_FORMATS:
+        raise invalid(f"'{param}' must be a {_ACCEPTED} image.", param=param, code="unsupported_image_format")
+    try:
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; make the warning an error we can catch.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=[_INPUT_FORMATS[fmt]]) as opened:
+                width, height = opened.size  # from the header; no pixel decoded yet
+                if width * height > max_pixels:
+                    raise _too_large(param, f"{width}x{height} ({width * height} pixels)", max_pixels)
+                opened.load()  # first frame only for GIF / animated WebP
+                upright = ImageOps.exif_transpose(opened)  # a detached copy, safe after the file closes
+        return _to_rgb(upright)
+    except GatewayError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(param, f"{found[1]} pixels" if found else "too many pixels", max_pixels) from None
+    except Exception as exc:
+        # Hostile or damaged files make Pillow's decoders raise a zoo of types (OSError, SyntaxError,
+        # ValueError, struct.error, EOFError, ...); none may reach the client as a 500.
+        raise invalid(
+            f"'{param}' could not be decoded as {fmt.upper()}: "
+            f"the file is truncated or corrupt ({type(exc).__name__}).",
+            param=param,
+            code="invalid_image",
+        ) from None
+
+
+def _too_large(param: str, size: str, max_pixels: int) -> GatewayError:
+    return invalid(f"'{param}' is {size}; the limit is {max_pixels} pixels.", param=param, code="image_too_large")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB, with any alpha channel or palette/colour-key transparency composited over white."""
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        background = Image.new("RGBA", im.size, _WHITE)
+        background.alpha_composite(im.convert("RGBA"))
+        im = background
+    rgb = im.convert("RGB")
+    rgb.info = {}
+    return rgb
+
+
+def encode_image(image: Image.Image, fmt: str, *, compression: int | None = None) -> bytes:
+    """Encode to one of OUTPUT_FORMATS; `compression` (0-100) is the codec quality for jpeg/webp/avif."""
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown output format {fmt!r}; expected one of {OUTPUT_FORMATS}")
+    if compression is not None and not 0 <= compression <= 100:
+        raise ValueError(f"compression must be within 0..100, got {compression}")
+    if fmt == "gif":
+        im = image.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=256)
+    elif fmt == "png" and image.mode in ("1", "L", "LA", "P", "RGB", "RGBA"):
+        im = image.copy()
+    else:
+        im = image.convert("RGB")
+    # Savers read ICC profiles, comments, transparency... from .info; drop it all so output is deterministic.
+    im.info = {}
+    quality = _DEFAULT_QUALITY.get(fmt, 0) if compression is None else compression
+    options: dict[str, object] = {
+        "png": {"optimize": False, "compress_level": 6},
+        "jpeg": {"quality": quality},
+        "gif": {},
+        "webp": {"quality": quality, "method": 4},
+        # libavif's bytes differ between 1 and several threads; a fixed count keeps them equal across hosts.
+        "avif": {"quality": quality, "max_threads": 4},
+    }[fmt]
+    buffer = io.BytesIO()
+    im.save(buffer, format=fmt.upper(), **options)
+    return buffer.getvalue()
+
+
+def parse_data_url(url: str, *, param: str = "image_url") -> bytes:
+    """The bytes of a base64 `data:` URL (RFC 2397); remote URLs are not fetched here."""
+    header, comma, payload = url.partition(",")
+    if header[:5].lower() != "data:" or not comma:
+        message = f"'{param}' must be a data URL like 'data:image/png;base64,...'."
+        raise invalid(message, param=param, code="invalid_image_url")
+    if not header.lower().endswith(";base64"):
+        raise invalid(f"'{param}' must be a base64 data URL (';base64,').", param=param, code="invalid_image_url")
+    try:
+        # Clients often wrap long base64 at 76 columns; whitespace is never part of the alphabet.
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        data = b""
+    if not data:
+        raise invalid(f"'{param}' does not contain valid base64 data.", param=param, code="invalid_image_url")
+    return data

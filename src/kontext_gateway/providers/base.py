@@ -1,0 +1,78 @@
+"""The one small protocol every provider implements, and the plain data that crosses it.
+
+A provider turns an `ImageJob` (the normalised, validated request) into images. It declares, per
+unified parameter, how it handles it (native / renamed / converted / emulated), which the compiled
+schema shows. It knows nothing of HTTP requests coming in, and the gateway does everything it
+emulates (output format conversion, response_format, storage).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from ..catalog import Mode, ModelSpec, ProviderEntry
+from ..params import Size, SizeRequest
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+ProgressFn = Callable[[int, int], None]  # (step, total)
+
+
+@dataclass
+class ImageJob:
+    request_id: str
+    model: ModelSpec
+    mode: Mode
+    prompt: str
+    images: list["Image"]  # decoded RGB inputs, EXIF orientation applied
+    size: SizeRequest
+    n: int
+    seed: int
+    output_format: str
+    output_compression: int | None
+    guidance: float | None = None
+    steps: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown / provider-only: passed through
+    progress: ProgressFn | None = None
+
+
+@dataclass
+class ProviderImage:
+    """One produced image: decoded pixels, or encoded bytes with their format (remote providers)."""
+
+    image: "Image | None" = None
+    data: bytes | None = None
+    format: str | None = None
+
+
+@dataclass
+class ProviderResult:
+    images: list[ProviderImage]
+    size: Size
+    seed: int | None = None
+    ignored_params: list[str] = field(default_factory=list)
+    # Upstream cost when the provider reports one; otherwise the gateway prices from the catalog.
+    cost: float | None = None
+
+
+class Provider(Protocol):
+    name: str
+
+    def handling(self) -> dict[str, dict[str, str]]:
+        """Unified parameter -> {"handling": native|renamed|converted|emulated, "as": upstream name}."""
+        ...
+
+    def available(self, entry: ProviderEntry) -> bool:
+        """Whether this provider can serve the catalog entry now (configured, weights present...)."""
+        ...
+
+    def unavailable_reason(self, entry: ProviderEntry) -> str:
+        ...
+
+    async def generate(self, entry: ProviderEntry, job: ImageJob) -> ProviderResult:
+        ...
+
+    async def aclose(self) -> None:
+        ...

@@ -1,0 +1,49 @@
+"""Async engine factory: the per-backend settings every connection needs, in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+# Execution option asking for `BEGIN IMMEDIATE` on SQLite: take the write lock up front.
+SQLITE_BEGIN_IMMEDIATE = "kontext_sqlite_begin_immediate"
+
+# busy_timeout first, so that switching to WAL waits for a concurrent opener instead of failing.
+_SQLITE_PRAGMAS = (
+    "PRAGMA busy_timeout=5000",
+    "PRAGMA journal_mode=WAL",  # readers don't block the writer
+    "PRAGMA synchronous=NORMAL",  # safe with WAL, far fewer fsyncs
+    "PRAGMA foreign_keys=ON",
+)
+
+
+def make_engine(url: str, *, connect_args: dict[str, Any] | None = None) -> AsyncEngine:
+    parsed = make_url(url)
+    is_sqlite = parsed.get_backend_name() == "sqlite"
+    if is_sqlite and parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(url, connect_args=connect_args or {}, pool_pre_ping=not is_sqlite)
+    if is_sqlite:
+        _configure_sqlite(engine)
+    return engine
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # sqlite3's legacy mode never BEGINs before DDL or SELECT, so a migration would not be one
+        # transaction; switch that off and BEGIN ourselves (SQLAlchemy's documented recipe).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        for pragma in _SQLITE_PRAGMAS:
+            cursor.execute(pragma)
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def on_begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get(SQLITE_BEGIN_IMMEDIATE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

@@ -1,0 +1,70 @@
+"""GET /v1/models and /v1/models/{id}[?schema=true], through the SDK and raw HTTP."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+
+def test_list_models_openai_shape(client: OpenAI) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == ["flux.1-kontext-pro", "flux.1-kontext-max", "flux.1-kontext-dev", "kontext-tiny"]
+    for m in models:
+        assert m.object == "model" and isinstance(m.created, int) and m.owned_by
+    pro = models[0].model_extra
+    assert pro["creator"] == "Black Forest Labs" and pro["family"] == "flux.1-kontext"
+    assert pro["max_resolution"] == "2048x2048" and pro["max_input_images"] == 1
+    assert pro["aliases"] == ["flux-kontext-pro"]
+    rep = next(p for p in pro["providers"] if p["config_key"] == "replicate/flux.1-kontext-pro")
+    assert rep["pricing"]["components"] == [{"type": "output", "metric": "image", "unit_price": 0.04}]
+    assert rep["available"] is False  # no REPLICATE_API_TOKEN here
+    tiny = models[3].model_extra
+    assert tiny["providers"][0]["available"] is True
+
+
+@pytest.mark.parametrize("name", ["flux-kontext-dev", "replicate/flux.1-kontext-dev", "black-forest-labs/flux.1-kontext-dev"])
+def test_retrieve_resolves_aliases_and_provider_keys(client: OpenAI, name: str) -> None:
+    m = client.models.retrieve(name)
+    assert m.id == "flux.1-kontext-dev" and m.owned_by == "black-forest-labs"
+    assert "Non-Commercial" in m.model_extra["license"]
+
+
+def test_unknown_model(client: OpenAI, http: httpx.Client) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("flux.1-kontext-ultra")
+    err = http.get("/v1/models/flux.1-kontex-pro").json()["error"]
+    assert err["code"] == "model_not_found" and "Did you mean 'flux.1-kontext-pro'?" in err["message"]
+
+
+def test_schema_for_the_local_model(http: httpx.Client) -> None:
+    body = http.get("/v1/models/kontext-tiny", params={"schema": "true"}).json()
+    schema = body["schema"]
+    assert set(schema["modes"]) == {"text-to-image", "edit"}
+    t2i, edit = schema["modes"]["text-to-image"]["properties"], schema["modes"]["edit"]["properties"]
+    assert schema["modes"]["edit"]["required"] == ["prompt", "image"]
+    assert schema["modes"]["text-to-image"]["required"] == ["prompt"] and "image" not in t2i
+    assert edit["image"]["maxItems"] == 1
+    assert t2i["output_format"]["enum"] == ["png", "jpeg", "gif", "webp", "avif"]
+    assert t2i["response_format"]["default"] == "url" and t2i["n"]["default"] == 1
+    assert t2i["resolution"]["enum"] == ["auto", "0.5K", "1K", "2K"]
+    assert t2i["num_inference_steps"]["default"] == 4
+    local = t2i["cfg_scale"]["x-providers"]["local/kontext-tiny"]
+    assert local == {"handling": "renamed", "as": "guidance_scale"}
+    assert t2i["size"]["x-providers"]["local/kontext-tiny"]["handling"] == "converted"
+    assert t2i["output_format"]["x-providers"]["local/kontext-tiny"]["handling"] == "emulated"
+    assert schema["sizes"]["1K"]["4:3"] == "1183x887" and schema["sizes"]["1K"]["3:4"] == "887x1182"
+
+
+def test_schema_lists_provider_only_parameters(http: httpx.Client) -> None:
+    schema = http.get("/v1/models/flux-kontext-max?schema=true").json()["schema"]
+    props = schema["modes"]["text-to-image"]["properties"]
+    assert props["safety_tolerance"]["enum"] == ["1", "2", "3", "4", "5", "6"]
+    assert props["prompt_upsampling"]["x-provider-only"] == ["replicate"]
+    assert props["prompt_upsampling"]["x-providers"] == {
+        "replicate/flux.1-kontext-max": {"handling": "passthrough", "as": "prompt_upsampling"}}
+    assert set(props["enhance_prompt"]["x-providers"]) == {"fal/flux.1-kontext-max"}  # the t2i route
+    edit_props = schema["modes"]["edit"]["properties"]
+    assert set(edit_props["enhance_prompt"]["x-providers"]) == {"fal/flux.1-kontext-max-edit"}
+    assert schema["limits"]["max_pixels"] == 2048 * 2048

@@ -1,0 +1,80 @@
+"""Every request is recorded, through the real server, on SQLite and on the real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import postgres_reachable, running_server
+from kontext_gateway.config import Settings
+from kontext_gateway.store.db import Database
+
+ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"], scope="module")
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'kontext.db'}"
+        return
+    reason = postgres_reachable()
+    if reason:
+        pytest.skip(reason)
+    import asyncpg
+
+    name = f"kontext_test_{uuid.uuid4().hex[:12]}"  # a throwaway database, dropped afterwards
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(ADMIN_DSN, timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def records(url: str, request_id: str) -> dict:
+    async def read() -> dict:
+        db = Database(Settings(database_url=url).resolved_database_url())
+        await db.start()
+        try:
+            return await db.get_request(request_id)
+        finally:
+            await db.close()
+
+    return asyncio.run(read())
+
+
+def test_requests_are_recorded(database_url: str, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, database_url=database_url)
+    with running_server(settings) as base:
+        ok = httpx.post(base + "/v1/images/generations", timeout=60, json={
+            "model": "kontext-tiny", "prompt": "a lamp", "size": "64x48", "n": 2, "seed": 4,
+            "output_format": "webp", "my_extra": "kept"})
+        assert ok.status_code == 200, ok.text
+        bad = httpx.post(base + "/v1/images/generations", json={"model": "kontext-tiny", "prompt": "x", "size": "0x0"})
+        assert bad.status_code == 400
+    rec = records(database_url, ok.headers["x-request-id"])
+    assert rec["status"] == "succeeded" and rec["model"] == "kontext-tiny" and rec["provider"] == "local/kontext-tiny"
+    assert rec["endpoint"] == "images.generations" and rec["mode"] == "text-to-image"
+    assert rec["params"]["size"] == "64x48" and rec["params"]["seed"] == 4 and rec["params"]["n"] == 2
+    assert rec["params"]["extra"] == {"my_extra": "kept"}
+    assert rec["output_size"] == "64x48" and rec["output_format"] == "webp"
+    assert len(rec["output_blob_ids"]) == 2 and all(b.endswith(".webp") for b in rec["output_blob_ids"])
+    assert all((tmp_path / "blobs" / b[:2] / b[2:4] / b).is_file() for b in rec["output_blob_ids"])
+    assert rec["cost"] == 0.0 and rec["duration_ms"] >= 0 and rec["completed_at"] >= rec["created_at"]
+    assert rec["attempts"][0]["status"] == "succeeded"
+
+    failed = records(database_url, bad.headers["x-request-id"])
+    assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_size"
+    assert failed["params"]["size"] == "0x0"

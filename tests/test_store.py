@@ -1,0 +1,249 @@
+"""The request store against SQLite (a tmp file) and the real PostgreSQL (a throwaway schema)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection
+
+from kontext_gateway.store.db import Database
+from kontext_gateway.store.models import Base
+
+PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+
+
+@dataclass
+class Backend:
+    name: str
+    url: str
+    connect_args: dict[str, Any] = field(default_factory=dict)
+
+    def database(self) -> Database:
+        return Database(self.url, connect_args=self.connect_args)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Backend]:
+    if request.param == "sqlite":
+        # A directory that does not exist yet: start() must create it.
+        yield Backend("sqlite", f"sqlite+aiosqlite:///{tmp_path / 'data' / 'kontext.db'}")
+        return
+    try:
+        admin = await asyncpg.connect(PG_DSN, timeout=2)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {e!r}")
+    # A fresh schema per test, first (and only) on the search_path of every connection the store opens:
+    # its tables and alembic_version land there, and dropping it leaves the database as it was.
+    schema = f"test_{uuid.uuid4().hex[:16]}"
+    try:
+        await admin.execute(f'CREATE SCHEMA "{schema}"')
+        yield Backend("postgresql", PG_URL, {"server_settings": {"search_path": schema}})
+    finally:
+        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await admin.close()
+
+
+@pytest.fixture
+async def db(backend: Backend) -> AsyncIterator[Database]:
+    database = backend.database()
+    await database.start()
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+def _schema_state(conn: Connection) -> dict[str, Any]:
+    insp = inspect(conn)
+    diffs = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+    return {
+        "tables": set(insp.get_table_names()),
+        "indexes": {ix["name"] for ix in insp.get_indexes("requests")},
+        "versions": conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all(),
+        "diffs": diffs,
+    }
+
+
+async def _state(database: Database) -> dict[str, Any]:
+    async with database.engine.connect() as conn:
+        return await conn.run_sync(_schema_state)
+
+
+def _new_id() -> str:
+    return f"req_{uuid.uuid4().hex}"
+
+
+async def test_migration_creates_table_matching_models(db: Database) -> None:
+    state = await _state(db)
+    assert {"requests", "alembic_version"} <= state["tables"]
+    assert {"ix_requests_created_at", "ix_requests_key_id", "ix_requests_model", "ix_requests_status"} <= state[
+        "indexes"
+    ]
+    assert state["versions"] == ["0001"]
+    assert state["diffs"] == []  # the migration and the models agree
+
+
+async def test_migration_is_idempotent(backend: Backend) -> None:
+    for _ in range(2):
+        database = backend.database()
+        await database.start()
+        state = await _state(database)
+        await database.close()
+        assert state["versions"] == ["0001"]
+
+
+async def test_concurrent_starts_do_not_race(backend: Backend) -> None:
+    databases = [backend.database() for _ in range(4)]
+    try:
+        await asyncio.gather(*(d.start() for d in databases))
+        assert (await _state(databases[0]))["versions"] == ["0001"]
+        # Every instance is usable afterwards.
+        for d in databases:
+            await d.create_request(id=_new_id(), endpoint="images.generations", model="m", mode="text-to-image", params={})
+        assert len(await databases[0].list_requests()) == 4
+    finally:
+        for d in databases:
+            await d.close()
+
+
+# Started in separate interpreters, which all call start() at the same wall-clock moment.
+_STARTER = """
+import asyncio, json, sys, time
+from kontext_gateway.store.db import Database
+
+async def main() -> None:
+    db = Database(sys.argv[1], connect_args=json.loads(sys.argv[2]))
+    await asyncio.sleep(max(0.0, float(sys.argv[3]) - time.time()))
+    await db.start()
+    await db.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_concurrent_processes_do_not_race(backend: Backend) -> None:
+    at = str(time.time() + 2.0)  # past every interpreter's imports, so the migrations really overlap
+    args = (sys.executable, "-c", _STARTER, backend.url, json.dumps(backend.connect_args), at)
+    procs = [
+        await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        for _ in range(3)
+    ]
+    outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), timeout=60)
+    for proc, (out, _) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, out.decode(errors="replace")
+    database = backend.database()
+    await database.start()
+    try:
+        assert (await _state(database))["versions"] == ["0001"]
+    finally:
+        await database.close()
+
+
+async def test_lifecycle_succeeded(db: Database) -> None:
+    rid = _new_id()
+    params = {"prompt": "a red fox", "size": "1024x1024", "n": 1, "extra": {"nested": [1, 2]}}
+    before = datetime.now(UTC)
+    await db.create_request(
+        id=rid, endpoint="images.generations", model="flux-kontext-pro", mode="text-to-image", params=params, key_id="k1"
+    )
+    row = await db.get_request(rid)
+    assert row is not None
+    assert row["status"] == "queued"
+    assert row["params"] == params
+    assert row["key_id"] == "k1"
+    assert row["currency"] == "USD"
+    assert row["output_blob_ids"] == [] and row["attempts"] == []
+    assert row["started_at"] is None and row["completed_at"] is None and row["error"] is None
+    assert row["created_at"].tzinfo is not None and row["created_at"] >= before.replace(microsecond=0)
+
+    await db.mark_running(rid, provider="bfl")
+    row = await db.get_request(rid)
+    assert row is not None and row["status"] == "running" and row["provider"] == "bfl"
+    assert row["started_at"] is not None and row["started_at"].utcoffset().total_seconds() == 0
+
+    attempts = [{"provider": "bfl", "ok": True, "ms": 1234}]
+    blobs = ["a" * 64 + ".png", "b" * 64 + ".png"]
+    await db.mark_succeeded(
+        rid,
+        provider="bfl",
+        cost=0.04,
+        currency="USD",
+        output_blob_ids=blobs,
+        attempts=attempts,
+        output_size="1024x768",
+        output_format="png",
+        duration_ms=1234,
+    )
+    row = await db.get_request(rid)
+    assert row is not None
+    assert row["status"] == "succeeded"
+    assert isinstance(row["cost"], float) and row["cost"] == pytest.approx(0.04)
+    assert row["output_blob_ids"] == blobs
+    assert row["attempts"] == attempts
+    assert (row["output_size"], row["output_format"], row["duration_ms"]) == ("1024x768", "png", 1234)
+    assert row["completed_at"] >= row["started_at"] >= row["created_at"]
+    assert set(row) == {c.key for c in Base.metadata.tables["requests"].columns}
+
+
+async def test_failed_keeps_error_and_provider(db: Database) -> None:
+    rid = _new_id()
+    await db.create_request(id=rid, endpoint="images.edits", model="flux-kontext-dev", mode="edit", params={"n": 1})
+    await db.mark_running(rid, provider="local")
+    error = {"message": "out of memory", "type": "server_error", "param": None, "code": "engine_error"}
+    attempts = [{"provider": "local", "ok": False, "error": "oom"}]
+    await db.mark_failed(rid, error=error, attempts=attempts, duration_ms=50)
+    row = await db.get_request(rid)
+    assert row is not None
+    assert row["status"] == "failed"
+    assert row["error"] == error
+    assert row["attempts"] == attempts
+    assert row["provider"] == "local"  # not overwritten by provider=None
+    assert row["duration_ms"] == 50 and row["completed_at"] is not None and row["cost"] is None
+
+    await db.mark_failed(rid, error=error, attempts=attempts, duration_ms=60, provider="fal")
+    row = await db.get_request(rid)
+    assert row is not None and row["provider"] == "fal"
+
+
+async def test_list_newest_first(db: Database) -> None:
+    ids = [_new_id() for _ in range(5)]
+    for rid in ids:
+        await db.create_request(id=rid, endpoint="images.generations", model="m", mode="text-to-image", params={})
+        await asyncio.sleep(0.002)  # distinct created_at even on a coarse clock
+    assert [r["id"] for r in await db.list_requests()] == ids[::-1]
+    assert [r["id"] for r in await db.list_requests(limit=2)] == ids[:-3:-1]
+
+
+async def test_unknown_request(db: Database) -> None:
+    assert await db.get_request("req_nope") is None
+    assert await db.list_requests() == []
+    with pytest.raises(KeyError):
+        await db.mark_running("req_nope", provider="x")
+
+
+async def test_sqlite_pragmas(tmp_path: Any) -> None:
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'k.db'}")
+    await database.start()
+    try:
+        async with database.engine.connect() as conn:
+            values = [
+                (await conn.exec_driver_sql(f"PRAGMA {name}")).scalar()
+                for name in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys")
+            ]
+        assert values == ["wal", 1, 5000, 1]  # synchronous=NORMAL is 1
+    finally:
+        await database.close()
