@@ -177,3 +177,21 @@ def test_signed_urls_are_checked(client: OpenAI) -> None:
     assert bad.status_code == 403 and bad.json()["error"]["code"] == "invalid_signature"
     unsigned = httpx.get(url.split("?")[0])
     assert unsigned.status_code == 403
+
+
+def test_server_answers_while_an_image_is_made(client: OpenAI, http: httpx.Client) -> None:
+    """Inference runs off the event loop: a models call completes while a big generation is running."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        big = pool.submit(client.images.generate, model="kontext-tiny", prompt="slow", size="1024x1024",
+                          response_format="b64_json", extra_body={"num_inference_steps": 12})
+        small = pool.submit(client.images.generate, model="kontext-tiny", prompt="queued", size="64x64",
+                            response_format="b64_json")
+        answered_during = 0
+        while not big.done():
+            assert http.get("/v1/models").status_code == 200
+            answered_during += 1 if not big.done() else 0
+        assert answered_during >= 1
+        assert open_image(fetch(big.result().data[0], "b64_json")).size == (1024, 1024)
+        assert open_image(fetch(small.result().data[0], "b64_json")).size == (64, 64)

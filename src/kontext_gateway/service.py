@@ -109,7 +109,7 @@ class ImageService:
 
         price = entry.pricing.price_per_image()
         cost = result.cost if result.cost is not None else round(price * len(encoded), 6)
-        produced = _produced_size(encoded[0], result.size)
+        produced = result.size
         await self.db.mark_succeeded(
             request_id, provider=entry.config_key, cost=cost, currency=entry.pricing.currency,
             output_blob_ids=blob_ids, attempts=[a.to_dict() for a in attempts],
@@ -238,17 +238,6 @@ class ImageService:
                 pixels = decode_image(img.data or b"", param="output", max_pixels=self.settings.max_input_pixels)
             out.append(encode_image(pixels, job.output_format, compression=job.output_compression))
         return out
-
-
-def _produced_size(data: bytes, fallback: Size) -> Size:
-    from PIL import Image
-    import io
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return Size(*im.size)
-    except Exception:  # noqa: BLE001 - the size is informative; the provider's report is good enough
-        return fallback
 
 
 def _mode_words(mode: Mode) -> str:
