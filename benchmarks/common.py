@@ -125,7 +125,7 @@ def machine() -> str:
     mem_kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
     return (f"nproc={len(os.sched_getaffinity(0))}, CPU={cpu}, RAM={mem_kb / 1024 / 1024:.1f} GiB, "
             f"Python {platform.python_version()}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, "
-            f"loadavg {' '.join(open('/proc/loadavg').read().split()[:3])} (other load skews results)")
+            f"loadavg {' '.join(open('/proc/loadavg').read().split()[:3])}")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     # Never fetch weights from a hub unless this is set.
     allow_downloads: bool = False
     device: str | None = None  # "cuda", "cpu"; default: cuda when available
+    engine_threads: int | None = Field(default=None, ge=1)  # CPU threads for torch; default: torch's own
 
     # Limits on what a request may carry.
     max_body_bytes: int = 256 * MIB

@@ -27,6 +27,13 @@ def quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
 
 
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def pick_device(preferred: str | None = None) -> tuple[str, Any]:
     """CUDA in bf16 when available, else CPU in fp32 (bf16 on CPU is slow and lossy)."""
     import torch

@@ -90,8 +90,9 @@ class LocalProvider:
             engine = self._engines.get(entry.config_key)
             if engine is not None:
                 return engine
-            from ..engine.pipeline import KontextEngine
+            from ..engine.pipeline import KontextEngine, set_threads
 
+            set_threads(self.settings.engine_threads)
             device = self.settings.device
             if entry.provider_model_id == TINY_ID:
                 engine = KontextEngine.tiny(device)
