@@ -4,48 +4,26 @@ from __future__ import annotations
 
 import io
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from PIL import Image
 
+from fakes.common import serve
 from kontext_gateway.api.app import create_app
 from kontext_gateway.config import Settings
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def running_server(settings: Settings) -> Iterator[str]:
-    """Start the real app under uvicorn on a free loopback port; yield its base URL."""
-    port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
-                            access_log=False, lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the gateway did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    """Start the real gateway under uvicorn on a free loopback port; yield its base URL."""
+    with serve(create_app(settings)) as url:
+        yield url
 
 
 def postgres_reachable() -> str | None:

@@ -41,7 +41,7 @@ def test_generate_every_format(client: OpenAI, response_format: str, output_form
     meta = resp.model_extra["metadata"]
     assert meta["model"] == "kontext-tiny" and meta["provider"] == "local"
     assert meta["cost"] == 0.0 and meta["currency"] == "USD"
-    assert meta["attempts"][0]["status"] == "succeeded"
+    assert meta["attempts"][0]["outcome"] == "succeeded"
 
 
 @pytest.mark.parametrize("response_format", ["url", "b64_json"])

@@ -53,7 +53,10 @@ def test_pro_facts_from_the_seed_page() -> None:
     assert pro.aliases == ("flux-kontext-pro",)
     assert pro.tags == ("image-generation", "text-to-image", "image-editing", "typography", "character-consistency")
     assert pro.max_resolution == "2048x2048" and pro.max_pixels == 2048 * 2048
-    assert pro.max_input_images == 1 and pro.input_modalities == ("text", "image")
+    # The seed page says 1 (single-image routes); multi-reference routes (BFL, fal /multi, Replicate's
+    # multi-image apps) take more, so each provider entry carries its own limit.
+    assert pro.max_input_images == 4 and pro.input_modalities == ("text", "image")
+    assert {p.provider: p.max_input_images for p in pro.providers} == {"replicate": 2, "fireworks": 1, "fal": 4, "bfl": 4}
     assert pro.output_modalities == ("image",) and pro.modes == ("text-to-image", "edit")
     by_key = {p.config_key: p for p in pro.providers}
     rep = by_key["replicate/flux.1-kontext-pro"]
@@ -74,15 +77,16 @@ def test_max_facts_from_the_seed_page() -> None:
     mx = CATALOG.get("flux.1-kontext-max")
     keys = {p.config_key: p for p in mx.providers}
     assert set(keys) == {"fal/flux.1-kontext-max-edit", "fireworks/flux.1-kontext-max", "fal/flux.1-kontext-max",
-                         "replicate/flux.1-kontext-max"}
+                         "replicate/flux.1-kontext-max", "bfl/flux.1-kontext-max"}
     assert keys["fal/flux.1-kontext-max-edit"].provider_model_id == "fal-ai/flux-pro/kontext/max"
     assert keys["fal/flux.1-kontext-max"].provider_model_id == "fal-ai/flux-pro/kontext/max/text-to-image"
     assert all(p.pricing.price_per_image() == 0.08 for p in mx.providers)
     assert [p.config_key for p in mx.providers_for("edit")] == [
-        "fal/flux.1-kontext-max-edit", "fireworks/flux.1-kontext-max", "replicate/flux.1-kontext-max"]
+        "fal/flux.1-kontext-max-edit", "fireworks/flux.1-kontext-max", "replicate/flux.1-kontext-max",
+        "bfl/flux.1-kontext-max"]
     params = {p.name: p for p in mx.params}
     assert params["safety_tolerance"].enum == ("1", "2", "3", "4", "5", "6")
-    assert params["prompt_upsampling"].providers == ("replicate",)
+    assert params["prompt_upsampling"].providers == ("replicate", "fireworks", "bfl")
     assert params["enhance_prompt"].providers == ("fal",) and params["sync_mode"].providers == ("fal",)
 
 
@@ -115,7 +119,9 @@ def _write(tmp_path: Path, text: str) -> Path:
 def test_catalog_is_validated_at_load(tmp_path: Path) -> None:
     base = DEFAULT_CATALOG.read_text()
     with pytest.raises(ValueError, match="max_input_images"):
-        Catalog.load(_write(tmp_path, base.replace("max_input_images = 1", "max_input_images = -1", 1)))
+        Catalog.load(_write(tmp_path, base.replace("max_input_images = 4", "max_input_images = -1", 1)))
+    with pytest.raises(ValueError, match="over the model's max_input_images"):
+        Catalog.load(_write(tmp_path, base.replace("max_input_images = 4", "max_input_images = 1", 1)))
     with pytest.raises(ValueError, match="config_key"):
         Catalog.load(_write(tmp_path, base.replace('config_key = "replicate/flux.1-kontext-pro"',
                                                    'config_key = "fal/flux.1-kontext-pro-x"', 1)))

@@ -6,10 +6,15 @@ import os
 import secrets
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
+
+
+def _env(name: str) -> AliasChoices:
+    """Accept a field by its own name (constructor) or by the provider's variable name (environment)."""
+    return AliasChoices(name.lower(), name)
 
 
 def default_data_dir() -> Path:
@@ -43,6 +48,33 @@ class Settings(BaseSettings):
     allow_downloads: bool = False
     device: str | None = None  # "cuda", "cpu"; default: cuda when available
     engine_threads: int | None = Field(default=None, ge=1)  # CPU threads for torch; default: torch's own
+
+    # Upstream providers: credentials and base URLs (scheme and host, as the providers' own clients
+    # take them) under the providers' own variable names. Secrets never reach logs or responses.
+    replicate_api_token: SecretStr | None = Field(default=None, validation_alias=_env("REPLICATE_API_TOKEN"))
+    fal_key: SecretStr | None = Field(default=None, validation_alias=_env("FAL_KEY"))
+    fireworks_api_key: SecretStr | None = Field(default=None, validation_alias=_env("FIREWORKS_API_KEY"))
+    bfl_api_key: SecretStr | None = Field(default=None, validation_alias=_env("BFL_API_KEY"))
+    replicate_base_url: str = Field(default="https://api.replicate.com", validation_alias=_env("REPLICATE_BASE_URL"))
+    fal_base_url: str = Field(default="https://queue.fal.run", validation_alias=_env("FAL_BASE_URL"))
+    fireworks_base_url: str = Field(default="https://api.fireworks.ai", validation_alias=_env("FIREWORKS_BASE_URL"))
+    bfl_base_url: str = Field(default="https://api.bfl.ai", validation_alias=_env("BFL_BASE_URL"))
+
+    # Routing and resilience.
+    upstream_timeout_s: float = 300.0  # one upstream task: submit, polls and download
+    request_timeout_s: float = 900.0  # a whole request, across retries and failover
+    upstream_retries: int = Field(default=2, ge=0)  # retries on the same provider before failing over
+    upstream_poll_interval_s: float = 0.5
+    upstream_backoff_s: float = 0.5  # first retry delay; doubles, with full jitter
+    upstream_backoff_max_s: float = 8.0
+    breaker_failures: int = Field(default=5, ge=1)  # consecutive failures that open a breaker
+    breaker_reset_s: float = 30.0  # how long an open breaker waits before letting a probe through
+    # Lower priority first (default 0); within a priority, cheapest, then fastest observed; weights
+    # share load between otherwise equal providers. JSON in the environment, e.g. '{"fal": -1}'.
+    provider_priority: dict[str, int] = Field(default_factory=dict)
+    provider_weights: dict[str, float] = Field(default_factory=dict)
+    # Active upstream tasks per provider (or provider/model id); above it requests queue.
+    provider_concurrency: dict[str, int] = Field(default_factory=dict)
 
     # Limits on what a request may carry.
     max_body_bytes: int = 256 * MIB

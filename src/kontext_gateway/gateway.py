@@ -10,6 +10,7 @@ import logging
 from .catalog import Catalog
 from .config import Settings
 from .providers.base import Provider
+from .providers import remote_adapters
 from .providers.local import LocalProvider
 from .routing import Router
 from .service import ImageService
@@ -24,7 +25,9 @@ class Gateway:
         self.settings = settings
         self.catalog = Catalog.load(settings.catalog_path)
         self.providers: dict[str, Provider] = {"local": LocalProvider(settings)}
-        self.router = Router(self.providers)
+        for adapter in remote_adapters():
+            self.providers[adapter.name] = adapter(settings)
+        self.router = Router(self.providers, settings)
         self.db = Database(settings.resolved_database_url())
         self.blobs = LocalBlobStore(settings.data_dir / "blobs")
         self.signer = URLSigner(settings.resolved_url_secret())

@@ -1,37 +1,41 @@
 """Provider choice and failover: ordered attempts over the providers that can serve a job.
 
-The order is the catalog's (cheapest first once prices differ); a forced provider (a config key such
-as `replicate/flux.1-kontext-pro` as the model, or the `x-provider` header) allows only that one. A
-failure that another provider might not have (5xx, timeouts, engine errors) moves on to the next;
-a failure of the request itself (4xx) ends the attempt list at once. Every attempt is recorded.
+Candidates are the model's providers for the mode that are configured (credentials, weights) and can
+take the job (number of input images...). A forced provider (a config key such as
+`replicate/flux.1-kontext-pro` as the model, or the `x-provider` header) allows only that one.
+Order: `provider_priority` (lower first), then price per image, then observed latency, with
+`provider_weights` sharing load between otherwise equal providers. A circuit breaker per
+(provider, model) skips providers that keep failing and probes them back in.
+
+Failover: transient failures are retried inside the provider (see providers/remote.py); what is
+left moves on to the next candidate. Moderation ends the request at once (400
+`content_policy_violation`). When every candidate failed: 502 `all_providers_exhausted`, listing each
+attempt.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
-from dataclasses import asdict, dataclass
 from typing import Any
 
+from .breaker import CircuitBreaker
 from .catalog import Mode, ModelSpec, ProviderEntry
+from .config import Settings
 from .errors import GatewayError, unavailable
-from .providers.base import ImageJob, Provider, ProviderResult
+from .providers.base import Attempt, ImageJob, Provider, ProviderResult
+from .providers.remote import Moderated, RateLimited, UpstreamError
 
-
-@dataclass
-class Attempt:
-    provider: str
-    config_key: str
-    status: str  # "succeeded" | "failed"
-    duration_ms: int
-    error: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+Candidate = tuple[ProviderEntry, Provider]
 
 
 class Router:
-    def __init__(self, providers: dict[str, Provider]) -> None:
+    def __init__(self, providers: dict[str, Provider], settings: Settings | None = None) -> None:
         self.providers = providers
+        self.settings = settings or Settings()
+        self.breaker = CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_reset_s)
+        self._latency: dict[str, float] = {}  # config_key -> EWMA of successful durations, seconds
 
     def handlings(self, model: ModelSpec) -> dict[str, dict[str, dict[str, str]]]:
         """config_key -> parameter handling, for every provider implementation the gateway has."""
@@ -42,9 +46,10 @@ class Router:
         }
 
     def candidates(
-        self, model: ModelSpec, mode: Mode, *, forced: ProviderEntry | None = None, provider: str | None = None
-    ) -> list[tuple[ProviderEntry, Provider]]:
-        """The entries that can serve (model, mode) now, in order. Raises a clear error when none can."""
+        self, model: ModelSpec, mode: Mode, job: ImageJob, *,
+        forced: ProviderEntry | None = None, provider: str | None = None,
+    ) -> list[Candidate]:
+        """The entries that can serve the job now, in order. Raises a clear error when none can."""
         entries = model.providers_for(mode)
         if forced is not None:
             if forced not in entries:
@@ -61,48 +66,114 @@ class Router:
                     f"Provider '{provider}' does not serve model '{model.id}' for {mode}. Providers: {known}.",
                     param="x-provider", code="provider_not_found",
                 )
-        usable: list[tuple[ProviderEntry, Provider]] = []
+        usable: list[Candidate] = []
         reasons: list[str] = []
         for entry in entries:
             impl = self.providers.get(entry.provider)
             if impl is None:
-                reasons.append(f"{entry.config_key}: the {entry.provider} adapter is not part of this gateway yet")
+                reasons.append(f"{entry.config_key}: no {entry.provider} adapter")
             elif not impl.available(entry):
                 reasons.append(f"{entry.config_key}: {impl.unavailable_reason(entry)}")
+            elif why := impl.unsupported(entry, job):
+                reasons.append(f"{entry.config_key}: {why}")
             else:
                 usable.append((entry, impl))
         if not usable:
             raise unavailable(
                 f"No provider can serve model '{model.id}' ({mode}) right now. " + "; ".join(reasons) + "."
             )
-        return usable
+        return self._order(usable, model)
 
-    async def run(
-        self, candidates: list[tuple[ProviderEntry, Provider]], job: ImageJob
-    ) -> tuple[ProviderEntry, ProviderResult, list[Attempt]]:
-        attempts: list[Attempt] = []
-        last: GatewayError | None = None
+    def _order(self, usable: list[Candidate], model: ModelSpec) -> list[Candidate]:
+        prio, weights = self.settings.provider_priority, self.settings.provider_weights
+
+        def key(c: Candidate) -> tuple[Any, ...]:
+            entry = c[0]
+            priority = prio.get(entry.config_key, prio.get(entry.provider, 0))
+            weight = weights.get(entry.config_key, weights.get(entry.provider, 1.0))
+            # Weighted random tie-break (Efraimidis-Spirakis keys): higher weight, earlier on average.
+            tie = -(random.random() ** (1.0 / weight)) if weight > 0 else 0.0
+            return (priority, entry.pricing.price_per_image(), round(self._latency.get(entry.config_key, 0.0), 1), tie)
+
+        return sorted(usable, key=key)
+
+    def observe(self, config_key: str, seconds: float) -> None:
+        old = self._latency.get(config_key)
+        self._latency[config_key] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    async def run(self, candidates: list[Candidate], job: ImageJob) -> tuple[ProviderEntry, ProviderResult]:
+        try:
+            return await asyncio.wait_for(self._run(candidates, job), timeout=self.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise GatewayError(
+                f"No provider finished within {self.settings.request_timeout_s:g} s. " + _summary(job.attempts),
+                status=504, type="server_error", code="request_timeout",
+            ) from None
+
+    async def _run(self, candidates: list[Candidate], job: ImageJob) -> tuple[ProviderEntry, ProviderResult]:
+        last: Exception | None = None
+        retry_after: list[float] = []
         for entry, impl in candidates:
+            breaker_key = entry.config_key  # one breaker per (provider, model)
+            if not self.breaker.allow(breaker_key) and len(candidates) > 1:
+                job.attempts.append(Attempt(impl.name, entry.config_key, "skipped", 0, error_class="circuit_open",
+                                            message="circuit breaker open after repeated failures"))
+                continue
             t0 = time.perf_counter()
             try:
                 result = await impl.generate(entry, job)
-            except GatewayError as exc:
-                attempts.append(Attempt(impl.name, entry.config_key, "failed", _ms(t0), exc.body()["error"]))
-                if exc.status < 500:  # the request itself is wrong: no other provider will do better
-                    exc.attempts = attempts
-                    raise
+            except UpstreamError as exc:
+                if isinstance(exc, Moderated):
+                    self.breaker.release(breaker_key)
+                    raise GatewayError(
+                        f"The request was rejected by {entry.provider}'s content moderation: {exc.message}",
+                        status=400, code="content_policy_violation", param="prompt",
+                    ) from None
+                if exc.kind == "invalid_request":  # the request, not the provider's health
+                    self.breaker.release(breaker_key)
+                else:
+                    self.breaker.failure(breaker_key)
+                if isinstance(exc, RateLimited) and exc.retry_after is not None:
+                    retry_after.append(exc.retry_after)
                 last = exc
                 continue
-            attempts.append(Attempt(impl.name, entry.config_key, "succeeded", _ms(t0)))
-            return entry, result, attempts
-        assert last is not None
-        if len(candidates) > 1:
-            last = GatewayError(
-                f"All {len(candidates)} providers failed; the last said: {last.message}",
-                status=502, type="server_error", code="all_providers_failed",
-            )
-        last.attempts = attempts
-        raise last
+            except GatewayError as exc:  # the local engine
+                if not impl.records_attempts:
+                    job.attempts.append(Attempt(impl.name, entry.config_key, "failed", _ms(t0),
+                                                error_class=exc.code or "error", message=exc.message[:300]))
+                if exc.status < 500:
+                    raise
+                self.breaker.failure(breaker_key)
+                last = exc
+                continue
+            if not impl.records_attempts:
+                job.attempts.append(Attempt(impl.name, entry.config_key, "succeeded", _ms(t0),
+                                            images=len(result.images)))
+            self.breaker.success(breaker_key)
+            self.observe(entry.config_key, time.perf_counter() - t0)
+            return entry, result
+        headers = {"x-should-retry": "true"}
+        if retry_after:
+            headers["retry-after"] = str(max(1, int(min(retry_after) + 0.999)))
+        if len(candidates) == 1 and last is not None and isinstance(last, GatewayError):
+            last.headers.update(headers)
+            raise last
+        raise GatewayError(
+            f"All providers failed for model '{job.model.id}'. " + _summary(job.attempts),
+            status=502, type="server_error", code="all_providers_exhausted", headers=headers,
+        )
+
+
+def _summary(attempts: list[Attempt]) -> str:
+    if not attempts:
+        return "No attempt was made."
+    parts = []
+    for i, a in enumerate(attempts, 1):
+        what = a.error_class or a.outcome
+        status = f" {a.status_code}" if a.status_code else ""
+        msg = f": {a.message}" if a.message else ""
+        parts.append(f"{i}. {a.config_key} {a.outcome} ({what}{status}){msg}")
+    return "Attempts: " + " | ".join(parts)
 
 
 def _ms(t0: float) -> int:

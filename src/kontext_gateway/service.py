@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .catalog import Catalog, Mode, ModelSpec
+from .catalog import Catalog, Mode
 from .config import Settings
 from .errors import GatewayError, invalid, too_large
 from .imaging import EXTENSIONS, decode_image, encode_image, parse_data_url
@@ -97,15 +97,23 @@ class ImageService:
         )
         await self.db.mark_running(request_id, provider=candidates[0][0].config_key)
         try:
-            entry, result, attempts = await self.router.run(candidates, job)
+            entry, result = await self.router.run(candidates, job)
             encoded, blob_ids = await asyncio.to_thread(self._encode_and_store, result.images, job)
         except GatewayError as exc:
             await self.db.mark_failed(
-                request_id, error=exc.body()["error"], attempts=[a.to_dict() for a in exc.attempts],
+                request_id, error=exc.body()["error"], attempts=[a.to_dict() for a in job.attempts],
                 duration_ms=_ms(t0), provider=None,
             )
             exc.headers.setdefault("x-request-id", request_id)
             raise
+        except asyncio.CancelledError:  # the client went away: record it, let the cancel go on
+            await asyncio.shield(self.db.mark_failed(
+                request_id, error={"message": "The client closed the connection.", "type": "invalid_request_error",
+                                   "param": None, "code": "client_closed_request"},
+                attempts=[a.to_dict() for a in job.attempts], duration_ms=_ms(t0), provider=None,
+            ))
+            raise
+        attempts = job.attempts
 
         price = entry.pricing.price_per_image()
         cost = result.cost if result.cost is not None else round(price * len(encoded), 6)
@@ -187,7 +195,6 @@ class ImageService:
         input_size = Size(*images[0].size) if images else None
         size = resolve_size(model, size=req.size, aspect_ratio=req.aspect_ratio,
                             resolution=req.resolution, input_size=input_size)
-        candidates = self.router.candidates(model, mode, forced=forced, provider=provider)
         extra = req.passthrough(PARAM_NAMES | CONTROL_FIELDS)
         job = ImageJob(
             request_id=request_id, model=model, mode=mode, prompt=req.prompt, images=images, size=size,
@@ -195,6 +202,7 @@ class ImageService:
             output_format=req.output_format or "png", output_compression=req.output_compression,
             guidance=req.cfg_scale, steps=req.num_inference_steps, extra=extra, progress=progress,
         )
+        candidates = self.router.candidates(model, mode, job, forced=forced, provider=provider)
         return job, candidates, req
 
     def _decode_inputs(self, files: list[InputFile]) -> list["Image"]:

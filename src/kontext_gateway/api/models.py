@@ -24,6 +24,7 @@ def model_object(gw: Gateway, m: ModelSpec) -> dict[str, Any]:
             "config_key": e.config_key,
             "provider_model_id": e.provider_model_id,
             "modes": list(e.modes or m.modes),
+            "max_input_images": e.max_input_images,
             "available": bool(impl and impl.available(e)),
             "pricing": e.pricing.model_dump(mode="json", exclude_none=True),
         })

@@ -45,6 +45,7 @@ class ProviderEntry(_Strict):
     config_key: str
     provider_model_id: str
     modes: tuple[Mode, ...] | None = None  # None: every mode of the model
+    max_input_images: int = Field(default=1, ge=0, le=16)  # what this provider's routes accept
     pricing: Pricing
 
     @model_validator(mode="after")
@@ -120,6 +121,14 @@ class ModelSpec(_Strict):
     @property
     def created(self) -> int:
         return int(dt.datetime.combine(self.released, dt.time(), dt.timezone.utc).timestamp())
+
+    @model_validator(mode="after")
+    def _provider_limits(self) -> "ModelSpec":
+        for p in self.providers:
+            if p.max_input_images > self.max_input_images:
+                raise ValueError(f"{p.config_key} accepts {p.max_input_images} input images, "
+                                 f"over the model's max_input_images {self.max_input_images}")
+        return self
 
     def providers_for(self, mode: Mode) -> list[ProviderEntry]:
         return [p for p in self.providers if p.modes is None or mode in p.modes]

@@ -36,6 +36,25 @@ class ImageJob:
     steps: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # unknown / provider-only: passed through
     progress: ProgressFn | None = None
+    attempts: list["Attempt"] = field(default_factory=list)  # every try, across providers, in order
+    input_png: list[bytes] | None = None  # inputs encoded once for upstreams (see remote.py)
+
+
+@dataclass
+class Attempt:
+    """One upstream task or local run, as `metadata.attempts` shows it."""
+
+    provider: str
+    config_key: str
+    outcome: str  # "succeeded" | "failed" | "skipped"
+    duration_ms: int
+    images: int = 0
+    error_class: str | None = None
+    status_code: int | None = None
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
 @dataclass
@@ -59,6 +78,8 @@ class ProviderResult:
 
 class Provider(Protocol):
     name: str
+    # True when the provider appends its own Attempts to job.attempts (remote ones: one per task).
+    records_attempts: bool
 
     def handling(self) -> dict[str, dict[str, str]]:
         """Unified parameter -> {"handling": native|renamed|converted|emulated, "as": upstream name}."""
@@ -69,6 +90,10 @@ class Provider(Protocol):
         ...
 
     def unavailable_reason(self, entry: ProviderEntry) -> str:
+        ...
+
+    def unsupported(self, entry: ProviderEntry, job: ImageJob) -> str | None:
+        """Why this entry cannot serve this job (too many images, a parameter it lacks...), or None."""
         ...
 
     async def generate(self, entry: ProviderEntry, job: ImageJob) -> ProviderResult:

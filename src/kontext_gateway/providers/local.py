@@ -52,6 +52,7 @@ def engine_installed() -> bool:
 
 class LocalProvider:
     name = "local"
+    records_attempts = False  # one run per request: the router records it
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -83,6 +84,11 @@ class LocalProvider:
         if weights is None:
             return "no weights directory configured (set KONTEXT_DEV_WEIGHTS_DIR to a diffusers-layout folder)"
         return f"no diffusers-layout weights at {weights} (model_index.json not found)"
+
+    def unsupported(self, entry: ProviderEntry, job: ImageJob) -> str | None:
+        if len(job.images) > entry.max_input_images:
+            return f"takes at most {entry.max_input_images} input image(s)"
+        return None
 
     def engine(self, entry: ProviderEntry) -> "KontextEngine":
         """The loaded engine for this entry, loading it on first use (on the worker thread)."""

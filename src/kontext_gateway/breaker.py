@@ -1,0 +1,61 @@
+"""A circuit breaker per (provider, model): takes a failing provider out of rotation, probes it back in.
+
+Closed: requests flow; `failures` consecutive failures open it. Open: the provider is skipped for
+`reset_s`. Then half-open: one request goes through as a probe; success closes the breaker, failure
+opens it again for another `reset_s`. State is in memory, per process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass
+class _State:
+    failures: int = 0
+    opened_at: float | None = None
+    probing: bool = False
+
+
+class CircuitBreaker:
+    def __init__(self, failures: int, reset_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.threshold = failures
+        self.reset_s = reset_s
+        self.clock = clock
+        self._states: dict[str, _State] = {}
+
+    def state(self, key: str) -> str:
+        s = self._states.get(key)
+        if s is None or s.opened_at is None:
+            return "closed"
+        return "half_open" if self.clock() - s.opened_at >= self.reset_s else "open"
+
+    def allow(self, key: str) -> bool:
+        """Whether a request may go to `key` now. In half-open state, only one probe at a time."""
+        state = self.state(key)
+        if state == "closed":
+            return True
+        if state == "open":
+            return False
+        s = self._states[key]
+        if s.probing:
+            return False
+        s.probing = True
+        return True
+
+    def success(self, key: str) -> None:
+        self._states.pop(key, None)
+
+    def failure(self, key: str) -> None:
+        s = self._states.setdefault(key, _State())
+        s.failures += 1
+        if s.probing or s.failures >= self.threshold:
+            s.opened_at = self.clock()
+            s.probing = False
+
+    def release(self, key: str) -> None:
+        """A probe that ended neither in success nor in a provider failure (e.g. moderation)."""
+        if key in self._states:
+            self._states[key].probing = False

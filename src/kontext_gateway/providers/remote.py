@@ -1,0 +1,432 @@
+"""What every hosted upstream shares: submit -> poll -> download, retries, fan-out, limits, cancel.
+
+An adapter (replicate.py, fal.py, fireworks.py, bfl.py) is one file that says how to talk to one
+upstream: `submit` a task for `count` images, `poll` it, `cancel` it, and how each unified parameter
+maps (`HANDLING`). This base does the rest the same way for all of them:
+
+- `n` is split into tasks of at most `batch_limit` images (1 where the upstream cannot batch), run in
+  parallel and billed per image;
+- a failed task is retried on the same provider with exponential backoff and full jitter (honouring
+  Retry-After) when the failure is transient (429, 5xx, timeout, dropped connection, malformed body,
+  a result that is not an image); moderation, bad credentials, payment and request errors are not;
+- results are downloaded at once (upstream URLs expire in minutes) and must decode as images;
+- active tasks per provider (or provider/model) are limited by a semaphore: above it, requests queue;
+- a cancelled request (client gone, deadline passed) cancels the upstream task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import httpx
+
+from ..catalog import ProviderEntry
+from ..config import Settings
+from ..errors import GatewayError
+from ..imaging import decode_image, parse_data_url, sniff_format
+from ..params import Size, nearest_ratio, parse_ratio
+from .base import Attempt, ImageJob, ProviderImage, ProviderResult
+
+log = logging.getLogger(__name__)
+
+
+# -- the one error vocabulary of upstream failures ---------------------------------------------------
+
+class UpstreamError(Exception):
+    """A classified upstream failure. `kind` is what the attempt trace shows as its error class."""
+
+    kind: ClassVar[str] = "upstream_error"
+    retryable: ClassVar[bool] = True  # worth another try on the same provider
+    failover: ClassVar[bool] = True  # worth trying another provider
+
+    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+
+
+class Moderated(UpstreamError):
+    """The prompt, an input or the output was flagged. Never retried, never failed over."""
+
+    kind = "content_policy_violation"
+    retryable = False
+    failover = False
+
+
+class Misconfigured(UpstreamError):
+    """401/403: this provider's credentials are wrong. Fail over and report."""
+
+    kind = "authentication"
+    retryable = False
+
+
+class PaymentRequired(UpstreamError):
+    kind = "payment_required"
+    retryable = False
+
+
+class Rejected(UpstreamError):
+    """The upstream refused the request itself (400/404/422): another provider may take it."""
+
+    kind = "invalid_request"
+    retryable = False
+
+
+class RateLimited(UpstreamError):
+    kind = "rate_limited"
+
+
+class ServerError(UpstreamError):
+    kind = "server_error"
+
+
+class Timeout(UpstreamError):
+    kind = "timeout"
+
+
+class ConnectionFailed(UpstreamError):
+    kind = "connection_error"
+
+
+class Malformed(UpstreamError):
+    kind = "malformed_response"
+
+
+class TaskFailed(UpstreamError):
+    """The upstream ran the task and reports that it failed (status Error / failed / canceled)."""
+
+    kind = "task_failed"
+
+
+class BadResult(UpstreamError):
+    """The result URL did not answer with a decodable image."""
+
+    kind = "bad_result"
+
+
+# -- the adapter contract ------------------------------------------------------------------------------
+
+@dataclass
+class Task:
+    """A submitted upstream task. Adapters keep whatever they need to poll and cancel it in `data`.
+
+    When the submit call already returned the result (Replicate with `Prefer: wait`), set `outputs`.
+    """
+
+    id: str
+    data: dict[str, Any] = field(default_factory=dict)
+    outputs: list[str] | None = None
+
+
+@dataclass
+class Poll:
+    done: bool
+    outputs: list[str] = field(default_factory=list)  # result URLs (http(s) or data:) when done
+
+
+class RemoteProvider:
+    """Base for hosted upstreams. Subclasses set the class attributes and implement the four hooks."""
+
+    name: ClassVar[str]
+    credential_field: ClassVar[str]  # Settings field holding the key, e.g. "fal_key"
+    base_url_field: ClassVar[str]  # Settings field holding the base URL
+    credential_env: ClassVar[str]  # the variable users set, for messages
+    batch_limit: ClassVar[int] = 1  # images one task can make (fal: 4)
+    default_concurrency: ClassVar[int | None] = None  # active tasks per provider; None: unlimited
+    model_concurrency: ClassVar[dict[str, int]] = {}  # per provider model id (BFL: kontext-max 6)
+    output_formats: ClassVar[tuple[str, ...]] = ("png", "jpeg")  # what it can produce natively
+    HANDLING: ClassVar[dict[str, dict[str, str]]] = {}
+
+    records_attempts: ClassVar[bool] = True
+
+    def __init__(self, settings: Settings, *, client: httpx.AsyncClient | None = None) -> None:
+        self.settings = settings
+        secret = getattr(settings, self.credential_field)
+        self._key: str | None = secret.get_secret_value() if secret is not None else None
+        self.base_url = str(getattr(settings, self.base_url_field)).rstrip("/")
+        self.client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(60.0, connect=10.0), follow_redirects=True,
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
+        self._semaphores: dict[str, asyncio.Semaphore] = {}
+
+    # -- hooks an adapter implements -----------------------------------------------------------------
+
+    async def submit(self, entry: ProviderEntry, job: ImageJob, count: int) -> Task:
+        raise NotImplementedError
+
+    async def poll(self, entry: ProviderEntry, task: Task) -> Poll:
+        raise NotImplementedError
+
+    async def cancel(self, entry: ProviderEntry, task: Task) -> None:
+        """Best effort; the default does nothing (Fireworks and BFL have no cancel)."""
+
+    def unsupported(self, entry: ProviderEntry, job: ImageJob) -> str | None:
+        """Why this entry cannot serve the job (a reason for the trace), or None."""
+        if len(job.images) > entry.max_input_images:
+            return f"takes at most {entry.max_input_images} input image(s)"
+        return None
+
+    # -- the Provider protocol -----------------------------------------------------------------------
+
+    def handling(self) -> dict[str, dict[str, str]]:
+        return dict(self.HANDLING)
+
+    def available(self, entry: ProviderEntry) -> bool:
+        return bool(self._key)
+
+    def unavailable_reason(self, entry: ProviderEntry) -> str:
+        return f"{self.credential_env} is not set"
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def generate(self, entry: ProviderEntry, job: ImageJob) -> ProviderResult:
+        """All `job.n` images, in parallel tasks of at most `batch_limit`; each task retried."""
+        counts = [min(self.batch_limit, job.n - i) for i in range(0, job.n, self.batch_limit)]
+        results = await asyncio.gather(
+            *(self._task_with_retries(entry, job, c) for c in counts), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            # Prefer the error that matters most to the caller: moderation, then anything else.
+            errors.sort(key=lambda e: 0 if isinstance(e, Moderated) else 1)
+            raise errors[0]
+        images = [img for r in results for img in r]  # type: ignore[union-attr]
+        first = decode_image(images[0].data or b"", param="output", max_pixels=self.settings.max_input_pixels)
+        return ProviderResult(images=images, size=Size(*first.size), seed=job.seed,
+                              ignored_params=self.ignored_params(job))
+
+    def ignored_params(self, job: ImageJob) -> list[str]:
+        """Provider-only parameters the catalog assigns to other providers: not sent, so ignored.
+        Parameters nobody declares are passed through, so they are not known to be ignored."""
+        return sorted(set(job.extra) - set(self.passthrough(job)))
+
+    def passthrough(self, job: ImageJob) -> dict[str, Any]:
+        """The request's extra parameters to send upstream as they are: unknown ones, and the
+        catalog's provider-only ones that name this provider."""
+        others = {p.name for p in job.model.params if self.name not in p.providers}
+        return {k: v for k, v in job.extra.items() if k not in others}
+
+    # -- retries, limits, timeouts -----------------------------------------------------------------------
+
+    async def _task_with_retries(self, entry: ProviderEntry, job: ImageJob, count: int) -> list[ProviderImage]:
+        tries = self.settings.upstream_retries + 1
+        for attempt in range(tries):
+            t0 = time.perf_counter()
+            try:
+                async with self._slot(entry):
+                    images = await asyncio.wait_for(self._run_task(entry, job, count),
+                                                    timeout=self.settings.upstream_timeout_s)
+            except asyncio.TimeoutError:
+                err: UpstreamError = Timeout(f"no result within {self.settings.upstream_timeout_s:g} s")
+            except UpstreamError as exc:
+                err = exc
+            else:
+                job.attempts.append(Attempt(self.name, entry.config_key, "succeeded", _ms(t0), images=len(images)))
+                return images
+            job.attempts.append(Attempt(self.name, entry.config_key, "failed", _ms(t0), error_class=err.kind,
+                                        status_code=err.status, message=err.message[:300]))
+            log.info("%s attempt %d/%d for %s failed: %s %s", entry.config_key, attempt + 1, tries,
+                     job.request_id, err.kind, err.message[:200])
+            if not err.retryable or attempt == tries - 1:
+                raise err
+            await asyncio.sleep(self._backoff(attempt, err.retry_after))
+        raise AssertionError("unreachable")
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        cap = min(self.settings.upstream_backoff_max_s, self.settings.upstream_backoff_s * 2**attempt)
+        delay = random.uniform(0, cap)  # full jitter: retries from many requests do not line up
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.settings.upstream_backoff_max_s * 4))
+        return delay
+
+    def _slot(self, entry: ProviderEntry) -> asyncio.Semaphore | _NoLimit:
+        configured = self.settings.provider_concurrency
+        key = f"{self.name}/{entry.provider_model_id}"
+        limit = configured.get(key, configured.get(entry.config_key))
+        if limit is None:
+            limit = self.model_concurrency.get(entry.provider_model_id)
+        if limit is None:
+            key = self.name
+            limit = configured.get(self.name, self.default_concurrency)
+        if limit is None:
+            return _NoLimit()
+        if key not in self._semaphores:
+            self._semaphores[key] = asyncio.Semaphore(limit)
+        return self._semaphores[key]
+
+    async def _run_task(self, entry: ProviderEntry, job: ImageJob, count: int) -> list[ProviderImage]:
+        task = await self.submit(entry, job, count)
+        try:
+            outputs = task.outputs
+            while outputs is None:
+                await asyncio.sleep(self.settings.upstream_poll_interval_s)
+                result = await self.poll(entry, task)
+                if result.done:
+                    outputs = result.outputs
+        except (asyncio.CancelledError, asyncio.TimeoutError):
+            # The client went away or the deadline passed: stop paying for the task upstream.
+            await asyncio.shield(self._cancel_quietly(entry, task))
+            raise
+        if not outputs:
+            raise BadResult("the task finished without an image")
+        return list(await asyncio.gather(*(self.download(url) for url in outputs)))
+
+    async def _cancel_quietly(self, entry: ProviderEntry, task: Task) -> None:
+        try:
+            await asyncio.wait_for(self.cancel(entry, task), timeout=10)
+        except Exception as exc:  # noqa: BLE001 - best effort; the task times out upstream anyway
+            log.info("cancel of %s task %s failed: %r", self.name, task.id, exc)
+
+    # -- HTTP helpers shared by adapters ----------------------------------------------------------------
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One HTTP call with transport failures and error statuses mapped to the vocabulary above."""
+        try:
+            resp = await self.client.request(method, url, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise Timeout(f"{method} {_path(url)} timed out ({type(exc).__name__})") from None
+        except (httpx.TransportError, httpx.DecodingError) as exc:
+            raise ConnectionFailed(f"{method} {_path(url)}: {type(exc).__name__}") from None
+        self.check_status(resp)
+        return resp
+
+    def check_status(self, resp: httpx.Response) -> None:
+        status = resp.status_code
+        if status < 400:
+            return
+        detail = _detail(resp)
+        where = f"{resp.request.method} {_path(str(resp.request.url))} -> {status}"
+        if status in (401, 403):
+            raise Misconfigured(f"{where}: credentials rejected ({detail})", status=status)
+        if status == 402:
+            raise PaymentRequired(f"{where}: {detail}", status=status)
+        if status == 429:
+            raise RateLimited(f"{where}: {detail}", status=status, retry_after=_retry_after(resp))
+        if status in (408, 425) or status >= 500:
+            raise ServerError(f"{where}: {detail}", status=status, retry_after=_retry_after(resp))
+        raise Rejected(f"{where}: {detail}", status=status)
+
+    @staticmethod
+    def json(resp: httpx.Response) -> dict[str, Any]:
+        try:
+            body = resp.json()
+        except ValueError:
+            raise Malformed(f"{_path(str(resp.request.url))} answered with a body that is not JSON",
+                            status=resp.status_code) from None
+        if not isinstance(body, dict):
+            raise Malformed(f"{_path(str(resp.request.url))} answered with JSON that is not an object",
+                            status=resp.status_code)
+        return body
+
+    async def download(self, url: str) -> ProviderImage:
+        """Fetch a result at once and check that it is an image. URLs from a configured provider are
+        trusted, loopback included (that is how tests point adapters at fakes)."""
+        if url.startswith("data:"):
+            try:
+                data = parse_data_url(url, param="output")
+            except GatewayError as exc:
+                raise BadResult(f"result data URI: {exc.message}") from None
+        else:
+            resp = await self.request("GET", url)
+            data = resp.content
+        fmt = sniff_format(data)
+        try:
+            await asyncio.to_thread(decode_image, data, param="output", max_pixels=self.settings.max_input_pixels)
+        except GatewayError as exc:
+            raise BadResult(f"the result is not a usable image ({exc.code})") from None
+        return ProviderImage(data=data, format=fmt)
+
+    # -- parameter helpers shared by adapters ------------------------------------------------------------
+
+    def upstream_format(self, job: ImageJob, supported: tuple[str, ...] | None = None) -> str:
+        """The format to ask for: the requested one when the upstream makes it, else lossless png
+        (the gateway converts). Always sent explicitly, so every upstream answers alike."""
+        supported = supported or self.output_formats
+        return job.output_format if job.output_format in supported else "png"
+
+    @staticmethod
+    def aspect_ratio(job: ImageJob, supported: tuple[str, ...]) -> str | None:
+        """The upstream ratio nearest what was asked. None when nothing was asked (t2i callers pick
+        their default; an edit keeps the input's shape)."""
+        if job.size.size is not None:
+            return nearest_ratio(job.size.size.ratio, supported)
+        if job.size.aspect_ratio:
+            return nearest_ratio(parse_ratio(job.size.aspect_ratio) or 1.0, supported)
+        return None
+
+    async def input_data_uris(self, job: ImageJob) -> list[str]:
+        return [f"data:image/png;base64,{b}" for b in await self.input_base64(job)]
+
+    async def input_base64(self, job: ImageJob) -> list[str]:
+        """Input images as base64 PNG (lossless, EXIF orientation already applied), encoded once per job."""
+        if job.input_png is None:
+            job.input_png = await asyncio.to_thread(_png_all, job.images)
+        return [base64.b64encode(b).decode() for b in job.input_png]
+
+    def headers(self) -> dict[str, str]:
+        raise NotImplementedError
+
+
+class _NoLimit:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+def _png_all(images: list[Any]) -> list[bytes]:
+    out = []
+    for im in images:
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def _ms(t0: float) -> int:
+    return int((time.perf_counter() - t0) * 1000)
+
+
+def _path(url: str) -> str:
+    """The URL without its query string: enough to say where, never a signed token."""
+    return url.split("?", 1)[0]
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def _detail(resp: httpx.Response) -> str:
+    """A short, safe description of an error body (providers use `detail`, `error` or `message`)."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return (resp.text or "").strip()[:200] or "no body"
+    if isinstance(body, dict):
+        for key in ("detail", "error", "message", "title"):
+            if body.get(key):
+                value = body[key]
+                return (value if isinstance(value, str) else str(value))[:300]
+    return str(body)[:200]
