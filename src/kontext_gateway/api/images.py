@@ -5,6 +5,8 @@ This module only parses HTTP into fields and files, and renders the outcome; the
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 from typing import Any
@@ -75,8 +77,30 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 async def _run(request: Request, mode: Mode, fields: dict[str, Any], files: list[InputFile]) -> JSONResponse:
     gw: Gateway = request.app.state.gateway
-    outcome = await gw.images.create(
+    work = asyncio.ensure_future(gw.images.create(
         mode=mode, fields=fields, files=files, base_url=str(request.base_url),
         provider=request.headers.get("x-provider"),
-    )
+    ))
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not work.done():
+        # The client hung up: cancel the work, which cancels upstream tasks (nobody pays for them).
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await work
+        return JSONResponse({"error": {"message": "client closed request", "type": "invalid_request_error",
+                                       "param": None, "code": "client_closed_request"}}, status_code=499)
+    outcome = work.result()  # re-raises the service's GatewayError for the error handler
     return JSONResponse(outcome.body, headers=outcome.headers)
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects. The body is already read, so the next ASGI message the
+    server has for this request is `http.disconnect`."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

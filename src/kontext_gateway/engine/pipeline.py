@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class Interrupted(Exception):
+    """Raised from the step callback when the caller no longer wants the picture."""
+
+
 def quiet_libraries() -> None:
     """diffusers and transformers warn about optional backends (torchvision...) we do not use."""
     from diffusers.utils import logging as diffusers_logging
@@ -101,6 +105,7 @@ class KontextEngine:
         n: int,
         seed: int,
         progress: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list["Image"]:
         import torch
 
@@ -110,6 +115,8 @@ class KontextEngine:
             image = image.resize((context.width, context.height), PILImage.Resampling.LANCZOS)
 
         def on_step(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if should_stop is not None and should_stop():
+                raise Interrupted()
             if progress is not None:
                 progress(i + 1, steps)
             return kwargs

@@ -8,6 +8,7 @@ emulates (output format conversion, response_format, storage).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -38,6 +39,8 @@ class ImageJob:
     progress: ProgressFn | None = None
     attempts: list["Attempt"] = field(default_factory=list)  # every try, across providers, in order
     input_png: list[bytes] | None = None  # inputs encoded once for upstreams (see remote.py)
+    # Set when the request is abandoned: work on other threads (the local engine) checks it per step.
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass

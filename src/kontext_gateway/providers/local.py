@@ -113,11 +113,18 @@ class LocalProvider:
 
     async def generate(self, entry: ProviderEntry, job: ImageJob) -> ProviderResult:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._generate_sync, entry, job)
+        try:
+            return await loop.run_in_executor(self._executor, self._generate_sync, entry, job)
+        except asyncio.CancelledError:
+            job.cancelled.set()  # a queued job never starts; a running one stops at its next step
+            raise
 
     def _generate_sync(self, entry: ProviderEntry, job: ImageJob) -> ProviderResult:
+        from ..engine.pipeline import Interrupted
         from ..engine.resolution import context_size, output_size
 
+        if job.cancelled.is_set():
+            raise Interrupted()
         engine = self.engine(entry)
         source = job.images[0] if job.images else None
         input_size = Size(*source.size) if source is not None else None
@@ -129,6 +136,7 @@ class LocalProvider:
             images = engine.run(
                 prompt=job.prompt, image=source, output=out, context=ctx, steps=steps,
                 guidance=guidance, n=job.n, seed=job.seed, progress=job.progress,
+                should_stop=job.cancelled.is_set,
             )
         except GatewayError:
             raise
