@@ -28,7 +28,7 @@ class Scripted:
     configured: bool = True
     records_attempts: bool = True
 
-    def handling(self) -> dict:
+    def handling(self, entry) -> dict:
         return {}
 
     def available(self, entry) -> bool:

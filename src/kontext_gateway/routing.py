@@ -40,7 +40,7 @@ class Router:
     def handlings(self, model: ModelSpec) -> dict[str, dict[str, dict[str, str]]]:
         """config_key -> parameter handling, for every provider implementation the gateway has."""
         return {
-            e.config_key: self.providers[e.provider].handling()
+            e.config_key: self.providers[e.provider].handling(e)
             for e in model.providers
             if e.provider in self.providers
         }

@@ -84,8 +84,9 @@ class Provider(Protocol):
     # True when the provider appends its own Attempts to job.attempts (remote ones: one per task).
     records_attempts: bool
 
-    def handling(self) -> dict[str, dict[str, str]]:
-        """Unified parameter -> {"handling": native|renamed|converted|emulated, "as": upstream name}."""
+    def handling(self, entry: ProviderEntry) -> dict[str, dict[str, str]]:
+        """For this catalog entry: unified parameter -> {"handling": native|renamed|converted|emulated,
+        "as": upstream name}."""
         ...
 
     def available(self, entry: ProviderEntry) -> bool:

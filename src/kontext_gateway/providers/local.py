@@ -61,7 +61,7 @@ class LocalProvider:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kontext-engine")
         self._lock = threading.Lock()
 
-    def handling(self) -> dict[str, dict[str, str]]:
+    def handling(self, entry: ProviderEntry) -> dict[str, dict[str, str]]:
         return dict(_HANDLING)
 
     def _weights_dir(self, entry: ProviderEntry) -> Path | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import logging
 import random
@@ -177,7 +178,7 @@ class RemoteProvider:
 
     # -- the Provider protocol -----------------------------------------------------------------------
 
-    def handling(self) -> dict[str, dict[str, str]]:
+    def handling(self, entry: ProviderEntry) -> dict[str, dict[str, str]]:
         return dict(self.HANDLING)
 
     def available(self, entry: ProviderEntry) -> bool:
@@ -190,11 +191,18 @@ class RemoteProvider:
         await self.client.aclose()
 
     async def generate(self, entry: ProviderEntry, job: ImageJob) -> ProviderResult:
-        """All `job.n` images, in parallel tasks of at most `batch_limit`; each task retried."""
-        counts = [min(self.batch_limit, job.n - i) for i in range(0, job.n, self.batch_limit)]
-        results = await asyncio.gather(
-            *(self._task_with_retries(entry, job, c) for c in counts), return_exceptions=True
-        )
+        """All `job.n` images, in parallel tasks of at most `batch_limit`; each task retried.
+
+        The task making images i.. gets seed + i: the same seed for every task would make n copies
+        of one picture on a deterministic upstream, and seed + i keeps the whole set reproducible."""
+        if job.images:
+            await self.input_base64(job)  # encode the inputs once, before the tasks share the job
+        tasks = [
+            self._task_with_retries(entry, dataclasses.replace(job, seed=(job.seed + i) % 2**32),
+                                    min(self.batch_limit, job.n - i))
+            for i in range(0, job.n, self.batch_limit)
+        ]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             # Prefer the error that matters most to the caller: moderation, then anything else.
@@ -211,10 +219,18 @@ class RemoteProvider:
         return sorted(set(job.extra) - set(self.passthrough(job)))
 
     def passthrough(self, job: ImageJob) -> dict[str, Any]:
-        """The request's extra parameters to send upstream as they are: unknown ones, and the
-        catalog's provider-only ones that name this provider."""
-        others = {p.name for p in job.model.params if self.name not in p.providers}
-        return {k: v for k, v in job.extra.items() if k not in others}
+        """The request's extra parameters to send upstream: unknown ones as they are, and the
+        catalog's provider-only ones that name this provider, typed as the catalog declares them
+        (multipart form fields arrive as strings; upstreams validate JSON types)."""
+        declared = {p.name: p for p in job.model.params}
+        out: dict[str, Any] = {}
+        for key, value in job.extra.items():
+            param = declared.get(key)
+            if param is None:
+                out[key] = value
+            elif self.name in param.providers:
+                out[key] = _typed(value, param.type)
+        return out
 
     # -- retries, limits, timeouts -----------------------------------------------------------------------
 
@@ -337,7 +353,11 @@ class RemoteProvider:
             except GatewayError as exc:
                 raise BadResult(f"result data URI: {exc.message}") from None
         else:
-            resp = await self.request("GET", url)
+            try:
+                resp = await self.request("GET", url)
+            except (Rejected, PaymentRequired) as exc:
+                # A result URL that 404s (expired, not yet written...) is a bad result, worth a retry.
+                raise BadResult(f"the result URL answered {exc.status}", status=exc.status) from None
             data = resp.content
         fmt = sniff_format(data)
         try:
@@ -392,6 +412,32 @@ def _png_all(images: list[Any]) -> list[bytes]:
         im.save(buf, "PNG")
         out.append(buf.getvalue())
     return out
+
+
+def safety_tolerance(value: Any, *, has_image: bool) -> Any:
+    """BFL's scale as an int 0-6; Replicate and Fireworks refuse more than 2 with an input image."""
+    try:
+        level = max(0, min(6, int(value)))
+    except (TypeError, ValueError):
+        return value  # sent as given: the upstream's validation names the field
+    return min(level, 2) if has_image else level
+
+
+def _typed(value: Any, kind: str) -> Any:
+    """A form string as the JSON type the catalog declares; anything else (or unparsable) unchanged,
+    so the upstream's own validation names the field."""
+    if not isinstance(value, str):
+        return value
+    try:
+        if kind == "boolean" and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if kind == "integer":
+            return int(value)
+        if kind == "number":
+            return float(value)
+    except ValueError:
+        pass
+    return value
 
 
 def _ms(t0: float) -> int:

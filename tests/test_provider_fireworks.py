@@ -1,0 +1,306 @@
+"""The Fireworks AI adapter end to end: the official OpenAI SDK -> the gateway -> a fake Fireworks.
+
+Every test checks what the fake received (the parameter mapping of provider-apis.md §6) and what the
+user got back (decoded image format and size, metadata), with faults injected into the fake.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+from PIL import Image
+
+from conftest import open_image, png_bytes, running_server
+from fakes.common import bucket, serve
+from fakes.fireworks import FakeFireworks
+from kontext_gateway.catalog import Catalog
+from kontext_gateway.config import Settings
+from kontext_gateway.providers.fireworks import FireworksProvider
+from kontext_gateway.providers.remote import Task, TaskFailed
+
+KEY = "fw_test"
+PIL_NAMES = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "avif": "AVIF"}
+MODELS = "/inference/v1/workflows/accounts/fireworks/models"
+
+
+def out_size(ratio: str, scale: float = 0.25) -> tuple[int, int]:
+    """The size the fake draws for a ratio: the ~1 MP Kontext bucket, scaled (see ResultStore)."""
+    w, h = bucket(ratio)
+    return max(16, int(w * scale) // 16 * 16), max(16, int(h * scale) // 16 * 16)
+
+
+def gateway_settings(tmp: Path, base_url: str, key: str = KEY, **kw: Any) -> Settings:
+    return Settings(
+        data_dir=tmp, database_url=f"sqlite:///{tmp / 'gateway.db'}", dev_weights_dir=None,
+        fireworks_api_key=key, fireworks_base_url=base_url,
+        fal_key=None, replicate_api_token=None, bfl_api_key=None,  # Fireworks is the only upstream
+        upstream_poll_interval_s=0.01, upstream_backoff_s=0.01, upstream_backoff_max_s=0.05, **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[tuple[FakeFireworks, str]]:
+    fw = FakeFireworks(key=KEY)
+    with serve(fw.app) as url:
+        yield fw, url
+
+
+@pytest.fixture(scope="module")
+def gateway(fake: tuple[FakeFireworks, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_server(gateway_settings(tmp_path_factory.mktemp("fireworks"), fake[1])) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def sdk(gateway: str) -> OpenAI:
+    return OpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def fw(fake: tuple[FakeFireworks, str]) -> Iterator[FakeFireworks]:
+    fw = fake[0]
+    fw.faults.clear()
+    fw.requests.clear()
+    fw.pending_polls = 2
+    yield fw
+    fw.faults.clear()
+
+
+def image_of(item: Any) -> Image.Image:
+    return open_image(base64.b64decode(item.b64_json))
+
+
+def sent(fw: FakeFireworks, i: int = 0) -> dict[str, Any]:
+    return fw.submits()[i][3]
+
+
+def data_uri_image(uri: str) -> Image.Image:
+    assert uri.startswith("data:image/png;base64,")
+    return open_image(base64.b64decode(uri.split(",", 1)[1]))
+
+
+def generate(sdk: OpenAI, model: str = "flux.1-kontext-pro", **kw: Any) -> Any:
+    return sdk.images.generate(model=model, prompt=kw.pop("prompt", "a red fox in snow"),
+                               response_format="b64_json", **kw)
+
+
+def edit(sdk: OpenAI, model: str = "flux.1-kontext-pro", images: list[bytes] | None = None, **kw: Any) -> Any:
+    files = [(f"in{i}.png", data, "image/png") for i, data in enumerate(images or [png_bytes(400, 300)])]
+    return sdk.images.edit(model=model, image=files if len(files) > 1 else files[0],
+                           prompt=kw.pop("prompt", "make it night"), response_format="b64_json", **kw)
+
+
+# -- happy paths ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant,price", [("pro", 0.04), ("max", 0.08)])
+def test_generate(sdk: OpenAI, fw: FakeFireworks, variant: str, price: float) -> None:
+    resp = generate(sdk, f"flux.1-kontext-{variant}", prompt="a lighthouse at dusk")
+    img = image_of(resp.data[0])
+    assert img.format == "PNG" and img.size == out_size("1:1")
+    meta = resp.model_extra["metadata"]
+    assert meta["provider"] == "fireworks" and meta["executed_model"] == f"fireworks/flux.1-kontext-{variant}"
+    assert meta["provider_model_id"] == f"accounts/fireworks/models/flux-kontext-{variant}"
+    assert meta["cost"] == price and [a["outcome"] for a in meta["attempts"]] == ["succeeded"]
+
+    (_, path, headers, body), = fw.submits()
+    assert path == f"{MODELS}/flux-kontext-{variant}" and headers["authorization"] == f"Bearer {KEY}"
+    assert body == {"prompt": "a lighthouse at dusk", "seed": meta["seed"], "aspect_ratio": "1:1",
+                    "output_format": "png"}
+    # Polled by POST with the request_id: Pending twice, then Ready.
+    polls = [r for r in fw.requests if r[1].endswith("/get_result")]
+    assert len(polls) == 3 and {p[0] for p in polls} == {"POST"}
+    assert polls[0][1] == f"{MODELS}/flux-kontext-{variant}/get_result"
+    assert polls[0][3]["id"] in fw.tasks and polls[0][2]["authorization"] == f"Bearer {KEY}"
+
+
+@pytest.mark.parametrize("variant", ["pro", "max"])
+def test_edit_keeps_the_input_shape(sdk: OpenAI, fw: FakeFireworks, variant: str) -> None:
+    resp = edit(sdk, f"flux.1-kontext-{variant}", [png_bytes(300, 400)])
+    img = image_of(resp.data[0])
+    assert img.format == "PNG" and img.size == out_size("3:4")  # the fake kept the 3:4 input's shape
+    body = sent(fw)
+    assert "aspect_ratio" not in body and body["prompt"] == "make it night"  # left out: the input's shape
+    assert data_uri_image(body["input_image"]).size == (300, 400)
+
+
+# -- parameter mapping ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("asked,upstream", [
+    ({"size": "1000x500"}, "16:9"),  # 2:1 snaps to the nearest Kontext ratio
+    ({"size": "1792x1024"}, "16:9"),
+    ({"size": "1024x1792"}, "9:16"),
+    ({"size": "3:2"}, "3:2"),
+    ({"extra_body": {"aspect_ratio": "7:3"}}, "21:9"),
+    ({"extra_body": {"aspect_ratio": "5:4"}}, "5:4"),
+    ({"extra_body": {"aspect_ratio": "1:4"}}, "9:21"),  # clamped into 21:9..9:21
+    ({"extra_body": {"resolution": "1K"}}, "1:1"),
+])
+def test_aspect_ratio(sdk: OpenAI, fw: FakeFireworks, asked: dict[str, Any], upstream: str) -> None:
+    resp = generate(sdk, **asked)
+    assert sent(fw)["aspect_ratio"] == upstream
+    assert image_of(resp.data[0]).size == out_size(upstream)
+
+
+def test_edit_with_a_size(sdk: OpenAI, fw: FakeFireworks) -> None:
+    resp = edit(sdk, size="16:9")
+    assert sent(fw)["aspect_ratio"] == "16:9" and image_of(resp.data[0]).size == out_size("16:9")
+
+
+@pytest.mark.parametrize("asked,upstream", [("png", "png"), ("jpeg", "jpeg"), ("webp", "png"), ("avif", "png")])
+def test_output_format(sdk: OpenAI, fw: FakeFireworks, asked: str, upstream: str) -> None:
+    resp = generate(sdk, output_format=asked)
+    assert sent(fw)["output_format"] == upstream  # always explicit
+    assert image_of(resp.data[0]).format == PIL_NAMES[asked] and resp.output_format == asked
+
+
+def test_seed_passthrough_and_fal_only_params(sdk: OpenAI, fw: FakeFireworks) -> None:
+    resp = generate(sdk, extra_body={"seed": 99, "prompt_upsampling": True, "safety_tolerance": "5",
+                                     "my_new_knob": "x", "enhance_prompt": True, "sync_mode": True})
+    body = sent(fw)
+    assert body["seed"] == 99 and body["prompt_upsampling"] is True and body["safety_tolerance"] == 5
+    assert body["my_new_knob"] == "x" and "enhance_prompt" not in body and "sync_mode" not in body
+    assert resp.model_extra["metadata"]["ignored_params"] == ["enhance_prompt", "sync_mode"]
+
+
+def test_safety_tolerance_is_capped_at_2_for_image_to_image(sdk: OpenAI, fw: FakeFireworks) -> None:
+    edit(sdk, extra_body={"safety_tolerance": 6, "prompt_upsampling": "true"})
+    body = sent(fw)
+    assert body["safety_tolerance"] == 2 and body["prompt_upsampling"] is True
+
+
+def test_n_fans_out_into_tasks(sdk: OpenAI, fw: FakeFireworks) -> None:
+    resp = generate(sdk, "flux.1-kontext-max", n=3)
+    assert len(resp.data) == 3 and len(fw.submits()) == 3
+    assert all(image_of(d).size == out_size("1:1") for d in resp.data)
+    assert resp.model_extra["metadata"]["cost"] == pytest.approx(3 * 0.08)
+
+
+def test_two_images_are_more_than_fireworks_takes(sdk: OpenAI, fw: FakeFireworks) -> None:
+    with pytest.raises(openai.APIStatusError) as exc:
+        edit(sdk, images=[png_bytes(64, 64), png_bytes(64, 64)])
+    assert exc.value.status_code == 503 and "at most 1 input image" in exc.value.message
+    assert fw.submits() == []
+
+
+
+def test_n_images_differ(sdk: OpenAI, fw: FakeFireworks) -> None:
+    resp = generate(sdk, n=3)
+    assert len({s[3]["seed"] for s in fw.submits()}) == 3
+    assert len({d.b64_json for d in resp.data}) == 3
+
+# -- moderation, failures and retries --------------------------------------------------------------------
+
+@pytest.mark.parametrize("at,status", [("submit", "Request Moderated"), ("poll", "Content Moderated")])
+def test_moderation_is_a_400_and_not_retried(sdk: OpenAI, fw: FakeFireworks, at: str, status: str) -> None:
+    fw.faults.add("moderation", at=at)
+    with pytest.raises(openai.BadRequestError) as exc:
+        generate(sdk)
+    assert exc.value.code == "content_policy_violation"
+    assert status in exc.value.message and "Derivative Works Filter" in exc.value.message
+    assert len(fw.submits()) == 1
+
+
+def test_a_task_error_is_retried(sdk: OpenAI, fw: FakeFireworks) -> None:
+    fw.faults.add("task_error", at="poll")
+    resp = generate(sdk)
+    first, second = resp.model_extra["metadata"]["attempts"]
+    assert first["error_class"] == "task_failed" and "'Error'" in first["message"]
+    assert second["outcome"] == "succeeded" and len(fw.submits()) == 2
+
+
+TRANSIENT = [
+    ("429", "submit", "rate_limited", 429),
+    ("500", "submit", "server_error", 500),
+    ("503", "poll", "server_error", 503),
+    ("drop", "submit", "connection_error", None),
+    ("drop", "poll", "connection_error", None),
+    ("malformed", "submit", "malformed_response", 200),
+    ("malformed", "poll", "malformed_response", 200),
+    ("502", "download", "server_error", 502),
+    ("not_image", "download", "bad_result", None),
+    ("result_404", "download", "bad_result", 404),
+]
+
+
+@pytest.mark.parametrize("kind,at,error_class,status", TRANSIENT)
+def test_transient_failures_are_retried(sdk: OpenAI, fw: FakeFireworks, kind: str, at: str,
+                                        error_class: str, status: int | None) -> None:
+    fw.faults.add(kind, at=at, retry_after=1 if kind == "429" else None)
+    resp = generate(sdk)
+    assert image_of(resp.data[0]).size == out_size("1:1")
+    first, second = resp.model_extra["metadata"]["attempts"]
+    assert first["outcome"] == "failed" and first["error_class"] == error_class
+    assert first.get("status_code") == status and second["outcome"] == "succeeded"
+    assert (kind, at) in fw.faults.fired
+
+
+def test_a_rejected_key_fails_without_leaking_it(fake: tuple[FakeFireworks, str],
+                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    fw, url = fake
+    fw.requests.clear()
+    secret = "fw_wrong_s3cret_value"
+    with running_server(gateway_settings(tmp_path_factory.mktemp("fw401"), url, key=secret)) as gw:
+        resp = httpx.post(f"{gw}/v1/images/generations", json={"model": "flux.1-kontext-pro", "prompt": "x"},
+                          timeout=60)
+    assert resp.status_code == 502, resp.text
+    err = resp.json()["error"]
+    assert err["code"] == "all_providers_exhausted"
+    assert "authentication" in err["message"] and "credentials rejected" in err["message"]
+    assert secret not in resp.text and "fw_wrong" not in resp.text
+    assert len(fw.submits()) == 1
+
+
+# -- the schema and the adapter's own decisions ----------------------------------------------------------
+
+def test_schema_shows_the_handling(gateway: str) -> None:
+    body = httpx.get(f"{gateway}/v1/models/flux.1-kontext-max", params={"schema": "true"}).json()
+    modes = body["schema"]["modes"]
+    for name, handling in FireworksProvider.HANDLING.items():
+        mode = "edit" if name == "image" else "text-to-image"
+        assert modes[mode]["properties"][name]["x-providers"]["fireworks/flux.1-kontext-max"] == handling
+    for absent in ("cfg_scale", "num_inference_steps", "resolution"):  # Fireworks has no such inputs
+        assert "fireworks/flux.1-kontext-max" not in modes["text-to-image"]["properties"][absent]["x-providers"]
+
+
+async def test_an_unknown_task_is_a_failed_task(fake: tuple[FakeFireworks, str], tmp_path: Path) -> None:
+    """`Task not found` (an id the upstream does not know) ends the task, to be retried."""
+    provider = FireworksProvider(gateway_settings(tmp_path, fake[1]))
+    entry = Catalog.load().resolve("fireworks/flux.1-kontext-pro")[1]
+    try:
+        with pytest.raises(TaskFailed, match="Task not found"):
+            await provider.poll(entry, Task(id="no-such-task"))
+    finally:
+        await provider.aclose()
+
+
+# -- the fake itself answers like Fireworks ------------------------------------------------------------
+
+def test_fake_validates_like_fireworks(fake: tuple[FakeFireworks, str]) -> None:
+    _, url = fake
+    auth = {"Authorization": f"Bearer {KEY}"}
+    image = "data:image/png;base64," + base64.b64encode(png_bytes(32, 32)).decode()
+
+    def submit(body: dict[str, Any], headers: dict[str, str] = auth) -> httpx.Response:
+        return httpx.post(f"{url}{MODELS}/flux-kontext-pro", json=body, headers=headers)
+
+    webp = submit({"prompt": "x", "output_format": "webp"})
+    assert webp.status_code == 422 and webp.json()["detail"][0]["loc"] == ["body", "output_format"]
+    wide = submit({"prompt": "x", "aspect_ratio": "3:1"})
+    assert wide.status_code == 422 and "between 21:9 and 9:21" in wide.json()["detail"][0]["msg"]
+    assert submit({"prompt": "x", "aspect_ratio": "21:9"}).status_code == 200
+    tolerant = submit({"prompt": "x", "input_image": image, "safety_tolerance": 3})
+    assert tolerant.status_code == 400 and "limit of 2" in tolerant.text
+    assert submit({"prompt": "x"}, {"Authorization": "Bearer nope"}).status_code == 401
+
+    rid = submit({"prompt": "x"}).json()["request_id"]
+    first = httpx.post(f"{url}{MODELS}/flux-kontext-pro/get_result", json={"id": rid}, headers=auth).json()
+    assert first["status"] == "Pending" and first["id"] == rid
+    other_model = httpx.post(f"{url}{MODELS}/flux-kontext-max/get_result", json={"id": rid}, headers=auth).json()
+    assert other_model["status"] == "Task not found"

@@ -1,0 +1,408 @@
+"""The Replicate adapter end to end: the official OpenAI SDK -> the gateway -> a fake Replicate.
+
+Every test checks what the fake received (the parameter mapping of provider-apis.md §6) and what the
+user got back (decoded image format and size, metadata), with faults injected into the fake.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+from PIL import Image
+
+from conftest import open_image, png_bytes, running_server
+from fakes.common import bucket, serve
+from fakes.replicate import FakeReplicate
+from kontext_gateway.config import Settings
+from kontext_gateway.providers.remote import Moderated, TaskFailed
+from kontext_gateway.providers.replicate import ReplicateProvider, _outcome
+
+TOKEN = "r8_test"
+PIL_NAMES = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "avif": "AVIF"}
+
+
+def out_size(ratio: str, scale: float = 0.25) -> tuple[int, int]:
+    """The size the fake draws for a ratio: the ~1 MP Kontext bucket, scaled (see ResultStore)."""
+    w, h = bucket(ratio)
+    return max(16, int(w * scale) // 16 * 16), max(16, int(h * scale) // 16 * 16)
+
+
+def gateway_settings(tmp: Path, base_url: str, token: str = TOKEN, **kw: Any) -> Settings:
+    return Settings(
+        data_dir=tmp, database_url=f"sqlite:///{tmp / 'gateway.db'}", dev_weights_dir=None,
+        replicate_api_token=token, replicate_base_url=base_url,
+        fal_key=None, fireworks_api_key=None, bfl_api_key=None,  # Replicate is the only upstream
+        upstream_poll_interval_s=0.01, upstream_backoff_s=0.01, upstream_backoff_max_s=0.05, **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[tuple[FakeReplicate, str]]:
+    rep = FakeReplicate(token=TOKEN)
+    with serve(rep.app) as url:
+        yield rep, url
+
+
+@pytest.fixture(scope="module")
+def gateway(fake: tuple[FakeReplicate, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_server(gateway_settings(tmp_path_factory.mktemp("replicate"), fake[1])) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def sdk(gateway: str) -> OpenAI:
+    return OpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def rep(fake: tuple[FakeReplicate, str]) -> Iterator[FakeReplicate]:
+    rep = fake[0]
+    rep.faults.clear()
+    rep.requests.clear()
+    rep.pending_polls = 2
+    yield rep
+    rep.faults.clear()
+    rep.pending_polls = 2
+
+
+def image_of(item: Any) -> Image.Image:
+    return open_image(base64.b64decode(item.b64_json))
+
+
+def sent_input(rep: FakeReplicate, i: int = 0) -> dict[str, Any]:
+    return rep.submits()[i][3]["input"]
+
+
+def data_uri_image(uri: str) -> Image.Image:
+    assert uri.startswith("data:image/png;base64,")
+    return open_image(base64.b64decode(uri.split(",", 1)[1]))
+
+
+def generate(sdk: OpenAI, model: str = "flux.1-kontext-pro", **kw: Any) -> Any:
+    return sdk.images.generate(model=model, prompt=kw.pop("prompt", "a red fox in snow"),
+                               response_format="b64_json", **kw)
+
+
+def edit(sdk: OpenAI, model: str = "flux.1-kontext-pro", images: list[bytes] | None = None, **kw: Any) -> Any:
+    files = [(f"in{i}.png", data, "image/png") for i, data in enumerate(images or [png_bytes(400, 300)])]
+    return sdk.images.edit(model=model, image=files if len(files) > 1 else files[0],
+                           prompt=kw.pop("prompt", "make it night"), response_format="b64_json", **kw)
+
+
+# -- happy paths ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant,price", [("pro", 0.04), ("max", 0.08)])
+def test_generate(sdk: OpenAI, rep: FakeReplicate, variant: str, price: float) -> None:
+    resp = generate(sdk, f"flux.1-kontext-{variant}", prompt="a lighthouse at dusk")
+    img = image_of(resp.data[0])
+    assert img.format == "PNG" and img.size == out_size("1:1") and resp.size == "256x256"
+    meta = resp.model_extra["metadata"]
+    assert meta["provider"] == "replicate" and meta["executed_model"] == f"replicate/flux.1-kontext-{variant}"
+    assert meta["cost"] == price and [a["outcome"] for a in meta["attempts"]] == ["succeeded"]
+
+    (_, path, headers, body), = rep.submits()
+    assert path == f"/v1/models/black-forest-labs/flux-kontext-{variant}/predictions"
+    assert headers["authorization"] == f"Bearer {TOKEN}" and headers["prefer"].startswith("wait")
+    assert body["input"] == {"prompt": "a lighthouse at dusk", "seed": meta["seed"], "aspect_ratio": "1:1",
+                             "output_format": "png"}
+    # Polled the prediction's own urls.get until it succeeded: 2 pending polls, then the final one.
+    polls = [r for r in rep.requests if r[0] == "GET" and r[1].startswith("/v1/predictions/")]
+    assert len(polls) == 3 and all(p[2]["authorization"] == f"Bearer {TOKEN}" for p in polls)
+    assert rep.predictions[polls[0][1].rsplit("/", 1)[1]]["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("variant", ["pro", "max"])
+def test_edit_keeps_the_input_shape(sdk: OpenAI, rep: FakeReplicate, variant: str) -> None:
+    resp = edit(sdk, f"flux.1-kontext-{variant}", [png_bytes(400, 300)])
+    img = image_of(resp.data[0])
+    assert img.format == "PNG" and img.size == out_size("4:3")  # the fake matched the 4:3 input
+    sent = sent_input(rep)
+    assert rep.submits()[0][1] == f"/v1/models/black-forest-labs/flux-kontext-{variant}/predictions"
+    assert sent["aspect_ratio"] == "match_input_image" and sent["prompt"] == "make it night"
+    assert data_uri_image(sent["input_image"]).size == (400, 300)
+
+
+def test_prefer_wait_answers_with_the_finished_prediction(sdk: OpenAI, rep: FakeReplicate) -> None:
+    rep.pending_polls = 0  # done at once: the create call returns it succeeded, nothing to poll
+    resp = generate(sdk)
+    assert image_of(resp.data[0]).size == out_size("1:1")
+    assert len(rep.submits()) == 1
+    assert not [r for r in rep.requests if r[1].startswith("/v1/predictions/")]
+
+
+def test_dev_edit_maps_guidance_steps_and_quality(sdk: OpenAI, rep: FakeReplicate) -> None:
+    resp = edit(sdk, "flux.1-kontext-dev", [png_bytes(300, 400)], output_format="webp", output_compression=70,
+                extra_body={"guidance": 4.5, "num_inference_steps": 60, "disable_safety_checker": True,
+                            "seed": 7, "enhance_prompt": True})
+    img = image_of(resp.data[0])
+    assert img.format == "WEBP" and img.size == out_size("3:4")
+    assert rep.submits()[0][1] == "/v1/models/black-forest-labs/flux-kontext-dev/predictions"
+    sent = sent_input(rep)
+    assert data_uri_image(sent.pop("input_image")).size == (300, 400)
+    assert sent == {"prompt": "make it night", "seed": 7, "aspect_ratio": "match_input_image",
+                    "output_format": "webp", "num_inference_steps": 50,  # clamped to Replicate's 4-50
+                    "guidance": 4.5, "output_quality": 70,
+                    "disable_safety_checker": True}  # a multipart "true", sent as a JSON boolean
+    meta = resp.model_extra["metadata"]
+    assert meta["cost"] == 0.025 and meta["ignored_params"] == ["enhance_prompt"]  # fal-only: not sent
+
+
+def test_dev_sends_the_catalog_defaults(sdk: OpenAI, rep: FakeReplicate) -> None:
+    resp = edit(sdk, "flux.1-kontext-dev", output_format="jpeg", size="16:9")
+    assert image_of(resp.data[0]).format == "JPEG" and image_of(resp.data[0]).size == out_size("16:9")
+    sent = sent_input(rep)
+    assert sent["num_inference_steps"] == 28 and sent["guidance"] == 2.5
+    assert sent["output_format"] == "jpg" and sent["aspect_ratio"] == "16:9" and "output_quality" not in sent
+
+
+def test_dev_has_no_text_to_image_on_replicate(sdk: OpenAI, rep: FakeReplicate) -> None:
+    with pytest.raises(openai.APIStatusError) as exc:
+        generate(sdk, "flux.1-kontext-dev")
+    assert exc.value.status_code == 503 and exc.value.code == "provider_unavailable"
+    assert rep.submits() == []
+
+
+# -- parameter mapping ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("asked,upstream", [
+    ({"size": "1000x500"}, "2:1"),  # Replicate's enum has 2:1
+    ({"size": "1792x1024"}, "16:9"),
+    ({"size": "1024x1792"}, "9:16"),
+    ({"size": "3:2"}, "3:2"),
+    ({"extra_body": {"aspect_ratio": "7:3"}}, "21:9"),
+    ({"extra_body": {"aspect_ratio": "4:5"}}, "4:5"),
+    ({"extra_body": {"aspect_ratio": "1:4"}}, "9:21"),  # the model's narrowest ratio
+    ({"extra_body": {"resolution": "1K"}}, "1:1"),
+])
+def test_aspect_ratio_snaps_to_the_enum(sdk: OpenAI, rep: FakeReplicate, asked: dict[str, Any], upstream: str) -> None:
+    resp = generate(sdk, **asked)
+    assert sent_input(rep)["aspect_ratio"] == upstream
+    assert image_of(resp.data[0]).size == out_size(upstream)
+
+
+@pytest.mark.parametrize("asked,upstream", [
+    ({"size": "16:9"}, "16:9"),
+    ({"size": "1024x1024"}, "1:1"),
+    ({"extra_body": {"resolution": "1K"}}, "match_input_image"),  # scale alone keeps the input's shape
+])
+def test_edit_with_a_size(sdk: OpenAI, rep: FakeReplicate, asked: dict[str, Any], upstream: str) -> None:
+    edit(sdk, **asked)
+    assert sent_input(rep)["aspect_ratio"] == upstream
+
+
+@pytest.mark.parametrize("asked,upstream", [("png", "png"), ("jpeg", "jpg"), ("webp", "png"), ("gif", "png"),
+                                            ("avif", "png")])
+def test_output_format(sdk: OpenAI, rep: FakeReplicate, asked: str, upstream: str) -> None:
+    resp = generate(sdk, output_format=asked)
+    assert sent_input(rep)["output_format"] == upstream  # always explicit; jpeg spelled jpg
+    assert image_of(resp.data[0]).format == PIL_NAMES[asked] and resp.output_format == asked
+
+
+def test_seed_passthrough_and_fal_only_params(sdk: OpenAI, rep: FakeReplicate) -> None:
+    resp = generate(sdk, extra_body={"seed": 1234, "prompt_upsampling": True, "safety_tolerance": "5",
+                                     "my_new_knob": 7, "enhance_prompt": True, "sync_mode": True})
+    sent = sent_input(rep)
+    assert sent["seed"] == 1234 and resp.model_extra["metadata"]["seed"] == 1234
+    assert sent["prompt_upsampling"] is True and sent["safety_tolerance"] == 5  # catalog "5" -> the API's int
+    assert sent["my_new_knob"] == 7  # unknown: passed through as it is
+    assert "enhance_prompt" not in sent and "sync_mode" not in sent
+    assert resp.model_extra["metadata"]["ignored_params"] == ["enhance_prompt", "sync_mode"]
+
+
+def test_safety_tolerance_is_capped_at_2_with_an_image(sdk: OpenAI, rep: FakeReplicate) -> None:
+    edit(sdk, extra_body={"safety_tolerance": 6, "prompt_upsampling": "true"})
+    sent = sent_input(rep)
+    assert sent["safety_tolerance"] == 2 and sent["prompt_upsampling"] is True
+
+
+def test_n_fans_out_into_predictions(sdk: OpenAI, rep: FakeReplicate) -> None:
+    resp = generate(sdk, n=3, extra_body={"seed": 5})
+    assert len(resp.data) == 3 and len(rep.submits()) == 3
+    assert all(image_of(d).size == out_size("1:1") for d in resp.data)
+    meta = resp.model_extra["metadata"]
+    assert meta["cost"] == pytest.approx(3 * 0.04)
+    assert [a["outcome"] for a in meta["attempts"]] == ["succeeded"] * 3
+
+
+@pytest.mark.parametrize("variant", ["pro", "max"])
+def test_two_images_use_the_multi_image_model(sdk: OpenAI, rep: FakeReplicate, variant: str) -> None:
+    resp = edit(sdk, f"flux.1-kontext-{variant}", [png_bytes(400, 300), png_bytes(200, 200)],
+                extra_body={"safety_tolerance": 4})
+    assert image_of(resp.data[0]).size == out_size("4:3")  # match_input_image: the first image's shape
+    assert rep.submits()[0][1] == f"/v1/models/flux-kontext-apps/multi-image-kontext-{variant}/predictions"
+    sent = sent_input(rep)
+    assert "input_image" not in sent and sent["safety_tolerance"] == 2
+    assert data_uri_image(sent["input_image_1"]).size == (400, 300)
+    assert data_uri_image(sent["input_image_2"]).size == (200, 200)
+
+
+def test_three_images_are_more_than_replicate_takes(sdk: OpenAI, rep: FakeReplicate) -> None:
+    with pytest.raises(openai.APIStatusError) as exc:
+        edit(sdk, images=[png_bytes(64, 64)] * 3)
+    assert exc.value.status_code == 503 and "at most 2 input image" in exc.value.message
+    assert rep.submits() == []
+
+
+
+def test_n_images_differ(sdk: OpenAI, rep: FakeReplicate) -> None:
+    resp = generate(sdk, n=3)
+    assert len({s[3]["input"]["seed"] for s in rep.submits()}) == 3
+    assert len({d.b64_json for d in resp.data}) == 3
+
+# -- moderation, failures and retries --------------------------------------------------------------------
+
+@pytest.mark.parametrize("at", ["submit", "poll"])
+def test_moderation_is_a_400_and_not_retried(sdk: OpenAI, rep: FakeReplicate, at: str) -> None:
+    rep.faults.add("moderation", at=at)
+    with pytest.raises(openai.BadRequestError) as exc:
+        generate(sdk)
+    assert exc.value.code == "content_policy_violation" and "(E005)" in exc.value.message
+    assert len(rep.submits()) == 1
+
+
+def test_a_failed_prediction_is_retried(sdk: OpenAI, rep: FakeReplicate) -> None:
+    rep.faults.add("task_error", at="poll")
+    resp = generate(sdk)
+    attempts = resp.model_extra["metadata"]["attempts"]
+    assert [a["outcome"] for a in attempts] == ["failed", "succeeded"]
+    assert attempts[0]["error_class"] == "task_failed" and "CUDA error" in attempts[0]["message"]
+    assert len(rep.submits()) == 2
+
+
+TRANSIENT = [
+    ("429", "submit", "rate_limited", 429),
+    ("500", "submit", "server_error", 500),
+    ("503", "poll", "server_error", 503),
+    ("drop", "submit", "connection_error", None),
+    ("drop", "poll", "connection_error", None),
+    ("malformed", "submit", "malformed_response", 200),
+    ("malformed", "poll", "malformed_response", 200),
+    ("502", "download", "server_error", 502),
+    ("not_image", "download", "bad_result", None),
+    ("result_404", "download", "bad_result", 404),
+]
+
+
+@pytest.mark.parametrize("kind,at,error_class,status", TRANSIENT)
+def test_transient_failures_are_retried(sdk: OpenAI, rep: FakeReplicate, kind: str, at: str,
+                                        error_class: str, status: int | None) -> None:
+    rep.faults.add(kind, at=at, retry_after=1 if kind == "429" else None)
+    resp = generate(sdk)
+    assert image_of(resp.data[0]).size == out_size("1:1")
+    first, second = resp.model_extra["metadata"]["attempts"]
+    assert first["outcome"] == "failed" and first["error_class"] == error_class
+    assert first.get("status_code") == status and second["outcome"] == "succeeded"
+    if kind == "429":
+        assert "throttled" in first["message"]  # Replicate's own 429 detail
+    assert (kind, at) in rep.faults.fired
+
+
+def test_payment_required_is_not_retried(sdk: OpenAI, rep: FakeReplicate) -> None:
+    rep.faults.add("402", at="submit")
+    with pytest.raises(openai.APIStatusError) as exc:
+        generate(sdk)
+    assert exc.value.status_code == 502 and exc.value.code == "all_providers_exhausted"
+    assert "insufficient credit" in exc.value.message and len(rep.submits()) == 1
+
+
+def test_a_rejected_token_fails_without_leaking_it(fake: tuple[FakeReplicate, str],
+                                                   tmp_path_factory: pytest.TempPathFactory) -> None:
+    rep, url = fake
+    rep.requests.clear()
+    secret = "r8_wrong_s3cret_value"
+    with running_server(gateway_settings(tmp_path_factory.mktemp("rep401"), url, token=secret)) as gw:
+        resp = httpx.post(f"{gw}/v1/images/generations", json={"model": "flux.1-kontext-pro", "prompt": "x"},
+                          timeout=60)
+    assert resp.status_code == 502, resp.text
+    err = resp.json()["error"]
+    assert err["code"] == "all_providers_exhausted"
+    assert "authentication" in err["message"] and "credentials rejected" in err["message"]
+    assert secret not in resp.text and "r8_wrong" not in resp.text
+    assert len(rep.submits()) == 1  # bad credentials are not retried
+    assert rep.submits()[0][2]["authorization"] == f"Bearer {secret}"
+
+
+def test_cancel_when_the_client_goes_away(gateway: str, rep: FakeReplicate) -> None:
+    rep.pending_polls = 10**9  # never finishes on its own
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{gateway}/v1/images/generations", json={"model": "flux.1-kontext-pro", "prompt": "slow"},
+                   timeout=1.5)
+    deadline = time.monotonic() + 5
+    while not rep.canceled and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(rep.canceled) == 1, "the gateway did not cancel the prediction after the client left"
+    (pid,) = rep.canceled
+    cancel = [r for r in rep.requests if r[0] == "POST" and r[1] == f"/v1/predictions/{pid}/cancel"]
+    assert cancel and cancel[0][2]["authorization"] == f"Bearer {TOKEN}"
+    assert rep.predictions[pid]["status"] == "canceled"
+
+
+# -- the schema and the adapter's own decisions ----------------------------------------------------------
+
+def test_schema_shows_the_handling(gateway: str) -> None:
+    body = httpx.get(f"{gateway}/v1/models/flux.1-kontext-pro", params={"schema": "true"}).json()
+    modes = body["schema"]["modes"]
+    for name, handling in ReplicateProvider.HANDLING.items():
+        mode = "edit" if name == "image" else "text-to-image"
+        shown = modes[mode]["properties"][name]["x-providers"].get("replicate/flux.1-kontext-pro")
+        # guidance and steps exist on Replicate's [dev] model only: pro does not claim them
+        assert shown == (None if name in ReplicateProvider.DEV_ONLY else handling), name
+    dev = httpx.get(f"{gateway}/v1/models/flux.1-kontext-dev", params={"schema": "true"}).json()["schema"]
+    dev_steps = dev["modes"]["edit"]["properties"]["num_inference_steps"]["x-providers"]
+    assert dev_steps["replicate/flux.1-kontext-dev"] == ReplicateProvider.HANDLING["num_inference_steps"]
+    assert "resolution" not in ReplicateProvider.HANDLING  # Replicate's size is fixed at ~1 MP
+    rep = next(p for p in body["providers"] if p["config_key"] == "replicate/flux.1-kontext-pro")
+    assert rep["available"] is True
+    upsampling = modes["text-to-image"]["properties"]["prompt_upsampling"]["x-providers"]
+    assert upsampling["replicate/flux.1-kontext-pro"]["handling"] == "passthrough"
+
+
+def test_prediction_outcomes() -> None:
+    assert _outcome({"id": "a", "status": "processing"}).done is False
+    assert _outcome({"id": "a", "status": "succeeded", "output": ["https://x/1.png"]}).outputs == ["https://x/1.png"]
+    with pytest.raises(Moderated):
+        _outcome({"id": "a", "status": "failed", "error": "The input or output was flagged as sensitive."})
+    for status in ("canceled", "aborted"):
+        with pytest.raises(TaskFailed):
+            _outcome({"id": "a", "status": status})
+
+
+
+# -- the fake itself answers like Replicate ------------------------------------------------------------
+
+def test_fake_validates_like_replicate(fake: tuple[FakeReplicate, str]) -> None:
+    rep, url = fake
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    image = "data:image/png;base64," + base64.b64encode(png_bytes(32, 32)).decode()
+
+    def create(model: str, inputs: dict[str, Any], headers: dict[str, str] = auth) -> httpx.Response:
+        return httpx.post(f"{url}/v1/models/{model}/predictions", json={"input": inputs}, headers=headers)
+
+    bad = create("black-forest-labs/flux-kontext-pro", {"prompt": "x", "output_format": "jpeg"})
+    assert bad.status_code == 422 and "output_format" in bad.json()["detail"] and bad.json()["status"] == 422
+    capped = create("black-forest-labs/flux-kontext-pro", {"prompt": "x", "input_image": image, "safety_tolerance": 3})
+    assert capped.status_code == 422 and "maximum allowed when input images are used" in capped.json()["detail"]
+    dev = create("black-forest-labs/flux-kontext-dev", {"prompt": "x"})
+    assert dev.status_code == 422 and "input_image is required" in dev.json()["detail"]
+    unauthorized = create("black-forest-labs/flux-kontext-pro", {"prompt": "x"}, {"Authorization": "Bearer nope"})
+    assert unauthorized.status_code == 401 and unauthorized.json()["title"] == "Unauthenticated"
+
+    rep.faults.add("429", at="submit", retry_after=30)
+    throttled = create("black-forest-labs/flux-kontext-pro", {"prompt": "x"})
+    assert throttled.status_code == 429 and throttled.headers["retry-after"] == "30"
+    assert throttled.json()["detail"] == "Request was throttled. Your rate limit resets in ~30s."
+
+    started = create("black-forest-labs/flux-kontext-pro", {"prompt": "x"}).json()
+    assert started["status"] == "starting" and started["output"] is None
+    assert started["urls"]["get"] == f"{url}/v1/predictions/{started['id']}"
+    canceled = httpx.post(started["urls"]["cancel"], headers=auth).json()
+    assert canceled["status"] == "canceled" and httpx.get(started["urls"]["get"], headers=auth).json() == canceled
+    rep.faults.clear()
