@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import io
 import logging
 import random
 import time
 from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 import httpx
@@ -265,20 +267,29 @@ class RemoteProvider:
             delay = max(delay, min(retry_after, self.settings.upstream_backoff_max_s * 4))
         return delay
 
-    def _slot(self, entry: ProviderEntry) -> asyncio.Semaphore | _NoLimit:
+    @contextlib.asynccontextmanager
+    async def _slot(self, entry: ProviderEntry) -> AsyncIterator[None]:
+        """Hold every limit that applies: the model's (BFL: 6 for kontext-max) and the provider's
+        (BFL: 24 per account). Always model first, then provider, so waiters cannot deadlock."""
+        async with contextlib.AsyncExitStack() as stack:
+            for key, limit in self._limits(entry):
+                if key not in self._semaphores:
+                    self._semaphores[key] = asyncio.Semaphore(limit)
+                await stack.enter_async_context(self._semaphores[key])
+            yield
+
+    def _limits(self, entry: ProviderEntry) -> list[tuple[str, int]]:
         configured = self.settings.provider_concurrency
-        key = f"{self.name}/{entry.provider_model_id}"
-        limit = configured.get(key, configured.get(entry.config_key))
-        if limit is None:
-            limit = self.model_concurrency.get(entry.provider_model_id)
-        if limit is None:
-            key = self.name
-            limit = configured.get(self.name, self.default_concurrency)
-        if limit is None:
-            return _NoLimit()
-        if key not in self._semaphores:
-            self._semaphores[key] = asyncio.Semaphore(limit)
-        return self._semaphores[key]
+        limits = []
+        model_key = f"{self.name}/{entry.provider_model_id}"
+        model_limit = configured.get(model_key, configured.get(entry.config_key,
+                                                               self.model_concurrency.get(entry.provider_model_id)))
+        if model_limit is not None:
+            limits.append((model_key, model_limit))
+        provider_limit = configured.get(self.name, self.default_concurrency)
+        if provider_limit is not None:
+            limits.append((self.name, provider_limit))
+        return limits
 
     async def _run_task(self, entry: ProviderEntry, job: ImageJob, count: int) -> list[ProviderImage]:
         task = await self.submit(entry, job, count)
@@ -395,14 +406,6 @@ class RemoteProvider:
 
     def headers(self) -> dict[str, str]:
         raise NotImplementedError
-
-
-class _NoLimit:
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
 
 
 def _png_all(images: list[Any]) -> list[bytes]:

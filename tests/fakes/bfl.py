@@ -1,0 +1,248 @@
+"""A fake Black Forest Labs API for FLUX.1 Kontext (shared/reference/provider-apis.md, section 1).
+
+    POST /v1/flux-kontext-pro | /v1/flux-kontext-max -> {id, polling_url, cost, input_mp, output_mp}
+    GET  /v1/get_result?id=...                       -> {id, status, result, progress, details, preview}
+    GET  /results/{name}?se=...&sig=...              -> the image (expiring, like delivery.*.bfl.ai)
+
+Auth is `x-key` on every call. Inputs are validated like BFL's FastAPI models (422
+`{"detail": [{"loc", "msg", "type"}]}`); `input_image` must be bare base64 or a URL (a `data:` prefix is
+refused), `aspect_ratio` must lie between 21:9 and 9:21. A task is `Pending` for `pending_polls` polls
+(or `states`, cycled), then `Ready`; one nobody polls finishes after `run_s` seconds, as a real one
+does. At most 24 active tasks, 6 of them kontext-max: more answer 429; `peak` keeps the highest counts
+seen. Provider fault kinds: "moderation" (at submit: `Request Moderated`; later: `Content Moderated`,
+with `details["Moderation Reasons"]`), "moderation_503" (the same, answered with HTTP 503),
+"task_error" (status `Error`), "not_found" (the poll answers 404 `Task not found`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .common import Faults, ResultStore, bucket, http_fault, make_image
+
+MODELS = {"flux-kontext-pro": 4.0, "flux-kontext-max": 8.0}  # credits per image
+ACCOUNT_LIMIT = 24
+MODEL_LIMITS = {"flux-kontext-max": 6}
+ERRORS = {401: "Not authenticated", 402: "Insufficient credits", 429: "You have exceeded the rate limit",
+          500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
+_RATIO = re.compile(r"^(\d+):(\d+)$")
+TERMINAL = ("Ready", "Request Moderated", "Content Moderated", "Error")
+
+
+def output_size(ratio: str | None, scale: float) -> tuple[int, int]:
+    """The size the fake draws for a ratio: Kontext's ~1 MP bucket, scaled down (as ResultStore does)."""
+    w, h = bucket(ratio)
+    return max(16, int(w * scale) // 16 * 16), max(16, int(h * scale) // 16 * 16)
+
+
+@dataclass
+class BFLTask:
+    id: str
+    model: str
+    body: dict[str, Any]
+    input_ratio: str | None
+    polls: int = 0
+    status: str = "Pending"  # or a terminal status set by a fault
+    details: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    created: float = field(default_factory=time.monotonic)
+
+
+class FakeBFL:
+    def __init__(self, *, key: str = "bfl_test", pending_polls: int = 2, run_s: float = 2.0,
+                 results: ResultStore | None = None) -> None:
+        self.key = key
+        self.pending_polls = pending_polls
+        self.run_s = run_s
+        self.states: tuple[str, ...] = ("Pending",)  # in-progress statuses, cycled while pending
+        self.results = results or ResultStore()
+        self.faults = Faults()
+        self.requests: list[tuple[str, str, dict[str, str], Any]] = []  # (method, path?query, headers, json)
+        self.tasks: dict[str, BFLTask] = {}
+        self.peak: dict[str, int] = {}  # highest active-task count seen: "total" and per model
+        self.app = Starlette(routes=[
+            Route("/results/{name}", self._download, methods=["GET"]),
+            Route("/v1/get_result", self._poll, methods=["GET"]),
+            Route("/v1/{model}", self._submit, methods=["POST"]),
+        ])
+
+    def submits(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(path, body) for method, path, _, body in self.requests if method == "POST"]
+
+    def active(self, model: str | None = None) -> int:
+        return sum(1 for t in self.tasks.values() if not self._done(t) and model in (None, t.model))
+
+    def _done(self, task: BFLTask) -> bool:
+        return task.status in TERMINAL or time.monotonic() - task.created > self.run_s
+
+    async def _record(self, request: Request) -> Any:
+        body: Any = None
+        if request.method == "POST":
+            raw = await request.body()
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                body = raw
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        self.requests.append((request.method, path, dict(request.headers), body))
+        return body
+
+    @staticmethod
+    def _error(status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"detail": ERRORS.get(status, "error")}, status_code=status, headers=headers)
+
+    async def _submit(self, request: Request) -> Response:
+        body = await self._record(request)
+        if request.headers.get("x-key") != self.key:
+            return self._error(401)
+        fault = self.faults.take("submit")
+        if fault is not None and fault.kind not in ("moderation", "moderation_503", "task_error") \
+                and (replacement := await http_fault(fault, self._error)) is not None:
+            return replacement
+        model = request.path_params["model"]
+        if model not in MODELS:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        if not isinstance(body, dict):
+            return JSONResponse({"detail": [{"loc": ["body"], "msg": "Input should be a valid dictionary",
+                                             "type": "dict_type"}]}, status_code=422)
+        errors, input_ratio = validate(body)
+        if errors:
+            return JSONResponse({"detail": errors}, status_code=422)
+        limit = MODEL_LIMITS.get(model)
+        if self.active() >= ACCOUNT_LIMIT or (limit is not None and self.active(model) >= limit):
+            return JSONResponse({"detail": "Too many active tasks: wait for some to finish"}, status_code=429)
+        task = BFLTask(uuid.uuid4().hex, model, body, input_ratio)
+        if fault is not None and fault.kind.startswith("moderation"):
+            task.status, task.details = "Request Moderated", {"Moderation Reasons": ["Derivative Works Filter"]}
+        elif fault is not None and fault.kind == "task_error":
+            task.status, task.details = "Error", {"error": "Generation failed"}
+        self.tasks[task.id] = task
+        self.peak["total"] = max(self.peak.get("total", 0), self.active())
+        self.peak[model] = max(self.peak.get(model, 0), self.active(model))
+        base = str(request.base_url).rstrip("/")
+        w, h = output_size(body.get("aspect_ratio") or input_ratio, 1.0)
+        mp = round(w * h / 1e6, 2)
+        return JSONResponse({"id": task.id, "polling_url": f"{base}/v1/get_result?id={task.id}",
+                             "cost": MODELS[model], "input_mp": mp if input_ratio else 0.0, "output_mp": mp})
+
+    async def _poll(self, request: Request) -> Response:
+        await self._record(request)
+        if request.headers.get("x-key") != self.key:
+            return self._error(401)
+        task = self.tasks.get(request.query_params.get("id", ""))
+        status_code = 200
+        fault = self.faults.take("poll")
+        if fault is not None:
+            if fault.kind == "not_found":
+                task = None
+            elif fault.kind.startswith("moderation") and task is not None:
+                task.status, task.details = "Content Moderated", {"Moderation Reasons": ["NSFW"]}
+                status_code = 503 if fault.kind == "moderation_503" else 200
+            elif fault.kind == "task_error" and task is not None:
+                task.status, task.details = "Error", {"error": "Generation failed"}
+            elif (replacement := await http_fault(fault, self._error)) is not None:
+                return replacement
+        if task is None:
+            return JSONResponse({"id": request.query_params.get("id"), "status": "Task not found", "result": None,
+                                 "progress": None, "details": None, "preview": None}, status_code=404)
+        task.polls += 1
+        body: dict[str, Any] = {"id": task.id, "result": None, "progress": None, "details": task.details,
+                                "preview": None}
+        if task.status not in ("Pending", "Ready"):
+            return JSONResponse({**body, "status": task.status}, status_code=status_code)
+        if task.polls <= self.pending_polls and not self._done(task):
+            state = self.states[(task.polls - 1) % len(self.states)]
+            return JSONResponse({**body, "status": state, "progress": round(task.polls / (self.pending_polls + 1), 2)})
+        if task.result is None:
+            task.status = "Ready"
+            task.result = self._make_result(str(request.base_url).rstrip("/"), task)
+        return JSONResponse({**body, "status": "Ready", "result": task.result, "progress": 1.0})
+
+    async def _download(self, request: Request) -> Response:
+        self.requests.append((request.method, request.url.path, dict(request.headers), None))
+        return await self.results.serve(request, self.faults)
+
+    def _make_result(self, base: str, task: BFLTask) -> dict[str, Any]:
+        ratio = task.body.get("aspect_ratio") or task.input_ratio or "1:1"
+        fmt = task.body.get("output_format") or "png"  # BFL's default is png
+        seed = int(task.body.get("seed") or 0)
+        w, h = output_size(ratio, self.results.scale)
+        url = self.results.add(base, make_image(w, h, fmt, seed), f"image/{fmt}", "jpg" if fmt == "jpeg" else fmt)
+        # Delivery URLs are signed and expire in 10 minutes.
+        return {"sample": f"{url}?se={int(time.time()) + 600}&sig=fake-signature", "prompt": task.body["prompt"],
+                "seed": seed, "start_time": time.time() - 1.5, "end_time": time.time(), "duration": 1.5}
+
+
+# -- validation, like BFL's FastAPI model FluxKontextProInputs -----------------------------------------
+
+def validate(body: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
+    """422 detail items for what BFL would reject, and input_image's ratio ("W:H") when it has one."""
+    errors: list[dict[str, Any]] = []
+
+    def err(loc: str, msg: str, type_: str) -> None:
+        errors.append({"loc": ["body", loc], "msg": msg, "type": type_})
+
+    if not isinstance(body.get("prompt"), str):
+        err("prompt", "Field required", "missing")
+    ratio = None
+    for name in ("input_image", "input_image_2", "input_image_3", "input_image_4"):
+        value = body.get(name)
+        if value is None:
+            continue
+        size = _image_size(value)
+        if size is None:
+            err(name, "Invalid image: send the bare base64 payload (no data: prefix) or an http(s) URL",
+                "value_error")
+        elif name == "input_image" and size != (0, 0):
+            ratio = f"{size[0]}:{size[1]}"
+    if (ar := body.get("aspect_ratio")) is not None:
+        m = _RATIO.match(ar) if isinstance(ar, str) else None
+        if not m or int(m.group(2)) == 0 or not 9 / 21 - 1e-9 <= int(m.group(1)) / int(m.group(2)) <= 21 / 9 + 1e-9:
+            err("aspect_ratio", "Value error, aspect ratio must be between 21:9 and 9:21", "value_error")
+    if body.get("output_format") not in (None, "jpeg", "png"):
+        err("output_format", "Input should be 'jpeg' or 'png'", "enum")
+    if body.get("seed") is not None and not _int_in(body["seed"], 0, 2**63):
+        err("seed", "Input should be a valid integer", "int_type")
+    if "safety_tolerance" in body and not _int_in(body["safety_tolerance"], 0, 6):
+        err("safety_tolerance", "Input should be less than or equal to 6", "less_than_equal")
+    if "prompt_upsampling" in body and not isinstance(body["prompt_upsampling"], bool) \
+            and str(body["prompt_upsampling"]).lower() not in ("true", "false", "1", "0"):
+        err("prompt_upsampling", "Input should be a valid boolean", "bool_type")
+    return errors, ratio
+
+
+def _image_size(value: Any) -> tuple[int, int] | None:
+    """(w, h) of a base64 image, (0, 0) for an http(s) URL (not fetched), None when unusable."""
+    if not isinstance(value, str) or value.startswith("data:"):
+        return None
+    if value.startswith(("http://", "https://")):
+        return (0, 0)
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(value, validate=True))) as im:
+            return im.size
+    except (binascii.Error, ValueError, OSError):
+        return None
+
+
+def _int_in(value: Any, lo: int, hi: int) -> bool:
+    """pydantic's lax int: ints and digit strings, not floats or bools."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return False
+    try:
+        return lo <= int(value) <= hi
+    except ValueError:
+        return False
