@@ -80,8 +80,10 @@ def test_unknown_model_404_with_did_you_mean(http: httpx.Client, client: OpenAI)
 
 
 def test_model_without_provider_is_503_with_reason(http: httpx.Client) -> None:
-    err = assert_error(gen(http, prompt="x", model="flux.1-kontext-pro"), 503, "provider_unavailable")
-    assert "flux.1-kontext-pro" in err["message"] and "replicate" in err["message"]
+    resp = gen(http, prompt="x", model="flux.1-kontext-pro")
+    err = assert_error(resp, 503, "provider_unavailable")
+    assert "flux.1-kontext-pro" in err["message"] and "REPLICATE_API_TOKEN is not set" in err["message"]
+    assert resp.headers["x-should-retry"] == "false"  # configuration does not change between retries
     err = assert_error(gen(http, prompt="x", model="flux.1-kontext-dev"), 503, "provider_unavailable")
     assert "KONTEXT_DEV_WEIGHTS_DIR" in err["message"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,7 @@ class Upstreams:
             fake.requests.clear()
 
     def submits(self, name: str) -> int:
-        fake = self.all[name]
-        return sum(1 for method, path, *_ in fake.requests if method == "POST" and _is_submit(name, path))
+        return len(self.all[name].submits())
 
     def settings(self, data_dir: Path, **overrides: Any) -> Settings:
         return Settings(
@@ -60,16 +59,6 @@ class Upstreams:
             bfl_api_key="bfl_test", bfl_base_url=self.urls["bfl"],
             **{**FAST, **overrides},
         )
-
-
-def _is_submit(name: str, path: str) -> bool:
-    if name == "replicate":
-        return path.endswith("/predictions") and "/v1/models/" in path
-    if name == "fireworks":
-        return not path.endswith("/get_result")
-    if name == "bfl":
-        return path.startswith("/v1/flux-kontext")
-    return "/requests/" not in path and not path.startswith("/results/")  # fal
 
 
 @pytest.fixture(scope="module")

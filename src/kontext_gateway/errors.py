@@ -58,8 +58,9 @@ def too_large(message: str, *, param: str | None = None, code: str) -> GatewayEr
 
 
 def unavailable(message: str, *, code: str = "provider_unavailable") -> GatewayError:
-    """503: nothing can serve this right now (no provider configured, engine failed to load...)."""
-    return GatewayError(message, status=503, type="server_error", code=code)
+    """503: nothing can serve this (no provider configured, no weights...). A retry in a second
+    finds the same configuration, so the SDKs are told not to retry."""
+    return GatewayError(message, status=503, type="server_error", code=code, headers={"x-should-retry": "false"})
 
 
 def upstream(message: str, *, code: str = "upstream_error", status: int = 502) -> GatewayError:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import re
 import time
 import uuid
@@ -32,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .common import Faults, ResultStore, bucket, http_fault, make_image
+from .common import record, Faults, ResultStore, bucket, http_fault, make_image
 
 MODELS = {"flux-kontext-pro": 4.0, "flux-kontext-max": 8.0}  # credits per image
 ACCOUNT_LIMIT = 24
@@ -90,16 +89,7 @@ class FakeBFL:
         return task.status in TERMINAL or time.monotonic() - task.created > self.run_s
 
     async def _record(self, request: Request) -> Any:
-        body: Any = None
-        if request.method == "POST":
-            raw = await request.body()
-            try:
-                body = json.loads(raw) if raw else None
-            except ValueError:
-                body = raw
-        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        self.requests.append((request.method, path, dict(request.headers), body))
-        return body
+        return await record(self.requests, request, with_query=True)
 
     @staticmethod
     def _error(status: int, headers: dict[str, str] | None = None) -> JSONResponse:

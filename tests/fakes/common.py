@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import random
 import socket
 import threading
@@ -94,6 +95,20 @@ class Faults:
                 self.fired.append((kind, point))
                 return Fault(kind, point, retry_after=0.05 if kind == "429" else None, delay=2.0)
         return None
+
+
+async def record(requests: list, request: Request, *, with_query: bool = False) -> Any:
+    """Append (method, path, headers, JSON body or raw bytes) to a fake's log; return the body."""
+    body: Any = None
+    raw = await request.body()
+    if raw:
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = raw
+    path = request.url.path + (f"?{request.url.query}" if with_query and request.url.query else "")
+    requests.append((request.method, path, dict(request.headers), body))
+    return body
 
 
 class DropConnection(Exception):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .common import Faults, ResultStore, bucket, http_fault, make_image
+from .common import record, Faults, ResultStore, bucket, http_fault, make_image
 
 # Route -> input type, from the fal-js endpoint types.
 ROUTES = {
@@ -98,15 +97,7 @@ class FakeFal:
         return [(path, body) for method, path, _, body in self.requests if method == "POST"]
 
     async def _record(self, request: Request) -> Any:
-        body: Any = None
-        if request.method in ("POST", "PUT"):
-            raw = await request.body()
-            try:
-                body = json.loads(raw) if raw else None
-            except ValueError:
-                body = raw
-        self.requests.append((request.method, request.url.path, dict(request.headers), body))
-        return body
+        return await record(self.requests, request)
 
     def _authorized(self, request: Request) -> bool:
         return request.headers.get("authorization") == f"Key {self.key}"

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from .common import Faults, ResultStore, http_fault
+from .common import record, Faults, ResultStore, http_fault
 from .replicate import decode_data_uri, ratio_of
 
 MODELS = ("flux-kontext-pro", "flux-kontext-max")
@@ -64,15 +64,7 @@ class FakeFireworks:
         return [r for r in self.requests if r[0] == "POST" and not r[1].endswith("/get_result")]
 
     async def _record(self, request: Request) -> Any:
-        body: Any = None
-        raw = await request.body()
-        if raw:
-            try:
-                body = await request.json()
-            except ValueError:
-                body = raw
-        self.requests.append((request.method, request.url.path, dict(request.headers), body))
-        return body
+        return await record(self.requests, request)
 
     def _authorized(self, request: Request) -> bool:
         return request.headers.get("authorization") == f"Bearer {self.key}"

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .common import Faults, ResultStore, http_fault
+from .common import record, Faults, ResultStore, http_fault
 
 RATIOS = ["match_input_image", "1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "4:5", "5:4",
           "21:9", "9:21", "2:1", "1:2"]
@@ -113,15 +113,7 @@ class FakeReplicate:
         return [r for r in self.requests if r[0] == "POST" and r[1].endswith("/predictions")]
 
     async def _record(self, request: Request) -> Any:
-        body: Any = None
-        raw = await request.body()
-        if raw:
-            try:
-                body = await request.json()
-            except ValueError:
-                body = raw
-        self.requests.append((request.method, request.url.path, dict(request.headers), body))
-        return body
+        return await record(self.requests, request)
 
     def _authorized(self, request: Request) -> bool:
         return request.headers.get("authorization") == f"Bearer {self.token}"
