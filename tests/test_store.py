@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection
 from kontext_gateway.store.db import Database
 from kontext_gateway.store.models import Base
 
+HEAD = "0002"  # the newest migration
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 
@@ -89,11 +90,11 @@ def _new_id() -> str:
 
 async def test_migration_creates_table_matching_models(db: Database) -> None:
     state = await _state(db)
-    assert {"requests", "alembic_version"} <= state["tables"]
-    assert {"ix_requests_created_at", "ix_requests_key_id", "ix_requests_model", "ix_requests_status"} <= state[
-        "indexes"
-    ]
-    assert state["versions"] == ["0001"]
+    assert {"requests", "upstream_tasks", "webhook_deliveries", "idempotency_keys", "files",
+            "alembic_version"} <= state["tables"]
+    assert {"ix_requests_created_at", "ix_requests_key_id", "ix_requests_model", "ix_requests_status",
+            "ix_requests_claim"} <= state["indexes"]
+    assert state["versions"] == [HEAD]
     assert state["diffs"] == []  # the migration and the models agree
 
 
@@ -103,14 +104,14 @@ async def test_migration_is_idempotent(backend: Backend) -> None:
         await database.start()
         state = await _state(database)
         await database.close()
-        assert state["versions"] == ["0001"]
+        assert state["versions"] == [HEAD]
 
 
 async def test_concurrent_starts_do_not_race(backend: Backend) -> None:
     databases = [backend.database() for _ in range(4)]
     try:
         await asyncio.gather(*(d.start() for d in databases))
-        assert (await _state(databases[0]))["versions"] == ["0001"]
+        assert (await _state(databases[0]))["versions"] == [HEAD]
         # Every instance is usable afterwards.
         for d in databases:
             await d.create_request(id=_new_id(), endpoint="images.generations", model="m", mode="text-to-image", params={})
@@ -148,7 +149,7 @@ async def test_concurrent_processes_do_not_race(backend: Backend) -> None:
     database = backend.database()
     await database.start()
     try:
-        assert (await _state(database))["versions"] == ["0001"]
+        assert (await _state(database))["versions"] == [HEAD]
     finally:
         await database.close()
 
@@ -162,7 +163,7 @@ async def test_lifecycle_succeeded(db: Database) -> None:
     )
     row = await db.get_request(rid)
     assert row is not None
-    assert row["status"] == "queued"
+    assert row["status"] == "starting"
     assert row["params"] == params
     assert row["key_id"] == "k1"
     assert row["currency"] == "USD"
@@ -172,7 +173,7 @@ async def test_lifecycle_succeeded(db: Database) -> None:
 
     await db.mark_running(rid, provider="bfl")
     row = await db.get_request(rid)
-    assert row is not None and row["status"] == "running" and row["provider"] == "bfl"
+    assert row is not None and row["status"] == "processing" and row["provider"] == "bfl"
     assert row["started_at"] is not None and row["started_at"].utcoffset().total_seconds() == 0
 
     attempts = [{"provider": "bfl", "ok": True, "ms": 1234}]

@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     # Active upstream tasks per provider (or provider/model id); above it requests queue.
     provider_concurrency: dict[str, int] = Field(default_factory=dict)
 
+    # Jobs: every request is a row that workers claim (see jobs/). Claim loops per process (0: this
+    # process only serves the API and other processes, e.g. `kontext worker`, run the jobs).
+    workers: int = Field(default=8, ge=0)
+    job_lease_s: float = 30.0  # a claimed job whose worker stops renewing is taken up again after this
+    job_poll_interval_s: float = 0.5  # how often idle workers look for jobs enqueued by other processes
+
     # Limits on what a request may carry.
     max_body_bytes: int = 256 * MIB
     max_file_bytes: int = 50 * MIB

@@ -10,6 +10,8 @@ import logging
 from .catalog import Catalog
 from .config import Settings
 from .providers.base import Provider
+from .jobs.runner import JobRunner
+from .jobs.worker import Completions, Worker
 from .providers import remote_adapters
 from .providers.local import LocalProvider
 from .routing import Router
@@ -31,13 +33,19 @@ class Gateway:
         self.db = Database(settings.resolved_database_url())
         self.blobs = LocalBlobStore(settings.data_dir / "blobs")
         self.signer = URLSigner(settings.resolved_url_secret())
-        self.images = ImageService(settings, self.catalog, self.router, self.db, self.blobs, self.signer)
+        self.completions = Completions()
+        self.runner = JobRunner(self)
+        self.worker = Worker(self)
+        self.images = ImageService(self)
 
-    async def start(self) -> None:
+    async def start(self, *, workers: bool = True) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         await self.db.start()
+        if workers:
+            await self.worker.start()
 
     async def close(self) -> None:
+        await self.worker.stop()
         for provider in self.providers.values():
             await provider.aclose()
         await self.db.close()

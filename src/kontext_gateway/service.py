@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import secrets
 import time
@@ -15,23 +16,23 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .catalog import Catalog, Mode
-from .config import Settings
+from .catalog import Mode, ProviderEntry
 from .errors import GatewayError, invalid, too_large
-from .imaging import EXTENSIONS, decode_image, encode_image, parse_data_url
+from .imaging import EXTENSIONS, decode_image, parse_data_url, sniff_format
+from .jobs.spec import to_params
 from .params import CONTROL_FIELDS, PARAM_NAMES, Size, resolve_size
 from .protocol import ImageRequest, parse_image_request
-from .providers.base import ImageJob, ProgressFn, ProviderImage
-from .routing import Router
-from .store.blobs import LocalBlobStore, URLSigner
-from .store.db import Database
+from .providers.base import ImageJob, ProgressFn
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from .gateway import Gateway
+
 log = logging.getLogger(__name__)
 
 BLOB_ROUTE = "/v1/blobs/"
+TERMINAL = ("succeeded", "failed", "canceled")
 
 
 @dataclass
@@ -54,16 +55,16 @@ def new_request_id() -> str:
 
 
 class ImageService:
-    def __init__(
-        self, settings: Settings, catalog: Catalog, router: Router, db: Database,
-        blobs: LocalBlobStore, signer: URLSigner,
-    ) -> None:
-        self.settings = settings
-        self.catalog = catalog
-        self.router = router
-        self.db = db
-        self.blobs = blobs
-        self.signer = signer
+    """The Images API on the job machinery: a synchronous request is a job that is waited on."""
+
+    def __init__(self, gw: "Gateway") -> None:
+        self.gw = gw
+        self.settings = gw.settings
+        self.catalog = gw.catalog
+        self.router = gw.router
+        self.db = gw.db
+        self.blobs = gw.blobs
+        self.signer = gw.signer
 
     async def create(
         self,
@@ -76,83 +77,127 @@ class ImageService:
         key_id: str | None = None,
         progress: ProgressFn | None = None,
     ) -> ImageOutcome:
-        request_id = new_request_id()
-        endpoint = "images.edits" if mode == "edit" else "images.generations"
+        request_id = await self.submit(mode=mode, fields=fields, files=files, provider=provider, key_id=key_id,
+                                       progress=progress)
+        record = await self.wait(request_id)
+        return self.render(record, base_url)
+
+    async def submit(
+        self, *, mode: Mode, fields: dict[str, Any], files: list[InputFile], provider: str | None = None,
+        key_id: str | None = None, progress: ProgressFn | None = None, request_id: str | None = None,
+        input: dict[str, Any] | None = None, version: str | None = None, webhook: str | None = None,
+        webhook_events: list[str] | None = None, endpoint: str | None = None,
+    ) -> str:
+        """Validate and enqueue: the job is committed before anyone waits on it. Returns its id."""
+        request_id = request_id or new_request_id()
+        endpoint = endpoint or ("images.edits" if mode == "edit" else "images.generations")
         t0 = time.perf_counter()
         try:
-            job, candidates, req = await self._prepare(request_id, mode, fields, files, provider, progress)
+            job, forced, req, raw_inputs = await self._prepare(request_id, mode, fields, files, provider)
         except GatewayError as exc:
             # A rejected request is recorded too: the history shows what was asked and why it failed.
             await self.db.create_request(
                 id=request_id, endpoint=endpoint, model=str(fields.get("model") or ""), mode=mode,
-                params=_safe_params(fields), key_id=key_id,
+                params=_safe_params(fields), key_id=key_id, input=input, version=version,
             )
-            await self.db.mark_failed(request_id, error=exc.body()["error"], attempts=[], duration_ms=_ms(t0))
+            await self.db.mark_failed(request_id, error={**exc.body()["error"], "status": exc.status},
+                                      attempts=[], duration_ms=_ms(t0))
             exc.headers.setdefault("x-request-id", request_id)
             raise
-
+        input_blob_ids = await asyncio.to_thread(self._store_inputs, raw_inputs)
+        params = to_params(job, input_blob_ids=input_blob_ids, response_format=req.response_format or "url",
+                           requested_model=req.model, forced=forced.config_key if forced else None, provider=provider)
+        if progress is not None:
+            self.gw.runner.progress[request_id] = progress
+        self.gw.completions.event(request_id)  # registered before the job can finish
         await self.db.create_request(
-            id=request_id, endpoint=endpoint, model=job.model.id, mode=mode,
-            params=_job_params(job, req), key_id=key_id,
+            id=request_id, endpoint=endpoint, model=job.model.id, mode=mode, params=params, key_id=key_id,
+            input=input if input is not None else _safe_params(fields), version=version, webhook=webhook,
+            webhook_events=webhook_events,
         )
-        await self.db.mark_running(request_id, provider=candidates[0][0].config_key)
-        try:
-            entry, result = await self.router.run(candidates, job)
-            encoded, blob_ids = await asyncio.to_thread(self._encode_and_store, result.images, job)
-        except GatewayError as exc:
-            await self.db.mark_failed(
-                request_id, error=exc.body()["error"], attempts=[a.to_dict() for a in job.attempts],
-                duration_ms=_ms(t0), provider=None,
-            )
-            exc.headers.setdefault("x-request-id", request_id)
-            raise
-        except asyncio.CancelledError:  # the client went away: record it, let the cancel go on
-            await asyncio.shield(self.db.mark_failed(
-                request_id, error={"message": "The client closed the connection.", "type": "invalid_request_error",
-                                   "param": None, "code": "client_closed_request"},
-                attempts=[a.to_dict() for a in job.attempts], duration_ms=_ms(t0), provider=None,
-            ))
-            raise
-        attempts = job.attempts
+        self.gw.worker.wake()
+        return request_id
 
-        price = entry.pricing.price_per_image()
-        cost = result.cost if result.cost is not None else round(price * len(encoded), 6)
-        produced = result.size
-        await self.db.mark_succeeded(
-            request_id, provider=entry.config_key, cost=cost, currency=entry.pricing.currency,
-            output_blob_ids=blob_ids, attempts=[a.to_dict() for a in attempts],
-            output_size=str(produced), output_format=job.output_format, duration_ms=_ms(t0),
-        )
-        response_format = req.response_format or "url"
+    async def wait(self, request_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Until the job ends (or `timeout` passes: then the record as it is). Cancelling the
+        waiter (the client hung up) cancels the job."""
+        event = self.gw.completions.event(request_id)
+        # In-process workers signal at once; a job run by another process is seen by polling.
+        poll = 1.0 if self.gw.worker.concurrency else 0.2
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                left = poll if deadline is None else min(poll, deadline - time.monotonic())
+                if left > 0:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(event.wait(), timeout=left)
+                record = await self.db.get_request(request_id)
+                if record is None or record["status"] in TERMINAL:
+                    return record or {}
+                if deadline is not None and time.monotonic() >= deadline:
+                    return record
+        except asyncio.CancelledError:
+            await asyncio.shield(self.cancel(request_id))
+            raise
+        finally:
+            self.gw.completions.forget(request_id)
+            self.gw.runner.progress.pop(request_id, None)
+
+    async def cancel(self, request_id: str) -> dict[str, Any] | None:
+        record = await self.db.request_cancel(request_id)
+        if record is not None and record["status"] == "processing":
+            self.gw.worker.cancel(request_id)  # ours: at once; another process's: at its next lease renewal
+        return record
+
+    def render(self, record: dict[str, Any], base_url: str) -> ImageOutcome:
+        """The OpenAI ImagesResponse for a finished job, or its error."""
+        rid = record["id"]
+        if record["status"] == "failed":
+            error = dict(record["error"] or {})
+            status = int(error.pop("status", 500))
+            headers = {"x-request-id": rid, **(error.pop("headers", None) or {})}
+            raise GatewayError(error.get("message") or "The request failed.", status=status,
+                               type=error.get("type"), param=error.get("param"), code=error.get("code"),
+                               headers=headers)
+        if record["status"] == "canceled":
+            raise GatewayError("The request was canceled.", status=499, code="request_canceled",
+                               headers={"x-request-id": rid})
+        params = record["params"]
+        entry = self.catalog.resolve(record["provider"])[1] if record.get("provider") else None
+        blobs = [self.blobs.get(b) or b"" for b in record["output_blob_ids"]]
         data = []
-        for blob_id, raw in zip(blob_ids, encoded):
-            item: dict[str, Any] = {"revised_prompt": job.prompt}
-            if response_format == "b64_json":
+        for blob_id, raw in zip(record["output_blob_ids"], blobs):
+            item: dict[str, Any] = {"revised_prompt": params["prompt"]}
+            if params.get("response_format") == "b64_json":
                 item["b64_json"] = base64.b64encode(raw).decode()
             else:
                 item["url"] = self.blob_url(base_url, blob_id)
             data.append(item)
-        ignored = sorted(set(result.ignored_params))
         body = {
-            "created": int(time.time()),
+            "created": int(record["created_at"].timestamp()),
             "data": data,
-            "size": str(produced),
-            "output_format": job.output_format,
+            "size": record["output_size"],
+            "output_format": record["output_format"],
             "metadata": {
-                "request_id": request_id,
-                "model": job.model.id,
-                "provider": entry.provider,
-                "executed_model": entry.config_key,
-                "provider_model_id": entry.provider_model_id,
-                "cost": cost,
-                "currency": entry.pricing.currency,
-                "attempts": [a.to_dict() for a in attempts],
-                "seed": result.seed,
-                "ignored_params": ignored,
+                "request_id": rid,
+                "model": record["model"],
+                "provider": entry.provider if entry else None,
+                "executed_model": record["provider"],
+                "provider_model_id": entry.provider_model_id if entry else None,
+                "cost": record["cost"],
+                "currency": record["currency"],
+                "attempts": record["attempts"],
+                "seed": params.get("seed"),
+                "ignored_params": params.get("ignored_params", []),
             },
         }
-        headers = {"x-request-id": request_id, "x-kontext-provider": entry.config_key, "x-kontext-model": job.model.id}
-        return ImageOutcome(body=body, headers=headers, blobs=encoded)
+        headers = {"x-request-id": rid, "x-kontext-provider": record["provider"] or "",
+                   "x-kontext-model": record["model"]}
+        return ImageOutcome(body=body, headers=headers, blobs=blobs)
+
+    def _store_inputs(self, raw: list[bytes]) -> list[str]:
+        """Input images as blobs (as uploaded): a job run again after a crash needs them."""
+        return [self.blobs.put(data, ext=EXTENSIONS[sniff_format(data) or "png"]) for data in raw]
 
     def blob_url(self, base_url: str, blob_id: str) -> str:
         path = BLOB_ROUTE + blob_id
@@ -162,9 +207,8 @@ class ImageService:
     # -- validation and normalisation --------------------------------------------------------------
 
     async def _prepare(
-        self, request_id: str, mode: Mode, fields: dict[str, Any], files: list[InputFile],
-        provider: str | None, progress: ProgressFn | None,
-    ) -> tuple[ImageJob, list, ImageRequest]:
+        self, request_id: str, mode: Mode, fields: dict[str, Any], files: list[InputFile], provider: str | None,
+    ) -> tuple[ImageJob, ProviderEntry | None, ImageRequest, list[bytes]]:
         req = parse_image_request(fields)
         model, forced = self.catalog.resolve(req.model or self.settings.default_model)
         if mode not in model.modes:
@@ -200,10 +244,11 @@ class ImageService:
             request_id=request_id, model=model, mode=mode, prompt=req.prompt, images=images, size=size,
             n=req.n, seed=req.seed if req.seed is not None else secrets.randbelow(2**32),
             output_format=req.output_format or "png", output_compression=req.output_compression,
-            guidance=req.cfg_scale, steps=req.num_inference_steps, extra=extra, progress=progress,
+            guidance=req.cfg_scale, steps=req.num_inference_steps, extra=extra,
         )
-        candidates = self.router.candidates(model, mode, job, forced=forced, provider=provider)
-        return job, candidates, req
+        # Checked now so that a request nothing can serve fails at once (503), not in the queue.
+        self.router.candidates(model, mode, job, forced=forced, provider=provider)
+        return job, forced, req, [f.data for f in files]
 
     def _decode_inputs(self, files: list[InputFile]) -> list["Image"]:
         images = []
@@ -231,44 +276,9 @@ class ImageService:
             out.append(InputFile(parse_data_url(ref.image_url, param=param), param="image"))
         return out
 
-    def _encode_and_store(self, images: list[ProviderImage], job: ImageJob) -> tuple[list[bytes], list[str]]:
-        encoded = self._encode_all(images, job)
-        return encoded, [self.blobs.put(data, ext=EXTENSIONS[job.output_format]) for data in encoded]
-
-    def _encode_all(self, images: list[ProviderImage], job: ImageJob) -> list[bytes]:
-        out = []
-        for img in images:
-            if img.data is not None and img.format == job.output_format and job.output_compression is None:
-                out.append(img.data)  # already what was asked for: keep the provider's bytes
-                continue
-            pixels = img.image
-            if pixels is None:
-                pixels = decode_image(img.data or b"", param="output", max_pixels=self.settings.max_input_pixels)
-            out.append(encode_image(pixels, job.output_format, compression=job.output_compression))
-        return out
-
 
 def _mode_words(mode: Mode) -> str:
     return "image editing" if mode == "edit" else "text-to-image generation"
-
-
-def _job_params(job: ImageJob, req: ImageRequest) -> dict[str, Any]:
-    return {
-        "prompt": job.prompt,
-        "requested_model": req.model,
-        "size": str(job.size.size) if job.size.size else "auto",
-        "aspect_ratio": job.size.aspect_ratio,
-        "resolution": job.size.tier,
-        "n": job.n,
-        "seed": job.seed,
-        "response_format": req.response_format or "url",
-        "output_format": job.output_format,
-        "output_compression": job.output_compression,
-        "cfg_scale": job.guidance,
-        "num_inference_steps": job.steps,
-        "input_images": [{"width": im.size[0], "height": im.size[1]} for im in job.images],
-        "extra": {k: v for k, v in job.extra.items() if isinstance(v, (str, int, float, bool, type(None)))},
-    }
 
 
 def _safe_params(fields: dict[str, Any]) -> dict[str, Any]:

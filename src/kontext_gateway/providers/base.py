@@ -41,6 +41,7 @@ class ImageJob:
     input_png: list[bytes] | None = None  # inputs encoded once for upstreams (see remote.py)
     # Set when the request is abandoned: work on other threads (the local engine) checks it per step.
     cancelled: threading.Event = field(default_factory=threading.Event)
+    journal: TaskJournal | None = None  # durable jobs record their upstream tasks here
 
 
 @dataclass
@@ -67,6 +68,27 @@ class ProviderImage:
     image: "Image | None" = None
     data: bytes | None = None
     format: str | None = None
+    size: Size | None = None
+
+
+class TaskJournal(Protocol):
+    """Where a job keeps its upstream tasks, so that a job resumed after a crash polls the tasks it
+    already submitted instead of submitting (and paying for) them again."""
+
+    def resumable(self, slot: int, config_key: str) -> tuple[int, Any] | None:
+        """(row, Task) of a task submitted for this slot and entry and not finished, if any."""
+        ...
+
+    def finished_images(self, slot: int, config_key: str) -> list[ProviderImage] | None:
+        """The images of a task for this slot and entry that already finished, if any."""
+        ...
+
+    async def submitted(self, slot: int, config_key: str, task: Any) -> int:
+        ...
+
+    async def finished(self, row: int, *, images: list[ProviderImage] | None) -> None:
+        """images None: the task failed."""
+        ...
 
 
 @dataclass

@@ -201,7 +201,7 @@ class RemoteProvider:
             await self.input_base64(job)  # encode the inputs once, before the tasks share the job
         tasks = [
             self._task_with_retries(entry, dataclasses.replace(job, seed=(job.seed + i) % 2**32),
-                                    min(self.batch_limit, job.n - i))
+                                    min(self.batch_limit, job.n - i), slot=i)
             for i in range(0, job.n, self.batch_limit)
         ]
         results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -211,9 +211,8 @@ class RemoteProvider:
             errors.sort(key=lambda e: 0 if isinstance(e, Moderated) else 1)
             raise errors[0]
         images = [img for r in results for img in r]  # type: ignore[union-attr]
-        first = decode_image(images[0].data or b"", param="output", max_pixels=self.settings.max_input_pixels)
-        return ProviderResult(images=images, size=Size(*first.size), seed=job.seed,
-                              ignored_params=self.ignored_params(job))
+        size = images[0].size or Size(0, 0)  # measured by download(), which decoded it
+        return ProviderResult(images=images, size=size, seed=job.seed, ignored_params=self.ignored_params(job))
 
     def ignored_params(self, job: ImageJob) -> list[str]:
         """Provider-only parameters the catalog assigns to other providers: not sent, so ignored.
@@ -236,18 +235,18 @@ class RemoteProvider:
 
     # -- retries, limits, timeouts -----------------------------------------------------------------------
 
-    async def _task_with_retries(self, entry: ProviderEntry, job: ImageJob, count: int) -> list[ProviderImage]:
+    async def _task_with_retries(self, entry: ProviderEntry, job: ImageJob, count: int, *, slot: int = 0
+                                 ) -> list[ProviderImage]:
+        if job.journal is not None and (done := job.journal.finished_images(slot, entry.config_key)):
+            return done  # finished before a restart: its images are stored
         tries = self.settings.upstream_retries + 1
         for attempt in range(tries):
             t0 = time.perf_counter()
             try:
                 async with self._slot(entry):
-                    images = await asyncio.wait_for(self._run_task(entry, job, count),
-                                                    timeout=self.settings.upstream_timeout_s)
-            except asyncio.TimeoutError:
-                err: UpstreamError = Timeout(f"no result within {self.settings.upstream_timeout_s:g} s")
+                    images = await self._run_task(entry, job, count, slot)
             except UpstreamError as exc:
-                err = exc
+                err: UpstreamError = exc
             else:
                 job.attempts.append(Attempt(self.name, entry.config_key, "succeeded", _ms(t0), images=len(images)))
                 return images
@@ -291,22 +290,48 @@ class RemoteProvider:
             limits.append((self.name, provider_limit))
         return limits
 
-    async def _run_task(self, entry: ProviderEntry, job: ImageJob, count: int) -> list[ProviderImage]:
-        task = await self.submit(entry, job, count)
+    async def _run_task(self, entry: ProviderEntry, job: ImageJob, count: int, slot: int) -> list[ProviderImage]:
+        journal = job.journal
+        resumed = journal.resumable(slot, entry.config_key) if journal is not None else None
+        if resumed is not None:
+            row, task = resumed  # submitted before a restart: poll it, never submit again
+        else:
+            task = await self.submit(entry, job, count)
+            # Committed before any wait, so a crash from here on resumes this very task.
+            row = await asyncio.shield(journal.submitted(slot, entry.config_key, task)) if journal else None
         try:
-            outputs = task.outputs
-            while outputs is None:
-                await asyncio.sleep(self.settings.upstream_poll_interval_s)
-                result = await self.poll(entry, task)
-                if result.done:
-                    outputs = result.outputs
-        except (asyncio.CancelledError, asyncio.TimeoutError):
-            # The client went away or the deadline passed: stop paying for the task upstream.
-            await asyncio.shield(self._cancel_quietly(entry, task))
+            async with asyncio.timeout(self.settings.upstream_timeout_s):
+                outputs = task.outputs
+                while outputs is None:
+                    await asyncio.sleep(self.settings.upstream_poll_interval_s)
+                    result = await self.poll(entry, task)
+                    if result.done:
+                        outputs = result.outputs
+                if not outputs:
+                    raise BadResult("the task finished without an image")
+                images = list(await asyncio.gather(*(self.download(url) for url in outputs)))
+        except TimeoutError:
+            # Given up on: stop paying for it upstream, and try again (or fail over).
+            await asyncio.shield(self._abandon(entry, task, journal, row))
+            raise Timeout(f"no result within {self.settings.upstream_timeout_s:g} s") from None
+        except asyncio.CancelledError:
+            # Cancelled by the user: stop the task upstream. Stopped for any other reason (the
+            # worker shuts down): leave it running, the next worker resumes it from the journal.
+            if job.cancelled.is_set():
+                await asyncio.shield(self._abandon(entry, task, journal, row))
             raise
-        if not outputs:
-            raise BadResult("the task finished without an image")
-        return list(await asyncio.gather(*(self.download(url) for url in outputs)))
+        except UpstreamError:
+            if journal is not None and row is not None:
+                await journal.finished(row, images=None)
+            raise
+        if journal is not None and row is not None:
+            await journal.finished(row, images=images)
+        return images
+
+    async def _abandon(self, entry: ProviderEntry, task: Task, journal: Any, row: int | None) -> None:
+        await self._cancel_quietly(entry, task)
+        if journal is not None and row is not None:
+            await journal.finished(row, images=None)
 
     async def _cancel_quietly(self, entry: ProviderEntry, task: Task) -> None:
         try:
@@ -372,10 +397,11 @@ class RemoteProvider:
             data = resp.content
         fmt = sniff_format(data)
         try:
-            await asyncio.to_thread(decode_image, data, param="output", max_pixels=self.settings.max_input_pixels)
+            decoded = await asyncio.to_thread(decode_image, data, param="output",
+                                              max_pixels=self.settings.max_input_pixels)
         except GatewayError as exc:
             raise BadResult(f"the result is not a usable image ({exc.code})") from None
-        return ProviderImage(data=data, format=fmt)
+        return ProviderImage(data=data, format=fmt, size=Size(*decoded.size))
 
     # -- parameter helpers shared by adapters ------------------------------------------------------------
 

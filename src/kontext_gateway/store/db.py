@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select, update
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from kontext_gateway.store.engine import make_engine
 from kontext_gateway.store.migrate import upgrade_to_head
-from kontext_gateway.store.models import RequestRecord, utcnow
+from kontext_gateway.store.models import RequestRecord, UpstreamTask, utcnow
 
 __all__ = ["Database", "RequestRecord"]
 
@@ -73,7 +75,12 @@ class Database:
         mode: str,
         params: dict[str, Any],
         key_id: str | None = None,
+        input: dict[str, Any] | None = None,
+        version: str | None = None,
+        webhook: str | None = None,
+        webhook_events: list[str] | None = None,
     ) -> None:
+        """A new job, status `starting`: committed before anyone waits on it, so it survives a crash."""
         record = RequestRecord(
             id=id,
             created_at=utcnow(),
@@ -82,15 +89,22 @@ class Database:
             model=model,
             mode=mode,
             params=params,
-            status="queued",
+            status="starting",
             output_blob_ids=[],
             attempts=[],
+            input=input,
+            version=version,
+            webhook=webhook,
+            webhook_events=webhook_events,
+            logs="",
+            cancel_requested=False,
+            runs=0,
         )
         async with self._session() as session, session.begin():
             session.add(record)
 
     async def mark_running(self, id: str, *, provider: str) -> None:
-        await self._update(id, status="running", provider=provider, started_at=utcnow())
+        await self._update(id, status="processing", provider=provider, started_at=utcnow())
 
     async def mark_succeeded(
         self,
@@ -104,9 +118,12 @@ class Database:
         output_size: str | None,
         output_format: str | None,
         duration_ms: int,
+        params: dict[str, Any] | None = None,
     ) -> None:
+        extra = {"params": params} if params is not None else {}
         await self._update(
             id,
+            **extra,
             status="succeeded",
             completed_at=utcnow(),
             provider=provider,
@@ -118,6 +135,8 @@ class Database:
             output_format=output_format,
             duration_ms=duration_ms,
             error=None,
+            claimed_by=None,
+            lease_until=None,
         )
 
     async def mark_failed(
@@ -130,22 +149,126 @@ class Database:
         provider: str | None = None,
     ) -> None:
         values: dict[str, Any] = dict(
-            status="failed", completed_at=utcnow(), error=error, attempts=list(attempts), duration_ms=duration_ms
+            status="failed", completed_at=utcnow(), error=error, attempts=list(attempts), duration_ms=duration_ms,
+            claimed_by=None, lease_until=None,
         )
         if provider is not None:  # None keeps the provider mark_running recorded, if any
             values["provider"] = provider
         await self._update(id, **values)
+
+    async def mark_canceled(self, id: str, *, attempts: list[dict[str, Any]], duration_ms: int | None) -> None:
+        await self._update(id, status="canceled", completed_at=utcnow(), attempts=list(attempts),
+                           duration_ms=duration_ms, claimed_by=None, lease_until=None)
+
+    # -- the job queue: claims with leases, so a crashed worker's jobs are taken up again ------------
+
+    async def claim_next(self, worker: str, lease_s: float) -> dict[str, Any] | None:
+        """Atomically take the oldest job that is waiting, or whose worker's lease ran out.
+
+        PostgreSQL: `FOR UPDATE SKIP LOCKED`, so several processes each claim a job exactly once.
+        SQLite: one writer at a time, so the UPDATE with its subquery is atomic as it stands."""
+        now = utcnow()
+        waiting = select(RequestRecord.id).where(or_(
+            RequestRecord.status == "starting",
+            and_(RequestRecord.status == "processing", RequestRecord.lease_until < now),
+        )).order_by(RequestRecord.created_at, RequestRecord.id).limit(1)
+        if self.engine.dialect.name == "postgresql":
+            waiting = waiting.with_for_update(skip_locked=True)
+        stmt = (
+            update(RequestRecord)
+            .where(RequestRecord.id == waiting.scalar_subquery())
+            .values(status="processing", claimed_by=worker, lease_until=now + timedelta(seconds=lease_s),
+                    started_at=func.coalesce(RequestRecord.started_at, now), runs=RequestRecord.runs + 1)
+            .returning(RequestRecord.id)
+        )
+        async with self._session() as session, session.begin():
+            claimed = (await session.execute(stmt)).scalar_one_or_none()
+            if claimed is None:
+                return None
+            record = await session.get(RequestRecord, claimed)
+            return None if record is None else _as_dict(record)
+
+    async def renew_leases(self, worker: str, ids: list[str], lease_s: float) -> dict[str, bool]:
+        """Extend this worker's leases; returns {id: cancel_requested} for the jobs it still holds."""
+        if not ids:
+            return {}
+        until = utcnow() + timedelta(seconds=lease_s)
+        async with self._session() as session, session.begin():
+            await session.execute(
+                update(RequestRecord)
+                .where(RequestRecord.id.in_(ids), RequestRecord.claimed_by == worker,
+                       RequestRecord.status == "processing")
+                .values(lease_until=until)
+            )
+            rows = await session.execute(
+                select(RequestRecord.id, RequestRecord.cancel_requested)
+                .where(RequestRecord.id.in_(ids), RequestRecord.claimed_by == worker,
+                       RequestRecord.status == "processing")
+            )
+            return {row.id: bool(row.cancel_requested) for row in rows}
+
+    async def request_cancel(self, id: str) -> dict[str, Any] | None:
+        """Cancel a job: at once if no worker has it yet, else flag it for its worker. Returns the record."""
+        async with self._session() as session, session.begin():
+            await session.execute(
+                update(RequestRecord).where(RequestRecord.id == id, RequestRecord.status == "starting")
+                .values(status="canceled", completed_at=utcnow(), cancel_requested=True)
+            )
+            await session.execute(
+                update(RequestRecord).where(RequestRecord.id == id, RequestRecord.status == "processing")
+                .values(cancel_requested=True)
+            )
+            record = await session.get(RequestRecord, id)
+            return None if record is None else _as_dict(record)
+
+    async def append_log(self, id: str, text: str) -> None:
+        async with self._session() as session, session.begin():
+            await session.execute(
+                update(RequestRecord).where(RequestRecord.id == id).values(logs=RequestRecord.logs + text)
+            )
+
+    # -- upstream tasks: committed before the gateway waits on them -------------------------------------
+
+    async def record_task(self, request_id: str, *, slot: int, config_key: str, task_id: str,
+                          data: dict[str, Any]) -> int:
+        now = utcnow()
+        row = UpstreamTask(request_id=request_id, slot=slot, config_key=config_key, task_id=task_id, data=data,
+                           state="submitted", output_blob_ids=[], created_at=now, updated_at=now)
+        async with self._session() as session, session.begin():
+            session.add(row)
+            await session.flush()
+            return row.id
+
+    async def finish_task(self, task_row: int, *, state: str, output_blob_ids: list[str] | None = None) -> None:
+        async with self._session() as session, session.begin():
+            await session.execute(
+                update(UpstreamTask).where(UpstreamTask.id == task_row)
+                .values(state=state, output_blob_ids=list(output_blob_ids or []), updated_at=utcnow())
+            )
+
+    async def tasks_for(self, request_id: str) -> list[dict[str, Any]]:
+        query = select(UpstreamTask).where(UpstreamTask.request_id == request_id).order_by(UpstreamTask.id)
+        async with self._session() as session:
+            return [{c.key: getattr(t, c.key) for c in UpstreamTask.__table__.columns}
+                    for t in (await session.scalars(query)).all()]
 
     async def get_request(self, id: str) -> dict[str, Any] | None:
         async with self._session() as session:
             record = await session.get(RequestRecord, id)
             return None if record is None else _as_dict(record)
 
-    async def list_requests(self, *, limit: int = 20) -> list[dict[str, Any]]:
+    async def list_requests(
+        self, *, limit: int = 20, before: tuple[datetime, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Newest first; `before` (created_at, id) continues a page (keyset pagination)."""
         query = (
             select(RequestRecord)
             .order_by(RequestRecord.created_at.desc(), RequestRecord.id.desc())
             .limit(max(0, limit))
         )
+        if before is not None:
+            at, rid = before
+            query = query.where(or_(RequestRecord.created_at < at,
+                                    and_(RequestRecord.created_at == at, RequestRecord.id < rid)))
         async with self._session() as session:
             return [_as_dict(r) for r in (await session.scalars(query)).all()]

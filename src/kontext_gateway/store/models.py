@@ -1,11 +1,12 @@
-"""The `requests` table: one row per image request, from queued to its outcome."""
+"""The tables: `requests` (one row per image request or prediction: the durable job), the upstream
+tasks it submitted, its webhook deliveries, idempotency keys, and uploaded files."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Integer, Numeric, String
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, Numeric, String, Text, false
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -56,7 +57,8 @@ class RequestRecord(Base):
     provider: Mapped[str | None] = mapped_column(String(64))
     mode: Mapped[str] = mapped_column(String(16))  # "text-to-image" | "edit"
     params: Mapped[dict[str, Any]] = mapped_column(JSONType)
-    status: Mapped[str] = mapped_column(String(16), index=True)  # queued | running | succeeded | failed
+    # Replicate's vocabulary: starting | processing | succeeded | failed | canceled
+    status: Mapped[str] = mapped_column(String(16), index=True)
     duration_ms: Mapped[int | None] = mapped_column(Integer)
     # Floats out: callers do arithmetic and JSON with it, and SQLite has no decimal type anyway.
     cost: Mapped[float | None] = mapped_column(Numeric(12, 6, asdecimal=False))
@@ -66,3 +68,79 @@ class RequestRecord(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # the OpenAI error object
     output_size: Mapped[str | None] = mapped_column(String(16))  # "WxH"
     output_format: Mapped[str | None] = mapped_column(String(8))
+    # -- the job (migration 0002) --
+    input: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # as the client sent it, images by reference
+    version: Mapped[str | None] = mapped_column(String(128))
+    logs: Mapped[str] = mapped_column(Text, default="", server_default="")
+    webhook: Mapped[str | None] = mapped_column(String(2048))
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSONType)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    claimed_by: Mapped[str | None] = mapped_column(String(64))  # the worker running it
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())  # reclaimable after this
+    runs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+    __table_args__ = (Index("ix_requests_claim", "status", "created_at"),)
+
+
+class UpstreamTask(Base):
+    """A task submitted to an upstream, committed before the gateway waits on it: after a crash the
+    job resumes by polling it, never by submitting again."""
+
+    __tablename__ = "upstream_tasks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(40), ForeignKey("requests.id", ondelete="CASCADE"), index=True)
+    slot: Mapped[int] = mapped_column(Integer)  # index of the task's first image in the request
+    config_key: Mapped[str] = mapped_column(String(96))
+    task_id: Mapped[str] = mapped_column(String(256))
+    data: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    state: Mapped[str] = mapped_column(String(16))  # submitted | done | failed
+    output_blob_ids: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WebhookDelivery(Base):
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(40), ForeignKey("requests.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(16))  # start | output | logs | completed
+    url: Mapped[str] = mapped_column(String(2048))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    state: Mapped[str] = mapped_column(String(16))  # pending | sending | delivered | failed | dropped
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),)
+
+
+class IdempotencyKey(Base):
+    __tablename__ = "idempotency_keys"
+
+    scope: Mapped[str] = mapped_column(String(64), primary_key=True)  # the API key's id, or ""
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of method, path and body
+    request_id: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class FileRecord(Base):
+    """A file uploaded through Replicate's files API, to be used as an input image by URL."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    blob_id: Mapped[str] = mapped_column(String(80))
+    name: Mapped[str] = mapped_column(String(255))
+    content_type: Mapped[str] = mapped_column(String(100))
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -1,0 +1,143 @@
+"""Runs one claimed job to its end: rebuild it, route it, store the images, record the outcome.
+
+The same code runs a synchronous image request and a prediction, in whichever process claimed it.
+A job run again after a crash resumes its upstream tasks from the journal (see journal.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..errors import GatewayError
+from ..imaging import EXTENSIONS, decode_image, encode_image
+from ..providers.base import ImageJob, ProgressFn, ProviderImage
+from .journal import DurableJournal
+from .spec import from_record
+
+if TYPE_CHECKING:
+    from ..gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+
+class JobEvents(Protocol):
+    """Told when a job starts and ends (webhook deliveries hang off this)."""
+
+    async def emit(self, record: dict[str, Any], event: str) -> None:
+        ...
+
+
+class NoEvents:
+    async def emit(self, record: dict[str, Any], event: str) -> None:
+        return None
+
+
+class JobRunner:
+    def __init__(self, gw: "Gateway", events: JobEvents | None = None) -> None:
+        self.gw = gw
+        self.events: JobEvents = events or NoEvents()
+        self.progress: dict[str, ProgressFn] = {}  # in-process only: the CLI's progress bar
+        self._stop_reason: dict[str, str] = {}  # why a running job's task was cancelled
+        self._jobs: dict[str, ImageJob] = {}  # running jobs, to flag a user's cancel on them
+
+    def stopping(self, request_id: str, reason: str) -> None:
+        """Say why the job's task is about to be cancelled: "requested" (by the user) ends it as
+        canceled; anything else ("shutdown", "lease lost") leaves it for another worker."""
+        self._stop_reason[request_id] = reason
+        job = self._jobs.get(request_id)
+        if job is not None and reason == "requested":
+            job.cancelled.set()  # providers cancel their upstream tasks only for this
+
+    async def run(self, record: dict[str, Any]) -> None:
+        rid = record["id"]
+        t0 = time.perf_counter()
+        db = self.gw.db
+        job: ImageJob | None = None
+        journal: DurableJournal | None = None
+        try:
+            # A first run has no upstream tasks yet: only a resumed job reads its journal.
+            rows = await db.tasks_for(rid) if record["runs"] > 1 else []
+            journal = DurableJournal(db, self.gw.blobs, rid, rows, self.gw.settings.max_input_pixels)
+            if record["cancel_requested"]:
+                raise asyncio.CancelledError  # cancelled while no worker held it (e.g. after a crash)
+            job = await asyncio.to_thread(from_record, record, self.gw.catalog, self.gw.blobs, self.gw.settings)
+            job.journal = journal
+            job.progress = self.progress.get(rid)
+            self._jobs[rid] = job
+            if record["runs"] == 1:
+                await self.events.emit(record, "start")
+            params = record["params"]
+            forced = self.gw.catalog.resolve(params["forced_provider"])[1] if params.get("forced_provider") else None
+            candidates = self.gw.router.candidates(job.model, job.mode, job, forced=forced,
+                                                   provider=params.get("provider"))
+            entry, result = await self.gw.router.run(candidates, job)
+            encoded, blob_ids = await asyncio.to_thread(self._encode_and_store, result.images, job)
+        except asyncio.CancelledError:
+            reason = self._stop_reason.pop(rid, "requested")
+            if reason != "requested":
+                raise  # shutting down: the lease runs out and another worker takes the job up
+            await asyncio.shield(self._canceled(record, job, journal, t0))
+            return
+        except GatewayError as exc:
+            # Status and headers (retry-after, x-should-retry) travel with the error to whoever waits.
+            await db.mark_failed(rid, error={**exc.body()["error"], "status": exc.status, "headers": exc.headers},
+                                 attempts=_attempts(job), duration_ms=_ms(t0))
+        except Exception as exc:  # noqa: BLE001 - a bug must fail the job, not leave it running forever
+            log.exception("job %s failed unexpectedly", rid)
+            await db.mark_failed(rid, error={"message": f"Internal error: {type(exc).__name__}",
+                                             "type": "server_error", "param": None, "code": "internal_error",
+                                             "status": 500}, attempts=_attempts(job), duration_ms=_ms(t0))
+        else:
+            cost = result.cost if result.cost is not None else round(entry.pricing.price_per_image() * len(encoded), 6)
+            await db.mark_succeeded(
+                rid, provider=entry.config_key, cost=cost, currency=entry.pricing.currency,
+                output_blob_ids=blob_ids, attempts=_attempts(job), output_size=str(result.size),
+                output_format=job.output_format, duration_ms=_ms(t0),
+                params={**record["params"], "ignored_params": sorted(set(result.ignored_params))},
+            )
+        finally:
+            self._stop_reason.pop(rid, None)
+            self._jobs.pop(rid, None)
+        await self._finish(rid, record)
+
+    async def _canceled(self, record: dict[str, Any], job: ImageJob | None, journal: DurableJournal | None,
+                        t0: float) -> None:
+        """Cancel reaches the upstream: tasks still running there (this run's or a crashed run's)."""
+        if journal is not None:
+            for config_key, task in journal.submitted_tasks():
+                entry = self.gw.catalog.resolve(config_key)[1]
+                impl = self.gw.providers.get(entry.provider) if entry else None
+                if impl is not None and hasattr(impl, "_cancel_quietly"):
+                    await impl._cancel_quietly(entry, task)
+        await self.gw.db.mark_canceled(record["id"], attempts=_attempts(job), duration_ms=_ms(t0))
+        await self._finish(record["id"], record)
+
+    async def _finish(self, rid: str, record: dict[str, Any]) -> None:
+        if record.get("webhook"):  # the final record is read only when someone is to be told
+            final = await self.gw.db.get_request(rid)
+            if final is not None:
+                await self.events.emit(final, "completed")
+        self.gw.completions.done(rid)
+
+    def _encode_and_store(self, images: list[ProviderImage], job: ImageJob) -> tuple[list[bytes], list[str]]:
+        encoded = []
+        for img in images:
+            if img.data is not None and img.format == job.output_format and job.output_compression is None:
+                encoded.append(img.data)  # already what was asked for: keep the provider's bytes
+                continue
+            pixels = img.image
+            if pixels is None:
+                pixels = decode_image(img.data or b"", param="output", max_pixels=self.gw.settings.max_input_pixels)
+            encoded.append(encode_image(pixels, job.output_format, compression=job.output_compression))
+        return encoded, [self.gw.blobs.put(data, ext=EXTENSIONS[job.output_format]) for data in encoded]
+
+
+def _attempts(job: ImageJob | None) -> list[dict[str, Any]]:
+    return [a.to_dict() for a in job.attempts] if job is not None else []
+
+
+def _ms(t0: float) -> int:
+    return int((time.perf_counter() - t0) * 1000)

@@ -1,0 +1,129 @@
+"""Workers: claim jobs from the database, run them, keep their leases, honour cancels.
+
+Every gateway process runs `Settings.workers` claim loops by default (the embedded mode);
+`kontext worker` runs them without the HTTP API. Several processes on one PostgreSQL database each
+claim a job exactly once (SKIP LOCKED). A worker renews its leases while it runs jobs; a job whose
+worker died is claimed again once its lease runs out, and resumes from its journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+
+class Completions:
+    """In-process signal that a job finished; waiters in other processes poll the database."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    def event(self, request_id: str) -> asyncio.Event:
+        return self._events.setdefault(request_id, asyncio.Event())
+
+    def done(self, request_id: str) -> None:
+        self.event(request_id).set()
+
+    def forget(self, request_id: str) -> None:
+        self._events.pop(request_id, None)
+
+
+class Worker:
+    def __init__(self, gw: "Gateway", *, concurrency: int | None = None) -> None:
+        self.gw = gw
+        self.id = f"{socket.gethostname()[:24]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.concurrency = gw.settings.workers if concurrency is None else concurrency
+        self.running: dict[str, asyncio.Task[Any]] = {}
+        self._wake = asyncio.Event()
+        self._loops: list[asyncio.Task[Any]] = []
+
+    def wake(self) -> None:
+        """A job was just enqueued in this process: look now rather than at the next poll."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        if self.concurrency:
+            self._loops = [asyncio.create_task(self._claim_loop(), name="claims"),
+                           asyncio.create_task(self._lease_loop(), name="leases")]
+
+    async def stop(self) -> None:
+        for loop in self._loops:
+            loop.cancel()
+        for rid, task in list(self.running.items()):
+            self.gw.runner.stopping(rid, "shutdown")
+            task.cancel()
+        for task in [*self._loops, *self.running.values()]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._loops = []
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a job this process is running, at once. False when another process has it."""
+        task = self.running.get(request_id)
+        if task is None:
+            return False
+        self.gw.runner.stopping(request_id, "requested")
+        task.cancel()
+        return True
+
+    async def _claim_loop(self) -> None:
+        """One loop claims, up to `concurrency` jobs run: one claim per job, and none while full
+        (several loops woken together would each run a claim for the same one job)."""
+        settings = self.gw.settings
+        slots = asyncio.Semaphore(self.concurrency)
+        while True:
+            await slots.acquire()
+            record = None
+            while record is None:
+                try:
+                    record = await self.gw.db.claim_next(self.id, settings.job_lease_s)
+                except Exception:  # noqa: BLE001 - a database hiccup must not kill the worker
+                    log.exception("claiming a job failed")
+                if record is None:
+                    self._wake.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), timeout=settings.job_poll_interval_s)
+            task = asyncio.create_task(self._run(record, slots), name=f"job-{record['id']}")
+            self.running[record["id"]] = task
+
+    async def _run(self, record: dict[str, Any], slots: asyncio.Semaphore) -> None:
+        try:
+            await self.gw.runner.run(record)
+        except asyncio.CancelledError:
+            pass  # shutdown or lost lease: the runner left the job for the next worker
+        except Exception:  # noqa: BLE001
+            log.exception("job %s crashed its runner", record["id"])
+        finally:
+            self.running.pop(record["id"], None)
+            slots.release()
+
+    async def _lease_loop(self) -> None:
+        settings = self.gw.settings
+        while True:
+            await asyncio.sleep(settings.job_lease_s / 3)
+            ids = list(self.running)
+            try:
+                held = await self.gw.db.renew_leases(self.id, ids, settings.job_lease_s)
+            except Exception:  # noqa: BLE001
+                log.exception("renewing leases failed")
+                continue
+            for rid in ids:
+                task = self.running.get(rid)
+                if task is None or task.done():
+                    continue
+                if rid not in held:
+                    self.gw.runner.stopping(rid, "lease lost")  # another worker has it now
+                    task.cancel()
+                elif held[rid]:
+                    self.gw.runner.stopping(rid, "requested")
+                    task.cancel()
