@@ -17,6 +17,7 @@ examples:
   kontext serve                                   # http://127.0.0.1:8000, data in ./data
   kontext serve --host 0.0.0.0 --port 9000 --data-dir /var/lib/kontext
   kontext models
+  kontext serve --workers 0 & kontext worker --concurrency 16   # API and workers apart
   kontext generate "a red fox in the snow" -o fox.png --size 512x512 --seed 7
   kontext edit fox.png "make it night" -o night.webp --model kontext-tiny
 
@@ -46,6 +47,16 @@ def main(argv: list[str] | None = None) -> int:
                        help="port (default 8000)")
     _data_dir_arg(serve)
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--workers", type=int, default=None,
+                       help="jobs this process runs at once (default 8; 0: only serve the API and leave the "
+                            "jobs to `kontext worker` processes on the same database)")
+
+    worker = sub.add_parser("worker", help="run jobs from the database, without the HTTP API",
+                            description="Claim and run jobs (image requests and predictions) from the "
+                                        "database: several workers on one PostgreSQL database each claim a "
+                                        "job exactly once. Stops on SIGINT / SIGTERM.")
+    worker.add_argument("--concurrency", type=int, default=None, help="jobs run at once (default 8)")
+    _data_dir_arg(worker)
 
     models = sub.add_parser("models", help="list the models in the catalog")
     models.add_argument("--json", action="store_true", help="print the catalog as JSON")
@@ -64,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "models":
         return _models(args)
+    if args.command == "worker":
+        return asyncio.run(_worker(args))
     if args.command in ("generate", "edit"):
         return asyncio.run(_image(args))
     parser.print_help()
@@ -108,9 +121,37 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     settings.host, settings.port = args.host, args.port
+    if args.workers is not None:
+        settings.workers = args.workers
     print(f"Kontext Gateway on http://{args.host}:{args.port}/v1 (data in {settings.data_dir})", file=sys.stderr)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
                 access_log=args.log_level == "debug")
+    return 0
+
+
+async def _worker(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from .gateway import Gateway
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings(args)
+    if args.concurrency is not None:
+        settings.workers = args.concurrency
+    if settings.workers < 1:
+        print("error: --concurrency must be at least 1", file=sys.stderr)
+        return 2
+    gateway = Gateway(settings)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"worker {gateway.worker.id} running up to {settings.workers} jobs "
+          f"(database {settings.resolved_database_url().split('@')[-1]})", file=sys.stderr, flush=True)
+    await stop.wait()
+    await gateway.close()  # running jobs are left to the next worker: their leases run out
     return 0
 
 

@@ -86,6 +86,25 @@ class Settings(BaseSettings):
     workers: int = Field(default=8, ge=0)
     job_lease_s: float = 30.0  # a claimed job whose worker stops renewing is taken up again after this
     job_poll_interval_s: float = 0.5  # how often idle workers look for jobs enqueued by other processes
+    idempotency_ttl_s: float = 86400.0  # how long an Idempotency-Key names its request
+
+    # Outbound URLs (webhooks, input images by URL) that resolve to loopback, private, link-local or
+    # metadata addresses are refused unless this is set: on, the gateway can be made to reach them.
+    allow_private_urls: bool = Field(
+        default=False, validation_alias=AliasChoices("allow_private_urls", "KONTEXT_ALLOW_PRIVATE_URLS")
+    )
+
+    # Webhooks (Standard Webhooks signing). The secret is `whsec_` + base64 of random bytes; generated
+    # once and kept in data_dir/webhook_secret when unset.
+    webhook_secret: SecretStr | None = None
+    # Delays before each retry of a terminal (`completed`) delivery, ±jitter: 10 attempts over about
+    # 15 hours. Other events are sent once.
+    webhook_retry_delays_s: list[float] = Field(
+        default_factory=lambda: [5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800])
+    webhook_retry_jitter: float = Field(default=0.2, ge=0, le=1)  # a fraction of each delay
+    webhook_timeout_s: float = Field(default=15.0, gt=0)  # one delivery; Standard Webhooks: 15-30 s
+    webhook_poll_interval_s: float = Field(default=1.0, gt=0)  # looking for deliveries due (retries, other processes)
+    webhook_concurrency: int = Field(default=8, ge=1)  # deliveries in flight per process (one per prediction)
 
     # Limits on what a request may carry.
     max_body_bytes: int = 256 * MIB

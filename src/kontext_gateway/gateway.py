@@ -11,7 +11,9 @@ from .catalog import Catalog
 from .config import Settings
 from .providers.base import Provider
 from .jobs.runner import JobRunner
+from .jobs.webhooks import Webhooks
 from .jobs.worker import Completions, Worker
+from .predictions import PredictionService
 from .providers import remote_adapters
 from .providers.local import LocalProvider
 from .routing import Router
@@ -34,18 +36,25 @@ class Gateway:
         self.blobs = LocalBlobStore(settings.data_dir / "blobs")
         self.signer = URLSigner(settings.resolved_url_secret())
         self.completions = Completions()
-        self.runner = JobRunner(self)
+        self.webhooks = Webhooks(self)
+        self.runner = JobRunner(self, events=self.webhooks)
         self.worker = Worker(self)
         self.images = ImageService(self)
+        self.predictions = PredictionService(self)
+        # Webhook bodies are the prediction object, exactly as the predictions API serves it.
+        self.webhooks.render = lambda record: self.predictions.render(record, self.webhooks.base_url())
 
     async def start(self, *, workers: bool = True) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         await self.db.start()
         if workers:
             await self.worker.start()
+            if self.worker.concurrency:  # deliveries go from the processes that run jobs
+                await self.webhooks.start()
 
     async def close(self) -> None:
         await self.worker.stop()
+        await self.webhooks.stop()
         for provider in self.providers.values():
             await provider.aclose()
         await self.db.close()

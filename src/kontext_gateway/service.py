@@ -76,9 +76,10 @@ class ImageService:
         provider: str | None = None,
         key_id: str | None = None,
         progress: ProgressFn | None = None,
+        request_id: str | None = None,
     ) -> ImageOutcome:
         request_id = await self.submit(mode=mode, fields=fields, files=files, provider=provider, key_id=key_id,
-                                       progress=progress)
+                                       progress=progress, request_id=request_id)
         record = await self.wait(request_id)
         return self.render(record, base_url)
 
@@ -118,9 +119,10 @@ class ImageService:
         self.gw.worker.wake()
         return request_id
 
-    async def wait(self, request_id: str, timeout: float | None = None) -> dict[str, Any]:
+    async def wait(self, request_id: str, timeout: float | None = None, *, cancel_on_abandon: bool = True
+                   ) -> dict[str, Any]:
         """Until the job ends (or `timeout` passes: then the record as it is). Cancelling the
-        waiter (the client hung up) cancels the job."""
+        waiter (the client hung up) cancels the job, unless it is a prediction that goes on."""
         event = self.gw.completions.event(request_id)
         # In-process workers signal at once; a job run by another process is seen by polling.
         poll = 1.0 if self.gw.worker.concurrency else 0.2
@@ -137,7 +139,8 @@ class ImageService:
                 if deadline is not None and time.monotonic() >= deadline:
                     return record
         except asyncio.CancelledError:
-            await asyncio.shield(self.cancel(request_id))
+            if cancel_on_abandon:
+                await asyncio.shield(self.cancel(request_id))
             raise
         finally:
             self.gw.completions.forget(request_id)
@@ -147,6 +150,9 @@ class ImageService:
         record = await self.db.request_cancel(request_id)
         if record is not None and record["status"] == "processing":
             self.gw.worker.cancel(request_id)  # ours: at once; another process's: at its next lease renewal
+        elif record is not None and record["status"] == "canceled" and record.get("webhook"):
+            # Canceled before any worker took it: no runner will say so (a repeat is ignored).
+            await self.gw.webhooks.emit(record, "completed")
         return record
 
     def render(self, record: dict[str, Any], base_url: str) -> ImageOutcome:

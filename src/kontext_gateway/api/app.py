@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from .. import __version__
 from ..config import Settings
 from ..gateway import Gateway
-from . import blobs, errors, images, models
+from . import blobs, errors, files, images, models, predictions, webhooks
 from .middleware import BodyLimitMiddleware
 
 
@@ -38,6 +38,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(images.router)
     app.include_router(blobs.router)
+    app.include_router(predictions.router)
+    app.include_router(files.router)
+    app.include_router(webhooks.router)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

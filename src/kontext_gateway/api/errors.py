@@ -17,17 +17,26 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
                405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
 
 
-def error_response(exc: GatewayError) -> JSONResponse:
+def error_response(exc: GatewayError, request: Request | None = None) -> JSONResponse:
     headers = dict(exc.headers)
     if exc.status < 500 and exc.status not in (408, 409, 429):
         headers.setdefault("x-should-retry", "false")  # the OpenAI SDKs would otherwise retry some of these
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    body = exc.body()
+    if request is not None and _replicate_route(request.url.path):
+        # Replicate's clients read RFC 7807 problem details; the OpenAI envelope stays alongside.
+        body.update(title=exc.code or exc.type, detail=exc.message, status=exc.status)
+    return JSONResponse(body, status_code=exc.status, headers=headers)
+
+
+def _replicate_route(path: str) -> bool:
+    return path.startswith(("/v1/predictions", "/v1/files")) or (
+        path.startswith("/v1/models/") and path.endswith("/predictions"))
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
-    async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
-        return error_response(exc)
+    async def _gateway(request: Request, exc: GatewayError) -> JSONResponse:
+        return error_response(exc, request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -41,7 +50,7 @@ def install(app: FastAPI) -> None:
             message = "The request body is too large."
         err = GatewayError(message, status=status, code=_HTTP_CODES.get(status),
                            type="invalid_request_error" if status < 500 else "server_error")
-        return error_response(err)
+        return error_response(err, request)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -18,7 +18,9 @@ from starlette.datastructures import UploadFile
 from ..catalog import Mode
 from ..errors import invalid, too_large
 from ..gateway import Gateway
-from ..service import InputFile
+from ..idempotency import HEADER as IDEMPOTENCY_HEADER
+from ..idempotency import Idempotency, fingerprint
+from ..service import InputFile, new_request_id
 
 router = APIRouter()
 
@@ -77,9 +79,18 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 async def _run(request: Request, mode: Mode, fields: dict[str, Any], files: list[InputFile]) -> JSONResponse:
     gw: Gateway = request.app.state.gateway
+    base_url = str(request.base_url)
+    request_id = new_request_id()
+    if key := request.headers.get(IDEMPOTENCY_HEADER):
+        fp = fingerprint(request.url.path, {k: v for k, v in fields.items()}, [f.data for f in files])
+        existing = await Idempotency(gw.db, gw.settings.idempotency_ttl_s).claim("", key, fp, request_id)
+        if existing is not None:  # a retry: the same job's response; this waiter never cancels it
+            record = await gw.images.wait(existing, cancel_on_abandon=False)
+            outcome = gw.images.render(record, base_url)
+            return JSONResponse(outcome.body, headers={**outcome.headers, "idempotent-replayed": "true"})
     work = asyncio.ensure_future(gw.images.create(
-        mode=mode, fields=fields, files=files, base_url=str(request.base_url),
-        provider=request.headers.get("x-provider"),
+        mode=mode, fields=fields, files=files, base_url=base_url,
+        provider=request.headers.get("x-provider"), request_id=request_id,
     ))
     gone = asyncio.ensure_future(_client_gone(request))
     try:

@@ -145,6 +145,12 @@ class Catalog:
                 self._add(alias, m, None)
             for p in m.providers:
                 self._add(p.config_key, m, p)
+        # Upstream names (Replicate's `black-forest-labs/flux-kontext-pro`...) name the model, not a
+        # provider: the predictions API takes them as Replicate's clients send them.
+        for m in models:
+            for p in m.providers:
+                if p.provider_model_id.lower() not in self._index:
+                    self._add(p.provider_model_id, m, None)
 
     def _add(self, key: str, model: ModelSpec, provider: ProviderEntry | None) -> None:
         key = key.lower()

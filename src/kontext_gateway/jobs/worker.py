@@ -32,7 +32,10 @@ class Completions:
         return self._events.setdefault(request_id, asyncio.Event())
 
     def done(self, request_id: str) -> None:
-        self.event(request_id).set()
+        # Only jobs someone waits on have an event (registered before the job was enqueued).
+        event = self._events.get(request_id)
+        if event is not None:
+            event.set()
 
     def forget(self, request_id: str) -> None:
         self._events.pop(request_id, None)

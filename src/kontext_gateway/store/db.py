@@ -8,18 +8,33 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import aliased
 
 from kontext_gateway.store.engine import make_engine
 from kontext_gateway.store.migrate import upgrade_to_head
-from kontext_gateway.store.models import RequestRecord, UpstreamTask, utcnow
+from kontext_gateway.store.models import FileRecord, RequestRecord, UpstreamTask, WebhookDelivery, utcnow
 
 __all__ = ["Database", "RequestRecord"]
 
 _COLUMNS = tuple(c.key for c in RequestRecord.__table__.columns)
+_DELIVERY_COLUMNS = tuple(c.key for c in WebhookDelivery.__table__.columns)
+OPEN_DELIVERY = ("pending", "sending")  # not yet delivered, failed or dropped
 
 
 def _as_dict(record: RequestRecord) -> dict[str, Any]:
     return {name: getattr(record, name) for name in _COLUMNS}
+
+
+def _file_dict(record: FileRecord) -> dict[str, Any]:
+    return {c.key: getattr(record, c.key) for c in FileRecord.__mapper__.column_attrs}
+
+
+def _delivery_dict(row: WebhookDelivery) -> dict[str, Any]:
+    return {name: getattr(row, name) for name in _DELIVERY_COLUMNS}
+
+
+def _short(text: str | None) -> str | None:
+    return None if text is None else text[:500]  # the column's width
 
 
 class Database:
@@ -135,8 +150,7 @@ class Database:
             output_format=output_format,
             duration_ms=duration_ms,
             error=None,
-            claimed_by=None,
-            lease_until=None,
+            lease_until=None,  # claimed_by stays: which worker ran it
         )
 
     async def mark_failed(
@@ -150,7 +164,7 @@ class Database:
     ) -> None:
         values: dict[str, Any] = dict(
             status="failed", completed_at=utcnow(), error=error, attempts=list(attempts), duration_ms=duration_ms,
-            claimed_by=None, lease_until=None,
+            lease_until=None,
         )
         if provider is not None:  # None keeps the provider mark_running recorded, if any
             values["provider"] = provider
@@ -158,7 +172,7 @@ class Database:
 
     async def mark_canceled(self, id: str, *, attempts: list[dict[str, Any]], duration_ms: int | None) -> None:
         await self._update(id, status="canceled", completed_at=utcnow(), attempts=list(attempts),
-                           duration_ms=duration_ms, claimed_by=None, lease_until=None)
+                           duration_ms=duration_ms, lease_until=None)
 
     # -- the job queue: claims with leases, so a crashed worker's jobs are taken up again ------------
 
@@ -251,6 +265,107 @@ class Database:
         async with self._session() as session:
             return [{c.key: getattr(t, c.key) for c in UpstreamTask.__table__.columns}
                     for t in (await session.scalars(query)).all()]
+
+    # -- files uploaded through the files API ------------------------------------------------------------
+
+    async def create_file(self, **values: Any) -> dict[str, Any]:
+        record = FileRecord(**values)
+        async with self._session() as session, session.begin():
+            session.add(record)
+        return _file_dict(record)
+
+    async def get_file(self, id: str) -> dict[str, Any] | None:
+        async with self._session() as session:
+            record = await session.get(FileRecord, id)
+            return None if record is None else _file_dict(record)
+
+    # -- webhook deliveries: the delivery log, and a queue with one delivery in flight per request ---------
+
+    async def add_delivery(self, request_id: str, *, event: str, url: str, payload: dict[str, Any]) -> int:
+        now = utcnow()
+        row = WebhookDelivery(request_id=request_id, event=event, url=url, payload=payload, state="pending",
+                              attempts=0, next_attempt_at=now, created_at=now)
+        async with self._session() as session, session.begin():
+            session.add(row)
+            await session.flush()
+            return row.id
+
+    async def claim_delivery(self, lease_s: float) -> dict[str, Any] | None:
+        """Atomically take a delivery that is due (or whose sender's lease ran out), counting the attempt.
+
+        Only a request's oldest open delivery is ever claimable, so a request never has two in flight
+        and its events go out in order; a later event waits behind a terminal one being retried.
+        PostgreSQL: `FOR UPDATE SKIP LOCKED` as in claim_next; SQLite: the UPDATE is atomic."""
+        now = utcnow()
+        cand, other = aliased(WebhookDelivery, name="cand"), aliased(WebhookDelivery, name="other")
+        older_open = select(other.id).where(other.request_id == cand.request_id, other.id < cand.id,
+                                            other.state.in_(OPEN_DELIVERY))
+        sending = select(other.id).where(other.request_id == cand.request_id, other.id != cand.id,
+                                         other.state == "sending", other.lease_until >= now)
+        due = select(cand.id).where(
+            or_(and_(cand.state == "pending", cand.next_attempt_at <= now),
+                and_(cand.state == "sending", cand.lease_until < now)),
+            ~older_open.exists(), ~sending.exists(),
+        ).order_by(cand.next_attempt_at, cand.id).limit(1)
+        if self.engine.dialect.name == "postgresql":
+            due = due.with_for_update(skip_locked=True, of=cand)
+        stmt = (
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == due.scalar_subquery())
+            .values(state="sending", lease_until=now + timedelta(seconds=lease_s),
+                    attempts=WebhookDelivery.attempts + 1)
+            .returning(WebhookDelivery.id)
+        )
+        async with self._session() as session, session.begin():
+            claimed = (await session.execute(stmt)).scalar_one_or_none()
+            if claimed is None:
+                return None
+            row = await session.get(WebhookDelivery, claimed)
+            return None if row is None else _delivery_dict(row)
+
+    async def finish_delivery(self, id: int, *, state: str, status: int | None = None,
+                              error: str | None = None) -> None:
+        """Record the outcome: `delivered`, `failed` (retries spent) or `dropped` (not to be retried)."""
+        values: dict[str, Any] = {"state": state, "last_status": status, "last_error": _short(error),
+                                  "lease_until": None}
+        if state == "delivered":
+            values["delivered_at"] = utcnow()
+        await self._update_delivery(id, **values)
+
+    async def retry_delivery(self, id: int, *, at: datetime, status: int | None, error: str | None) -> None:
+        await self._update_delivery(id, state="pending", next_attempt_at=at, last_status=status,
+                                    last_error=_short(error), lease_until=None)
+
+    async def release_delivery(self, id: int) -> None:
+        """Shutting down mid-send: back to pending at once, the attempt not counted."""
+        await self._update_delivery(id, state="pending", lease_until=None, next_attempt_at=utcnow(),
+                                    attempts=WebhookDelivery.attempts - 1)
+
+    async def drop_deliveries(self, request_id: str, *, error: str) -> None:
+        """Drop a request's open deliveries (its receiver answered 410 Gone)."""
+        async with self._session() as session, session.begin():
+            await session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.request_id == request_id, WebhookDelivery.state.in_(OPEN_DELIVERY))
+                .values(state="dropped", last_error=_short(error), lease_until=None)
+            )
+
+    async def webhook_gone(self, request_id: str) -> bool:
+        """Whether the request's receiver has answered 410 Gone: nothing more is sent to it."""
+        query = select(WebhookDelivery.id).where(WebhookDelivery.request_id == request_id,
+                                                 WebhookDelivery.last_status == 410).limit(1)
+        async with self._session() as session:
+            return (await session.execute(query)).first() is not None
+
+    async def list_deliveries(self, request_id: str) -> list[dict[str, Any]]:
+        """A request's delivery log, oldest first."""
+        query = select(WebhookDelivery).where(WebhookDelivery.request_id == request_id).order_by(WebhookDelivery.id)
+        async with self._session() as session:
+            return [_delivery_dict(d) for d in (await session.scalars(query)).all()]
+
+    async def _update_delivery(self, id: int, **values: Any) -> None:
+        async with self._session() as session, session.begin():
+            await session.execute(update(WebhookDelivery).where(WebhookDelivery.id == id).values(**values))
 
     async def get_request(self, id: str) -> dict[str, Any] | None:
         async with self._session() as session:

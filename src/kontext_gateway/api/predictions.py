@@ -1,0 +1,92 @@
+"""Replicate's predictions API: create (optionally waiting), get, list, cancel.
+
+Routes only: parsing the `Prefer` header and rendering; the PredictionService does the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from ..errors import invalid
+from ..gateway import Gateway
+from ..idempotency import HEADER as IDEMPOTENCY_HEADER
+from ..idempotency import Idempotency, fingerprint
+from ..service import new_request_id
+
+router = APIRouter()
+_WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d+))?\s*$", re.IGNORECASE)
+MAX_WAIT_S = 60
+
+
+@router.post("/v1/predictions", status_code=201)
+async def create(request: Request) -> JSONResponse:
+    return await _create(request, model=None)
+
+
+@router.post("/v1/models/{owner}/{name}/predictions", status_code=201)
+async def create_for_model(request: Request, owner: str, name: str) -> JSONResponse:
+    return await _create(request, model=f"{owner}/{name}")
+
+
+@router.get("/v1/predictions")
+async def list_predictions(request: Request, cursor: str | None = None, limit: int = 100) -> JSONResponse:
+    """Newest first, 100 a page (`limit` makes pages smaller); `next` is the next page's URL."""
+    gw: Gateway = request.app.state.gateway
+    if not 1 <= limit <= 100:
+        raise invalid("'limit' must be between 1 and 100.", param="limit", code="integer_out_of_range")
+    return JSONResponse(await gw.predictions.list(str(request.base_url), cursor, limit))
+
+
+@router.get("/v1/predictions/{rid}")
+async def get(request: Request, rid: str) -> JSONResponse:
+    gw: Gateway = request.app.state.gateway
+    return JSONResponse(await gw.predictions.get(rid, str(request.base_url)))
+
+
+@router.post("/v1/predictions/{rid}/cancel")
+async def cancel(request: Request, rid: str) -> JSONResponse:
+    gw: Gateway = request.app.state.gateway
+    return JSONResponse(await gw.predictions.cancel(rid, str(request.base_url)))
+
+
+async def _create(request: Request, model: str | None) -> JSONResponse:
+    gw: Gateway = request.app.state.gateway
+    raw = await request.body()
+    try:
+        body: Any = json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError):
+        raise invalid("The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise invalid("The request body must be a JSON object with 'input'.", code="invalid_json")
+    base_url, wait = str(request.base_url), _prefer_wait(request.headers.get("prefer"))
+    request_id = new_request_id()
+    if key := request.headers.get(IDEMPOTENCY_HEADER):
+        fp = fingerprint(request.url.path, body)
+        existing = await Idempotency(gw.db, gw.settings.idempotency_ttl_s).claim("", key, fp, request_id)
+        if existing is not None:  # a retry: the same prediction, nothing created or charged again
+            prediction = await gw.predictions.get(existing, base_url, wait=wait)
+            return JSONResponse(prediction, status_code=201, headers={"idempotent-replayed": "true"})
+    prediction = await gw.predictions.create(model=model, body=body, base_url=base_url, wait=wait,
+                                             request_id=request_id)
+    return JSONResponse(prediction, status_code=201)
+
+
+def _prefer_wait(prefer: str | None) -> float | None:
+    """`Prefer: wait` holds the request up to 60 s; `wait=N` up to N (1..60). RFC 7240 preferences
+    the server does not know are ignored."""
+    if not prefer:
+        return None
+    for part in prefer.split(","):
+        m = _WAIT.match(part)
+        if m:
+            seconds = int(m.group(1)) if m.group(1) else MAX_WAIT_S
+            if not 1 <= seconds <= MAX_WAIT_S:
+                raise invalid(f"Prefer: wait={seconds} is out of range (1 to {MAX_WAIT_S} seconds).",
+                              param="Prefer", code="invalid_value")
+            return float(seconds)
+    return None

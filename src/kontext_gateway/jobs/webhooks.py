@@ -1,0 +1,189 @@
+"""Webhooks for jobs, as Replicate sends them: events `start`, `output`, `logs`, `completed`, the body
+the prediction object, signed per Standard Webhooks with the secret served at
+`GET /v1/webhooks/default/secret`.
+
+`Webhooks.emit` (the runner's JobEvents) queues a delivery row per event that passes the
+prediction's `webhook_events_filter`; dispatch.py sends them. The predictions API validates a
+webhook URL at creation with `validate_webhook_url` (422 when it reaches a private address).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from standardwebhooks import Webhook
+
+from ..config import Settings
+from ..net import ensure_public_url
+from .dispatch import WebhookDispatcher
+
+if TYPE_CHECKING:
+    from ..gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+EVENTS = ("start", "output", "logs", "completed")
+THROTTLED = ("output", "logs")  # at most one every THROTTLE_S per prediction, as Replicate sends them
+THROTTLE_S = 0.5
+SECRET_PREFIX = "whsec_"
+
+Render = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+async def validate_webhook_url(url: str, settings: Settings) -> None:
+    """Raise GatewayError 422 (`invalid_url` or `url_not_allowed`, param `webhook`) unless the URL is
+    http(s) and reaches only public addresses (or the operator allows private ones)."""
+    await ensure_public_url(url, allow_private=settings.allow_private_urls, param="webhook", status=422)
+
+
+class WebhookSecret:
+    """`whsec_` + base64 of the HMAC key. Never logged: its repr hides it."""
+
+    def __init__(self, key: str) -> None:
+        raw = key.removeprefix(SECRET_PREFIX)
+        try:
+            decoded = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("The webhook secret must be 'whsec_' followed by base64.") from None
+        if len(decoded) < 24:  # Standard Webhooks: 24 to 64 bytes
+            raise ValueError("The webhook secret is too short: use at least 24 random bytes.")
+        self.key = SECRET_PREFIX + raw
+        self._webhook = Webhook(self.key)
+
+    def sign(self, msg_id: str, at: datetime, body: str) -> str:
+        """The `webhook-signature` header value (`v1,<base64>`) for this message."""
+        return self._webhook.sign(msg_id, at, body)
+
+    def __repr__(self) -> str:
+        return "WebhookSecret('whsec_…')"
+
+    @classmethod
+    def load(cls, settings: Settings) -> WebhookSecret:
+        """The configured secret, else the one kept in data_dir/webhook_secret (made on first use)."""
+        if settings.webhook_secret is not None:
+            return cls(settings.webhook_secret.get_secret_value())
+        path = settings.data_dir / "webhook_secret"
+        if not path.exists():
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            key = SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+            # Written whole to a private temp file, then linked into place: two processes starting at
+            # once agree on one secret, and none reads a half-written file.
+            fd, tmp = tempfile.mkstemp(dir=settings.data_dir, prefix=".webhook_secret.")  # mode 0600
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(key)
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    pass
+            finally:
+                os.unlink(tmp)
+        return cls(path.read_text().strip())
+
+
+class Webhooks:
+    """The runner's JobEvents: queues the deliveries; `start`/`stop` run the dispatcher."""
+
+    def __init__(self, gw: Gateway, *, render: Render | None = None) -> None:
+        self.gw = gw
+        # The payload: the prediction object as the predictions API serves it. The gateway may set
+        # its own (e.g. api.predictions' renderer); the default is a minimal Replicate-shaped one.
+        self.render: Render = render or self.default_render
+        self.dispatcher = WebhookDispatcher(gw, lambda: self.secret)
+        self._last_progress: dict[str, float] = {}  # prediction id -> when an output/logs event last went
+
+    @cached_property
+    def secret(self) -> WebhookSecret:
+        return WebhookSecret.load(self.gw.settings)
+
+    async def start(self) -> None:
+        await self.dispatcher.start()
+
+    async def stop(self) -> None:
+        await self.dispatcher.stop()
+
+    @staticmethod
+    def wants(record: dict[str, Any], event: str) -> bool:
+        """Whether the prediction's filter lets this event through (no filter: every event)."""
+        chosen = record.get("webhook_events")
+        return not chosen or event in chosen
+
+    async def emit(self, record: dict[str, Any], event: str) -> None:
+        if not record.get("webhook") or event not in EVENTS:
+            return
+        rid = record["id"]
+        try:
+            if event == "completed":
+                if any(d["event"] == "completed" for d in await self.gw.db.list_deliveries(rid)):
+                    return  # told already (a second cancel, say): the end is announced once
+                # No partial outputs here: the output event goes once, right before the end, with the
+                # prediction as it then is (a single-output cog model sends none; clients expect one).
+                if record["status"] == "succeeded" and self.wants(record, "output") and not self._throttled(rid):
+                    await self._queue(record, "output")
+                self._last_progress.pop(rid, None)
+            elif event in THROTTLED and self._throttled(rid):
+                return  # dropped, as Replicate drops them; the terminal event carries the final state
+            if self.wants(record, event):
+                await self._queue(record, event)
+        except Exception:  # noqa: BLE001 - a webhook that cannot be queued must not fail the job
+            log.exception("queueing the %s webhook of %s failed", event, rid)
+
+    def _throttled(self, rid: str) -> bool:
+        now = time.monotonic()
+        last = self._last_progress.get(rid)
+        if last is not None and now - last < THROTTLE_S:
+            return True
+        self._last_progress[rid] = now
+        return False
+
+    async def _queue(self, record: dict[str, Any], event: str) -> None:
+        await self.gw.db.add_delivery(record["id"], event=event, url=record["webhook"], payload=self.render(record))
+        self.dispatcher.wake()
+
+    def base_url(self) -> str:
+        """Where links in payloads point: no request to take it from, so the configured public URL."""
+        settings = self.gw.settings
+        return (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/")
+
+    def default_render(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A minimal Replicate prediction object (JSON-ready) for a job record."""
+        base = self.base_url()
+        outputs = [self.gw.images.blob_url(base, b) for b in record.get("output_blob_ids") or []]
+        error = record.get("error")
+        created, started, completed = record.get("created_at"), record.get("started_at"), record.get("completed_at")
+        metrics: dict[str, float] = {}
+        if record.get("duration_ms") is not None:
+            metrics["predict_time"] = record["duration_ms"] / 1000
+        if created is not None and completed is not None:
+            metrics["total_time"] = (completed - created).total_seconds()
+        url = f"{base}/v1/predictions/{record['id']}"
+        return {
+            "id": record["id"],
+            "model": record.get("model"),
+            "version": record.get("version"),
+            "input": record.get("input") or {},
+            "logs": record.get("logs") or "",
+            "output": None if not outputs else outputs[0] if len(outputs) == 1 else outputs,
+            "data_removed": False,
+            "error": error.get("message") if isinstance(error, dict) else error,
+            "status": record["status"],
+            "created_at": _iso(created),
+            "started_at": _iso(started),
+            "completed_at": _iso(completed),
+            "urls": {"get": url, "cancel": f"{url}/cancel"},
+            "metrics": metrics,
+        }
+
+
+def _iso(at: datetime | None) -> str | None:
+    return None if at is None else at.isoformat().replace("+00:00", "Z")

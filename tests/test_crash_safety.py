@@ -1,0 +1,127 @@
+"""Crash safety: SIGKILL the gateway mid-prediction, restart it, and every prediction completes.
+
+Remote jobs resume by polling the upstream task they already submitted (never submitting again);
+local jobs run again; each prediction's terminal webhook is delivered.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from fakes.common import free_port, serve
+from fakes.replicate import FakeReplicate
+
+
+class Receiver:
+    """Counts webhook deliveries per prediction and event."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []  # (prediction id, status)
+        self.app = Starlette(routes=[Route("/hook", self.hook, methods=["POST"])])
+
+    async def hook(self, request: Request) -> Response:
+        body = await request.json()
+        self.events.append((body["id"], body["status"]))
+        return Response(status_code=204)
+
+    def completed(self) -> Counter:
+        return Counter(pid for pid, status in self.events if status in ("succeeded", "failed", "canceled"))
+
+
+@contextmanager
+def gateway_process(data_dir: Path, env: dict[str, str]) -> Iterator[tuple[subprocess.Popen, str]]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kontext_gateway", "serve", "--port", str(port), "--data-dir", str(data_dir),
+         "--log-level", "warning"],
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"gateway did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
+        time.sleep(0.1)
+    try:
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def create(url: str, model: str, inputs: dict[str, Any], hook: str) -> str:
+    resp = httpx.post(f"{url}/v1/models/{model}/predictions", timeout=30,
+                      json={"input": inputs, "webhook": hook, "webhook_events_filter": ["completed"]})
+    assert resp.status_code == 201, resp.text
+    return resp.json()["id"]
+
+
+def test_kill_9_mid_prediction_then_restart(tmp_path: Path) -> None:
+    fake = FakeReplicate(pending_polls=40)  # each upstream task runs ~40 polls: long enough to kill mid-way
+    receiver = Receiver()
+    with serve(fake.app) as fake_url, serve(receiver.app) as hook_url:
+        env = {"REPLICATE_API_TOKEN": "r8_test", "REPLICATE_BASE_URL": fake_url,
+               "KONTEXT_UPSTREAM_POLL_INTERVAL_S": "0.05", "KONTEXT_JOB_LEASE_S": "2",
+               "KONTEXT_JOB_POLL_INTERVAL_S": "0.1", "KONTEXT_ALLOW_PRIVATE_URLS": "1",
+               "KONTEXT_WEBHOOK_RETRY_DELAYS_S": "[0.2, 0.5, 1, 2]"}
+        hook = hook_url + "/hook"
+        with gateway_process(tmp_path, env) as (proc, url):
+            remote = [create(url, "replicate/flux.1-kontext-pro", {"prompt": f"remote {i}"}, hook) for i in range(3)]
+            local = [create(url, "kontext-gateway/kontext-tiny",
+                            {"prompt": f"local {i}", "size": "512x512", "num_inference_steps": 60}, hook)
+                     for i in range(2)]
+            deadline = time.monotonic() + 30
+            while len(fake.submits()) < 3:  # every remote task submitted and being polled
+                assert time.monotonic() < deadline, "the upstream tasks were never submitted"
+                time.sleep(0.05)
+            statuses = {p: httpx.get(f"{url}/v1/predictions/{p}").json()["status"] for p in remote + local}
+            assert all(s in ("starting", "processing") for s in statuses.values()), statuses
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+
+        with gateway_process(tmp_path, env) as (_, url):
+            deadline = time.monotonic() + 120
+            final: dict[str, dict] = {}
+            while len(final) < 5:
+                assert time.monotonic() < deadline, f"not all predictions finished: {final.keys()}"
+                for p in remote + local:
+                    body = httpx.get(f"{url}/v1/predictions/{p}").json()
+                    if body["status"] in ("succeeded", "failed", "canceled"):
+                        final[p] = body
+                time.sleep(0.2)
+            assert {p: b["status"] for p, b in final.items()} == {p: "succeeded" for p in remote + local}
+            for p in remote + local:
+                assert httpx.get(final[p]["output"]).status_code == 200
+            # Each upstream task was submitted exactly once: the restarted gateway polled it.
+            prompts = Counter(body["input"]["prompt"] for _, _, _, body in fake.submits())
+            assert prompts == Counter({f"remote {i}": 1 for i in range(3)})
+            deadline = time.monotonic() + 30
+            while set(receiver.completed()) != set(remote + local):
+                assert time.monotonic() < deadline, f"terminal webhooks missing: {receiver.completed()}"
+                time.sleep(0.1)
+            assert all(n == 1 for n in receiver.completed().values()), receiver.completed()

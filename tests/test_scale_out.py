@@ -1,0 +1,104 @@
+"""Scale-out: three `kontext worker` processes on one PostgreSQL database, 500 queued predictions on an
+instant fake provider: each runs exactly once and none is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import postgres_reachable
+from fakes.common import serve
+from fakes.replicate import FakeReplicate
+from kontext_gateway.config import Settings
+from kontext_gateway.gateway import Gateway
+
+ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+JOBS = 500
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    reason = postgres_reachable()
+    if reason:
+        pytest.skip(reason)
+    import asyncpg
+
+    name = f"kontext_scale_{uuid.uuid4().hex[:10]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(ADMIN_DSN, timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_three_workers_run_each_job_exactly_once(pg_database: str, tmp_path: Path) -> None:
+    fake = FakeReplicate(pending_polls=0)  # answers at once (Prefer: wait)
+    with serve(fake.app) as fake_url:
+        env = {"DATABASE_URL": pg_database, "KONTEXT_DATA_DIR": str(tmp_path), "REPLICATE_API_TOKEN": "r8_test",
+               "REPLICATE_BASE_URL": fake_url, "KONTEXT_JOB_POLL_INTERVAL_S": "0.1"}
+        settings = Settings(data_dir=tmp_path, database_url=pg_database, replicate_api_token="r8_test",
+                            replicate_base_url=fake_url)
+
+        async def enqueue() -> list[str]:
+            gw = Gateway(settings)
+            await gw.start(workers=False)  # this process only queues
+            try:
+                return [await gw.images.submit(mode="text-to-image", endpoint="predictions",
+                                               fields={"model": "replicate/flux.1-kontext-pro", "prompt": f"job {i}"},
+                                               files=[]) for i in range(JOBS)]
+            finally:
+                await gw.close()
+
+        ids = asyncio.run(enqueue())
+        workers = [subprocess.Popen([sys.executable, "-m", "kontext_gateway", "worker", "--concurrency", "8"],
+                                    env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                   for _ in range(3)]
+        try:
+            async def finished() -> list[dict]:
+                gw = Gateway(settings)
+                await gw.start(workers=False)
+                try:
+                    deadline = time.monotonic() + 240
+                    while True:
+                        rows = [await gw.db.get_request(i) for i in ids]
+                        if all(r["status"] in ("succeeded", "failed", "canceled") for r in rows):
+                            return rows
+                        assert time.monotonic() < deadline, Counter(r["status"] for r in rows)
+                        assert all(w.poll() is None for w in workers), "a worker died"
+                        await asyncio.sleep(0.5)
+                finally:
+                    await gw.close()
+
+            rows = asyncio.run(finished())
+        finally:
+            for w in workers:
+                w.send_signal(signal.SIGTERM)
+            for w in workers:
+                try:
+                    w.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    w.kill()
+    assert Counter(r["status"] for r in rows) == {"succeeded": JOBS}
+    assert all(r["runs"] == 1 for r in rows)  # claimed exactly once
+    submits = Counter(body["input"]["prompt"] for _, _, _, body in fake.submits())
+    assert len(submits) == JOBS and set(submits.values()) == {1}  # one upstream call per job, none lost
+    by_worker = Counter(r["claimed_by"] for r in rows)
+    assert len(by_worker) == 3, by_worker  # all three workers took part
