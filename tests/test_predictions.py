@@ -141,3 +141,10 @@ def test_replicate_names_resolve() -> None:
 def test_webhook_secret_is_served(base_url: str) -> None:
     resp = httpx.get(f"{base_url}/v1/webhooks/default/secret")
     assert resp.status_code == 200 and resp.json()["key"].startswith("whsec_")
+
+
+def test_logs_say_what_happened(rc: replicate.Client) -> None:
+    p = rc.predictions.create(model=TINY, input={"prompt": "logged", "size": "32x32"})
+    p.wait()
+    assert "run 1 on worker" in p.logs and "local/kontext-tiny: succeeded" in p.logs
+    assert "succeeded: 1 image(s) 32x32 png from local/kontext-tiny" in p.logs

@@ -131,8 +131,11 @@ class ImageService:
             while True:
                 left = poll if deadline is None else min(poll, deadline - time.monotonic())
                 if left > 0:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(event.wait(), timeout=left)
+                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that arrives
+                    # as the event is set, and the task then never stops.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(left):
+                            await event.wait()
                 record = await self.db.get_request(request_id)
                 if record is None or record["status"] in TERMINAL:
                     return record or {}

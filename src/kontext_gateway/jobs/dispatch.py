@@ -95,8 +95,11 @@ class WebhookDispatcher:
                 except Exception:  # noqa: BLE001 - a database hiccup must not stop deliveries
                     log.exception("claiming a webhook delivery failed")
                 if row is None:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), timeout=self.settings.webhook_poll_interval_s)
+                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that arrives
+                    # as the event is set, and the task then never stops.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.settings.webhook_poll_interval_s):
+                            await self._wake.wait()
             task = asyncio.create_task(self._deliver(row, slots), name=f"webhook-{row['id']}")
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)

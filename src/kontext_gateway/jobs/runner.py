@@ -84,7 +84,8 @@ class JobRunner:
         except GatewayError as exc:
             # Status and headers (retry-after, x-should-retry) travel with the error to whoever waits.
             await db.mark_failed(rid, error={**exc.body()["error"], "status": exc.status, "headers": exc.headers},
-                                 attempts=_attempts(job), duration_ms=_ms(t0))
+                                 attempts=_attempts(job), duration_ms=_ms(t0),
+                                 logs=_logs(record, job, f"failed: {exc.message}"))
         except Exception as exc:  # noqa: BLE001 - a bug must fail the job, not leave it running forever
             log.exception("job %s failed unexpectedly", rid)
             await db.mark_failed(rid, error={"message": f"Internal error: {type(exc).__name__}",
@@ -97,6 +98,8 @@ class JobRunner:
                 output_blob_ids=blob_ids, attempts=_attempts(job), output_size=str(result.size),
                 output_format=job.output_format, duration_ms=_ms(t0),
                 params={**record["params"], "ignored_params": sorted(set(result.ignored_params))},
+                logs=_logs(record, job, f"succeeded: {len(encoded)} image(s) {result.size} {job.output_format} "
+                                        f"from {entry.config_key}"),
             )
         finally:
             self._stop_reason.pop(rid, None)
@@ -133,6 +136,16 @@ class JobRunner:
                 pixels = decode_image(img.data or b"", param="output", max_pixels=self.gw.settings.max_input_pixels)
             encoded.append(encode_image(pixels, job.output_format, compression=job.output_compression))
         return encoded, [self.gw.blobs.put(data, ext=EXTENSIONS[job.output_format]) for data in encoded]
+
+
+def _logs(record: dict[str, Any], job: ImageJob | None, outcome: str) -> str:
+    """The prediction's `logs`: which worker ran it, each attempt, and how it ended."""
+    lines = [f"run {record['runs']} on worker {record.get('claimed_by') or '-'}"]
+    for a in job.attempts if job is not None else []:
+        what = a.error_class or ""
+        lines.append(f"  {a.config_key}: {a.outcome} {what} in {a.duration_ms} ms".replace("  in", " in"))
+    lines.append(outcome)
+    return "\n".join(lines) + "\n"
 
 
 def _attempts(job: ImageJob | None) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ import secrets
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +108,14 @@ class Webhooks:
 
     async def start(self) -> None:
         await self.dispatcher.start()
+        # A crash between a job's end and the queueing of its `completed` webhook would lose it:
+        # announce those now (a repeat is ignored by emit).
+        since = datetime.now().astimezone() - timedelta(days=1)
+        try:
+            for record in await self.gw.db.ended_without_completed_webhook(since):
+                await self.emit(record, "completed")
+        except Exception:  # noqa: BLE001 - start-up must not fail on it; the log says what happened
+            log.exception("announcing jobs that ended without their completed webhook failed")
 
     async def stop(self) -> None:
         await self.dispatcher.stop()

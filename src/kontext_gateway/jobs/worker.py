@@ -94,8 +94,11 @@ class Worker:
                     log.exception("claiming a job failed")
                 if record is None:
                     self._wake.clear()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), timeout=settings.job_poll_interval_s)
+                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that arrives
+                    # as the event is set, and the task then never stops.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(settings.job_poll_interval_s):
+                            await self._wake.wait()
             task = asyncio.create_task(self._run(record, slots), name=f"job-{record['id']}")
             self.running[record["id"]] = task
 

@@ -134,8 +134,11 @@ class Database:
         output_format: str | None,
         duration_ms: int,
         params: dict[str, Any] | None = None,
+        logs: str | None = None,
     ) -> None:
-        extra = {"params": params} if params is not None else {}
+        extra: dict[str, Any] = {"params": params} if params is not None else {}
+        if logs:
+            extra["logs"] = RequestRecord.logs + logs
         await self._update(
             id,
             **extra,
@@ -161,6 +164,7 @@ class Database:
         attempts: list[dict[str, Any]],
         duration_ms: int,
         provider: str | None = None,
+        logs: str | None = None,
     ) -> None:
         values: dict[str, Any] = dict(
             status="failed", completed_at=utcnow(), error=error, attempts=list(attempts), duration_ms=duration_ms,
@@ -168,6 +172,8 @@ class Database:
         )
         if provider is not None:  # None keeps the provider mark_running recorded, if any
             values["provider"] = provider
+        if logs:
+            values["logs"] = RequestRecord.logs + logs
         await self._update(id, **values)
 
     async def mark_canceled(self, id: str, *, attempts: list[dict[str, Any]], duration_ms: int | None) -> None:
@@ -234,6 +240,18 @@ class Database:
             )
             record = await session.get(RequestRecord, id)
             return None if record is None else _as_dict(record)
+
+    async def ended_without_completed_webhook(self, since: datetime) -> list[dict[str, Any]]:
+        """Jobs that ended since `since` with a webhook but no `completed` delivery queued: after a
+        crash between a job's end and its webhook, these are announced on start-up."""
+        has_completed = select(WebhookDelivery.id).where(WebhookDelivery.request_id == RequestRecord.id,
+                                                         WebhookDelivery.event == "completed").exists()
+        query = select(RequestRecord).where(
+            RequestRecord.webhook.is_not(None), RequestRecord.status.in_(("succeeded", "failed", "canceled")),
+            RequestRecord.completed_at >= since, ~has_completed,
+        ).order_by(RequestRecord.completed_at)
+        async with self._session() as session:
+            return [_as_dict(r) for r in (await session.scalars(query)).all()]
 
     async def append_log(self, id: str, text: str) -> None:
         async with self._session() as session, session.begin():
