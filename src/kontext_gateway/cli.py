@@ -136,6 +136,8 @@ async def _worker(args: argparse.Namespace) -> int:
     from .gateway import Gateway
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request's full URL at INFO; a webhook URL may carry a token in its query.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = _settings(args)
     if args.concurrency is not None:
         settings.workers = args.concurrency
