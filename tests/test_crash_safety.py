@@ -87,7 +87,8 @@ def test_kill_9_mid_prediction_then_restart(tmp_path: Path) -> None:
         env = {"REPLICATE_API_TOKEN": "r8_test", "REPLICATE_BASE_URL": fake_url,
                "KONTEXT_UPSTREAM_POLL_INTERVAL_S": "0.05", "KONTEXT_JOB_LEASE_S": "2",
                "KONTEXT_JOB_POLL_INTERVAL_S": "0.1", "KONTEXT_ALLOW_PRIVATE_URLS": "1",
-               "KONTEXT_WEBHOOK_RETRY_DELAYS_S": "[0.2, 0.5, 1, 2]"}
+               "KONTEXT_WEBHOOK_RETRY_DELAYS_S": "[0.2, 0.5, 1, 2]", "KONTEXT_WEBHOOK_TIMEOUT_S": "2",
+               "KONTEXT_WEBHOOK_SWEEP_INTERVAL_S": "1"}
         hook = hook_url + "/hook"
         with gateway_process(tmp_path, env) as (proc, url):
             remote = [create(url, "replicate/flux.1-kontext-pro", {"prompt": f"remote {i}"}, hook) for i in range(3)]
@@ -124,8 +125,24 @@ def test_kill_9_mid_prediction_then_restart(tmp_path: Path) -> None:
             # Each upstream task was submitted exactly once: the restarted gateway polled it.
             prompts = Counter(body["input"]["prompt"] for _, _, _, body in fake.submits())
             assert prompts == Counter({f"remote {i}": 1 for i in range(3)})
-            deadline = time.monotonic() + 30
+            # A delivery a killed process had claimed waits out its lease (webhook timeout + 30 s).
+            deadline = time.monotonic() + 60
             while set(receiver.completed()) != set(remote + local):
-                assert time.monotonic() < deadline, f"terminal webhooks missing: {receiver.completed()}"
+                assert time.monotonic() < deadline, _diagnose(tmp_path, set(remote + local) - set(receiver.completed()))
                 time.sleep(0.1)
             assert all(n == 1 for n in receiver.completed().values()), receiver.completed()
+
+
+def _diagnose(data_dir: Path, missing: set[str]) -> str:
+    """What the database says about predictions whose terminal webhook never came."""
+    import sqlite3
+
+    con = sqlite3.connect(data_dir / "kontext.db")
+    lines = [f"terminal webhooks missing for {sorted(missing)}"]
+    for rid in missing:
+        lines.append(str(con.execute("SELECT status, runs, webhook, webhook_events FROM requests WHERE id = ?",
+                                     (rid,)).fetchall()))
+        lines.append(str(con.execute("SELECT event, state, attempts, last_status, last_error FROM webhook_deliveries "
+                                     "WHERE request_id = ?", (rid,)).fetchall()))
+    return "\n".join(lines)
+

@@ -148,3 +148,17 @@ def test_logs_say_what_happened(rc: replicate.Client) -> None:
     p.wait()
     assert "run 1 on worker" in p.logs and "local/kontext-tiny: succeeded" in p.logs
     assert "succeeded: 1 image(s) 32x32 png from local/kontext-tiny" in p.logs
+
+
+def test_predictions_nobody_waits_on_leave_nothing_behind(base_url: str, rc: replicate.Client) -> None:
+    """Each job someone waits on has a completion signal; one nobody waits on must not keep one."""
+    ids = [rc.predictions.create(model=TINY, input={"prompt": f"fire and forget {i}", "size": "32x32"}).id
+           for i in range(3)]
+    for pid in ids:
+        rc.predictions.get(pid).wait()
+    import gc
+
+    from kontext_gateway.jobs.worker import Completions  # the server runs in this process
+
+    leftovers = [c for c in gc.get_objects() if isinstance(c, Completions) and any(i in c._events for i in ids)]
+    assert leftovers == []

@@ -68,8 +68,9 @@ def test_three_workers_run_each_job_exactly_once(pg_database: str, tmp_path: Pat
                 await gw.close()
 
         ids = asyncio.run(enqueue())
+        log = open(tmp_path / "workers.log", "wb")  # a file, not a pipe nobody reads (it could fill)
         workers = [subprocess.Popen([sys.executable, "-m", "kontext_gateway", "worker", "--concurrency", "8"],
-                                    env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                    env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=log)
                    for _ in range(3)]
         try:
             async def finished() -> list[dict]:
@@ -96,6 +97,7 @@ def test_three_workers_run_each_job_exactly_once(pg_database: str, tmp_path: Pat
                     w.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     w.kill()
+            log.close()
     assert Counter(r["status"] for r in rows) == {"succeeded": JOBS}
     assert all(r["runs"] == 1 for r in rows)  # claimed exactly once
     submits = Counter(body["input"]["prompt"] for _, _, _, body in fake.submits())

@@ -245,6 +245,6 @@ async def test_sqlite_pragmas(tmp_path: Any) -> None:
                 (await conn.exec_driver_sql(f"PRAGMA {name}")).scalar()
                 for name in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys")
             ]
-        assert values == ["wal", 1, 5000, 1]  # synchronous=NORMAL is 1
+        assert values == ["wal", 1, 15000, 1]  # synchronous=NORMAL is 1
     finally:
         await database.close()

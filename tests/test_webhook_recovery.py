@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 from kontext_gateway.config import Settings
 from kontext_gateway.gateway import Gateway
+from kontext_gateway.store.models import utcnow
 
 
 async def test_ended_job_without_webhook_is_announced_on_start(tmp_path: Path) -> None:
@@ -20,6 +22,8 @@ async def test_ended_job_without_webhook_is_announced_on_start(tmp_path: Path) -
         await gw.db.mark_succeeded("req_crashed", provider="local/kontext-tiny", cost=0.0, currency="USD",
                                    output_blob_ids=[], attempts=[], output_size="32x32", output_format="png",
                                    duration_ms=5, logs="done\n")
+        # It ended a minute ago (jobs that ended seconds ago are left to their own runner).
+        await gw.db._update("req_crashed", completed_at=utcnow() - timedelta(minutes=1))
         assert await gw.db.list_deliveries("req_crashed") == []
         await gw.webhooks.start()
         await gw.webhooks.stop()

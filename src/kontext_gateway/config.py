@@ -87,6 +87,7 @@ class Settings(BaseSettings):
     job_lease_s: float = 30.0  # a claimed job whose worker stops renewing is taken up again after this
     job_poll_interval_s: float = 0.5  # how often idle workers look for jobs enqueued by other processes
     idempotency_ttl_s: float = 86400.0  # how long an Idempotency-Key names its request
+    webhook_sweep_interval_s: float = 30.0  # how often ended jobs are checked for a lost completed webhook
 
     # Outbound URLs (webhooks, input images by URL) that resolve to loopback, private, link-local or
     # metadata addresses are refused unless this is set: on, the gateway can be made to reach them.

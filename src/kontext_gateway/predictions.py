@@ -53,7 +53,7 @@ class PredictionService:
         rid = await self.gw.images.submit(
             mode="edit" if files else "text-to-image", fields=fields, files=files, key_id=key_id, input=recorded,
             version=version if isinstance(version, str) else None, webhook=webhook, webhook_events=events,
-            endpoint="predictions", request_id=request_id,
+            endpoint="predictions", request_id=request_id, waiter=bool(wait),
         )
         if wait:
             record = await self.gw.images.wait(rid, timeout=wait, cancel_on_abandon=False)

@@ -79,7 +79,7 @@ class ImageService:
         request_id: str | None = None,
     ) -> ImageOutcome:
         request_id = await self.submit(mode=mode, fields=fields, files=files, provider=provider, key_id=key_id,
-                                       progress=progress, request_id=request_id)
+                                       progress=progress, request_id=request_id, waiter=True)
         record = await self.wait(request_id)
         return self.render(record, base_url)
 
@@ -87,9 +87,10 @@ class ImageService:
         self, *, mode: Mode, fields: dict[str, Any], files: list[InputFile], provider: str | None = None,
         key_id: str | None = None, progress: ProgressFn | None = None, request_id: str | None = None,
         input: dict[str, Any] | None = None, version: str | None = None, webhook: str | None = None,
-        webhook_events: list[str] | None = None, endpoint: str | None = None,
+        webhook_events: list[str] | None = None, endpoint: str | None = None, waiter: bool = False,
     ) -> str:
-        """Validate and enqueue: the job is committed before anyone waits on it. Returns its id."""
+        """Validate and enqueue: the job is committed before anyone waits on it. Returns its id.
+        `waiter`: the caller will wait() on it, so its completion signal is set up first."""
         request_id = request_id or new_request_id()
         endpoint = endpoint or ("images.edits" if mode == "edit" else "images.generations")
         t0 = time.perf_counter()
@@ -110,7 +111,8 @@ class ImageService:
                            requested_model=req.model, forced=forced.config_key if forced else None, provider=provider)
         if progress is not None:
             self.gw.runner.progress[request_id] = progress
-        self.gw.completions.event(request_id)  # registered before the job can finish
+        if waiter:
+            self.gw.completions.event(request_id)  # registered before the job can finish
         await self.db.create_request(
             id=request_id, endpoint=endpoint, model=job.model.id, mode=mode, params=params, key_id=key_id,
             input=input if input is not None else _safe_params(fields), version=version, webhook=webhook,

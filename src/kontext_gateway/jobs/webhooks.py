@@ -9,8 +9,10 @@ webhook URL at creation with `validate_webhook_url` (422 when it reaches a priva
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 import os
 import secrets
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 EVENTS = ("start", "output", "logs", "completed")
 THROTTLED = ("output", "logs")  # at most one every THROTTLE_S per prediction, as Replicate sends them
 THROTTLE_S = 0.5
+SWEEP_GRACE_S = 10.0  # a job that ended this recently is its runner's to announce
 SECRET_PREFIX = "whsec_"
 
 Render = Callable[[dict[str, Any]], dict[str, Any]]
@@ -108,17 +111,35 @@ class Webhooks:
 
     async def start(self) -> None:
         await self.dispatcher.start()
-        # A crash between a job's end and the queueing of its `completed` webhook would lose it:
-        # announce those now (a repeat is ignored by emit).
-        since = datetime.now().astimezone() - timedelta(days=1)
-        try:
-            for record in await self.gw.db.ended_without_completed_webhook(since):
-                await self.emit(record, "completed")
-        except Exception:  # noqa: BLE001 - start-up must not fail on it; the log says what happened
-            log.exception("announcing jobs that ended without their completed webhook failed")
+        await self.sweep()
+        self._sweeper = asyncio.create_task(self._sweep_loop(), name="webhook-sweep")
 
     async def stop(self) -> None:
+        sweeper, self._sweeper = getattr(self, "_sweeper", None), None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
         await self.dispatcher.stop()
+
+    async def sweep(self) -> None:
+        """Queue the `completed` webhook of jobs that ended without it: a crash between a job's end
+        and the queueing, or a queueing that failed (a locked database...). A repeat is ignored."""
+        now = datetime.now().astimezone()
+        # Jobs that ended in the last seconds are left to their runner, which queues the webhook
+        # itself: sweeping them too could queue a second one.
+        try:
+            for record in await self.gw.db.ended_without_completed_webhook(now - timedelta(days=1),
+                                                                          now - timedelta(seconds=SWEEP_GRACE_S)):
+                if self.wants(record, "completed"):
+                    await self.emit(record, "completed")
+        except Exception:  # noqa: BLE001 - the next sweep tries again; the log says what happened
+            log.exception("announcing jobs that ended without their completed webhook failed")
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.gw.settings.webhook_sweep_interval_s)
+            await self.sweep()
 
     @staticmethod
     def wants(record: dict[str, Any], event: str) -> bool:

@@ -32,8 +32,9 @@ class Completions:
         return self._events.setdefault(request_id, asyncio.Event())
 
     def done(self, request_id: str) -> None:
-        # Only jobs someone waits on have an event (registered before the job was enqueued).
-        event = self._events.get(request_id)
+        # Only jobs someone waits on have an event (registered before the job was enqueued); the
+        # waiter holds it, so it can go now: nothing stays behind for jobs nobody waits on.
+        event = self._events.pop(request_id, None)
         if event is not None:
             event.set()
 

@@ -241,14 +241,16 @@ class Database:
             record = await session.get(RequestRecord, id)
             return None if record is None else _as_dict(record)
 
-    async def ended_without_completed_webhook(self, since: datetime) -> list[dict[str, Any]]:
-        """Jobs that ended since `since` with a webhook but no `completed` delivery queued: after a
-        crash between a job's end and its webhook, these are announced on start-up."""
+    async def ended_without_completed_webhook(self, since: datetime, until: datetime | None = None
+                                              ) -> list[dict[str, Any]]:
+        """Jobs that ended between `since` and `until` with a webhook but no `completed` delivery
+        queued (a crash between a job's end and its webhook, or a failed queueing)."""
         has_completed = select(WebhookDelivery.id).where(WebhookDelivery.request_id == RequestRecord.id,
                                                          WebhookDelivery.event == "completed").exists()
         query = select(RequestRecord).where(
             RequestRecord.webhook.is_not(None), RequestRecord.status.in_(("succeeded", "failed", "canceled")),
             RequestRecord.completed_at >= since, ~has_completed,
+            *([RequestRecord.completed_at < until] if until is not None else []),
         ).order_by(RequestRecord.completed_at)
         async with self._session() as session:
             return [_as_dict(r) for r in (await session.scalars(query)).all()]
