@@ -35,3 +35,19 @@ async def test_ended_job_without_webhook_is_announced_on_start(tmp_path: Path) -
         assert (await gw.db.get_request("req_crashed"))["logs"] == "done\n"
     finally:
         await gw.close()
+
+
+async def test_the_database_keeps_one_completed_webhook_per_prediction(tmp_path: Path) -> None:
+    gw = Gateway(Settings(data_dir=tmp_path))
+    await gw.start(workers=False)
+    try:
+        await gw.db.create_request(id="req_once", endpoint="predictions", model="kontext-tiny",
+                                   mode="text-to-image", params={"prompt": "x"}, webhook="http://127.0.0.1:9/hook")
+        first = await gw.db.add_delivery("req_once", event="completed", url="http://127.0.0.1:9/hook", payload={})
+        second = await gw.db.add_delivery("req_once", event="completed", url="http://127.0.0.1:9/hook", payload={})
+        logs = await gw.db.add_delivery("req_once", event="logs", url="http://127.0.0.1:9/hook", payload={})
+        again = await gw.db.add_delivery("req_once", event="logs", url="http://127.0.0.1:9/hook", payload={})
+        assert first is not None and second is None and logs is not None and again is not None
+        assert [d["event"] for d in await gw.db.list_deliveries("req_once")] == ["completed", "logs", "logs"]
+    finally:
+        await gw.close()

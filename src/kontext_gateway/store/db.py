@@ -7,6 +7,7 @@ from typing import Any
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
@@ -301,14 +302,21 @@ class Database:
 
     # -- webhook deliveries: the delivery log, and a queue with one delivery in flight per request ---------
 
-    async def add_delivery(self, request_id: str, *, event: str, url: str, payload: dict[str, Any]) -> int:
+    async def add_delivery(self, request_id: str, *, event: str, url: str, payload: dict[str, Any]) -> int | None:
+        """Queue a delivery; None when it is a second `completed` for the request (the database keeps
+        one: the runner and the recovery sweep may both try)."""
         now = utcnow()
         row = WebhookDelivery(request_id=request_id, event=event, url=url, payload=payload, state="pending",
                               attempts=0, next_attempt_at=now, created_at=now)
-        async with self._session() as session, session.begin():
-            session.add(row)
-            await session.flush()
-            return row.id
+        try:
+            async with self._session() as session, session.begin():
+                session.add(row)
+                await session.flush()
+                return row.id
+        except IntegrityError:
+            if event == "completed":
+                return None
+            raise
 
     async def claim_delivery(self, lease_s: float) -> dict[str, Any] | None:
         """Atomically take a delivery that is due (or whose sender's lease ran out), counting the attempt.
