@@ -41,7 +41,6 @@ import collections
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -61,6 +60,7 @@ from common import (
     percentile,
     rss_mb,
     server_command,
+    stop_process,
 )
 from common import _own_cpu as _own_and_children_cpu
 
@@ -113,17 +113,6 @@ def postgres_cpu() -> float:
         if not parent_is_pg:  # the postmaster: add its reaped children
             total += int(fields[13]) + int(fields[14])
     return total / hz
-
-
-def _stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _wait_http(proc: subprocess.Popen, port: int, path: str, status: int, what: str, log: Path,
@@ -247,7 +236,7 @@ async def run_workers(db, n: int, start_workers, pids: dict[str, int], poll: flo
         busy = _machine_busy()[0] - busy0
     finally:
         for w in workers:
-            _stop(w)
+            stop_process(w)
     first = next(((k, c) for k, c in samples if k > 0), None)
     last = samples[-1]
     steady = (1000 * (last[1] - first[1]) / (last[0] - first[0])
@@ -386,8 +375,8 @@ def run_config(args: argparse.Namespace, spec: str) -> dict:
                 print(f"--- {p.name} (tail) ---\n{p.read_text(errors='replace')[-2000:]}", file=sys.stderr)
         raise
     finally:
-        _stop(api)
-        _stop(fake)
+        stop_process(api)
+        stop_process(fake)
         if pg_name:
             asyncio.run(_admin(args.pg_server, f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)'))
         if not args.keep:

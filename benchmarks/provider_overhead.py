@@ -54,6 +54,7 @@ from common import (
     http_get,
     machine,
     percentile,
+    stop_process,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,13 +104,7 @@ class FakeUpstream:
             time.sleep(0.01)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=15)
         self.log.close()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import uuid
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,33 @@ def running_server(settings: Settings) -> Iterator[str]:
     """Start the real gateway under uvicorn on a free loopback port; yield its base URL."""
     with serve(create_app(settings)) as url:
         yield url
+
+
+@contextmanager
+def throwaway_postgres_database(prefix: str) -> Iterator[str]:
+    """A fresh PostgreSQL database on 127.0.0.1:5432, dropped afterwards; skips the test with the
+    reason when PostgreSQL is not reachable."""
+    reason = postgres_reachable()
+    if reason:
+        pytest.skip(reason)
+    import asyncio
+
+    import asyncpg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres", timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def postgres_reachable() -> str | None:

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import postgres_reachable, running_server
+from conftest import running_server, throwaway_postgres_database
 from kontext_gateway.config import Settings
 from kontext_gateway.store.db import Database
 
-ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"], scope="module")
@@ -22,25 +20,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'kontext.db'}"
         return
-    reason = postgres_reachable()
-    if reason:
-        pytest.skip(reason)
-    import asyncpg
-
-    name = f"kontext_test_{uuid.uuid4().hex[:12]}"  # a throwaway database, dropped afterwards
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(ADMIN_DSN, timeout=5)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with throwaway_postgres_database("kontext_test") as url:
+        yield url
 
 
 def records(url: str, request_id: str) -> dict:

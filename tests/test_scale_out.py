@@ -9,44 +9,25 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import postgres_reachable
+from conftest import throwaway_postgres_database
 from fakes.common import serve
 from fakes.replicate import FakeReplicate
 from kontext_gateway.config import Settings
 from kontext_gateway.gateway import Gateway
 
-ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 JOBS = 500
 
 
 @pytest.fixture
 def pg_database() -> Iterator[str]:
-    reason = postgres_reachable()
-    if reason:
-        pytest.skip(reason)
-    import asyncpg
-
-    name = f"kontext_scale_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(ADMIN_DSN, timeout=5)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with throwaway_postgres_database("kontext_scale") as url:
+        yield url
 
 
 def test_three_workers_run_each_job_exactly_once(pg_database: str, tmp_path: Path) -> None:

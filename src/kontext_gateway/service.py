@@ -47,7 +47,7 @@ class InputFile:
 class ImageOutcome:
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
-    blobs: list[bytes] = field(default_factory=list)
+    blobs: list[bytes] = field(default_factory=list)  # the images' bytes, for b64_json responses
 
 
 def new_request_id() -> str:
@@ -175,12 +175,14 @@ class ImageService:
                                headers={"x-request-id": rid})
         params = record["params"]
         entry = self.catalog.resolve(record["provider"])[1] if record.get("provider") else None
-        blobs = [self.blobs.get(b) or b"" for b in record["output_blob_ids"]]
+        inline = params.get("response_format") == "b64_json"
+        # The bytes are read only when they go into the response: a URL response links to them.
+        blobs = [self.blobs.get(b) or b"" for b in record["output_blob_ids"]] if inline else []
         data = []
-        for blob_id, raw in zip(record["output_blob_ids"], blobs):
+        for i, blob_id in enumerate(record["output_blob_ids"]):
             item: dict[str, Any] = {"revised_prompt": params["prompt"]}
-            if params.get("response_format") == "b64_json":
-                item["b64_json"] = base64.b64encode(raw).decode()
+            if inline:
+                item["b64_json"] = base64.b64encode(blobs[i]).decode()
             else:
                 item["url"] = self.blob_url(base_url, blob_id)
             data.append(item)
