@@ -40,7 +40,7 @@ def test_generate_every_format(client: OpenAI, response_format: str, output_form
     assert resp.size == "96x64" and resp.output_format == output_format
     meta = resp.model_extra["metadata"]
     assert meta["model"] == "kontext-tiny" and meta["provider"] == "local"
-    assert meta["cost"] == 0.0 and meta["currency"] == "USD"
+    assert meta["cost"] == 0.001 and meta["currency"] == "USD"
     assert meta["attempts"][0]["outcome"] == "succeeded"
 
 

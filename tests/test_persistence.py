@@ -53,7 +53,7 @@ def test_requests_are_recorded(database_url: str, tmp_path: Path) -> None:
     assert rec["output_size"] == "64x48" and rec["output_format"] == "webp"
     assert len(rec["output_blob_ids"]) == 2 and all(b.endswith(".webp") for b in rec["output_blob_ids"])
     assert all((tmp_path / "blobs" / b[:2] / b[2:4] / b).is_file() for b in rec["output_blob_ids"])
-    assert rec["cost"] == 0.0 and rec["duration_ms"] >= 0 and rec["completed_at"] >= rec["created_at"]
+    assert rec["cost"] == 0.002 and rec["duration_ms"] >= 0 and rec["completed_at"] >= rec["created_at"]
     assert rec["attempts"][0]["outcome"] == "succeeded"
 
     failed = records(database_url, bad.headers["x-request-id"])

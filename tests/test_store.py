@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection
 from kontext_gateway.store.db import Database
 from kontext_gateway.store.models import Base
 
-HEAD = "0003"  # the newest migration
+HEAD = "0004"  # the newest migration
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 
@@ -90,7 +90,7 @@ def _new_id() -> str:
 
 async def test_migration_creates_table_matching_models(db: Database) -> None:
     state = await _state(db)
-    assert {"requests", "upstream_tasks", "webhook_deliveries", "idempotency_keys", "files",
+    assert {"requests", "upstream_tasks", "webhook_deliveries", "idempotency_keys", "files", "api_keys", "ledger",
             "alembic_version"} <= state["tables"]
     assert {"ix_requests_created_at", "ix_requests_key_id", "ix_requests_model", "ix_requests_status",
             "ix_requests_claim"} <= state["indexes"]

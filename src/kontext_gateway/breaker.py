@@ -2,7 +2,8 @@
 
 Closed: requests flow; `failures` consecutive failures open it. Open: the provider is skipped for
 `reset_s`. Then half-open: one request goes through as a probe; success closes the breaker, failure
-opens it again for another `reset_s`. State is in memory, per process.
+opens it again for another `reset_s`. State is in memory, per process; each change of a key's state
+is published as the `kontext_circuit_state` gauge (see metrics.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+from . import metrics
 
 
 @dataclass
@@ -25,6 +28,15 @@ class CircuitBreaker:
         self.reset_s = reset_s
         self.clock = clock
         self._states: dict[str, _State] = {}
+        self._published: dict[str, str] = {}  # key -> state last set on the gauge
+
+    def _publish(self, key: str) -> None:
+        """Set the gauge when the key's state changed (open -> half-open happens with time, so it is
+        seen at the next allow())."""
+        state = self.state(key)
+        if self._published.get(key) != state:
+            self._published[key] = state
+            metrics.circuit(key, state)
 
     def state(self, key: str) -> str:
         s = self._states.get(key)
@@ -34,6 +46,7 @@ class CircuitBreaker:
 
     def allow(self, key: str) -> bool:
         """Whether a request may go to `key` now. In half-open state, only one probe at a time."""
+        self._publish(key)
         state = self.state(key)
         if state == "closed":
             return True
@@ -47,6 +60,7 @@ class CircuitBreaker:
 
     def success(self, key: str) -> None:
         self._states.pop(key, None)
+        self._publish(key)
 
     def failure(self, key: str) -> None:
         s = self._states.setdefault(key, _State())
@@ -54,6 +68,7 @@ class CircuitBreaker:
         if s.probing or s.failures >= self.threshold:
             s.opened_at = self.clock()
             s.probing = False
+        self._publish(key)
 
     def release(self, key: str) -> None:
         """A probe that ended neither in success nor in a provider failure (e.g. moderation)."""

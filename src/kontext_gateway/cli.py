@@ -17,15 +17,21 @@ examples:
   kontext serve                                   # http://127.0.0.1:8000, data in ./data
   kontext serve --host 0.0.0.0 --port 9000 --data-dir /var/lib/kontext
   kontext models
+  kontext usage --days 7 --group-by day,model     # requests, images and cost from the database
   kontext serve --workers 0 & kontext worker --concurrency 16   # API and workers apart
   kontext generate "a red fox in the snow" -o fox.png --size 512x512 --seed 7
   kontext edit fox.png "make it night" -o night.webp --model kontext-tiny
+  kontext keys create --name team-a --budget 25 --budget-period month --rpm 60 --json
+  kontext keys list
 
 environment:
   KONTEXT_DATA_DIR          data directory (database, images, URL-signing key); default ./data
   DATABASE_URL              postgresql://... to use PostgreSQL instead of SQLite
   KONTEXT_DEV_WEIGHTS_DIR   FLUX.1 Kontext [dev] weights in diffusers layout, served by the local engine
   KONTEXT_DEFAULT_MODEL     model used when a request names none (default kontext-tiny)
+  KONTEXT_LOG_FORMAT        json or text (default: text on a terminal, JSON lines otherwise)
+  PROMETHEUS_MULTIPROC_DIR  an empty directory shared by the API and worker processes: /metrics
+                            then shows all of them (metrics of each process otherwise)
 """
 
 
@@ -47,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="port (default 8000)")
     _data_dir_arg(serve)
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _log_format_arg(serve)
     serve.add_argument("--workers", type=int, default=None,
                        help="jobs this process runs at once (default 8; 0: only serve the API and leave the "
                             "jobs to `kontext worker` processes on the same database)")
@@ -56,10 +63,43 @@ def main(argv: list[str] | None = None) -> int:
                                         "database: several workers on one PostgreSQL database each claim a "
                                         "job exactly once. Stops on SIGINT / SIGTERM.")
     worker.add_argument("--concurrency", type=int, default=None, help="jobs run at once (default 8)")
+    _log_format_arg(worker)
     _data_dir_arg(worker)
 
     models = sub.add_parser("models", help="list the models in the catalog")
     models.add_argument("--json", action="store_true", help="print the catalog as JSON")
+
+    usage = sub.add_parser("usage", help="requests, images and cost by day, key, model and provider",
+                           description="Usage totals from the database (the same as GET /v1/usage), "
+                                       "days in UTC, with a TOTAL row.")
+    usage.add_argument("--key", help="only this key's requests (its id, key_...)")
+    usage.add_argument("--model", help="only this model (id or alias)")
+    usage.add_argument("--provider", help="only this provider (e.g. fal) or config key (fal/flux.1-kontext-pro)")
+    usage.add_argument("--days", type=int, help="only the last N days, today included (default: all)")
+    usage.add_argument("--group-by", default="day,key,model,provider",
+                       help="comma list of day, key, model, provider (default: all four)")
+    usage.add_argument("--json", action="store_true", help="print the GET /v1/usage JSON")
+    _data_dir_arg(usage)
+
+    keys = sub.add_parser("keys", help="create, list, show, update or revoke API keys",
+                          description="API keys, stored hashed in the database: a running server sees a "
+                                      "change at once. Once a key exists, every /v1 call needs "
+                                      "'Authorization: Bearer <key>'.")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    create = keys_sub.add_parser("create", help="make a key (printed once: store it)")
+    create.add_argument("--name", required=True, help="who or what uses the key")
+    create.add_argument("--admin", action="store_true", help="may manage keys and see every request")
+    _key_limit_args(create)
+    for action, text in (("list", "list keys, revoked ones included"), ("show", "one key's limits and spend"),
+                         ("update", "change a key's limits ('none' removes one)"), ("revoke", "revoke a key")):
+        p = keys_sub.add_parser(action, help=text)
+        if action != "list":
+            p.add_argument("key_id", help="the key's id (key_...), as `kontext keys list` shows")
+        if action == "update":
+            _key_limit_args(p)
+    for p in keys_sub.choices.values():
+        p.add_argument("--json", action="store_true", help="print JSON")
+        _data_dir_arg(p)
 
     gen = sub.add_parser("generate", help="make an image from a prompt (runs locally, no server needed)")
     gen.add_argument("prompt")
@@ -75,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "models":
         return _models(args)
+    if args.command == "usage":
+        return asyncio.run(_usage(args))
+    if args.command == "keys":
+        return asyncio.run(_keys(args))
     if args.command == "worker":
         return asyncio.run(_worker(args))
     if args.command in ("generate", "edit"):
@@ -86,6 +130,98 @@ def main(argv: list[str] | None = None) -> int:
 def _data_dir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, default=None,
                    help="data directory (database, images, signing key); default $KONTEXT_DATA_DIR or ./data")
+
+
+def _log_format_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=["json", "text"], default=None,
+                   help="log lines as JSON objects or text (default $KONTEXT_LOG_FORMAT, else text on a "
+                        "terminal and JSON otherwise)")
+
+
+def _configure_logs(args: argparse.Namespace, settings: Any, level: str) -> None:
+    from . import logs
+
+    logs.configure(level, json=logs.choose_format(args.log_format) == "json", secrets=logs.settings_secrets(settings))
+
+
+def _key_limit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget", metavar="USD", help="spending limit in US dollars ('none': no limit)")
+    p.add_argument("--budget-period", choices=["day", "week", "month", "none"],
+                   help="the budget renews each UTC day / week / month (default: for the key's lifetime)")
+    p.add_argument("--rpm", help="requests per minute ('none': no limit)")
+    p.add_argument("--ipm", help="images per minute ('none': no limit)")
+    p.add_argument("--max-concurrent", help="requests running at once ('none': no limit)")
+    p.add_argument("--models", help="comma-separated model ids or aliases it may use ('none': all)")
+
+
+def _key_limits(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the limits given on the command line; 'none' clears one."""
+    out: dict[str, Any] = {}
+    for name, cast in (("budget", float), ("rpm", int), ("ipm", int), ("max_concurrent", int),
+                       ("models", str), ("budget_period", str)):
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        field = "budget_usd" if name == "budget" else name
+        try:
+            out[field] = None if value == "none" else cast(value)
+        except ValueError:
+            raise SystemExit(f"error: --{name.replace('_', '-')} takes a number (or 'none'), not {value!r}")
+    return out
+
+
+async def _keys(args: argparse.Namespace) -> int:
+    from .catalog import Catalog
+    from .errors import GatewayError
+    from .keys import KeyStore
+    from .store.db import Database
+
+    settings = _settings(args)
+    db = Database(settings.resolved_database_url())
+    await db.start()
+    store = KeyStore(db, Catalog.load(settings.catalog_path))
+    try:
+        action = args.keys_command
+        if action == "create":
+            view, key = await store.create(name=args.name, admin=args.admin, **_key_limits(args))
+            result: Any = {**view, "key": key}
+        elif action == "list":
+            result = await store.list()
+        elif action == "show":
+            result = await store.get(args.key_id)
+        elif action == "update":
+            result = await store.update(args.key_id, **_key_limits(args))
+        else:
+            result = await store.revoke(args.key_id)
+    except GatewayError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        await db.close()
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif action == "list":
+        _print_table([("ID", "NAME", "KEY", "STATUS", "BUDGET", "SPENT", "RPM", "IPM", "MODELS")] + [
+            (k["id"], k["name"], k["hint"], k["status"] + (" admin" if k["admin"] else ""), _money(k["budget_usd"]),
+             _money(k["spent_usd"]), str(k["rpm"] or "-"), str(k["ipm"] or "-"), ",".join(k["models"] or ["all"]))
+            for k in result])
+    else:
+        for name, value in result.items():
+            if name != "key":
+                print(f"{name:16} {value if value is not None else '-'}")
+        if action == "create":
+            print(f"\n{result['key']}\n\nThis is the only time the key is shown: store it now.", file=sys.stderr)
+    return 0
+
+
+def _money(value: float | None) -> str:
+    return "-" if value is None else f"${value:.4f}"
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def _image_args(p: argparse.ArgumentParser) -> None:
@@ -115,17 +251,24 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
+    from . import metrics
     from .api.app import create_app
 
     settings = _settings(args)
     settings.host, settings.port = args.host, args.port
     if args.workers is not None:
         settings.workers = args.workers
-    print(f"Kontext Gateway on http://{args.host}:{args.port}/v1 (data in {settings.data_dir})", file=sys.stderr)
+    _configure_logs(args, settings, args.log_level)
+    logging.getLogger("kontext_gateway").info("Kontext Gateway on http://%s:%s/v1 (data in %s)",
+                                              args.host, args.port, settings.data_dir)
+    # log_config=None: uvicorn's loggers keep the handler installed above (JSON, redacted).
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
-                access_log=args.log_level == "debug")
+                access_log=args.log_level == "debug", log_config=None)
+    metrics.process_exit()
     return 0
 
 
@@ -133,12 +276,11 @@ async def _worker(args: argparse.Namespace) -> int:
     import logging
     import signal
 
+    from . import metrics
     from .gateway import Gateway
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every request's full URL at INFO; a webhook URL may carry a token in its query.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = _settings(args)
+    _configure_logs(args, settings, "info")
     if args.concurrency is not None:
         settings.workers = args.concurrency
     if settings.workers < 1:
@@ -150,10 +292,11 @@ async def _worker(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"worker {gateway.worker.id} running up to {settings.workers} jobs "
-          f"(database {settings.resolved_database_url().split('@')[-1]})", file=sys.stderr, flush=True)
+    logging.getLogger("kontext_gateway").info("worker %s running up to %d jobs (database %s)", gateway.worker.id,
+                                              settings.workers, settings.resolved_database_url().split("@")[-1])
     await stop.wait()
     await gateway.close()  # running jobs are left to the next worker: their leases run out
+    metrics.process_exit()
     return 0
 
 
@@ -171,6 +314,50 @@ def _models(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+    return 0
+
+
+async def _usage(args: argparse.Namespace) -> int:
+    """Reads the database directly (no server needed, no workers started)."""
+    from datetime import UTC, datetime, timedelta
+
+    from .errors import GatewayError
+    from .gateway import Gateway
+    from .history import History
+
+    if args.days is not None and args.days < 1:
+        print("error: --days must be at least 1", file=sys.stderr)
+        return 2
+    start = None if args.days is None else datetime.now(UTC).date() - timedelta(days=args.days - 1)
+    gateway = Gateway(_settings(args))
+    await gateway.db.start()
+    try:
+        report = await History(gateway).usage(key_id=args.key, model=args.model, provider=args.provider,
+                                              start=start, group_by=args.group_by)
+    except GatewayError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    finally:
+        await gateway.db.close()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    columns = [(g, t) for g, t in (("day", "DAY"), ("key_id", "KEY"), ("key_name", "KEY NAME"), ("model", "MODEL"),
+                                   ("provider", "PROVIDER"))
+               if g.split("_")[0] in report["group_by"]]
+    counts = [("requests", "REQUESTS"), ("succeeded", "SUCCEEDED"), ("failed", "FAILED"), ("images", "IMAGES")]
+
+    def numbers(item: dict[str, Any]) -> list[str]:
+        return [str(item[c]) for c, _ in counts] + [f"{item['cost_micros'] / 1_000_000:.6f}"]  # exact micros
+
+    heads = [t for _, t in columns] or [""]
+    rows = [heads + [t for _, t in counts] + ["COST (USD)"]]
+    rows += [([str(item.get(g) or "-") for g, _ in columns] or [""]) + numbers(item) for item in report["data"]]
+    rows.append(["TOTAL"] + [""] * (len(heads) - 1) + numbers(report["totals"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:  # labels to the left, numbers to the right
+        print("  ".join(c.ljust(w) if i < len(heads) else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(r, widths))).rstrip())
     return 0
 
 

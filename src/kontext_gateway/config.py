@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import (
@@ -106,6 +107,21 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(default=15.0, gt=0)  # one delivery; Standard Webhooks: 15-30 s
     webhook_poll_interval_s: float = Field(default=1.0, gt=0)  # looking for deliveries due (retries, other processes)
     webhook_concurrency: int = Field(default=8, ge=1)  # deliveries in flight per process (one per prediction)
+
+    # Accounts. Keys live in the database (`kontext keys create`); this one extra key, from the
+    # environment, is an admin key that needs no database row (for bootstrapping and automation).
+    admin_key: SecretStr | None = None
+    # Where per-key rate limits are counted: "memory" (this process), "redis://..." or
+    # "postgresql://..." so that several gateway processes share them.
+    rate_limit_url: str | None = None
+
+    # Payload retention (history): "full" keeps prompts and images `payload_retention_days` after a
+    # request ends (None: forever); "metadata" purges them once the job has ended and its links have
+    # expired (`url_ttl_seconds` after completion), and the history never shows prompts. Cost, status,
+    # timings and attempts are always kept. The processes that run jobs sweep every interval.
+    payload_retention: Literal["full", "metadata"] = "full"
+    payload_retention_days: float | None = Field(default=None, gt=0)
+    retention_sweep_interval_s: float = Field(default=300.0, gt=0)
 
     # Limits on what a request may carry.
     max_body_bytes: int = 256 * MIB

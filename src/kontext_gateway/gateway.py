@@ -11,11 +11,14 @@ from .catalog import Catalog
 from .config import Settings
 from .providers.base import Provider
 from .jobs.runner import JobRunner
+from .keys import Authenticator, KeyStore
+from .ratelimit import RateLimiter
 from .jobs.webhooks import Webhooks
 from .jobs.worker import Completions, Worker
 from .predictions import PredictionService
 from .providers import remote_adapters
 from .providers.local import LocalProvider
+from .retention import RetentionSweeper
 from .routing import Router
 from .service import ImageService
 from .store.blobs import LocalBlobStore, URLSigner
@@ -35,12 +38,16 @@ class Gateway:
         self.db = Database(settings.resolved_database_url())
         self.blobs = LocalBlobStore(settings.data_dir / "blobs")
         self.signer = URLSigner(settings.resolved_url_secret())
+        self.keys = KeyStore(self.db, self.catalog)
+        self.auth = Authenticator(settings, self.keys)
+        self.limits = RateLimiter(settings.rate_limit_url)
         self.completions = Completions()
         self.webhooks = Webhooks(self)
         self.runner = JobRunner(self, events=self.webhooks)
         self.worker = Worker(self)
         self.images = ImageService(self)
         self.predictions = PredictionService(self)
+        self.retention = RetentionSweeper(self)  # purges payloads that are due (payload_retention)
         # Webhook bodies are the prediction object, exactly as the predictions API serves it.
         self.webhooks.render = lambda record: self.predictions.render(record, self.webhooks.base_url())
 
@@ -51,10 +58,13 @@ class Gateway:
             await self.worker.start()
             if self.worker.concurrency:  # deliveries go from the processes that run jobs
                 await self.webhooks.start()
+                await self.retention.start()  # so does the retention sweep
 
     async def close(self) -> None:
         await self.worker.stop()
         await self.webhooks.stop()
+        await self.retention.stop()
         for provider in self.providers.values():
             await provider.aclose()
+        await self.limits.aclose()
         await self.db.close()

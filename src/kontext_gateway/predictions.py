@@ -19,6 +19,7 @@ import httpx
 
 from .errors import GatewayError, invalid, not_found, too_large
 from .imaging import parse_data_url
+from .keys import OPEN, Principal
 from .service import BLOB_ROUTE, InputFile
 
 if TYPE_CHECKING:
@@ -37,7 +38,27 @@ class PredictionService:
         self.gw = gw
 
     async def create(self, *, model: str | None, body: dict[str, Any], base_url: str, wait: float | None,
-                     key_id: str | None = None, request_id: str | None = None) -> dict[str, Any]:
+                     principal: Principal = OPEN, request_id: str | None = None) -> dict[str, Any]:
+        mode, fields, files, recorded, version, webhook, events = await self._request(model, body, base_url)
+        rid = await self.gw.images.submit(
+            mode=mode, fields=fields, files=files, principal=principal, input=recorded,
+            version=version if isinstance(version, str) else None, webhook=webhook, webhook_events=events,
+            endpoint="predictions", request_id=request_id, waiter=bool(wait),
+        )
+        if wait:
+            record = await self.gw.images.wait(rid, timeout=wait, cancel_on_abandon=False)
+        else:
+            record = await self.gw.db.get_request(rid) or {}
+        return self.render(record, base_url)
+
+    async def estimate(self, *, model: str | None, body: dict[str, Any], base_url: str,
+                       principal: Principal = OPEN) -> dict[str, Any]:
+        """`dryRun`: the prediction validated and priced, not created."""
+        mode, fields, files, _, _, _, _ = await self._request(model, body, base_url)
+        return await self.gw.images.estimate(mode=mode, fields=fields, files=files, principal=principal)
+
+    async def _request(self, model: str | None, body: dict[str, Any], base_url: str) -> tuple[Any, ...]:
+        """The prediction body as the Images API's fields and files (images fetched)."""
         version = body.get("version")
         name = model or body.get("model") or (version.split(":", 1)[0] if isinstance(version, str) else None)
         if not name:
@@ -50,18 +71,12 @@ class PredictionService:
         webhook, events = await self._webhook(body)
         fields, files, recorded = await self._translate(inputs, base_url)
         fields["model"] = name
-        rid = await self.gw.images.submit(
-            mode="edit" if files else "text-to-image", fields=fields, files=files, key_id=key_id, input=recorded,
-            version=version if isinstance(version, str) else None, webhook=webhook, webhook_events=events,
-            endpoint="predictions", request_id=request_id, waiter=bool(wait),
-        )
-        if wait:
-            record = await self.gw.images.wait(rid, timeout=wait, cancel_on_abandon=False)
-        else:
-            record = await self.gw.db.get_request(rid) or {}
-        return self.render(record, base_url)
+        mode = "edit" if files else "text-to-image"
+        return mode, fields, files, recorded, version, webhook, events
 
-    async def get(self, rid: str, base_url: str, wait: float | None = None) -> dict[str, Any]:
+    async def get(self, rid: str, base_url: str, wait: float | None = None, principal: Principal = OPEN
+                  ) -> dict[str, Any]:
+        await self._owned(rid, principal)
         if wait:
             await self.gw.images.wait(rid, timeout=wait, cancel_on_abandon=False)
         record = await self.gw.db.get_request(rid)
@@ -69,15 +84,26 @@ class PredictionService:
             raise not_found(f"No prediction '{rid}'.", code="prediction_not_found")
         return self.render(record, base_url)
 
-    async def cancel(self, rid: str, base_url: str) -> dict[str, Any]:
+    async def cancel(self, rid: str, base_url: str, principal: Principal = OPEN) -> dict[str, Any]:
+        await self._owned(rid, principal)
         record = await self.gw.images.cancel(rid)
         if record is None:
             raise not_found(f"No prediction '{rid}'.", code="prediction_not_found")
         return self.render(record, base_url)
 
-    async def list(self, base_url: str, cursor: str | None, limit: int = 100) -> dict[str, Any]:
+    async def _owned(self, rid: str, principal: Principal) -> None:
+        """A key sees its own predictions (an admin key, every one): others' are not found, not forbidden."""
+        if principal.sees_all():
+            return
+        record = await self.gw.db.get_request(rid)
+        if record is None or record.get("key_id") != principal.key_id:
+            raise not_found(f"No prediction '{rid}'.", code="prediction_not_found")
+
+    async def list(self, base_url: str, cursor: str | None, limit: int = 100, principal: Principal = OPEN
+                   ) -> dict[str, Any]:
         before = _decode_cursor(cursor) if cursor else None
-        records = await self.gw.db.list_requests(limit=limit + 1, before=before)
+        key_id = None if principal.sees_all() else principal.key_id
+        records = await self.gw.db.list_requests(limit=limit + 1, before=before, key_id=key_id)
         page, more = records[:limit], len(records) > limit
         nxt = None
         if more:
@@ -110,7 +136,7 @@ class PredictionService:
             "input": record.get("input") or {},
             "logs": record.get("logs") or "",
             "output": output,
-            "data_removed": False,
+            "data_removed": record.get("purged_at") is not None,  # payloads purged (history)
             "error": error.get("message") if isinstance(error, dict) else error,
             "status": record["status"],
             "source": "api" if record.get("endpoint") == "predictions" else "web",

@@ -20,6 +20,7 @@ import random
 import time
 from typing import Any
 
+from . import metrics
 from .breaker import CircuitBreaker
 from .catalog import Mode, ModelSpec, ProviderEntry
 from .config import Settings
@@ -102,6 +103,7 @@ class Router:
         self._latency[config_key] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
     async def run(self, candidates: list[Candidate], job: ImageJob) -> tuple[ProviderEntry, ProviderResult]:
+        seen = len(job.attempts)
         try:
             return await asyncio.wait_for(self._run(candidates, job), timeout=self.settings.request_timeout_s)
         except asyncio.TimeoutError:
@@ -109,6 +111,10 @@ class Router:
                 f"No provider finished within {self.settings.request_timeout_s:g} s. " + _summary(job.attempts),
                 status=504, type="server_error", code="request_timeout",
             ) from None
+        finally:
+            # One place for the provider metrics: every attempt this run made, whichever way it ended.
+            for a in job.attempts[seen:]:
+                metrics.provider_attempt(a.provider, job.model.id, a.outcome, a.duration_ms / 1000, a.error_class)
 
     async def _run(self, candidates: list[Candidate], job: ImageJob) -> tuple[ProviderEntry, ProviderResult]:
         last: Exception | None = None

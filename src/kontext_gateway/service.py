@@ -16,13 +16,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from . import metrics, pricing
 from .catalog import Mode, ProviderEntry
 from .errors import GatewayError, invalid, too_large
+from .keys import OPEN, Principal, forbidden
 from .imaging import EXTENSIONS, decode_image, parse_data_url, sniff_format
 from .jobs.spec import to_params
 from .params import CONTROL_FIELDS, PARAM_NAMES, Size, resolve_size
 from .protocol import ImageRequest, parse_image_request
 from .providers.base import ImageJob, ProgressFn
+from .store import ledger
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -74,37 +77,35 @@ class ImageService:
         files: list[InputFile],
         base_url: str,
         provider: str | None = None,
-        key_id: str | None = None,
+        principal: Principal = OPEN,
         progress: ProgressFn | None = None,
         request_id: str | None = None,
     ) -> ImageOutcome:
-        request_id = await self.submit(mode=mode, fields=fields, files=files, provider=provider, key_id=key_id,
+        request_id = await self.submit(mode=mode, fields=fields, files=files, provider=provider, principal=principal,
                                        progress=progress, request_id=request_id, waiter=True)
         record = await self.wait(request_id)
         return self.render(record, base_url)
 
     async def submit(
         self, *, mode: Mode, fields: dict[str, Any], files: list[InputFile], provider: str | None = None,
-        key_id: str | None = None, progress: ProgressFn | None = None, request_id: str | None = None,
+        principal: Principal = OPEN, progress: ProgressFn | None = None, request_id: str | None = None,
         input: dict[str, Any] | None = None, version: str | None = None, webhook: str | None = None,
         webhook_events: list[str] | None = None, endpoint: str | None = None, waiter: bool = False,
     ) -> str:
-        """Validate and enqueue: the job is committed before anyone waits on it. Returns its id.
+        """Validate, check the key's limits, reserve the estimated cost and enqueue: the job is
+        committed (with its reservation) before anyone waits on it. Returns its id.
         `waiter`: the caller will wait() on it, so its completion signal is set up first."""
         request_id = request_id or new_request_id()
         endpoint = endpoint or ("images.edits" if mode == "edit" else "images.generations")
+        key_id = principal.key_id
         t0 = time.perf_counter()
         try:
-            job, forced, req, raw_inputs = await self._prepare(request_id, mode, fields, files, provider)
+            job, forced, req, raw_inputs, entries = await self._prepare(request_id, mode, fields, files, provider,
+                                                                        principal)
+            await self._rate_limit(principal, job.n)
+            estimate = pricing.estimate(entries, job.n)
         except GatewayError as exc:
-            # A rejected request is recorded too: the history shows what was asked and why it failed.
-            await self.db.create_request(
-                id=request_id, endpoint=endpoint, model=str(fields.get("model") or ""), mode=mode,
-                params=_safe_params(fields), key_id=key_id, input=input, version=version,
-            )
-            await self.db.mark_failed(request_id, error={**exc.body()["error"], "status": exc.status},
-                                      attempts=[], duration_ms=_ms(t0))
-            exc.headers.setdefault("x-request-id", request_id)
+            await self._reject(exc, request_id, endpoint, mode, fields, key_id, input, version, t0)
             raise
         input_blob_ids = await asyncio.to_thread(self._store_inputs, raw_inputs)
         params = to_params(job, input_blob_ids=input_blob_ids, response_format=req.response_format or "url",
@@ -113,13 +114,80 @@ class ImageService:
             self.gw.runner.progress[request_id] = progress
         if waiter:
             self.gw.completions.event(request_id)  # registered before the job can finish
-        await self.db.create_request(
-            id=request_id, endpoint=endpoint, model=job.model.id, mode=mode, params=params, key_id=key_id,
-            input=input if input is not None else _safe_params(fields), version=version, webhook=webhook,
-            webhook_events=webhook_events,
-        )
+        # The worst case over the providers it may fail over to is held; the actual cost is settled.
+        reservation = ledger.Reservation(key_id if principal.stored else None, estimate.max_micros,
+                                         principal.budget_period, principal.max_concurrent)
+        try:
+            await self.db.create_request(
+                id=request_id, endpoint=endpoint, model=job.model.id, mode=mode, params=params, key_id=key_id,
+                input=input if input is not None else _safe_params(fields), version=version, webhook=webhook,
+                webhook_events=webhook_events, reservation=reservation,
+            )
+        except (ledger.BudgetExceeded, ledger.ConcurrencyExceeded, ledger.KeyRevoked) as refused:
+            self.gw.completions.forget(request_id)
+            self.gw.runner.progress.pop(request_id, None)
+            exc = _refusal(refused, principal)
+            if isinstance(refused, ledger.BudgetExceeded):
+                metrics.budget_rejected()
+            elif isinstance(refused, ledger.ConcurrencyExceeded):
+                metrics.rate_limited("concurrency")
+            await self._reject(exc, request_id, endpoint, mode, fields, key_id, input, version, t0)
+            raise exc from None
         self.gw.worker.wake()
         return request_id
+
+    async def estimate(self, *, mode: Mode, fields: dict[str, Any], files: list[InputFile],
+                       provider: str | None = None, principal: Principal = OPEN) -> dict[str, Any]:
+        """`dryRun`: validate as a real request would be, and price it; nothing runs or is stored."""
+        job, _, _, _, entries = await self._prepare(new_request_id(), mode, fields, files, provider, principal)
+        est = pricing.estimate(entries, job.n)
+        body = est.body(job.model.id)
+        body.update(n=job.n, size=str(job.size.size) if job.size.size else "auto")
+        if principal.stored:
+            key = await self.gw.keys.get(principal.key_id or "")
+            remaining = key["remaining_usd"]
+            body["budget"] = {"remaining_usd": remaining, "period": key["budget_period"],
+                              "fits": remaining is None or est.max_micros <= pricing.micros(remaining)}
+        return body
+
+    async def _reject(self, exc: GatewayError, request_id: str, endpoint: str, mode: Mode, fields: dict[str, Any],
+                      key_id: str | None, input: dict[str, Any] | None, version: str | None, t0: float) -> None:
+        """A rejected request is recorded too: the history shows what was asked and why it failed."""
+        await self.db.create_request(
+            id=request_id, endpoint=endpoint, model=str(fields.get("model") or ""), mode=mode,
+            params=_safe_params(fields), key_id=key_id, input=input, version=version,
+        )
+        await self.db.mark_failed(request_id, error={**exc.body()["error"], "status": exc.status,
+                                                     "headers": exc.headers},
+                                  attempts=[], duration_ms=_ms(t0))
+        exc.headers.setdefault("x-request-id", request_id)
+
+    @staticmethod
+    def _authorize(principal: Principal, model_id: str) -> None:
+        if principal.models is not None and model_id not in principal.models:
+            raise forbidden(f"This API key may not use model '{model_id}'; it may use: {', '.join(principal.models)}.",
+                            param="model", code="model_not_allowed")
+
+    async def _rate_limit(self, principal: Principal, n: int) -> None:
+        """Requests and images per minute, counted where the settings say (memory, Redis, PostgreSQL)."""
+        if principal.key_id is None:
+            return
+        if principal.ipm is not None and n > principal.ipm:
+            raise invalid(f"n={n} is more than this API key's limit of {principal.ipm} images per minute.",
+                          param="n", code="n_above_rate_limit")
+        for kind, limit, weight, words in (("requests", principal.rpm, 1, "requests per minute"),
+                                           ("images", principal.ipm, n, "images per minute")):
+            if limit is None:
+                continue
+            admission = await self.gw.limits.hit(f"{kind}:{principal.key_id}", limit, weight)
+            if not admission.allowed:
+                metrics.rate_limited(kind)
+                wait = max(1, int((admission.retry_after_s or 1) + 0.999))
+                raise GatewayError(
+                    f"Rate limit reached for API key '{principal.name}' ({principal.key_id}) on {words}: "
+                    f"limit {limit}. Try again in {wait} s.", status=429, type=kind, code="rate_limit_exceeded",
+                    headers={"retry-after": str(wait), f"x-ratelimit-limit-{kind}": str(limit)},
+                )
 
     async def wait(self, request_id: str, timeout: float | None = None, *, cancel_on_abandon: bool = True
                    ) -> dict[str, Any]:
@@ -221,9 +289,11 @@ class ImageService:
 
     async def _prepare(
         self, request_id: str, mode: Mode, fields: dict[str, Any], files: list[InputFile], provider: str | None,
-    ) -> tuple[ImageJob, ProviderEntry | None, ImageRequest, list[bytes]]:
+        principal: Principal,
+    ) -> tuple[ImageJob, ProviderEntry | None, ImageRequest, list[bytes], list[ProviderEntry]]:
         req = parse_image_request(fields)
         model, forced = self.catalog.resolve(req.model or self.settings.default_model)
+        self._authorize(principal, model.id)  # before anything else is said about the model
         if mode not in model.modes:
             supported = " and ".join(model.modes)
             raise invalid(
@@ -259,9 +329,10 @@ class ImageService:
             output_format=req.output_format or "png", output_compression=req.output_compression,
             guidance=req.cfg_scale, steps=req.num_inference_steps, extra=extra,
         )
-        # Checked now so that a request nothing can serve fails at once (503), not in the queue.
-        self.router.candidates(model, mode, job, forced=forced, provider=provider)
-        return job, forced, req, [f.data for f in files]
+        # Checked now so that a request nothing can serve fails at once (503), not in the queue; the
+        # candidates, in the order they would be tried, also price it.
+        candidates = self.router.candidates(model, mode, job, forced=forced, provider=provider)
+        return job, forced, req, [f.data for f in files], [entry for entry, _ in candidates]
 
     def _decode_inputs(self, files: list[InputFile]) -> list["Image"]:
         images = []
@@ -288,6 +359,28 @@ class ImageService:
                               param=param, code="invalid_image_url")
             out.append(InputFile(parse_data_url(ref.image_url, param=param), param="image"))
         return out
+
+
+def _refusal(refused: Exception, principal: Principal) -> GatewayError:
+    """The 402 / 429 / 401 for what the reservation transaction refused."""
+    if isinstance(refused, ledger.BudgetExceeded):
+        period = f"{refused.period}ly " if refused.period else ""
+        period = {"dayly ": "daily "}.get(period, period)
+        left = max(0, refused.budget_micros - refused.spent_micros - refused.reserved_micros)
+        return GatewayError(
+            f"Insufficient budget for API key '{principal.name}' ({principal.key_id}): this request may cost up to "
+            f"${refused.needed_micros / 1e6:.4f}, and ${left / 1e6:.4f} of the ${refused.budget_micros / 1e6:.4f} "
+            f"{period}budget is left (${refused.spent_micros / 1e6:.4f} spent, ${refused.reserved_micros / 1e6:.4f} "
+            f"held by requests in flight).", status=402, type="billing_error", code="insufficient_budget",
+        )
+    if isinstance(refused, ledger.ConcurrencyExceeded):
+        return GatewayError(
+            f"Too many requests at once for API key '{principal.name}' ({principal.key_id}): its limit is "
+            f"{refused.limit} running at a time. Try again when one finishes.", status=429, type="requests",
+            code="concurrency_limit_exceeded", headers={"retry-after": "1"},
+        )
+    return GatewayError("This API key has been revoked.", status=401, code="invalid_api_key",
+                        headers={"www-authenticate": "Bearer"})
 
 
 def _mode_words(mode: Mode) -> str:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from .. import __version__
 from ..config import Settings
 from ..gateway import Gateway
-from . import blobs, errors, files, images, models, predictions, webhooks
-from .middleware import BodyLimitMiddleware
+from . import admin, auth, blobs, errors, files, images, metrics_route, models, predictions, webhooks
+from . import history
+from .middleware import BodyLimitMiddleware, MetricsMiddleware
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -35,16 +36,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
-    app.include_router(models.router)
-    app.include_router(images.router)
+    # Every /v1 route needs a key once the gateway is keyed, except blob links (their signature is
+    # their credential) and the admin routes (which need an admin key).
+    keyed = [Depends(auth.authenticate)]
+    app.include_router(models.router, dependencies=keyed)
+    app.include_router(images.router, dependencies=keyed)
     app.include_router(blobs.router)
-    app.include_router(predictions.router)
-    app.include_router(files.router)
-    app.include_router(webhooks.router)
+    app.include_router(predictions.router, dependencies=keyed)
+    app.include_router(files.router, dependencies=keyed)
+    app.include_router(webhooks.router, dependencies=keyed)
+    app.include_router(history.router, dependencies=keyed)
+    app.include_router(admin.router, dependencies=[Depends(auth.require_admin)])
+    app.include_router(metrics_route.router)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware)  # outermost: counts 413s from the body limit too
     return app

@@ -21,6 +21,7 @@ from ..gateway import Gateway
 from ..idempotency import HEADER as IDEMPOTENCY_HEADER
 from ..idempotency import Idempotency, fingerprint
 from ..service import InputFile, new_request_id
+from .auth import principal
 
 router = APIRouter()
 
@@ -79,18 +80,23 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 async def _run(request: Request, mode: Mode, fields: dict[str, Any], files: list[InputFile]) -> JSONResponse:
     gw: Gateway = request.app.state.gateway
+    request.state.model = str(fields.get("model") or gw.settings.default_model)[:64]  # metrics label
     base_url = str(request.base_url)
+    who = principal(request)
+    if dry_run(request):
+        return JSONResponse(await gw.images.estimate(mode=mode, fields=fields, files=files, principal=who,
+                                                     provider=request.headers.get("x-provider")))
     request_id = new_request_id()
     if key := request.headers.get(IDEMPOTENCY_HEADER):
         fp = fingerprint(request.url.path, {k: v for k, v in fields.items()}, [f.data for f in files])
-        existing = await Idempotency(gw.db, gw.settings.idempotency_ttl_s).claim("", key, fp, request_id)
+        existing = await Idempotency(gw.db, gw.settings.idempotency_ttl_s).claim(who.scope, key, fp, request_id)
         if existing is not None:  # a retry: the same job's response; this waiter never cancels it
             record = await gw.images.wait(existing, cancel_on_abandon=False)
             outcome = gw.images.render(record, base_url)
             return JSONResponse(outcome.body, headers={**outcome.headers, "idempotent-replayed": "true"})
     work = asyncio.ensure_future(gw.images.create(
         mode=mode, fields=fields, files=files, base_url=base_url,
-        provider=request.headers.get("x-provider"), request_id=request_id,
+        provider=request.headers.get("x-provider"), request_id=request_id, principal=who,
     ))
     gone = asyncio.ensure_future(_client_gone(request))
     try:
@@ -106,6 +112,14 @@ async def _run(request: Request, mode: Mode, fields: dict[str, Any], files: list
                                        "param": None, "code": "client_closed_request"}}, status_code=499)
     outcome = work.result()  # re-raises the service's GatewayError for the error handler
     return JSONResponse(outcome.body, headers=outcome.headers)
+
+
+def dry_run(request: Request) -> bool:
+    """`?dryRun=true`: validate and price the request without running it."""
+    value = request.query_params.get("dryRun", request.query_params.get("dry_run", "false")).lower()
+    if value not in ("true", "1", "false", "0", ""):
+        raise invalid("'dryRun' must be true or false.", param="dryRun", code="invalid_value")
+    return value in ("true", "1")
 
 
 async def _client_gone(request: Request) -> None:

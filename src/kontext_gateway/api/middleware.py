@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
+import uuid
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .. import metrics
 from ..errors import GatewayError, too_large
 
 
@@ -41,6 +45,52 @@ class BodyLimitMiddleware:
             f"The request body ({size} bytes or more) is over the limit of {self.max_bytes} bytes.",
             code="request_too_large",
         )
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request (`kontext_requests_total`, `kontext_request_duration_seconds`)
+    by route template, model and status, and gives every /v1 response an `x-request-id`.
+
+    The route is the template the router matched (`/v1/predictions/{rid}`, never the id itself;
+    "other" when nothing matched), the model what the handler put in `request.state.model`, mapped
+    to its catalog id ("unknown" when the catalog does not know it): labels stay few and hold no
+    user data."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/metrics":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = 500  # what the server answers when the app raises before starting a response
+        needs_id = scope["path"].startswith("/v1/")
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = message.get("headers") or []
+                if needs_id and not any(name.lower() == b"x-request-id" for name, _ in headers):
+                    message = {**message, "headers": [*headers, (b"x-request-id", f"req_{uuid.uuid4().hex}".encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "other"
+            metrics.request(route, _model_label(scope), status, time.perf_counter() - t0)
+
+
+def _model_label(scope: Scope) -> str:
+    raw: Any = (scope.get("state") or {}).get("model")
+    if not raw or not isinstance(raw, str):
+        return ""
+    gateway = getattr(getattr(scope.get("app"), "state", None), "gateway", None)
+    try:  # a Replicate version ("owner/name:hash") names its model before the colon
+        return gateway.catalog.resolve(raw.split(":", 1)[0])[0].id
+    except Exception:  # noqa: BLE001 - unknown names (or no gateway) must not become labels
+        return "unknown"
 
 
 def _content_length(scope: Scope) -> int | None:

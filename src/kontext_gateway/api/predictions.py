@@ -17,6 +17,8 @@ from ..gateway import Gateway
 from ..idempotency import HEADER as IDEMPOTENCY_HEADER
 from ..idempotency import Idempotency, fingerprint
 from ..service import new_request_id
+from .auth import principal
+from .images import dry_run
 
 router = APIRouter()
 _WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d+))?\s*$", re.IGNORECASE)
@@ -39,19 +41,19 @@ async def list_predictions(request: Request, cursor: str | None = None, limit: i
     gw: Gateway = request.app.state.gateway
     if not 1 <= limit <= 100:
         raise invalid("'limit' must be between 1 and 100.", param="limit", code="integer_out_of_range")
-    return JSONResponse(await gw.predictions.list(str(request.base_url), cursor, limit))
+    return JSONResponse(await gw.predictions.list(str(request.base_url), cursor, limit, principal=principal(request)))
 
 
 @router.get("/v1/predictions/{rid}")
 async def get(request: Request, rid: str) -> JSONResponse:
     gw: Gateway = request.app.state.gateway
-    return JSONResponse(await gw.predictions.get(rid, str(request.base_url)))
+    return JSONResponse(await gw.predictions.get(rid, str(request.base_url), principal=principal(request)))
 
 
 @router.post("/v1/predictions/{rid}/cancel")
 async def cancel(request: Request, rid: str) -> JSONResponse:
     gw: Gateway = request.app.state.gateway
-    return JSONResponse(await gw.predictions.cancel(rid, str(request.base_url)))
+    return JSONResponse(await gw.predictions.cancel(rid, str(request.base_url), principal=principal(request)))
 
 
 async def _create(request: Request, model: str | None) -> JSONResponse:
@@ -63,16 +65,20 @@ async def _create(request: Request, model: str | None) -> JSONResponse:
         raise invalid("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object with 'input'.", code="invalid_json")
+    request.state.model = str(model or body.get("model") or body.get("version") or "")[:64]  # metrics label
     base_url, wait = str(request.base_url), _prefer_wait(request.headers.get("prefer"))
+    who = principal(request)
+    if dry_run(request):
+        return JSONResponse(await gw.predictions.estimate(model=model, body=body, base_url=base_url, principal=who))
     request_id = new_request_id()
     if key := request.headers.get(IDEMPOTENCY_HEADER):
         fp = fingerprint(request.url.path, body)
-        existing = await Idempotency(gw.db, gw.settings.idempotency_ttl_s).claim("", key, fp, request_id)
+        existing = await Idempotency(gw.db, gw.settings.idempotency_ttl_s).claim(who.scope, key, fp, request_id)
         if existing is not None:  # a retry: the same prediction, nothing created or charged again
-            prediction = await gw.predictions.get(existing, base_url, wait=wait)
+            prediction = await gw.predictions.get(existing, base_url, wait=wait, principal=who)
             return JSONResponse(prediction, status_code=201, headers={"idempotent-replayed": "true"})
     prediction = await gw.predictions.create(model=model, body=body, base_url=base_url, wait=wait,
-                                             request_id=request_id)
+                                             request_id=request_id, principal=who)
     return JSONResponse(prediction, status_code=201)
 
 

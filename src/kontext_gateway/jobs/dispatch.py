@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from .. import __version__
+from .. import __version__, metrics
 from ..errors import GatewayError
 from ..net import ensure_public_url
 
@@ -179,6 +179,7 @@ class WebhookDispatcher:
             await db.finish_delivery(did, state=state, status=outcome.status, error=outcome.error)
         if outcome.gone:
             await db.drop_deliveries(rid, error="the receiver answered 410 Gone")
+        metrics.webhook_delivery(row["event"], state)
         host = urlsplit(row["url"]).hostname
         level = logging.INFO if state == "delivered" else logging.WARNING
         log.log(level, "webhook %s (%s) of %s to %s, attempt %d: %s%s", did, row["event"], rid, host,

@@ -11,6 +11,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .. import metrics, pricing
 from ..errors import GatewayError
 from ..imaging import EXTENSIONS, decode_image, encode_image
 from ..providers.base import ImageJob, ProgressFn, ProviderImage
@@ -51,7 +52,8 @@ class JobRunner:
         if job is not None and reason == "requested":
             job.cancelled.set()  # providers cancel their upstream tasks only for this
 
-    async def run(self, record: dict[str, Any]) -> None:
+    async def run(self, record: dict[str, Any]) -> tuple[str, str | None]:
+        """Returns how the job ended and the provider that served it (or was tried last)."""
         rid = record["id"]
         t0 = time.perf_counter()
         db = self.gw.db
@@ -80,21 +82,26 @@ class JobRunner:
             if reason != "requested":
                 raise  # shutting down: the lease runs out and another worker takes the job up
             await asyncio.shield(self._canceled(record, job, journal, t0))
-            return
+            return "canceled", _last_provider(job)
         except GatewayError as exc:
             # Status and headers (retry-after, x-should-retry) travel with the error to whoever waits.
+            outcome = ("failed", _last_provider(job))
             await db.mark_failed(rid, error={**exc.body()["error"], "status": exc.status, "headers": exc.headers},
                                  attempts=_attempts(job), duration_ms=_ms(t0),
-                                 logs=_logs(record, job, f"failed: {exc.message}"))
+                                 logs=_logs(record, job, f"failed: {exc.message}"), charge=self._charge(job))
         except Exception as exc:  # noqa: BLE001 - a bug must fail the job, not leave it running forever
             log.exception("job %s failed unexpectedly", rid)
+            outcome = ("failed", _last_provider(job))
             await db.mark_failed(rid, error={"message": f"Internal error: {type(exc).__name__}",
                                              "type": "server_error", "param": None, "code": "internal_error",
-                                             "status": 500}, attempts=_attempts(job), duration_ms=_ms(t0))
+                                             "status": 500}, attempts=_attempts(job), duration_ms=_ms(t0),
+                                 charge=self._charge(job))
         else:
-            cost = result.cost if result.cost is not None else round(entry.pricing.price_per_image() * len(encoded), 6)
+            outcome = ("succeeded", entry.config_key)
+            cost_micros, cost_lines = self._charge(job)
             await db.mark_succeeded(
-                rid, provider=entry.config_key, cost=cost, currency=entry.pricing.currency,
+                rid, provider=entry.config_key, cost=cost_micros / pricing.MICROS, cost_lines=cost_lines,
+                currency=entry.pricing.currency,
                 output_blob_ids=blob_ids, attempts=_attempts(job), output_size=str(result.size),
                 output_format=job.output_format, duration_ms=_ms(t0),
                 params={**record["params"], "ignored_params": sorted(set(result.ignored_params))},
@@ -105,6 +112,7 @@ class JobRunner:
             self._stop_reason.pop(rid, None)
             self._jobs.pop(rid, None)
         await self._finish(rid, record)
+        return outcome
 
     async def _canceled(self, record: dict[str, Any], job: ImageJob | None, journal: DurableJournal | None,
                         t0: float) -> None:
@@ -115,7 +123,8 @@ class JobRunner:
                 impl = self.gw.providers.get(entry.provider) if entry else None
                 if impl is not None and hasattr(impl, "_cancel_quietly"):
                     await impl._cancel_quietly(entry, task)
-        await self.gw.db.mark_canceled(record["id"], attempts=_attempts(job), duration_ms=_ms(t0))
+        await self.gw.db.mark_canceled(record["id"], attempts=_attempts(job), duration_ms=_ms(t0),
+                                       charge=self._charge(job))
         await self._finish(record["id"], record)
 
     async def _finish(self, rid: str, record: dict[str, Any]) -> None:
@@ -124,6 +133,15 @@ class JobRunner:
             if final is not None:
                 await self.events.emit(final, "completed")
         self.gw.completions.done(rid)
+
+    def _charge(self, job: ImageJob | None) -> tuple[int, list[dict[str, Any]]]:
+        """The actual cost from the attempts: every image made and billed, wherever it was made."""
+        if job is None:
+            return 0, []
+        total, lines = pricing.actual(job.attempts, self.gw.catalog)
+        for line in lines:  # counted as settled: the charge is committed with the job's end, just after
+            metrics.cost(job.model.id, line["provider"], line["total_cost"] / pricing.MICROS)
+        return total, lines
 
     def _encode_and_store(self, images: list[ProviderImage], job: ImageJob) -> tuple[list[bytes], list[str]]:
         encoded = []
@@ -146,6 +164,10 @@ def _logs(record: dict[str, Any], job: ImageJob | None, outcome: str) -> str:
         lines.append(f"  {a.config_key}: {a.outcome} {what} in {a.duration_ms} ms".replace("  in", " in"))
     lines.append(outcome)
     return "\n".join(lines) + "\n"
+
+
+def _last_provider(job: ImageJob | None) -> str | None:
+    return job.attempts[-1].config_key if job is not None and job.attempts else None
 
 
 def _attempts(job: ImageJob | None) -> list[dict[str, Any]]:

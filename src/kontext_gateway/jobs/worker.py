@@ -16,6 +16,8 @@ import socket
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from .. import logs, metrics
+
 if TYPE_CHECKING:
     from ..gateway import Gateway
 
@@ -100,19 +102,24 @@ class Worker:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(settings.job_poll_interval_s):
                             await self._wake.wait()
+            if record["runs"] == 1 and record["started_at"] and record["created_at"]:  # not a resumed job
+                metrics.queue_wait((record["started_at"] - record["created_at"]).total_seconds())
             task = asyncio.create_task(self._run(record, slots), name=f"job-{record['id']}")
             self.running[record["id"]] = task
 
     async def _run(self, record: dict[str, Any], slots: asyncio.Semaphore) -> None:
-        try:
-            await self.gw.runner.run(record)
-        except asyncio.CancelledError:
-            pass  # shutdown or lost lease: the runner left the job for the next worker
-        except Exception:  # noqa: BLE001
-            log.exception("job %s crashed its runner", record["id"])
-        finally:
-            self.running.pop(record["id"], None)
-            slots.release()
+        # Every line the runner, router and providers log for this job carries its ids.
+        with logs.bind(request_id=record["id"], key_id=record.get("key_id")):
+            try:
+                status, provider = await self.gw.runner.run(record)
+                log.info("job %s %s", record["id"], status, extra={"provider": provider, "outcome": status})
+            except asyncio.CancelledError:
+                pass  # shutdown or lost lease: the runner left the job for the next worker
+            except Exception:  # noqa: BLE001
+                log.exception("job %s crashed its runner", record["id"])
+            finally:
+                self.running.pop(record["id"], None)
+                slots.release()
 
     async def _lease_loop(self) -> None:
         settings = self.gw.settings

@@ -53,6 +53,8 @@ class Attempt:
     outcome: str  # "succeeded" | "failed" | "skipped"
     duration_ms: int
     images: int = 0
+    # A failed attempt whose upstream still made (and billed) images, e.g. the download failed.
+    billed_images: int | None = None
     error_class: str | None = None
     status_code: int | None = None
     message: str | None = None
@@ -97,8 +99,6 @@ class ProviderResult:
     size: Size
     seed: int | None = None
     ignored_params: list[str] = field(default_factory=list)
-    # Upstream cost when the provider reports one; otherwise the gateway prices from the catalog.
-    cost: float | None = None
 
 
 class Provider(Protocol):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import dataclasses
 import io
 import logging
@@ -38,6 +39,9 @@ from ..params import Size, nearest_ratio, parse_ratio
 from .base import Attempt, ImageJob, ProviderImage, ProviderResult
 
 log = logging.getLogger(__name__)
+# The gateway's request id while a job's upstream calls run: every call sends it as `x-request-id`,
+# so a provider's support (or its logs) and ours can find the same request.
+_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("upstream_request_id", default=None)
 
 
 # -- the one error vocabulary of upstream failures ---------------------------------------------------
@@ -54,6 +58,7 @@ class UpstreamError(Exception):
         self.message = message
         self.status = status
         self.retry_after = retry_after
+        self.billed_images: int | None = None  # images the upstream made and billed before it failed
 
 
 class Moderated(UpstreamError):
@@ -204,7 +209,11 @@ class RemoteProvider:
                                     min(self.batch_limit, job.n - i), slot=i)
             for i in range(0, job.n, self.batch_limit)
         ]
-        results = await asyncio.gather(*tasks, return_exceptions=True)
+        token = _request_id.set(job.request_id)  # the tasks gather starts copy it
+        try:
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            _request_id.reset(token)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             # Prefer the error that matters most to the caller: moderation, then anything else.
@@ -251,7 +260,8 @@ class RemoteProvider:
                 job.attempts.append(Attempt(self.name, entry.config_key, "succeeded", _ms(t0), images=len(images)))
                 return images
             job.attempts.append(Attempt(self.name, entry.config_key, "failed", _ms(t0), error_class=err.kind,
-                                        status_code=err.status, message=err.message[:300]))
+                                        status_code=err.status, message=err.message[:300],
+                                        billed_images=err.billed_images))
             log.info("%s attempt %d/%d for %s failed: %s %s", entry.config_key, attempt + 1, tries,
                      job.request_id, err.kind, err.message[:200])
             if not err.retryable or attempt == tries - 1:
@@ -309,7 +319,11 @@ class RemoteProvider:
                         outputs = result.outputs
                 if not outputs:
                     raise BadResult("the task finished without an image")
-                images = list(await asyncio.gather(*(self.download(url) for url in outputs)))
+                try:
+                    images = list(await asyncio.gather(*(self.download(url) for url in outputs)))
+                except UpstreamError as exc:
+                    exc.billed_images = len(outputs)  # made and billed upstream, lost on the way here
+                    raise
         except TimeoutError:
             # Given up on: stop paying for it upstream, and try again (or fail over).
             await asyncio.shield(self._abandon(entry, task, journal, row))
@@ -343,6 +357,8 @@ class RemoteProvider:
 
     async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         """One HTTP call with transport failures and error statuses mapped to the vocabulary above."""
+        if (rid := _request_id.get()) is not None:
+            kwargs["headers"] = {**(kwargs.get("headers") or {}), "x-request-id": rid}
         try:
             resp = await self.client.request(method, url, **kwargs)
         except httpx.TimeoutException as exc:

@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
+from kontext_gateway.store import ledger
 from kontext_gateway.store.engine import make_engine
 from kontext_gateway.store.migrate import upgrade_to_head
 from kontext_gateway.store.models import FileRecord, RequestRecord, UpstreamTask, WebhookDelivery, utcnow
@@ -20,6 +21,7 @@ __all__ = ["Database", "RequestRecord"]
 _COLUMNS = tuple(c.key for c in RequestRecord.__table__.columns)
 _DELIVERY_COLUMNS = tuple(c.key for c in WebhookDelivery.__table__.columns)
 OPEN_DELIVERY = ("pending", "sending")  # not yet delivered, failed or dropped
+Charge = tuple[int, list[dict[str, Any]]]  # (micros of USD, ledger line items)
 
 
 def _as_dict(record: RequestRecord) -> dict[str, Any]:
@@ -76,11 +78,15 @@ class Database:
             raise RuntimeError("Database.start() has not been called")
         return self._sessions()
 
-    async def _update(self, id: str, **values: Any) -> None:
+    async def _update(self, id: str, *, charge: Charge | None = None, **values: Any) -> None:
+        """Update the request; `charge` (micros, line items) also settles its ledger entry, in the
+        same transaction, so a request's end and its cost are never recorded one without the other."""
         async with self._session() as session, session.begin():
             result = await session.execute(update(RequestRecord).where(RequestRecord.id == id).values(**values))
-        if result.rowcount == 0:  # type: ignore[attr-defined]
-            raise KeyError(f"no request {id!r}")
+            if result.rowcount == 0:  # type: ignore[attr-defined]
+                raise KeyError(f"no request {id!r}")
+            if charge is not None:
+                await ledger.settle(session, id, charge[0], charge[1], values.get("completed_at") or utcnow())
 
     async def create_request(
         self,
@@ -95,11 +101,15 @@ class Database:
         version: str | None = None,
         webhook: str | None = None,
         webhook_events: list[str] | None = None,
+        reservation: ledger.Reservation | None = None,
     ) -> None:
-        """A new job, status `starting`: committed before anyone waits on it, so it survives a crash."""
+        """A new job, status `starting`: committed before anyone waits on it, so it survives a crash.
+        With a `reservation`, its estimated cost is held against the key's budget in the same
+        transaction (raising ledger.BudgetExceeded / ConcurrencyExceeded / KeyRevoked, nothing stored)."""
+        now = utcnow()
         record = RequestRecord(
             id=id,
-            created_at=utcnow(),
+            created_at=now,
             key_id=key_id,
             endpoint=endpoint,
             model=model,
@@ -117,7 +127,12 @@ class Database:
             runs=0,
         )
         async with self._session() as session, session.begin():
+            if reservation is not None:
+                await ledger.hold(session, reservation, now)
             session.add(record)
+            if reservation is not None:
+                await session.flush()  # the ledger row references the request
+                session.add(ledger.entry(id, reservation, now))
 
     async def mark_running(self, id: str, *, provider: str) -> None:
         await self._update(id, status="processing", provider=provider, started_at=utcnow())
@@ -136,12 +151,15 @@ class Database:
         duration_ms: int,
         params: dict[str, Any] | None = None,
         logs: str | None = None,
+        cost_lines: list[dict[str, Any]] | None = None,
     ) -> None:
+        """`cost` in USD; `cost_lines`, the ledger's line items (micros), settle its entry."""
         extra: dict[str, Any] = {"params": params} if params is not None else {}
         if logs:
             extra["logs"] = RequestRecord.logs + logs
         await self._update(
             id,
+            charge=(round((cost or 0) * 1_000_000), cost_lines or []),
             **extra,
             status="succeeded",
             completed_at=utcnow(),
@@ -166,7 +184,9 @@ class Database:
         duration_ms: int,
         provider: str | None = None,
         logs: str | None = None,
+        charge: Charge = (0, []),
     ) -> None:
+        """`charge`: what attempts that failed were still billed for (micros, line items)."""
         values: dict[str, Any] = dict(
             status="failed", completed_at=utcnow(), error=error, attempts=list(attempts), duration_ms=duration_ms,
             lease_until=None,
@@ -175,11 +195,15 @@ class Database:
             values["provider"] = provider
         if logs:
             values["logs"] = RequestRecord.logs + logs
-        await self._update(id, **values)
+        if charge[0]:
+            values["cost"] = charge[0] / 1_000_000
+        await self._update(id, charge=charge, **values)
 
-    async def mark_canceled(self, id: str, *, attempts: list[dict[str, Any]], duration_ms: int | None) -> None:
-        await self._update(id, status="canceled", completed_at=utcnow(), attempts=list(attempts),
-                           duration_ms=duration_ms, lease_until=None)
+    async def mark_canceled(self, id: str, *, attempts: list[dict[str, Any]], duration_ms: int | None,
+                            charge: Charge = (0, [])) -> None:
+        values: dict[str, Any] = {"cost": charge[0] / 1_000_000} if charge[0] else {}
+        await self._update(id, charge=charge, status="canceled", completed_at=utcnow(), attempts=list(attempts),
+                           duration_ms=duration_ms, lease_until=None, **values)
 
     # -- the job queue: claims with leases, so a crashed worker's jobs are taken up again ------------
 
@@ -230,11 +254,14 @@ class Database:
 
     async def request_cancel(self, id: str) -> dict[str, Any] | None:
         """Cancel a job: at once if no worker has it yet, else flag it for its worker. Returns the record."""
+        now = utcnow()
         async with self._session() as session, session.begin():
-            await session.execute(
+            result = await session.execute(
                 update(RequestRecord).where(RequestRecord.id == id, RequestRecord.status == "starting")
-                .values(status="canceled", completed_at=utcnow(), cancel_requested=True)
+                .values(status="canceled", completed_at=now, cancel_requested=True)
             )
+            if result.rowcount:  # type: ignore[attr-defined]
+                await ledger.settle(session, id, 0, [], now)  # never ran: the reservation is released
             await session.execute(
                 update(RequestRecord).where(RequestRecord.id == id, RequestRecord.status == "processing")
                 .values(cancel_requested=True)
@@ -401,17 +428,26 @@ class Database:
             return None if record is None else _as_dict(record)
 
     async def list_requests(
-        self, *, limit: int = 20, before: tuple[datetime, str] | None = None
+        self, *, limit: int = 20, before: tuple[datetime, str] | None = None, key_id: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Newest first; `before` (created_at, id) continues a page (keyset pagination)."""
+        """Newest first; `before` (created_at, id) continues a page (keyset pagination); `key_id`
+        narrows to one key's requests."""
         query = (
             select(RequestRecord)
             .order_by(RequestRecord.created_at.desc(), RequestRecord.id.desc())
             .limit(max(0, limit))
         )
+        if key_id is not None:
+            query = query.where(RequestRecord.key_id == key_id)
         if before is not None:
             at, rid = before
             query = query.where(or_(RequestRecord.created_at < at,
                                     and_(RequestRecord.created_at == at, RequestRecord.id < rid)))
         async with self._session() as session:
             return [_as_dict(r) for r in (await session.scalars(query)).all()]
+
+    async def count_waiting(self) -> int:
+        """Jobs no worker has claimed yet (the queue depth metric)."""
+        async with self._session() as session:
+            return int(await session.scalar(
+                select(func.count()).select_from(RequestRecord).where(RequestRecord.status == "starting")) or 0)

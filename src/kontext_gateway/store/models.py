@@ -1,12 +1,13 @@
 """The tables: `requests` (one row per image request or prediction: the durable job), the upstream
-tasks it submitted, its webhook deliveries, idempotency keys, and uploaded files."""
+tasks it submitted, its webhook deliveries, idempotency keys, uploaded files, API keys and the cost
+ledger (one reservation per request, settled when it ends)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, Numeric, String, Text, false, text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, Numeric, String, Text, false, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -78,6 +79,8 @@ class RequestRecord(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(64))  # the worker running it
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())  # reclaimable after this
     runs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # -- accounts (migration 0004) --
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # prompts and images removed
 
     __table_args__ = (Index("ix_requests_claim", "status", "created_at"),)
 
@@ -149,3 +152,49 @@ class FileRecord(Base):
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class ApiKey(Base):
+    """An API key: only its SHA-256 is stored; the key itself is shown once, when it is created.
+
+    Spend is kept on the row (`spent_micros` in the current budget period, `reserved_micros` for
+    requests still running) so that a reservation is one conditional UPDATE: atomic on SQLite and
+    PostgreSQL alike, however many requests race for the last dollar."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "key_<hex>", safe to log and show
+    name: Mapped[str] = mapped_column(String(128))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the key
+    hint: Mapped[str] = mapped_column(String(32))  # "kx-AbCd...wXyZ": enough to recognise it
+    admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    models: Mapped[list[str] | None] = mapped_column(JSONType)  # allowed model ids; None: all
+    budget_micros: Mapped[int | None] = mapped_column(BigInteger)  # USD micros; None: no budget
+    budget_period: Mapped[str | None] = mapped_column(String(8))  # day | week | month; None: lifetime
+    rpm: Mapped[int | None] = mapped_column(Integer)  # requests (creations) per minute
+    ipm: Mapped[int | None] = mapped_column(Integer)  # images per minute
+    max_concurrent: Mapped[int | None] = mapped_column(Integer)  # requests running at once
+    period_start: Mapped[datetime | None] = mapped_column(UTCDateTime())  # of spent_micros
+    spent_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    reserved_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    total_spent_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class LedgerEntry(Base):
+    """The money side of one request: reserved before it runs, settled (actual cost, line items)
+    in the same transaction that records how it ended."""
+
+    __tablename__ = "ledger"
+
+    request_id: Mapped[str] = mapped_column(String(40), ForeignKey("requests.id", ondelete="CASCADE"),
+                                            primary_key=True)
+    key_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    state: Mapped[str] = mapped_column(String(12))  # reserved | settled
+    estimate_micros: Mapped[int] = mapped_column(BigInteger)  # reserved: the worst case over the candidates
+    actual_micros: Mapped[int | None] = mapped_column(BigInteger)
+    lines: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)  # what the actual cost is made of
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    settled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -1,0 +1,67 @@
+"""The admin API: API keys (create, list, show, update, revoke). Needs an admin key once the
+gateway is keyed; the same operations as `kontext keys ...` on the command line."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from ..errors import invalid
+from ..gateway import Gateway
+
+router = APIRouter(prefix="/v1/admin")
+
+
+@router.post("/keys", status_code=201)
+async def create_key(request: Request) -> JSONResponse:
+    """The response carries the key itself: the one time it is shown."""
+    gw: Gateway = request.app.state.gateway
+    body = await _body(request)
+    name = body.pop("name", None)
+    admin = body.pop("admin", False)
+    if not isinstance(name, str):
+        raise invalid("'name' is required: a label for the key, e.g. the team or app using it.", param="name",
+                      code="missing_required_parameter")
+    if not isinstance(admin, bool):
+        raise invalid("'admin' must be true or false.", param="admin", code="invalid_type")
+    view, key = await gw.keys.create(name=name, admin=admin, **body)
+    return JSONResponse({**view, "key": key}, status_code=201)
+
+
+@router.get("/keys")
+async def list_keys(request: Request, include_revoked: bool = True) -> dict[str, Any]:
+    gw: Gateway = request.app.state.gateway
+    return {"object": "list", "data": await gw.keys.list(include_revoked=include_revoked)}
+
+
+@router.get("/keys/{key_id}")
+async def show_key(request: Request, key_id: str) -> dict[str, Any]:
+    gw: Gateway = request.app.state.gateway
+    return await gw.keys.get(key_id)
+
+
+@router.patch("/keys/{key_id}")
+async def update_key(request: Request, key_id: str) -> dict[str, Any]:
+    """Change limits; a field set to null removes that limit."""
+    gw: Gateway = request.app.state.gateway
+    return await gw.keys.update(key_id, **await _body(request))
+
+
+@router.delete("/keys/{key_id}")
+async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
+    """Revoked at once, for every process; the key's history and spend stay."""
+    gw: Gateway = request.app.state.gateway
+    return await gw.keys.revoke(key_id)
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise invalid("The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise invalid("The request body must be a JSON object.", code="invalid_json")
+    return body

@@ -1,0 +1,263 @@
+"""API keys: created at random, shown once, stored as SHA-256; who may call the gateway, and how much.
+
+A key carries its limits (allowed models, budget in USD per day / week / month or for its lifetime,
+requests and images per minute, requests at once). The CLI (`kontext keys ...`) and the admin API
+both go through `KeyStore`, on the same database the server reads on every request, so a key
+created or revoked from the command line takes effect at once.
+
+Who must show a key (see `Authenticator`): nobody while the gateway is on loopback and has never
+had a key; everybody once a key exists, an admin key is configured, or it listens beyond loopback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select, update
+
+from .errors import GatewayError, invalid, not_found
+from .pricing import micros, usd
+from .store.ledger import PERIODS, period_start
+from .store.models import ApiKey, utcnow
+
+if TYPE_CHECKING:
+    from .catalog import Catalog
+    from .config import Settings
+    from .store.db import Database
+
+PREFIX = "kx-"
+
+
+def new_key() -> str:
+    return PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def hint(key: str) -> str:
+    return f"{key[:7]}...{key[-4:]}"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling. `key_id` None: the open gateway (loopback, no keys), which may do anything."""
+
+    key_id: str | None = None
+    name: str | None = None
+    admin: bool = False
+    models: tuple[str, ...] | None = None
+    budget_period: str | None = None
+    rpm: int | None = None
+    ipm: int | None = None
+    max_concurrent: int | None = None
+    stored: bool = False  # a key row in the database (not the environment's admin key, not OPEN)
+
+    @property
+    def scope(self) -> str:
+        """What an idempotency key or a listing is scoped to."""
+        return self.key_id or ""
+
+    def sees_all(self) -> bool:
+        return self.admin or self.key_id is None
+
+
+OPEN = Principal(admin=True)
+
+
+def view(row: ApiKey | dict[str, Any]) -> dict[str, Any]:
+    """A key as the API and the CLI show it: never the key itself, nor its hash."""
+    r = row if isinstance(row, dict) else {c.key: getattr(row, c.key) for c in ApiKey.__table__.columns}
+    now = utcnow()
+    current = r["period_start"] is not None and r["period_start"] == period_start(r["budget_period"], now)
+    spent = r["spent_micros"] if current else 0
+    remaining = None if r["budget_micros"] is None else r["budget_micros"] - spent - r["reserved_micros"]
+    return {
+        "object": "api_key", "id": r["id"], "name": r["name"], "hint": r["hint"], "admin": r["admin"],
+        "models": r["models"], "budget_usd": usd(r["budget_micros"]), "budget_period": r["budget_period"],
+        "rpm": r["rpm"], "ipm": r["ipm"], "max_concurrent": r["max_concurrent"],
+        "spent_usd": usd(spent), "reserved_usd": usd(r["reserved_micros"]), "remaining_usd": usd(remaining),
+        "total_spent_usd": usd(r["total_spent_micros"]),
+        "created_at": _iso(r["created_at"]), "last_used_at": _iso(r["last_used_at"]),
+        "revoked_at": _iso(r["revoked_at"]), "status": "revoked" if r["revoked_at"] else "active",
+    }
+
+
+class KeyStore:
+    """Key lifecycle on the database. Validation errors are GatewayErrors (400 / 404)."""
+
+    def __init__(self, db: "Database", catalog: "Catalog") -> None:
+        self.db = db
+        self.catalog = catalog
+
+    async def create(self, *, name: str, admin: bool = False, **limits: Any) -> tuple[dict[str, Any], str]:
+        """Returns (the key's view, the key itself: shown this once)."""
+        if not name or len(name) > 128:
+            raise invalid("'name' must be 1 to 128 characters.", param="name", code="invalid_value")
+        key = new_key()
+        row = ApiKey(id="key_" + uuid.uuid4().hex[:16], name=name, hash=hash_key(key), hint=hint(key), admin=admin,
+                     created_at=utcnow(), spent_micros=0, reserved_micros=0, total_spent_micros=0,
+                     **self._limits(limits))
+        async with self.db._session() as session, session.begin():
+            session.add(row)
+        return view(row), key
+
+    async def update(self, key_id: str, **limits: Any) -> dict[str, Any]:
+        """Change limits (None clears one); the spend so far stays."""
+        values = self._limits(limits, partial=True)
+        async with self.db._session() as session, session.begin():
+            if values:
+                await session.execute(update(ApiKey).where(ApiKey.id == key_id).values(**values))
+            row = await session.get(ApiKey, key_id)
+            if row is None:
+                raise _no_key(key_id)
+            return view(row)
+
+    async def revoke(self, key_id: str) -> dict[str, Any]:
+        async with self.db._session() as session, session.begin():
+            await session.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+                                  .values(revoked_at=utcnow()))
+            row = await session.get(ApiKey, key_id)
+            if row is None:
+                raise _no_key(key_id)
+            return view(row)
+
+    async def get(self, key_id: str) -> dict[str, Any]:
+        async with self.db._session() as session:
+            row = await session.get(ApiKey, key_id)
+            if row is None:
+                raise _no_key(key_id)
+            return view(row)
+
+    async def list(self, *, include_revoked: bool = True) -> list[dict[str, Any]]:
+        query = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+        if not include_revoked:
+            query = query.where(ApiKey.revoked_at.is_(None))
+        async with self.db._session() as session:
+            return [view(r) for r in (await session.scalars(query)).all()]
+
+    async def find(self, key: str) -> ApiKey | None:
+        async with self.db._session() as session:
+            return (await session.execute(select(ApiKey).where(ApiKey.hash == hash_key(key)))).scalar_one_or_none()
+
+    async def any(self) -> bool:
+        async with self.db._session() as session:
+            return (await session.execute(select(ApiKey.id).limit(1))).first() is not None
+
+    def _limits(self, given: dict[str, Any], *, partial: bool = False) -> dict[str, Any]:
+        known = {"models", "budget_usd", "budget_period", "rpm", "ipm", "max_concurrent"}
+        if unknown := set(given) - known:
+            name = sorted(unknown)[0]
+            raise invalid(f"Unknown key setting '{name}'; known: {', '.join(sorted(known))}.", param=name,
+                          code="unknown_parameter")
+        out: dict[str, Any] = {}
+        if "models" in given:
+            models = given["models"]
+            if models is not None:
+                if isinstance(models, str):
+                    models = [m for m in models.split(",") if m.strip()]
+                if not isinstance(models, list) or not models:
+                    raise invalid("'models' must be a non-empty list of model ids (or null for all).",
+                                  param="models", code="invalid_value")
+                models = sorted({self.catalog.resolve(str(m).strip())[0].id for m in models})  # 404 if unknown
+            out["models"] = models
+        if "budget_usd" in given:
+            budget = given["budget_usd"]
+            if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget < 0):
+                raise invalid("'budget_usd' must be a number of US dollars, 0 or more.", param="budget_usd",
+                              code="invalid_value")
+            out["budget_micros"] = None if budget is None else micros(float(budget))
+        if "budget_period" in given:
+            period = given["budget_period"]
+            if period is not None and period not in PERIODS:
+                raise invalid(f"'budget_period' must be one of {', '.join(PERIODS)} (or null: the key's lifetime).",
+                              param="budget_period", code="invalid_value")
+            out["budget_period"] = period
+        for name in ("rpm", "ipm", "max_concurrent"):
+            if name in given:
+                value = given[name]
+                if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                    raise invalid(f"'{name}' must be a whole number, 1 or more (or null: no limit).", param=name,
+                                  code="invalid_value")
+                out[name] = value
+        if not partial:
+            for name in ("models", "budget_micros", "budget_period", "rpm", "ipm", "max_concurrent"):
+                out.setdefault(name, None)
+        return out
+
+
+class Authenticator:
+    """Turns an `Authorization` header into a Principal, or a 401 in the OpenAI envelope."""
+
+    def __init__(self, settings: "Settings", keys: KeyStore) -> None:
+        self.settings = settings
+        self.keys = keys
+        admin = settings.admin_key.get_secret_value() if settings.admin_key else None
+        self._admin_hash = hash_key(admin) if admin else None
+        self._keyed = self._admin_hash is not None or not _loopback(settings.host)
+        # Keys are revoked, never deleted: once one exists the gateway stays keyed.
+
+    async def required(self) -> bool:
+        if not self._keyed:
+            self._keyed = await self.keys.any()
+        return self._keyed
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        token = _bearer(authorization)
+        if token is None:
+            if not await self.required():
+                return OPEN
+            raise unauthorized("Missing API key. Send it as 'Authorization: Bearer <key>' "
+                               "(create one with `kontext keys create`).")
+        if self._admin_hash is not None and hmac.compare_digest(hash_key(token), self._admin_hash):
+            return Principal(key_id="admin", name="admin key (KONTEXT_ADMIN_KEY)", admin=True)
+        row = await self.keys.find(token)
+        if row is None:
+            if not await self.required():
+                return OPEN  # an open gateway ignores a stray key, as it would a missing one
+            raise unauthorized(f"Incorrect API key provided: {hint(token) if len(token) > 12 else '***'}.")
+        if row.revoked_at is not None:
+            raise unauthorized(f"This API key ({row.hint}, '{row.name}') has been revoked.")
+        return Principal(key_id=row.id, name=row.name, admin=row.admin, stored=True,
+                         models=tuple(row.models) if row.models is not None else None,
+                         budget_period=row.budget_period, rpm=row.rpm, ipm=row.ipm, max_concurrent=row.max_concurrent)
+
+
+def unauthorized(message: str) -> GatewayError:
+    return GatewayError(message, status=401, code="invalid_api_key", headers={"www-authenticate": "Bearer"})
+
+
+def forbidden(message: str, *, param: str | None = None, code: str = "permission_denied") -> GatewayError:
+    return GatewayError(message, status=403, type="permission_error", param=param, code=code)
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: may be reachable from elsewhere
+
+
+def _no_key(key_id: str) -> GatewayError:
+    return not_found(f"No API key '{key_id}'.", param="key_id", code="key_not_found")
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value is not None else None

@@ -1,0 +1,85 @@
+"""Payload retention: a periodic sweep that purges prompts and images once they are due.
+
+`payload_retention = "metadata"`: due once the job has ended and the links it handed out have expired
+(`url_ttl_seconds` after completion). `"full"`: due `payload_retention_days` after completion (None:
+kept forever, and no sweep runs). Metadata (cost, status, timings, attempts) is always kept.
+
+Runs in the processes that run jobs, once at start and then every `retention_sweep_interval_s`, in
+batches; several processes sweeping one database is harmless (a purge skips what is already purged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+
+from .history import ENDED, purge_payloads
+from .store.models import RequestRecord, utcnow
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+
+log = logging.getLogger(__name__)
+BATCH = 100
+
+
+class RetentionSweeper:
+    def __init__(self, gw: "Gateway") -> None:
+        self.gw = gw
+        self._task: asyncio.Task[None] | None = None
+
+    def cutoff(self, now: datetime | None = None) -> datetime | None:
+        """Requests that ended before this are due; None: nothing is ever due."""
+        s = self.gw.settings
+        now = now or utcnow()
+        if s.payload_retention == "metadata":
+            return now - timedelta(seconds=s.url_ttl_seconds)
+        if s.payload_retention_days is not None:
+            return now - timedelta(days=s.payload_retention_days)
+        return None
+
+    async def start(self) -> None:
+        if self.cutoff() is not None and self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="retention-sweep")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def sweep(self) -> int:
+        """Purge everything due, a batch at a time; returns how many requests were purged."""
+        cutoff = self.cutoff()
+        total = 0
+        while cutoff is not None:
+            # created_at < cutoff holds for anything completed before it and lets the
+            # (status, created_at) index narrow the scan.
+            query = (select(RequestRecord.id)
+                     .where(RequestRecord.status.in_(ENDED), RequestRecord.purged_at.is_(None),
+                            RequestRecord.created_at < cutoff, RequestRecord.completed_at < cutoff)
+                     .order_by(RequestRecord.completed_at).limit(BATCH))
+            async with self.gw.db._session() as session:
+                ids = list((await session.scalars(query)).all())
+            if not ids:
+                break
+            total += len(await purge_payloads(self.gw, ids))
+            if len(ids) < BATCH:
+                break
+        if total:
+            log.info("retention: purged the payloads of %d request(s)", total)
+        return total
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception:  # noqa: BLE001 - the next sweep tries again; the log says what happened
+                log.exception("retention sweep failed")
+            await asyncio.sleep(self.gw.settings.retention_sweep_interval_s)
