@@ -213,6 +213,7 @@ async def _parts(fake_url: str, data_dir: Path, n: int) -> list[tuple[str, float
     from kontext_gateway.gateway import Gateway
     from kontext_gateway.imaging import decode_image
     from kontext_gateway.jobs.spec import to_params
+    from kontext_gateway.keys import OPEN
 
     rows: list[tuple[str, float, float, float]] = []
 
@@ -235,13 +236,13 @@ async def _parts(fake_url: str, data_dir: Path, n: int) -> list[tuple[str, float
         pngs = iter([make_image(256, 256, "png", seed=i) for i in range(n + 20)])
         png = make_image(256, 256, "png", seed=0)
         fields = {"model": GATEWAY_MODEL, "prompt": PROMPT, "response_format": "url"}
-        job, forced, req, _ = await gw.images._prepare("req_x", "text-to-image", fields, [], None)
+        job, forced, req, _, _ = await gw.images._prepare("req_x", "text-to-image", fields, [], None, OPEN)
         job_params = to_params(job, input_blob_ids=[], response_format="url", requested_model=req.model,
                                forced=forced.config_key if forced else None, provider=None)
         client = gw.providers["replicate"].client
 
         async def prepare() -> None:
-            await gw.images._prepare("req_x", "text-to-image", fields, [], None)
+            await gw.images._prepare("req_x", "text-to-image", fields, [], None, OPEN)
 
         async def upstream_calls() -> None:
             body = {"input": {"prompt": PROMPT, "seed": random.randrange(2**32), "aspect_ratio": "1:1",
@@ -254,7 +255,7 @@ async def _parts(fake_url: str, data_dir: Path, n: int) -> list[tuple[str, float
             decode_image(png, param="output", max_pixels=gw.settings.max_input_pixels)
 
         async def route() -> None:
-            j, f, _, _ = await gw.images._prepare("req_x", "text-to-image", fields, [], None)
+            j, f, _, _, _ = await gw.images._prepare("req_x", "text-to-image", fields, [], None, OPEN)
             await gw.router.run(gw.router.candidates(j.model, j.mode, j, forced=f), j)
 
         async def blob() -> None:

@@ -11,6 +11,8 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,14 @@ def kontext(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def sdk(base: str, key: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def eventually(call: Callable[[], httpx.Response], status: int, within: float = 3.0) -> httpx.Response:
+    """Servers cache what they read of keys for a second: another process's change shows within it."""
+    deadline = time.monotonic() + within
+    while (resp := call()).status_code != status and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return resp
 
 
 def expect_error(resp: httpx.Response, status: int, code: str, type: str = "invalid_request_error") -> dict[str, Any]:
@@ -56,8 +66,9 @@ def test_key_lifecycle_from_the_cli_is_seen_by_a_running_server(tmp_path: Path) 
         assert key.startswith("kx-") and view["id"].startswith("key_") and view["name"] == "team-a"
         assert view["budget_usd"] == 5.0 and view["rpm"] == 100 and view["hint"] == f"{key[:7]}...{key[-4:]}"
 
-        # Keyed from now on: no key, a wrong key -> 401 in the OpenAI envelope.
-        missing = httpx.post(base + "/v1/images/generations", json=TINY)
+        # Keyed from now on (a process that did not make the key notices within a second): no key,
+        # a wrong key -> 401 in the OpenAI envelope.
+        missing = eventually(lambda: httpx.post(base + "/v1/images/generations", json=TINY), 401)
         err = expect_error(missing, 401, "invalid_api_key")
         assert "Authorization: Bearer" in err["message"] and missing.headers["www-authenticate"] == "Bearer"
         wrong = httpx.get(base + "/v1/models", headers={"authorization": "Bearer kx-not-a-real-key-at-all"})
@@ -81,6 +92,7 @@ def test_key_lifecycle_from_the_cli_is_seen_by_a_running_server(tmp_path: Path) 
 
         revoked = kontext(tmp_path, "keys", "revoke", view["id"], "--json")
         assert json.loads(revoked.stdout)["status"] == "revoked"
+        eventually(lambda: httpx.get(base + "/v1/models", headers={"authorization": f"Bearer {key}"}), 401)
         with pytest.raises(openai.AuthenticationError) as denied:
             sdk(base, key).images.generate(model="kontext-tiny", prompt="a kite", size="32x32")
         assert "revoked" in denied.value.body["message"]
@@ -176,3 +188,35 @@ def test_predictions_and_idempotency_are_scoped_to_the_key(tmp_path: Path) -> No
         expect_error(get(b, f"/v1/predictions/{pa['id']}"), 404, "prediction_not_found")
         assert [p["id"] for p in get(b, "/v1/predictions").json()["results"]] == [pb["id"]]
         assert {p["id"] for p in get(root, "/v1/predictions").json()["results"]} >= {pa["id"], pb["id"]}
+
+
+async def test_authenticator_cache_sees_new_keys_at_once_and_revocations_within_a_second(tmp_path: Path) -> None:
+    from kontext_gateway.errors import GatewayError
+    from kontext_gateway.gateway import Gateway
+    from kontext_gateway.keys import Authenticator
+
+    now = [100.0]
+    gw = Gateway(Settings(data_dir=tmp_path))
+    await gw.db.start()
+    try:
+        auth = Authenticator(gw.settings, gw.keys, clock=lambda: now[0])
+        assert (await auth.authenticate(None)).key_id is None  # open
+        view, key = await gw.keys.create(name="a")
+        assert (await auth.authenticate(f"Bearer {key}")).key_id == view["id"]  # new: looked up at once
+        now[0] += 0.5
+        with pytest.raises(GatewayError):
+            await auth.authenticate(None)  # a key exists now: the stale "open" answer was not trusted
+        await gw.keys.revoke(view["id"])  # as from another process: this one does not know yet
+        assert (await auth.authenticate(f"Bearer {key}")).key_id == view["id"]
+        now[0] += Authenticator.CACHE_S
+        with pytest.raises(GatewayError) as revoked:
+            await auth.authenticate(f"Bearer {key}")
+        assert revoked.value.status == 401 and "revoked" in revoked.value.message
+        other, other_key = await gw.keys.create(name="b")
+        assert (await auth.authenticate(f"Bearer {other_key}")).key_id == other["id"]
+        await gw.keys.revoke(other["id"])
+        auth.forget(other["id"])  # revoked through this process: at once
+        with pytest.raises(GatewayError):
+            await auth.authenticate(f"Bearer {other_key}")
+    finally:
+        await gw.db.close()

@@ -13,6 +13,7 @@ them into one view. It must be set before this module is first imported (in the 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
@@ -51,10 +52,18 @@ BUDGET_REJECTIONS = Counter("kontext_budget_rejections_total", "Requests refused
 _CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
 
+_request_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
 def request(route: str, model: str, status: int, seconds: float) -> None:
-    """One HTTP request answered (called by api/middleware.MetricsMiddleware)."""
-    REQUESTS.labels(route, model, str(status)).inc()
-    REQUEST_DURATION.labels(route, model).observe(seconds)
+    """One HTTP request answered (called by api/middleware.MetricsMiddleware). The labelled series
+    are looked up once per label set: `labels()` costs a few µs, on every request."""
+    series = _request_series.get((route, model, status))
+    if series is None:
+        series = _request_series[(route, model, status)] = (REQUESTS.labels(route, model, str(status)),
+                                                            REQUEST_DURATION.labels(route, model))
+    series[0].inc()
+    series[1].observe(seconds)
 
 
 def provider_attempt(provider: str, model: str, outcome: str, seconds: float, error_class: str | None = None) -> None:

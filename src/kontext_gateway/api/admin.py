@@ -28,6 +28,7 @@ async def create_key(request: Request) -> JSONResponse:
     if not isinstance(admin, bool):
         raise invalid("'admin' must be true or false.", param="admin", code="invalid_type")
     view, key = await gw.keys.create(name=name, admin=admin, **body)
+    gw.auth.forget()  # the gateway is keyed from now on, in this process at once
     return JSONResponse({**view, "key": key}, status_code=201)
 
 
@@ -47,14 +48,18 @@ async def show_key(request: Request, key_id: str) -> dict[str, Any]:
 async def update_key(request: Request, key_id: str) -> dict[str, Any]:
     """Change limits; a field set to null removes that limit."""
     gw: Gateway = request.app.state.gateway
-    return await gw.keys.update(key_id, **await _body(request))
+    view = await gw.keys.update(key_id, **await _body(request))
+    gw.auth.forget(key_id)  # new limits apply at once here (within a second in other processes)
+    return view
 
 
 @router.delete("/keys/{key_id}")
 async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
-    """Revoked at once, for every process; the key's history and spend stay."""
+    """Revoked at once in this process, within a second in others; its history and spend stay."""
     gw: Gateway = request.app.state.gateway
-    return await gw.keys.revoke(key_id)
+    view = await gw.keys.revoke(key_id)
+    gw.auth.forget(key_id)
+    return view
 
 
 async def _body(request: Request) -> dict[str, Any]:

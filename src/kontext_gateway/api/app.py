@@ -36,16 +36,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
-    # Every /v1 route needs a key once the gateway is keyed, except blob links (their signature is
-    # their credential) and the admin routes (which need an admin key).
-    keyed = [Depends(auth.authenticate)]
-    app.include_router(models.router, dependencies=keyed)
-    app.include_router(images.router, dependencies=keyed)
+    app.include_router(models.router)
+    app.include_router(images.router)
     app.include_router(blobs.router)
-    app.include_router(predictions.router, dependencies=keyed)
-    app.include_router(files.router, dependencies=keyed)
-    app.include_router(webhooks.router, dependencies=keyed)
-    app.include_router(history.router, dependencies=keyed)
+    app.include_router(predictions.router)
+    app.include_router(files.router)
+    app.include_router(webhooks.router)
+    app.include_router(history.router)
     app.include_router(admin.router, dependencies=[Depends(auth.require_admin)])
     app.include_router(metrics_route.router)
 
@@ -54,5 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok"}
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Every /v1 route needs a key once the gateway is keyed, except blob links; admin routes an admin key.
+    app.add_middleware(auth.AuthMiddleware)
     app.add_middleware(MetricsMiddleware)  # outermost: counts 413s from the body limit too
     return app
