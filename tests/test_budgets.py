@@ -252,3 +252,19 @@ def test_ledger_totals_equal_request_costs_after_a_mixed_run(upstreams: Upstream
     # 0.04 + 0.08 + 0.002 for team-0; BFL's three images and the failed-over one for team-1.
     assert per_key_ledger[keys[0]["id"]] == 40_000 + 80_000 + 2_000
     assert per_key_ledger[keys[1]["id"]] == 120_000 + 40_000
+
+
+def test_two_gateway_processes_share_rate_limits_through_redis(tmp_path: Path) -> None:
+    import redis
+
+    try:
+        redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1).ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"Redis is not reachable on 127.0.0.1:6379 ({exc})")
+    settings = Settings(data_dir=tmp_path, rate_limit_url="redis://127.0.0.1:6379/0")
+    with running_server(settings) as a, running_server(settings) as b:  # one database, one Redis
+        admin = make_key(a, admin=True)
+        key = make_key(a, bearer(admin), rpm=3)
+        statuses = [httpx.post(url + "/v1/images/generations", headers=bearer(key), json=TINY, timeout=60).status_code
+                    for url in (a, b, a, b)]
+    assert statuses == [200, 200, 200, 429]  # three per minute across both, not three each

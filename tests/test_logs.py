@@ -25,6 +25,7 @@ from kontext_gateway.config import Settings
 FAL_SECRET = "fal-secret-7f3a9c2e-value"
 WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 KEY = "kx-live_4f9d2c7b1a8e6f3d5c0b9a7e"
+ADMIN_KEY = "admin-0b5e9c1d7a3f-operator"
 
 
 def _formatted(logger_name: str, *, json_lines: bool = True, secrets: tuple[str, ...] = ()) -> tuple[logging.Logger, io.StringIO]:
@@ -97,7 +98,8 @@ def test_server_logs_are_json_with_request_ids_and_no_secrets(tmp_path: Path) ->
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "FAL_KEY": FAL_SECRET, "KONTEXT_WEBHOOK_SECRET": WEBHOOK_SECRET,
-           "REPLICATE_API_TOKEN": "r8_SecretReplicateToken01", "KONTEXT_URL_SECRET": "url-signing-secret-0123456789"}
+           "REPLICATE_API_TOKEN": "r8_SecretReplicateToken01", "KONTEXT_URL_SECRET": "url-signing-secret-0123456789",
+           "KONTEXT_ADMIN_KEY": ADMIN_KEY}
     env.pop("KONTEXT_LOG_FORMAT", None)
     # Debug: uvicorn's access log is on, so request lines (query strings included) are logged too.
     proc = subprocess.Popen([sys.executable, "-m", "kontext_gateway", "serve", "--port", str(port),
@@ -114,7 +116,10 @@ def test_server_logs_are_json_with_request_ids_and_no_secrets(tmp_path: Path) ->
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
             time.sleep(0.1)
-        auth = {"Authorization": f"Bearer {KEY}"}
+        made = httpx.post(f"{url}/v1/admin/keys", json={"name": "team"}, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        real_key, key_id = made.json()["key"], made.json()["id"]
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 401
+        auth = {"Authorization": f"Bearer {real_key}"}
         with httpx.Client(base_url=url, timeout=120, headers=auth) as http:
             for body in ({"model": "kontext-tiny", "prompt": "a fox", "size": "64x64"},
                          {"model": "kontext-tiny", "prompt": "x", "n": 0}):
@@ -130,13 +135,15 @@ def test_server_logs_are_json_with_request_ids_and_no_secrets(tmp_path: Path) ->
         proc.wait(timeout=30)
     assert [status for status, _ in ids] == [200, 400, 200]
     text = (tmp_path / "stderr").read_text()
-    for secret in (FAL_SECRET, WEBHOOK_SECRET, KEY, "r8_SecretReplicateToken01", "url-signing-secret-0123456789"):
+    for secret in (FAL_SECRET, WEBHOOK_SECRET, KEY, real_key, ADMIN_KEY, "r8_SecretReplicateToken01",
+                   "url-signing-secret-0123456789"):
         assert secret not in text
     lines = [json.loads(line) for line in text.splitlines() if line.strip()]  # every line is one JSON object
     assert all({"ts", "level", "logger", "message"} <= line.keys() for line in lines)
     finished = {line["request_id"]: line for line in lines if line["message"].startswith("job ")}
     for status, rid in (ids[0], ids[2]):
         assert finished[rid]["outcome"] == "succeeded" and finished[rid]["provider"] == "local/kontext-tiny"
+        assert finished[rid]["key_id"] == key_id  # the key's id, never the key
     assert any("[redacted]" in line["message"] and line["logger"] == "uvicorn.access" for line in lines)
 
 
