@@ -30,6 +30,8 @@ ENDED = ("succeeded", "failed", "canceled")
 GROUPS = ("day", "key", "model", "provider")
 OPEN_DELIVERY = ("pending", "sending")  # still to be sent: their payload is left alone
 MAX_LIMIT = 100
+SETTINGS = ("seed", "n", "size", "aspect_ratio", "resolution", "output_format", "output_compression", "cfg_scale",
+            "num_inference_steps", "extra")
 _UNIX = re.compile(r"-?\d+(\.\d+)?")
 
 
@@ -124,8 +126,47 @@ class History:
             "attempts": record.get("attempts") or [], "error": error,
             "output": [self.gw.images.blob_url(base_url, b) for b in outputs],
             "prompt": params.get("prompt") if show_prompt else None,
-            "purged": purged,
+            "purged": purged, "mode": record.get("mode"),
+            # What reproduces it (the playground's "reuse settings"): the parameters as normalised.
+            "settings": {k: params[k] for k in SETTINGS if params.get(k) is not None},
+            "inputs": len(params.get("input_blob_ids") or []),
         }
+
+    async def model_stats(self, model_id: str, days: float = 7.0, sample: int = 2000) -> dict[str, Any]:
+        """Per provider of a model, what this gateway observed over the last `days` (its newest
+        `sample` requests): attempts, success rate and the latency of successful attempts (p50, p95).
+        Every catalog provider is listed, with nulls where nothing was observed."""
+        model = self.gw.catalog.get(model_id)
+        since = utcnow() - timedelta(days=days)
+        query = (select(RequestRecord.attempts).where(RequestRecord.model == model.id, RequestRecord.created_at >= since)
+                 .order_by(RequestRecord.created_at.desc()).limit(sample))
+        async with self.gw.db._session() as session:
+            rows = (await session.execute(query)).scalars().all()
+        seen: dict[str, dict[str, Any]] = {}
+        for attempts in rows:
+            for a in attempts or []:
+                if a.get("outcome") == "skipped":
+                    continue
+                s = seen.setdefault(a["config_key"], {"succeeded": 0, "failed": 0, "latencies": []})
+                if a.get("outcome") == "succeeded":
+                    s["succeeded"] += 1
+                    s["latencies"].append(a.get("duration_ms") or 0)
+                else:
+                    s["failed"] += 1
+        providers = []
+        for entry in model.providers:
+            s = seen.get(entry.config_key, {"succeeded": 0, "failed": 0, "latencies": []})
+            total = s["succeeded"] + s["failed"]
+            lat = sorted(s["latencies"])
+            providers.append({
+                "config_key": entry.config_key, "provider": entry.provider, "attempts": total,
+                "succeeded": s["succeeded"], "failed": s["failed"],
+                "success_rate": round(s["succeeded"] / total, 4) if total else None,
+                "latency_ms": {"p50": _pct(lat, 0.50), "p95": _pct(lat, 0.95)} if lat else None,
+                "price_per_image": entry.pricing.price_per_image(), "currency": entry.pricing.currency,
+            })
+        return {"object": "model_stats", "model": model.id, "window_days": days, "requests": len(rows),
+                "providers": providers}
 
     def _scope(self, principal: Principal, key_id: str | None, model: str | None, provider: str | None
                ) -> list[ColumnElement[bool]]:
@@ -329,6 +370,11 @@ def _counts(row: Any) -> dict[str, Any]:
 
 def _record(row: RequestRecord) -> dict[str, Any]:
     return {c.key: getattr(row, c.key) for c in RequestRecord.__table__.columns}
+
+
+def _pct(values: list[int], q: float) -> int:
+    """Nearest-rank percentile of sorted values."""
+    return values[min(len(values) - 1, max(0, int(round(q * len(values) + 0.5)) - 1))]
 
 
 def _midnight(day: date) -> datetime:

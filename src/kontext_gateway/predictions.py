@@ -145,6 +145,9 @@ class PredictionService:
             "completed_at": _iso(completed),
             "urls": {"get": f"{base}/v1/predictions/{rid}", "cancel": f"{base}/v1/predictions/{rid}/cancel"},
             "metrics": metrics,
+            # Not Replicate's: denoising steps done, while the local engine in this process runs it.
+            **({"progress": {"step": steps[0], "total": steps[1]}}
+               if (steps := self.gw.runner.steps.get(rid)) is not None else {}),
         }
 
     # -- input -----------------------------------------------------------------------------------------

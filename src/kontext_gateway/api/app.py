@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI
 from .. import __version__
 from ..config import Settings
 from ..gateway import Gateway
-from . import admin, auth, blobs, errors, files, images, metrics_route, models, predictions, webhooks
+from . import admin, auth, blobs, web, errors, files, images, metrics_route, models, predictions, webhooks
 from . import history
 from .middleware import BodyLimitMiddleware, MetricsMiddleware
 
@@ -45,6 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(history.router)
     app.include_router(admin.router, dependencies=[Depends(auth.require_admin)])
     app.include_router(metrics_route.router)
+    app.include_router(web.router)
+    app.mount("/static", web.static, name="static")
 
     @app.get("/health")
     async def health() -> dict[str, str]:

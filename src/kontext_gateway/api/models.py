@@ -9,7 +9,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ..catalog import ModelSpec
+from ..errors import invalid
 from ..gateway import Gateway
+from ..history import History
 from ..params import compile_schema
 
 router = APIRouter()
@@ -67,6 +69,14 @@ def _views(request: Request) -> ModelViews:
 @router.get("/v1/models")
 async def list_models(request: Request) -> Response:
     return Response(_views(request).list_body, media_type="application/json")
+
+
+@router.get("/v1/models/{model_id:path}/stats")
+async def model_stats(request: Request, model_id: str, days: float = 7.0) -> dict[str, Any]:
+    """What this gateway observed per provider of the model: success rate, latency p50 / p95."""
+    if not 0 < days <= 365:
+        raise invalid("'days' must be between 0 and 365.", param="days", code="invalid_value")
+    return await History(request.app.state.gateway).model_stats(model_id, days)
 
 
 @router.get("/v1/models/{model_id:path}")

@@ -41,6 +41,8 @@ class JobRunner:
         self.gw = gw
         self.events: JobEvents = events or NoEvents()
         self.progress: dict[str, ProgressFn] = {}  # in-process only: the CLI's progress bar
+        # (step, total) of jobs this process is running on the local engine: the playground shows it.
+        self.steps: dict[str, tuple[int, int]] = {}
         self._stop_reason: dict[str, str] = {}  # why a running job's task was cancelled
         self._jobs: dict[str, ImageJob] = {}  # running jobs, to flag a user's cancel on them
 
@@ -67,7 +69,7 @@ class JobRunner:
                 raise asyncio.CancelledError  # cancelled while no worker held it (e.g. after a crash)
             job = await asyncio.to_thread(from_record, record, self.gw.catalog, self.gw.blobs, self.gw.settings)
             job.journal = journal
-            job.progress = self.progress.get(rid)
+            job.progress = self._progress_of(rid)
             self._jobs[rid] = job
             if record["runs"] == 1:
                 await self.events.emit(record, "start")
@@ -111,6 +113,7 @@ class JobRunner:
         finally:
             self._stop_reason.pop(rid, None)
             self._jobs.pop(rid, None)
+            self.steps.pop(rid, None)
         await self._finish(rid, record)
         return outcome
 
@@ -133,6 +136,16 @@ class JobRunner:
             if final is not None:
                 await self.events.emit(final, "completed")
         self.gw.completions.done(rid)
+
+    def _progress_of(self, rid: str) -> ProgressFn:
+        listener = self.progress.get(rid)
+
+        def progress(step: int, total: int) -> None:  # called from the engine's thread: plain assignments
+            self.steps[rid] = (step, total)
+            if listener is not None:
+                listener(step, total)
+
+        return progress
 
     def _charge(self, job: ImageJob | None) -> tuple[int, list[dict[str, Any]]]:
         """The actual cost from the attempts: every image made and billed, wherever it was made."""
