@@ -77,3 +77,17 @@ def test_a_running_prediction_shows_its_denoising_steps(tmp_path: Path) -> None:
     assert [s["step"] for s in seen] == sorted(s["step"] for s in seen)
     assert isinstance(request["settings"]["seed"], int) and request["settings"]["size"] == "1024x1024"
     assert request["settings"]["num_inference_steps"] == 12 and request["mode"] == "text-to-image"
+
+
+def test_static_files_revalidate_and_predictions_take_x_provider(tmp_path: Path) -> None:
+    with running_server(Settings(data_dir=tmp_path)) as base:
+        page = httpx.get(base + "/")
+        module = httpx.get(base + "/static/app.js")
+        forced = httpx.post(base + "/v1/predictions", headers={"x-provider": "fal", "prefer": "wait"},
+                            json={"model": "kontext-tiny", "input": {"prompt": "x", "size": "32x32"}})
+        local = httpx.post(base + "/v1/predictions", headers={"x-provider": "local", "prefer": "wait"},
+                           json={"model": "kontext-tiny", "input": {"prompt": "x", "size": "32x32"}})
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert module.status_code == 200 and module.headers["cache-control"] == "no-cache"
+    assert forced.status_code == 400 and forced.json()["error"]["code"] == "provider_not_found"
+    assert local.status_code == 201 and local.json()["status"] == "succeeded"

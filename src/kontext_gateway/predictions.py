@@ -38,10 +38,12 @@ class PredictionService:
         self.gw = gw
 
     async def create(self, *, model: str | None, body: dict[str, Any], base_url: str, wait: float | None,
-                     principal: Principal = OPEN, request_id: str | None = None) -> dict[str, Any]:
+                     principal: Principal = OPEN, request_id: str | None = None, provider: str | None = None
+                     ) -> dict[str, Any]:
+        """`provider`: the `x-provider` header, as on the Images API (one provider, no failover)."""
         mode, fields, files, recorded, version, webhook, events = await self._request(model, body, base_url)
         rid = await self.gw.images.submit(
-            mode=mode, fields=fields, files=files, principal=principal, input=recorded,
+            mode=mode, fields=fields, files=files, principal=principal, input=recorded, provider=provider,
             version=version if isinstance(version, str) else None, webhook=webhook, webhook_events=events,
             endpoint="predictions", request_id=request_id, waiter=bool(wait),
         )
@@ -52,10 +54,11 @@ class PredictionService:
         return self.render(record, base_url)
 
     async def estimate(self, *, model: str | None, body: dict[str, Any], base_url: str,
-                       principal: Principal = OPEN) -> dict[str, Any]:
+                       principal: Principal = OPEN, provider: str | None = None) -> dict[str, Any]:
         """`dryRun`: the prediction validated and priced, not created."""
         mode, fields, files, _, _, _, _ = await self._request(model, body, base_url)
-        return await self.gw.images.estimate(mode=mode, fields=fields, files=files, principal=principal)
+        return await self.gw.images.estimate(mode=mode, fields=fields, files=files, principal=principal,
+                                             provider=provider)
 
     async def _request(self, model: str | None, body: dict[str, Any], base_url: str) -> tuple[Any, ...]:
         """The prediction body as the Images API's fields and files (images fetched)."""

@@ -69,7 +69,8 @@ async def _create(request: Request, model: str | None) -> JSONResponse:
     base_url, wait = str(request.base_url), _prefer_wait(request.headers.get("prefer"))
     who = principal(request)
     if dry_run(request):
-        return JSONResponse(await gw.predictions.estimate(model=model, body=body, base_url=base_url, principal=who))
+        return JSONResponse(await gw.predictions.estimate(model=model, body=body, base_url=base_url, principal=who,
+                                                          provider=request.headers.get("x-provider")))
     request_id = new_request_id()
     if key := request.headers.get(IDEMPOTENCY_HEADER):
         fp = fingerprint(request.url.path, body)
@@ -78,7 +79,8 @@ async def _create(request: Request, model: str | None) -> JSONResponse:
             prediction = await gw.predictions.get(existing, base_url, wait=wait, principal=who)
             return JSONResponse(prediction, status_code=201, headers={"idempotent-replayed": "true"})
     prediction = await gw.predictions.create(model=model, body=body, base_url=base_url, wait=wait,
-                                             request_id=request_id, principal=who)
+                                             request_id=request_id, principal=who,
+                                             provider=request.headers.get("x-provider"))
     return JSONResponse(prediction, status_code=201)
 
 

@@ -27,4 +27,14 @@ def _index() -> FileResponse:
 for _path in PAGES:
     router.add_api_route(_path, _index, methods=["GET"])
 
-static = StaticFiles(directory=WEB_DIR)
+class _Static(StaticFiles):
+    """The page's modules revalidate like the page itself (ETag: a 304 when unchanged), so a browser
+    never runs old JavaScript against an upgraded server."""
+
+    def file_response(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        response = super().file_response(*args, **kwargs)
+        response.headers["cache-control"] = "no-cache"
+        return response
+
+
+static = _Static(directory=WEB_DIR)
