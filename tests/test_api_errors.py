@@ -65,7 +65,7 @@ def one(data: bytes, name: str = "a.png") -> list:
     ({"prompt": "x", "output_compression": 101}, "integer_out_of_range", "output_compression"),
     ({"prompt": "x", "seed": -1}, "integer_out_of_range", "seed"),
     ({"prompt": "x", "num_inference_steps": 0}, "integer_out_of_range", "num_inference_steps"),
-    ({"prompt": "x", "stream": True}, "unsupported_parameter", "stream"),
+    ({"prompt": "x", "stream": True, "partial_images": 4}, "integer_out_of_range", "partial_images"),
 ])
 def test_generation_validation(http: httpx.Client, body: dict, code: str, param: str) -> None:
     assert_error(gen(http, **body), 400, code, param)
@@ -112,7 +112,7 @@ def test_edit_without_image(http: httpx.Client, client: OpenAI) -> None:
 def test_edit_with_too_many_images(client: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as exc:
         client.images.edit(model="kontext-tiny", prompt="x",
-                           image=[("a.png", png_bytes(32, 32)), ("b.png", png_bytes(32, 32))])
+                           image=[(f"{i}.png", png_bytes(32, 32)) for i in range(5)])  # the limit is 4
     assert exc.value.status_code == 400 and exc.value.body["code"] == "too_many_images"
     assert exc.value.body["param"] == "image"
 
@@ -127,9 +127,9 @@ def test_wrong_content_type_for_edit(http: httpx.Client) -> None:
     assert_error(resp, 400, "unsupported_media_type")
 
 
-def test_mask_is_rejected_rather_than_ignored(http: httpx.Client) -> None:
-    files = one(png_bytes(32, 32)) + [("mask", ("m.png", png_bytes(32, 32), "image/png"))]
-    assert_error(edit(http, files, prompt="x"), 400, "unsupported_parameter", "mask")
+def test_a_mask_of_another_size_is_rejected(http: httpx.Client) -> None:
+    files = one(png_bytes(32, 32)) + [("mask", ("m.png", png_bytes(32, 16), "image/png"))]
+    assert_error(edit(http, files, prompt="x"), 400, "invalid_mask", "mask")
 
 
 def _png_with_header_size(width: int, height: int) -> bytes:

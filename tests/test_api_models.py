@@ -48,7 +48,7 @@ def test_schema_for_the_local_model(http: httpx.Client) -> None:
     t2i, edit = schema["modes"]["text-to-image"]["properties"], schema["modes"]["edit"]["properties"]
     assert schema["modes"]["edit"]["required"] == ["prompt", "image"]
     assert schema["modes"]["text-to-image"]["required"] == ["prompt"] and "image" not in t2i
-    assert edit["image"]["maxItems"] == 1
+    assert edit["image"]["maxItems"] == 4  # several images, each its own context tokens
     assert t2i["output_format"]["enum"] == ["png", "jpeg", "gif", "webp", "avif"]
     assert t2i["response_format"]["default"] == "url" and t2i["n"]["default"] == 1
     assert t2i["resolution"]["enum"] == ["auto", "0.5K", "1K", "2K"]

@@ -185,9 +185,10 @@ def test_n_fans_out_into_tasks(sdk: OpenAI, fw: FakeFireworks) -> None:
 def test_two_images_are_more_than_fireworks_takes(sdk: OpenAI, fw: FakeFireworks) -> None:
     with pytest.raises(openai.APIStatusError) as exc:
         edit(sdk, images=[png_bytes(64, 64), png_bytes(64, 64)])
-    assert exc.value.status_code == 503 and "at most 1 input image" in exc.value.message
+    # Refused as a request the configured providers cannot take (400), not as an outage (503).
+    assert exc.value.status_code == 400 and "at most 1 input image" in exc.value.message
+    assert exc.value.body["code"] == "unsupported_by_providers"
     assert fw.submits() == []
-
 
 
 def test_n_images_differ(sdk: OpenAI, fw: FakeFireworks) -> None:

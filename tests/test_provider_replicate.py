@@ -247,9 +247,10 @@ def test_two_images_use_the_multi_image_model(sdk: OpenAI, rep: FakeReplicate, v
 def test_three_images_are_more_than_replicate_takes(sdk: OpenAI, rep: FakeReplicate) -> None:
     with pytest.raises(openai.APIStatusError) as exc:
         edit(sdk, images=[png_bytes(64, 64)] * 3)
-    assert exc.value.status_code == 503 and "at most 2 input image" in exc.value.message
+    # Refused as a request the configured providers cannot take (400), not as an outage (503).
+    assert exc.value.status_code == 400 and "at most 2 input image" in exc.value.message
+    assert exc.value.body["code"] == "unsupported_by_providers"
     assert rep.submits() == []
-
 
 
 def test_n_images_differ(sdk: OpenAI, rep: FakeReplicate) -> None:

@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     allow_downloads: bool = False
     device: str | None = None  # "cuda", "cpu"; default: cuda when available
     engine_threads: int | None = Field(default=None, ge=1)  # CPU threads for torch; default: torch's own
+    # LoRA adapters named in requests (`loras: [{"path": ...}]`) are files under this directory.
+    lora_dir: Path | None = None
+    # Smaller GPUs: "model" moves each component to the GPU only while it runs (diffusers' model CPU
+    # offload), "sequential" each layer (slowest, least memory); "none" keeps everything on the device.
+    engine_offload: Literal["none", "model", "sequential"] = "none"
+    # Local models kept loaded at once; the least recently used is unloaded to make room.
+    engine_max_models: int = Field(default=2, ge=1)
 
     # Upstream providers: credentials and base URLs (scheme and host, as the providers' own clients
     # take them) under the providers' own variable names. Secrets never reach logs or responses.

@@ -47,8 +47,24 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, *, param: str = "image", max_pixels: int) -> Image.Image:
-    """Decode an upload to a fully loaded RGB image (EXIF orientation applied, transparency over white)."""
+def decode_mask(data: bytes, *, size: tuple[int, int], param: str = "mask", max_pixels: int) -> Image.Image:
+    """An edit mask as the engine takes it: mode "L", 255 where to repaint, 0 where to keep.
+
+    OpenAI's semantics first: a mask with an alpha channel marks the areas to edit as fully
+    transparent. A mask without alpha (a black-and-white picture, as diffusers takes) marks them
+    white. It must be the size of the (first) input image."""
+    decoded = decode_image(data, param=param, max_pixels=max_pixels, keep_alpha=True)
+    if decoded.size != size:
+        raise invalid(f"'{param}' is {decoded.size[0]}x{decoded.size[1]} but the image is {size[0]}x{size[1]}: "
+                      "the mask must be the same size as the image.", param=param, code="invalid_mask")
+    if decoded.mode == "RGBA":
+        return decoded.getchannel("A").point(lambda a: 255 if a == 0 else 0)
+    return decoded.convert("L").point(lambda v: 255 if v >= 128 else 0)
+
+
+def decode_image(data: bytes, *, param: str = "image", max_pixels: int, keep_alpha: bool = False) -> Image.Image:
+    """Decode an upload to a fully loaded RGB image (EXIF orientation applied, transparency over white;
+    `keep_alpha`: RGBA when the image has any transparency)."""
     fmt = sniff_format(data)
     if fmt not in _INPUT_FORMATS:
         raise invalid(f"'{param}' must be a {_ACCEPTED} image.", param=param, code="unsupported_image_format")
@@ -62,6 +78,8 @@ def decode_image(data: bytes, *, param: str = "image", max_pixels: int) -> Image
                     raise _too_large(param, f"{width}x{height} ({width * height} pixels)", max_pixels)
                 opened.load()  # first frame only for GIF / animated WebP
                 upright = ImageOps.exif_transpose(opened)  # a detached copy, safe after the file closes
+        if keep_alpha and (upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info):
+            return upright.convert("RGBA")
         return _to_rgb(upright)
     except GatewayError:
         raise

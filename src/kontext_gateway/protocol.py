@@ -23,6 +23,15 @@ class ImageRef(BaseModel):
     file_id: str | None = None
 
 
+class LoraRef(BaseModel):
+    """fal's shape: a LoRA adapter by path (a file under the adapters directory, or an http(s) URL
+    when downloads are allowed) and its scale."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(min_length=1)
+    scale: float = Field(default=1.0, ge=-4, le=4)
+
+
 class ImageRequest(BaseModel):
     model_config = ConfigDict(extra="allow", str_strip_whitespace=False)
 
@@ -40,8 +49,13 @@ class ImageRequest(BaseModel):
     num_inference_steps: int | None = Field(default=None, ge=1, le=100)
     user: str | None = None
     stream: bool | None = None
-    partial_images: int | None = None
+    partial_images: int | None = Field(default=None, ge=0, le=3)
     images: list[ImageRef] | None = None
+    # The local engine's features (issue 7).
+    negative_prompt: str | None = None
+    true_cfg_scale: float | None = Field(default=None, ge=1, le=20)
+    loras: list[LoraRef] | None = None
+    previous_response_id: str | None = None  # edit the output of an earlier request, by its id
 
     @model_validator(mode="before")
     @classmethod

@@ -69,6 +69,7 @@ class Router:
                 )
         usable: list[Candidate] = []
         reasons: list[str] = []
+        refused: list[str] = []  # available, but not for this request
         for entry in entries:
             impl = self.providers.get(entry.provider)
             if impl is None:
@@ -76,9 +77,16 @@ class Router:
             elif not impl.available(entry):
                 reasons.append(f"{entry.config_key}: {impl.unavailable_reason(entry)}")
             elif why := impl.unsupported(entry, job):
-                reasons.append(f"{entry.config_key}: {why}")
+                refused.append(f"{entry.config_key}: {why}")
             else:
                 usable.append((entry, impl))
+        if not usable and refused:
+            # The request asks for something no available provider does: the request must change (400).
+            raise GatewayError(
+                f"No available provider of model '{model.id}' can do what this request asks. " + "; ".join(refused)
+                + (". Not available: " + "; ".join(reasons) if reasons else "") + ".",
+                code="unsupported_by_providers",
+            )
         if not usable:
             raise unavailable(
                 f"No provider can serve model '{model.id}' ({mode}) right now. " + "; ".join(reasons) + "."

@@ -15,12 +15,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from . import metrics, pricing
 from .catalog import Mode, ProviderEntry
 from .errors import GatewayError, invalid, too_large
 from .keys import OPEN, Principal, forbidden
-from .imaging import EXTENSIONS, decode_image, parse_data_url, sniff_format
+from .imaging import EXTENSIONS, decode_image, decode_mask, encode_image, parse_data_url, sniff_format
 from .jobs.spec import to_params
 from .params import CONTROL_FIELDS, PARAM_NAMES, Size, resolve_size
 from .protocol import ImageRequest, parse_image_request
@@ -108,8 +109,10 @@ class ImageService:
             await self._reject(exc, request_id, endpoint, mode, fields, key_id, input, version, t0)
             raise
         input_blob_ids = await asyncio.to_thread(self._store_inputs, raw_inputs)
+        mask_blob_id = await asyncio.to_thread(self._store_mask, job.mask) if job.mask is not None else None
         params = to_params(job, input_blob_ids=input_blob_ids, response_format=req.response_format or "url",
-                           requested_model=req.model, forced=forced.config_key if forced else None, provider=provider)
+                           requested_model=req.model, forced=forced.config_key if forced else None, provider=provider,
+                           mask_blob_id=mask_blob_id)
         if progress is not None:
             self.gw.runner.progress[request_id] = progress
         if waiter:
@@ -280,6 +283,9 @@ class ImageService:
         """Input images as blobs (as uploaded): a job run again after a crash needs them."""
         return [self.blobs.put(data, ext=EXTENSIONS[sniff_format(data) or "png"]) for data in raw]
 
+    def _store_mask(self, mask: "Image") -> str:
+        return self.blobs.put(encode_image(mask, "png"), ext="png")
+
     def blob_url(self, base_url: str, blob_id: str) -> str:
         path = BLOB_ROUTE + blob_id
         base = (self.settings.public_url or base_url).rstrip("/")
@@ -300,13 +306,17 @@ class ImageService:
                 f"Model '{model.id}' does not support {_mode_words(mode)}; it supports {supported}.",
                 param="model", code="unsupported_mode",
             )
-        if req.stream:
-            raise invalid("Streaming (stream=true) is not supported yet; omit it to get the whole response.",
-                          param="stream", code="unsupported_parameter")
         if req.n > self.settings.max_n:
             raise invalid(f"Invalid 'n': {req.n} is out of range (1 to {self.settings.max_n}).",
                           param="n", code="integer_out_of_range")
-        files = files + self._referenced_files(req)
+        masks = [f for f in files if f.param == "mask"] + self._json_mask(fields)
+        files = [f for f in files if f.param != "mask"] + self._referenced_files(req)
+        files += await self._previous_output(req, principal)
+        if masks and mode != "edit":
+            raise invalid("A mask needs an image to edit: use /v1/images/edits.", param="mask",
+                          code="unsupported_parameter")
+        if len(masks) > 1:
+            raise invalid("Send one mask (it applies to the first image).", param="mask", code="invalid_value")
         if mode == "edit" and not files:
             raise invalid("An edit needs an input image: send 'image' (a file) or 'images' [{'image_url'}].",
                           param="image", code="missing_required_parameter")
@@ -319,6 +329,10 @@ class ImageService:
                 f"{model.max_input_images}.", param="image", code="too_many_images",
             )
         images = await asyncio.to_thread(self._decode_inputs, files)  # large decodes stay off the event loop
+        mask = None
+        if masks:
+            mask = await asyncio.to_thread(decode_mask, masks[0].data, size=images[0].size,
+                                           max_pixels=self.settings.max_input_pixels)
         input_size = Size(*images[0].size) if images else None
         size = resolve_size(model, size=req.size, aspect_ratio=req.aspect_ratio,
                             resolution=req.resolution, input_size=input_size)
@@ -328,6 +342,9 @@ class ImageService:
             n=req.n, seed=req.seed if req.seed is not None else secrets.randbelow(2**32),
             output_format=req.output_format or "png", output_compression=req.output_compression,
             guidance=req.cfg_scale, steps=req.num_inference_steps, extra=extra,
+            mask=mask, negative_prompt=req.negative_prompt, true_cfg_scale=req.true_cfg_scale,
+            loras=[lora.model_dump() for lora in req.loras or []],
+            partial_images=(req.partial_images or 0) if req.stream else 0,
         )
         # Checked now so that a request nothing can serve fails at once (503), not in the queue; the
         # candidates, in the order they would be tried, also price it.
@@ -347,18 +364,58 @@ class ImageService:
         return images
 
     def _referenced_files(self, req: ImageRequest) -> list[InputFile]:
-        """Images of the JSON edit form: data URLs inline. Remote fetching is not enabled here."""
+        """Images of the JSON edit form: data URLs, or this gateway's own image links (an earlier
+        output, without downloading and uploading it again). Other hosts are not fetched here."""
         out = []
         for i, ref in enumerate(req.images or []):
             param = f"images[{i}].image_url"
             if ref.image_url is None:
                 raise invalid("Each entry of 'images' needs an 'image_url' (file ids are not supported).",
                               param=f"images[{i}]", code="invalid_value")
-            if not ref.image_url.startswith("data:"):
-                raise invalid("Only data URLs (data:image/png;base64,...) are accepted in 'images' for now.",
-                              param=param, code="invalid_image_url")
-            out.append(InputFile(parse_data_url(ref.image_url, param=param), param="image"))
+            out.append(InputFile(self._image_at(ref.image_url, param), param="image"))
         return out
+
+    def _json_mask(self, fields: dict[str, Any]) -> list[InputFile]:
+        """The JSON edit form's `mask: {"image_url": ...}` (OpenAI's shape)."""
+        ref = fields.get("mask")
+        if ref is None or isinstance(ref, (bytes, bytearray)):
+            return []
+        url = ref.get("image_url") if isinstance(ref, dict) else ref
+        if not isinstance(url, str):
+            raise invalid("'mask' must be {\"image_url\": \"data:image/png;base64,...\"} (or a file upload).",
+                          param="mask", code="invalid_value")
+        return [InputFile(self._image_at(url, "mask.image_url"), param="mask")]
+
+    def _image_at(self, url: str, param: str) -> bytes:
+        if url.startswith("data:"):
+            return parse_data_url(url, param=param)
+        parts = urlsplit(url)
+        if parts.path.startswith(BLOB_ROUTE):
+            query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+            if self.signer.verify(parts.path, query.get("exp", ""), query.get("sig", "")):
+                data = self.blobs.get(parts.path[len(BLOB_ROUTE):])
+                if data is not None:
+                    return data
+            raise invalid(f"'{param}' is a link of this gateway that has expired or was altered; use "
+                          "'previous_response_id' to edit an earlier output.", param=param, code="invalid_image_url")
+        raise invalid(f"'{param}' must be a data URL (data:image/png;base64,...) or an image link of this gateway.",
+                      param=param, code="invalid_image_url")
+
+    async def _previous_output(self, req: ImageRequest, principal: Principal) -> list[InputFile]:
+        """`previous_response_id`: edit the (first) output of an earlier request, by its id."""
+        rid = req.previous_response_id
+        if not rid:
+            return []
+        record = await self.db.get_request(rid)
+        if record is None or (not principal.sees_all() and record.get("key_id") != principal.key_id):
+            raise GatewayError(f"No request '{rid}'.", status=404, param="previous_response_id",
+                               code="request_not_found")
+        data = self.blobs.get(record["output_blob_ids"][0]) if record["output_blob_ids"] else None
+        if record["status"] != "succeeded" or data is None:
+            raise invalid(f"Request '{rid}' has no output to edit (it is {record['status']}"
+                          f"{', and its images were purged' if record.get('purged_at') else ''}).",
+                          param="previous_response_id", code="no_previous_output")
+        return [InputFile(data, param="image")]
 
 
 def _refusal(refused: Exception, principal: Principal) -> GatewayError:

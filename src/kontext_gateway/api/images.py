@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
 from ..catalog import Mode
@@ -22,6 +22,7 @@ from ..idempotency import HEADER as IDEMPOTENCY_HEADER
 from ..idempotency import Idempotency, fingerprint
 from ..service import InputFile, new_request_id
 from .auth import principal
+from .streaming import PreviewQueue, stream_response
 
 router = APIRouter()
 
@@ -30,13 +31,13 @@ _IMAGE_FIELD = re.compile(r"^image(\[\d*\])?$")
 
 
 @router.post("/v1/images/generations")
-async def generations(request: Request) -> JSONResponse:
+async def generations(request: Request) -> Response:
     fields = await _json_body(request)
     return await _run(request, "text-to-image", fields, [])
 
 
 @router.post("/v1/images/edits")
-async def edits(request: Request) -> JSONResponse:
+async def edits(request: Request) -> Response:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("application/json"):
         return await _run(request, "edit", await _json_body(request), [])
@@ -50,8 +51,8 @@ async def edits(request: Request) -> JSONResponse:
     for name, value in form.multi_items():
         if isinstance(value, UploadFile):
             if name == "mask":
-                raise invalid("Masks are not supported yet: remove 'mask' to edit the whole image.",
-                              param="mask", code="unsupported_parameter")
+                files.append(InputFile(await value.read(), param="mask"))
+                continue
             if not _IMAGE_FIELD.match(name):
                 raise invalid(f"Unexpected file field '{name}': send images as 'image' or 'image[]'.",
                               param=name, code="unexpected_file")
@@ -78,7 +79,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
-async def _run(request: Request, mode: Mode, fields: dict[str, Any], files: list[InputFile]) -> JSONResponse:
+async def _run(request: Request, mode: Mode, fields: dict[str, Any], files: list[InputFile]) -> Response:
     gw: Gateway = request.app.state.gateway
     request.state.model = str(fields.get("model") or gw.settings.default_model)[:64]  # metrics label
     base_url = str(request.base_url)
@@ -87,6 +88,17 @@ async def _run(request: Request, mode: Mode, fields: dict[str, Any], files: list
         return JSONResponse(await gw.images.estimate(mode=mode, fields=fields, files=files, principal=who,
                                                      provider=request.headers.get("x-provider")))
     request_id = new_request_id()
+    if str(fields.get("stream", "")).lower() in ("true", "1"):
+        # Validated and enqueued before the first byte: a bad request is still a plain JSON error.
+        previews = PreviewQueue()
+        gw.runner.previews[request_id] = previews
+        try:
+            await gw.images.submit(mode=mode, fields=fields, files=files, provider=request.headers.get("x-provider"),
+                                   principal=who, request_id=request_id, waiter=True)
+        except BaseException:
+            gw.runner.previews.pop(request_id, None)
+            raise
+        return stream_response(gw, request_id, mode, previews)
     if key := request.headers.get(IDEMPOTENCY_HEADER):
         fp = fingerprint(request.url.path, {k: v for k, v in fields.items()}, [f.data for f in files])
         existing = await Idempotency(gw.db, gw.settings.idempotency_ttl_s).claim(who.scope, key, fp, request_id)

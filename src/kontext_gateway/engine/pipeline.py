@@ -1,16 +1,24 @@
 """Running FLUX.1 Kontext with diffusers' FluxKontextPipeline: loading, devices, one call per job.
 
-Everything here imports torch, so it is imported only when a local model is first used.
+One loaded model (`KontextEngine`) serves every feature from the same weights: several context images
+and true CFG (engine/context.py's pipeline subclass), masks (diffusers' FluxKontextInpaintPipeline built
+from the same components), LoRA adapters (engine/lora.py), previews (engine/previews.py) and a cache of
+encoded context images. Everything here imports torch, so it is imported only when a local model is
+first used.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..errors import invalid
 from ..params import Size
+from .lora import AdapterCache, LoraSpec
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -47,28 +55,67 @@ def pick_device(preferred: str | None = None) -> tuple[str, Any]:
     return device, dtype
 
 
+CONTEXT_CACHE_ENTRIES = 8
+
+
+def place(pipe: Any, device: str, offload: str = "none") -> str:
+    """Put the pipeline on its device, or set up diffusers' CPU offload (CUDA only: weights live in
+    host memory and move to the GPU per component ("model") or per layer ("sequential") while they
+    run). Returns the offload mode in effect."""
+    if offload != "none" and not device.startswith("cuda"):
+        log.info("engine_offload=%s only applies on CUDA; running on %s without it", offload, device)
+        offload = "none"
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    return offload
+
+
+@dataclass
+class RunInfo:
+    """What the last run did (tests and logs read it)."""
+
+    mode: str  # "kontext" or "inpaint"
+    noise_tokens: int
+    context_tokens: list[int] = field(default_factory=list)  # per context image, in placement order
+    true_cfg: bool = False
+    previews: int = 0
+    loras: list[str] = field(default_factory=list)
+
+
 class KontextEngine:
-    def __init__(self, pipe: Any, *, name: str, device: str, dtype: Any) -> None:
+    def __init__(self, pipe: Any, *, name: str, device: str, dtype: Any, offload: str = "none") -> None:
         self.pipe = pipe
         self.name = name
         self.device = device
         self.dtype = dtype
+        self.offload = offload  # as placed by the factory (see `place`)
         pipe.set_progress_bar_config(disable=True)
         quiet_libraries()
+        from .context import ContextLatentCache  # imports diffusers' pipelines: after quieting them
+
+        self.context_cache = ContextLatentCache(CONTEXT_CACHE_ENTRIES)
+        self.adapters = AdapterCache(pipe)
+        self.last_run: RunInfo | None = None
+        self._runners: dict[str, Any] = {}  # "kontext" / "inpaint" -> pipeline subclass on these weights
 
     @classmethod
-    def tiny(cls, device: str | None = None) -> "KontextEngine":
+    def tiny(cls, device: str | None = None, *, offload: str = "none") -> "KontextEngine":
         from .tiny import build_tiny_pipeline
 
         quiet_libraries()
         t0 = time.perf_counter()
         device, dtype = pick_device(device)
-        pipe = build_tiny_pipeline().to(device=device, dtype=dtype)
+        pipe = build_tiny_pipeline().to(dtype=dtype)
+        offload = place(pipe, device, offload)
         log.info("built kontext-tiny on %s in %.2fs", device, time.perf_counter() - t0)
-        return cls(pipe, name="kontext-tiny", device=device, dtype=dtype)
+        return cls(pipe, name="kontext-tiny", device=device, dtype=dtype, offload=offload)
 
     @classmethod
-    def from_dir(cls, path: Path, *, name: str, device: str | None = None) -> "KontextEngine":
+    def from_dir(cls, path: Path, *, name: str, device: str | None = None, offload: str = "none") -> "KontextEngine":
         """Load weights in diffusers layout (model_index.json + component folders) from local disk."""
         from diffusers import FluxKontextPipeline
 
@@ -76,68 +123,156 @@ class KontextEngine:
         t0 = time.perf_counter()
         device, dtype = pick_device(device)
         pipe = FluxKontextPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
-        pipe.to(device)
+        offload = place(pipe, device, offload)
         log.info("loaded %s from %s on %s in %.2fs", name, path, device, time.perf_counter() - t0)
-        return cls(pipe, name=name, device=device, dtype=dtype)
+        return cls(pipe, name=name, device=device, dtype=dtype, offload=offload)
 
     @classmethod
-    def from_hub(cls, repo_id: str, *, name: str, device: str | None = None) -> "KontextEngine":
+    def from_hub(cls, repo_id: str, *, name: str, device: str | None = None, offload: str = "none") -> "KontextEngine":
         """Download from the Hugging Face hub: only when the operator allowed downloads."""
         from diffusers import FluxKontextPipeline
 
         device, dtype = pick_device(device)
         pipe = FluxKontextPipeline.from_pretrained(repo_id, torch_dtype=dtype)
-        pipe.to(device)
-        return cls(pipe, name=name, device=device, dtype=dtype)
+        offload = place(pipe, device, offload)
+        return cls(pipe, name=name, device=device, dtype=dtype, offload=offload)
 
     def save(self, path: Path) -> None:
         self.pipe.save_pretrained(str(path))
+
+    def close(self) -> None:
+        """Drop every reference to the weights and give the memory back (the model cache calls this)."""
+        import torch
+
+        self.context_cache.clear()
+        self._runners.clear()
+        self.adapters = None  # type: ignore[assignment]
+        self.pipe = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _runner(self, kind: str) -> Any:
+        """The pipeline subclass for `kind`, sharing this engine's components (no weight copies)."""
+        runner = self._runners.get(kind)
+        if runner is None:
+            from .context import MultiContextInpaintPipeline, MultiContextKontextPipeline
+
+            cls = MultiContextInpaintPipeline if kind == "inpaint" else MultiContextKontextPipeline
+            runner = cls(**self.pipe.components)
+            runner.set_progress_bar_config(disable=True)
+            self._runners[kind] = runner
+        return runner
 
     def run(
         self,
         *,
         prompt: str,
-        image: "Image | None",
         output: Size,
-        context: Size | None,
         steps: int,
         guidance: float,
         n: int,
         seed: int,
+        image: "Image | None" = None,
+        context: Size | None = None,
+        images: "list[Image] | None" = None,
+        contexts: list[Size | None] | None = None,
+        negative_prompt: str | None = None,
+        true_cfg_scale: float | None = None,
+        mask: "Image | None" = None,
+        loras: list[LoraSpec] | None = None,
+        placement: str = "offset",
+        partial_images: int = 0,
+        preview: Callable[[int, "Image"], None] | None = None,
         progress: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> list["Image"]:
+        """Make `n` pictures. Context images: `images` with one context size each (`contexts`), or the
+        single `image`/`context` pair; each is resized to its size and becomes its own context tokens.
+        With `mask` (same size as the first image; 255 = repaint) the first image is repainted where
+        the mask is set, the others are references. True CFG runs when true_cfg_scale > 1 and a
+        negative prompt is given (two transformer passes per step), as in diffusers."""
         import torch
+        from PIL import Image as PILImage
 
-        if image is not None and context is not None and image.size != (context.width, context.height):
-            from PIL import Image as PILImage
+        from .context import encode_context
+        from .masking import fit_mask, keep_unmasked
+        from .previews import PreviewEmitter
 
-            image = image.resize((context.width, context.height), PILImage.Resampling.LANCZOS)
+        pictures = list(images) if images is not None else ([image] if image is not None else [])
+        sizes = list(contexts) if contexts is not None else [context] * len(pictures)
+        if len(sizes) != len(pictures):
+            raise ValueError("one context size per input image")
+        if mask is not None and not pictures:
+            raise invalid("A mask needs an input image to repaint.", param="mask")
+        self.adapters.activate(list(loras or []))
+        inpaint = None  # (source at the output size, fitted mask)
+        if mask is not None:
+            target = (output.width, output.height)
+            source = pictures[0] if pictures[0].size == target else pictures[0].resize(
+                target, PILImage.Resampling.LANCZOS)
+            inpaint = (source, fit_mask(mask, target))
+            if preview is not None:  # previews show the kept area as the result will
+                shown, preview = preview, lambda i, im: shown(i, keep_unmasked(im, *inpaint))
+        emitter = PreviewEmitter(steps, partial_images, preview, output.height, output.width)
 
         def on_step(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if should_stop is not None and should_stop():
                 raise Interrupted()
             if progress is not None:
                 progress(i + 1, steps)
+            emitter.on_step(pipe, i + 1, kwargs)
             return kwargs
 
-        # A CPU generator draws the same noise on every device: same seed, same picture.
-        generator = torch.Generator("cpu").manual_seed(seed)
-        with torch.inference_mode():
-            result = self.pipe(
-                image=image,
-                prompt=prompt,
-                height=output.height,
-                width=output.width,
-                # diffusers rescales every output to max_area: pass the exact area to keep WxH.
-                max_area=output.area,
-                # The context image is already at its target size; keep it as it is.
-                _auto_resize=False,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                num_images_per_prompt=n,
-                generator=generator,
-                output_type="pil",
-                callback_on_step_end=on_step,
-            )
+        cfg = true_cfg_scale if true_cfg_scale is not None else 1.0
+        common: dict[str, Any] = dict(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            true_cfg_scale=cfg,
+            height=output.height,
+            width=output.width,
+            # diffusers rescales every output to max_area: pass the exact area to keep WxH.
+            max_area=output.area,
+            # Context images are already at their target sizes; keep them as they are.
+            _auto_resize=False,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            num_images_per_prompt=n,
+            # A CPU generator draws the same noise on every device: same seed, same picture.
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="pil",
+            callback_on_step_end=on_step,
+            callback_on_step_end_tensor_inputs=["latents", "noise_pred"] if emitter.active else ["latents"],
+        )
+
+        def latents_of(pics: list[Any], fits: list[Size | None]) -> list[Any]:
+            return [encode_context(self.pipe, im, (s.width, s.height) if s else None, self.context_cache)
+                    for im, s in zip(pics, fits)]
+
+        try:
+            with torch.inference_mode():
+                if inpaint is None:
+                    runner = self._runner("kontext")
+                    with runner.using(latents_of(pictures, sizes), placement):  # type: ignore[arg-type]
+                        result = runner(image=None, **common)
+                else:
+                    source, area = inpaint  # type: ignore[misc]
+                    runner = self._runner("inpaint")
+                    with runner.using(latents_of(pictures[1:], sizes[1:]), placement):  # type: ignore[arg-type]
+                        # strength 1: the masked area starts from pure noise; the rest is put back
+                        # from the source's latents after every step...
+                        result = runner(image=source, mask_image=area, image_reference=None, strength=1.0, **common)
+                    # ...and, decoded, from the source's own pixels (see engine/masking.py).
+                    result.images = [keep_unmasked(im, source, area) for im in result.images]
+        finally:
+            if self.offload == "model":
+                self.pipe.maybe_free_model_hooks()  # the runners share the hooks; park everything again
+        self.last_run = RunInfo(
+            mode="inpaint" if mask is not None else "kontext",
+            noise_tokens=runner.last_noise_tokens,
+            context_tokens=list(runner.last_context_tokens),
+            true_cfg=cfg > 1 and negative_prompt is not None,
+            previews=emitter.sent,
+            loras=[spec.name or spec.path.name for spec in loras or []],
+        )
         return list(result.images)

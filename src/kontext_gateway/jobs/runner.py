@@ -43,6 +43,8 @@ class JobRunner:
         self.progress: dict[str, ProgressFn] = {}  # in-process only: the CLI's progress bar
         # (step, total) of jobs this process is running on the local engine: the playground shows it.
         self.steps: dict[str, tuple[int, int]] = {}
+        # In-process only: where a streaming request wants its jobs' previews (stream=true).
+        self.previews: dict[str, Any] = {}
         self._stop_reason: dict[str, str] = {}  # why a running job's task was cancelled
         self._jobs: dict[str, ImageJob] = {}  # running jobs, to flag a user's cancel on them
 
@@ -70,6 +72,7 @@ class JobRunner:
             job = await asyncio.to_thread(from_record, record, self.gw.catalog, self.gw.blobs, self.gw.settings)
             job.journal = journal
             job.progress = self._progress_of(rid)
+            job.preview = self.previews.get(rid) if job.partial_images else None
             self._jobs[rid] = job
             if record["runs"] == 1:
                 await self.events.emit(record, "start")

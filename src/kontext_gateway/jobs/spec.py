@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from typing import TYPE_CHECKING, Any
 
 from ..catalog import Catalog
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def to_params(job: ImageJob, *, input_blob_ids: list[str], response_format: str, requested_model: str | None,
-              forced: str | None, provider: str | None) -> dict[str, Any]:
+              forced: str | None, provider: str | None, mask_blob_id: str | None = None) -> dict[str, Any]:
     size = job.size
     return {
         "prompt": job.prompt,
@@ -36,6 +37,11 @@ def to_params(job: ImageJob, *, input_blob_ids: list[str], response_format: str,
         "input_blob_ids": input_blob_ids,
         "input_images": [{"width": im.size[0], "height": im.size[1]} for im in job.images],
         "extra": job.extra,
+        "negative_prompt": job.negative_prompt,
+        "true_cfg_scale": job.true_cfg_scale,
+        "loras": job.loras,
+        "partial_images": job.partial_images,
+        "mask_blob_id": mask_blob_id,  # the mask as the engine takes it: "L", 255 = repaint
     }
 
 
@@ -48,6 +54,14 @@ def from_record(record: dict[str, Any], catalog: Catalog, blobs: "LocalBlobStore
         if data is None:
             raise LookupError(f"input image {blob_id} is missing from the blob store")
         images.append(decode_image(data, param="image", max_pixels=settings.max_input_pixels))
+    mask = None
+    if p.get("mask_blob_id"):
+        data = blobs.get(p["mask_blob_id"])
+        if data is None:
+            raise LookupError(f"mask {p['mask_blob_id']} is missing from the blob store")
+        from PIL import Image
+
+        mask = Image.open(io.BytesIO(data)).convert("L")
     size = None
     if p.get("size") and p["size"] != "auto":
         w, _, h = p["size"].partition("x")
@@ -58,4 +72,6 @@ def from_record(record: dict[str, Any], catalog: Catalog, blobs: "LocalBlobStore
                                         exact=bool(p.get("size_exact"))),
         n=p["n"], seed=p["seed"], output_format=p["output_format"], output_compression=p.get("output_compression"),
         guidance=p.get("cfg_scale"), steps=p.get("num_inference_steps"), extra=dict(p.get("extra") or {}),
+        mask=mask, negative_prompt=p.get("negative_prompt"), true_cfg_scale=p.get("true_cfg_scale"),
+        loras=list(p.get("loras") or []), partial_images=int(p.get("partial_images") or 0),
     )

@@ -42,6 +42,14 @@ class ImageJob:
     # Set when the request is abandoned: work on other threads (the local engine) checks it per step.
     cancelled: threading.Event = field(default_factory=threading.Event)
     journal: TaskJournal | None = None  # durable jobs record their upstream tasks here
+    # -- the local engine's features (issue 7); remote providers reject what they cannot do --
+    mask: "Image | None" = None  # mode "L", same size as images[0]: 255 where to repaint, 0 where to keep
+    negative_prompt: str | None = None  # true CFG: with true_cfg_scale > 1, a second pass per step
+    true_cfg_scale: float | None = None
+    loras: list[dict[str, Any]] = field(default_factory=list)  # [{"path": str, "scale": float}]
+    partial_images: int = 0  # previews wanted while it runs (stream=true): 0..3
+    # Called (from the engine's thread) with each preview: (index 0.., a decoded picture at output size).
+    preview: Callable[[int, "Image"], None] | None = None
 
 
 @dataclass

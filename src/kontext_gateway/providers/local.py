@@ -4,25 +4,32 @@
 in diffusers layout is configured (or downloads are allowed). Inference runs on one worker thread, off
 the event loop: the server keeps answering while an image is made, and local requests run one at a
 time in arrival order. torch is imported on the first local request, not before.
+
+Loaded models are kept in a small LRU (`engine_max_models`): a model is loaded on first use and the
+least recently used one is unloaded (its memory freed) when another must come in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import logging
+import sys
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..catalog import ProviderEntry
 from ..config import Settings
-from ..errors import GatewayError, unavailable
+from ..errors import GatewayError, invalid, unavailable
 from ..params import Size
 from .base import ImageJob, ProviderImage, ProviderResult
 
 if TYPE_CHECKING:
+    from ..engine.lora import LoraSpec
     from ..engine.pipeline import KontextEngine
 
 log = logging.getLogger(__name__)
@@ -35,14 +42,22 @@ _HANDLING = {
     "size": {"handling": "converted", "as": "width/height (nearest multiples of 16)"},
     "aspect_ratio": {"handling": "converted", "as": "width/height (nearest multiples of 16)"},
     "resolution": {"handling": "converted", "as": "width/height (nearest multiples of 16)"},
-    "image": {"handling": "renamed", "as": "image"},
+    "image": {"handling": "converted", "as": "context tokens, one set per image (ComfyUI 'offset' placement)"},
     "n": {"handling": "renamed", "as": "num_images_per_prompt (one batched call)"},
     "cfg_scale": {"handling": "renamed", "as": "guidance_scale"},
     "num_inference_steps": {"handling": "native", "as": "num_inference_steps"},
+    "negative_prompt": {"handling": "native", "as": "negative_prompt (used when true_cfg_scale > 1)"},
+    "true_cfg_scale": {"handling": "native", "as": "true_cfg_scale"},
+    "loras": {"handling": "converted", "as": "load_lora_weights + set_adapters (files under the adapters directory)"},
+    "mask": {"handling": "converted", "as": "FluxKontextInpaintPipeline mask_image (strength 1), kept pixels put back"},
+    "partial_images": {"handling": "emulated", "as": "previews: the predicted clean image, VAE-decoded"},
     "response_format": {"handling": "emulated", "as": "gateway"},
     "output_format": {"handling": "emulated", "as": "gateway"},
     "output_compression": {"handling": "emulated", "as": "gateway"},
 }
+# Engine features a request may also carry among its extra parameters: read from there when the job's
+# own field is unset, and then not reported as ignored.
+_FEATURES_IN_EXTRA = ("negative_prompt", "true_cfg_scale", "loras", "partial_images")
 
 
 def engine_installed() -> bool:
@@ -56,7 +71,8 @@ class LocalProvider:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._engines: dict[str, "KontextEngine"] = {}
+        # Loaded models, least recently used first; at most settings.engine_max_models of them.
+        self._engines: OrderedDict[str, "KontextEngine"] = OrderedDict()
         # One worker: jobs run in the order they arrive, and one model is in memory at a time per id.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kontext-engine")
         self._lock = threading.Lock()
@@ -88,28 +104,56 @@ class LocalProvider:
     def unsupported(self, entry: ProviderEntry, job: ImageJob) -> str | None:
         if len(job.images) > entry.max_input_images:
             return f"takes at most {entry.max_input_images} input image(s)"
+        if job.mask is not None and not job.images:
+            return "a mask needs an input image to repaint"
         return None
 
     def engine(self, entry: ProviderEntry) -> "KontextEngine":
-        """The loaded engine for this entry, loading it on first use (on the worker thread)."""
+        """The loaded engine for this entry, loading it on first use (on the worker thread) and
+        unloading the least recently used ones past `engine_max_models`."""
         with self._lock:
             engine = self._engines.get(entry.config_key)
             if engine is not None:
+                self._engines.move_to_end(entry.config_key)
                 return engine
-            from ..engine.pipeline import KontextEngine, set_threads
-
-            set_threads(self.settings.engine_threads)
-            device = self.settings.device
-            if entry.provider_model_id == TINY_ID:
-                engine = KontextEngine.tiny(device)
-            elif (weights := self._weights_dir(entry)) and (weights / "model_index.json").is_file():
-                engine = KontextEngine.from_dir(weights, name=entry.config_key, device=device)
-            elif self.settings.allow_downloads:
-                engine = KontextEngine.from_hub(entry.provider_model_id, name=entry.config_key, device=device)
-            else:
-                raise unavailable(f"Local model {entry.config_key} is not available: {self.unavailable_reason(entry)}.")
+            while len(self._engines) >= self.settings.engine_max_models:
+                self._unload(next(iter(self._engines)))
+            engine = self._load(entry)
             self._engines[entry.config_key] = engine
             return engine
+
+    def _load(self, entry: ProviderEntry) -> "KontextEngine":
+        from ..engine.pipeline import KontextEngine, set_threads
+
+        set_threads(self.settings.engine_threads)
+        device, offload = self.settings.device, self.settings.engine_offload
+        if entry.provider_model_id == TINY_ID:
+            return KontextEngine.tiny(device, offload=offload)
+        if (weights := self._weights_dir(entry)) and (weights / "model_index.json").is_file():
+            return KontextEngine.from_dir(weights, name=entry.config_key, device=device, offload=offload)
+        if self.settings.allow_downloads:
+            return KontextEngine.from_hub(entry.provider_model_id, name=entry.config_key, device=device,
+                                          offload=offload)
+        raise unavailable(f"Local model {entry.config_key} is not available: {self.unavailable_reason(entry)}.")
+
+    def _unload(self, key: str) -> None:
+        """Forget a model and give its memory back (host RAM, and the GPU's cached blocks)."""
+        engine = self._engines.pop(key)
+        log.info("unloading local model %s (at most %d loaded)", key, self.settings.engine_max_models)
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
+        del engine
+        gc.collect()
+        if "torch" in sys.modules:  # never import torch just to free memory
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def loaded_models(self) -> list[str]:
+        """Config keys of the loaded models, least recently used first."""
+        return list(self._engines)
 
     async def generate(self, entry: ProviderEntry, job: ImageJob) -> ProviderResult:
         loop = asyncio.get_running_loop()
@@ -125,18 +169,23 @@ class LocalProvider:
 
         if job.cancelled.is_set():
             raise Interrupted()
+        features, consumed = self._features(job)
+        loras = self._resolve_loras(features["loras"])  # before loading a model: a bad path is a quick 400
         engine = self.engine(entry)
-        source = job.images[0] if job.images else None
-        input_size = Size(*source.size) if source is not None else None
+        sources = list(job.images)
+        input_size = Size(*sources[0].size) if sources else None
         out = output_size(job.size.size, input_size, job.model.max_pixels)
-        ctx = context_size(input_size, out) if input_size is not None else None
+        # Every input image gets its own context size: its preferred Kontext resolution at the output's area.
+        contexts = [context_size(Size(*im.size), out) for im in sources]
         steps = job.steps or job.model.default_steps or 28
         guidance = job.guidance if job.guidance is not None else (job.model.default_guidance or 2.5)
         try:
             images = engine.run(
-                prompt=job.prompt, image=source, output=out, context=ctx, steps=steps,
+                prompt=job.prompt, images=sources, contexts=contexts, output=out, steps=steps,
                 guidance=guidance, n=job.n, seed=job.seed, progress=job.progress,
-                should_stop=job.cancelled.is_set,
+                should_stop=job.cancelled.is_set, mask=job.mask,
+                negative_prompt=features["negative_prompt"], true_cfg_scale=features["true_cfg_scale"],
+                loras=loras, partial_images=features["partial_images"], preview=job.preview,
             )
         except GatewayError:
             raise
@@ -149,8 +198,50 @@ class LocalProvider:
             images=[ProviderImage(image=im) for im in images],
             size=Size(*images[0].size),
             seed=job.seed,
-            ignored_params=sorted(job.extra),
+            ignored_params=sorted(k for k in job.extra if k not in consumed),
         )
+
+    @staticmethod
+    def _features(job: ImageJob) -> tuple[dict[str, Any], set[str]]:
+        """The engine features of a job: its own fields, else the same names among its extra params."""
+        own = {"negative_prompt": job.negative_prompt, "true_cfg_scale": job.true_cfg_scale,
+               "loras": job.loras or None, "partial_images": job.partial_images or None}
+        consumed: set[str] = set()
+        for name in _FEATURES_IN_EXTRA:
+            if own[name] is None and job.extra.get(name) is not None:
+                own[name] = job.extra[name]
+                consumed.add(name)
+        own["loras"] = own["loras"] or []
+        if not isinstance(own["loras"], list):
+            raise invalid("'loras' must be a list of {\"path\": ..., \"scale\": ...}.", param="loras",
+                          code="invalid_lora")
+        try:
+            own["partial_images"] = int(own["partial_images"] or 0)
+            if own["true_cfg_scale"] is not None:
+                own["true_cfg_scale"] = float(own["true_cfg_scale"])
+        except (TypeError, ValueError):
+            raise invalid("'true_cfg_scale' and 'partial_images' must be numbers.") from None
+        return own, consumed
+
+    def _resolve_loras(self, loras: list[Any]) -> list["LoraSpec"]:
+        from ..engine.lora import LoraSpec, fetch_url, invalid_lora, is_url, resolve_path
+
+        specs = []
+        for item in loras:
+            item = item if isinstance(item, dict) else getattr(item, "model_dump", lambda: {})()
+            path, scale = item.get("path"), item.get("scale", 1.0)
+            if not isinstance(path, str) or not path:
+                raise invalid_lora("Each LoRA needs a 'path'.")
+            if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+                raise invalid_lora(f"LoRA '{path}': 'scale' must be a number.")
+            if is_url(path):
+                local = fetch_url(path, self.settings.data_dir / "lora-cache",
+                                  allow_downloads=self.settings.allow_downloads,
+                                  allow_private=self.settings.allow_private_urls)
+            else:
+                local = resolve_path(path, self.settings.lora_dir)
+            specs.append(LoraSpec(path=local, scale=float(1.0 if scale is None else scale), name=path))
+        return specs
 
     async def aclose(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -181,6 +181,13 @@ class RemoteProvider:
         """Why this entry cannot serve the job (a reason for the trace), or None."""
         if len(job.images) > entry.max_input_images:
             return f"takes at most {entry.max_input_images} input image(s)"
+        # Features of the local engine: refused rather than silently dropped.
+        if job.mask is not None:
+            return "does not take a mask"
+        if job.loras:
+            return "does not take LoRA adapters"
+        if job.negative_prompt or (job.true_cfg_scale or 1) > 1:
+            return "has no negative prompt / true CFG"
         return None
 
     # -- the Provider protocol -----------------------------------------------------------------------
