@@ -68,6 +68,7 @@ def test_a_running_prediction_shows_its_denoising_steps(tmp_path: Path) -> None:
             p = httpx.get(base + f"/v1/predictions/{created['id']}").json()
             if "progress" in p:
                 seen.append(p["progress"])
+                assert f"denoising step {p['progress']['step']}/12" in p["logs"]  # Replicate clients read logs
             if p["status"] in ("succeeded", "failed"):
                 break
             time.sleep(0.02)

@@ -137,7 +137,9 @@ class PredictionService:
             "model": (record.get("params") or {}).get("requested_model") or record["model"],
             "version": record.get("version") or "kontext-gateway",
             "input": record.get("input") or {},
-            "logs": record.get("logs") or "",
+            # While the local engine in this process runs it, the step counter too (as cog prints one).
+            "logs": (record.get("logs") or "") + (f"denoising step {steps[0]}/{steps[1]}\n"
+                                                  if (steps := self.gw.runner.steps.get(rid)) else ""),
             "output": output,
             "data_removed": record.get("purged_at") is not None,  # payloads purged (history)
             "error": error.get("message") if isinstance(error, dict) else error,
@@ -149,8 +151,7 @@ class PredictionService:
             "urls": {"get": f"{base}/v1/predictions/{rid}", "cancel": f"{base}/v1/predictions/{rid}/cancel"},
             "metrics": metrics,
             # Not Replicate's: denoising steps done, while the local engine in this process runs it.
-            **({"progress": {"step": steps[0], "total": steps[1]}}
-               if (steps := self.gw.runner.steps.get(rid)) is not None else {}),
+            **({"progress": {"step": steps[0], "total": steps[1]}} if steps else {}),
         }
 
     # -- input -----------------------------------------------------------------------------------------
