@@ -71,3 +71,14 @@ def test_schema_lists_provider_only_parameters(http: httpx.Client) -> None:
     edit_props = schema["modes"]["edit"]["properties"]
     assert set(edit_props["enhance_prompt"]["x-providers"]) == {"fal/flux.1-kontext-max-edit"}
     assert schema["limits"]["max_pixels"] == 2048 * 2048
+
+
+def test_schema_shows_the_local_engines_features_only_where_a_provider_has_them(http: httpx.Client) -> None:
+    tiny = http.get("/v1/models/kontext-tiny?schema=true").json()["schema"]["modes"]
+    pro = http.get("/v1/models/flux.1-kontext-pro?schema=true").json()["schema"]["modes"]
+    for name in ("negative_prompt", "true_cfg_scale", "loras", "partial_images"):
+        assert "local/kontext-tiny" in tiny["text-to-image"]["properties"][name]["x-providers"]
+        assert name not in pro["text-to-image"]["properties"]  # no hosted provider takes them
+    assert "mask" in tiny["edit"]["properties"] and "mask" not in tiny["text-to-image"]["properties"]
+    assert "mask" not in pro["edit"]["properties"]
+    assert "previous_response_id" in pro["edit"]["properties"]  # the gateway's own: every model

@@ -196,6 +196,8 @@ class ParamDef:
     description: str
     modes: tuple[str, ...] = MODES
     required_in: tuple[str, ...] = ()
+    # Shown only for models with a provider that honours it (the local engine's features).
+    only_if_handled: bool = False
 
 
 UNIFIED_PARAMS: tuple[ParamDef, ...] = (
@@ -229,6 +231,24 @@ UNIFIED_PARAMS: tuple[ParamDef, ...] = (
              "Also accepted as `guidance` or `guidance_scale`."),
     ParamDef("num_inference_steps", "Additional Parameters", {"type": "integer", "minimum": 1, "maximum": 100},
              "The number of inference steps to perform."),
+    ParamDef("mask", "Media Inputs", {"type": "string", "format": "binary"},
+             "An image the size of the (first) input whose fully transparent areas are edited (OpenAI's "
+             "semantics); without an alpha channel, its white areas are.", modes=("edit",), only_if_handled=True),
+    ParamDef("negative_prompt", "Additional Parameters", {"type": "string"},
+             "What the image should not show. Used with true_cfg_scale above 1: a second transformer pass per "
+             "step, so twice the work.", only_if_handled=True),
+    ParamDef("true_cfg_scale", "Additional Parameters", {"type": "number", "minimum": 1, "maximum": 20, "default": 1},
+             "True classifier-free guidance with the negative prompt (diffusers' semantics); 1 turns it off.",
+             only_if_handled=True),
+    ParamDef("loras", "Additional Parameters",
+             {"type": "array", "maxItems": 8, "items": {"type": "object", "required": ["path"], "properties": {
+                 "path": {"type": "string"}, "scale": {"type": "number", "default": 1.0}}}},
+             'LoRA adapters (fal\'s shape): [{"path": "style.safetensors", "scale": 0.8}], files under the '
+             "gateway's adapters directory.", only_if_handled=True),
+    ParamDef("partial_images", "Output & Format", {"type": "integer", "minimum": 0, "maximum": 3, "default": 0},
+             "With stream=true: previews sent while the image is made (server-sent events).", only_if_handled=True),
+    ParamDef("previous_response_id", "Media Inputs", {"type": "string"},
+             "Edit the output of an earlier request, by its id, instead of uploading it again.", modes=("edit",)),
 )
 
 PARAM_NAMES = frozenset(p.name for p in UNIFIED_PARAMS)
@@ -268,6 +288,8 @@ def compile_schema(model: ModelSpec, handlings: dict[str, dict[str, dict[str, st
             providers = {
                 key: h[p.name] for key, h in handlings.items() if p.name in h
             }
+            if p.only_if_handled and not providers:
+                continue
             props[p.name] = {**schema, "description": p.description, "x-group": p.group, "x-providers": providers}
             if mode in p.required_in:
                 required.append(p.name)

@@ -11,7 +11,9 @@ import {
 } from "./ui.js";
 
 // prompt and images have their own inputs; the playground always asks for URLs (response_format)
-const SKIP = new Set(["prompt", "image", "response_format"]);
+// Set elsewhere on the page (prompt, the image picker, "Edit this result") or meaningless here
+// (the playground polls a prediction instead of streaming, and masks need a drawing tool).
+const SKIP = new Set(["prompt", "image", "response_format", "mask", "partial_images", "previous_response_id"]);
 const MODES = { "text-to-image": "Generate", edit: "Edit" };
 const GROUPS = {
   "Core Parameters": "Basics", "Size & Layout": "Size & layout", "Output & Format": "Output",
@@ -297,6 +299,10 @@ class Playground {
         min: prop.minimum, max: prop.maximum, step: prop.type === "integer" ? 1 : "any",
         placeholder: prop.default != null ? `${prop.default}` : name === "seed" ? "random" : "",
       });
+    } else if (prop.type === "array") {
+      // e.g. loras: typed as JSON, sent parsed (the gateway explains what is wrong with it).
+      input = h("input", { ...common, type: "text", value, spellcheck: "false", autocomplete: "off",
+        placeholder: name === "loras" ? '[{"path": "style.safetensors", "scale": 0.8}]' : "[...]" });
     } else {
       input = h("input", { ...common, type: "text", value, placeholder: prop.default != null ? String(prop.default) : "" });
     }
@@ -336,6 +342,9 @@ class Playground {
         const num = Number(raw);
         v = Number.isFinite(num) ? num : raw; // the gateway says what is wrong with it
       } else if (prop.type === "boolean") v = raw === "true";
+      else if (prop.type === "array") {
+        try { v = JSON.parse(raw); } catch { v = raw; } // not JSON: the gateway's 400 says so
+      }
       params[name] = v;
     }
     Object.assign(input, params);
