@@ -170,6 +170,27 @@ def test_dev_edit(client: OpenAI, fake: FakeFal) -> None:
     assert m["executed_model"] == "fal/flux.1-kontext-dev" and m["cost"] == 0.025
 
 
+def test_dev_edit_with_loras_goes_to_the_kontext_lora_route(client: OpenAI, fake: FakeFal) -> None:
+    image = "data:image/png;base64," + base64.b64encode(png_bytes(64, 64)).decode()
+    loras = [{"path": "https://example.com/style.safetensors", "scale": 0.7}, {"path": "owner/repo"}]
+    resp = httpx.post(f"{client.base_url}images/edits", timeout=60, json={
+        "model": "flux.1-kontext-dev", "prompt": "in the style", "images": [{"image_url": image}], "loras": loras})
+    assert resp.status_code == 200, resp.text
+    path, body = one_submit(fake)
+    assert path == "/fal-ai/flux-kontext-lora"
+    assert body["loras"] == [{"path": "https://example.com/style.safetensors", "scale": 0.7},
+                             {"path": "owner/repo", "scale": 1.0}]
+    m = resp.json()["metadata"]
+    assert m["executed_model"] == "fal/flux.1-kontext-dev-lora" and m["cost"] == 0.035
+    # Without adapters the cheaper plain [dev] route serves it; pro has no LoRA route: a clear 400.
+    fake.requests.clear()
+    plain = edit(client, "flux.1-kontext-dev", (64, 64))
+    assert meta(plain)["executed_model"] == "fal/flux.1-kontext-dev"
+    refused = httpx.post(f"{client.base_url}images/edits", timeout=60, json={
+        "model": "flux.1-kontext-pro", "prompt": "x", "images": [{"image_url": image}], "loras": loras})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "unsupported_by_providers"
+
+
 @pytest.mark.parametrize("model,route", [
     ("flux.1-kontext-pro", "/fal-ai/flux-pro/kontext/multi"),
     ("flux.1-kontext-max", "/fal-ai/flux-pro/kontext/max/multi"),

@@ -41,6 +41,7 @@ ROUTES = {
     "fal-ai/flux-pro/kontext/text-to-image": "t2i",
     "fal-ai/flux-pro/kontext/max/text-to-image": "t2i",
     "fal-ai/flux-kontext/dev": "dev",
+    "fal-ai/flux-kontext-lora": "dev",  # the dev fields plus `loras`
 }
 RATIOS = ("21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21")
 RESOLUTION_MODES = ("auto", "match_input", "1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3",
@@ -300,6 +301,11 @@ def validate(kind: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], str
     for name in ("sync_mode", "enhance_prompt", "enable_safety_checker"):
         if name in body and _bool(body[name]) is None:
             err(name, "Input should be a valid boolean", "bool_type")
+    if "loras" in body:
+        loras = body["loras"]
+        if not isinstance(loras, list) or not all(isinstance(x, dict) and isinstance(x.get("path"), str)
+                                                  for x in loras):
+            err("loras", "Input should be a list of {path, scale}", "list_type")
     if kind == "dev":
         if "resolution_mode" in body and body["resolution_mode"] not in RESOLUTION_MODES:
             err("resolution_mode", f"Input should be one of {', '.join(RESOLUTION_MODES)}", "literal_error")

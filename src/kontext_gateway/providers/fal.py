@@ -12,6 +12,8 @@ images per request (`num_images`), so `n` needs one request per 4 images.
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, ClassVar
 
 import httpx
@@ -58,7 +60,13 @@ class FalProvider(RemoteProvider):
     }
 
     def handling(self, entry: ProviderEntry) -> dict[str, dict[str, str]]:
+        if self.takes_loras(entry):
+            return {**self.DEV_HANDLING, "loras": {"handling": "native", "as": "loras"}}
         return dict(self.DEV_HANDLING if self.is_dev(entry) else self.HANDLING)
+
+    @staticmethod
+    def takes_loras(entry: ProviderEntry) -> bool:
+        return entry.provider_model_id.startswith("fal-ai/flux-kontext-lora")
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Key {self._key}"}
@@ -77,6 +85,8 @@ class FalProvider(RemoteProvider):
     def unsupported(self, entry: ProviderEntry, job: ImageJob) -> str | None:
         if self.is_dev(entry) and len(job.images) != 1:
             return "fal's [dev] route edits exactly one image"
+        if job.loras and self.takes_loras(entry):  # fal's kontext-lora route takes them as they are
+            return super().unsupported(entry, dataclasses.replace(job, loras=[]))
         return super().unsupported(entry, job)
 
     def ignored_params(self, job: ImageJob) -> list[str]:
@@ -95,6 +105,8 @@ class FalProvider(RemoteProvider):
         images = await self.input_data_uris(job)
         if self.is_dev(entry):
             body["image_url"] = images[0]
+            if job.loras and self.takes_loras(entry):
+                body["loras"] = [{"path": lora["path"], "scale": lora.get("scale", 1.0)} for lora in job.loras]
             if job.steps is not None:
                 body["num_inference_steps"] = job.steps
             ratio = self.aspect_ratio(job, DEV_RATIOS)
