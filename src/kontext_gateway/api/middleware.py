@@ -66,6 +66,15 @@ class MetricsMiddleware:
         status = 500  # what the server answers when the app raises before starting a response
         needs_id = scope["path"].startswith("/v1/")
 
+        counted = False
+
+        def count() -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                route = getattr(scope.get("route"), "path", None) or "other"
+                metrics.request(route, _model_label(scope), status, time.perf_counter() - t0)
+
         async def observed_send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
@@ -73,13 +82,15 @@ class MetricsMiddleware:
                 headers = message.get("headers") or []
                 if needs_id and not any(name.lower() == b"x-request-id" for name, _ in headers):
                     message = {**message, "headers": [*headers, (b"x-request-id", f"req_{uuid.uuid4().hex}".encode())]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Counted before the last byte leaves: a client that has its answer sees it counted.
+                count()
             await send(message)
 
         try:
             await self.app(scope, receive, observed_send)
         finally:
-            route = getattr(scope.get("route"), "path", None) or "other"
-            metrics.request(route, _model_label(scope), status, time.perf_counter() - t0)
+            count()  # no complete response (an error, a disconnect): counted as it ended
 
 
 def _model_label(scope: Scope) -> str:
