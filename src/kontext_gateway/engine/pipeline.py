@@ -122,7 +122,7 @@ class KontextEngine:
         quiet_libraries()
         t0 = time.perf_counter()
         device, dtype = pick_device(device)
-        pipe = FluxKontextPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+        pipe = FluxKontextPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
         offload = place(pipe, device, offload)
         log.info("loaded %s from %s on %s in %.2fs", name, path, device, time.perf_counter() - t0)
         return cls(pipe, name=name, device=device, dtype=dtype, offload=offload)
@@ -133,7 +133,7 @@ class KontextEngine:
         from diffusers import FluxKontextPipeline
 
         device, dtype = pick_device(device)
-        pipe = FluxKontextPipeline.from_pretrained(repo_id, torch_dtype=dtype)
+        pipe = FluxKontextPipeline.from_pretrained(repo_id, dtype=dtype)
         offload = place(pipe, device, offload)
         return cls(pipe, name=name, device=device, dtype=dtype, offload=offload)
 
