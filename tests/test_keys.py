@@ -220,3 +220,27 @@ async def test_authenticator_cache_sees_new_keys_at_once_and_revocations_within_
             await auth.authenticate(f"Bearer {other_key}")
     finally:
         await gw.db.close()
+
+
+def test_uploaded_files_belong_to_their_key(tmp_path: Path) -> None:
+    with running_server(Settings(data_dir=tmp_path)) as base:
+        root = httpx.post(base + "/v1/admin/keys", json={"name": "root", "admin": True}).json()
+        as_root = {"authorization": f"Bearer {root['key']}"}
+        a, b = (httpx.post(base + "/v1/admin/keys", headers=as_root, json={"name": n}).json() for n in "ab")
+        auth = lambda k: {"authorization": f"Bearer {k['key']}"}  # noqa: E731
+        from conftest import png_bytes
+
+        up = httpx.post(base + "/v1/files", headers=auth(a), files={"content": ("x.png", png_bytes(32, 32), "image/png")})
+        assert up.status_code == 201, up.text
+        fid, url = up.json()["id"], up.json()["urls"]["get"]
+        assert httpx.get(url, headers=auth(a)).status_code == 200
+        assert httpx.get(url + "/download", headers=auth(root)).status_code == 200  # admin sees all
+        expect_error(httpx.get(url, headers=auth(b)), 404, "file_not_found")
+        expect_error(httpx.get(url + "/download", headers=auth(b)), 404, "file_not_found")
+        # Nor can another key use it as a prediction's input by its URL.
+        body = {"model": "kontext-tiny", "input": {"prompt": "x", "input_image": url, "size": "32x32"}}
+        mine = httpx.post(base + "/v1/predictions", headers={**auth(a), "prefer": "wait"}, json=body, timeout=60)
+        theirs = httpx.post(base + "/v1/predictions", headers=auth(b), json=body)
+        assert mine.status_code == 201 and mine.json()["status"] == "succeeded", mine.text
+        assert theirs.status_code == 400 and theirs.json()["error"]["code"] == "invalid_image_url"
+        assert fid in url

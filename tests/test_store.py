@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection
 from kontext_gateway.store.db import Database
 from kontext_gateway.store.models import Base
 
-HEAD = "0004"  # the newest migration
+HEAD = "0005"  # the newest migration
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 

@@ -70,6 +70,10 @@ class Principal:
     def sees_all(self) -> bool:
         return self.admin or self.key_id is None
 
+    def owns(self, record: dict[str, Any] | None) -> bool:
+        """Whether a stored thing (request, file) is this caller's to see: to other keys it does not exist."""
+        return record is not None and (self.sees_all() or record.get("key_id") == self.key_id)
+
 
 OPEN = Principal(admin=True)
 

@@ -41,7 +41,7 @@ class PredictionService:
                      principal: Principal = OPEN, request_id: str | None = None, provider: str | None = None
                      ) -> dict[str, Any]:
         """`provider`: the `x-provider` header, as on the Images API (one provider, no failover)."""
-        mode, fields, files, recorded, version, webhook, events = await self._request(model, body, base_url)
+        mode, fields, files, recorded, version, webhook, events = await self._request(model, body, base_url, principal)
         rid = await self.gw.images.submit(
             mode=mode, fields=fields, files=files, principal=principal, input=recorded, provider=provider,
             version=version if isinstance(version, str) else None, webhook=webhook, webhook_events=events,
@@ -56,11 +56,12 @@ class PredictionService:
     async def estimate(self, *, model: str | None, body: dict[str, Any], base_url: str,
                        principal: Principal = OPEN, provider: str | None = None) -> dict[str, Any]:
         """`dryRun`: the prediction validated and priced, not created."""
-        mode, fields, files, _, _, _, _ = await self._request(model, body, base_url)
+        mode, fields, files, _, _, _, _ = await self._request(model, body, base_url, principal)
         return await self.gw.images.estimate(mode=mode, fields=fields, files=files, principal=principal,
                                              provider=provider)
 
-    async def _request(self, model: str | None, body: dict[str, Any], base_url: str) -> tuple[Any, ...]:
+    async def _request(self, model: str | None, body: dict[str, Any], base_url: str,
+                       principal: Principal = OPEN) -> tuple[Any, ...]:
         """The prediction body as the Images API's fields and files (images fetched)."""
         version = body.get("version")
         name = model or body.get("model") or (version.split(":", 1)[0] if isinstance(version, str) else None)
@@ -72,7 +73,7 @@ class PredictionService:
             raise invalid("'input' must be an object of the model's inputs.", param="input",
                           code="missing_required_parameter")
         webhook, events = await self._webhook(body)
-        fields, files, recorded = await self._translate(inputs, base_url)
+        fields, files, recorded = await self._translate(inputs, base_url, principal)
         fields["model"] = name
         mode = "edit" if files else "text-to-image"
         return mode, fields, files, recorded, version, webhook, events
@@ -171,7 +172,7 @@ class PredictionService:
                                param="webhook_events_filter", code="invalid_value")
         return webhook, events
 
-    async def _translate(self, inputs: dict[str, Any], base_url: str
+    async def _translate(self, inputs: dict[str, Any], base_url: str, principal: Principal = OPEN
                          ) -> tuple[dict[str, Any], list[InputFile], dict[str, Any]]:
         """Replicate input -> (unified fields, image files, the input as recorded: images by reference)."""
         fields: dict[str, Any] = {}
@@ -198,11 +199,11 @@ class PredictionService:
             for i, item in enumerate(value):
                 url = item.get("image_url") if isinstance(item, dict) else item
                 sources.append((f"{key}[{i}]", url))
-        files = [InputFile(await self._image(value, f"input.{key}", base_url)) for key, value in sources]
+        files = [InputFile(await self._image(value, f"input.{key}", base_url, principal)) for key, value in sources]
         recorded = {k: (_summary(v) if isinstance(v, str) and v.startswith("data:") else v) for k, v in inputs.items()}
         return fields, files, recorded
 
-    async def _image(self, value: Any, param: str, base_url: str) -> bytes:
+    async def _image(self, value: Any, param: str, base_url: str, principal: Principal = OPEN) -> bytes:
         if not isinstance(value, str) or not value:
             raise invalid(f"'{param}' must be an image URL or a data URI.", param=param, code="invalid_image_url")
         if value.startswith("data:"):
@@ -210,7 +211,7 @@ class PredictionService:
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise invalid(f"'{param}' must be an http(s) URL or a data URI.", param=param, code="invalid_image_url")
-        own = await self._own(parts, base_url)
+        own = await self._own(parts, base_url, principal)
         if own is not None:
             return own
         from .net import ensure_public_url
@@ -218,8 +219,8 @@ class PredictionService:
         await ensure_public_url(value, allow_private=self.gw.settings.allow_private_urls, param=param, status=400)
         return await self._fetch(value, param)
 
-    async def _own(self, parts: Any, base_url: str) -> bytes | None:
-        """A URL of this gateway (an uploaded file, a stored image): read from the store."""
+    async def _own(self, parts: Any, base_url: str, principal: Principal = OPEN) -> bytes | None:
+        """A URL of this gateway (an uploaded file of the caller's, a stored image): read from the store."""
         ours = {urlsplit(base_url).netloc}
         if self.gw.settings.public_url:
             ours.add(urlsplit(self.gw.settings.public_url).netloc)
@@ -228,6 +229,7 @@ class PredictionService:
         path = parts.path
         if path.startswith(FILES_ROUTE):
             record = await self.gw.db.get_file(path[len(FILES_ROUTE):].removesuffix("/download"))
+            record = record if principal.owns(record) else None
             data = self.gw.blobs.get(record["blob_id"]) if record else None
             if data is not None:
                 return data

@@ -19,6 +19,7 @@ from starlette.datastructures import UploadFile
 
 from ..errors import invalid, not_found, too_large
 from ..gateway import Gateway
+from .auth import principal
 from ..imaging import EXTENSIONS, MIME_TYPES, sniff_format
 from ..store.models import utcnow
 
@@ -71,6 +72,7 @@ async def create_file(request: Request) -> JSONResponse:
         id=uuid.uuid4().hex[:26], blob_id=gw.blobs.put(data, ext=EXTENSIONS[fmt]),
         name=(upload.filename or f"file.{EXTENSIONS[fmt]}")[:255], content_type=MIME_TYPES[fmt], size=len(data),
         sha256=hashlib.sha256(data).hexdigest(), metadata_=metadata, created_at=now, expires_at=now + FILE_TTL,
+        key_id=principal(request).key_id,
     )
     return JSONResponse(file_object(record, str(request.base_url)), status_code=201)
 
@@ -79,7 +81,7 @@ async def create_file(request: Request) -> JSONResponse:
 async def get_file(request: Request, file_id: str) -> JSONResponse:
     gw: Gateway = request.app.state.gateway
     record = await gw.db.get_file(file_id)
-    if record is None:
+    if not principal(request).owns(record):
         raise not_found(f"No file '{file_id}'.", code="file_not_found")
     return JSONResponse(file_object(record, str(request.base_url)))
 
@@ -88,7 +90,7 @@ async def get_file(request: Request, file_id: str) -> JSONResponse:
 async def download_file(request: Request, file_id: str) -> Response:
     gw: Gateway = request.app.state.gateway
     record = await gw.db.get_file(file_id)
-    data = gw.blobs.get(record["blob_id"]) if record else None
+    data = gw.blobs.get(record["blob_id"]) if record and principal(request).owns(record) else None
     if record is None or data is None:
         raise not_found(f"No file '{file_id}'.", code="file_not_found")
     return Response(data, media_type=record["content_type"])

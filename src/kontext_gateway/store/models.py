@@ -152,6 +152,7 @@ class FileRecord(Base):
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    key_id: Mapped[str | None] = mapped_column(String(64))  # the uploader (migration 0005); None: open gateway
 
 
 class ApiKey(Base):
