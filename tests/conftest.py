@@ -8,6 +8,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -16,6 +17,9 @@ from PIL import Image
 from fakes.common import serve
 from kontext_gateway.api.app import create_app
 from kontext_gateway.config import Settings
+
+if TYPE_CHECKING:
+    from fakes.upstreams import Upstreams
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -61,6 +65,20 @@ def postgres_reachable() -> str | None:
             return None
     except OSError as exc:
         return f"PostgreSQL not reachable at 127.0.0.1:5432 ({exc})"
+
+
+@pytest.fixture(scope="module")
+def upstreams() -> Iterator["Upstreams"]:
+    """The four upstream fakes, each served on its own loopback port (one set per test module)."""
+    from contextlib import ExitStack
+
+    from fakes.upstreams import Upstreams
+
+    ups = Upstreams()
+    with ExitStack() as stack:
+        for name, fake in ups.all.items():
+            ups.urls[name] = stack.enter_context(serve(fake.app))
+        yield ups
 
 
 @pytest.fixture(scope="session")

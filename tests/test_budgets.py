@@ -23,7 +23,6 @@ import openai
 import pytest
 
 from conftest import png_bytes, running_server, throwaway_postgres_database
-from fakes.common import serve
 from fakes.upstreams import Upstreams
 from kontext_gateway.config import Settings
 
@@ -191,15 +190,6 @@ def test_dry_run_estimates_equal_settled_costs(server: tuple[str, dict[str, Any]
 
 
 # -- the ledger after a mixed run against the upstream fakes -------------------------------------------------
-
-@pytest.fixture(scope="module")
-def upstreams() -> Iterator[Upstreams]:
-    ups = Upstreams()
-    with ExitStack() as stack:
-        for name, fake in ups.all.items():
-            ups.urls[name] = stack.enter_context(serve(fake.app))
-        yield ups
-
 
 def test_ledger_totals_equal_request_costs_after_a_mixed_run(upstreams: Upstreams, tmp_path: Path) -> None:
     settings = upstreams.settings(tmp_path, provider_priority={"fal": 0, "bfl": 1, "fireworks": 2, "replicate": 3},

@@ -9,7 +9,6 @@ from __future__ import annotations
 import concurrent.futures
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +18,7 @@ import pytest
 from openai import OpenAI
 
 from conftest import open_image, running_server
-from fakes.common import serve
 from fakes.upstreams import Upstreams
-
-@pytest.fixture(scope="module")
-def upstreams() -> Iterator[Upstreams]:
-    ups = Upstreams()
-    with ExitStack() as stack:
-        for name, fake in ups.all.items():
-            ups.urls[name] = stack.enter_context(serve(fake.app))
-        yield ups
-
 
 # Order fal, bfl, fireworks, replicate: every test knows who is tried first.
 PRIORITY = {"fal": 0, "bfl": 1, "fireworks": 2, "replicate": 3}

@@ -4,26 +4,14 @@ and a prediction's step progress while the local engine runs it."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import pytest
 
 from conftest import running_server
-from fakes.common import serve
 from fakes.upstreams import Upstreams
 from kontext_gateway.config import Settings
-
-
-@pytest.fixture(scope="module")
-def upstreams() -> Iterator[Upstreams]:
-    ups = Upstreams()
-    with ExitStack() as stack:
-        for name, fake in ups.all.items():
-            ups.urls[name] = stack.enter_context(serve(fake.app))
-        yield ups
 
 
 def test_stats_count_attempts_per_provider(upstreams: Upstreams, tmp_path: Path) -> None:
