@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import uuid
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +31,33 @@ def running_server(settings: Settings) -> Iterator[str]:
     """Start the real gateway under uvicorn on a free loopback port; yield its base URL."""
     with serve(create_app(settings)) as url:
         yield url
+
+
+def wait_healthy(url: str, proc: "subprocess.Popen[bytes]", log: Path | None = None, timeout: float = 60) -> None:
+    """Until a `kontext serve` process answers /health; fails with its log if it exits or hangs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            output = log.read_text() if log is not None and log.exists() else ""
+            raise AssertionError(f"the gateway at {url} did not start: {output[-2000:]}")
+        time.sleep(0.1)
+
+
+def stop(proc: "subprocess.Popen[bytes] | None") -> None:
+    """SIGTERM, then SIGKILL after 20 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @contextmanager

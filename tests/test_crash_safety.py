@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from conftest import stop, wait_healthy
 from fakes.common import free_port, serve
 from fakes.replicate import FakeReplicate
 
@@ -52,25 +53,11 @@ def gateway_process(data_dir: Path, env: dict[str, str]) -> Iterator[tuple[subpr
         env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"gateway did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
-        time.sleep(0.1)
+    wait_healthy(url, proc)
     try:
         yield proc, url
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(proc)
 
 
 def create(url: str, model: str, inputs: dict[str, Any], hook: str) -> str:

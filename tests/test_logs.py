@@ -9,14 +9,13 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import png_bytes, running_server
+from conftest import png_bytes, running_server, wait_healthy
 from fakes.common import free_port, serve
 from fakes.fal import FakeFal
 from kontext_gateway import logs
@@ -107,15 +106,7 @@ def test_server_logs_are_json_with_request_ids_and_no_secrets(tmp_path: Path) ->
                             env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr", "wb"))
     ids = []
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.1)
+        wait_healthy(url, proc, tmp_path / "stderr")
         made = httpx.post(f"{url}/v1/admin/keys", json={"name": "team"}, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
         real_key, key_id = made.json()["key"], made.json()["id"]
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 401

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from conftest import png_bytes, running_server
+from conftest import png_bytes, running_server, stop, wait_healthy
 from fakes.common import free_port, serve
 from kontext_gateway.config import Settings
 
@@ -142,16 +142,6 @@ def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def test_multiprocess_api_and_worker_export_one_view(tmp_path: Path) -> None:
     prom = tmp_path / "prom"
     prom.mkdir()
@@ -162,15 +152,7 @@ def test_multiprocess_api_and_worker_export_one_view(tmp_path: Path) -> None:
     api = _start(["serve", "--port", str(port), "--data-dir", data, "--workers", "0"], env, tmp_path / "api.log")
     worker = None
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert api.poll() is None and time.monotonic() < deadline, (tmp_path / "api.log").read_text()
-            time.sleep(0.1)
+        wait_healthy(url, api, tmp_path / "api.log")
         # The API process has created the database; the worker shares it (and the metrics directory).
         worker = _start(["worker", "--concurrency", "2", "--data-dir", data], env, tmp_path / "worker.log")
         client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
@@ -181,8 +163,7 @@ def test_multiprocess_api_and_worker_export_one_view(tmp_path: Path) -> None:
         after = scrape(url)
     finally:
         for proc in (worker, api):
-            if proc is not None:
-                _stop(proc)
+            stop(proc)
     assert value(after, "kontext_requests_total", route=GEN, model="kontext-tiny", status="200") == 2
     assert value(after, "kontext_requests_total", route=GEN, model="kontext-tiny", status="400") == 1
     # Run by the worker process, counted in the API process's /metrics.
