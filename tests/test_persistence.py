@@ -59,3 +59,15 @@ def test_requests_are_recorded(database_url: str, tmp_path: Path) -> None:
     failed = records(database_url, bad.headers["x-request-id"])
     assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_size"
     assert failed["params"]["size"] == "0x0"
+
+
+def test_rejected_requests_are_stored_failed_and_never_claimed(database_url: str, tmp_path: Path) -> None:
+    # Workers poll every 10 ms: a rejected request stored as "starting" even for an instant would be claimed.
+    settings = Settings(data_dir=tmp_path, database_url=database_url, job_poll_interval_s=0.01)
+    with running_server(settings) as base:
+        ids = [httpx.post(base + "/v1/images/generations", json={"model": "kontext-tiny", "prompt": "x", "n": 0}
+                          ).headers["x-request-id"] for _ in range(30)]
+    for rid in ids:
+        rec = records(database_url, rid)
+        assert rec["status"] == "failed" and rec["runs"] == 0 and rec["claimed_by"] is None
+        assert rec["error"]["param"] == "n" and rec["completed_at"] is not None

@@ -159,10 +159,9 @@ class ImageService:
         await self.db.create_request(
             id=request_id, endpoint=endpoint, model=str(fields.get("model") or ""), mode=mode,
             params=_safe_params(fields), key_id=key_id, input=input, version=version,
+            rejected={"error": {**exc.body()["error"], "status": exc.status, "headers": exc.headers},
+                      "duration_ms": _ms(t0)},
         )
-        await self.db.mark_failed(request_id, error={**exc.body()["error"], "status": exc.status,
-                                                     "headers": exc.headers},
-                                  attempts=[], duration_ms=_ms(t0))
         exc.headers.setdefault("x-request-id", request_id)
 
     @staticmethod

@@ -102,6 +102,7 @@ class Database:
         webhook: str | None = None,
         webhook_events: list[str] | None = None,
         reservation: ledger.Reservation | None = None,
+        rejected: dict[str, Any] | None = None,
     ) -> None:
         """A new job, status `starting`: committed before anyone waits on it, so it survives a crash.
         With a `reservation`, its estimated cost is held against the key's budget in the same
@@ -126,6 +127,10 @@ class Database:
             cancel_requested=False,
             runs=0,
         )
+        if rejected is not None:
+            # Refused before it could run: stored as failed at once, never claimable by a worker.
+            record.status, record.error, record.completed_at = "failed", rejected["error"], now
+            record.duration_ms = rejected.get("duration_ms")
         async with self._session() as session, session.begin():
             if reservation is not None:
                 await ledger.hold(session, reservation, now)
