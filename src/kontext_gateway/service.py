@@ -118,8 +118,9 @@ class ImageService:
         if waiter:
             self.gw.completions.event(request_id)  # registered before the job can finish
         # The worst case over the providers it may fail over to is held; the actual cost is settled.
-        reservation = ledger.Reservation(key_id if principal.stored else None, estimate.max_micros,
-                                         principal.budget_period, principal.max_concurrent)
+        # Only API keys have budgets: the open gateway's requests need no ledger entry.
+        reservation = ledger.Reservation(key_id, estimate.max_micros, principal.budget_period,
+                                         principal.max_concurrent) if principal.stored else None
         try:
             await self.db.create_request(
                 id=request_id, endpoint=endpoint, model=job.model.id, mode=mode, params=params, key_id=key_id,

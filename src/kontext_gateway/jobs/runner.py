@@ -93,19 +93,21 @@ class JobRunner:
             outcome = ("failed", _last_provider(job))
             await db.mark_failed(rid, error={**exc.body()["error"], "status": exc.status, "headers": exc.headers},
                                  attempts=_attempts(job), duration_ms=_ms(t0),
-                                 logs=_logs(record, job, f"failed: {exc.message}"), charge=self._charge(job))
+                                 logs=_logs(record, job, f"failed: {exc.message}"), charge=self._charge(job),
+                                 ledger=_has_ledger(record))
         except Exception as exc:  # noqa: BLE001 - a bug must fail the job, not leave it running forever
             log.exception("job %s failed unexpectedly", rid)
             outcome = ("failed", _last_provider(job))
             await db.mark_failed(rid, error={"message": f"Internal error: {type(exc).__name__}",
                                              "type": "server_error", "param": None, "code": "internal_error",
                                              "status": 500}, attempts=_attempts(job), duration_ms=_ms(t0),
-                                 charge=self._charge(job))
+                                 charge=self._charge(job), ledger=_has_ledger(record))
         else:
             outcome = ("succeeded", entry.config_key)
             cost_micros, cost_lines = self._charge(job)
             await db.mark_succeeded(
                 rid, provider=entry.config_key, cost=cost_micros / pricing.MICROS, cost_lines=cost_lines,
+                ledger=_has_ledger(record),
                 currency=entry.pricing.currency,
                 output_blob_ids=blob_ids, attempts=_attempts(job), output_size=str(result.size),
                 output_format=job.output_format, duration_ms=_ms(t0),
@@ -130,7 +132,7 @@ class JobRunner:
                 if impl is not None and hasattr(impl, "_cancel_quietly"):
                     await impl._cancel_quietly(entry, task)
         await self.gw.db.mark_canceled(record["id"], attempts=_attempts(job), duration_ms=_ms(t0),
-                                       charge=self._charge(job))
+                                       charge=self._charge(job), ledger=_has_ledger(record))
         await self._finish(record["id"], record)
 
     async def _finish(self, rid: str, record: dict[str, Any]) -> None:
@@ -180,6 +182,11 @@ def _logs(record: dict[str, Any], job: ImageJob | None, outcome: str) -> str:
         lines.append(f"  {a.config_key}: {a.outcome} {what} in {a.duration_ms} ms".replace("  in", " in"))
     lines.append(outcome)
     return "\n".join(lines) + "\n"
+
+
+def _has_ledger(record: dict[str, Any]) -> bool:
+    """Requests of an API key held a reservation; the open gateway's have no ledger entry to settle."""
+    return record.get("key_id") is not None
 
 
 def _last_provider(job: ImageJob | None) -> str | None:
