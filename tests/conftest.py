@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import uuid
 import socket
@@ -22,6 +23,7 @@ from kontext_gateway.config import Settings
 
 if TYPE_CHECKING:
     from fakes.upstreams import Upstreams
+    from kontext_gateway.engine.pipeline import KontextEngine
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -87,13 +89,43 @@ def throwaway_postgres_database(prefix: str) -> Iterator[str]:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-def postgres_reachable() -> str | None:
-    """None when PostgreSQL answers on 127.0.0.1:5432, else the reason it does not."""
+def reachable(name: str, port: int) -> str | None:
+    """None when a local service answers on 127.0.0.1:`port`, else the reason it does not (a skip reason)."""
     try:
-        with socket.create_connection(("127.0.0.1", 5432), timeout=2):
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
             return None
     except OSError as exc:
-        return f"PostgreSQL not reachable at 127.0.0.1:5432 ({exc})"
+        return f"{name} not reachable at 127.0.0.1:{port} ({exc})"
+
+
+def postgres_reachable() -> str | None:
+    return reachable("PostgreSQL", 5432)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"], scope="module")
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The module's tests once on SQLite and once on a throwaway PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'kontext.db'}"
+        return
+    with throwaway_postgres_database("kontext_" + request.module.__name__.removeprefix("test_")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def engine() -> "KontextEngine":
+    """kontext-tiny on the CPU, built once per module (a module may override it)."""
+    from kontext_gateway.engine.pipeline import KontextEngine
+
+    return KontextEngine.tiny("cpu")
+
+
+def digest(images: list[Image.Image]) -> str:
+    """One SHA-256 over the pixels of a list of images: equal digests, identical pictures."""
+    h = hashlib.sha256()
+    for im in images:
+        h.update(im.tobytes())
+    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
+from conftest import digest
 from kontext_gateway.engine.pipeline import KontextEngine
 from kontext_gateway.params import Size
-
-
-@pytest.fixture(scope="module")
-def engine() -> KontextEngine:
-    return KontextEngine.tiny("cpu")
-
-
-def digest(images: list[Image.Image]) -> str:
-    h = hashlib.sha256()
-    for im in images:
-        h.update(im.tobytes())
-    return h.hexdigest()
 
 
 def run(engine: KontextEngine, **kw) -> list[Image.Image]:

@@ -3,7 +3,6 @@ context-latent cache, offload settings and the bounded model cache (LoRA: test_e
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import digest
 from kontext_gateway.catalog import Catalog
 from kontext_gateway.config import Settings
 from kontext_gateway.engine.context import placements
@@ -20,18 +20,6 @@ from kontext_gateway.errors import GatewayError
 from kontext_gateway.params import Size, SizeRequest
 from kontext_gateway.providers.base import ImageJob
 from kontext_gateway.providers.local import LocalProvider
-
-
-@pytest.fixture(scope="module")
-def engine() -> KontextEngine:
-    return KontextEngine.tiny("cpu")
-
-
-def digest(images: list[Image.Image]) -> str:
-    h = hashlib.sha256()
-    for im in images:
-        h.update(im.tobytes())
-    return h.hexdigest()
 
 
 def run(engine: KontextEngine, **kw: Any) -> list[Image.Image]:

@@ -3,7 +3,6 @@ files and where adapter files may come from."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ pytest.importorskip("peft", reason="LoRA adapters need the peft package (the eng
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from conftest import digest
 from kontext_gateway.catalog import Catalog  # noqa: E402
 from kontext_gateway.config import Settings  # noqa: E402
 from kontext_gateway.engine.lora import LoraSpec, resolve_path  # noqa: E402
@@ -92,13 +92,6 @@ def lora_dir(tmp_path_factory: pytest.TempPathFactory, engine: KontextEngine) ->
     (d / "kohya").mkdir()
     save_file(kohya_lora(engine, 3), str(d / "kohya" / "character.safetensors"))
     return d
-
-
-def digest(images: list[Image.Image]) -> str:
-    h = hashlib.sha256()
-    for im in images:
-        h.update(im.tobytes())
-    return h.hexdigest()
 
 
 SRC = Image.new("RGB", (64, 64), (40, 160, 220))

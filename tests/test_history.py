@@ -15,20 +15,11 @@ import httpx
 import pytest
 from sqlalchemy import update
 
-from conftest import png_bytes, running_server, throwaway_postgres_database
+from conftest import png_bytes, running_server
 from kontext_gateway.config import Settings
 from kontext_gateway.retention import RetentionSweeper
 from kontext_gateway.store.db import Database
 from kontext_gateway.store.models import RequestRecord
-
-
-@pytest.fixture(params=["sqlite", "postgresql"], scope="module")
-def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'kontext.db'}"
-        return
-    with throwaway_postgres_database("kontext_history") as url:
-        yield url
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
-from conftest import running_server, throwaway_postgres_database
+from conftest import running_server
 from kontext_gateway.config import Settings
 from kontext_gateway.store.db import Database
 
-
-
-@pytest.fixture(params=["sqlite", "postgresql"], scope="module")
-def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'kontext.db'}"
-        return
-    with throwaway_postgres_database("kontext_test") as url:
-        yield url
 
 
 def records(url: str, request_id: str) -> dict:

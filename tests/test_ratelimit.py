@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from conftest import throwaway_postgres_database
+from conftest import reachable, throwaway_postgres_database
 from kontext_gateway.ratelimit import Admission, RateLimiter
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def redis_reachable() -> str | None:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=2):
-            return None
-    except OSError as exc:
-        return f"Redis not reachable at 127.0.0.1:6379 ({exc})"
+    return reachable("Redis", 6379)
 
 
 @pytest.fixture(scope="module")
