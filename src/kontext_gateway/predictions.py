@@ -234,11 +234,9 @@ class PredictionService:
             if data is not None:
                 return data
         if path.startswith(BLOB_ROUTE):
-            query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
-            if self.gw.signer.verify(path, query.get("exp", ""), query.get("sig", "")):
-                data = self.gw.blobs.get(path[len(BLOB_ROUTE):])
-                if data is not None:
-                    return data
+            data = self.gw.images.signed_blob(path, parts.query)
+            if data is not None:
+                return data
         raise invalid("That URL of this gateway names no stored file (or its link has expired).",
                       param="input", code="invalid_image_url")
 

@@ -283,6 +283,14 @@ class ImageService:
         """Input images as blobs (as uploaded): a job run again after a crash needs them."""
         return [self.blobs.put(data, ext=EXTENSIONS[sniff_format(data) or "png"]) for data in raw]
 
+    def signed_blob(self, path: str, query: str) -> bytes | None:
+        """The bytes behind one of this gateway's image links (`/v1/blobs/<id>?exp=..&sig=..`), when its
+        signature holds and it has not expired; else None."""
+        args = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
+        if not self.signer.verify(path, args.get("exp", ""), args.get("sig", "")):
+            return None
+        return self.blobs.get(path[len(BLOB_ROUTE):])
+
     def _store_mask(self, mask: "Image") -> str:
         return self.blobs.put(encode_image(mask, "png"), ext="png")
 
@@ -391,11 +399,9 @@ class ImageService:
             return parse_data_url(url, param=param)
         parts = urlsplit(url)
         if parts.path.startswith(BLOB_ROUTE):
-            query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
-            if self.signer.verify(parts.path, query.get("exp", ""), query.get("sig", "")):
-                data = self.blobs.get(parts.path[len(BLOB_ROUTE):])
-                if data is not None:
-                    return data
+            data = self.signed_blob(parts.path, parts.query)
+            if data is not None:
+                return data
             raise invalid(f"'{param}' is a link of this gateway that has expired or was altered; use "
                           "'previous_response_id' to edit an earlier output.", param=param, code="invalid_image_url")
         raise invalid(f"'{param}' must be a data URL (data:image/png;base64,...) or an image link of this gateway.",
@@ -421,8 +427,7 @@ class ImageService:
 def _refusal(refused: Exception, principal: Principal) -> GatewayError:
     """The 402 / 429 / 401 for what the reservation transaction refused."""
     if isinstance(refused, ledger.BudgetExceeded):
-        period = f"{refused.period}ly " if refused.period else ""
-        period = {"dayly ": "daily "}.get(period, period)
+        period = {"day": "daily ", "week": "weekly ", "month": "monthly "}.get(refused.period or "", "")
         left = max(0, refused.budget_micros - refused.spent_micros - refused.reserved_micros)
         return GatewayError(
             f"Insufficient budget for API key '{principal.name}' ({principal.key_id}): this request may cost up to "

@@ -46,6 +46,15 @@ def stream_response(gw: "Gateway", request_id: str, mode: str, previews: Preview
 
     async def events() -> AsyncIterator[bytes]:
         waiter = asyncio.ensure_future(gw.images.wait(request_id))
+        fmt: str | None = None  # the previews' format: read once, with the first preview
+
+        async def partial(index: int, image: "Image") -> bytes:
+            nonlocal fmt
+            if fmt is None:
+                params = (await gw.db.get_request(request_id) or {}).get("params") or {}
+                fmt = params["output_format"] if params.get("output_format") in ("png", "jpeg", "webp") else "png"
+            return await _partial(kind, fmt, index, image)
+
         try:
             while True:
                 getter = asyncio.ensure_future(previews.queue.get())
@@ -53,9 +62,9 @@ def stream_response(gw: "Gateway", request_id: str, mode: str, previews: Preview
                 if not getter.done():
                     getter.cancel()
                     break
-                yield await _partial(gw, request_id, kind, *getter.result())
+                yield await partial(*getter.result())
             while not previews.queue.empty():  # previews that came just before the end
-                yield await _partial(gw, request_id, kind, *previews.queue.get_nowait())
+                yield await partial(*previews.queue.get_nowait())
             record = waiter.result()
             if record.get("status") != "succeeded":
                 error = dict(record.get("error") or {"message": "The request was canceled.", "type": "invalid_request_error",
@@ -84,10 +93,7 @@ def stream_response(gw: "Gateway", request_id: str, mode: str, previews: Preview
                              headers={"x-request-id": request_id, "cache-control": "no-cache"})
 
 
-async def _partial(gw: "Gateway", request_id: str, kind: str, index: int, image: "Image") -> bytes:
-    record = await gw.db.get_request(request_id) or {}
-    fmt = (record.get("params") or {}).get("output_format") or "png"
-    fmt = fmt if fmt in ("png", "jpeg", "webp") else "png"
+async def _partial(kind: str, fmt: str, index: int, image: "Image") -> bytes:
     data = await asyncio.to_thread(encode_image, image, fmt)
     return _sse(f"{kind}.partial_image", {
         "type": f"{kind}.partial_image", "b64_json": base64.b64encode(data).decode(), "created_at": int(time.time()),
