@@ -3,7 +3,6 @@ gateway is keyed; the same operations as `kontext keys ...` on the command line.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -11,6 +10,7 @@ from fastapi.responses import JSONResponse
 
 from ..errors import invalid
 from ..gateway import Gateway
+from .images import json_body
 
 router = APIRouter(prefix="/v1/admin")
 
@@ -19,7 +19,7 @@ router = APIRouter(prefix="/v1/admin")
 async def create_key(request: Request) -> JSONResponse:
     """The response carries the key itself: the one time it is shown."""
     gw: Gateway = request.app.state.gateway
-    body = await _body(request)
+    body = await json_body(request, empty={})
     name = body.pop("name", None)
     admin = body.pop("admin", False)
     if not isinstance(name, str):
@@ -48,7 +48,7 @@ async def show_key(request: Request, key_id: str) -> dict[str, Any]:
 async def update_key(request: Request, key_id: str) -> dict[str, Any]:
     """Change limits; a field set to null removes that limit."""
     gw: Gateway = request.app.state.gateway
-    view = await gw.keys.update(key_id, **await _body(request))
+    view = await gw.keys.update(key_id, **await json_body(request, empty={}))
     gw.auth.forget(key_id)  # new limits apply at once here (within a second in other processes)
     return view
 
@@ -60,13 +60,3 @@ async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
     view = await gw.keys.revoke(key_id)
     gw.auth.forget(key_id)
     return view
-
-
-async def _body(request: Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.body() or b"{}")
-    except (ValueError, UnicodeDecodeError):
-        raise invalid("The request body is not valid JSON.", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise invalid("The request body must be a JSON object.", code="invalid_json")
-    return body

@@ -32,7 +32,7 @@ _IMAGE_FIELD = re.compile(r"^image(\[\d*\])?$")
 
 @router.post("/v1/images/generations")
 async def generations(request: Request) -> Response:
-    fields = await _json_body(request)
+    fields = await json_body(request)
     return await _run(request, "text-to-image", fields, [])
 
 
@@ -40,7 +40,7 @@ async def generations(request: Request) -> Response:
 async def edits(request: Request) -> Response:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("application/json"):
-        return await _run(request, "edit", await _json_body(request), [])
+        return await _run(request, "edit", await json_body(request), [])
     if not content_type.startswith("multipart/form-data"):
         raise invalid("Send the edit as multipart/form-data (with 'image' files) or as JSON with "
                       "'images': [{'image_url': ...}].", code="unsupported_media_type")
@@ -68,10 +68,12 @@ async def edits(request: Request) -> Response:
     return await _run(request, "edit", fields, files)
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
+async def json_body(request: Request, *, empty: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The body as a JSON object, or a 400 that says what is wrong. `empty`: what an empty body
+    means (None: an error)."""
     raw = await request.body()
     try:
-        body = json.loads(raw) if raw else None
+        body = json.loads(raw) if raw else empty
     except (ValueError, UnicodeDecodeError):
         raise invalid("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):
