@@ -101,7 +101,7 @@ class History:
     async def _visible(self, rid: str, principal: Principal) -> dict[str, Any]:
         """Another key's request is not found, not forbidden: its existence is not disclosed."""
         record = await self.gw.db.get_request(rid)
-        if record is None or not (principal.sees_all() or record.get("key_id") == principal.key_id):
+        if record is None or not principal.owns(record):
             raise not_found(f"No request '{rid}'.", param="id", code="request_not_found")
         return record
 

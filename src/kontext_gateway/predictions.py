@@ -99,8 +99,7 @@ class PredictionService:
         """A key sees its own predictions (an admin key, every one): others' are not found, not forbidden."""
         if principal.sees_all():
             return
-        record = await self.gw.db.get_request(rid)
-        if record is None or record.get("key_id") != principal.key_id:
+        if not principal.owns(await self.gw.db.get_request(rid)):
             raise not_found(f"No prediction '{rid}'.", code="prediction_not_found")
 
     async def list(self, base_url: str, cursor: str | None, limit: int = 100, principal: Principal = OPEN

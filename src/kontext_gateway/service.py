@@ -413,7 +413,7 @@ class ImageService:
         if not rid:
             return []
         record = await self.db.get_request(rid)
-        if record is None or (not principal.sees_all() and record.get("key_id") != principal.key_id):
+        if not principal.owns(record):
             raise GatewayError(f"No request '{rid}'.", status=404, param="previous_response_id",
                                code="request_not_found")
         data = self.blobs.get(record["output_blob_ids"][0]) if record["output_blob_ids"] else None
