@@ -97,7 +97,7 @@ def test_dev_facts_from_the_seed_pages() -> None:
     assert min(p.pricing.price_per_image() for p in dev.providers if p.provider != "local") == 0.025
     assert dev.resolutions == ("1K",) and dev.default_steps == 28 and dev.default_guidance == 2.5
     params = {p.name: p for p in dev.params}
-    assert params["acceleration"].enum == ("high", "none", "regular") and params["acceleration"].providers == ("fal",)
+    assert params["acceleration"].enum == ("high", "none", "regular") and params["acceleration"].providers == ("fal", "local")
     assert params["disable_safety_checker"].providers == ("replicate",)
     assert params["output_quality"].maximum == 100
     assert set(params) == {"acceleration", "disable_safety_checker", "enable_safety_checker", "enhance_prompt",

@@ -61,6 +61,14 @@ class Settings(BaseSettings):
     engine_offload: Literal["none", "model", "sequential"] = "none"
     # Local models kept loaded at once; the least recently used is unloaded to make room.
     engine_max_models: int = Field(default=2, ge=1)
+    # The transformer the local engine runs: "lean" (ours: fused layout, per-request precomputation,
+    # fp8 and step caching for `acceleration`), or "diffusers" (the reference; LoRA adapters need it).
+    engine_transformer: Literal["diffusers", "lean"] = "diffusers"
+    # Attention kernel of the lean transformer: "auto" picks FlashAttention 3 on Hopper when installed,
+    # else cuDNN attention on CUDA, else PyTorch SDPA.
+    engine_attention: Literal["auto", "sdpa", "cudnn", "flash", "flash3"] = "auto"
+    # torch.compile the lean transformer's blocks (first request per image size compiles: minutes).
+    engine_compile: bool = False
 
     # Upstream providers: credentials and base URLs (scheme and host, as the providers' own clients
     # take them) under the providers' own variable names. Secrets never reach logs or responses.

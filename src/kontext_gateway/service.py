@@ -273,6 +273,7 @@ class ImageService:
                 "attempts": record["attempts"],
                 "seed": params.get("seed"),
                 "ignored_params": params.get("ignored_params", []),
+                **({"engine": params["engine"]} if params.get("engine") else {}),
             },
         }
         headers = {"x-request-id": rid, "x-kontext-provider": record["provider"] or "",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -56,6 +57,21 @@ def pick_device(preferred: str | None = None) -> tuple[str, Any]:
 
 
 CONTEXT_CACHE_ENTRIES = 8
+TRANSFORMERS = ("diffusers", "lean")
+
+
+def use_lean(pipe: Any, *, model: Any = None) -> Any:
+    """Swap the pipeline's diffusers transformer for the lean one on the same weights (or for `model`,
+    already loaded), on the same device and dtype, and free the diffusers copy."""
+    from .lean.adapter import LeanTransformer
+    from .lean.weights import from_diffusers_model
+
+    if model is None:
+        model = from_diffusers_model(pipe.transformer)
+    pipe.transformer = None  # the diffusers model's memory goes before anything else is allocated
+    gc.collect()
+    pipe.register_modules(transformer=LeanTransformer(model))
+    return pipe
 
 
 def place(pipe: Any, device: str, offload: str = "none") -> str:
@@ -84,11 +100,26 @@ class RunInfo:
     true_cfg: bool = False
     previews: int = 0
     loras: list[str] = field(default_factory=list)
+    transformer: str = "diffusers"
+    acceleration: str = "none"
+    applied: list[str] = field(default_factory=list)  # accelerations that ran: "fp8", "step_cache"
+    transformer_calls: int = 0  # forward calls asked for (steps x passes), lean transformer only
+    transformer_computed: int = 0  # of which ran the network (fewer with the step cache)
 
 
 class KontextEngine:
-    def __init__(self, pipe: Any, *, name: str, device: str, dtype: Any, offload: str = "none") -> None:
+    def __init__(self, pipe: Any, *, name: str, device: str, dtype: Any, offload: str = "none",
+                 attention: str = "auto", compile: bool = False) -> None:
+        from .lean.adapter import LeanTransformer
+
         self.pipe = pipe
+        self.transformer = "lean" if isinstance(pipe.transformer, LeanTransformer) else "diffusers"
+        self.attention = "sdpa"
+        if self.transformer == "lean":  # picked for the device it runs on (offloaded models come to it)
+            self.attention = pipe.transformer.model.use_attention(attention, device=device)
+            if compile:
+                pipe.transformer.model.compile_blocks()
+        self.compiled = compile and self.transformer == "lean"
         self.name = name
         self.device = device
         self.dtype = dtype
@@ -103,7 +134,8 @@ class KontextEngine:
         self._runners: dict[str, Any] = {}  # "kontext" / "inpaint" -> pipeline subclass on these weights
 
     @classmethod
-    def tiny(cls, device: str | None = None, *, offload: str = "none") -> "KontextEngine":
+    def tiny(cls, device: str | None = None, *, offload: str = "none", transformer: str = "diffusers",
+             attention: str = "auto", compile: bool = False) -> "KontextEngine":
         from .tiny import build_tiny_pipeline
 
         quiet_libraries()
@@ -111,31 +143,65 @@ class KontextEngine:
         device, dtype = pick_device(device)
         pipe = build_tiny_pipeline().to(dtype=dtype)
         offload = place(pipe, device, offload)
+        if transformer == "lean":
+            use_lean(pipe)
         log.info("built kontext-tiny on %s in %.2fs", device, time.perf_counter() - t0)
-        return cls(pipe, name="kontext-tiny", device=device, dtype=dtype, offload=offload)
+        return cls(pipe, name="kontext-tiny", device=device, dtype=dtype, offload=offload, attention=attention,
+                   compile=compile)
 
     @classmethod
-    def from_dir(cls, path: Path, *, name: str, device: str | None = None, offload: str = "none") -> "KontextEngine":
-        """Load weights in diffusers layout (model_index.json + component folders) from local disk."""
+    def from_dir(cls, path: Path, *, name: str, device: str | None = None, offload: str = "none",
+                 transformer: str = "diffusers", attention: str = "auto",
+                 compile: bool = False) -> "KontextEngine":
+        """Load weights in diffusers layout (model_index.json + component folders) from local disk. The lean
+        transformer is read straight from `transformer/` (the diffusers model is never built)."""
         from diffusers import FluxKontextPipeline
 
         quiet_libraries()
         t0 = time.perf_counter()
         device, dtype = pick_device(device)
-        pipe = FluxKontextPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        if transformer == "lean":
+            from .lean.weights import from_diffusers_dir
+
+            pipe = FluxKontextPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True, transformer=None)
+            lean = from_diffusers_dir(path, dtype=dtype, device="cpu" if offload != "none" else device)
+            use_lean(pipe, model=lean)
+        else:
+            pipe = FluxKontextPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
         offload = place(pipe, device, offload)
         log.info("loaded %s from %s on %s in %.2fs", name, path, device, time.perf_counter() - t0)
-        return cls(pipe, name=name, device=device, dtype=dtype, offload=offload)
+        return cls(pipe, name=name, device=device, dtype=dtype, offload=offload, attention=attention,
+                   compile=compile)
 
     @classmethod
-    def from_hub(cls, repo_id: str, *, name: str, device: str | None = None, offload: str = "none") -> "KontextEngine":
+    def from_hub(cls, repo_id: str, *, name: str, device: str | None = None, offload: str = "none",
+                 transformer: str = "diffusers", attention: str = "auto",
+                 compile: bool = False) -> "KontextEngine":
         """Download from the Hugging Face hub: only when the operator allowed downloads."""
         from diffusers import FluxKontextPipeline
 
         device, dtype = pick_device(device)
         pipe = FluxKontextPipeline.from_pretrained(repo_id, dtype=dtype)
         offload = place(pipe, device, offload)
-        return cls(pipe, name=name, device=device, dtype=dtype, offload=offload)
+        if transformer == "lean":
+            use_lean(pipe)
+        return cls(pipe, name=name, device=device, dtype=dtype, offload=offload, attention=attention,
+                   compile=compile)
+
+    def trace(self) -> dict[str, Any]:
+        """What the last run did, for the request's trace: transformer, attention, acceleration asked
+        and applied, transformer passes computed of those asked."""
+        info = self.last_run
+        out: dict[str, Any] = {"transformer": self.transformer}
+        if self.transformer == "lean":
+            out["attention"] = self.attention
+            if self.compiled:
+                out["compiled"] = True
+        if info is not None:
+            out.update(acceleration=info.acceleration, applied=list(info.applied))
+            if info.transformer_calls:
+                out.update(transformer_calls=info.transformer_calls, transformer_computed=info.transformer_computed)
+        return out
 
     def save(self, path: Path) -> None:
         self.pipe.save_pretrained(str(path))
@@ -182,6 +248,7 @@ class KontextEngine:
         mask: "Image | None" = None,
         loras: list[LoraSpec] | None = None,
         placement: str = "offset",
+        acceleration: str = "none",
         partial_images: int = 0,
         preview: Callable[[int, "Image"], None] | None = None,
         progress: Callable[[int, int], None] | None = None,
@@ -191,7 +258,9 @@ class KontextEngine:
         single `image`/`context` pair; each is resized to its size and becomes its own context tokens.
         With `mask` (same size as the first image; 255 = repaint) the first image is repainted where
         the mask is set, the others are references. True CFG runs when true_cfg_scale > 1 and a
-        negative prompt is given (two transformer passes per step), as in diffusers."""
+        negative prompt is given (two transformer passes per step), as in diffusers. `acceleration`
+        ("none", "regular": fp8 linears, "high": fp8 and the step cache) needs the lean transformer;
+        with diffusers' it is not applied (RunInfo.applied says what was)."""
         import torch
         from PIL import Image as PILImage
 
@@ -205,6 +274,12 @@ class KontextEngine:
             raise ValueError("one context size per input image")
         if mask is not None and not pictures:
             raise invalid("A mask needs an input image to repaint.", param="mask")
+        if loras and self.transformer == "lean":
+            from .lora import invalid_lora
+
+            raise invalid_lora("LoRA adapters run on the diffusers transformer; this server runs the lean one "
+                               "(KONTEXT_ENGINE_TRANSFORMER=lean). Ask its operator, or send the request "
+                               "without 'loras'.")
         self.adapters.activate(list(loras or []))
         inpaint = None  # (source at the output size, fitted mask)
         if mask is not None:
@@ -249,15 +324,16 @@ class KontextEngine:
             return [encode_context(self.pipe, im, (s.width, s.height) if s else None, self.context_cache)
                     for im, s in zip(pics, fits)]
 
+        runner = self._runner("kontext" if inpaint is None else "inpaint")
+        lean = self.transformer == "lean"
+        request = self.pipe.transformer.request(runner.scheduler, acceleration) if lean else nullcontext(None)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), request as stats:
                 if inpaint is None:
-                    runner = self._runner("kontext")
                     with runner.using(latents_of(pictures, sizes), placement):  # type: ignore[arg-type]
                         result = runner(image=None, **common)
                 else:
                     source, area = inpaint  # type: ignore[misc]
-                    runner = self._runner("inpaint")
                     with runner.using(latents_of(pictures[1:], sizes[1:]), placement):  # type: ignore[arg-type]
                         # strength 1: the masked area starts from pure noise; the rest is put back
                         # from the source's latents after every step...
@@ -274,5 +350,10 @@ class KontextEngine:
             true_cfg=cfg > 1 and negative_prompt is not None,
             previews=emitter.sent,
             loras=[spec.name or spec.path.name for spec in loras or []],
+            transformer=self.transformer,
+            acceleration=acceleration,
+            applied=list(stats.applied) if stats else [],
+            transformer_calls=stats.calls if stats else 0,
+            transformer_computed=stats.computed if stats else 0,
         )
         return list(result.images)

@@ -111,7 +111,8 @@ class JobRunner:
                 currency=entry.pricing.currency,
                 output_blob_ids=blob_ids, attempts=_attempts(job), output_size=str(result.size),
                 output_format=job.output_format, duration_ms=_ms(t0),
-                params={**record["params"], "ignored_params": sorted(set(result.ignored_params))},
+                params={**record["params"], "ignored_params": sorted(set(result.ignored_params)),
+                        **({"engine": result.engine} if result.engine else {})},
                 logs=_logs(record, job, f"succeeded: {len(encoded)} image(s) {result.size} {job.output_format} "
                                         f"from {entry.config_key}"),
             )

@@ -107,6 +107,7 @@ class ProviderResult:
     size: Size
     seed: int | None = None
     ignored_params: list[str] = field(default_factory=list)
+    engine: dict[str, Any] | None = None  # the local engine's account of the run (transformer, acceleration)
 
 
 class Provider(Protocol):

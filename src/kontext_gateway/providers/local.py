@@ -51,13 +51,15 @@ _HANDLING = {
     "loras": {"handling": "converted", "as": "load_lora_weights + set_adapters (files under the adapters directory)"},
     "mask": {"handling": "converted", "as": "FluxKontextInpaintPipeline mask_image (strength 1), kept pixels put back"},
     "partial_images": {"handling": "emulated", "as": "previews: the predicted clean image, VAE-decoded"},
+    "acceleration": {"handling": "native", "as": "lean transformer: regular = fp8 linears, high = fp8 + step cache"},
     "response_format": {"handling": "emulated", "as": "gateway"},
     "output_format": {"handling": "emulated", "as": "gateway"},
     "output_compression": {"handling": "emulated", "as": "gateway"},
 }
 # Engine features a request may also carry among its extra parameters: read from there when the job's
 # own field is unset, and then not reported as ignored.
-_FEATURES_IN_EXTRA = ("negative_prompt", "true_cfg_scale", "loras", "partial_images")
+_FEATURES_IN_EXTRA = ("negative_prompt", "true_cfg_scale", "loras", "partial_images", "acceleration")
+ACCELERATIONS = ("none", "regular", "high")
 
 
 def engine_installed() -> bool:
@@ -127,13 +129,14 @@ class LocalProvider:
 
         set_threads(self.settings.engine_threads)
         device, offload = self.settings.device, self.settings.engine_offload
+        how = dict(offload=offload, transformer=self.settings.engine_transformer,
+                   attention=self.settings.engine_attention, compile=self.settings.engine_compile)
         if entry.provider_model_id == TINY_ID:
-            return KontextEngine.tiny(device, offload=offload)
+            return KontextEngine.tiny(device, **how)
         if (weights := self._weights_dir(entry)) and (weights / "model_index.json").is_file():
-            return KontextEngine.from_dir(weights, name=entry.config_key, device=device, offload=offload)
+            return KontextEngine.from_dir(weights, name=entry.config_key, device=device, **how)
         if self.settings.allow_downloads:
-            return KontextEngine.from_hub(entry.provider_model_id, name=entry.config_key, device=device,
-                                          offload=offload)
+            return KontextEngine.from_hub(entry.provider_model_id, name=entry.config_key, device=device, **how)
         raise unavailable(f"Local model {entry.config_key} is not available: {self.unavailable_reason(entry)}.")
 
     def _unload(self, key: str) -> None:
@@ -186,6 +189,7 @@ class LocalProvider:
                 should_stop=job.cancelled.is_set, mask=job.mask,
                 negative_prompt=features["negative_prompt"], true_cfg_scale=features["true_cfg_scale"],
                 loras=loras, partial_images=features["partial_images"], preview=job.preview,
+                acceleration=features["acceleration"],
             )
         except GatewayError:
             raise
@@ -194,24 +198,31 @@ class LocalProvider:
             raise GatewayError(
                 f"The local engine failed: {exc}", status=500, type="server_error", code="engine_error"
             ) from exc
+        if features["acceleration"] != "none" and engine.last_run is not None and not engine.last_run.applied:
+            consumed.discard("acceleration")  # nothing ran faster (diffusers' transformer): say it was ignored
         return ProviderResult(
             images=[ProviderImage(image=im) for im in images],
             size=Size(*images[0].size),
             seed=job.seed,
             ignored_params=sorted(k for k in job.extra if k not in consumed),
+            engine=engine.trace(),
         )
 
     @staticmethod
     def _features(job: ImageJob) -> tuple[dict[str, Any], set[str]]:
         """The engine features of a job: its own fields, else the same names among its extra params."""
         own = {"negative_prompt": job.negative_prompt, "true_cfg_scale": job.true_cfg_scale,
-               "loras": job.loras or None, "partial_images": job.partial_images or None}
+               "loras": job.loras or None, "partial_images": job.partial_images or None, "acceleration": None}
         consumed: set[str] = set()
         for name in _FEATURES_IN_EXTRA:
             if own[name] is None and job.extra.get(name) is not None:
                 own[name] = job.extra[name]
                 consumed.add(name)
         own["loras"] = own["loras"] or []
+        own["acceleration"] = own["acceleration"] or "none"
+        if own["acceleration"] not in ACCELERATIONS:
+            raise invalid(f"'acceleration' must be one of {', '.join(ACCELERATIONS)}; got {own['acceleration']!r}.",
+                          param="acceleration")
         if not isinstance(own["loras"], list):
             raise invalid("'loras' must be a list of {\"path\": ..., \"scale\": ...}.", param="loras",
                           code="invalid_lora")
