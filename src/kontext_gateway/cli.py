@@ -32,6 +32,8 @@ environment:
   KONTEXT_ADMIN_KEY         an admin API key without a database row (setting it makes every /v1 call need a key)
   KONTEXT_RATE_LIMIT_URL    redis://... or postgresql://... to share per-key rate limits between processes
   KONTEXT_LORA_DIR          directory of LoRA adapters that requests name in `loras`
+  KONTEXT_ENGINE_TRANSFORMER  lean: our FLUX.1 transformer (same pictures; `acceleration` regular/high);
+                            diffusers (default): the reference, needed for LoRAs
   KONTEXT_LOG_FORMAT        json or text (default: text on a terminal, JSON lines otherwise)
   PROMETHEUS_MULTIPROC_DIR  an empty directory shared by the API and worker processes: /metrics
                             then shows all of them (metrics of each process otherwise)
