@@ -57,7 +57,6 @@ def pick_device(preferred: str | None = None) -> tuple[str, Any]:
 
 
 CONTEXT_CACHE_ENTRIES = 8
-TRANSFORMERS = ("diffusers", "lean")
 
 
 def use_lean(pipe: Any, *, model: Any = None) -> Any:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..catalog import ProviderEntry
 from ..config import Settings
+from ..engine.lean import ACCELERATIONS
 from ..errors import GatewayError, invalid, unavailable
 from ..params import Size
 from .base import ImageJob, ProviderImage, ProviderResult
@@ -59,7 +60,6 @@ _HANDLING = {
 # Engine features a request may also carry among its extra parameters: read from there when the job's
 # own field is unset, and then not reported as ignored.
 _FEATURES_IN_EXTRA = ("negative_prompt", "true_cfg_scale", "loras", "partial_images", "acceleration")
-ACCELERATIONS = ("none", "regular", "high")
 
 
 def engine_installed() -> bool:

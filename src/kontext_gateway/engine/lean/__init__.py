@@ -9,5 +9,8 @@ in Black Forest Labs' fused layout, built for speed.
 - `adapter.py`: the switch. It answers diffusers' transformer call, so every pipeline feature (several
   context images, masks, true CFG, previews) runs on the lean model unchanged.
 
-Everything here imports torch: the engine imports it lazily.
+Everything here but this file imports torch: the engine imports it lazily.
 """
+
+# The `acceleration` values (fal's names), known here without torch so requests can be checked early.
+ACCELERATIONS: tuple[str, ...] = ("none", "regular", "high")

@@ -24,14 +24,13 @@ from typing import Any, Iterator, Literal
 import torch
 from torch import nn
 
-from . import fp8
+from . import ACCELERATIONS, fp8
 from .model import LeanFluxTransformer, Plan
 from .stepcache import TaylorCache
 
 log = logging.getLogger(__name__)
 
 Acceleration = Literal["none", "regular", "high"]
-ACCELERATIONS: tuple[str, ...] = ("none", "regular", "high")
 
 
 @dataclass
@@ -106,19 +105,18 @@ class LeanTransformer(nn.Module):
     def _plan(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, pooled: torch.Tensor,
               timestep: torch.Tensor, img_ids: torch.Tensor, txt_ids: torch.Tensor,
               guidance: torch.Tensor | None, noise_tokens: int) -> tuple[Plan, int]:
-        g = guidance.to(self.dtype) * 1000 if guidance is not None else None
-        if self._scheduler is None:  # a lone call: plan this one step
-            ts = timestep[:1].to(self.dtype) * 1000
-            plan = self.model.plan(txt=encoder_hidden_states, pooled=pooled, timesteps=ts, guidance=g,
+        def build(timesteps: torch.Tensor) -> Plan:
+            g = guidance.to(self.dtype) * 1000 if guidance is not None else None
+            return self.model.plan(txt=encoder_hidden_states, pooled=pooled, timesteps=timesteps, guidance=g,
                                    txt_ids=txt_ids, img_ids=img_ids, noise_tokens=noise_tokens)
-            return plan, 0
+
+        if self._scheduler is None:  # a lone call: plan this one step
+            return build(timestep[:1].to(self.dtype) * 1000), 0
         inputs = (encoder_hidden_states, pooled, img_ids, txt_ids, guidance)
         key = (*(id(t) for t in inputs), *hidden_states.shape, noise_tokens)
         found = self._plans.get(key)
-        if found is None:
-            ts = self._model_timesteps(self._scheduler.timesteps.to(hidden_states.device), hidden_states.dtype)
-            plan = self.model.plan(txt=encoder_hidden_states, pooled=pooled, timesteps=ts, guidance=g,
-                                   txt_ids=txt_ids, img_ids=img_ids, noise_tokens=noise_tokens)
+        if found is None:  # the first call of this request for this text: every step's plan at once
+            plan = build(self._model_timesteps(self._scheduler.timesteps.to(hidden_states.device), hidden_states.dtype))
             if self._cache_steps:
                 plan.extra["cache"] = TaylorCache(plan.steps)
             found = self._plans[key] = (plan, inputs)  # the inputs are kept: their ids stay theirs
