@@ -28,7 +28,7 @@ from fastapi.testclient import TestClient
 from kontext_gateway.api.app import create_app
 from kontext_gateway.config import Settings
 app = create_app(Settings(data_dir=tempfile.mkdtemp(prefix="kontext-bench-")))
-with TestClient(app) as client:
+with TestClient(app, base_url="http://127.0.0.1") as client:  # an allowed host
     assert client.get("/v1/models").status_code == 200
     print("torch" in sys.modules, sorted(m for m in ("diffusers", "transformers", "numpy") if m in sys.modules))
 """

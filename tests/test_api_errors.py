@@ -124,7 +124,7 @@ def test_edit_without_prompt(http: httpx.Client) -> None:
 
 def test_wrong_content_type_for_edit(http: httpx.Client) -> None:
     resp = http.post("/v1/images/edits", content=b"prompt=x", headers={"content-type": "text/plain"})
-    assert_error(resp, 400, "unsupported_media_type")
+    assert_error(resp, 415, "unsupported_media_type")
 
 
 def test_a_mask_of_another_size_is_rejected(http: httpx.Client) -> None:

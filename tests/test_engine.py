@@ -76,7 +76,7 @@ import sys
 from fastapi.testclient import TestClient
 from kontext_gateway.api.app import create_app
 from kontext_gateway.config import Settings
-with TestClient(create_app(Settings(data_dir={str(tmp_path)!r}))) as c:
+with TestClient(create_app(Settings(data_dir={str(tmp_path)!r})), base_url="http://127.0.0.1") as c:
     assert c.get("/v1/models").status_code == 200
     assert c.get("/v1/models/kontext-tiny?schema=true").status_code == 200
     assert c.post("/v1/images/generations", json={{"model": "flux.1-kontext-pro", "prompt": "x"}}).status_code == 503

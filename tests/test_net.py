@@ -24,6 +24,13 @@ REFUSED = [
     ("[2002:7f00:1::]", "loopback"),  # 6to4 of 127.0.0.1
     ("[64:ff9b::a00:1]", "private"),  # NAT64 of 10.0.0.1
     ("[::127.0.0.1]", "reserved"),  # IPv4-compatible (deprecated)
+    ("[::8.8.8.8]", "IPv4-compatible"),  # deprecated whatever it wraps
+    ("[::ffff:0:7f00:1]", "IPv4-translated"), ("[::ffff:0.0.0.0]", "unspecified"),
+    ("0.1.2.3", "this network"), ("192.0.0.1", "IETF protocol"), ("192.0.0.9", "IETF protocol"),
+    ("[fec0::1]", "site-local"), ("[fefe:1::1]", "site-local"),  # fec0::/10, deprecated
+    ("[2001:0:4136:e378:8000:63bf:3fff:fdd2]", "Teredo"), ("[2001::8.8.8.8]", "Teredo"),
+    ("[64:ff9b:1::a00:1]", "local-use NAT64"), ("[100::1]", "discard-only"),
+    ("[2001:db8::1]", "documentation"), ("[3fff::1]", "documentation"), ("[5f00::1]", "SRv6"),
 ]
 
 
@@ -38,7 +45,8 @@ def test_private_addresses_are_refused(host: str, reason: str) -> None:
     check_public_url(f"http://{host}:8080/hook", allow_private=True, param="webhook", status=422)
 
 
-@pytest.mark.parametrize("host", ["8.8.8.8", "1.1.1.1", "[2606:4700:4700::1111]", "[::ffff:8.8.8.8]"])
+@pytest.mark.parametrize("host", ["8.8.8.8", "1.1.1.1", "[2606:4700:4700::1111]", "[::ffff:8.8.8.8]",
+                                  "[2002:808:808::1]", "[64:ff9b::808:808]"])
 def test_public_addresses_pass(host: str) -> None:
     check_public_url(f"https://{host}/hook", allow_private=False, param="webhook", status=422)
 

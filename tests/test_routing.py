@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
+from PIL import Image
 
 from kontext_gateway.breaker import CircuitBreaker
 from kontext_gateway.catalog import Catalog
@@ -55,7 +56,7 @@ class Scripted:
 
 def job(images: int = 0) -> ImageJob:
     return ImageJob(request_id="req_t", model=PRO, mode="edit" if images else "text-to-image", prompt="p",
-                    images=[object()] * images, size=SizeRequest(None), n=1, seed=1,  # type: ignore[list-item]
+                    images=[Image.new("RGB", (8, 8))] * images, size=SizeRequest(None), n=1, seed=1,
                     output_format="png", output_compression=None)
 
 

@@ -1,9 +1,10 @@
 """The web face end to end, in a real headless Chromium: playground, gallery, model pages, compare,
-the key prompt and phone width.
+the key prompt, phone width, and /docs.
 
 Debian's `chromium` driven by Playwright for Python (`executable_path`: no browser download). Each
 test starts its own gateway on an empty data dir (kontext-tiny at small sizes: well under a second
-a picture) and fails on any console error or uncaught page error. Screenshots go to
+a picture) and fails on any console error, uncaught page error or Content-Security-Policy
+violation (the gateway's pages allow their own origin only). Screenshots go to
 $KONTEXT_TEST_OUTPUT/screenshots (default test-output/); KONTEXT_UPDATE_DOCS=1 also refreshes
 docs/playground.png.
 """
@@ -34,6 +35,18 @@ SHOTS = Path(os.environ.get("KONTEXT_TEST_OUTPUT", "test-output")) / "screenshot
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PAGES = ["/", "/playground", "/gallery", "/models", "/models/kontext-tiny", "/compare"]
 KEY_STORAGE = "kontext-gateway.api-key"
+PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+# Before any script of the page: each violation kept in window.__cspViolations and, where the page
+# has the binding, told to the test. (wait_for_function takes "() => ..." here, never a bare
+# expression: Playwright runs those with eval, which the policy refuses.)
+CSP_WATCH = """window.__cspViolations = [];
+document.addEventListener("securitypolicyviolation", (e) => {
+  const where = `${e.sourceFile}:${e.lineNumber}`;
+  const text = `${e.violatedDirective} refused ${e.blockedURI || "inline"} at ${where} ${e.sample}`;
+  window.__cspViolations.push(text);
+  window.__cspViolation?.(text);
+});"""
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------------
@@ -68,6 +81,8 @@ class Console:
     def attach(self, page) -> None:
         page.on("console", self._console)
         page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
+        page.expose_function("__cspViolation", lambda text: self.errors.append(f"CSP violation: {text}"))
+        page.add_init_script(CSP_WATCH)
 
     def _console(self, msg) -> None:
         if msg.type not in ("error", "warning"):
@@ -229,11 +244,11 @@ def test_drop_and_paste_add_images_up_to_the_model_limit(server: str, page) -> N
     thumbs.first.wait_for()
     assert page.get_by_test_id("mode-edit").is_checked()
     page.evaluate(DROP_AND_PASTE, ["drop", ["b.png", "c.png"], b64])
-    page.wait_for_function("document.querySelectorAll('[data-testid=input-thumb]').length === 3")
+    page.wait_for_function("() => document.querySelectorAll('[data-testid=input-thumb]').length === 3")
     page.get_by_role("button", name="Remove input image 2").click()
     assert thumbs.count() == 2
     page.evaluate(DROP_AND_PASTE, ["drop", ["d.png", "e.png", "f.png"], b64])
-    page.wait_for_function("document.querySelectorAll('[data-testid=input-thumb]').length === 4")
+    page.wait_for_function("() => document.querySelectorAll('[data-testid=input-thumb]').length === 4")
     page.wait_for_timeout(200)
     assert thumbs.count() == 4  # the model's max_input_images
     assert "4 of 4 images" in page.get_by_test_id("input-dropzone").inner_text()
@@ -262,9 +277,9 @@ def test_edit_this_result_then_edit_again(server: str, page) -> None:
     assert open_image(second_png).size == (64, 64)
 
     # and once more: iterative editing keeps going
+    before = page.get_by_test_id("input-thumb").get_attribute("src")  # read first: the swap can be quick
     page.get_by_test_id("edit-result").click()
-    page.wait_for_function("""src => document.querySelector('[data-testid=input-thumb]')?.src !== src""",
-                           arg=page.get_by_test_id("input-thumb").get_attribute("src"))
+    page.wait_for_function("""src => document.querySelector('[data-testid=input-thumb]')?.src !== src""", arg=before)
     assert image_bytes(page.get_by_test_id("input-thumb").get_attribute("src")) == second_png
     page.get_by_test_id("prompt").fill("add snow")
     third = run_and_wait(page, second)
@@ -283,9 +298,9 @@ def test_running_shows_step_progress_and_cancels(server: str, page) -> None:
     assert re.fullmatch(r"\d+ ms|\d+\.\d s", page.get_by_test_id("elapsed").inner_text())
     assert page.get_by_test_id("run").is_disabled()
     page.get_by_test_id("cancel").click()
-    page.wait_for_function("document.querySelector('[data-testid=status]').dataset.state === 'canceled'")
+    page.wait_for_function("() => document.querySelector('[data-testid=status]').dataset.state === 'canceled'")
     assert page.get_by_test_id("status-text").inner_text().startswith("Canceled after")
-    page.wait_for_function("!document.querySelector('[data-testid=run]').disabled")
+    page.wait_for_function("() => !document.querySelector('[data-testid=run]').disabled")
     assert page.get_by_test_id("result-image").count() == 0
     listed = httpx.get(f"{server}/v1/requests", params={"status": "canceled"}).json()["data"]
     assert [r["prompt"] for r in listed] == ["a slow one"]
@@ -379,7 +394,7 @@ def test_gallery_pages_with_load_more(server: str, page) -> None:
     items.first.wait_for()
     assert items.count() == 24
     page.get_by_test_id("load-more").click()
-    page.wait_for_function("document.querySelectorAll('[data-testid=gallery-item]').length === 26")
+    page.wait_for_function("() => document.querySelectorAll('[data-testid=gallery-item]').length === 26")
     prompts = page.get_by_test_id("gallery-prompt").all_inner_texts()
     assert prompts == [f"picture {i}" for i in range(25, -1, -1)]  # newest first, none twice
     assert page.get_by_test_id("load-more").is_hidden()
@@ -454,7 +469,8 @@ def test_compare_runs_two_columns(server: str, page) -> None:
     page.get_by_test_id("compare-seed").fill("11")
     page.get_by_test_id("compare-run").click()
     page.wait_for_function(
-        "document.querySelectorAll('[data-testid=compare-col][data-state=succeeded] [data-testid=col-cost]').length === 2")
+        "() => document.querySelectorAll("
+        "'[data-testid=compare-col][data-state=succeeded] [data-testid=col-cost]').length === 2")
     cols = page.get_by_test_id("compare-col")
     assert cols.count() == 2
     pictures = []
@@ -476,7 +492,8 @@ def test_compare_column_shows_its_own_error(server: str, page, console: Console)
     page.get_by_test_id("compare-prompt").fill("a lighthouse")
     page.get_by_test_id("compare-size").fill("0x0")
     page.get_by_test_id("compare-run").click()
-    page.wait_for_function("document.querySelectorAll('[data-testid=compare-col][data-state=error]').length === 2")
+    page.wait_for_function(
+        "() => document.querySelectorAll('[data-testid=compare-col][data-state=error]').length === 2")
     assert "Size 0x0 is not valid" in page.get_by_test_id("col-error").first.inner_text()
 
 
@@ -575,3 +592,86 @@ def test_every_page_loads_without_console_errors(server: str, page) -> None:
     assert page.evaluate("window.__marker") == 1
     page.go_back()
     page.locator("main h1", has_text="Gallery").wait_for()
+
+
+# ---- Content-Security-Policy, /docs -----------------------------------------------------------------------------
+
+def violations(page) -> list[str]:
+    return page.evaluate("window.__cspViolations")
+
+
+def test_every_page_runs_under_its_csp(server: str, page, browser) -> None:
+    # The watch sees what the policy refuses: a style attribute set on purpose is reported.
+    probe_context = browser.new_context()
+    try:
+        probe = probe_context.new_page()
+        probe.add_init_script(CSP_WATCH)
+        probe.goto(f"{server}/gallery")
+        probe.evaluate("document.body.setAttribute('style', 'outline: 1px solid red')")
+        probe.wait_for_function("() => window.__cspViolations.length > 0")
+        assert violations(probe)[0].startswith("style-src-attr refused inline")
+    finally:
+        probe_context.close()
+
+    response = page.goto(f"{server}/playground?model=kontext-tiny")
+    assert response.headers["content-security-policy"] == PAGE_CSP
+    assert response.headers["x-frame-options"] == "DENY"
+    fill_generate(page, "a red fox", "64x64")
+    run_and_wait(page)  # the result shown, with its code blocks
+    page.get_by_test_id("mode-edit").check()  # the image picker, with a preview of a chosen file
+    with page.expect_file_chooser() as chooser:
+        page.get_by_test_id("input-pick").click()
+    chooser.value.set_files(files=[{"name": "photo.png", "mimeType": "image/png", "buffer": png_bytes(32, 32)}])
+    page.get_by_test_id("input-thumb").wait_for()
+    assert violations(page) == []
+    for path in PAGES:
+        response = page.goto(f"{server}{path}")
+        assert response.headers["content-security-policy"] == PAGE_CSP
+        page.locator("main h1").first.wait_for()
+        page.wait_for_load_state("networkidle")
+        assert violations(page) == [], path
+    page.goto(f"{server}/gallery")
+    page.get_by_test_id("gallery-item").first.click()  # the viewer
+    page.get_by_test_id("viewer-image").first.wait_for()
+    assert violations(page) == []
+    page.goto(f"{server}/docs")
+    page.locator(".opblock").first.wait_for()
+    page.wait_for_load_state("networkidle")
+    assert violations(page) == []
+
+
+HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+
+
+def test_docs_render_offline(server: str, page) -> None:
+    elsewhere: list[str] = []
+
+    def only_the_gateway(route) -> None:
+        if route.request.url.startswith(f"{server}/"):
+            route.continue_()
+        else:  # a CDN, a validator badge, a font: none may be needed
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_the_gateway)
+    response = page.goto(f"{server}/docs")
+    assert response.headers["content-security-policy"] == PAGE_CSP
+    spec = httpx.get(f"{server}/openapi.json").json()
+    operations = sum(1 for item in spec["paths"].values() for method in item if method in HTTP_METHODS)
+    page.locator(".opblock").first.wait_for()
+    assert page.locator(".opblock").count() == operations
+    assert page.get_by_text(spec["info"]["title"]).first.is_visible()
+
+    # Try one out: the call goes to this gateway under the page's policy (connect-src 'self').
+    op = page.locator(".opblock-get", has=page.locator('.opblock-summary-path[data-path="/v1/models"]'))
+    op.locator(".opblock-summary").click()
+    op.get_by_role("button", name="Try it out").click()
+    op.get_by_role("button", name="Execute").click()
+    answer = op.locator(".live-responses-table tr.response").first
+    answer.wait_for()
+    assert answer.locator(".response-col_status").inner_text().strip() == "200"
+    assert "kontext-tiny" in answer.locator(".response-col_description").inner_text()
+    page.wait_for_load_state("networkidle")
+    shot(page, "docs")
+    assert elsewhere == []
+    assert violations(page) == []

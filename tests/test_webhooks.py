@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import json
 import logging
+import sqlite3
 import stat
 import threading
 import time
@@ -22,6 +23,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from conftest import running_server
 from fakes.common import free_port, serve
 from fastapi import FastAPI
 from standardwebhooks import Webhook, WebhookVerificationError
@@ -395,6 +397,65 @@ async def test_secret_never_logged(tmp_path: Path, receiver: Receiver, caplog: p
     assert key not in text and key.removeprefix("whsec_") not in text
     assert not any("receiver-own-token" in r.getMessage() for r in ours)
     assert all(key not in (r["last_error"] or "") for r in rows)
+
+
+def test_each_key_reads_its_own_secret_and_its_webhooks_are_signed_with_it(
+        tmp_path: Path, receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    admin = "kx-admin-" + uuid.uuid4().hex
+    with running_server(Settings(data_dir=tmp_path, admin_key=admin, **{**FAST, "allow_private_urls": True})) as base:
+        def bearer(key: str) -> dict[str, str]:
+            return {"authorization": f"Bearer {key}"}
+
+        a, b = (httpx.post(base + "/v1/admin/keys", headers=bearer(admin), json={"name": n}).json() for n in "ab")
+
+        def secret_of(key: str) -> str:
+            resp = httpx.get(base + "/v1/webhooks/default/secret", headers=bearer(key))
+            assert resp.status_code == 200 and resp.headers["cache-control"] == "no-store"
+            (value,) = resp.json().values()
+            return value
+
+        secrets = {"a": secret_of(a["key"]), "b": secret_of(b["key"]), "admin": secret_of(admin)}
+        gateway_secret = (tmp_path / "webhook_secret").read_text()
+        assert len({*secrets.values(), gateway_secret}) == 4  # each key its own; none is the gateway's
+        assert all(len(Webhook(s)._whsecret) == 32 for s in secrets.values())
+        assert secret_of(a["key"]) == secrets["a"]
+        # A keyed gateway serves nothing to a caller without a key.
+        anonymous = httpx.get(base + "/v1/webhooks/default/secret")
+        assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "invalid_api_key"
+
+        def predict(key: str) -> str:
+            resp = httpx.post(base + "/v1/predictions", headers=bearer(key), timeout=60, json={
+                "model": "kontext-tiny", "input": {"prompt": "x", "size": "32x32"}, "webhook": receiver.url,
+                "webhook_events_filter": ["completed"]})
+            assert resp.status_code == 201, resp.text
+            return resp.json()["id"]
+
+        receiver.secret = secrets["a"]  # it records every call; which secret verifies which is checked below
+        ids = {"a": predict(a["key"]), "b": predict(b["key"]), "admin": predict(admin)}
+        deadline = time.monotonic() + 60
+        while not all(receiver.for_prediction(pid) for pid in ids.values()):
+            assert time.monotonic() < deadline, receiver.calls
+            time.sleep(0.05)
+    for who, pid in ids.items():
+        (call,) = receiver.for_prediction(pid)
+        assert Webhook(secrets[who]).verify(call.body, call.headers)["id"] == pid
+        for other in [s for w, s in secrets.items() if w != who] + [gateway_secret]:
+            with pytest.raises(WebhookVerificationError):  # no other key's receiver would accept it
+                Webhook(other).verify(call.body, call.headers)
+    # Derived, not stored: the next process has the same secrets, and neither the database nor the log
+    # holds any of them.
+    restarted = WebhookSecret.load(Settings(data_dir=tmp_path))
+    assert restarted.derive(a["id"]).key == secrets["a"] and restarted.derive("admin").key == secrets["admin"]
+    forms = [form for s in [*secrets.values(), gateway_secret]
+             for form in (s.encode(), s.removeprefix("whsec_").encode(), Webhook(s)._whsecret)]
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("kontext.db*"))
+    with sqlite3.connect(tmp_path / "kontext.db") as con:
+        stored += "\n".join(con.iterdump()).encode()
+    assert b"api_keys" in stored and not [f for f in forms if f in stored]
+    logged = (caplog.text + "".join(r.getMessage() for r in caplog.records)).encode()
+    assert any("webhook" in r.getMessage() for r in caplog.records if r.name.startswith("kontext_gateway"))
+    assert not [f for f in forms if f in logged]
 
 
 # -- private targets ----------------------------------------------------------------------------------------

@@ -31,6 +31,11 @@ environment:
   KONTEXT_DEFAULT_MODEL     model used when a request names none (default kontext-tiny)
   KONTEXT_ADMIN_KEY         an admin API key without a database row (setting it makes every /v1 call need a key)
   KONTEXT_RATE_LIMIT_URL    redis://... or postgresql://... to share per-key rate limits between processes
+  KONTEXT_ALLOWED_HOSTS     host names to answer to besides localhost / 127.0.0.1 / [::1] (set it when
+                            serving beyond loopback: others get 400, against DNS rebinding)
+  KONTEXT_CORS_ORIGINS      origins of other sites whose pages may call the API (others get 403)
+  KONTEXT_LOCAL_MAX_REQUEST_PIXELS  n x width x height one request may ask of the local engine
+                            (default 4 megapixels on a CPU, 16 on a GPU)
   KONTEXT_LORA_DIR          directory of LoRA adapters that requests name in `loras`
   KONTEXT_ENGINE_TRANSFORMER  lean: our FLUX.1 transformer (same pictures; `acceleration` regular/high);
                             diffusers (default): the reference, needed for LoRAs
@@ -188,14 +193,14 @@ async def _keys(args: argparse.Namespace) -> int:
     try:
         action = args.keys_command
         if action == "create":
-            view, key = await store.create(name=args.name, admin=args.admin, **_key_limits(args))
+            view, key = await store.create(name=args.name, admin=args.admin, limits=_key_limits(args))
             result: Any = {**view, "key": key}
         elif action == "list":
             result = await store.list()
         elif action == "show":
             result = await store.get(args.key_id)
         elif action == "update":
-            result = await store.update(args.key_id, **_key_limits(args))
+            result = await store.update(args.key_id, _key_limits(args))
         else:
             result = await store.revoke(args.key_id)
     except GatewayError as exc:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import secrets
+import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -42,8 +46,17 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, validation_alias=AliasChoices("database_url", "DATABASE_URL", "KONTEXT_DATABASE_URL")
     )
-    # Public base URL used in signed image links; by default, the URL the request came in on.
+    # Public base URL used in signed image links; by default, the URL the request came in on (its
+    # Host is one of the allowed hosts below, so a forged Host cannot end up in a link).
     public_url: str | None = None
+    # Host names (and optional :port) this gateway answers to; others get 400 (what DNS rebinding
+    # sends). "*.example.com" matches subdomains, "*" any host. Always allowed besides these: the
+    # host of `public_url`, and on a loopback bind localhost, 127.0.0.1 and [::1] (any port).
+    # Comma-separated in the environment: KONTEXT_ALLOWED_HOSTS=images.example.com,10.0.0.7
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Browser origins of other sites that may call the API (scheme://host[:port]); CORS preflights
+    # are answered for them. Requests from any other site's pages are refused (403). Comma-separated.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Secret for signing blob URLs; generated once and kept in data_dir/secret.key when unset.
     url_secret: str | None = None
     url_ttl_seconds: int = 3600
@@ -110,6 +123,9 @@ class Settings(BaseSettings):
     allow_private_urls: bool = Field(
         default=False, validation_alias=AliasChoices("allow_private_urls", "KONTEXT_ALLOW_PRIVATE_URLS")
     )
+    # One outbound fetch of an input image by URL, from connect to last byte (a trickling server
+    # cannot hold a request longer than this).
+    fetch_timeout_s: float = Field(default=30.0, gt=0)
 
     # Webhooks (Standard Webhooks signing). The secret is `whsec_` + base64 of random bytes; generated
     # once and kept in data_dir/webhook_secret when unset.
@@ -143,6 +159,23 @@ class Settings(BaseSettings):
     max_file_bytes: int = 50 * MIB
     max_input_pixels: int = 8192 * 8192  # decoded pixel limit against decompression bombs
     max_n: int = 10
+    # Output pixels (n x width x height) one request may ask of a hosted provider, and of the local
+    # engine (default: 4 megapixels on a CPU, 16 on a GPU). See pixel_budget.py.
+    max_request_pixels: int = Field(default=10 * 2048 * 2048, ge=1)
+    local_max_request_pixels: int | None = Field(default=None, ge=1)
+
+    @field_validator("allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        """A comma-separated string (the environment's form), a JSON list, or a list."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -163,6 +196,15 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
         return tuple(sources)
 
+    def binds_loopback(self) -> bool:
+        """Whether `host` (the address served on) is reachable from this machine only."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False  # a host name: may be reachable from elsewhere
+
     def resolved_database_url(self) -> str:
         url = self.database_url or f"sqlite:///{self.data_dir / 'kontext.db'}"
         # One async driver per backend, whichever spelling the user gave.
@@ -179,12 +221,16 @@ class Settings(BaseSettings):
             return self.url_secret.encode()
         path = self.data_dir / "secret.key"
         if not path.exists():
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            try:  # O_EXCL: two processes starting at once agree on one secret
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass
-            else:
+            # Often the first thing made in the data dir: private from the start (Gateway.start keeps it so).
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Written whole to a private (0600) temp file, then linked into place: two processes starting
+            # at once agree on one secret, and neither reads a half-written file.
+            fd, tmp = tempfile.mkstemp(dir=self.data_dir, prefix=".secret.key.")
+            try:
                 with os.fdopen(fd, "w") as f:
                     f.write(secrets.token_hex(32))
+                with contextlib.suppress(FileExistsError):
+                    os.link(tmp, path)
+            finally:
+                os.unlink(tmp)
         return path.read_text().strip().encode()

@@ -6,6 +6,9 @@ Built once per process (by the HTTP app's lifespan, or by the CLI for a local ru
 from __future__ import annotations
 
 import logging
+import os
+import stat
+from pathlib import Path
 
 from .catalog import Catalog
 from .config import Settings
@@ -22,7 +25,7 @@ from .retention import RetentionSweeper
 from .routing import Router
 from .service import ImageService
 from .store.blobs import LocalBlobStore, URLSigner
-from .store.db import Database
+from .store.db import Database, make_private
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +55,8 @@ class Gateway:
         self.webhooks.render = lambda record: self.predictions.render(record, self.webhooks.base_url())
 
     async def start(self, *, workers: bool = True) -> None:
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        await self.db.start()
+        _private_data_dir(self.settings.data_dir)
+        await self.db.start()  # the SQLite file and its journals: 0600 (Database.start)
         if workers:
             await self.worker.start()
             if self.worker.concurrency:  # deliveries go from the processes that run jobs
@@ -68,3 +71,17 @@ class Gateway:
             await provider.aclose()
         await self.limits.aclose()
         await self.db.close()
+
+
+def _private_data_dir(path: Path) -> None:
+    """The data directory holds the database, the secrets and the images: only its owner may enter
+    it. Made 0700, or tightened to 0700 when group or others may (its contents stay as they are);
+    its secret files 0600. A shared directory (sticky, as /tmp) is another's to manage: left alone."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if os.name == "posix" and path.stat().st_mode & stat.S_ISVTX:
+        log.warning("the data directory %s is a shared directory (sticky bit): not made private; "
+                    "set KONTEXT_DATA_DIR to a folder of its own", path)
+        return
+    make_private(path, 0o700)
+    for name in ("secret.key", "webhook_secret"):  # made 0600; tightened should anyone have loosened them
+        make_private(path / name, 0o600)

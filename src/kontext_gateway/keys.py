@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import secrets
 import time
 import uuid
@@ -34,6 +33,9 @@ if TYPE_CHECKING:
     from .store.db import Database
 
 PREFIX = "kx-"
+MAX_BUDGET_USD = 1_000_000_000  # in micros it still fits a 64-bit column a million times over
+MAX_LIMIT = 2**31 - 1  # rpm, ipm, max_concurrent: 32-bit integer columns
+MAX_NAME_CHARS = 128
 
 
 def new_key() -> str:
@@ -103,19 +105,22 @@ class KeyStore:
         self.db = db
         self.catalog = catalog
 
-    async def create(self, *, name: str, admin: bool = False, **limits: Any) -> tuple[dict[str, Any], str]:
-        """Returns (the key's view, the key itself: shown this once)."""
-        if not name or len(name) > 128:
-            raise invalid("'name' must be 1 to 128 characters.", param="name", code="invalid_value")
+    async def create(self, *, name: str, admin: bool = False, limits: dict[str, Any] | None = None
+                     ) -> tuple[dict[str, Any], str]:
+        """Returns (the key's view, the key itself: shown this once). `limits`: the settings below
+        (`_limits`), as a client sent them."""
+        if not name or len(name) > MAX_NAME_CHARS or not name.isprintable():
+            raise invalid(f"'name' must be 1 to {MAX_NAME_CHARS} printable characters.", param="name",
+                          code="invalid_value")
         key = new_key()
         row = ApiKey(id="key_" + uuid.uuid4().hex[:16], name=name, hash=hash_key(key), hint=hint(key), admin=admin,
                      created_at=utcnow(), spent_micros=0, reserved_micros=0, total_spent_micros=0,
-                     **self._limits(limits))
+                     **self._limits(limits or {}))
         async with self.db._session() as session, session.begin():
             session.add(row)
         return view(row), key
 
-    async def update(self, key_id: str, **limits: Any) -> dict[str, Any]:
+    async def update(self, key_id: str, limits: dict[str, Any]) -> dict[str, Any]:
         """Change limits (None clears one); the spend so far stays."""
         values = self._limits(limits, partial=True)
         async with self.db._session() as session, session.begin():
@@ -176,9 +181,10 @@ class KeyStore:
             out["models"] = models
         if "budget_usd" in given:
             budget = given["budget_usd"]
-            if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget < 0):
-                raise invalid("'budget_usd' must be a number of US dollars, 0 or more.", param="budget_usd",
-                              code="invalid_value")
+            if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool)
+                                       or not 0 <= budget <= MAX_BUDGET_USD):  # also refuses NaN
+                raise invalid(f"'budget_usd' must be a number of US dollars from 0 to {MAX_BUDGET_USD:,}.",
+                              param="budget_usd", code="invalid_value")
             out["budget_micros"] = None if budget is None else micros(float(budget))
         if "budget_period" in given:
             period = given["budget_period"]
@@ -189,9 +195,10 @@ class KeyStore:
         for name in ("rpm", "ipm", "max_concurrent"):
             if name in given:
                 value = given[name]
-                if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                    raise invalid(f"'{name}' must be a whole number, 1 or more (or null: no limit).", param=name,
-                                  code="invalid_value")
+                if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                          or not 1 <= value <= MAX_LIMIT):
+                    raise invalid(f"'{name}' must be a whole number from 1 to {MAX_LIMIT} (or null: no limit).",
+                                  param=name, code="invalid_value")
                 out[name] = value
         if not partial:
             for name in ("models", "budget_micros", "budget_period", "rpm", "ipm", "max_concurrent"):
@@ -216,7 +223,7 @@ class Authenticator:
         self.clock = clock
         admin = settings.admin_key.get_secret_value() if settings.admin_key else None
         self._admin_hash = hash_key(admin) if admin else None
-        self._keyed = self._admin_hash is not None or not _loopback(settings.host)
+        self._keyed = self._admin_hash is not None or not settings.binds_loopback()
         self._keyed_checked = -float("inf")
         self._found: dict[str, tuple[float, Principal | None]] = {}  # key hash -> (when read, who; None: revoked)
 
@@ -281,15 +288,6 @@ def _bearer(authorization: str | None) -> str | None:
     scheme, _, token = authorization.strip().partition(" ")
     token = token.strip()
     return token if scheme.lower() == "bearer" and token else None
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: may be reachable from elsewhere
 
 
 def _no_key(key_id: str) -> GatewayError:

@@ -225,7 +225,8 @@ UNIFIED_PARAMS: tuple[ParamDef, ...] = (
     ParamDef("output_compression", "Output & Format", {"type": "integer", "minimum": 0, "maximum": 100},
              "Compression level for lossy formats (JPEG, WebP, AVIF): the codec quality, 100 is best."),
     ParamDef("n", "Output & Format", {"type": "integer", "minimum": 1, "maximum": 10, "default": 1},
-             "Number of images to generate. The gateway generates several in parallel even if the provider makes one."),
+             "Number of images to generate. The gateway generates several in parallel even if the provider makes one. "
+             "n x width x height must fit the provider's budget of pixels per request (`x-max-request-pixels`)."),
     ParamDef("cfg_scale", "Additional Parameters", {"type": "number", "minimum": 0, "maximum": 20},
              "Classifier-free guidance scale: higher values stick more closely to the prompt. "
              "Also accepted as `guidance` or `guidance_scale`."),
@@ -258,13 +259,16 @@ CONTROL_FIELDS = frozenset({"model", "user", "images", "image[]", "stream", "par
 PARAM_ALIASES = {"guidance": "cfg_scale", "guidance_scale": "cfg_scale", "steps": "num_inference_steps"}
 
 
-def compile_schema(model: ModelSpec, handlings: dict[str, dict[str, dict[str, str]]]) -> dict[str, Any]:
+def compile_schema(model: ModelSpec, handlings: dict[str, dict[str, dict[str, str]]],
+                   pixel_budgets: dict[str, int] | None = None) -> dict[str, Any]:
     """The model's parameter schema: JSON Schema per mode, plus, per parameter, which providers
     honour it and how (native / renamed / converted / emulated / passthrough).
 
     `handlings` maps provider config_key -> parameter -> {"handling", "as"} for the providers that
     can serve this model; provider-only catalog parameters are passthrough for the providers listed.
+    `pixel_budgets`: provider config_key -> output pixels (n x width x height) one request may ask.
     """
+    pixel_budgets = pixel_budgets or {}
     modes: dict[str, Any] = {}
     for mode in model.modes:
         props: dict[str, Any] = {}
@@ -285,6 +289,8 @@ def compile_schema(model: ModelSpec, handlings: dict[str, dict[str, dict[str, st
                 schema["default"] = model.default_steps
             if p.name == "cfg_scale" and model.default_guidance is not None:
                 schema["default"] = model.default_guidance
+            if p.name == "n" and pixel_budgets:
+                schema["x-max-request-pixels"] = pixel_budgets
             providers = {
                 key: h[p.name] for key, h in handlings.items() if p.name in h
             }
@@ -329,6 +335,8 @@ def compile_schema(model: ModelSpec, handlings: dict[str, dict[str, dict[str, st
             "max_pixels": model.max_pixels,
             "max_side": MAX_SIDE,
             "max_input_images": model.max_input_images,
+            # n x width x height per request, per provider: the local engine's is smaller on a CPU.
+            "max_request_pixels": pixel_budgets,
         },
         "handling": {
             "passthrough": "Sent as-is to the provider",

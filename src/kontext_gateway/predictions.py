@@ -15,9 +15,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import httpx
 
-from .errors import GatewayError, invalid, not_found, too_large
+from . import safejson
+from .errors import GatewayError, invalid, not_found
 from .imaging import parse_data_url
 from .keys import OPEN, Principal
 from .service import BLOB_ROUTE, InputFile
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .gateway import Gateway
 
 FILES_ROUTE = "/v1/files/"
+MAX_CURSOR_CHARS = 512  # ours are about 120
 EVENTS = ("start", "output", "logs", "completed")
 # Replicate's names for unified parameters (the rest, e.g. guidance, are aliases in protocol.py).
 RENAMES = {"output_quality": "output_compression", "num_outputs": "n"}
@@ -207,15 +208,15 @@ class PredictionService:
             raise invalid(f"'{param}' must be an image URL or a data URI.", param=param, code="invalid_image_url")
         if value.startswith("data:"):
             return parse_data_url(value, param=param)
-        parts = urlsplit(value)
+        try:
+            parts = urlsplit(value)
+        except ValueError:  # e.g. an unclosed IPv6 literal, "http://[::1/"
+            raise invalid(f"'{param}' is not a valid URL.", param=param, code="invalid_image_url") from None
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise invalid(f"'{param}' must be an http(s) URL or a data URI.", param=param, code="invalid_image_url")
         own = await self._own(parts, base_url, principal)
         if own is not None:
             return own
-        from .net import ensure_public_url
-
-        await ensure_public_url(value, allow_private=self.gw.settings.allow_private_urls, param=param, status=400)
         return await self._fetch(value, param)
 
     async def _own(self, parts: Any, base_url: str, principal: Principal = OPEN) -> bytes | None:
@@ -240,23 +241,12 @@ class PredictionService:
                       param="input", code="invalid_image_url")
 
     async def _fetch(self, url: str, param: str) -> bytes:
-        limit = self.gw.settings.max_file_bytes
-        try:
-            async with httpx.AsyncClient(timeout=20, follow_redirects=False) as client:
-                async with client.stream("GET", url) as resp:
-                    if resp.status_code != 200:
-                        raise invalid(f"'{param}' could not be fetched: HTTP {resp.status_code}.", param=param,
-                                      code="image_url_unreachable")
-                    chunks, size = [], 0
-                    async for chunk in resp.aiter_bytes():
-                        size += len(chunk)
-                        if size > limit:
-                            raise too_large(f"'{param}' is over {limit} bytes.", param=param, code="file_too_large")
-                        chunks.append(chunk)
-                    return b"".join(chunks)
-        except httpx.HTTPError as exc:
-            raise invalid(f"'{param}' could not be fetched ({type(exc).__name__}).", param=param,
-                          code="image_url_unreachable") from None
+        """Someone else's URL: checked, pinned to the checked address, size- and time-limited (net.py)."""
+        from .net import fetch_image
+
+        settings = self.gw.settings
+        return await fetch_image(url, param=param, allow_private=settings.allow_private_urls,
+                                 max_bytes=settings.max_file_bytes, deadline_s=settings.fetch_timeout_s)
 
 
 def _summary(data_uri: str) -> str:
@@ -273,9 +263,15 @@ def _encode_cursor(at: datetime, rid: str) -> str:
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """A cursor is ours: base64 of a short JSON pair. Anything else (longer, nested, not a pair of
+    strings) is refused before it costs anything."""
     try:
-        at, rid = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(at), str(rid)
-    except (ValueError, TypeError):
+        if len(cursor) > MAX_CURSOR_CHARS:
+            raise ValueError(cursor)
+        at, rid = safejson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)), max_depth=1)
+        if not isinstance(at, str) or not isinstance(rid, str):
+            raise ValueError(cursor)
+        return datetime.fromisoformat(at), rid
+    except (ValueError, TypeError, GatewayError):
         raise invalid("Invalid 'cursor': use the 'next' URL of the previous page.", param="cursor",
                       code="invalid_cursor") from None

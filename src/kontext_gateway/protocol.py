@@ -14,13 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import GatewayError, invalid
 from .params import OUTPUT_FORMATS, PARAM_ALIASES, RESPONSE_FORMATS
 
+MAX_PROMPT_CHARS = 32_000  # the published schema's maxLength for `prompt`
+
 
 class ImageRef(BaseModel):
     """One entry of the JSON edit form's `images`: an http(s) or data URL, or a file id."""
 
     model_config = ConfigDict(extra="forbid")
     image_url: str | None = None
-    file_id: str | None = None
+    file_id: str | None = Field(default=None, max_length=256)
 
 
 class LoraRef(BaseModel):
@@ -28,34 +30,34 @@ class LoraRef(BaseModel):
     when downloads are allowed) and its scale."""
 
     model_config = ConfigDict(extra="forbid")
-    path: str = Field(min_length=1)
+    path: str = Field(min_length=1, max_length=1024)
     scale: float = Field(default=1.0, ge=-4, le=4)
 
 
 class ImageRequest(BaseModel):
     model_config = ConfigDict(extra="allow", str_strip_whitespace=False)
 
-    model: str | None = None
-    prompt: str
+    model: str | None = Field(default=None, max_length=256)
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     n: int = Field(default=1, ge=1)
-    size: str | None = None
-    aspect_ratio: str | None = None
-    resolution: str | None = None
+    size: str | None = Field(default=None, max_length=64)
+    aspect_ratio: str | None = Field(default=None, max_length=64)
+    resolution: str | None = Field(default=None, max_length=64)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     response_format: str | None = None
     output_format: str | None = None
     output_compression: int | None = Field(default=None, ge=0, le=100)
     cfg_scale: float | None = Field(default=None, ge=0, le=20)
     num_inference_steps: int | None = Field(default=None, ge=1, le=100)
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=512)
     stream: bool | None = None
     partial_images: int | None = Field(default=None, ge=0, le=3)
-    images: list[ImageRef] | None = None
+    images: list[ImageRef] | None = Field(default=None, max_length=16)  # models take at most 4
     # The local engine's features (issue 7).
-    negative_prompt: str | None = None
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     true_cfg_scale: float | None = Field(default=None, ge=1, le=20)
-    loras: list[LoraRef] | None = None
-    previous_response_id: str | None = None  # edit the output of an earlier request, by its id
+    loras: list[LoraRef] | None = Field(default=None, max_length=8)
+    previous_response_id: str | None = Field(default=None, max_length=256)  # edit an earlier output, by its id
 
     @model_validator(mode="before")
     @classmethod
@@ -116,6 +118,11 @@ def _to_gateway_error(exc: ValidationError) -> GatewayError:
         )
     value = err.get("input")
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    if kind in ("string_too_long", "too_long"):
+        limit = err.get("ctx", {}).get("max_length")
+        unit = "characters" if kind == "string_too_long" else "items"
+        return invalid(f"Invalid '{param}': {len(value)} {unit}; the limit is {limit} {unit}.", param=param,
+                       code="string_above_max_length" if unit == "characters" else "array_above_max_length")
     if kind.startswith(("greater_than", "less_than")):
         limits = err.get("ctx", {})
         bound = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in limits.items())

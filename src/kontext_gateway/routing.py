@@ -25,6 +25,7 @@ from .breaker import CircuitBreaker
 from .catalog import Mode, ModelSpec, ProviderEntry
 from .config import Settings
 from .errors import GatewayError, unavailable
+from .pixel_budget import budget, over_budget
 from .providers.base import Attempt, ImageJob, Provider, ProviderResult
 from .providers.remote import Moderated, RateLimited, UpstreamError
 
@@ -45,6 +46,10 @@ class Router:
             for e in model.providers
             if e.provider in self.providers
         }
+
+    def pixel_budgets(self, model: ModelSpec) -> dict[str, int]:
+        """config_key -> output pixels (n x width x height) one request may ask of it."""
+        return {e.config_key: budget(self.settings, e) for e in model.providers if e.provider in self.providers}
 
     def candidates(
         self, model: ModelSpec, mode: Mode, job: ImageJob, *,
@@ -76,7 +81,7 @@ class Router:
                 reasons.append(f"{entry.config_key}: no {entry.provider} adapter")
             elif not impl.available(entry):
                 reasons.append(f"{entry.config_key}: {impl.unavailable_reason(entry)}")
-            elif why := impl.unsupported(entry, job):
+            elif why := over_budget(self.settings, entry, job) or impl.unsupported(entry, job):
                 refused.append(f"{entry.config_key}: {why}")
             else:
                 usable.append((entry, impl))

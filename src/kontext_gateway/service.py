@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import secrets
 import time
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 BLOB_ROUTE = "/v1/blobs/"
 TERMINAL = ("succeeded", "failed", "canceled")
+MAX_PASSTHROUGH_BYTES = 64 * 1024
 
 
 @dataclass
@@ -159,7 +161,7 @@ class ImageService:
         """A rejected request is recorded too: the history shows what was asked and why it failed."""
         await self.db.create_request(
             id=request_id, endpoint=endpoint, model=str(fields.get("model") or ""), mode=mode,
-            params=_safe_params(fields), key_id=key_id, input=input, version=version,
+            params=_safe_params(fields), key_id=key_id, input=_clipped(input), version=version,
             rejected={"error": {**exc.body()["error"], "status": exc.status, "headers": exc.headers},
                       "duration_ms": _ms(t0)},
         )
@@ -307,6 +309,7 @@ class ImageService:
         principal: Principal,
     ) -> tuple[ImageJob, ProviderEntry | None, ImageRequest, list[bytes], list[ProviderEntry]]:
         req = parse_image_request(fields)
+        extra = _bounded_passthrough(req.passthrough(PARAM_NAMES | CONTROL_FIELDS))
         model, forced = self.catalog.resolve(req.model or self.settings.default_model)
         self._authorize(principal, model.id)  # before anything else is said about the model
         if mode not in model.modes:
@@ -345,7 +348,6 @@ class ImageService:
         input_size = Size(*images[0].size) if images else None
         size = resolve_size(model, size=req.size, aspect_ratio=req.aspect_ratio,
                             resolution=req.resolution, input_size=input_size)
-        extra = req.passthrough(PARAM_NAMES | CONTROL_FIELDS)
         job = ImageJob(
             request_id=request_id, model=model, mode=mode, prompt=req.prompt, images=images, size=size,
             n=req.n, seed=req.seed if req.seed is not None else secrets.randbelow(2**32),
@@ -398,7 +400,10 @@ class ImageService:
     def _image_at(self, url: str, param: str) -> bytes:
         if url.startswith("data:"):
             return parse_data_url(url, param=param)
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # e.g. an unclosed IPv6 literal, "http://[::1/"
+            raise invalid(f"'{param}' is not a valid URL.", param=param, code="invalid_image_url") from None
         if parts.path.startswith(BLOB_ROUTE):
             data = self.signed_blob(parts.path, parts.query)
             if data is not None:
@@ -457,6 +462,29 @@ def _safe_params(fields: dict[str, Any]) -> dict[str, Any]:
         if isinstance(v, (str, int, float, bool)) or v is None:
             out[k] = v if not isinstance(v, str) or len(v) <= 2000 else v[:2000] + "..."
     return out
+
+
+def _clipped(value: Any, limit: int = 2000) -> Any:
+    """A rejected request's input as recorded: long strings cut (it may have been refused for one)."""
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[:limit] + "..."
+    if isinstance(value, dict):
+        return {k: _clipped(v, limit) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clipped(v, limit) for v in value]
+    return value
+
+
+def _bounded_passthrough(extra: dict[str, Any]) -> dict[str, Any]:
+    """Parameters the gateway does not know go to the provider as they are, and into the request's
+    record: they may take MAX_PASSTHROUGH_BYTES in all."""
+    sizes = {k: len(json.dumps(v, default=str)) for k, v in extra.items()}
+    if sum(sizes.values()) > MAX_PASSTHROUGH_BYTES:
+        name = max(sizes, key=sizes.__getitem__)
+        raise invalid(f"Unknown parameter '{name}' is {sizes[name]} bytes: parameters this gateway does not know "
+                      f"are passed to the provider as they are and may take {MAX_PASSTHROUGH_BYTES} bytes in all.",
+                      param=name, code="parameter_too_large")
+    return extra
 
 
 def _ms(t0: float) -> int:

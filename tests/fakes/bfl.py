@@ -11,7 +11,8 @@ refused), `aspect_ratio` must lie between 21:9 and 9:21. A task is `Pending` for
 does. At most 24 active tasks, 6 of them kontext-max: more answer 429; `peak` keeps the highest counts
 seen. Provider fault kinds: "moderation" (at submit: `Request Moderated`; later: `Content Moderated`,
 with `details["Moderation Reasons"]`), "moderation_503" (the same, answered with HTTP 503),
-"task_error" (status `Error`), "not_found" (the poll answers 404 `Task not found`).
+"task_error" (status `Error`), "not_found" (the poll answers 404 `Task not found`), "foreign_url" (at
+submit: the polling_url names `location`, another host, as if another cluster took the task).
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ class FakeBFL:
         if request.headers.get("x-key") != self.key:
             return self._error(401)
         fault = self.faults.take("submit")
-        if fault is not None and fault.kind not in ("moderation", "moderation_503", "task_error") \
-                and (replacement := await http_fault(fault, self._error)) is not None:
+        if fault is not None and fault.kind not in ("moderation", "moderation_503", "task_error", "foreign_url") \
+                and (replacement := await http_fault(fault, self._error, request)) is not None:
             return replacement
         model = request.path_params["model"]
         if model not in MODELS:
@@ -124,9 +125,10 @@ class FakeBFL:
         self.peak["total"] = max(self.peak.get("total", 0), self.active())
         self.peak[model] = max(self.peak.get(model, 0), self.active(model))
         base = str(request.base_url).rstrip("/")
+        poll_base = fault.location if fault is not None and fault.kind == "foreign_url" and fault.location else base
         w, h = output_size(body.get("aspect_ratio") or input_ratio, 1.0)
         mp = round(w * h / 1e6, 2)
-        return JSONResponse({"id": task.id, "polling_url": f"{base}/v1/get_result?id={task.id}",
+        return JSONResponse({"id": task.id, "polling_url": f"{poll_base}/v1/get_result?id={task.id}",
                              "cost": MODELS[model], "input_mp": mp if input_ratio else 0.0, "output_mp": mp})
 
     async def _poll(self, request: Request) -> Response:
@@ -144,7 +146,7 @@ class FakeBFL:
                 status_code = 503 if fault.kind == "moderation_503" else 200
             elif fault.kind == "task_error" and task is not None:
                 task.status, task.details = "Error", {"error": "Generation failed"}
-            elif (replacement := await http_fault(fault, self._error)) is not None:
+            elif (replacement := await http_fault(fault, self._error, request)) is not None:
                 return replacement
         if task is None:
             return JSONResponse({"id": request.query_params.get("id"), "status": "Task not found", "result": None,

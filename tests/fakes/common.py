@@ -15,8 +15,11 @@ Fault kinds: "401", "402", "429", "500", "502", "503" (HTTP errors with the prov
 "slow" (sleep `delay` seconds first), "drop" (start the response, then cut the connection),
 "malformed" (200 with a body that is not JSON), "moderation" (the provider's own moderation signal),
 "task_error" (the task ends in the provider's failed state), "result_404" (the result URL 404s),
-"not_image" (the result URL serves bytes that are not an image). Points (`at=`): "submit", "poll",
-"result" (fal's response_url), "download", or "any".
+"not_image" (the result URL serves bytes that are not an image), "redirect" (a 302 to the same path
+and query on `location`, another host), "foreign_url" (at submit: the URLs the provider returns for
+the task, BFL's polling_url, fal's status/response/cancel URLs, Replicate's urls, name `location`
+instead of the fake). Points (`at=`): "submit", "poll", "result" (fal's response_url), "download", or
+"any". `Elsewhere` is that other host: it records what reaches it, headers included.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ from typing import Any
 
 import uvicorn
 from PIL import Image
+from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
 
 HTTP_FAULTS = {"401", "402", "429", "500", "502", "503"}
 
@@ -49,6 +54,7 @@ class Fault:
     times: int | None = 1  # None: until cleared
     retry_after: float | None = None
     delay: float = 5.0
+    location: str | None = None  # "redirect" / "foreign_url": the other host's base URL
 
 
 @dataclass
@@ -115,8 +121,11 @@ class DropConnection(Exception):
     """Raised after a partial response: uvicorn cuts the connection, the client sees it dropped."""
 
 
-async def http_fault(fault: Fault, send_error: Any) -> Response | None:
+async def http_fault(fault: Fault, send_error: Any, request: Request | None = None) -> Response | None:
     """Apply a transport-level fault. Returns a response to send instead, or None to carry on."""
+    if fault.kind == "redirect" and request is not None and fault.location:
+        query = f"?{request.url.query}" if request.url.query else ""
+        return RedirectResponse(f"{fault.location.rstrip('/')}{request.url.path}{query}", status_code=302)
     if fault.kind == "slow":
         await asyncio.sleep(fault.delay)
         return None
@@ -201,7 +210,8 @@ class ResultStore:
                 return JSONResponse({"detail": "Not found"}, status_code=404)
             if fault.kind == "not_image":
                 return Response(b"<html>this is not an image</html>", media_type="image/png")
-            replacement = await http_fault(fault, lambda s, h: JSONResponse({"detail": "error"}, s, headers=h))
+            replacement = await http_fault(fault, lambda s, h: JSONResponse({"detail": "error"}, s, headers=h),
+                                           request)
             if replacement is not None:
                 return replacement
         token = request.path_params["name"].split(".")[0]
@@ -209,6 +219,32 @@ class ResultStore:
         if item is None or item[2] < time.time():
             return JSONResponse({"detail": "Not found or expired"}, status_code=404)
         return Response(item[0], media_type=item[1])
+
+
+class Elsewhere:
+    """Another host: a server that is none of the providers' (an attacker's, or a CDN). It records
+    every request that reaches it, headers included, and serves `results` files at /results/{name},
+    as the CDN a result URL redirects to would; anything else answers 404."""
+
+    def __init__(self, results: ResultStore | None = None) -> None:
+        self.results = results or ResultStore()
+        self.requests: list[tuple[str, str, dict[str, str], Any]] = []  # (method, path?query, headers, body)
+        methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
+        self.app = Starlette(routes=[
+            Route("/results/{name}", self._result, methods=["GET"]),
+            Route("/{path:path}", self._other, methods=methods),
+        ])
+
+    def headers_seen(self) -> list[dict[str, str]]:
+        return [headers for _, _, headers, _ in self.requests]
+
+    async def _result(self, request: Request) -> Response:
+        await record(self.requests, request, with_query=True)
+        return await self.results.serve(request, Faults())
+
+    async def _other(self, request: Request) -> Response:
+        await record(self.requests, request, with_query=True)
+        return JSONResponse({"detail": "Not Found"}, status_code=404)
 
 
 # -- serving an ASGI app on loopback ------------------------------------------------------------------------

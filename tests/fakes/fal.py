@@ -11,8 +11,9 @@ and cancel URLs drop the route's subpath, so only a client using the returned UR
 Auth is `Authorization: Key <key>`. The queue accepts any input; like fal's pydantic models, the fake
 then rejects bad fields at the response URL, after COMPLETED (422 `{"detail": [{"loc", "msg", "type"}]}`),
 as fal does. Provider fault kinds: "moderation" (pro/max: the response URL
-answers 422 content_policy_violation; [dev]: `has_nsfw_concepts: [true]`) and "task_error" (the
-response URL answers 500 with an infrastructure error body).
+answers 422 content_policy_violation; [dev]: `has_nsfw_concepts: [true]`), "task_error" (the
+response URL answers 500 with an infrastructure error body) and "foreign_url" (at submit: the status,
+response and cancel URLs name `location`, another host).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .common import record, Faults, ResultStore, bucket, http_fault, make_image
+from .common import record, Fault, Faults, ResultStore, bucket, http_fault, make_image
 
 # Route -> input type, from the fal-js endpoint types.
 ROUTES = {
@@ -111,22 +112,23 @@ class FakeFal:
             headers = {**(headers or {}), "x-fal-error-type": "runner_server_error"}
         return JSONResponse(body, status_code=status, headers=headers)
 
-    async def _fault(self, point: str) -> tuple[Response | None, str | None]:
-        """(a response to send instead, or None; "moderation" / "task_error" to apply to the task, or None)."""
+    async def _fault(self, point: str, request: Request) -> tuple[Response | None, Fault | None]:
+        """(a response to send instead, or None; the fault to apply to the task, "moderation" /
+        "task_error" / "foreign_url", or None)."""
         fault = self.faults.take(point)
         if fault is None:
             return None, None
-        if fault.kind in ("moderation", "task_error"):
-            return None, fault.kind
+        if fault.kind in ("moderation", "task_error", "foreign_url"):
+            return None, fault
         if fault.kind == "result_404" and point == "result":
             return JSONResponse({"detail": "Request not found"}, status_code=404), None
-        return await http_fault(fault, self._error), None
+        return await http_fault(fault, self._error, request), None
 
     @staticmethod
-    def _flag(task: FalTask | None, flag: str | None) -> None:
+    def _flag(task: FalTask | None, flag: Fault | None) -> None:
         if task is not None and flag is not None:
-            task.moderated |= flag == "moderation"
-            task.failed |= flag == "task_error"
+            task.moderated |= flag.kind == "moderation"
+            task.failed |= flag.kind == "task_error"
 
     def _task(self, request: Request) -> FalTask | None:
         p = request.path_params
@@ -144,7 +146,7 @@ class FakeFal:
         body = await self._record(request)
         if not self._authorized(request):
             return self._error(401)
-        replacement, flag = await self._fault("submit")
+        replacement, flag = await self._fault("submit", request)
         if replacement is not None:
             return replacement
         route = request.path_params["route"].strip("/")
@@ -157,10 +159,13 @@ class FakeFal:
         # The queue takes any input: a validation error surfaces at the response URL once COMPLETED.
         errors, input_ratio = validate(kind, body)
         task = FalTask(uuid.uuid4().hex, "/".join(route.split("/")[:2]), route, kind, body, input_ratio, errors,
-                       moderated=flag == "moderation", failed=flag == "task_error")
+                       moderated=flag is not None and flag.kind == "moderation",
+                       failed=flag is not None and flag.kind == "task_error")
         self.tasks[task.id] = task
         queued = sum(1 for t in self.tasks.values() if not t.completed)
         base = str(request.base_url).rstrip("/")
+        if flag is not None and flag.kind == "foreign_url" and flag.location:
+            base = flag.location
         return JSONResponse({"status": "IN_QUEUE", "request_id": task.id, **self._urls(base, task),
                              "queue_position": queued - 1})
 
@@ -169,7 +174,7 @@ class FakeFal:
         if not self._authorized(request):
             return self._error(401)
         task = self._task(request)
-        replacement, flag = await self._fault("poll")
+        replacement, flag = await self._fault("poll", request)
         self._flag(task, flag)
         if replacement is not None:
             return replacement
@@ -190,7 +195,7 @@ class FakeFal:
         if not self._authorized(request):
             return self._error(401)
         task = self._task(request)
-        replacement, flag = await self._fault("result")
+        replacement, flag = await self._fault("result", request)
         self._flag(task, flag)
         if replacement is not None:
             return replacement

@@ -69,13 +69,13 @@ class FakeFireworks:
     def _authorized(self, request: Request) -> bool:
         return request.headers.get("authorization") == f"Bearer {self.key}"
 
-    async def _fault(self, point: str) -> tuple[Response | None, str | None]:
+    async def _fault(self, point: str, request: Request) -> tuple[Response | None, str | None]:
         fault = self.faults.take(point)
         if fault is None:
             return None, None
         if fault.kind in ("moderation", "task_error"):
             return None, fault.kind
-        return await http_fault(fault, _error), None
+        return await http_fault(fault, _error, request), None
 
     @staticmethod
     def _invalid(body: Any) -> tuple[int, Any] | None:
@@ -115,7 +115,7 @@ class FakeFireworks:
         body = await self._record(request)
         if not self._authorized(request):
             return _error(401)
-        replacement, fate = await self._fault("submit")
+        replacement, fate = await self._fault("submit", request)
         if replacement is not None:
             return replacement
         model = request.path_params["model"]
@@ -135,7 +135,7 @@ class FakeFireworks:
         body = await self._record(request)
         if not self._authorized(request):
             return _error(401)
-        replacement, fate = await self._fault("poll")
+        replacement, fate = await self._fault("poll", request)
         if replacement is not None:
             return replacement
         rid = body.get("id") if isinstance(body, dict) else None

@@ -6,7 +6,8 @@ validation (422 `Input validation failed` with `detail`), `Prefer: wait`, statef
 `urls.cancel`, cancel, and outputs served as real images from expiring URLs on the fake itself.
 
 Faults (tests/fakes/common.py): HTTP kinds at "submit" / "poll" / "download"; "moderation" ends the
-prediction `failed` with the E005 error; "task_error" ends it `failed` with a model error.
+prediction `failed` with the E005 error; "task_error" ends it `failed` with a model error;
+"foreign_url" (at submit) puts `urls.get` / `urls.cancel` on `location`, another host.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .common import record, Faults, ResultStore, http_fault
+from .common import record, Fault, Faults, ResultStore, http_fault
 
 RATIOS = ["match_input_image", "1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "4:5", "5:4",
           "21:9", "9:21", "2:1", "1:2"]
@@ -122,14 +123,15 @@ class FakeReplicate:
     def _error(status: int, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse(error_body(status), status_code=status, headers=headers)
 
-    async def _fault(self, point: str) -> tuple[Response | None, str | None]:
-        """(a response to send instead, or a fate for the prediction: "moderation" / "task_error")."""
+    async def _fault(self, point: str, request: Request) -> tuple[Response | None, Fault | None]:
+        """(a response to send instead, or a fault for the prediction: "moderation" / "task_error" (its
+        fate) or "foreign_url")."""
         fault = self.faults.take(point)
         if fault is None:
             return None, None
-        if fault.kind in ("moderation", "task_error"):
-            return None, fault.kind
-        return await http_fault(fault, self._error), None
+        if fault.kind in ("moderation", "task_error", "foreign_url"):
+            return None, fault
+        return await http_fault(fault, self._error, request), None
 
     def _view(self, p: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in p.items() if not k.startswith("_")}
@@ -196,9 +198,10 @@ class FakeReplicate:
         body = await self._record(request)
         if not self._authorized(request):
             return self._error(401)
-        replacement, fate = await self._fault("submit")
+        replacement, fault = await self._fault("submit", request)
         if replacement is not None:
             return replacement
+        fate = fault.kind if fault is not None and fault.kind != "foreign_url" else None
         model = f"{request.path_params['owner']}/{request.path_params['name']}"
         if model not in MODELS:
             return JSONResponse(error_body(404, "The requested resource could not be found.", title="Not found"),
@@ -213,12 +216,13 @@ class FakeReplicate:
                                 status_code=422)
         pid = uuid.uuid4().hex[:26]
         base = str(request.base_url).rstrip("/")
+        api = fault.location if fault is not None and fault.kind == "foreign_url" and fault.location else base
         p: dict[str, Any] = {
             "id": pid, "model": model, "version": "hidden", "input": body["input"], "logs": "",
             "output": None, "data_removed": False, "error": None, "status": "starting",
             "created_at": _now(), "started_at": None, "completed_at": None,
-            "urls": {"get": f"{base}/v1/predictions/{pid}", "cancel": f"{base}/v1/predictions/{pid}/cancel",
-                     "stream": f"{base}/v1/predictions/{pid}/stream", "web": f"https://replicate.com/p/{pid}"},
+            "urls": {"get": f"{api}/v1/predictions/{pid}", "cancel": f"{api}/v1/predictions/{pid}/cancel",
+                     "stream": f"{api}/v1/predictions/{pid}/stream", "web": f"https://replicate.com/p/{pid}"},
             "metrics": {},
             "_fate": fate, "_polls_left": 0 if fate else self.pending_polls,
             "_base": base, "_default_format": MODELS[model][2],
@@ -234,9 +238,10 @@ class FakeReplicate:
         await self._record(request)
         if not self._authorized(request):
             return self._error(401)
-        replacement, fate = await self._fault("poll")
+        replacement, fault = await self._fault("poll", request)
         if replacement is not None:
             return replacement
+        fate = fault.kind if fault is not None and fault.kind != "foreign_url" else None
         p = self.predictions.get(request.path_params["id"])
         if p is None:
             return JSONResponse(error_body(404, "Not found."), status_code=404)

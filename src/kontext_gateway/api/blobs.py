@@ -9,12 +9,13 @@ from ..errors import GatewayError, not_found
 from ..gateway import Gateway
 from ..imaging import MIME_TYPES
 from ..service import BLOB_ROUTE
+from . import openapi
 
 router = APIRouter()
 _EXT_FORMAT = {"png": "png", "jpg": "jpeg", "gif": "gif", "webp": "webp", "avif": "avif"}
 
 
-@router.get(BLOB_ROUTE + "{blob_id}")
+@router.get(BLOB_ROUTE + "{blob_id}", responses=openapi.BLOB)
 async def get_blob(request: Request, blob_id: str, exp: str = "", sig: str = "") -> FileResponse:
     gw: Gateway = request.app.state.gateway
     if not gw.signer.verify(BLOB_ROUTE + blob_id, exp, sig):

@@ -8,7 +8,6 @@ gateway given as an input is read from the store directly, never fetched over HT
 from __future__ import annotations
 
 import hashlib
-import json
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -17,9 +16,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
+from .. import safejson
 from ..errors import invalid, not_found, too_large
 from ..gateway import Gateway
+from . import openapi
 from .auth import principal
+from .bodies import media_type, unsupported_media_type
 from ..imaging import EXTENSIONS, MIME_TYPES, sniff_format
 from ..store.models import utcnow
 
@@ -44,9 +46,11 @@ def file_object(record: dict[str, Any], base_url: str) -> dict[str, Any]:
     }
 
 
-@router.post("/v1/files", status_code=201)
+@router.post("/v1/files", status_code=201, responses=openapi.FILE_CREATED, openapi_extra=openapi.FILE_BODY)
 async def create_file(request: Request) -> JSONResponse:
     gw: Gateway = request.app.state.gateway
+    if media_type(request) != "multipart/form-data":
+        raise unsupported_media_type("multipart/form-data with the file as 'content'")
     form = await request.form(max_files=1, max_fields=16)
     upload = form.get("content")
     if not isinstance(upload, UploadFile):
@@ -54,16 +58,17 @@ async def create_file(request: Request) -> JSONResponse:
                       code="missing_required_parameter")
     if upload.size is not None and upload.size > gw.settings.max_file_bytes:
         raise too_large(f"The file is over {gw.settings.max_file_bytes} bytes.", param="content", code="file_too_large")
+    if upload.filename is not None and "\x00" in upload.filename:  # PostgreSQL cannot store it
+        raise invalid("The file name holds a NUL character, which is not accepted.", param="content",
+                      code="invalid_value")
     data = await upload.read()
     fmt = sniff_format(data)
     if fmt not in ("png", "jpeg", "gif", "webp"):
         raise invalid("Only images are accepted: PNG, JPEG, WebP or GIF.", param="content",
                       code="unsupported_image_format")
     raw_metadata = form.get("metadata")
-    try:
-        metadata = json.loads(raw_metadata) if isinstance(raw_metadata, str) and raw_metadata else {}
-    except ValueError:
-        raise invalid("'metadata' must be a JSON object.", param="metadata", code="invalid_json") from None
+    metadata = (safejson.loads(raw_metadata, what="'metadata'", param="metadata")
+                if isinstance(raw_metadata, str) and raw_metadata else {})
     if not isinstance(metadata, dict):
         raise invalid("'metadata' must be a JSON object.", param="metadata", code="invalid_json")
     await form.close()
@@ -77,7 +82,7 @@ async def create_file(request: Request) -> JSONResponse:
     return JSONResponse(file_object(record, str(request.base_url)), status_code=201)
 
 
-@router.get(FILES_ROUTE + "{file_id}")
+@router.get(FILES_ROUTE + "{file_id}", responses=openapi.FILE)
 async def get_file(request: Request, file_id: str) -> JSONResponse:
     gw: Gateway = request.app.state.gateway
     record = await gw.db.get_file(file_id)
@@ -86,7 +91,7 @@ async def get_file(request: Request, file_id: str) -> JSONResponse:
     return JSONResponse(file_object(record, str(request.base_url)))
 
 
-@router.get(FILES_ROUTE + "{file_id}/download")
+@router.get(FILES_ROUTE + "{file_id}/download", responses=openapi.FILE_DOWNLOAD)
 async def download_file(request: Request, file_id: str) -> Response:
     gw: Gateway = request.app.state.gateway
     record = await gw.db.get_file(file_id)

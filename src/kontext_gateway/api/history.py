@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 
 from ..gateway import Gateway
 from ..history import History
+from . import openapi
 from .auth import principal
 
 router = APIRouter()
@@ -19,7 +20,7 @@ def _history(request: Request) -> History:
     return History(gw)
 
 
-@router.get("/v1/requests")
+@router.get("/v1/requests", responses=openapi.REQUEST_LIST)
 async def list_requests(request: Request, key_id: str | None = None, model: str | None = None,
                         provider: str | None = None, status: str | None = None, created_after: str | None = None,
                         created_before: str | None = None, limit: int = 20, cursor: str | None = None
@@ -30,18 +31,18 @@ async def list_requests(request: Request, key_id: str | None = None, model: str 
         created_after=created_after, created_before=created_before, limit=limit, cursor=cursor)
 
 
-@router.get("/v1/requests/{rid}")
+@router.get("/v1/requests/{rid}", responses=openapi.REQUEST)
 async def get_request(request: Request, rid: str) -> dict[str, Any]:
     return await _history(request).get(rid, principal(request), str(request.base_url))
 
 
-@router.delete("/v1/requests/{rid}/payloads")
+@router.delete("/v1/requests/{rid}/payloads", responses=openapi.REQUEST_PURGED)
 async def purge_payloads(request: Request, rid: str) -> dict[str, Any]:
     """Delete the request's prompt, input and images; its cost, status and timings stay."""
     return await _history(request).purge(rid, principal(request), str(request.base_url))
 
 
-@router.get("/v1/usage")
+@router.get("/v1/usage", responses=openapi.USAGE)
 async def usage(request: Request, key_id: str | None = None, model: str | None = None, provider: str | None = None,
                 start: str | None = None, end: str | None = None, group_by: str | None = None) -> dict[str, Any]:
     return await _history(request).usage(principal(request), key_id=key_id, model=model, provider=provider,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 from typing import Any
 
@@ -15,13 +14,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
+from .. import safejson
 from ..catalog import Mode
 from ..errors import invalid, too_large
 from ..gateway import Gateway
 from ..idempotency import HEADER as IDEMPOTENCY_HEADER
 from ..idempotency import Idempotency, fingerprint
 from ..service import InputFile, new_request_id
+from . import openapi
 from .auth import principal
+from .bodies import SMALL_JSON_BYTES, is_json, json_body, media_type, unsupported_media_type
 from .streaming import PreviewQueue, stream_response
 
 router = APIRouter()
@@ -30,21 +32,20 @@ router = APIRouter()
 _IMAGE_FIELD = re.compile(r"^image(\[\d*\])?$")
 
 
-@router.post("/v1/images/generations")
+@router.post("/v1/images/generations", responses=openapi.IMAGES_RESPONSES, openapi_extra=openapi.GENERATIONS_BODY)
 async def generations(request: Request) -> Response:
-    fields = await json_body(request)
+    fields = await json_body(request, max_bytes=SMALL_JSON_BYTES)  # no images in text-to-image
     return await _run(request, "text-to-image", fields, [])
 
 
-@router.post("/v1/images/edits")
+@router.post("/v1/images/edits", responses=openapi.IMAGES_RESPONSES, openapi_extra=openapi.EDITS_BODY)
 async def edits(request: Request) -> Response:
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("application/json"):
-        return await _run(request, "edit", await json_body(request), [])
-    if not content_type.startswith("multipart/form-data"):
-        raise invalid("Send the edit as multipart/form-data (with 'image' files) or as JSON with "
-                      "'images': [{'image_url': ...}].", code="unsupported_media_type")
     gw: Gateway = request.app.state.gateway
+    if is_json(request):
+        return await _run(request, "edit", await json_body(request, max_bytes=gw.settings.max_body_bytes), [])
+    if media_type(request) != "multipart/form-data":
+        raise unsupported_media_type("multipart/form-data (with 'image' files), or application/json with "
+                                     "'images': [{'image_url': ...}]")
     form = await request.form(max_files=64, max_fields=256)
     fields: dict[str, Any] = {}
     files: list[InputFile] = []
@@ -65,20 +66,8 @@ async def edits(request: Request) -> Response:
         else:
             fields[name] = value
     await form.close()
+    safejson.check(fields, what="The form", code="invalid_value")  # the same string rules as a JSON body's
     return await _run(request, "edit", fields, files)
-
-
-async def json_body(request: Request, *, empty: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The body as a JSON object, or a 400 that says what is wrong. `empty`: what an empty body
-    means (None: an error)."""
-    raw = await request.body()
-    try:
-        body = json.loads(raw) if raw else empty
-    except (ValueError, UnicodeDecodeError):
-        raise invalid("The request body is not valid JSON.", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise invalid("The request body must be a JSON object.", code="invalid_json")
-    return body
 
 
 async def _run(request: Request, mode: Mode, fields: dict[str, Any], files: list[InputFile]) -> Response:

@@ -25,7 +25,7 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
-            await _send_error(send, self._error(declared))
+            await send_error(send, self._error(declared))
             return
         seen = 0
 
@@ -114,10 +114,12 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_error(send: Send, exc: GatewayError) -> None:
+async def send_error(send: Send, exc: GatewayError) -> None:
+    """Answer an error before the app has read the request: the envelope, then the connection closes
+    (what is left of the body is never read)."""
     body = json.dumps(exc.body()).encode()
     await send({"type": "http.response.start", "status": exc.status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),
+        (b"x-should-retry", b"false"), (b"connection", b"close"),
     ]})
     await send({"type": "http.response.body", "body": body})

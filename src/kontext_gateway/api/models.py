@@ -13,6 +13,8 @@ from ..errors import invalid
 from ..gateway import Gateway
 from ..history import History
 from ..params import compile_schema
+from ..pixel_budget import budget
+from . import openapi
 
 router = APIRouter()
 
@@ -27,6 +29,7 @@ def model_object(gw: Gateway, m: ModelSpec) -> dict[str, Any]:
             "provider_model_id": e.provider_model_id,
             "modes": list(e.modes or m.modes),
             "max_input_images": e.max_input_images,
+            "max_request_pixels": budget(gw.settings, e),
             "available": bool(impl and impl.available(e)),
             "pricing": e.pricing.model_dump(mode="json", exclude_none=True),
         })
@@ -57,7 +60,7 @@ class ModelViews:
         self.list_body = _json({"object": "list", "data": list(objects.values())})
         self.one = {mid: _json(obj) for mid, obj in objects.items()}
         self.schemas = {
-            m.id: _json({**objects[m.id], "schema": compile_schema(m, gw.router.handlings(m))})
+            m.id: _json({**objects[m.id], "schema": compile_schema(m, gw.router.handlings(m), gw.router.pixel_budgets(m))})
             for m in gw.catalog.models
         }
 
@@ -66,12 +69,12 @@ def _views(request: Request) -> ModelViews:
     return request.app.state.model_views
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=openapi.MODEL_LIST)
 async def list_models(request: Request) -> Response:
     return Response(_views(request).list_body, media_type="application/json")
 
 
-@router.get("/v1/models/{model_id:path}/stats")
+@router.get("/v1/models/{model_id:path}/stats", responses=openapi.MODEL_STATS)
 async def model_stats(request: Request, model_id: str, days: float = 7.0) -> dict[str, Any]:
     """What this gateway observed per provider of the model: success rate, latency p50 / p95."""
     if not 0 < days <= 365:
@@ -79,7 +82,7 @@ async def model_stats(request: Request, model_id: str, days: float = 7.0) -> dic
     return await History(request.app.state.gateway).model_stats(model_id, days)
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", responses=openapi.MODEL)
 async def get_model(request: Request, model_id: str, schema: bool = False) -> Response:
     views = _views(request)
     model = views.gw.catalog.get(model_id)  # aliases and provider keys resolve; unknown -> 404

@@ -5,9 +5,7 @@ Routes only: parsing the `Prefer` header and rendering; the PredictionService do
 
 from __future__ import annotations
 
-import json
 import re
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -17,7 +15,9 @@ from ..gateway import Gateway
 from ..idempotency import HEADER as IDEMPOTENCY_HEADER
 from ..idempotency import Idempotency, fingerprint
 from ..service import new_request_id
+from . import openapi
 from .auth import principal
+from .bodies import json_body
 from .images import dry_run
 
 router = APIRouter()
@@ -25,17 +25,19 @@ _WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d+))?\s*$", re.IGNORECASE)
 MAX_WAIT_S = 60
 
 
-@router.post("/v1/predictions", status_code=201)
+@router.post("/v1/predictions", status_code=201, responses=openapi.PREDICTION_CREATED,
+             openapi_extra=openapi.PREDICTION_BODY)
 async def create(request: Request) -> JSONResponse:
     return await _create(request, model=None)
 
 
-@router.post("/v1/models/{owner}/{name}/predictions", status_code=201)
+@router.post("/v1/models/{owner}/{name}/predictions", status_code=201, responses=openapi.PREDICTION_CREATED,
+             openapi_extra=openapi.PREDICTION_BODY)
 async def create_for_model(request: Request, owner: str, name: str) -> JSONResponse:
     return await _create(request, model=f"{owner}/{name}")
 
 
-@router.get("/v1/predictions")
+@router.get("/v1/predictions", responses=openapi.PREDICTION_LIST)
 async def list_predictions(request: Request, cursor: str | None = None, limit: int = 100) -> JSONResponse:
     """Newest first, 100 a page (`limit` makes pages smaller); `next` is the next page's URL."""
     gw: Gateway = request.app.state.gateway
@@ -44,13 +46,13 @@ async def list_predictions(request: Request, cursor: str | None = None, limit: i
     return JSONResponse(await gw.predictions.list(str(request.base_url), cursor, limit, principal=principal(request)))
 
 
-@router.get("/v1/predictions/{rid}")
+@router.get("/v1/predictions/{rid}", responses=openapi.PREDICTION)
 async def get(request: Request, rid: str) -> JSONResponse:
     gw: Gateway = request.app.state.gateway
     return JSONResponse(await gw.predictions.get(rid, str(request.base_url), principal=principal(request)))
 
 
-@router.post("/v1/predictions/{rid}/cancel")
+@router.post("/v1/predictions/{rid}/cancel", responses=openapi.PREDICTION_CANCELED)
 async def cancel(request: Request, rid: str) -> JSONResponse:
     gw: Gateway = request.app.state.gateway
     return JSONResponse(await gw.predictions.cancel(rid, str(request.base_url), principal=principal(request)))
@@ -58,13 +60,7 @@ async def cancel(request: Request, rid: str) -> JSONResponse:
 
 async def _create(request: Request, model: str | None) -> JSONResponse:
     gw: Gateway = request.app.state.gateway
-    raw = await request.body()
-    try:
-        body: Any = json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError):
-        raise invalid("The request body is not valid JSON.", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise invalid("The request body must be a JSON object with 'input'.", code="invalid_json")
+    body = await json_body(request, max_bytes=gw.settings.max_body_bytes)
     request.state.model = str(model or body.get("model") or body.get("version") or "")[:64]  # metrics label
     base_url, wait = str(request.base_url), _prefer_wait(request.headers.get("prefer"))
     who = principal(request)

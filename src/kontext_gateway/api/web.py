@@ -3,6 +3,9 @@
 Plain HTML, CSS and JavaScript modules from `kontext_gateway/web/` (no build step): one page that
 routes on the URL path, talking to the same public API as any client (with the key a person types
 in, kept in the browser's session storage, when the gateway is keyed).
+
+They run under a Content-Security-Policy that allows this origin only (api/headers.py): no inline
+script or style (no `style` attributes either: classes in app.css), no eval, nothing from elsewhere.
 """
 
 from __future__ import annotations

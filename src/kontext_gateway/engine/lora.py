@@ -14,6 +14,7 @@ disabled adapter, or one at scale 0, gives the base model's exact output).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.util
 import logging
@@ -87,20 +88,35 @@ def fetch_url(url: str, cache_dir: Path, *, allow_downloads: bool, allow_private
             f"LoRA '{url}': this server does not download adapters (KONTEXT_ALLOW_DOWNLOADS is off). "
             "Ask the operator to put the file in the adapters directory and name it by its relative path."
         )
-    import httpx
-
-    from ..net import check_public_url
-
     target = cache_dir / (hashlib.sha256(url.encode()).hexdigest()[:32] + SUFFIX)
     if target.is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
+    import httpx
+
+    try:
+        # The engine's thread has no event loop of its own: the download gets one, for the pinned client.
+        asyncio.run(_download(url, target, allow_private=allow_private))
+    except httpx.HTTPError as exc:
+        raise invalid_lora(f"LoRA '{url}' could not be downloaded ({type(exc).__name__}).") from None
+    return target
+
+
+async def _download(url: str, target: Path, *, allow_private: bool) -> None:
+    """Redirects are followed by hand, each hop connecting only to an address checked as public
+    (`PinnedTransport`); the file appears whole or not at all."""
+    import httpx
+
+    from ..net import PinnedTransport, split_url
+
     part = target.with_suffix(".part")
     current = url
-    with httpx.Client(timeout=httpx.Timeout(30.0, read=120.0), follow_redirects=False) as client:
-        for _ in range(6):  # redirects are followed by hand: each hop is checked like the first
-            check_public_url(current, allow_private=allow_private, param="loras", status=400)
-            with client.stream("GET", current) as resp:
+    transport = PinnedTransport(allow_private=allow_private, param="loras", status=400)
+    async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(30.0, read=120.0),
+                                 follow_redirects=False) as client:
+        for _ in range(6):
+            split_url(current, param="loras", status=400)  # http(s) with a host, or a 400
+            async with client.stream("GET", current) as resp:
                 if resp.is_redirect:
                     current = str(resp.url.join(resp.headers["location"]))
                     continue
@@ -108,14 +124,15 @@ def fetch_url(url: str, cache_dir: Path, *, allow_downloads: bool, allow_private
                     raise invalid_lora(f"LoRA '{url}': the download failed with HTTP {resp.status_code}.")
                 size = 0
                 with part.open("wb") as out:
-                    for chunk in resp.iter_bytes(1 << 20):
+                    async for chunk in resp.aiter_bytes(1 << 20):
                         size += len(chunk)
                         if size > MAX_DOWNLOAD_BYTES:
+                            out.close()
                             part.unlink(missing_ok=True)
                             raise invalid_lora(f"LoRA '{url}' is larger than {MAX_DOWNLOAD_BYTES >> 30} GiB.")
                         out.write(chunk)
                 os.replace(part, target)
-                return target
+                return
     raise invalid_lora(f"LoRA '{url}': too many redirects.")
 
 

@@ -1,5 +1,9 @@
 """Sends queued webhook deliveries: signed (Standard Webhooks), at most one in flight per prediction.
 
+Each is signed with the secret of the API key that made its prediction (the claimed row carries the
+request's `key_id`; None: the gateway's own secret), so one key's receiver never accepts what was
+signed for another key.
+
 Deliveries are rows (`webhook_deliveries`), so they outlive the process that queued them: any
 process running workers claims the due ones, and a sender that died mid-send leaves a lease that
 runs out. The database hands out only a prediction's oldest open delivery (Database.claim_delivery),
@@ -26,7 +30,7 @@ import httpx
 
 from .. import __version__, metrics
 from ..errors import GatewayError
-from ..net import ensure_public_url
+from ..net import PinnedTransport
 
 if TYPE_CHECKING:
     from ..gateway import Gateway
@@ -48,7 +52,8 @@ class Outcome:
 
 
 class WebhookDispatcher:
-    def __init__(self, gw: Gateway, secret: Callable[[], WebhookSecret]) -> None:
+    def __init__(self, gw: Gateway, secret: Callable[[str | None], WebhookSecret]) -> None:
+        # `secret(key_id)`: the secret that signs a prediction's deliveries (None: made without a key).
         self.gw = gw
         self.settings = gw.settings
         self._secret = secret
@@ -64,9 +69,12 @@ class WebhookDispatcher:
     async def start(self) -> None:
         if self._loop_task is not None:
             return
-        self._secret()  # load (or create) the secret now: a bad configured one fails at startup
-        # No redirects: a 3xx is a failed delivery, never a hop to an address nobody checked.
-        self._client = httpx.AsyncClient(timeout=self.settings.webhook_timeout_s, follow_redirects=False,
+        self._secret(None)  # load (or create) the gateway's secret now: a bad configured one fails at startup
+        # No redirects: a 3xx is a failed delivery, never a hop to an address nobody checked. Each
+        # connection resolves the receiver's name once and goes to the address it checked (net.py).
+        transport = PinnedTransport(allow_private=self.settings.allow_private_urls, param="webhook", status=422)
+        self._client = httpx.AsyncClient(transport=transport, timeout=self.settings.webhook_timeout_s,
+                                         follow_redirects=False,
                                          headers={"user-agent": f"kontext-gateway/{__version__} (webhooks)"})
         self._loop_task = asyncio.create_task(self._loop(), name="webhooks")
 
@@ -123,12 +131,10 @@ class WebhookDispatcher:
     async def _attempt(self, row: dict[str, Any]) -> Outcome:
         if await self.gw.db.webhook_gone(row["request_id"]):
             return Outcome("dropped", error="the receiver answered 410 Gone to an earlier event")
-        try:  # checked again at each send: the name may resolve elsewhere now
-            await ensure_public_url(row["url"], allow_private=self.settings.allow_private_urls,
-                                    param="webhook", status=422)
-        except GatewayError as exc:
+        try:  # checked at each connection (the name may resolve elsewhere now), by the address it uses
+            status, error, retry_after = await self._post(row)
+        except GatewayError as exc:  # a private address now, or no address at all: not retried
             return Outcome("dropped", error=f"{exc.code}: {exc.message}")
-        status, error, retry_after = await self._post(row)
         if status is not None and 200 <= status < 300:
             return Outcome("delivered", status)
         if status == 410:
@@ -147,7 +153,7 @@ class WebhookDispatcher:
             "content-type": "application/json",
             "webhook-id": msg_id,
             "webhook-timestamp": str(math.floor(now.timestamp())),
-            "webhook-signature": self._secret().sign(msg_id, now, body),
+            "webhook-signature": self._secret(row["key_id"]).sign(msg_id, now, body),
         }
         timeout = self.settings.webhook_timeout_s
         try:

@@ -1,6 +1,20 @@
 """Webhooks for jobs, as Replicate sends them: events `start`, `output`, `logs`, `completed`, the body
-the prediction object, signed per Standard Webhooks with the secret served at
-`GET /v1/webhooks/default/secret`.
+the prediction object, signed per Standard Webhooks with the secret of the API key that made the
+prediction, which that key (and only it) reads at `GET /v1/webhooks/default/secret`.
+
+Secrets. The gateway has one secret (`KONTEXT_WEBHOOK_SECRET`, else data_dir/webhook_secret, made on
+first use, mode 0600). It signs the deliveries of predictions made without a key (the open gateway),
+and it is what the open gateway serves, unchanged from before keys had secrets of their own. Each
+key's secret is derived from it, never stored (not in the database, not on disk):
+
+    whsec_ + base64(HMAC-SHA256(gateway secret bytes, KEY_SECRET_CONTEXT + key id, UTF-8))
+
+so it is the same in every process and after a restart, differs per key (the admin key from the
+environment has the id "admin"), and one key's secret reveals neither the gateway secret nor any other
+key's. Rotating the gateway secret rotates every key's with it (receivers fetch theirs again). Whoever
+holds the gateway secret can derive every key's: the operator, and anyone who read it from the
+endpoint while the gateway was open (no keys, on loopback); rotate it when handing out the first keys
+if that matters. A keyed gateway never serves it: every caller there has a key, and reads its own.
 
 `Webhooks.emit` (the runner's JobEvents) queues a delivery row per event that passes the
 prediction's `webhook_events_filter`; dispatch.py sends them. The predictions API validates a
@@ -13,6 +27,8 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
+import hmac
 import logging
 import os
 import secrets
@@ -39,6 +55,7 @@ THROTTLED = ("output", "logs")  # at most one every THROTTLE_S per prediction, a
 THROTTLE_S = 0.5
 SWEEP_GRACE_S = 10.0  # a job that ended this recently is its runner's to announce
 SECRET_PREFIX = "whsec_"
+KEY_SECRET_CONTEXT = b"kontext webhook secret\0"  # then the key's id: what each key's secret is derived for
 
 Render = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -61,7 +78,13 @@ class WebhookSecret:
         if len(decoded) < 24:  # Standard Webhooks: 24 to 64 bytes
             raise ValueError("The webhook secret is too short: use at least 24 random bytes.")
         self.key = SECRET_PREFIX + raw
+        self._bytes = decoded
         self._webhook = Webhook(self.key)
+
+    def derive(self, key_id: str) -> WebhookSecret:
+        """The secret of the API key `key_id`, derived from this (the gateway's) one: see the module."""
+        digest = hmac.new(self._bytes, KEY_SECRET_CONTEXT + key_id.encode(), hashlib.sha256).digest()
+        return WebhookSecret(SECRET_PREFIX + base64.b64encode(digest).decode())
 
     def sign(self, msg_id: str, at: datetime, body: str) -> str:
         """The `webhook-signature` header value (`v1,<base64>`) for this message."""
@@ -77,7 +100,7 @@ class WebhookSecret:
             return cls(settings.webhook_secret.get_secret_value())
         path = settings.data_dir / "webhook_secret"
         if not path.exists():
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # private, as Gateway.start keeps it
             key = SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
             # Written whole to a private temp file, then linked into place: two processes starting at
             # once agree on one secret, and none reads a half-written file.
@@ -102,12 +125,17 @@ class Webhooks:
         # The payload: the prediction object as the predictions API serves it. The gateway may set
         # its own (e.g. api.predictions' renderer); the default is a minimal Replicate-shaped one.
         self.render: Render = render or self.default_render
-        self.dispatcher = WebhookDispatcher(gw, lambda: self.secret)
+        self.dispatcher = WebhookDispatcher(gw, self.secret_for)
         self._last_progress: dict[str, float] = {}  # prediction id -> when an output/logs event last went
 
     @cached_property
     def secret(self) -> WebhookSecret:
+        """The gateway's secret: signs what was made without a key; every key's is derived from it."""
         return WebhookSecret.load(self.gw.settings)
+
+    def secret_for(self, key_id: str | None) -> WebhookSecret:
+        """The secret that signs the deliveries of predictions made by `key_id` (None: no key)."""
+        return self.secret if key_id is None else self.secret.derive(key_id)
 
     async def start(self) -> None:
         await self.dispatcher.start()

@@ -2,7 +2,8 @@
 
 Submit `POST {base}/v1/flux-kontext-pro|max` with `x-key`, then poll the returned `polling_url`, and
 only that (it names the cluster that took the task; another cluster answers `Task not found`), with
-`x-key` too. `Ready` gives `result.sample`, a signed URL valid for 10 minutes. One image per task;
+`x-key` too (polling URLs name `api.<cluster>.bfl.ai`, e.g. api.us1.bfl.ai: the key goes there and
+nowhere else). `Ready` gives `result.sample`, a signed URL valid for 10 minutes. One image per task;
 at most 24 active tasks per account, 6 of them for kontext-max. There is no cancel.
 """
 
@@ -33,6 +34,9 @@ class BFLProvider(RemoteProvider):
     default_concurrency = 24  # active tasks per account
     model_concurrency: ClassVar[dict[str, int]] = {"flux-kontext-max": 6}
     output_formats = ("png", "jpeg")
+    # The documented API hosts: global api.bfl.ai, and the clusters a polling_url names (api.eu.bfl.ai,
+    # api.us1.bfl.ai...). Not "*.bfl.ai": delivery.*.bfl.ai and the rest have no use for the key.
+    credential_hosts = ("api.bfl.ai", "api.*.bfl.ai")
     HANDLING: ClassVar[dict[str, dict[str, str]]] = {
         "prompt": {"handling": "native", "as": "prompt"},
         "seed": {"handling": "native", "as": "seed"},
@@ -63,14 +67,14 @@ class BFLProvider(RemoteProvider):
         if ratio is not None:
             body["aspect_ratio"] = ratio
         url = f"{self.base_url}/v1/{entry.provider_model_id}"
-        resp = await self.request("POST", url, json=body, headers=self.headers())
+        resp = await self.request("POST", url, json=body)
         data = self.json(resp)
         if not data.get("id") or not isinstance(data.get("polling_url"), str):
             raise Malformed("BFL's submit response lacks id or polling_url", status=resp.status_code)
         return Task(id=str(data["id"]), data={"polling_url": data["polling_url"]})
 
     async def poll(self, entry: ProviderEntry, task: Task) -> Poll:
-        resp = await self.request("GET", task.data["polling_url"], headers=self.headers())
+        resp = await self.request("GET", task.data["polling_url"])
         body = self.json(resp)
         status = body.get("status")
         if status in PENDING:

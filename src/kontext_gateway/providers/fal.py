@@ -37,6 +37,7 @@ class FalProvider(RemoteProvider):
     credential_env = "FAL_KEY"
     batch_limit = 4  # num_images is 1-4
     output_formats = ("png", "jpeg")
+    credential_hosts = ("queue.fal.run",)  # where the returned status/response/cancel URLs live
     HANDLING: ClassVar[dict[str, dict[str, str]]] = {  # pro / max
         "prompt": {"handling": "native", "as": "prompt"},
         "seed": {"handling": "native", "as": "seed"},
@@ -125,7 +126,7 @@ class FalProvider(RemoteProvider):
 
     async def submit(self, entry: ProviderEntry, job: ImageJob, count: int) -> Task:
         url = f"{self.base_url}/{self.route(entry, job)}"
-        resp = await self.request("POST", url, json=await self.body(entry, job, count), headers=self.headers())
+        resp = await self.request("POST", url, json=await self.body(entry, job, count))
         data = self.json(resp)
         urls = {k: data.get(k) for k in ("status_url", "response_url", "cancel_url")}
         if not data.get("request_id") or not all(isinstance(u, str) and u for u in urls.values()):
@@ -134,7 +135,7 @@ class FalProvider(RemoteProvider):
         return Task(id=str(data["request_id"]), data={**urls, "count": count})
 
     async def poll(self, entry: ProviderEntry, task: Task) -> Poll:
-        status = self.json(await self.request("GET", task.data["status_url"], headers=self.headers()))
+        status = self.json(await self.request("GET", task.data["status_url"]))
         state = status.get("status")
         if state in PENDING:
             return Poll(done=False)
@@ -143,7 +144,7 @@ class FalProvider(RemoteProvider):
         if state != "COMPLETED":
             raise Malformed(f"fal status {str(state)[:40]!r} is not one the gateway knows")
         # COMPLETED is terminal for failures too: the response URL answers with the error's status.
-        result = self.json(await self.request("GET", task.data["response_url"], headers=self.headers()))
+        result = self.json(await self.request("GET", task.data["response_url"]))
         if any(result.get("has_nsfw_concepts") or []):
             raise Moderated("fal's safety checker flagged the output (has_nsfw_concepts)")
         images = result.get("images")
@@ -153,7 +154,7 @@ class FalProvider(RemoteProvider):
         return Poll(done=True, outputs=urls)
 
     async def cancel(self, entry: ProviderEntry, task: Task) -> None:
-        await self.request("PUT", task.data["cancel_url"], headers=self.headers())
+        await self.request("PUT", task.data["cancel_url"])
 
     def check_status(self, resp: httpx.Response) -> None:
         # Moderation is a 422 like a validation error; only detail[].type tells them apart.

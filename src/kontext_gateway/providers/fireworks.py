@@ -57,7 +57,7 @@ class FireworksProvider(RemoteProvider):
         keep_input = job.images and (job.size.size is None or (not job.size.exact and job.size.aspect_ratio is None))
         if not keep_input:
             body["aspect_ratio"] = self.aspect_ratio(job, RATIOS) or "1:1"
-        resp = await self.request("POST", self._url(entry), headers=self.headers(), json=body)
+        resp = await self.request("POST", self._url(entry), json=body)
         request_id = self.json(resp).get("request_id")
         if not isinstance(request_id, str) or not request_id:
             raise Malformed("the submit answer has no request_id", status=resp.status_code)
@@ -65,8 +65,7 @@ class FireworksProvider(RemoteProvider):
 
     async def poll(self, entry: ProviderEntry, task: Task) -> Poll:
         # The docs' header says GET, but the examples and the Vercel SDK POST the id as JSON.
-        resp = await self.request("POST", f"{self._url(entry)}/get_result", headers=self.headers(),
-                                  json={"id": task.id})
+        resp = await self.request("POST", f"{self._url(entry)}/get_result", json={"id": task.id})
         body = self.json(resp)
         status = body.get("status")
         if status == "Ready":

@@ -11,7 +11,11 @@ maps (`HANDLING`). This base does the rest the same way for all of them:
   a result that is not an image); moderation, bad credentials, payment and request errors are not;
 - results are downloaded at once (upstream URLs expire in minutes) and must decode as images;
 - active tasks per provider (or provider/model) are limited by a semaphore: above it, requests queue;
-- a cancelled request (client gone, deadline passed) cancels the upstream task.
+- a cancelled request (client gone, deadline passed) cancels the upstream task;
+- the provider's key goes only to the provider's own hosts: the configured base URL's origin, and
+  over https the hosts it documents for the URLs it returns (`credential_hosts`: BFL's polling_url,
+  fal's status_url...). A returned URL anywhere else is refused before anything is sent, and a call
+  that carries the key never follows a redirect. Result downloads carry no key and follow redirects.
 """
 
 from __future__ import annotations
@@ -108,6 +112,14 @@ class Malformed(UpstreamError):
     kind = "malformed_response"
 
 
+class UntrustedURL(Malformed):
+    """A URL from the provider (one its response returned, or a redirect) leads off its own hosts, so
+    its key was not sent there. Not the caller's fault, and the provider would answer alike again: no
+    retry on it, fail over."""
+
+    retryable = False
+
+
 class TaskFailed(UpstreamError):
     """The upstream ran the task and reports that it failed (status Error / failed / canceled)."""
 
@@ -152,6 +164,9 @@ class RemoteProvider:
     model_concurrency: ClassVar[dict[str, int]] = {}  # per provider model id (BFL: kontext-max 6)
     output_formats: ClassVar[tuple[str, ...]] = ("png", "jpeg")  # what it can produce natively
     HANDLING: ClassVar[dict[str, dict[str, str]]] = {}
+    # Hosts besides the base URL's that the provider documents for the URLs it returns and wants its
+    # key on (polling, status, cancel); "*" is one DNS label. Reached over https only.
+    credential_hosts: ClassVar[tuple[str, ...]] = ()
 
     records_attempts: ClassVar[bool] = True
 
@@ -160,8 +175,10 @@ class RemoteProvider:
         secret = getattr(settings, self.credential_field)
         self._key: str | None = secret.get_secret_value() if secret is not None else None
         self.base_url = str(getattr(settings, self.base_url_field)).rstrip("/")
+        self._base_origin = _origin(httpx.URL(self.base_url))
+        # Redirects are chosen per call (see `request`); none is followed unless a call says so.
         self.client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(60.0, connect=10.0), follow_redirects=True,
+            timeout=httpx.Timeout(60.0, connect=10.0), follow_redirects=False,
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )
         self._semaphores: dict[str, asyncio.Semaphore] = {}
@@ -362,18 +379,56 @@ class RemoteProvider:
 
     # -- HTTP helpers shared by adapters ----------------------------------------------------------------
 
-    async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        """One HTTP call with transport failures and error statuses mapped to the vocabulary above."""
+    async def request(self, method: str, url: str, *, credentials: bool = True, **kwargs: Any) -> httpx.Response:
+        """One HTTP call with transport failures and error statuses mapped to the vocabulary above.
+
+        With `credentials` (every API call), the provider's key (`headers()`) is added only once
+        `check_credential_url` accepts the URL, and a redirect is an error: whatever a response says,
+        the key goes nowhere else. Without (result downloads), redirects are followed, since result
+        CDNs redirect, and no hop carries a key."""
+        headers = dict(kwargs.pop("headers", None) or {})
+        if credentials:
+            self.check_credential_url(method, url)
+            headers.update(self.headers())
         if (rid := _request_id.get()) is not None:
-            kwargs["headers"] = {**(kwargs.get("headers") or {}), "x-request-id": rid}
+            headers["x-request-id"] = rid
         try:
-            resp = await self.client.request(method, url, **kwargs)
+            resp = await self.client.request(method, url, headers=headers, follow_redirects=not credentials,
+                                             **kwargs)
         except httpx.TimeoutException as exc:
             raise Timeout(f"{method} {_path(url)} timed out ({type(exc).__name__})") from None
         except (httpx.TransportError, httpx.DecodingError) as exc:
             raise ConnectionFailed(f"{method} {_path(url)}: {type(exc).__name__}") from None
+        except httpx.TooManyRedirects:
+            raise BadResult(f"{method} {_path(url)}: too many redirects") from None
+        if credentials and 300 <= resp.status_code < 400:
+            raise UntrustedURL(f"{method} {_path(url)} -> {resp.status_code}: a redirect to {_location(resp)}, not "
+                               f"followed (calls with {self.credential_env} never follow one)",
+                               status=resp.status_code)
         self.check_status(resp)
         return resp
+
+    def check_credential_url(self, method: str, url: str) -> None:
+        """Raise UntrustedURL unless `url` may get the key: the configured base URL's origin (scheme,
+        host and port), or https on one of `credential_hosts`. A returned URL naming any other host
+        (or plain http where the provider documents https) never sees the key."""
+        try:
+            target = httpx.URL(url)
+            origin = _origin(target)
+        except (httpx.InvalidURL, TypeError):
+            target, origin = httpx.URL(), ("", "", None)
+        scheme, host, port = origin
+        if not host:
+            raise UntrustedURL(f"{method} {_path(str(url))[:80]!r}: refused, not an absolute URL; "
+                               f"{self.credential_env} was not sent")
+        if origin == self._base_origin:
+            return
+        documented = any(_host_matches(pattern, host) for pattern in self.credential_hosts)
+        if documented and scheme == "https" and port == 443:
+            return
+        why = (f"not one of {self.name}'s hosts" if not documented else
+               "not over https" if scheme != "https" else "not on the https port")
+        raise UntrustedURL(f"{method} {_site(target)}: refused, {why}; {self.credential_env} was not sent")
 
     def check_status(self, resp: httpx.Response) -> None:
         status = resp.status_code
@@ -413,7 +468,7 @@ class RemoteProvider:
                 raise BadResult(f"result data URI: {exc.message}") from None
         else:
             try:
-                resp = await self.request("GET", url)
+                resp = await self.request("GET", url, credentials=False)
             except (Rejected, PaymentRequired) as exc:
                 # A result URL that 404s (expired, not yet written...) is a bad result, worth a retry.
                 raise BadResult(f"the result URL answered {exc.status}", status=exc.status) from None
@@ -454,6 +509,8 @@ class RemoteProvider:
         return [base64.b64encode(b).decode() for b in job.input_png]
 
     def headers(self) -> dict[str, str]:
+        """The credential headers. Only `request` sends them, after its host check: adapters never
+        pass them themselves."""
         raise NotImplementedError
 
 
@@ -494,6 +551,31 @@ def _typed(value: Any, kind: str) -> Any:
 
 def _ms(t0: float) -> int:
     return int((time.perf_counter() - t0) * 1000)
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in: what a key is bound to."""
+    default = {"https": 443, "http": 80}.get(url.scheme)
+    return url.scheme, url.host.lower(), url.port or default
+
+
+def _site(url: httpx.URL) -> str:
+    """scheme://host[:port] of a URL, for messages: where, never its path or signed query."""
+    return f"{url.scheme}://{url.host}" + (f":{url.port}" if url.port else "")
+
+
+def _location(resp: httpx.Response) -> str:
+    try:
+        return _site(resp.url.join(resp.headers["location"]))
+    except (KeyError, httpx.InvalidURL):
+        return "nowhere given"
+
+
+def _host_matches(pattern: str, host: str) -> bool:
+    """`pattern` with "*" as any one DNS label: "api.*.bfl.ai" takes api.us1.bfl.ai, not
+    api.bfl.ai.example.com nor a.b.bfl.ai."""
+    want, have = pattern.split("."), host.split(".")
+    return len(want) == len(have) and all(h == w or (w == "*" and h != "") for w, h in zip(want, have))
 
 
 def _path(url: str) -> str:

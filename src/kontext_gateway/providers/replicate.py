@@ -28,6 +28,7 @@ class ReplicateProvider(RemoteProvider):
     credential_env = "REPLICATE_API_TOKEN"
     batch_limit = 1  # no num_outputs on Kontext: the base fans `n` out, one prediction per image
     output_formats = ("png", "jpeg")
+    credential_hosts = ("api.replicate.com",)  # where urls.get / urls.cancel live
     # pro/max and [dev] share this table; handling() drops the [dev]-only fields for pro/max.
     HANDLING: ClassVar[dict[str, dict[str, str]]] = {
         "prompt": {"handling": "native", "as": "input.prompt"},
@@ -66,7 +67,7 @@ class ReplicateProvider(RemoteProvider):
         model, inputs = await self._input(entry, job)
         resp = await self.request(
             "POST", f"{self.base_url}/v1/models/{model}/predictions", json={"input": inputs},
-            headers={**self.headers(), "Prefer": f"wait={PREFER_WAIT_S}"},
+            headers={"Prefer": f"wait={PREFER_WAIT_S}"},
         )
         prediction = self.json(resp)
         urls = prediction.get("urls")
@@ -80,12 +81,12 @@ class ReplicateProvider(RemoteProvider):
         return task
 
     async def poll(self, entry: ProviderEntry, task: Task) -> Poll:
-        resp = await self.request("GET", task.data["get"], headers=self.headers())
+        resp = await self.request("GET", task.data["get"])
         return _outcome(self.json(resp))
 
     async def cancel(self, entry: ProviderEntry, task: Task) -> None:
         if task.data.get("cancel"):
-            await self.request("POST", task.data["cancel"], headers=self.headers())
+            await self.request("POST", task.data["cancel"])
 
     # -- the model input ---------------------------------------------------------------------------------
 

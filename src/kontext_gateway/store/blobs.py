@@ -1,4 +1,8 @@
-"""Image bytes on local disk, content-addressed, and HMAC-signed, expiring URLs to fetch them."""
+"""Image bytes on local disk, content-addressed, and HMAC-signed, expiring URLs to fetch them.
+
+Modes: images 0644 and their folders 0755 at most (never writable by others, whatever the umask);
+who may read them at all is the private data directory's to say (0700, Gateway.start).
+"""
 
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ class LocalBlobStore:
         target = self._location(blob_id)
         if target.is_file():
             return blob_id
-        target.parent.mkdir(parents=True, exist_ok=True)
+        self._mkdirs(target.parent)
         # Write aside then rename: a reader (or a crash) never sees a half-written image.
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         try:
@@ -65,6 +69,12 @@ class LocalBlobStore:
 
     def _location(self, blob_id: str) -> Path:
         return self.root / blob_id[:2] / blob_id[2:4] / blob_id
+
+    def _mkdirs(self, folder: Path) -> None:
+        """`folder` and the folders up to the root, each made with 0755 at most: mkdir(parents=True)
+        gives the ones above the last the umask's mode, 0777 under umask 0."""
+        for level in (self.root, folder.parent, folder):
+            level.mkdir(mode=0o755, parents=True, exist_ok=True)
 
 
 class URLSigner:

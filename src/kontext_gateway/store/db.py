@@ -1,12 +1,23 @@
-"""Request records: the `Database` repository over SQLite or PostgreSQL (SQLAlchemy async)."""
+"""Request records: the `Database` repository over SQLite or PostgreSQL (SQLAlchemy async).
+
+A SQLite database holds prompts, webhook URLs and key hashes: its file, and the -wal and -shm files
+SQLite makes beside it, are private (0600), and a new folder for it 0700. SQLite gives those files the
+main file's mode, so `Database.start` makes the main file 0600 before SQLite first opens it, and
+tightens files an older version left readable by others (`make_private`, with a log line).
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
+from pathlib import Path
 from typing import Any
 
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
@@ -16,7 +27,9 @@ from kontext_gateway.store.engine import make_engine
 from kontext_gateway.store.migrate import upgrade_to_head
 from kontext_gateway.store.models import FileRecord, RequestRecord, UpstreamTask, WebhookDelivery, utcnow
 
-__all__ = ["Database", "RequestRecord"]
+__all__ = ["Database", "RequestRecord", "make_private"]
+
+log = logging.getLogger(__name__)
 
 _COLUMNS = tuple(c.key for c in RequestRecord.__table__.columns)
 _DELIVERY_COLUMNS = tuple(c.key for c in WebhookDelivery.__table__.columns)
@@ -40,6 +53,46 @@ def _short(text: str | None) -> str | None:
     return None if text is None else text[:500]  # the column's width
 
 
+def make_private(path: Path, mode: int) -> None:
+    """Set `path` to `mode` (0700, 0600) when group or others have any access to it, and log that.
+    Nothing happens to a path that is absent or private already, nor where there are no POSIX modes;
+    a path that cannot be changed (another owner's) is logged and left as it is."""
+    if os.name != "posix":
+        return
+    try:
+        old = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return
+    if not old & 0o077:
+        return
+    try:
+        os.chmod(path, mode)
+    except OSError as exc:
+        log.warning("%s is open to other users (mode %o) and could not be made private: %s", path, old, exc)
+        return
+    log.warning("%s was open to other users: mode %o changed to %o", path, old, mode)
+
+
+def _private_sqlite_file(url: str) -> None:
+    """Make a SQLite database file 0600 (new: created empty, which SQLite takes as an empty database;
+    old: tightened), with its journal files. Memory databases, URIs and other backends: nothing."""
+    parsed = make_url(url)
+    database = parsed.database
+    if (parsed.get_backend_name() != "sqlite" or not database or database == ":memory:"
+            or database.startswith("file:") or parsed.query.get("uri")):
+        return
+    # The folder store.engine.make_engine would make, made private.
+    Path(database).expanduser().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = Path(os.path.abspath(database))  # the file SQLAlchemy's driver opens
+    if path.parent.is_dir():
+        try:  # O_EXCL: a file another process made first is left to it (and tightened below)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        make_private(path.with_name(path.name + suffix), 0o600)
+
+
 class Database:
     """Owns the engine; every method is one short transaction, so no session outlives a call."""
 
@@ -59,6 +112,7 @@ class Database:
     async def start(self) -> None:
         if self._engine is not None:
             return
+        _private_sqlite_file(self.url)  # before SQLite first opens it: see the module
         engine = make_engine(self.url, connect_args=self._connect_args)
         try:
             await upgrade_to_head(engine)
@@ -355,7 +409,8 @@ class Database:
             raise
 
     async def claim_delivery(self, lease_s: float) -> dict[str, Any] | None:
-        """Atomically take a delivery that is due (or whose sender's lease ran out), counting the attempt.
+        """Atomically take a delivery that is due (or whose sender's lease ran out), counting the attempt;
+        the row carries its request's `key_id` too (whose webhook secret signs it).
 
         Only a request's oldest open delivery is ever claimable, so a request never has two in flight
         and its events go out in order; a later event waits behind a terminal one being retried.
@@ -384,8 +439,12 @@ class Database:
             claimed = (await session.execute(stmt)).scalar_one_or_none()
             if claimed is None:
                 return None
-            row = await session.get(WebhookDelivery, claimed)
-            return None if row is None else _delivery_dict(row)
+            found = (await session.execute(
+                select(WebhookDelivery, RequestRecord.key_id)
+                .join(RequestRecord, RequestRecord.id == WebhookDelivery.request_id)
+                .where(WebhookDelivery.id == claimed)
+            )).first()
+            return None if found is None else {**_delivery_dict(found[0]), "key_id": found[1]}
 
     async def finish_delivery(self, id: int, *, state: str, status: int | None = None,
                               error: str | None = None) -> None:

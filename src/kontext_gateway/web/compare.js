@@ -137,7 +137,7 @@ async function runColumn(t, input, columns, state, signal) {
   const error = h("div");
   const col = h("section", { class: "card column", testid: "compare-col", "data-target": t.key, "aria-label": `${t.model.name} ${t.provider ? t.provider.provider : ""}` },
     h("h2", {}, t.model.name),
-    h("p", { class: "small muted", style: "margin:0" }, t.provider ? t.provider.config_key : "any provider"),
+    h("p", { class: "small muted via" }, t.provider ? t.provider.config_key : "any provider"),
     status, images, meta, error);
   columns.append(col);
 

@@ -27,7 +27,7 @@ export async function render(root, { signal, query }) {
       h("p", {}, "Images made on this gateway, newest first. Open one to see it large, reuse its settings or edit it.")),
     h("div", { class: "toolbar" },
       h("div", { class: "field" }, h("label", { for: selectId }, "Model"), select)),
-    message, grid, h("div", { class: "row", style: "justify-content:center;margin-top:1rem" }, more));
+    message, grid, h("div", { class: "row more" }, more));
 
   async function load(reset) {
     if (reset) { cursor = null; grid.replaceChildren(); message.replaceChildren(); }
@@ -85,7 +85,7 @@ function emptyState(models, model) {
         type: "button", class: "suggestion", testid: "example-prompt",
         onclick: () => navigate(`/playground?model=${encodeURIComponent(m.id)}`, { model: m.id, prompt: p, mode: "text-to-image" }),
       }, p, h("span", { class: "muted small" }, ` — ${m.name}`)))),
-    h("p", { style: "margin-top:1rem" }, h("a", { class: "button primary", href: model ? `/playground?model=${encodeURIComponent(model)}` : "/playground" }, "Open the playground")));
+    h("p", { class: "space-above" }, h("a", { class: "button primary", href: model ? `/playground?model=${encodeURIComponent(model)}` : "/playground" }, "Open the playground")));
 }
 
 function openViewer(root, item, names) {

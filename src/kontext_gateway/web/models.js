@@ -44,7 +44,7 @@ export async function renderModel(root, { params, signal }) {
   } catch (err) {
     if (err instanceof ApiError && err.status === 404) {
       root.append(h("h1", {}, "Model not found"), errorBox(err),
-        h("p", { style: "margin-top:1rem" }, h("a", { href: "/models" }, "See all models")));
+        h("p", { class: "space-above" }, h("a", { href: "/models" }, "See all models")));
       return;
     }
     throw err;
@@ -55,7 +55,7 @@ export async function renderModel(root, { params, signal }) {
   document.title = `${m.name} · Kontext Gateway`;
 
   root.append(
-    h("nav", { "aria-label": "Breadcrumb", class: "small", style: "margin-bottom:.5rem" },
+    h("nav", { "aria-label": "Breadcrumb", class: "small breadcrumb" },
       h("a", { href: "/models" }, "Models"), " / ", h("span", { "aria-current": "page" }, m.name)),
     h("div", { class: "model-head page-head" },
       h("div", {},
@@ -92,7 +92,7 @@ function specs(m) {
     ["Resolutions", (m.resolutions || []).join(", ")],
     ["Default steps", m.default_steps],
     ["Default guidance", m.default_guidance],
-    ["Aliases", (m.aliases || []).length ? m.aliases.map((a) => h("code", { style: "margin-right:.35rem" }, a)) : null],
+    ["Aliases", (m.aliases || []).length ? m.aliases.map((a) => h("code", { class: "listed" }, a)) : null],
     ["Family", m.family],
     ["Licence", m.license || m.licence],
     ["Status", m.status],
@@ -143,7 +143,7 @@ function paramsTable(m) {
   const handling = m.schema?.handling || {};
   const typeOf = (p) => (p.type === "array" ? `array of ${p.items?.format === "binary" ? "images" : p.items?.type || "values"}` : p.type || "any");
   const allowed = (p) => {
-    if (p.enum) return p.enum.map((v) => h("code", { style: "margin-right:.3rem" }, String(v)));
+    if (p.enum) return p.enum.map((v) => h("code", { class: "listed" }, String(v)));
     if (p.minimum != null || p.maximum != null) return `${p.minimum ?? "…"} to ${p.maximum ?? "…"}`;
     if (p.maxItems != null) return `${p.minItems ?? 0} to ${p.maxItems} images`;
     if (p.examples) return ["e.g. ", p.examples.slice(0, 6).join(", ")];

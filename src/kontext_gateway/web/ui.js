@@ -7,7 +7,8 @@ import { ApiError, askForKey, fileToDataURI } from "./api.js";
  * h("button", {class: "button", onclick: fn, testid: "run"}, "Run") -> <button>.
  * Attributes: `class`, `testid` (data-testid), `on<event>` handlers, `value` (set as a property
  * after the children, so a <select>'s value can name one of its options); true -> empty attribute,
- * false / null -> left out. Children: strings, nodes, arrays, null.
+ * false / null -> left out. Never `style`: the pages' Content-Security-Policy (style-src 'self')
+ * refuses style attributes; give the element a class from app.css. Children: strings, nodes, arrays, null.
  */
 export function h(tag, attrs = {}, ...children) {
   const el = document.createElement(tag);
@@ -250,9 +251,9 @@ export function imagePicker({ images, max, onAdd, onRemove, testid = "images", l
   const zone = h("div", { class: "dropzone", testid: `${testid}-dropzone` },
     h("div", { class: "row" },
       input,
-      h("label", { for: inputId, class: "button small pick", style: "margin:0", testid: `${testid}-pick` }, images.length && max === 1 ? "Replace image" : "Choose image" + (max > 1 ? "s" : "")),
+      h("label", { for: inputId, class: "button small pick", testid: `${testid}-pick` }, images.length && max === 1 ? "Replace image" : "Choose image" + (max > 1 ? "s" : "")),
       h("span", { class: "muted small" }, "or drop, or paste (Ctrl+V)"),
-      h("span", { class: "badge", style: "margin-left:auto" }, countText)),
+      h("span", { class: "badge tally" }, countText)),
     images.length ? thumbs : null,
     hint ? h("p", { class: "hint" }, hint) : null);
   // Drag and drop: highlight while something is over the zone; read the dropped images.
