@@ -20,10 +20,21 @@ from kontext_gateway.config import Settings
 async def main(path: str, n: int, profile: bool) -> None:
     app = create_app(Settings(data_dir=tempfile.mkdtemp(prefix="kontext-asgi-"), workers=0))
     async with app.router.lifespan_context(app):
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-                 "headers": [(b"host", b"127.0.0.1:8000")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
-                 "app": app}
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"127.0.0.1:8000")],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+            "app": app,
+        }
 
         async def receive() -> dict:
             return {"type": "http.request", "body": b"", "more_body": False}

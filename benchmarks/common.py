@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 
@@ -27,8 +27,18 @@ def server_command(port: int, data_dir: str) -> list[str]:
     """`kontext serve` from the interpreter's own venv (falls back to `python -m kontext_gateway`)."""
     script = Path(sys.executable).with_name("kontext")
     base = [str(script)] if script.exists() else [sys.executable, "-m", "kontext_gateway"]
-    return [*base, "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", data_dir,
-            "--log-level", "warning"]
+    return [
+        *base,
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        data_dir,
+        "--log-level",
+        "warning",
+    ]
 
 
 def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -47,7 +57,7 @@ class Server:
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self.data_dir = tempfile.mkdtemp(prefix="kontext-bench-")
-        self.log = open(Path(self.data_dir) / "server.log", "wb")  # noqa: SIM115
+        self.log = open(Path(self.data_dir) / "server.log", "wb")
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
 
@@ -55,10 +65,11 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> "Server":
+    def start(self, timeout: float = 60.0) -> Server:
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(server_command(self.port, self.data_dir), stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            server_command(self.port, self.data_dir), stdout=self.log, stderr=subprocess.STDOUT
+        )
         while True:
             try:
                 if http_get(self.port, "/health", timeout=1.0)[0] == 200:
@@ -77,7 +88,7 @@ class Server:
         self.log.close()
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -130,9 +141,11 @@ def rss_mb(pid: int) -> float:
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     mem_kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    return (f"nproc={len(os.sched_getaffinity(0))}, CPU={cpu}, RAM={mem_kb / 1024 / 1024:.1f} GiB, "
-            f"Python {platform.python_version()}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, "
-            f"loadavg {' '.join(open('/proc/loadavg').read().split()[:3])}")
+    return (
+        f"nproc={len(os.sched_getaffinity(0))}, CPU={cpu}, RAM={mem_kb / 1024 / 1024:.1f} GiB, "
+        f"Python {platform.python_version()}, {datetime.now(UTC):%Y-%m-%d %H:%M UTC}, "
+        f"loadavg {' '.join(open('/proc/loadavg').read().split()[:3])}"
+    )
 
 
 def cpu_seconds(pid: int) -> float:
@@ -173,6 +186,8 @@ class CpuWatch:
         wall = time.perf_counter() - self.t0
         others = max(0.0, (busy - self.busy0) - (_own_cpu() - self.own0))
         ncpu = len(os.sched_getaffinity(0))
-        return (f"other processes used {others:.1f} CPU-s over {wall:.0f} s "
-                f"({100 * others / (wall * ncpu):.0f}% of the machine), steal {steal - self.steal0:.1f} s"
-                + ("  <-- results are skewed by other load" if others > 0.05 * wall * ncpu else ""))
+        return (
+            f"other processes used {others:.1f} CPU-s over {wall:.0f} s "
+            f"({100 * others / (wall * ncpu):.0f}% of the machine), steal {steal - self.steal0:.1f} s"
+            + ("  <-- results are skewed by other load" if others > 0.05 * wall * ncpu else "")
+        )

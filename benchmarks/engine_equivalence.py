@@ -56,8 +56,11 @@ class Report:
         lean_err, ref_err = rel(lean, exact), rel(ref, exact)
         ok = lean_err <= BF16_RATIO * ref_err and bool(torch.isfinite(lean).all())
         self.failed += not ok
-        print(f"{'PASS' if ok else 'FAIL'}  {what:<34} bf16 error {lean_err:.2e} vs reference's {ref_err:.2e} "
-              f"(ratio {lean_err / ref_err:.2f}, limit {BF16_RATIO})", flush=True)
+        print(
+            f"{'PASS' if ok else 'FAIL'}  {what:<34} bf16 error {lean_err:.2e} vs reference's {ref_err:.2e} "
+            f"(ratio {lean_err / ref_err:.2f}, limit {BF16_RATIO})",
+            flush=True,
+        )
 
 
 def ids(side: int, text: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,9 +117,11 @@ def check_blocks(cfg: FluxConfig, side: int, text: int, device: str, report: Rep
     rope_ref = FluxPosEmbed(theta=cfg.theta, axes_dim=list(cfg.axes_dim))(all_ids)
     rope = rope_tables(all_ids, cfg.axes_dim, cfg.theta)
     g = torch.Generator(device).manual_seed(0)
-    x = {"img": torch.randn(1, img_ids.shape[0], cfg.hidden_size, generator=g, device=device),
-         "txt": torch.randn(1, text, cfg.hidden_size, generator=g, device=device),
-         "temb": torch.randn(1, cfg.hidden_size, generator=g, device=device)}
+    x = {
+        "img": torch.randn(1, img_ids.shape[0], cfg.hidden_size, generator=g, device=device),
+        "txt": torch.randn(1, text, cfg.hidden_size, generator=g, device=device),
+        "temb": torch.randn(1, cfg.hidden_size, generator=g, device=device),
+    }
     x16 = {k: v.bfloat16() for k, v in x.items()}
     for kind in ("double", "single"):
         torch.manual_seed(1)
@@ -150,14 +155,28 @@ def check_model(cfg: FluxConfig, side: int, text: int, device: str, report: Repo
     sigma, guidance, noise = torch.tensor([0.7], device=device), torch.tensor([2.5], device=device), side * side
 
     def reference(dtype: torch.dtype) -> torch.Tensor:
-        return ref(hidden_states=tokens.to(dtype), encoder_hidden_states=txt.to(dtype), pooled_projections=pooled.to(dtype),
-                   timestep=sigma.to(dtype), img_ids=img_ids, txt_ids=txt_ids, guidance=guidance,
-                   return_dict=False)[0][:, :noise]
+        return ref(
+            hidden_states=tokens.to(dtype),
+            encoder_hidden_states=txt.to(dtype),
+            pooled_projections=pooled.to(dtype),
+            timestep=sigma.to(dtype),
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=guidance,
+            return_dict=False,
+        )[0][:, :noise]
 
     exact = reference(torch.float32)
     lean = from_diffusers_model(ref, dtype=torch.bfloat16)
-    plan = lean.plan(txt=txt.bfloat16(), pooled=pooled.bfloat16(), timesteps=(sigma.bfloat16() * 1000),
-                     guidance=guidance.bfloat16() * 1000, txt_ids=txt_ids, img_ids=img_ids, noise_tokens=noise)
+    plan = lean.plan(
+        txt=txt.bfloat16(),
+        pooled=pooled.bfloat16(),
+        timesteps=(sigma.bfloat16() * 1000),
+        guidance=guidance.bfloat16() * 1000,
+        txt_ids=txt_ids,
+        img_ids=img_ids,
+        noise_tokens=noise,
+    )
     got = lean(tokens.bfloat16(), plan, 0)
     del lean, plan
     gc.collect()
@@ -179,9 +198,13 @@ def main() -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = CONFIGS[args.config or ("real" if device.startswith("cuda") else "medium")]
     tokens = args.text + 2 * args.side**2
-    print(f"{device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU'}), torch {torch.__version__}; "
-          f"hidden {cfg.hidden_size}, {cfg.num_heads} heads of {cfg.head_dim}, {cfg.depth}+{cfg.depth_single} blocks; "
-          f"{tokens} tokens", flush=True)
+    print(
+        f"{device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU'}), "
+        f"torch {torch.__version__}; "
+        f"hidden {cfg.hidden_size}, {cfg.num_heads} heads of {cfg.head_dim}, {cfg.depth}+{cfg.depth_single} blocks; "
+        f"{tokens} tokens",
+        flush=True,
+    )
     report = Report()
     check_blocks(cfg, args.side, args.text, device, report)
     if not args.skip_model:

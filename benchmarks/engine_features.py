@@ -22,8 +22,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -31,8 +32,12 @@ from PIL import Image
 from common import CpuWatch, machine
 
 RANK = 4
-LORA_MODULES = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v",
-                "transformer_blocks.0.ff.net.2", "single_transformer_blocks.0.proj_out")
+LORA_MODULES = (
+    "transformer_blocks.0.attn.to_q",
+    "transformer_blocks.0.attn.to_v",
+    "transformer_blocks.0.ff.net.2",
+    "single_transformer_blocks.0.proj_out",
+)
 
 
 def picture(side: int, seed: int) -> Image.Image:
@@ -66,9 +71,13 @@ class Counts:
         pipe = engine.pipe
         self.reset()
         self._t0: dict[int, float] = {}
-        for key, module in (("transformer", pipe.transformer), ("encode", pipe.vae.encoder),
-                            ("decode", pipe.vae.decoder), ("text", pipe.text_encoder),
-                            ("text", pipe.text_encoder_2)):
+        for key, module in (
+            ("transformer", pipe.transformer),
+            ("encode", pipe.vae.encoder),
+            ("decode", pipe.vae.decoder),
+            ("text", pipe.text_encoder),
+            ("text", pipe.text_encoder_2),
+        ):
             module.register_forward_pre_hook(lambda m, *_a: self._t0.__setitem__(id(m), time.perf_counter()))
             module.register_forward_hook(lambda m, *_a, key=key: self._done(key, m))
 
@@ -82,8 +91,10 @@ class Counts:
 
     def text(self) -> str:
         n, ms = self.n, self.ms
-        return (f"transformer {n['transformer']} passes {ms['transformer']:.0f} ms, VAE enc {n['encode']} "
-                f"{ms['encode']:.0f} ms, dec {n['decode']} {ms['decode']:.0f} ms, text enc {ms['text']:.0f} ms")
+        return (
+            f"transformer {n['transformer']} passes {ms['transformer']:.0f} ms, VAE enc {n['encode']} "
+            f"{ms['encode']:.0f} ms, dec {n['decode']} {ms['decode']:.0f} ms, text enc {ms['text']:.0f} ms"
+        )
 
 
 class Bench:
@@ -137,15 +148,19 @@ def main() -> None:
 
     diffusers_logging.disable_progress_bar()  # from_dir's loading bars
     transformers_logging.disable_progress_bar()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; {args.size}x{args.size}, {args.steps} steps, "
-          f"median of {args.runs} after 1 warm-up", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; {args.size}x{args.size}, {args.steps} steps, "
+        f"median of {args.runs} after 1 warm-up",
+        flush=True,
+    )
     size = Size(args.size, args.size)
     inputs = [picture(args.size, seed) for seed in range(4)]
     mask = Image.new("L", (args.size, args.size), 0)
     mask.paste(255, (args.size // 2, 0, args.size, args.size))  # repaint the right half
-    base: dict[str, Any] = dict(prompt="a red fox in the snow", output=size, steps=args.steps, guidance=2.5, n=1,
-                                seed=0)
+    base: dict[str, Any] = dict(
+        prompt="a red fox in the snow", output=size, steps=args.steps, guidance=2.5, n=1, seed=0
+    )
     edit = dict(base, images=inputs[:1], contexts=[size])
 
     rows: list[tuple[str, float | None, str]] = []  # feature, ms p50, notes
@@ -169,8 +184,11 @@ def main() -> None:
     bench = Bench(engine, args.runs)
     ref["t2i"] = case("baseline text-to-image", bench, base)
     ref["edit"] = case("baseline edit (1 input)", bench, edit)
-    case("true CFG (negative_prompt, true_cfg_scale 4)", bench,
-         dict(edit, negative_prompt="blurry, low quality", true_cfg_scale=4.0))
+    case(
+        "true CFG (negative_prompt, true_cfg_scale 4)",
+        bench,
+        dict(edit, negative_prompt="blurry, low quality", true_cfg_scale=4.0),
+    )
     case("2 input images", bench, dict(base, images=inputs[:2], contexts=[size] * 2))
     case("4 input images", bench, dict(base, images=inputs[:4], contexts=[size] * 4))
     case("mask edit (inpaint + restore)", bench, dict(edit, mask=mask), "right half repainted")
@@ -195,15 +213,28 @@ def main() -> None:
         if i:
             miss.append(t[0])
             hit.append(t[1])
-    saved = statistics.median([m - h for m, h in zip(miss, hit)])
+    saved = statistics.median([m - h for m, h in zip(miss, hit, strict=False)])
     dh, dm = cache.stats.hits - hits0, cache.stats.misses - misses0
-    rows.append(("context cache: same input, 1st (miss)", statistics.median(miss),
-                 f"VAE enc {enc[0]} {enc_ms[0]:.0f} ms (min–max {spread(miss)} ms)"))
-    rows.append(("context cache: same input, 2nd (hit)", statistics.median(hit),
-                 f"VAE enc {enc[1]}; saves {saved:.1f} ms per edit (median of pairwise differences); "
-                 f"stats: +{dh} hits, +{dm} misses over {1 + args.runs} pairs (min–max {spread(hit)} ms)"))
-    print(f"cache: miss {statistics.median(miss):.1f} ms, hit {statistics.median(hit):.1f} ms, saved {saved:.1f} ms, "
-          f"+{dh} hits +{dm} misses", flush=True)
+    rows.append(
+        (
+            "context cache: same input, 1st (miss)",
+            statistics.median(miss),
+            f"VAE enc {enc[0]} {enc_ms[0]:.0f} ms (min–max {spread(miss)} ms)",
+        )
+    )
+    rows.append(
+        (
+            "context cache: same input, 2nd (hit)",
+            statistics.median(hit),
+            f"VAE enc {enc[1]}; saves {saved:.1f} ms per edit (median of pairwise differences); "
+            f"stats: +{dh} hits, +{dm} misses over {1 + args.runs} pairs (min–max {spread(hit)} ms)",
+        )
+    )
+    print(
+        f"cache: miss {statistics.median(miss):.1f} ms, hit {statistics.median(hit):.1f} ms, saved {saved:.1f} ms, "
+        f"+{dh} hits +{dm} misses",
+        flush=True,
+    )
 
     # LoRA, on a second engine loaded from a saved copy (same weights).
     with tempfile.TemporaryDirectory(prefix="kontext-bench-lora-") as tmp:
@@ -232,11 +263,16 @@ def main() -> None:
             loads.append((time.perf_counter() - t0) * 1000)
         # put a and b back as the two most recently used (they may have been evicted above)
         adapters.activate([LoraSpec(a, 1.0), LoraSpec(b, 1.0)])
-        rows.append(("LoRA: first load of an adapter (activate only)", statistics.median(loads),
-                     f"{len(loads)} new files, rank {RANK} on {len(LORA_MODULES)} layers; the very first in the "
-                     f"process: {very_first:.0f} ms (peft {'already' if peft_loaded else 'not yet'} imported); "
-                     f"loaded now: {len(adapters.loaded)} "
-                     f"(max {adapters.max_adapters}) (min–max {spread(loads)} ms)"))
+        rows.append(
+            (
+                "LoRA: first load of an adapter (activate only)",
+                statistics.median(loads),
+                f"{len(loads)} new files, rank {RANK} on {len(LORA_MODULES)} layers; the very first in the "
+                f"process: {very_first:.0f} ms (peft {'already' if peft_loaded else 'not yet'} imported); "
+                f"loaded now: {len(adapters.loaded)} "
+                f"(max {adapters.max_adapters}) (min–max {spread(loads)} ms)",
+            )
+        )
         print(f"LoRA first load: {statistics.median(loads):.1f} ms (very first {very_first:.0f} ms)", flush=True)
 
         loads0 = adapters.loads
@@ -246,17 +282,20 @@ def main() -> None:
         switch = [LoraSpec(a, 1.0)], [LoraSpec(b, 1.0)]
         before = adapters.loads
         times = lb.time(lambda: lora_engine.run(**dict(edit, loras=switch[next(flip) % 2])))
-        rows.append(("LoRA: switching a/b every request", statistics.median(times),
-                     f"adapter reads from disk while switching: {adapters.loads - before} "
-                     f"(min–max {spread(times)} ms)"))
+        rows.append(
+            (
+                "LoRA: switching a/b every request",
+                statistics.median(times),
+                f"adapter reads from disk while switching: {adapters.loads - before} (min–max {spread(times)} ms)",
+            )
+        )
         print(f"LoRA switching: {statistics.median(times):.1f} ms", flush=True)
         case("LoRA: 1 adapter, scale 0", lb, dict(edit, loras=[LoraSpec(a, 0.0)]))
         case("no LoRA, on the engine that has adapters loaded", lb, edit, "adapters disabled, PEFT layers stay")
-        rows.append(("(adapter reads from disk in the four request rows above)", None,
-                     f"{adapters.loads - loads0}"))
+        rows.append(("(adapter reads from disk in the four request rows above)", None, f"{adapters.loads - loads0}"))
 
     print(f"\nmachine: {machine()}")
-    print(f"\n| feature | ms p50 | x baseline edit | notes |")
+    print("\n| feature | ms p50 | x baseline edit | notes |")
     print("|---|---:|---:|---|")
     for name, ms, notes in rows:
         if ms is None:
@@ -264,8 +303,9 @@ def main() -> None:
             continue
         ratio = "—" if name.startswith("LoRA: first load") else f"{ms / ref['edit']:.2f}"
         print(f"| {name} | {ms:.1f} | {ratio} | {notes} |")
-    print(f"\nbaseline edit - text-to-image = {ref['edit'] - ref['t2i']:.1f} ms; LoRA engine's own baseline "
-          f"{own:.1f} ms")
+    print(
+        f"\nbaseline edit - text-to-image = {ref['edit'] - ref['t2i']:.1f} ms; LoRA engine's own baseline {own:.1f} ms"
+    )
     print(f"\n{watch.report()}")
 
 

@@ -43,9 +43,10 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,28 +75,53 @@ class Preset:
 PRESETS = {
     "real": Preset(FluxConfig(), vae="flux", size=1024, steps=28),
     # The real head size (128, so the real RoPE axes and attention kernels), far fewer and narrower blocks.
-    "medium": Preset(FluxConfig(hidden_size=512, num_heads=4, depth=2, depth_single=4, context_dim=512),
-                     vae="flux", size=512, steps=28),
+    "medium": Preset(
+        FluxConfig(hidden_size=512, num_heads=4, depth=2, depth_single=4, context_dim=512),
+        vae="flux",
+        size=512,
+        steps=28,
+    ),
     # 8 steps so that the step cache skips some (it always computes the first and the last 3).
-    "small": Preset(FluxConfig(hidden_size=256, num_heads=2, depth=1, depth_single=2, context_dim=256, vec_dim=256),
-                    vae="small", size=256, steps=8),
+    "small": Preset(
+        FluxConfig(hidden_size=256, num_heads=2, depth=1, depth_single=2, context_dim=256, vec_dim=256),
+        vae="small",
+        size=256,
+        steps=8,
+    ),
 }
 
 _VAE_COMMON = dict(
-    in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
-    scaling_factor=0.3611, shift_factor=0.1159, sample_size=1024,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    sample_size=1024,
 )
 VAES = {
     "flux": dict(_VAE_COMMON, block_out_channels=(128, 256, 512, 512), layers_per_block=2),  # FLUX.1's VAE
     # Same downsampling (8x) and latent channels, a fraction of the convolution work.
-    "small": dict(_VAE_COMMON, block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8,
-                  mid_block_add_attention=False),
+    "small": dict(
+        _VAE_COMMON,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        mid_block_add_attention=False,
+    ),
 }
 
 # Dense peaks (TFLOP/s) of the data-centre Hopper parts: (bf16, fp8). Checked in this order.
-PEAKS = (("H100 PCIe", (756.0, 1513.0)), ("H100 NVL", (835.0, 1671.0)), ("H200 NVL", (835.0, 1671.0)),
-         ("H100", (989.0, 1979.0)), ("H200", (989.0, 1979.0)))
+PEAKS = (
+    ("H100 PCIe", (756.0, 1513.0)),
+    ("H100 NVL", (835.0, 1671.0)),
+    ("H200 NVL", (835.0, 1671.0)),
+    ("H100", (989.0, 1979.0)),
+    ("H200", (989.0, 1979.0)),
+)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -104,21 +130,35 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--config", choices=PRESETS, help="model size (default: real on CUDA, small on the CPU)")
     ap.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     ap.add_argument("--dtype", choices=DTYPES, help="weights and activations (default: bf16 on CUDA, fp32 on the CPU)")
-    ap.add_argument("--size", type=int, help="square output side in pixels, a multiple of 16 "
-                    "(default: 1024 real, 512 medium, 256 small)")
+    ap.add_argument(
+        "--size",
+        type=int,
+        help="square output side in pixels, a multiple of 16 (default: 1024 real, 512 medium, 256 small)",
+    )
     ap.add_argument("--steps", type=int, help="denoising steps (default: 28; 8 for small)")
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)} (default: all)")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)} (default: all)")
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="timed runs per task and mode, after one warm-up (default 3)")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per task and mode, after one warm-up (default 3)"
+    )
     ap.add_argument("--vae", choices=VAES, help="VAE size (default: flux for real and medium, small for small)")
-    ap.add_argument("--attention", choices=BACKENDS, default="auto",
-                    help="the lean model's attention kernel (default auto: the fastest the device has)")
-    ap.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the device for the floor "
-                    "(default: known for H100/H200; otherwise no floor)")
+    ap.add_argument(
+        "--attention",
+        choices=BACKENDS,
+        default="auto",
+        help="the lean model's attention kernel (default auto: the fastest the device has)",
+    )
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="dense bf16 peak of the device for the floor (default: known for H100/H200; otherwise no floor)",
+    )
     ap.add_argument("--peak-fp8-tflops", type=float, help="dense fp8 peak (default: twice --peak-tflops)")
-    ap.add_argument("--compile", action="store_true",
-                    help="torch.compile the lean blocks (KONTEXT_ENGINE_COMPILE); warm-up runs absorb the compile")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the lean blocks (KONTEXT_ENGINE_COMPILE); warm-up runs absorb the compile",
+    )
     ap.add_argument("--json", metavar="PATH", help="also write the results there")
     args = ap.parse_args()
 
@@ -194,11 +234,22 @@ def build_pipeline(transformer: Any, vae: str, device: str, dtype: torch.dtype) 
         torch.manual_seed(SEED)
         autoencoder = AutoencoderKL(**VAES[vae]).to(device).eval()  # PyTorch's default init, on the CPU
     scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15, shift=3.0,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        base_shift=0.5,
+        max_shift=1.15,
+        shift=3.0,
         use_dynamic_shifting=True,
     )
-    pipe = FluxKontextPipeline(scheduler=scheduler, vae=autoencoder, text_encoder=None, tokenizer=None,
-                               text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe = FluxKontextPipeline(
+        scheduler=scheduler,
+        vae=autoencoder,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -242,9 +293,16 @@ def make_tasks(names: list[str], cfg: FluxConfig, size: int, steps: int, device:
     pooled = torch.randn(1, cfg.vec_dim, generator=gen).to(device, dtype)
     context = torch.randn(1, 16, size // 8, size // 8, generator=gen).to(device, dtype)
     noise_tokens = (size // 16) ** 2
-    common = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=size, width=size,
-                  max_area=size * size,  # else diffusers rescales the output to 1024^2
-                  num_inference_steps=steps, guidance_scale=GUIDANCE, output_type="np")
+    common = dict(
+        prompt_embeds=embeds,
+        pooled_prompt_embeds=pooled,
+        height=size,
+        width=size,
+        max_area=size * size,  # else diffusers rescales the output to 1024^2
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE,
+        output_type="np",
+    )
     tasks = {
         "edit": Task("edit", dict(common, image=context, _auto_resize=False), TEXT_TOKENS + 2 * noise_tokens),
         "t2i": Task("t2i", common, TEXT_TOKENS + noise_tokens),
@@ -324,14 +382,19 @@ def measure(pipe: Any, task: Task, mode: str, args: argparse.Namespace, cfg: Flu
     last = timed[-1]
     computed, calls = (stats.computed, stats.calls) if stats else (args.steps, args.steps)
     return Row(
-        task=task.name, mode=mode, seconds=statistics.median(r.seconds for r in timed),
+        task=task.name,
+        mode=mode,
+        seconds=statistics.median(r.seconds for r in timed),
         denoise_seconds=statistics.median(r.denoise_seconds for r in timed),
         seconds_all=[round(r.seconds, 4) for r in timed],
         tflop=args.steps * cfg.flops_per_step(task.tokens) / 1e12,
         peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        computed=computed, calls=calls, applied=list(stats.applied) if stats else [],
+        computed=computed,
+        calls=calls,
+        applied=list(stats.applied) if stats else [],
         attention="diffusers sdpa" if mode == "diffusers" else attention,
-        finite=bool(np.isfinite(last.image).all() and torch.isfinite(last.latents).all()), run=last,
+        finite=bool(np.isfinite(last.image).all() and torch.isfinite(last.latents).all()),
+        run=last,
     )
 
 
@@ -378,9 +441,11 @@ def table(rows: list[Row]) -> str:
     def num(value: float | None, fmt: str) -> str:
         return "n/a" if value is None else ("inf" if value == math.inf else format(value, fmt))
 
-    lines = ["| task | mode | s/image | denoise s | TFLOP/s eff | x floor | peak mem GiB | PSNR vs none dB "
-             "| latent rel-L2 vs none | passes computed | applied |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| task | mode | s/image | denoise s | TFLOP/s eff | x floor | peak mem GiB | PSNR vs none dB "
+        "| latent rel-L2 vs none | passes computed | applied |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         vs_none = ("ref", "ref") if r.mode == "none" else (num(r.psnr_db, ".1f"), num(r.latent_rel_l2, ".2e"))
         lines.append(
@@ -394,10 +459,15 @@ def table(rows: list[Row]) -> str:
 def machine_line(args: argparse.Namespace) -> str:
     import diffusers
 
-    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
-        f"CPU, {torch.get_num_threads()} torch threads"
-    return (f"device: {device}\nmachine: {machine()}\ntorch {torch.__version__}, diffusers {diffusers.__version__}\n"
-            f"command: {' '.join([sys.executable, *sys.argv])}")
+    device = (
+        torch.cuda.get_device_name(args.device)
+        if args.device.startswith("cuda")
+        else f"CPU, {torch.get_num_threads()} torch threads"
+    )
+    return (
+        f"device: {device}\nmachine: {machine()}\ntorch {torch.__version__}, diffusers {diffusers.__version__}\n"
+        f"command: {' '.join([sys.executable, *sys.argv])}"
+    )
 
 
 def main() -> None:
@@ -408,10 +478,12 @@ def main() -> None:
     t0 = time.perf_counter()
     pipe = build_pipeline(random_transformer(cfg, args.device, dtype), args.vae, args.device, dtype)
     params = sum(p.numel() for p in pipe.transformer.parameters()) / 1e9
-    print(f"config {args.config}: {params:.3f}B parameters, hidden {cfg.hidden_size}, {cfg.depth}+{cfg.depth_single} "
-          f"blocks, {args.dtype} on {args.device}, {args.size}x{args.size}, {args.steps} steps, VAE {args.vae}, "
-          f"{args.repeats} timed runs after 1 warm-up; random pipeline built in {time.perf_counter() - t0:.1f}s",
-          flush=True)
+    print(
+        f"config {args.config}: {params:.3f}B parameters, hidden {cfg.hidden_size}, {cfg.depth}+{cfg.depth_single} "
+        f"blocks, {args.dtype} on {args.device}, {args.size}x{args.size}, {args.steps} steps, VAE {args.vae}, "
+        f"{args.repeats} timed runs after 1 warm-up; random pipeline built in {time.perf_counter() - t0:.1f}s",
+        flush=True,
+    )
     tasks = make_tasks(args.tasks, cfg, args.size, args.steps, args.device, dtype)
 
     rows: list[Row] = []
@@ -424,24 +496,40 @@ def main() -> None:
         for task in tasks:
             rows.append(measure(pipe, task, mode, args, cfg, attention))
             r = rows[-1]
-            print(f"{task.name} {mode}: {r.seconds:.3f}s/image (denoise {r.denoise_seconds:.3f}s), "
-                  f"{r.computed}/{r.calls} passes, runs {r.seconds_all}", flush=True)
+            print(
+                f"{task.name} {mode}: {r.seconds:.3f}s/image (denoise {r.denoise_seconds:.3f}s), "
+                f"{r.computed}/{r.calls} passes, runs {r.seconds_all}",
+                flush=True,
+            )
         free_memory(args.device)
 
     compare(rows)
     peaks = peak_tflops(args)
     add_rates(rows, peaks)
-    floor_note = f"floor at {peaks[0]:g} (bf16) / {peaks[1]:g} (fp8) TFLOP/s dense" if peaks else \
-        "no floor: peak unknown for this device/dtype (--peak-tflops)"
-    rss = f", process max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB" \
-        if not args.device.startswith("cuda") else ""
-    print(f"\nsequence lengths: " + ", ".join(f"{t.name} {t.tokens} tokens" for t in tasks)
-          + f"; {floor_note}; lean attention: {attention}{rss}\n")
+    floor_note = (
+        f"floor at {peaks[0]:g} (bf16) / {peaks[1]:g} (fp8) TFLOP/s dense"
+        if peaks
+        else "no floor: peak unknown for this device/dtype (--peak-tflops)"
+    )
+    rss = (
+        f", process max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+        if not args.device.startswith("cuda")
+        else ""
+    )
+    print(
+        "\nsequence lengths: "
+        + ", ".join(f"{t.name} {t.tokens} tokens" for t in tasks)
+        + f"; {floor_note}; lean attention: {attention}{rss}\n"
+    )
     print(table(rows))
     print(f"\n{watch.report()}")
     if args.json:
-        result = dict(machine=machine_line(args), args=vars(args), config=asdict(cfg),
-                      rows=[{f.name: getattr(r, f.name) for f in fields(r) if f.name != "run"} for r in rows])
+        result = dict(
+            machine=machine_line(args),
+            args=vars(args),
+            config=asdict(cfg),
+            rows=[{f.name: getattr(r, f.name) for f in fields(r) if f.name != "run"} for r in rows],
+        )
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2, default=str)
 

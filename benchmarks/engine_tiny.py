@@ -49,8 +49,16 @@ def main() -> None:
         size = Size(side, side)
         for mode in ("text-to-image", "edit"):
             image = input_image(side) if mode == "edit" else None
-            kwargs = dict(prompt="a red fox in the snow", image=image, output=size,
-                          context=size if image else None, steps=args.steps, guidance=2.5, n=1, seed=0)
+            kwargs = dict(
+                prompt="a red fox in the snow",
+                image=image,
+                output=size,
+                context=size if image else None,
+                steps=args.steps,
+                guidance=2.5,
+                n=1,
+                seed=0,
+            )
             t0 = time.perf_counter()
             engine.run(**kwargs)  # first call at a size: allocator / kernel warm-up
             first = time.perf_counter() - t0
@@ -68,8 +76,10 @@ def main() -> None:
     for side, mode, first, med, lo, hi in rows:
         target = TARGETS_S.get(side) if mode == "edit" else None
         verdict = "" if target is None else ("met" if med < target else "NOT met")
-        print(f"| {side}x{side} | {mode} | {first:.3f} | {med:.3f} | {lo:.3f} | {hi:.3f} | "
-              f"{f'< {target:g} s' if target else ''} | {verdict} |")
+        print(
+            f"| {side}x{side} | {mode} | {first:.3f} | {med:.3f} | {lo:.3f} | {hi:.3f} | "
+            f"{f'< {target:g} s' if target else ''} | {verdict} |"
+        )
     print(f"\n{watch.report()}")
 
 

@@ -29,7 +29,7 @@ import httpx
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CpuWatch, Server, machine  # noqa: E402
+from common import CpuWatch, Server, machine
 
 Case = tuple[str, str, dict[str, str], bytes]  # method, path, headers, body
 JSON = {"content-type": "application/json"}
@@ -63,14 +63,17 @@ def cases() -> dict[str, Callable[[], Case]]:
         return "POST", "/v1/predictions", JSON, b'{"model":"kontext-tiny","input":{"prompt":"a","x":' + items + b"}}"
 
     def edit_json_3x48mb() -> Case:
-        urls = [{"image_url": "data:image/png;base64," + base64.b64encode(noise_png(4000, 4000)).decode()}
-                for _ in range(3)]
+        urls = [
+            {"image_url": "data:image/png;base64," + base64.b64encode(noise_png(4000, 4000)).decode()} for _ in range(3)
+        ]
         body = json.dumps({"model": "kontext-tiny", "prompt": "night", "images": urls}).encode()
         return "POST", "/v1/images/edits?dryRun=true", JSON, body
 
     def phone_photo_edit() -> Case:
-        headers, body = multipart({"model": "kontext-tiny", "prompt": "night", "size": "1024x768",
-                                   "num_inference_steps": "2"}, [("image", "photo.jpg", phone_jpeg())])
+        headers, body = multipart(
+            {"model": "kontext-tiny", "prompt": "night", "size": "1024x768", "num_inference_steps": "2"},
+            [("image", "photo.jpg", phone_jpeg())],
+        )
         return "POST", "/v1/images/edits", headers, body
 
     def gen(body: dict) -> Callable[[], Case]:
@@ -78,10 +81,19 @@ def cases() -> dict[str, Callable[[], Case]]:
 
     return {
         "prompt_10mb_generations": gen({"prompt": prompt}),
-        "prompt_10mb_predictions": lambda: ("POST", "/v1/predictions", JSON,
-                                            json.dumps({"model": "kontext-tiny", "input": {"prompt": prompt}}).encode()),
+        "prompt_10mb_predictions": lambda: (
+            "POST",
+            "/v1/predictions",
+            JSON,
+            json.dumps({"model": "kontext-tiny", "input": {"prompt": prompt}}).encode(),
+        ),
         "tiny_values_28mb": tiny_values,
-        "nested_100k": lambda: ("POST", "/v1/predictions", JSON, b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        "nested_100k": lambda: (
+            "POST",
+            "/v1/predictions",
+            JSON,
+            b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        ),
         "n10_at_2048": gen({"prompt": "a fox", "n": 10, "size": "2048x2048", "num_inference_steps": 2}),
         "local_max_2048_2_steps": gen({"prompt": "a fox", "size": "2048x2048", "num_inference_steps": 2}),
         "local_max_4x1024_2_steps": gen({"prompt": "a fox", "n": 4, "size": "1024x1024", "num_inference_steps": 2}),
@@ -107,14 +119,18 @@ def main() -> None:
     if args.skip:
         wanted = {k: v for k, v in wanted.items() if k not in args.skip.split(",")}
     watch = CpuWatch()
-    print(f"{'case':28} {'body MB':>8} {'status':>6} {'s':>7} {'RSS before':>10} {'peak':>8} {'added':>8} "
-          f"{'after':>8}  (MiB)")
+    print(
+        f"{'case':28} {'body MB':>8} {'status':>6} {'s':>7} {'RSS before':>10} {'peak':>8} {'added':>8} "
+        f"{'after':>8}  (MiB)"
+    )
     with Server() as server:
         assert server.proc is not None
         pid = server.proc.pid
         with httpx.Client(base_url=server.url, timeout=args.timeout) as client:
-            client.post("/v1/images/generations", json={"model": "kontext-tiny", "prompt": "warm up", "size": "64x64",
-                                                        "num_inference_steps": 1})  # loads torch and the model
+            client.post(
+                "/v1/images/generations",
+                json={"model": "kontext-tiny", "prompt": "warm up", "size": "64x64", "num_inference_steps": 1},
+            )  # loads torch and the model
             for name, build in wanted.items():
                 method, path, headers, body = build()
                 time.sleep(0.5)
@@ -128,8 +144,11 @@ def main() -> None:
                     status = type(exc).__name__[:6]
                 seconds = time.perf_counter() - t0
                 peak, after = status_kb(pid, "VmHWM"), status_kb(pid, "VmRSS")
-                print(f"{name:28} {len(body) / 2**20:8.1f} {status:>6} {seconds:7.2f} {before / 1024:10.0f} "
-                      f"{peak / 1024:8.0f} {(peak - before) / 1024:8.0f} {after / 1024:8.0f}", flush=True)
+                print(
+                    f"{name:28} {len(body) / 2**20:8.1f} {status:>6} {seconds:7.2f} {before / 1024:10.0f} "
+                    f"{peak / 1024:8.0f} {(peak - before) / 1024:8.0f} {after / 1024:8.0f}",
+                    flush=True,
+                )
                 del body
     print(machine())
     print(watch.report())

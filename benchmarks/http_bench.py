@@ -20,12 +20,10 @@ import httpx
 
 from common import CpuWatch, Server, cpu_seconds, machine, percentile
 
-GEN_BODY = {"model": "kontext-tiny", "prompt": "a red fox in the snow", "size": "64x64",
-            "response_format": "b64_json"}
+GEN_BODY = {"model": "kontext-tiny", "prompt": "a red fox in the snow", "size": "64x64", "response_format": "b64_json"}
 
 
-async def load(url: str, method: str, body: dict | None, concurrency: int, duration: float,
-               warmup: int) -> dict:
+async def load(url: str, method: str, body: dict | None, concurrency: int, duration: float, warmup: int) -> dict:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=300.0, http2=False) as client:
 
@@ -57,8 +55,14 @@ async def load(url: str, method: str, body: dict | None, concurrency: int, durat
         elapsed = time.perf_counter() - t_start
     latencies.sort()
     ms = [x * 1000 for x in latencies]
-    return {"n": len(ms), "errors": errors, "rps": len(ms) / elapsed,
-            "p50": percentile(ms, 50), "p90": percentile(ms, 90), "p99": percentile(ms, 99)}
+    return {
+        "n": len(ms),
+        "errors": errors,
+        "rps": len(ms) / elapsed,
+        "p50": percentile(ms, 50),
+        "p90": percentile(ms, 90),
+        "p99": percentile(ms, 99),
+    }
 
 
 _UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
@@ -78,10 +82,14 @@ def run_wrk(url: str, connections: int, duration: float) -> dict | None:
     total = re.search(r"(\d+) requests in", out)
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    return {"n": int(total.group(1)) if total else 0,
-            "errors": (int(bad.group(1)) if bad else 0) + (sum(map(int, errs.groups())) if errs else 0),
-            "rps": float(rps.group(1)) if rps else float("nan"),
-            "p50": lat("50"), "p90": lat("90"), "p99": lat("99")}
+    return {
+        "n": int(total.group(1)) if total else 0,
+        "errors": (int(bad.group(1)) if bad else 0) + (sum(map(int, errs.groups())) if errs else 0),
+        "rps": float(rps.group(1)) if rps else float("nan"),
+        "p50": lat("50"),
+        "p90": lat("90"),
+        "p99": lat("99"),
+    }
 
 
 def client_cpu() -> float:
@@ -103,8 +111,12 @@ def measured(server: Server, fn, *args) -> dict | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", type=float, default=None,
-                    help="seconds per measurement (default: 10 for /v1/models, 20 for generations)")
+    ap.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds per measurement (default: 10 for /v1/models, 20 for generations)",
+    )
     ap.add_argument("--port", type=int, default=None, help="server port (default: a free port)")
     ap.add_argument("--skip-generation", action="store_true", help="only measure GET /v1/models")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32], help="client counts (default 1 32)")
@@ -119,8 +131,14 @@ def main() -> None:
         print(f"server up on {server.url} in {server.startup_s:.2f}s")
         models_url = f"{server.url}/v1/models"
         for c in args.concurrency:
-            rows.append(("GET /v1/models", "httpx", c,
-                         measured(server, asyncio.run, load(models_url, "GET", None, c, models_s, 3))))
+            rows.append(
+                (
+                    "GET /v1/models",
+                    "httpx",
+                    c,
+                    measured(server, asyncio.run, load(models_url, "GET", None, c, models_s, 3)),
+                )
+            )
             if (w := measured(server, run_wrk, models_url, c, models_s)) is not None:
                 rows.append(("GET /v1/models", "wrk", c, w))
         if not args.skip_generation:
@@ -129,17 +147,27 @@ def main() -> None:
             httpx.post(gen_url, json=GEN_BODY, timeout=600).raise_for_status()  # builds the model
             print(f"first generation (builds kontext-tiny): {time.perf_counter() - t0:.2f}s")
             for c in args.concurrency:
-                rows.append(("POST /v1/images/generations 64x64", "httpx", c,
-                             measured(server, asyncio.run, load(gen_url, "POST", GEN_BODY, c, gen_s, 1))))
+                rows.append(
+                    (
+                        "POST /v1/images/generations 64x64",
+                        "httpx",
+                        c,
+                        measured(server, asyncio.run, load(gen_url, "POST", GEN_BODY, c, gen_s, 1)),
+                    )
+                )
     if shutil.which("wrk") is None:
         print("(wrk not installed: GET /v1/models measured with the Python client only)")
 
     print()
-    print("| endpoint | client | conc. | requests | errors | req/s | p50 ms | p90 ms | p99 ms | server CPU | client CPU |")
+    print(
+        "| endpoint | client | conc. | requests | errors | req/s | p50 ms | p90 ms | p99 ms | server CPU | client CPU |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, client, c, r in rows:
-        print(f"| {name} | {client} | {c} | {r['n']} | {r['errors']} | {r['rps']:.1f} | "
-              f"{r['p50']:.2f} | {r['p90']:.2f} | {r['p99']:.2f} | {r['server_cpu']:.0f}% | {r['client_cpu']:.0f}% |")
+        print(
+            f"| {name} | {client} | {c} | {r['n']} | {r['errors']} | {r['rps']:.1f} | "
+            f"{r['p50']:.2f} | {r['p90']:.2f} | {r['p99']:.2f} | {r['server_cpu']:.0f}% | {r['client_cpu']:.0f}% |"
+        )
     print(f"\n{watch.report()}")
 
 

@@ -50,6 +50,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+
 from common import (
     CpuWatch,
     _machine_busy,
@@ -115,8 +116,9 @@ def postgres_cpu() -> float:
     return total / hz
 
 
-def _wait_http(proc: subprocess.Popen, port: int, path: str, status: int, what: str, log: Path,
-               timeout: float = 60.0) -> float:
+def _wait_http(
+    proc: subprocess.Popen, port: int, path: str, status: int, what: str, log: Path, timeout: float = 60.0
+) -> float:
     t0 = time.perf_counter()
     while True:
         try:
@@ -157,6 +159,7 @@ async def _admin(server: str, sql: str) -> None:
 
 # -- phase 1: create N predictions through the API ----------------------------------------------------------
 
+
 async def create_all(api_url: str, n: int, clients: int, pids: dict[str, int]) -> dict:
     url = f"{api_url}/v1/models/{MODEL}/predictions"
     todo = iter(range(n))
@@ -193,12 +196,21 @@ async def create_all(api_url: str, n: int, clients: int, pids: dict[str, int]) -
         for c in pool:
             await c.aclose()
     ms = sorted(x * 1000 for x in latencies)
-    return {"ids": ids, "errors": errors, "elapsed": elapsed, "rate": len(ids) / elapsed,
-            "p50": percentile(ms, 50), "p99": percentile(ms, 99),
-            "cpu": cpu, "busy": busy, "rss": (rss0, rss1)}
+    return {
+        "ids": ids,
+        "errors": errors,
+        "elapsed": elapsed,
+        "rate": len(ids) / elapsed,
+        "p50": percentile(ms, 50),
+        "p99": percentile(ms, 99),
+        "cpu": cpu,
+        "busy": busy,
+        "rss": (rss0, rss1),
+    }
 
 
 # -- phase 2: start the workers, wait until every prediction has succeeded ------------------------------------
+
 
 async def run_workers(db, n: int, start_workers, pids: dict[str, int], poll: float, timeout: float) -> dict:
     from sqlalchemy import func, select
@@ -216,7 +228,7 @@ async def run_workers(db, n: int, start_workers, pids: dict[str, int], poll: flo
     try:
         while True:
             async with db.engine.connect() as conn:
-                counts = {status: c for status, c in (await conn.execute(count)).all()}
+                counts = dict((await conn.execute(count)).all())
             for i, w in enumerate(workers):
                 if w.poll() is None:
                     worker_cpu[i] = cpu_seconds(w.pid)
@@ -239,14 +251,30 @@ async def run_workers(db, n: int, start_workers, pids: dict[str, int], poll: flo
             stop_process(w)
     first = next(((k, c) for k, c in samples if k > 0), None)
     last = samples[-1]
-    steady = (1000 * (last[1] - first[1]) / (last[0] - first[0])
-              if first is not None and last[0] > first[0] else float("nan"))
-    return {"spawn_utc": spawn_utc, "polled": polled, "cpu": cpu, "busy": busy, "counts": counts,
-            "worker_ms_steady": steady}
+    steady = (
+        1000 * (last[1] - first[1]) / (last[0] - first[0]) if first is not None and last[0] > first[0] else float("nan")
+    )
+    return {
+        "spawn_utc": spawn_utc,
+        "polled": polled,
+        "cpu": cpu,
+        "busy": busy,
+        "counts": counts,
+        "worker_ms_steady": steady,
+    }
 
 
-async def phase_all(args: argparse.Namespace, backend: str, nworkers: int, data_dir: Path, env: dict[str, str],
-                    api_url: str, pids: dict[str, int], fake_url: str, logs: list[Path]) -> dict:
+async def phase_all(
+    args: argparse.Namespace,
+    backend: str,
+    nworkers: int,
+    data_dir: Path,
+    env: dict[str, str],
+    api_url: str,
+    pids: dict[str, int],
+    fake_url: str,
+    logs: list[Path],
+) -> dict:
     from sqlalchemy import select
 
     from kontext_gateway.config import Settings
@@ -268,9 +296,23 @@ async def phase_all(args: argparse.Namespace, backend: str, nworkers: int, data_
             log = data_dir / f"worker-{i + 1}.log"
             logs.append(log)
             with open(log, "wb") as out:
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "kontext_gateway", "worker", "--concurrency", str(args.concurrency),
-                     "--data-dir", str(data_dir)], env=env, stdout=subprocess.DEVNULL, stderr=out))
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "kontext_gateway",
+                            "worker",
+                            "--concurrency",
+                            str(args.concurrency),
+                            "--data-dir",
+                            str(data_dir),
+                        ],
+                        env=env,
+                        stdout=subprocess.DEVNULL,
+                        stderr=out,
+                    )
+                )
         return procs
 
     url = env.get("DATABASE_URL") or f"sqlite:///{data_dir / 'kontext.db'}"
@@ -278,8 +320,15 @@ async def phase_all(args: argparse.Namespace, backend: str, nworkers: int, data_
     await db.start()
     try:
         done = await run_workers(db, args.jobs, start_workers, pids, args.poll, args.timeout)
-        cols = (RequestRecord.id, RequestRecord.status, RequestRecord.runs, RequestRecord.claimed_by,
-                RequestRecord.created_at, RequestRecord.started_at, RequestRecord.completed_at)
+        cols = (
+            RequestRecord.id,
+            RequestRecord.status,
+            RequestRecord.runs,
+            RequestRecord.claimed_by,
+            RequestRecord.created_at,
+            RequestRecord.started_at,
+            RequestRecord.completed_at,
+        )
         async with db.engine.connect() as conn:
             rows = (await conn.execute(select(*cols))).all()
     finally:
@@ -317,14 +366,26 @@ def summarise(name: str, n: int, nworkers: int, r: dict) -> dict:
     per_worker = sorted(collections.Counter(row.claimed_by for row in succeeded).values(), reverse=True)
     window = {"created": created["elapsed"], "done": done["polled"]}
     return {
-        "name": name, "n": n, "nworkers": nworkers, "created": created, "done": done,
-        "created_rate": created["rate"], "completed_rate": n / total if total else float("nan"),
+        "name": name,
+        "n": n,
+        "nworkers": nworkers,
+        "created": created,
+        "done": done,
+        "created_rate": created["rate"],
+        "completed_rate": n / total if total else float("nan"),
         "steady_rate": (len(completed) - 1) / span if span > 0 else float("nan"),
-        "total_s": total, "first_claim_s": (claimed[0] - spawn).total_seconds() if claimed else float("nan"),
+        "total_s": total,
+        "first_claim_s": (claimed[0] - spawn).total_seconds() if claimed else float("nan"),
         "first_done_s": (completed[0] - spawn).total_seconds() if completed else float("nan"),
-        "p50_queue": percentile(queue, 50), "p50_run": percentile(run, 50), "p99_run": percentile(run, 99),
-        "checks": checks, "per_worker": per_worker, "fake": fake, "window": window,
-        "submits": sum(prompts.values()), "statuses": collections.Counter(row.status for row in rows),
+        "p50_queue": percentile(queue, 50),
+        "p50_run": percentile(run, 50),
+        "p99_run": percentile(run, 99),
+        "checks": checks,
+        "per_worker": per_worker,
+        "fake": fake,
+        "window": window,
+        "submits": sum(prompts.values()),
+        "statuses": collections.Counter(row.status for row in rows),
     }
 
 
@@ -334,8 +395,11 @@ def run_config(args: argparse.Namespace, spec: str) -> dict:
     name = f"{'PostgreSQL' if backend == 'pg' else 'SQLite'}, {nworkers} worker{'s' if nworkers > 1 else ''}"
     print(f"\n{name} (--concurrency {args.concurrency} each), {args.jobs} predictions", flush=True)
     data_dir = Path(tempfile.mkdtemp(prefix="kontext-predbench-"))
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("DATABASE_URL", "KONTEXT_DATABASE_URL", "KONTEXT_CONFIG")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("DATABASE_URL", "KONTEXT_DATABASE_URL", "KONTEXT_CONFIG")
+    }
     pg_name = None
     if backend == "pg":
         pg_name = f"kontext_bench_{uuid.uuid4().hex[:10]}"
@@ -343,29 +407,53 @@ def run_config(args: argparse.Namespace, spec: str) -> dict:
             asyncio.run(_admin(args.pg_server, f'CREATE DATABASE "{pg_name}"'))
         except OSError as exc:
             shutil.rmtree(data_dir, ignore_errors=True)
-            raise SystemExit(f"PostgreSQL at {args.pg_server} is not reachable ({exc}); "
-                             "run only SQLite with --configs sqlite:1") from None
+            raise SystemExit(
+                f"PostgreSQL at {args.pg_server} is not reachable ({exc}); run only SQLite with --configs sqlite:1"
+            ) from None
         env["DATABASE_URL"] = f"{args.pg_server}/{pg_name}"
     fake_port, api_port = free_port(), free_port()
-    env.update(REPLICATE_API_TOKEN=TOKEN, REPLICATE_BASE_URL=f"http://127.0.0.1:{fake_port}",
-               KONTEXT_DATA_DIR=str(data_dir))
+    env.update(
+        REPLICATE_API_TOKEN=TOKEN, REPLICATE_BASE_URL=f"http://127.0.0.1:{fake_port}", KONTEXT_DATA_DIR=str(data_dir)
+    )
     fake_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), env.get("PYTHONPATH")]))}
     logs = [data_dir / "fake.log", data_dir / "api.log"]
     fake = api = None
     try:
         with open(logs[0], "wb") as out:
-            fake = subprocess.Popen([sys.executable, "-c", FAKE_CODE, str(fake_port), TOKEN, str(args.scale)],
-                                    env=fake_env, stdout=out, stderr=subprocess.STDOUT)
+            fake = subprocess.Popen(
+                [sys.executable, "-c", FAKE_CODE, str(fake_port), TOKEN, str(args.scale)],
+                env=fake_env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         _wait_http(fake, fake_port, "/results/none.png", 404, "the fake Replicate", logs[0])
         with open(logs[1], "wb") as out:
-            api = subprocess.Popen([*server_command(api_port, str(data_dir)), "--workers", "0"], env=env,
-                                   stdout=out, stderr=subprocess.STDOUT)
+            api = subprocess.Popen(
+                [*server_command(api_port, str(data_dir)), "--workers", "0"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         up = _wait_http(api, api_port, "/health", 200, "kontext serve", logs[1])
-        print(f"  fake Replicate pid {fake.pid}, API pid {api.pid} (up in {up:.2f} s), data dir {data_dir}"
-              + (f", database {pg_name}" if pg_name else ""), flush=True)
+        print(
+            f"  fake Replicate pid {fake.pid}, API pid {api.pid} (up in {up:.2f} s), data dir {data_dir}"
+            + (f", database {pg_name}" if pg_name else ""),
+            flush=True,
+        )
         pids = {"api": api.pid, "fake": fake.pid}
-        r = asyncio.run(phase_all(args, backend, nworkers, data_dir, env, f"http://127.0.0.1:{api_port}", pids,
-                                  f"http://127.0.0.1:{fake_port}", logs))
+        r = asyncio.run(
+            phase_all(
+                args,
+                backend,
+                nworkers,
+                data_dir,
+                env,
+                f"http://127.0.0.1:{api_port}",
+                pids,
+                f"http://127.0.0.1:{fake_port}",
+                logs,
+            )
+        )
         s = summarise(name, args.jobs, nworkers, r)
         s["log_lines"] = sum(p.read_bytes().count(b"\n") for p in logs if p.name.startswith("worker"))
         return s
@@ -388,60 +476,81 @@ def _cpu(cpu_s: float, window: float, jobs: int) -> str:
 
 
 def report(results: list[dict], args: argparse.Namespace) -> None:
-    print(f"\n{args.jobs} predictions per configuration, {args.clients} concurrent creating clients, "
-          f"`kontext worker --concurrency {args.concurrency}`, fake image scale {args.scale:g}. CPU: % of one core "
-          "over the phase (CPU-ms per prediction in brackets).\n")
+    print(
+        f"\n{args.jobs} predictions per configuration, {args.clients} concurrent creating clients, "
+        f"`kontext worker --concurrency {args.concurrency}`, fake image scale {args.scale:g}. CPU: % of one core "
+        "over the phase (CPU-ms per prediction in brackets).\n"
+    )
     print("Creation (`kontext serve --workers 0`, no worker running):\n")
-    print("| config | N | created/s | create p50 ms | create p99 ms | API CPU | PostgreSQL CPU | PG connections opened "
-          "| fake CPU | client CPU | machine busy | API RSS before → after |")
+    print(
+        "| config | N | created/s | create p50 ms | create p99 ms | API CPU | PostgreSQL CPU | PG connections opened "
+        "| fake CPU | client CPU | machine busy | API RSS before → after |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in results:
         c, w, n = s["created"], s["window"]["created"], s["n"]
-        print(f"| {s['name']} | {n} | **{s['created_rate']:.1f}** | {c['p50']:.1f} | {c['p99']:.1f} | "
-              f"{_cpu(c['cpu']['api'], w, n)} | {_cpu(c['cpu']['postgres'], w, n)} | {c.get('sessions', '–')} | "
-              f"{_cpu(c['cpu']['fake'], w, n)} | "
-              f"{_cpu(c['cpu']['client'], w, n)} | "
-              f"{100 * c['busy'] / w:.0f}% | {c['rss'][0]:.1f} → {c['rss'][1]:.1f} MiB |")
+        print(
+            f"| {s['name']} | {n} | **{s['created_rate']:.1f}** | {c['p50']:.1f} | {c['p99']:.1f} | "
+            f"{_cpu(c['cpu']['api'], w, n)} | {_cpu(c['cpu']['postgres'], w, n)} | {c.get('sessions', '–')} | "
+            f"{_cpu(c['cpu']['fake'], w, n)} | "
+            f"{_cpu(c['cpu']['client'], w, n)} | "
+            f"{100 * c['busy'] / w:.0f}% | {c['rss'][0]:.1f} → {c['rss'][1]:.1f} MiB |"
+        )
     print("\nCompletion (worker processes spawned with N predictions waiting; times from the spawn):\n")
-    print("| config | N | completed/s | steady/s | all done s | first claim s | first done s | p50 created→done ms "
-          "| p50 / p99 claimed→done ms | workers' CPU (each) | worker CPU-ms/job steady | PostgreSQL CPU "
-          "| PG connections opened | fake CPU | API CPU | client CPU | machine busy |")
+    print(
+        "| config | N | completed/s | steady/s | all done s | first claim s | first done s | p50 created→done ms "
+        "| p50 / p99 claimed→done ms | workers' CPU (each) | worker CPU-ms/job steady | PostgreSQL CPU "
+        "| PG connections opened | fake CPU | API CPU | client CPU | machine busy |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in results:
         d, w, n = s["done"], s["window"]["done"], s["n"]
         names = [k for k in d["cpu"] if k.startswith("worker")]
         total = sum(d["cpu"][k] for k in names)
         each = ", ".join(f"{100 * d['cpu'][k] / w:.0f}%" for k in names)
-        print(f"| {s['name']} | {n} | **{s['completed_rate']:.1f}** | {s['steady_rate']:.1f} | {s['total_s']:.2f} | "
-              f"{s['first_claim_s']:.2f} | {s['first_done_s']:.2f} | {s['p50_queue']:.0f} | "
-              f"{s['p50_run']:.0f} / {s['p99_run']:.0f} | {_cpu(total, w, n)} [{each}] | {d['worker_ms_steady']:.2f} | "
-              f"{_cpu(d['cpu']['postgres'], w, n)} | {d.get('sessions', '–')} | {_cpu(d['cpu']['fake'], w, n)} | "
-              f"{_cpu(d['cpu']['api'], w, n)} | "
-              f"{_cpu(d['cpu']['client'], w, n)} | "
-              f"{100 * d['busy'] / w:.0f}% |")
+        print(
+            f"| {s['name']} | {n} | **{s['completed_rate']:.1f}** | {s['steady_rate']:.1f} | {s['total_s']:.2f} | "
+            f"{s['first_claim_s']:.2f} | {s['first_done_s']:.2f} | {s['p50_queue']:.0f} | "
+            f"{s['p50_run']:.0f} / {s['p99_run']:.0f} | {_cpu(total, w, n)} [{each}] | {d['worker_ms_steady']:.2f} | "
+            f"{_cpu(d['cpu']['postgres'], w, n)} | {d.get('sessions', '–')} | {_cpu(d['cpu']['fake'], w, n)} | "
+            f"{_cpu(d['cpu']['api'], w, n)} | "
+            f"{_cpu(d['cpu']['client'], w, n)} | "
+            f"{100 * d['busy'] / w:.0f}% |"
+        )
     print("\nChecks:\n")
     for s in results:
         ok = all(s["checks"].values())
         detail = ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in s["checks"].items())
-        print(f"- {s['name']}: {'all passed' if ok else 'FAILED'} ({detail}); statuses {dict(s['statuses'])}; "
-              f"fake: {s['submits']} submits, {s['fake']['downloads']} downloads, {s['fake']['requests']} requests; "
-              f"jobs per worker {s['per_worker']}; worker log lines {s['log_lines']}")
+        print(
+            f"- {s['name']}: {'all passed' if ok else 'FAILED'} ({detail}); statuses {dict(s['statuses'])}; "
+            f"fake: {s['submits']} submits, {s['fake']['downloads']} downloads, {s['fake']['requests']} requests; "
+            f"jobs per worker {s['per_worker']}; worker log lines {s['log_lines']}"
+        )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", "-n", type=int, default=500, help="predictions per configuration (default 500)")
-    ap.add_argument("--configs", nargs="+", default=["sqlite:1", "pg:1", "pg:3"], metavar="BACKEND:WORKERS",
-                    help="backend (sqlite or pg) and number of worker processes (default sqlite:1 pg:1 pg:3)")
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        default=["sqlite:1", "pg:1", "pg:3"],
+        metavar="BACKEND:WORKERS",
+        help="backend (sqlite or pg) and number of worker processes (default sqlite:1 pg:1 pg:3)",
+    )
     ap.add_argument("--concurrency", type=int, default=8, help="`kontext worker --concurrency` (default 8)")
     ap.add_argument("--clients", type=int, default=16, help="concurrent creating clients (default 16)")
     ap.add_argument("--poll", type=float, default=0.25, help="seconds between count queries (default 0.25)")
     ap.add_argument("--timeout", type=float, default=600.0, help="give up on a configuration after S s (default 600)")
-    ap.add_argument("--scale", type=float, default=0.25,
-                    help="the fake's image scale (0.25 = 256x256 PNG for 1:1, the default)")
-    ap.add_argument("--pg-server", default=PG_SERVER,
-                    help=f"PostgreSQL server URL without a database (default {PG_SERVER}); the benchmark creates "
-                         "and drops a database `kontext_bench_<hex>` on it for each pg configuration")
+    ap.add_argument(
+        "--scale", type=float, default=0.25, help="the fake's image scale (0.25 = 256x256 PNG for 1:1, the default)"
+    )
+    ap.add_argument(
+        "--pg-server",
+        default=PG_SERVER,
+        help=f"PostgreSQL server URL without a database (default {PG_SERVER}); the benchmark creates "
+        "and drops a database `kontext_bench_<hex>` on it for each pg configuration",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temp data dirs (logs, SQLite file, blobs)")
     args = ap.parse_args()
     for spec in args.configs:
@@ -458,9 +567,11 @@ def main() -> None:
     (busy, steal), wall = _machine_busy(), time.perf_counter() - watch.t0
     others = max(0.0, busy - watch.busy0 - (_own_and_children_cpu() - watch.own0) - pg)
     ncpu = len(os.sched_getaffinity(0))
-    print(f"\nother processes used {others:.1f} CPU-s over {wall:.0f} s ({100 * others / (wall * ncpu):.0f}% of the "
-          f"machine), steal {steal - watch.steal0:.1f} s; the PostgreSQL server, not counted there, used {pg:.1f} CPU-s"
-          + ("  <-- results are skewed by other load" if others > 0.05 * wall * ncpu else ""))
+    print(
+        f"\nother processes used {others:.1f} CPU-s over {wall:.0f} s ({100 * others / (wall * ncpu):.0f}% of the "
+        f"machine), steal {steal - watch.steal0:.1f} s; the PostgreSQL server, not counted there, used {pg:.1f} CPU-s"
+        + ("  <-- results are skewed by other load" if others > 0.05 * wall * ncpu else "")
+    )
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 import httpx
+
 from common import (
     CpuWatch,
     Server,
@@ -78,7 +79,7 @@ class FakeUpstream:
     def __init__(self, scale: float) -> None:
         self.port = free_port()
         self.scale = scale
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115
+        self.log = tempfile.TemporaryFile()
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -86,10 +87,16 @@ class FakeUpstream:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> FakeUpstream:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"),
-                                                                         os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen([sys.executable, "-c", FAKE_CODE, str(self.port), TOKEN, str(self.scale)],
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])),
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", FAKE_CODE, str(self.port), TOKEN, str(self.scale)],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         t0 = time.perf_counter()
         while True:
             try:
@@ -113,8 +120,9 @@ def direct_request(fake_url: str):
     headers = {"Authorization": f"Bearer {TOKEN}", "Prefer": "wait=5"}
 
     async def one(client: httpx.AsyncClient) -> None:
-        body = {"input": {"prompt": PROMPT, "aspect_ratio": "1:1", "output_format": "png",
-                          "seed": random.randrange(2**32)}}
+        body = {
+            "input": {"prompt": PROMPT, "aspect_ratio": "1:1", "output_format": "png", "seed": random.randrange(2**32)}
+        }
         r = await client.post(url, json=body, headers=headers)
         r.raise_for_status()
         prediction = r.json()
@@ -149,6 +157,7 @@ def _own_cpu() -> float:
 async def load(one, concurrency: int, duration: float, warmup: float, pids: dict[str, int], pool: str) -> dict:
     """`concurrency` workers, each sending requests back to back. pool="shared": one AsyncClient with
     a pool of `concurrency` connections; pool="per-worker": one AsyncClient (one connection) per worker."""
+
     def new_client(size: int) -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
         return httpx.AsyncClient(limits=limits, timeout=60.0, http2=False)
@@ -192,14 +201,21 @@ async def load(one, concurrency: int, duration: float, warmup: float, pids: dict
     latencies.sort()
     ms = [x * 1000 for x in latencies]
     n = len(ms)
-    return {"n": n, "errors": errors, "rps": n / elapsed,
-            "p50": percentile(ms, 50), "p90": percentile(ms, 90), "p99": percentile(ms, 99),
-            "cpu_pct": {k: 100 * v / elapsed for k, v in cpu.items()},
-            "cpu_ms": {k: 1000 * v / n if n else float("nan") for k, v in cpu.items()},
-            "machine_pct": 100 * busy / elapsed}
+    return {
+        "n": n,
+        "errors": errors,
+        "rps": n / elapsed,
+        "p50": percentile(ms, 50),
+        "p90": percentile(ms, 90),
+        "p99": percentile(ms, 99),
+        "cpu_pct": {k: 100 * v / elapsed for k, v in cpu.items()},
+        "cpu_ms": {k: 1000 * v / n if n else float("nan") for k, v in cpu.items()},
+        "machine_pct": 100 * busy / elapsed,
+    }
 
 
 # -- --parts: what one gateway request costs, part by part, in-process ----------------------------------
+
 
 async def _parts(fake_url: str, data_dir: Path, n: int) -> list[tuple[str, float, float, float]]:
     """The gateway's own pieces timed one at a time, sequentially, on the loop uvicorn uses (uvloop),
@@ -208,7 +224,6 @@ async def _parts(fake_url: str, data_dir: Path, n: int) -> list[tuple[str, float
 
     sys.path.insert(0, str(ROOT / "tests"))
     from fakes.common import make_image
-
     from kontext_gateway.config import Settings
     from kontext_gateway.gateway import Gateway
     from kontext_gateway.imaging import decode_image
@@ -237,18 +252,33 @@ async def _parts(fake_url: str, data_dir: Path, n: int) -> list[tuple[str, float
         png = make_image(256, 256, "png", seed=0)
         fields = {"model": GATEWAY_MODEL, "prompt": PROMPT, "response_format": "url"}
         job, forced, req, _, _ = await gw.images._prepare("req_x", "text-to-image", fields, [], None, OPEN)
-        job_params = to_params(job, input_blob_ids=[], response_format="url", requested_model=req.model,
-                               forced=forced.config_key if forced else None, provider=None)
+        job_params = to_params(
+            job,
+            input_blob_ids=[],
+            response_format="url",
+            requested_model=req.model,
+            forced=forced.config_key if forced else None,
+            provider=None,
+        )
         client = gw.providers["replicate"].client
 
         async def prepare() -> None:
             await gw.images._prepare("req_x", "text-to-image", fields, [], None, OPEN)
 
         async def upstream_calls() -> None:
-            body = {"input": {"prompt": PROMPT, "seed": random.randrange(2**32), "aspect_ratio": "1:1",
-                              "output_format": "png"}}
-            r = await client.post(f"{fake_url}/v1/models/{UPSTREAM_MODEL}/predictions", json=body,
-                                  headers={"Authorization": f"Bearer {TOKEN}", "Prefer": "wait=5"})
+            body = {
+                "input": {
+                    "prompt": PROMPT,
+                    "seed": random.randrange(2**32),
+                    "aspect_ratio": "1:1",
+                    "output_format": "png",
+                }
+            }
+            r = await client.post(
+                f"{fake_url}/v1/models/{UPSTREAM_MODEL}/predictions",
+                json=body,
+                headers={"Authorization": f"Bearer {TOKEN}", "Prefer": "wait=5"},
+            )
             await client.get(r.json()["output"])
 
         async def decode() -> None:
@@ -263,25 +293,41 @@ async def _parts(fake_url: str, data_dir: Path, n: int) -> list[tuple[str, float
 
         async def db_writes() -> None:
             rid = "req_" + os.urandom(16).hex()
-            await gw.db.create_request(id=rid, endpoint="images.generations", model=job.model.id,
-                                       mode="text-to-image", params=job_params)
+            await gw.db.create_request(
+                id=rid, endpoint="images.generations", model=job.model.id, mode="text-to-image", params=job_params
+            )
             await gw.db.mark_running(rid, provider=GATEWAY_MODEL)
-            await gw.db.mark_succeeded(rid, provider=GATEWAY_MODEL, cost=0.04, currency="USD",
-                                       output_blob_ids=["0" * 64 + ".png"], attempts=[{"provider": "replicate"}],
-                                       output_size="256x256", output_format="png", duration_ms=10)
+            await gw.db.mark_succeeded(
+                rid,
+                provider=GATEWAY_MODEL,
+                cost=0.04,
+                currency="USD",
+                output_blob_ids=["0" * 64 + ".png"],
+                attempts=[{"provider": "replicate"}],
+                output_size="256x256",
+                output_format="png",
+                duration_ms=10,
+            )
 
         con = sqlite3.connect(data_dir / "raw.db", isolation_level=None)
-        for pragma in ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL",
-                       "CREATE TABLE r (id TEXT PRIMARY KEY, status TEXT, params TEXT, attempts TEXT, blobs TEXT)"):
+        for pragma in (
+            "PRAGMA journal_mode=WAL",
+            "PRAGMA synchronous=NORMAL",
+            "CREATE TABLE r (id TEXT PRIMARY KEY, status TEXT, params TEXT, attempts TEXT, blobs TEXT)",
+        ):
             con.execute(pragma)
         params = json.dumps(job_params)
 
         async def raw_writes() -> None:
             rid = os.urandom(16).hex()
-            for sql, values in (("INSERT INTO r VALUES (?, 'queued', ?, '[]', '[]')", (rid, params)),
-                                ("UPDATE r SET status = 'running' WHERE id = ?", (rid,)),
-                                ("UPDATE r SET status = 'succeeded', attempts = ?, blobs = ? WHERE id = ?",
-                                 ('[{"provider": "replicate"}]', '["x.png"]', rid))):
+            for sql, values in (
+                ("INSERT INTO r VALUES (?, 'queued', ?, '[]', '[]')", (rid, params)),
+                ("UPDATE r SET status = 'running' WHERE id = ?", (rid,)),
+                (
+                    "UPDATE r SET status = 'succeeded', attempts = ?, blobs = ? WHERE id = ?",
+                    ('[{"provider": "replicate"}]', '["x.png"]', rid),
+                ),
+            ):
                 con.execute("BEGIN")
                 con.execute(sql, values)
                 con.execute("COMMIT")
@@ -329,16 +375,33 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per measurement (default 20)")
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up load before each (default 3)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64], help="client counts (default 1 64)")
-    ap.add_argument("--only", choices=["direct", "gateway"], default=None,
-                    help="measure one path only (e.g. while profiling the gateway with py-spy)")
-    ap.add_argument("--pool", choices=["per-worker", "shared"], default="per-worker",
-                    help="per-worker (default): each client has its own AsyncClient with one keep-alive "
-                         "connection; shared: one AsyncClient whose pool holds `concurrency` connections "
-                         "(httpx's pool costs CPU that grows with its size, see RESULTS.md)")
-    ap.add_argument("--scale", type=float, default=0.25,
-                    help="the fake's image scale (ResultStore.scale; 0.25 = 256x256 PNG for 1:1, the default)")
-    ap.add_argument("--parts", type=int, metavar="N", default=None,
-                    help="instead: time the gateway's parts in-process, N calls each (no HTTP server)")
+    ap.add_argument(
+        "--only",
+        choices=["direct", "gateway"],
+        default=None,
+        help="measure one path only (e.g. while profiling the gateway with py-spy)",
+    )
+    ap.add_argument(
+        "--pool",
+        choices=["per-worker", "shared"],
+        default="per-worker",
+        help="per-worker (default): each client has its own AsyncClient with one keep-alive "
+        "connection; shared: one AsyncClient whose pool holds `concurrency` connections "
+        "(httpx's pool costs CPU that grows with its size, see RESULTS.md)",
+    )
+    ap.add_argument(
+        "--scale",
+        type=float,
+        default=0.25,
+        help="the fake's image scale (ResultStore.scale; 0.25 = 256x256 PNG for 1:1, the default)",
+    )
+    ap.add_argument(
+        "--parts",
+        type=int,
+        metavar="N",
+        default=None,
+        help="instead: time the gateway's parts in-process, N calls each (no HTTP server)",
+    )
     args = ap.parse_args()
     if args.parts:
         run_parts(args.parts, args.scale)
@@ -354,8 +417,11 @@ def main() -> None:
     rows: list[tuple[str, int, dict]] = []
     try:
         with Server() as server:
-            print(f"fake Replicate on {fake.url} (pid {fake.proc.pid}), gateway on {server.url} "
-                  f"(pid {server.proc.pid}, up in {server.startup_s:.2f}s)", flush=True)
+            print(
+                f"fake Replicate on {fake.url} (pid {fake.proc.pid}), gateway on {server.url} "
+                f"(pid {server.proc.pid}, up in {server.startup_s:.2f}s)",
+                flush=True,
+            )
             pids = {"gateway": server.proc.pid, "fake": fake.proc.pid}
             paths = [("direct", direct_request(fake.url)), ("gateway", gateway_request(server.url))]
             for c in args.concurrency:
@@ -367,27 +433,37 @@ def main() -> None:
     finally:
         fake.stop()
 
-    print(f"\n{args.duration:g} s per measurement after {args.warmup:g} s of warm-up, client pool {args.pool}; "
-          "latencies in ms; "
-          "CPU in % of one core and CPU-ms per request, over the timed window\n")
-    print("| path | clients | requests | errors | req/s | p50 | p90 | p99 | gateway CPU | fake CPU | client CPU "
-          "| machine busy |")
+    print(
+        f"\n{args.duration:g} s per measurement after {args.warmup:g} s of warm-up, client pool {args.pool}; "
+        "latencies in ms; "
+        "CPU in % of one core and CPU-ms per request, over the timed window\n"
+    )
+    print(
+        "| path | clients | requests | errors | req/s | p50 | p90 | p99 | gateway CPU | fake CPU | client CPU "
+        "| machine busy |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, c, r in rows:
         cpu = " | ".join(f"{r['cpu_pct'][k]:.0f}% ({r['cpu_ms'][k]:.2f} ms)" for k in ("gateway", "fake", "client"))
-        print(f"| {name} | {c} | {r['n']} | {r['errors']} | {r['rps']:.1f} | {r['p50']:.2f} | {r['p90']:.2f} | "
-              f"{r['p99']:.2f} | {cpu} | {r['machine_pct']:.0f}% |")
+        print(
+            f"| {name} | {c} | {r['n']} | {r['errors']} | {r['rps']:.1f} | {r['p50']:.2f} | {r['p90']:.2f} | "
+            f"{r['p99']:.2f} | {cpu} | {r['machine_pct']:.0f}% |"
+        )
     by = {(name, c): r for name, c, r in rows}
     added = [c for c in args.concurrency if ("direct", c) in by and ("gateway", c) in by]
     if added:
-        print("\nAdded latency = gateway percentile - direct percentile (a difference of percentiles, "
-              "not a percentile of differences):\n")
+        print(
+            "\nAdded latency = gateway percentile - direct percentile (a difference of percentiles, "
+            "not a percentile of differences):\n"
+        )
         print("| clients | p50 direct | p50 gateway | added p50 | p99 direct | p99 gateway | added p99 |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for c in added:
             d, g = by[("direct", c)], by[("gateway", c)]
-            print(f"| {c} | {d['p50']:.2f} | {g['p50']:.2f} | {g['p50'] - d['p50']:+.2f} | "
-                  f"{d['p99']:.2f} | {g['p99']:.2f} | {g['p99'] - d['p99']:+.2f} |")
+            print(
+                f"| {c} | {d['p50']:.2f} | {g['p50']:.2f} | {g['p50'] - d['p50']:+.2f} | "
+                f"{d['p99']:.2f} | {g['p99']:.2f} | {g['p99'] - d['p99']:+.2f} |"
+            )
     print(f"\n{watch.report()}")
 
 

@@ -61,8 +61,10 @@ def main() -> None:
                 body = {"model": "kontext-tiny", "prompt": "a fox", "size": "64x64", "response_format": "b64_json"}
                 httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=300).raise_for_status()
                 rss_gen = rss_mb(server.proc.pid)
-        print(f"run {i + 1}: start-up {server.startup_s:.3f}s, RSS {rss_start[-1]:.1f} MiB idle, "
-              f"{rss_models[-1]:.1f} MiB after GET /v1/models, libtorch mapped: {mapped[-1]}")
+        print(
+            f"run {i + 1}: start-up {server.startup_s:.3f}s, RSS {rss_start[-1]:.1f} MiB idle, "
+            f"{rss_models[-1]:.1f} MiB after GET /v1/models, libtorch mapped: {mapped[-1]}"
+        )
 
     out = subprocess.run([sys.executable, "-c", TORCH_CHECK], capture_output=True, text=True, check=True)
     torch_loaded, others = out.stdout.strip().split(" ", 1)
@@ -75,16 +77,23 @@ def main() -> None:
     print()
     print("| metric | value | target | |")
     print("|---|---:|---|---|")
-    print(f"| start-up, min / median of {args.runs} | {min(times):.3f} s / {startup_med:.3f} s "
-          f"| < {STARTUP_TARGET_S:g} s | {verdict(startup_med < STARTUP_TARGET_S)} |")
+    print(
+        f"| start-up, min / median of {args.runs} | {min(times):.3f} s / {startup_med:.3f} s "
+        f"| < {STARTUP_TARGET_S:g} s | {verdict(startup_med < STARTUP_TARGET_S)} |"
+    )
     print(f"| idle RSS after start-up (median) | {statistics.median(rss_start):.1f} MiB | | |")
-    print(f"| idle RSS after GET /v1/models (max) | {rss_max:.1f} MiB "
-          f"| < {RSS_TARGET_MB:g} MB | {verdict(rss_max < RSS_TARGET_MB)} |")
+    print(
+        f"| idle RSS after GET /v1/models (max) | {rss_max:.1f} MiB "
+        f"| < {RSS_TARGET_MB:g} MB | {verdict(rss_max < RSS_TARGET_MB)} |"
+    )
     print(f"| RSS after one kontext-tiny generation (torch loaded; reference) | {rss_gen:.1f} MiB | | |")
-    print(f"| torch imported at idle (TestClient, in-process) | {torch_loaded} (also loaded: {others}) "
-          f"| False | {verdict(torch_loaded == 'False')} |")
+    print(
+        f"| torch imported at idle (TestClient, in-process) | {torch_loaded} (also loaded: {others}) "
+        f"| False | {verdict(torch_loaded == 'False')} |"
+    )
     print(f"| libtorch mapped in the idle server | {any(mapped)} | False | {verdict(not any(mapped))} |")
-    print(f"\nall targets {'met' if startup_med < STARTUP_TARGET_S and rss_max < RSS_TARGET_MB and no_torch else 'NOT all met'}")
+    met = startup_med < STARTUP_TARGET_S and rss_max < RSS_TARGET_MB and no_torch
+    print(f"\nall targets {'met' if met else 'NOT all met'}")
     print(watch.report())
 
 

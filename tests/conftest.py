@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import uuid
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +35,7 @@ def running_server(settings: Settings) -> Iterator[str]:
         yield url
 
 
-def wait_healthy(url: str, proc: "subprocess.Popen[bytes]", log: Path | None = None, timeout: float = 60) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path | None = None, timeout: float = 60) -> None:
     """Until a `kontext serve` process answers /health; fails with its log if it exits or hangs."""
     deadline = time.monotonic() + timeout
     while True:
@@ -50,7 +50,7 @@ def wait_healthy(url: str, proc: "subprocess.Popen[bytes]", log: Path | None = N
         time.sleep(0.1)
 
 
-def stop(proc: "subprocess.Popen[bytes] | None") -> None:
+def stop(proc: subprocess.Popen[bytes] | None) -> None:
     """SIGTERM, then SIGKILL after 20 s."""
     if proc is None or proc.poll() is not None:
         return
@@ -113,7 +113,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 
 
 @pytest.fixture(scope="module")
-def engine() -> "KontextEngine":
+def engine() -> KontextEngine:
     """kontext-tiny on the CPU, built once per module (a module may override it)."""
     from kontext_gateway.engine.pipeline import KontextEngine
 
@@ -129,7 +129,7 @@ def digest(images: list[Image.Image]) -> str:
 
 
 @pytest.fixture(scope="module")
-def upstreams() -> Iterator["Upstreams"]:
+def upstreams() -> Iterator[Upstreams]:
     """The four upstream fakes, each served on its own loopback port (one set per test module)."""
     from contextlib import ExitStack
 

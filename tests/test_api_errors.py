@@ -46,27 +46,30 @@ def one(data: bytes, name: str = "a.png") -> list:
     return [("image", (name, data, "image/png"))]
 
 
-@pytest.mark.parametrize("body,code,param", [
-    ({}, "missing_required_parameter", "prompt"),
-    ({"prompt": ""}, "invalid_value", "prompt"),
-    ({"prompt": "   "}, "invalid_value", "prompt"),
-    ({"prompt": 12}, "invalid_type", "prompt"),
-    ({"prompt": "x", "n": 0}, "integer_out_of_range", "n"),
-    ({"prompt": "x", "n": 11}, "integer_out_of_range", "n"),
-    ({"prompt": "x", "n": "many"}, "invalid_type", "n"),
-    ({"prompt": "x", "size": "huge"}, "invalid_size", "size"),
-    ({"prompt": "x", "size": "4096x4096"}, "invalid_size", "size"),
-    ({"prompt": "x", "size": "0x64"}, "invalid_size", "size"),
-    ({"prompt": "x", "size": "20000x1"}, "invalid_size", "size"),
-    ({"prompt": "x", "size": None, "aspect_ratio": "wide"}, "invalid_aspect_ratio", "aspect_ratio"),
-    ({"prompt": "x", "size": None, "resolution": "8X"}, "invalid_resolution", "resolution"),
-    ({"prompt": "x", "output_format": "bmp"}, "invalid_value", "output_format"),
-    ({"prompt": "x", "response_format": "binary"}, "invalid_value", "response_format"),
-    ({"prompt": "x", "output_compression": 101}, "integer_out_of_range", "output_compression"),
-    ({"prompt": "x", "seed": -1}, "integer_out_of_range", "seed"),
-    ({"prompt": "x", "num_inference_steps": 0}, "integer_out_of_range", "num_inference_steps"),
-    ({"prompt": "x", "stream": True, "partial_images": 4}, "integer_out_of_range", "partial_images"),
-])
+@pytest.mark.parametrize(
+    "body,code,param",
+    [
+        ({}, "missing_required_parameter", "prompt"),
+        ({"prompt": ""}, "invalid_value", "prompt"),
+        ({"prompt": "   "}, "invalid_value", "prompt"),
+        ({"prompt": 12}, "invalid_type", "prompt"),
+        ({"prompt": "x", "n": 0}, "integer_out_of_range", "n"),
+        ({"prompt": "x", "n": 11}, "integer_out_of_range", "n"),
+        ({"prompt": "x", "n": "many"}, "invalid_type", "n"),
+        ({"prompt": "x", "size": "huge"}, "invalid_size", "size"),
+        ({"prompt": "x", "size": "4096x4096"}, "invalid_size", "size"),
+        ({"prompt": "x", "size": "0x64"}, "invalid_size", "size"),
+        ({"prompt": "x", "size": "20000x1"}, "invalid_size", "size"),
+        ({"prompt": "x", "size": None, "aspect_ratio": "wide"}, "invalid_aspect_ratio", "aspect_ratio"),
+        ({"prompt": "x", "size": None, "resolution": "8X"}, "invalid_resolution", "resolution"),
+        ({"prompt": "x", "output_format": "bmp"}, "invalid_value", "output_format"),
+        ({"prompt": "x", "response_format": "binary"}, "invalid_value", "response_format"),
+        ({"prompt": "x", "output_compression": 101}, "integer_out_of_range", "output_compression"),
+        ({"prompt": "x", "seed": -1}, "integer_out_of_range", "seed"),
+        ({"prompt": "x", "num_inference_steps": 0}, "integer_out_of_range", "num_inference_steps"),
+        ({"prompt": "x", "stream": True, "partial_images": 4}, "integer_out_of_range", "partial_images"),
+    ],
+)
 def test_generation_validation(http: httpx.Client, body: dict, code: str, param: str) -> None:
     assert_error(gen(http, **body), 400, code, param)
 
@@ -89,8 +92,9 @@ def test_model_without_provider_is_503_with_reason(http: httpx.Client) -> None:
 
 
 def test_unknown_forced_provider(http: httpx.Client) -> None:
-    resp = http.post("/v1/images/generations", json={"model": "kontext-tiny", "prompt": "x"},
-                     headers={"x-provider": "replicate"})
+    resp = http.post(
+        "/v1/images/generations", json={"model": "kontext-tiny", "prompt": "x"}, headers={"x-provider": "replicate"}
+    )
     assert_error(resp, 400, "provider_not_found", "x-provider")
 
 
@@ -102,8 +106,11 @@ def test_invalid_json(http: httpx.Client) -> None:
 
 
 def test_edit_without_image(http: httpx.Client, client: OpenAI) -> None:
-    resp = http.post("/v1/images/edits", data={"model": "kontext-tiny", "prompt": "x"},
-                     files={"unused": ("", b"", "application/octet-stream")})
+    resp = http.post(
+        "/v1/images/edits",
+        data={"model": "kontext-tiny", "prompt": "x"},
+        files={"unused": ("", b"", "application/octet-stream")},
+    )
     assert resp.status_code == 400
     resp = http.post("/v1/images/edits", json={"model": "kontext-tiny", "prompt": "x"})
     assert_error(resp, 400, "missing_required_parameter", "image")
@@ -111,8 +118,9 @@ def test_edit_without_image(http: httpx.Client, client: OpenAI) -> None:
 
 def test_edit_with_too_many_images(client: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as exc:
-        client.images.edit(model="kontext-tiny", prompt="x",
-                           image=[(f"{i}.png", png_bytes(32, 32)) for i in range(5)])  # the limit is 4
+        client.images.edit(
+            model="kontext-tiny", prompt="x", image=[(f"{i}.png", png_bytes(32, 32)) for i in range(5)]
+        )  # the limit is 4
     assert exc.value.status_code == 400 and exc.value.body["code"] == "too_many_images"
     assert exc.value.body["param"] == "image"
 
@@ -128,7 +136,7 @@ def test_wrong_content_type_for_edit(http: httpx.Client) -> None:
 
 
 def test_a_mask_of_another_size_is_rejected(http: httpx.Client) -> None:
-    files = one(png_bytes(32, 32)) + [("mask", ("m.png", png_bytes(32, 16), "image/png"))]
+    files = [*one(png_bytes(32, 32)), ("mask", ("m.png", png_bytes(32, 16), "image/png"))]
     assert_error(edit(http, files, prompt="x"), 400, "invalid_mask", "mask")
 
 
@@ -143,27 +151,33 @@ def _png_with_header_size(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-@pytest.mark.parametrize("payload,code", [
-    (b"this is not an image", "unsupported_image_format"),
-    (b"", "unsupported_image_format"),
-    (png_bytes(64, 64)[:200], "invalid_image"),
-    (png_bytes(64, 64, fmt="JPEG")[:300], "invalid_image"),
-    (png_bytes(32, 32, fmt="BMP"), "unsupported_image_format"),
-    (_png_with_header_size(30000, 30000), "image_too_large"),
-])
+@pytest.mark.parametrize(
+    "payload,code",
+    [
+        (b"this is not an image", "unsupported_image_format"),
+        (b"", "unsupported_image_format"),
+        (png_bytes(64, 64)[:200], "invalid_image"),
+        (png_bytes(64, 64, fmt="JPEG")[:300], "invalid_image"),
+        (png_bytes(32, 32, fmt="BMP"), "unsupported_image_format"),
+        (_png_with_header_size(30000, 30000), "image_too_large"),
+    ],
+)
 def test_unreadable_truncated_and_bomb_images(http: httpx.Client, payload: bytes, code: str) -> None:
     assert_error(edit(http, one(payload), prompt="x"), 400, code, "image")
 
 
 def test_bad_data_url(http: httpx.Client) -> None:
-    resp = http.post("/v1/images/edits", json={"model": "kontext-tiny", "prompt": "x",
-                                               "images": [{"image_url": "data:image/png;base64,@@@"}]})
+    resp = http.post(
+        "/v1/images/edits",
+        json={"model": "kontext-tiny", "prompt": "x", "images": [{"image_url": "data:image/png;base64,@@@"}]},
+    )
     assert_error(resp, 400, "invalid_image_url")
-    resp = http.post("/v1/images/edits", json={"model": "kontext-tiny", "prompt": "x",
-                                               "images": [{"image_url": "ftp://example.com/a.png"}]})
+    resp = http.post(
+        "/v1/images/edits",
+        json={"model": "kontext-tiny", "prompt": "x", "images": [{"image_url": "ftp://example.com/a.png"}]},
+    )
     assert_error(resp, 400, "invalid_image_url")
-    resp = http.post("/v1/images/edits", json={"model": "kontext-tiny", "prompt": "x",
-                                               "images": "not a list"})
+    resp = http.post("/v1/images/edits", json={"model": "kontext-tiny", "prompt": "x", "images": "not a list"})
     assert_error(resp, 400, "invalid_type", "images")
 
 
@@ -171,8 +185,9 @@ def test_file_over_50_mb(http: httpx.Client) -> None:
     big = png_bytes(16, 16) + b"\0" * (50 * 1024 * 1024)  # a valid PNG header, 50 MB of trailing bytes
     assert_error(edit(http, one(big), prompt="x"), 413, "file_too_large", "image")
     data_url = "data:image/png;base64," + base64.b64encode(big).decode()
-    resp = http.post("/v1/images/edits", json={"model": "kontext-tiny", "prompt": "x",
-                                               "images": [{"image_url": data_url}]})
+    resp = http.post(
+        "/v1/images/edits", json={"model": "kontext-tiny", "prompt": "x", "images": [{"image_url": data_url}]}
+    )
     assert_error(resp, 413, "file_too_large", "image")
 
 
@@ -200,7 +215,7 @@ def test_nothing_stored_is_lost_after_errors(http: httpx.Client) -> None:
 
 # -- servers configured differently --------------------------------------------------------------------
 
-EDIT_ONLY = '''
+EDIT_ONLY = """
 [[models]]
 id = "edit-only"
 name = "Edit only"
@@ -226,7 +241,7 @@ provider_model_id = "kontext-tiny"
 [models.providers.pricing]
 source = "self-hosted"
 components = [{ type = "output", metric = "image", unit_price = 0.01 }]
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -240,16 +255,20 @@ def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_body_too_large(small_server: str) -> None:
-    resp = httpx.post(small_server + "/v1/images/edits", files=one(b"\0" * (2 * 1024 * 1024)),
-                      data={"prompt": "x", "model": "kontext-tiny"})
+    resp = httpx.post(
+        small_server + "/v1/images/edits",
+        files=one(b"\0" * (2 * 1024 * 1024)),
+        data={"prompt": "x", "model": "kontext-tiny"},
+    )
     assert_error(resp, 413, "request_too_large")
 
     def chunks() -> Iterator[bytes]:  # no content-length: the limit applies while streaming
         for _ in range(40):
             yield b" " * 65536
 
-    resp = httpx.post(small_server + "/v1/images/generations", content=chunks(),
-                      headers={"content-type": "application/json"})
+    resp = httpx.post(
+        small_server + "/v1/images/generations", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert_error(resp, 413, "request_too_large")
 
 
@@ -260,9 +279,19 @@ def test_unsupported_mode(small_server: str) -> None:
 
 
 def test_custom_catalog_model_prices_and_ratios(small_server: str) -> None:
-    resp = httpx.post(small_server + "/v1/images/edits", files=one(png_bytes(64, 64)),
-                      data={"model": "edit-only", "prompt": "x", "aspect_ratio": "7:1", "resolution": "0.5K",
-                            "response_format": "b64_json", "n": "2"}, timeout=60)
+    resp = httpx.post(
+        small_server + "/v1/images/edits",
+        files=one(png_bytes(64, 64)),
+        data={
+            "model": "edit-only",
+            "prompt": "x",
+            "aspect_ratio": "7:1",
+            "resolution": "0.5K",
+            "response_format": "b64_json",
+            "n": "2",
+        },
+        timeout=60,
+    )
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["metadata"]["cost"] == pytest.approx(0.02)  # 2 images at $0.01

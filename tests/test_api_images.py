@@ -31,8 +31,11 @@ def fetch(item, response_format: str) -> bytes:
 @pytest.mark.parametrize("output_format", list(FORMATS))
 def test_generate_every_format(client: OpenAI, response_format: str, output_format: str) -> None:
     resp = client.images.generate(
-        model="kontext-tiny", prompt="a lighthouse in a storm", size="96x64",
-        response_format=response_format, output_format=output_format,  # type: ignore[arg-type]
+        model="kontext-tiny",
+        prompt="a lighthouse in a storm",
+        size="96x64",
+        response_format=response_format,
+        output_format=output_format,  # type: ignore[arg-type]
     )
     assert len(resp.data) == 1 and resp.data[0].revised_prompt == "a lighthouse in a storm"
     img = open_image(fetch(resp.data[0], response_format))
@@ -48,8 +51,11 @@ def test_generate_every_format(client: OpenAI, response_format: str, output_form
 @pytest.mark.parametrize("output_format", list(FORMATS))
 def test_edit_every_format(client: OpenAI, response_format: str, output_format: str) -> None:
     resp = client.images.edit(
-        model="kontext-tiny", image=("in.png", png_bytes(128, 96), "image/png"), prompt="make it night",
-        response_format=response_format, output_format=output_format,  # type: ignore[arg-type]
+        model="kontext-tiny",
+        image=("in.png", png_bytes(128, 96), "image/png"),
+        prompt="make it night",
+        response_format=response_format,
+        output_format=output_format,  # type: ignore[arg-type]
         extra_body={"size": "128x96"},
     )
     img = open_image(fetch(resp.data[0], response_format))
@@ -58,8 +64,12 @@ def test_edit_every_format(client: OpenAI, response_format: str, output_format: 
 
 
 def test_edit_keeps_input_aspect_ratio_by_default(client: OpenAI) -> None:
-    resp = client.images.edit(model="kontext-tiny", image=("in.jpg", png_bytes(400, 300, fmt="JPEG"), "image/jpeg"),
-                              prompt="add a moon", response_format="b64_json")
+    resp = client.images.edit(
+        model="kontext-tiny",
+        image=("in.jpg", png_bytes(400, 300, fmt="JPEG"), "image/jpeg"),
+        prompt="add a moon",
+        response_format="b64_json",
+    )
     img = open_image(fetch(resp.data[0], "b64_json"))
     assert img.size == (1184, 880)  # the preferred Kontext resolution for 4:3, as BFL and Replicate do
     assert resp.size == "1184x880"
@@ -71,16 +81,26 @@ def test_size_is_honoured_to_the_nearest_multiple_of_16(client: OpenAI) -> None:
 
 
 def test_aspect_ratio_and_resolution(client: OpenAI) -> None:
-    resp = client.images.generate(model="kontext-tiny", prompt="x", response_format="b64_json",
-                                  extra_body={"aspect_ratio": "16:9", "resolution": "0.5K"})
+    resp = client.images.generate(
+        model="kontext-tiny",
+        prompt="x",
+        response_format="b64_json",
+        extra_body={"aspect_ratio": "16:9", "resolution": "0.5K"},
+    )
     w, h = open_image(fetch(resp.data[0], "b64_json")).size
     assert (w, h) == (688, 384)  # 16:9 at 0.5K is 683x384, then multiples of 16
     assert resp.size == "688x384"
 
 
 def test_n_batches_distinct_images(client: OpenAI) -> None:
-    resp = client.images.generate(model="kontext-tiny", prompt="three cats", n=3, size="64x64",
-                                  response_format="b64_json", extra_body={"seed": 11})
+    resp = client.images.generate(
+        model="kontext-tiny",
+        prompt="three cats",
+        n=3,
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"seed": 11},
+    )
     blobs = [fetch(d, "b64_json") for d in resp.data]
     assert len(blobs) == 3 and len({hashlib.sha256(b).hexdigest() for b in blobs}) == 3
     assert all(open_image(b).size == (64, 64) for b in blobs)
@@ -88,8 +108,9 @@ def test_n_batches_distinct_images(client: OpenAI) -> None:
 
 def test_same_seed_same_bytes(client: OpenAI) -> None:
     def run(seed: int, prompt: str = "a fox") -> bytes:
-        resp = client.images.generate(model="kontext-tiny", prompt=prompt, size="64x64",
-                                      response_format="b64_json", extra_body={"seed": seed})
+        resp = client.images.generate(
+            model="kontext-tiny", prompt=prompt, size="64x64", response_format="b64_json", extra_body={"seed": seed}
+        )
         assert resp.model_extra["metadata"]["seed"] == seed
         return fetch(resp.data[0], "b64_json")
 
@@ -100,8 +121,13 @@ def test_same_seed_same_bytes(client: OpenAI) -> None:
 
 def test_edit_depends_on_the_input_image(client: OpenAI) -> None:
     def edit(color) -> bytes:
-        resp = client.images.edit(model="kontext-tiny", image=("a.png", png_bytes(64, 64, color), "image/png"),
-                                  prompt="same", response_format="b64_json", extra_body={"seed": 1, "size": "64x64"})
+        resp = client.images.edit(
+            model="kontext-tiny",
+            image=("a.png", png_bytes(64, 64, color), "image/png"),
+            prompt="same",
+            response_format="b64_json",
+            extra_body={"seed": 1, "size": "64x64"},
+        )
         return fetch(resp.data[0], "b64_json")
 
     assert edit((255, 0, 0)) != edit((0, 0, 255))
@@ -110,24 +136,36 @@ def test_edit_depends_on_the_input_image(client: OpenAI) -> None:
 def test_seed_when_omitted_is_reported_and_reproduces(client: OpenAI) -> None:
     first = client.images.generate(model="kontext-tiny", prompt="p", size="64x64", response_format="b64_json")
     seed = first.model_extra["metadata"]["seed"]
-    again = client.images.generate(model="kontext-tiny", prompt="p", size="64x64", response_format="b64_json",
-                                   extra_body={"seed": seed})
+    again = client.images.generate(
+        model="kontext-tiny", prompt="p", size="64x64", response_format="b64_json", extra_body={"seed": seed}
+    )
     assert fetch(first.data[0], "b64_json") == fetch(again.data[0], "b64_json")
 
 
 def test_output_compression_sets_quality(client: OpenAI) -> None:
     def size(q: int) -> int:
-        resp = client.images.generate(model="kontext-tiny", prompt="q", size="256x256", output_format="jpeg",
-                                      output_compression=q, response_format="b64_json", extra_body={"seed": 3})
+        resp = client.images.generate(
+            model="kontext-tiny",
+            prompt="q",
+            size="256x256",
+            output_format="jpeg",
+            output_compression=q,
+            response_format="b64_json",
+            extra_body={"seed": 3},
+        )
         return len(fetch(resp.data[0], "b64_json"))
 
     assert size(10) < size(95)
 
 
 def test_unknown_parameters_pass_through_and_are_reported(client: OpenAI) -> None:
-    resp = client.images.generate(model="kontext-tiny", prompt="x", size="64x64", response_format="b64_json",
-                                  extra_body={"acceleration": "high", "my_option": 3, "guidance": 4.0,
-                                              "num_inference_steps": 2})
+    resp = client.images.generate(
+        model="kontext-tiny",
+        prompt="x",
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"acceleration": "high", "my_option": 3, "guidance": 4.0, "num_inference_steps": 2},
+    )
     meta = resp.model_extra["metadata"]
     assert meta["ignored_params"] == ["acceleration", "my_option"]  # guidance is cfg_scale: used, not ignored
 
@@ -145,9 +183,17 @@ def test_aliases_and_default_model(client: OpenAI, http: httpx.Client) -> None:
 
 def test_json_edit_with_data_url(http: httpx.Client) -> None:
     data_url = "data:image/png;base64," + base64.b64encode(png_bytes(80, 80)).decode()
-    resp = http.post("/v1/images/edits", json={"model": "kontext-tiny", "prompt": "paint it",
-                                               "images": [{"image_url": data_url}], "size": "64x64",
-                                               "output_format": "webp", "response_format": "b64_json"})
+    resp = http.post(
+        "/v1/images/edits",
+        json={
+            "model": "kontext-tiny",
+            "prompt": "paint it",
+            "images": [{"image_url": data_url}],
+            "size": "64x64",
+            "output_format": "webp",
+            "response_format": "b64_json",
+        },
+    )
     assert resp.status_code == 200, resp.text
     img = open_image(base64.b64decode(resp.json()["data"][0]["b64_json"]))
     assert img.format == "WEBP" and img.size == (64, 64)
@@ -155,16 +201,24 @@ def test_json_edit_with_data_url(http: httpx.Client) -> None:
 
 @pytest.mark.parametrize("field", ["image", "image[]", "image[0]"])
 def test_multipart_image_field_spellings(http: httpx.Client, field: str) -> None:
-    resp = http.post("/v1/images/edits", files={field: ("a.png", png_bytes(64, 64), "image/png")},
-                     data={"model": "kontext-tiny", "prompt": "x", "size": "64x64", "response_format": "b64_json"})
+    resp = http.post(
+        "/v1/images/edits",
+        files={field: ("a.png", png_bytes(64, 64), "image/png")},
+        data={"model": "kontext-tiny", "prompt": "x", "size": "64x64", "response_format": "b64_json"},
+    )
     assert resp.status_code == 200, resp.text
     assert open_image(base64.b64decode(resp.json()["data"][0]["b64_json"])).size == (64, 64)
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "GIF"])
 def test_edit_accepts_jpeg_webp_gif(client: OpenAI, fmt: str) -> None:
-    resp = client.images.edit(model="kontext-tiny", image=(f"a.{fmt.lower()}", png_bytes(64, 48, fmt=fmt)),
-                              prompt="x", response_format="b64_json", extra_body={"size": "64x48"})
+    resp = client.images.edit(
+        model="kontext-tiny",
+        image=(f"a.{fmt.lower()}", png_bytes(64, 48, fmt=fmt)),
+        prompt="x",
+        response_format="b64_json",
+        extra_body={"size": "64x48"},
+    )
     assert open_image(fetch(resp.data[0], "b64_json")).size == (64, 48)
 
 
@@ -184,10 +238,17 @@ def test_server_answers_while_an_image_is_made(client: OpenAI, http: httpx.Clien
     import concurrent.futures
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        big = pool.submit(client.images.generate, model="kontext-tiny", prompt="slow", size="1024x1024",
-                          response_format="b64_json", extra_body={"num_inference_steps": 12})
-        small = pool.submit(client.images.generate, model="kontext-tiny", prompt="queued", size="64x64",
-                            response_format="b64_json")
+        big = pool.submit(
+            client.images.generate,
+            model="kontext-tiny",
+            prompt="slow",
+            size="1024x1024",
+            response_format="b64_json",
+            extra_body={"num_inference_steps": 12},
+        )
+        small = pool.submit(
+            client.images.generate, model="kontext-tiny", prompt="queued", size="64x64", response_format="b64_json"
+        )
         answered_during = 0
         while not big.done():
             assert http.get("/v1/models").status_code == 200
@@ -206,8 +267,11 @@ def test_abandoned_request_is_cancelled_and_recorded(base_url: str, settings, cl
     from kontext_gateway.store.db import Database
 
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(base_url + "/v1/images/generations", timeout=1.5, json={
-            "model": "kontext-tiny", "prompt": "abandoned", "size": "1024x1024", "num_inference_steps": 100})
+        httpx.post(
+            base_url + "/v1/images/generations",
+            timeout=1.5,
+            json={"model": "kontext-tiny", "prompt": "abandoned", "size": "1024x1024", "num_inference_steps": 100},
+        )
 
     async def last_record() -> dict:
         db = Database(settings.resolved_database_url())

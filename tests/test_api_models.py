@@ -17,8 +17,12 @@ def test_list_models_openai_shape(client: OpenAI) -> None:
     assert pro["creator"] == "Black Forest Labs" and pro["family"] == "flux.1-kontext"
     assert pro["max_resolution"] == "2048x2048" and pro["max_input_images"] == 4  # multi-reference routes
     limits = {p["config_key"]: p["max_input_images"] for p in pro["providers"]}
-    assert limits == {"replicate/flux.1-kontext-pro": 2, "fireworks/flux.1-kontext-pro": 1,
-                      "fal/flux.1-kontext-pro": 4, "bfl/flux.1-kontext-pro": 4}
+    assert limits == {
+        "replicate/flux.1-kontext-pro": 2,
+        "fireworks/flux.1-kontext-pro": 1,
+        "fal/flux.1-kontext-pro": 4,
+        "bfl/flux.1-kontext-pro": 4,
+    }
     assert pro["aliases"] == ["flux-kontext-pro"]
     rep = next(p for p in pro["providers"] if p["config_key"] == "replicate/flux.1-kontext-pro")
     assert rep["pricing"]["components"] == [{"type": "output", "metric": "image", "unit_price": 0.04}]
@@ -27,7 +31,9 @@ def test_list_models_openai_shape(client: OpenAI) -> None:
     assert tiny["providers"][0]["available"] is True
 
 
-@pytest.mark.parametrize("name", ["flux-kontext-dev", "replicate/flux.1-kontext-dev", "black-forest-labs/flux.1-kontext-dev"])
+@pytest.mark.parametrize(
+    "name", ["flux-kontext-dev", "replicate/flux.1-kontext-dev", "black-forest-labs/flux.1-kontext-dev"]
+)
 def test_retrieve_resolves_aliases_and_provider_keys(client: OpenAI, name: str) -> None:
     m = client.models.retrieve(name)
     assert m.id == "flux.1-kontext-dev" and m.owned_by == "black-forest-labs"
@@ -66,7 +72,9 @@ def test_schema_lists_provider_only_parameters(http: httpx.Client) -> None:
     assert props["safety_tolerance"]["enum"] == ["1", "2", "3", "4", "5", "6"]
     assert props["prompt_upsampling"]["x-provider-only"] == ["replicate", "fireworks", "bfl"]
     assert props["prompt_upsampling"]["x-providers"]["replicate/flux.1-kontext-max"] == {
-        "handling": "passthrough", "as": "prompt_upsampling"}
+        "handling": "passthrough",
+        "as": "prompt_upsampling",
+    }
     assert set(props["enhance_prompt"]["x-providers"]) == {"fal/flux.1-kontext-max"}  # the t2i route
     edit_props = schema["modes"]["edit"]["properties"]
     assert set(edit_props["enhance_prompt"]["x-providers"]) == {"fal/flux.1-kontext-max-edit"}

@@ -80,8 +80,10 @@ def test_requests_per_minute_429(server: tuple[str, dict[str, Any]]) -> None:
 def test_images_per_minute_counts_n(server: tuple[str, dict[str, Any]]) -> None:
     base, admin = server
     key = make_key(base, bearer(admin), ipm=3)
-    post = lambda n: httpx.post(base + "/v1/images/generations", headers=bearer(key), json={**TINY, "n": n},
-                                timeout=60)
+
+    def post(n):
+        return httpx.post(base + "/v1/images/generations", headers=bearer(key), json={**TINY, "n": n}, timeout=60)
+
     assert post(2).status_code == 200
     err = error_of(limited := post(2), 429)
     assert err["type"] == "images" and err["code"] == "rate_limit_exceeded"
@@ -101,8 +103,9 @@ def test_concurrent_requests_429(server: tuple[str, dict[str, Any]]) -> None:
     err = error_of(second, 429)
     assert err["code"] == "concurrency_limit_exceeded" and second.headers["retry-after"] == "1"
     deadline = time.monotonic() + 60
-    while (status := httpx.get(base + f"/v1/predictions/{first.json()['id']}", headers=bearer(key)).json()["status"]
-           ) not in ("succeeded", "failed") and time.monotonic() < deadline:
+    while (
+        status := httpx.get(base + f"/v1/predictions/{first.json()['id']}", headers=bearer(key)).json()["status"]
+    ) not in ("succeeded", "failed") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert status == "succeeded"
     assert httpx.post(base + "/v1/predictions", headers=bearer(key), json=slow).status_code == 201
@@ -135,8 +138,9 @@ def test_fifty_parallel_requests_cannot_overspend_a_budget_that_fits_ten(tmp_pat
         key = make_key(base, bearer(admin), budget_usd=0.010)  # ten kontext-tiny images at $0.001
 
         def one(i: int) -> httpx.Response:
-            return httpx.post(base + "/v1/images/generations", headers=bearer(key),
-                              json={**TINY, "seed": i}, timeout=120)
+            return httpx.post(
+                base + "/v1/images/generations", headers=bearer(key), json={**TINY, "seed": i}, timeout=120
+            )
 
         with concurrent.futures.ThreadPoolExecutor(50) as pool:
             responses = list(pool.map(one, range(50)))
@@ -156,10 +160,22 @@ def test_dry_run_estimates_equal_settled_costs(server: tuple[str, dict[str, Any]
     image = base64.b64encode(png_bytes(40, 30)).decode()
     cases = [
         ("/v1/images/generations", {"json": {**TINY, "n": 3}}),
-        ("/v1/images/edits", {"files": {"image": ("in.png", png_bytes(40, 30), "image/png")},
-                              "data": {"model": "kontext-tiny", "prompt": "night", "n": "2"}}),
-        ("/v1/predictions", {"json": {"model": "kontext-tiny", "input": {
-            "prompt": "x", "input_image": f"data:image/png;base64,{image}", "num_outputs": 2}}}),
+        (
+            "/v1/images/edits",
+            {
+                "files": {"image": ("in.png", png_bytes(40, 30), "image/png")},
+                "data": {"model": "kontext-tiny", "prompt": "night", "n": "2"},
+            },
+        ),
+        (
+            "/v1/predictions",
+            {
+                "json": {
+                    "model": "kontext-tiny",
+                    "input": {"prompt": "x", "input_image": f"data:image/png;base64,{image}", "num_outputs": 2},
+                }
+            },
+        ),
     ]
     for path, body in cases:
         before = show(base, key, admin)["total_spent_usd"]
@@ -191,9 +207,11 @@ def test_dry_run_estimates_equal_settled_costs(server: tuple[str, dict[str, Any]
 
 # -- the ledger after a mixed run against the upstream fakes -------------------------------------------------
 
+
 def test_ledger_totals_equal_request_costs_after_a_mixed_run(upstreams: Upstreams, tmp_path: Path) -> None:
-    settings = upstreams.settings(tmp_path, provider_priority={"fal": 0, "bfl": 1, "fireworks": 2, "replicate": 3},
-                                  breaker_failures=1000)
+    settings = upstreams.settings(
+        tmp_path, provider_priority={"fal": 0, "bfl": 1, "fireworks": 2, "replicate": 3}, breaker_failures=1000
+    )
     upstreams.reset()
     with running_server(settings) as base:
         admin = make_key(base, admin=True)
@@ -201,8 +219,12 @@ def test_ledger_totals_equal_request_costs_after_a_mixed_run(upstreams: Upstream
 
         def gen(key: dict[str, Any], provider: str | None = None, **body: Any) -> httpx.Response:
             headers = {**bearer(key), **({"x-provider": provider} if provider else {})}
-            return httpx.post(base + "/v1/images/generations", headers=headers, timeout=60,
-                              json={"model": "flux.1-kontext-pro", "prompt": "x", **body})
+            return httpx.post(
+                base + "/v1/images/generations",
+                headers=headers,
+                timeout=60,
+                json={"model": "flux.1-kontext-pro", "prompt": "x", **body},
+            )
 
         upstreams.fal.faults.add("503", at="submit")  # retried on fal: one image billed
         assert gen(keys[0]).json()["metadata"]["cost"] == pytest.approx(0.04)
@@ -223,16 +245,17 @@ def test_ledger_totals_equal_request_costs_after_a_mixed_run(upstreams: Upstream
         upstreams.fal.faults.add("moderation", at="any")
         assert gen(keys[1]).status_code == 400
         assert gen(keys[1], size="0x0").status_code == 400  # rejected before any reservation
-        tiny = httpx.post(base + "/v1/images/generations", headers=bearer(keys[0]), json={**TINY, "n": 2},
-                          timeout=60)
+        tiny = httpx.post(base + "/v1/images/generations", headers=bearer(keys[0]), json={**TINY, "n": 2}, timeout=60)
         assert tiny.json()["metadata"]["cost"] == pytest.approx(0.002)
         views = [show(base, k, admin) for k in keys]
 
     with sqlite3.connect(tmp_path / "kontext.db") as db:
-        per_key_requests = dict(db.execute(
-            "SELECT key_id, SUM(ROUND(COALESCE(cost, 0) * 1000000)) FROM requests GROUP BY key_id").fetchall())
-        per_key_ledger = dict(db.execute(
-            "SELECT key_id, SUM(actual_micros) FROM ledger GROUP BY key_id").fetchall())
+        per_key_requests = dict(
+            db.execute(
+                "SELECT key_id, SUM(ROUND(COALESCE(cost, 0) * 1000000)) FROM requests GROUP BY key_id"
+            ).fetchall()
+        )
+        per_key_ledger = dict(db.execute("SELECT key_id, SUM(actual_micros) FROM ledger GROUP BY key_id").fetchall())
         open_entries = db.execute("SELECT COUNT(*) FROM ledger WHERE state != 'settled'").fetchone()[0]
         line_totals = db.execute("SELECT lines, actual_micros FROM ledger").fetchall()
     assert open_entries == 0
@@ -255,6 +278,8 @@ def test_two_gateway_processes_share_rate_limits_through_redis(tmp_path: Path) -
     with running_server(settings) as a, running_server(settings) as b:  # one database, one Redis
         admin = make_key(a, admin=True)
         key = make_key(a, bearer(admin), rpm=3)
-        statuses = [httpx.post(url + "/v1/images/generations", headers=bearer(key), json=TINY, timeout=60).status_code
-                    for url in (a, b, a, b)]
+        statuses = [
+            httpx.post(url + "/v1/images/generations", headers=bearer(key), json=TINY, timeout=60).status_code
+            for url in (a, b, a, b)
+        ]
     assert statuses == [200, 200, 200, 429]  # three per minute across both, not three each

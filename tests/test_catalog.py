@@ -17,24 +17,33 @@ def test_models_present() -> None:
     assert CATALOG.ids == ["flux.1-kontext-pro", "flux.1-kontext-max", "flux.1-kontext-dev", "kontext-tiny"]
 
 
-@pytest.mark.parametrize("name,model_id", [
-    ("flux.1-kontext-pro", "flux.1-kontext-pro"), ("flux-kontext-pro", "flux.1-kontext-pro"),
-    ("flux-kontext-max", "flux.1-kontext-max"), ("flux-kontext-dev", "flux.1-kontext-dev"),
-    ("FLUX.1-Kontext-Pro", "flux.1-kontext-pro"), ("black-forest-labs/flux.1-kontext-max", "flux.1-kontext-max"),
-    ("kontext-gateway/kontext-tiny", "kontext-tiny"),
-])
+@pytest.mark.parametrize(
+    "name,model_id",
+    [
+        ("flux.1-kontext-pro", "flux.1-kontext-pro"),
+        ("flux-kontext-pro", "flux.1-kontext-pro"),
+        ("flux-kontext-max", "flux.1-kontext-max"),
+        ("flux-kontext-dev", "flux.1-kontext-dev"),
+        ("FLUX.1-Kontext-Pro", "flux.1-kontext-pro"),
+        ("black-forest-labs/flux.1-kontext-max", "flux.1-kontext-max"),
+        ("kontext-gateway/kontext-tiny", "kontext-tiny"),
+    ],
+)
 def test_ids_and_aliases_resolve(name: str, model_id: str) -> None:
     model, forced = CATALOG.resolve(name)
     assert model.id == model_id and forced is None
 
 
-@pytest.mark.parametrize("key,model_id,provider", [
-    ("replicate/flux.1-kontext-pro", "flux.1-kontext-pro", "replicate"),
-    ("fireworks/flux.1-kontext-pro", "flux.1-kontext-pro", "fireworks"),
-    ("fal/flux.1-kontext-max-edit", "flux.1-kontext-max", "fal"),
-    ("replicate/flux.1-kontext-dev", "flux.1-kontext-dev", "replicate"),
-    ("local/kontext-tiny", "kontext-tiny", "local"),
-])
+@pytest.mark.parametrize(
+    "key,model_id,provider",
+    [
+        ("replicate/flux.1-kontext-pro", "flux.1-kontext-pro", "replicate"),
+        ("fireworks/flux.1-kontext-pro", "flux.1-kontext-pro", "fireworks"),
+        ("fal/flux.1-kontext-max-edit", "flux.1-kontext-max", "fal"),
+        ("replicate/flux.1-kontext-dev", "flux.1-kontext-dev", "replicate"),
+        ("local/kontext-tiny", "kontext-tiny", "local"),
+    ],
+)
 def test_provider_keys_force_a_provider(key: str, model_id: str, provider: str) -> None:
     model, forced = CATALOG.resolve(key)
     assert model.id == model_id and forced is not None and forced.provider == provider
@@ -56,7 +65,12 @@ def test_pro_facts_from_the_seed_page() -> None:
     # The seed page says 1 (single-image routes); multi-reference routes (BFL, fal /multi, Replicate's
     # multi-image apps) take more, so each provider entry carries its own limit.
     assert pro.max_input_images == 4 and pro.input_modalities == ("text", "image")
-    assert {p.provider: p.max_input_images for p in pro.providers} == {"replicate": 2, "fireworks": 1, "fal": 4, "bfl": 4}
+    assert {p.provider: p.max_input_images for p in pro.providers} == {
+        "replicate": 2,
+        "fireworks": 1,
+        "fal": 4,
+        "bfl": 4,
+    }
     assert pro.output_modalities == ("image",) and pro.modes == ("text-to-image", "edit")
     by_key = {p.config_key: p for p in pro.providers}
     rep = by_key["replicate/flux.1-kontext-pro"]
@@ -76,14 +90,22 @@ def test_pro_facts_from_the_seed_page() -> None:
 def test_max_facts_from_the_seed_page() -> None:
     mx = CATALOG.get("flux.1-kontext-max")
     keys = {p.config_key: p for p in mx.providers}
-    assert set(keys) == {"fal/flux.1-kontext-max-edit", "fireworks/flux.1-kontext-max", "fal/flux.1-kontext-max",
-                         "replicate/flux.1-kontext-max", "bfl/flux.1-kontext-max"}
+    assert set(keys) == {
+        "fal/flux.1-kontext-max-edit",
+        "fireworks/flux.1-kontext-max",
+        "fal/flux.1-kontext-max",
+        "replicate/flux.1-kontext-max",
+        "bfl/flux.1-kontext-max",
+    }
     assert keys["fal/flux.1-kontext-max-edit"].provider_model_id == "fal-ai/flux-pro/kontext/max"
     assert keys["fal/flux.1-kontext-max"].provider_model_id == "fal-ai/flux-pro/kontext/max/text-to-image"
     assert all(p.pricing.price_per_image() == 0.08 for p in mx.providers)
     assert [p.config_key for p in mx.providers_for("edit")] == [
-        "fal/flux.1-kontext-max-edit", "fireworks/flux.1-kontext-max", "replicate/flux.1-kontext-max",
-        "bfl/flux.1-kontext-max"]
+        "fal/flux.1-kontext-max-edit",
+        "fireworks/flux.1-kontext-max",
+        "replicate/flux.1-kontext-max",
+        "bfl/flux.1-kontext-max",
+    ]
     params = {p.name: p for p in mx.params}
     assert params["safety_tolerance"].enum == ("1", "2", "3", "4", "5", "6")
     assert params["prompt_upsampling"].providers == ("replicate", "fireworks", "bfl")
@@ -97,11 +119,21 @@ def test_dev_facts_from_the_seed_pages() -> None:
     assert min(p.pricing.price_per_image() for p in dev.providers if p.provider != "local") == 0.025
     assert dev.resolutions == ("1K",) and dev.default_steps == 28 and dev.default_guidance == 2.5
     params = {p.name: p for p in dev.params}
-    assert params["acceleration"].enum == ("high", "none", "regular") and params["acceleration"].providers == ("fal", "local")
+    assert params["acceleration"].enum == ("high", "none", "regular") and params["acceleration"].providers == (
+        "fal",
+        "local",
+    )
     assert params["disable_safety_checker"].providers == ("replicate",)
     assert params["output_quality"].maximum == 100
-    assert set(params) == {"acceleration", "disable_safety_checker", "enable_safety_checker", "enhance_prompt",
-                           "output_quality", "resolution_mode", "sync_mode"}
+    assert set(params) == {
+        "acceleration",
+        "disable_safety_checker",
+        "enable_safety_checker",
+        "enhance_prompt",
+        "output_quality",
+        "resolution_mode",
+        "sync_mode",
+    }
 
 
 def test_tiny_is_a_local_smoke_test_model() -> None:
@@ -123,8 +155,14 @@ def test_catalog_is_validated_at_load(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="over the model's max_input_images"):
         Catalog.load(_write(tmp_path, base.replace("max_input_images = 4", "max_input_images = 1", 1)))
     with pytest.raises(ValueError, match="config_key"):
-        Catalog.load(_write(tmp_path, base.replace('config_key = "replicate/flux.1-kontext-pro"',
-                                                   'config_key = "fal/flux.1-kontext-pro-x"', 1)))
+        Catalog.load(
+            _write(
+                tmp_path,
+                base.replace(
+                    'config_key = "replicate/flux.1-kontext-pro"', 'config_key = "fal/flux.1-kontext-pro-x"', 1
+                ),
+            )
+        )
     with pytest.raises(ValueError, match="names both"):
         Catalog.load(_write(tmp_path, base.replace('aliases = ["flux-kontext-max"]', 'aliases = ["flux-kontext-pro"]')))
     with pytest.raises(ValueError, match="Extra inputs"):

@@ -33,24 +33,56 @@ def test_models_table(tmp_path: Path) -> None:
 
 
 def test_generate_and_edit(tmp_path: Path) -> None:
-    out = kontext("generate", "a red fox", "-o", str(tmp_path / "fox.webp"), "--size", "96x64", "--seed", "3",
-                  "--data-dir", str(tmp_path / "data"), cwd=tmp_path)
+    out = kontext(
+        "generate",
+        "a red fox",
+        "-o",
+        str(tmp_path / "fox.webp"),
+        "--size",
+        "96x64",
+        "--seed",
+        "3",
+        "--data-dir",
+        str(tmp_path / "data"),
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     img = Image.open(tmp_path / "fox.webp")
     assert img.format == "WEBP" and img.size == (96, 64)
     assert "seed 3" in out.stdout
 
     (tmp_path / "in.png").write_bytes(png_bytes(80, 60))
-    out = kontext("edit", str(tmp_path / "in.png"), "make it night", "-o", str(tmp_path / "night.png"),
-                  "--size", "64x48", "-n", "2", "--data-dir", str(tmp_path / "data"), cwd=tmp_path)
+    out = kontext(
+        "edit",
+        str(tmp_path / "in.png"),
+        "make it night",
+        "-o",
+        str(tmp_path / "night.png"),
+        "--size",
+        "64x48",
+        "-n",
+        "2",
+        "--data-dir",
+        str(tmp_path / "data"),
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     for i in (1, 2):
         assert Image.open(tmp_path / f"night-{i}.png").size == (64, 48)
 
 
 def test_errors_are_reported_in_words(tmp_path: Path) -> None:
-    out = kontext("generate", "x", "-o", str(tmp_path / "a.png"), "--model", "flux-kontext-prro",
-                  "--data-dir", str(tmp_path / "data"), cwd=tmp_path)
+    out = kontext(
+        "generate",
+        "x",
+        "-o",
+        str(tmp_path / "a.png"),
+        "--model",
+        "flux-kontext-prro",
+        "--data-dir",
+        str(tmp_path / "data"),
+        cwd=tmp_path,
+    )
     assert out.returncode == 1 and "Did you mean 'flux.1-kontext-pro'?" in out.stderr
     out = kontext("edit", str(tmp_path / "missing.png"), "x", "-o", str(tmp_path / "a.png"), cwd=tmp_path)
     assert out.returncode == 2 and "cannot read" in out.stderr

@@ -23,8 +23,9 @@ def test_provider_variables_and_database_url(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_config_file_under_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "kontext.toml"
-    config.write_text('fal_key = "file-key"\nbfl_api_key = "file-bfl"\nupstream_retries = 4\n'
-                      '[provider_priority]\nbfl = -1\n')
+    config.write_text(
+        'fal_key = "file-key"\nbfl_api_key = "file-bfl"\nupstream_retries = 4\n[provider_priority]\nbfl = -1\n'
+    )
     monkeypatch.setenv("KONTEXT_CONFIG", str(config))
     monkeypatch.setenv("BFL_API_KEY", "env-bfl")
     s = Settings()

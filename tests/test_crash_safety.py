@@ -48,9 +48,21 @@ class Receiver:
 def gateway_process(data_dir: Path, env: dict[str, str]) -> Iterator[tuple[subprocess.Popen, str]]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kontext_gateway", "serve", "--port", str(port), "--data-dir", str(data_dir),
-         "--log-level", "warning"],
-        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "kontext_gateway",
+            "serve",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            "--log-level",
+            "warning",
+        ],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc)
@@ -61,8 +73,11 @@ def gateway_process(data_dir: Path, env: dict[str, str]) -> Iterator[tuple[subpr
 
 
 def create(url: str, model: str, inputs: dict[str, Any], hook: str) -> str:
-    resp = httpx.post(f"{url}/v1/models/{model}/predictions", timeout=30,
-                      json={"input": inputs, "webhook": hook, "webhook_events_filter": ["completed"]})
+    resp = httpx.post(
+        f"{url}/v1/models/{model}/predictions",
+        timeout=30,
+        json={"input": inputs, "webhook": hook, "webhook_events_filter": ["completed"]},
+    )
     assert resp.status_code == 201, resp.text
     return resp.json()["id"]
 
@@ -71,24 +86,44 @@ def test_kill_9_mid_prediction_then_restart(tmp_path: Path) -> None:
     fake = FakeReplicate(pending_polls=40)  # each upstream task runs ~40 polls: long enough to kill mid-way
     receiver = Receiver()
     with serve(fake.app) as fake_url, serve(receiver.app) as hook_url:
-        env = {"REPLICATE_API_TOKEN": "r8_test", "REPLICATE_BASE_URL": fake_url,
-               "KONTEXT_UPSTREAM_POLL_INTERVAL_S": "0.05", "KONTEXT_JOB_LEASE_S": "2",
-               "KONTEXT_JOB_POLL_INTERVAL_S": "0.1", "KONTEXT_ALLOW_PRIVATE_URLS": "1",
-               "KONTEXT_WEBHOOK_RETRY_DELAYS_S": "[0.2, 0.5, 1, 2]", "KONTEXT_WEBHOOK_TIMEOUT_S": "2",
-               "KONTEXT_WEBHOOK_SWEEP_INTERVAL_S": "1"}
+        env = {
+            "REPLICATE_API_TOKEN": "r8_test",
+            "REPLICATE_BASE_URL": fake_url,
+            "KONTEXT_UPSTREAM_POLL_INTERVAL_S": "0.05",
+            "KONTEXT_JOB_LEASE_S": "2",
+            "KONTEXT_JOB_POLL_INTERVAL_S": "0.1",
+            "KONTEXT_ALLOW_PRIVATE_URLS": "1",
+            "KONTEXT_WEBHOOK_RETRY_DELAYS_S": "[0.2, 0.5, 1, 2]",
+            "KONTEXT_WEBHOOK_TIMEOUT_S": "2",
+            "KONTEXT_WEBHOOK_SWEEP_INTERVAL_S": "1",
+        }
         hook = hook_url + "/hook"
         with gateway_process(tmp_path, env) as (proc, url):
             remote = [create(url, "replicate/flux.1-kontext-pro", {"prompt": f"remote {i}"}, hook) for i in range(3)]
-            local = [create(url, "kontext-gateway/kontext-tiny",
-                            {"prompt": f"local {i}", "size": "512x512", "num_inference_steps": 60}, hook)
-                     for i in range(2)]
+            local = [
+                create(
+                    url,
+                    "kontext-gateway/kontext-tiny",
+                    {"prompt": f"local {i}", "size": "512x512", "num_inference_steps": 60},
+                    hook,
+                )
+                for i in range(2)
+            ]
             deadline = time.monotonic() + 30
             # Kill once every remote task is polled: polling starts only after the task's id is
             # committed. (Between the upstream's answer to a submit and that commit there are a few
             # milliseconds in which a crash makes the job submit again: Replicate has no idempotent
             # create to close that window. README, "Crash safety".)
-            while len({path for method, path, *_ in fake.requests
-                       if method == "GET" and path.startswith("/v1/predictions/")}) < 3:
+            while (
+                len(
+                    {
+                        path
+                        for method, path, *_ in fake.requests
+                        if method == "GET" and path.startswith("/v1/predictions/")
+                    }
+                )
+                < 3
+            ):
                 assert time.monotonic() < deadline, "the upstream tasks were never polled"
                 time.sleep(0.05)
             statuses = {p: httpx.get(f"{url}/v1/predictions/{p}").json()["status"] for p in remote + local}
@@ -106,7 +141,7 @@ def test_kill_9_mid_prediction_then_restart(tmp_path: Path) -> None:
                     if body["status"] in ("succeeded", "failed", "canceled"):
                         final[p] = body
                 time.sleep(0.2)
-            assert {p: b["status"] for p, b in final.items()} == {p: "succeeded" for p in remote + local}
+            assert {p: b["status"] for p, b in final.items()} == dict.fromkeys(remote + local, "succeeded")
             for p in remote + local:
                 assert httpx.get(final[p]["output"]).status_code == 200
             # Each upstream task was submitted exactly once: the restarted gateway polled it.
@@ -127,9 +162,20 @@ def _diagnose(data_dir: Path, missing: set[str]) -> str:
     con = sqlite3.connect(data_dir / "kontext.db")
     lines = [f"terminal webhooks missing for {sorted(missing)}"]
     for rid in missing:
-        lines.append(str(con.execute("SELECT status, runs, webhook, webhook_events FROM requests WHERE id = ?",
-                                     (rid,)).fetchall()))
-        lines.append(str(con.execute("SELECT event, state, attempts, last_status, last_error FROM webhook_deliveries "
-                                     "WHERE request_id = ?", (rid,)).fetchall()))
+        lines.append(
+            str(
+                con.execute(
+                    "SELECT status, runs, webhook, webhook_events FROM requests WHERE id = ?", (rid,)
+                ).fetchall()
+            )
+        )
+        lines.append(
+            str(
+                con.execute(
+                    "SELECT event, state, attempts, last_status, last_error FROM webhook_deliveries "
+                    "WHERE request_id = ?",
+                    (rid,),
+                ).fetchall()
+            )
+        )
     return "\n".join(lines)
-

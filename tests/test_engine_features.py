@@ -49,7 +49,7 @@ class TransformerCalls:
         self.calls += 1
         self.img_ids = kwargs["img_ids"].clone()
 
-    def __enter__(self) -> "TransformerCalls":
+    def __enter__(self) -> TransformerCalls:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -57,6 +57,7 @@ class TransformerCalls:
 
 
 # -- 1. true CFG -------------------------------------------------------------------------------------
+
 
 def test_true_cfg_runs_a_second_pass_and_changes_the_picture(engine: KontextEngine) -> None:
     with TransformerCalls(engine) as plain_calls:
@@ -72,6 +73,7 @@ def test_true_cfg_runs_a_second_pass_and_changes_the_picture(engine: KontextEngi
 
 
 # -- 2. several input images -------------------------------------------------------------------------
+
 
 def test_placements_follow_comfyui() -> None:
     assert placements([(4, 4)]) == [(1, 0, 0)] == placements([(4, 4)], "index")
@@ -101,7 +103,7 @@ def test_several_images_are_separate_context_tokens(engine: KontextEngine) -> No
         expected = [(s.width // 16) * (s.height // 16) for s in sizes[:k]]  # 2x2 patches of the 1/8 latents
         assert info.context_tokens == expected
         assert calls.img_ids.shape[0] == info.noise_tokens + sum(expected)  # what the transformer saw
-        ctx = calls.img_ids[info.noise_tokens:]
+        ctx = calls.img_ids[info.noise_tokens :]
         assert (ctx[:, 0] == 1).all()  # offset placement: every reference on axis-0 index 1...
         cells = {(int(r), int(c)) for r, c in ctx[:, 1:].tolist()}
         assert len(cells) == sum(expected)  # ...tiled without overlapping on one canvas
@@ -119,6 +121,7 @@ def test_index_placement_numbers_the_references(engine: KontextEngine) -> None:
 
 # -- 4. masks ----------------------------------------------------------------------------------------
 
+
 def test_mask_repaints_only_where_it_is_set(engine: KontextEngine) -> None:
     from kontext_gateway.engine.masking import fit_mask
 
@@ -126,9 +129,20 @@ def test_mask_repaints_only_where_it_is_set(engine: KontextEngine) -> None:
     mask = Image.new("L", src.size, 0)
     mask.paste(255, (50, 0, 100, 50))  # repaint the right half
     previews: list[Image.Image] = []
-    outs = [run(engine, images=[src], contexts=[Size(128, 64)], output=Size(128, 64), mask=mask, seed=s, steps=3,
-                partial_images=1, preview=lambda i, im: previews.append(im))[0]
-            for s in (1, 2)]
+    outs = [
+        run(
+            engine,
+            images=[src],
+            contexts=[Size(128, 64)],
+            output=Size(128, 64),
+            mask=mask,
+            seed=s,
+            steps=3,
+            partial_images=1,
+            preview=lambda i, im: previews.append(im),
+        )[0]
+        for s in (1, 2)
+    ]
     assert [o.size for o in outs] == [(128, 64), (128, 64)] and len(previews) == 2
     assert engine.last_run is not None and engine.last_run.mode == "inpaint"
     assert engine.last_run.context_tokens == [32]  # the source is the context, as in diffusers
@@ -153,8 +167,10 @@ def test_mask_keeps_the_unmasked_latents_too(engine: KontextEngine, monkeypatch:
     src = picture(128, 64, 7)
     mask = Image.new("L", src.size, 0)
     mask.paste(255, (64, 0, 128, 64))
-    a, b = (pixels(run(engine, images=[src], contexts=[Size(128, 64)], output=Size(128, 64), mask=mask, seed=s,
-                       steps=3)[0]) for s in (1, 2))
+    a, b = (
+        pixels(run(engine, images=[src], contexts=[Size(128, 64)], output=Size(128, 64), mask=mask, seed=s, steps=3)[0])
+        for s in (1, 2)
+    )
     kept, repainted = np.s_[:, :64], np.s_[:, 64:]
     assert np.abs(a[kept] - b[kept]).mean() < 0.3 * np.abs(a[repainted] - b[repainted]).mean()
 
@@ -173,6 +189,7 @@ def test_mask_with_a_further_reference_image(engine: KontextEngine) -> None:
 
 # -- 5. previews -------------------------------------------------------------------------------------
 
+
 def test_preview_steps_are_evenly_spaced_before_the_last() -> None:
     assert preview_steps(28, 3) == [7, 14, 21]
     assert preview_steps(4, 2) == [1, 3]
@@ -183,12 +200,24 @@ def test_preview_steps_are_evenly_spaced_before_the_last() -> None:
 
 def test_previews_arrive_before_the_result(engine: KontextEngine) -> None:
     events: list[tuple[str, Any]] = []
-    result = run(engine, steps=4, output=Size(96, 48), partial_images=2,
-                 preview=lambda i, im: events.append(("preview", (i, im.size, im.mode))),
-                 progress=lambda step, total: events.append(("step", step)))
+    result = run(
+        engine,
+        steps=4,
+        output=Size(96, 48),
+        partial_images=2,
+        preview=lambda i, im: events.append(("preview", (i, im.size, im.mode))),
+        progress=lambda step, total: events.append(("step", step)),
+    )
     events.append(("result", result[0].size))
-    assert events == [("step", 1), ("preview", (0, (96, 48), "RGB")), ("step", 2), ("step", 3),
-                      ("preview", (1, (96, 48), "RGB")), ("step", 4), ("result", (96, 48))]
+    assert events == [
+        ("step", 1),
+        ("preview", (0, (96, 48), "RGB")),
+        ("step", 2),
+        ("step", 3),
+        ("preview", (1, (96, 48), "RGB")),
+        ("step", 4),
+        ("result", (96, 48)),
+    ]
     assert engine.last_run is not None and engine.last_run.previews == 2
     # Previews read the run's tensors and change nothing in it.
     assert digest(result) == digest(run(engine, steps=4, output=Size(96, 48)))
@@ -202,6 +231,7 @@ def test_a_failing_preview_consumer_does_not_fail_the_picture(engine: KontextEng
 
 
 # -- 7. context-latent cache -------------------------------------------------------------------------
+
 
 def test_context_latents_are_cached_for_iterative_edits(engine: KontextEngine) -> None:
     cache = engine.context_cache
@@ -217,6 +247,7 @@ def test_context_latents_are_cached_for_iterative_edits(engine: KontextEngine) -
 
 
 # -- 6. memory ---------------------------------------------------------------------------------------
+
 
 def test_offload_is_ignored_on_cpu() -> None:
     tiny = KontextEngine.tiny("cpu", offload="model")
@@ -256,18 +287,35 @@ def test_model_cache_unloads_the_least_recently_used(tmp_path: Path, monkeypatch
 def _entry(key: str) -> Any:
     from kontext_gateway.catalog import ProviderEntry
 
-    return ProviderEntry.model_validate({"provider": "local", "config_key": key, "provider_model_id": key,
-                                         "max_input_images": 4, "pricing": {"source": "test", "currency": "USD",
-                                                                              "components": []}})
+    return ProviderEntry.model_validate(
+        {
+            "provider": "local",
+            "config_key": key,
+            "provider_model_id": key,
+            "max_input_images": 4,
+            "pricing": {"source": "test", "currency": "USD", "components": []},
+        }
+    )
 
 
 # -- the provider ------------------------------------------------------------------------------------
 
+
 def _job(images: list[Image.Image], **kw: Any) -> ImageJob:
     model = Catalog.load().get("kontext-tiny")
-    args: dict[str, Any] = dict(request_id="req_t", model=model, mode="edit" if images else "text-to-image",
-                                prompt="a fox", images=images, size=SizeRequest(Size(64, 64), exact=True), n=1,
-                                seed=3, output_format="png", output_compression=None, steps=2)
+    args: dict[str, Any] = dict(
+        request_id="req_t",
+        model=model,
+        mode="edit" if images else "text-to-image",
+        prompt="a fox",
+        images=images,
+        size=SizeRequest(Size(64, 64), exact=True),
+        n=1,
+        seed=3,
+        output_format="png",
+        output_compression=None,
+        steps=2,
+    )
     args.update(kw)
     return ImageJob(**args)
 
@@ -286,14 +334,21 @@ def test_provider_handles_the_new_parameters(tmp_path: Path, engine: KontextEngi
 
     provider._engines[entry.config_key] = engine  # the module's engine: no second build
     previews: list[int] = []
-    job = _job(imgs[:2], negative_prompt="dull", true_cfg_scale=3.0, partial_images=1,
-               preview=lambda i, im: previews.append(i), extra={"my_option": 1})
+    job = _job(
+        imgs[:2],
+        negative_prompt="dull",
+        true_cfg_scale=3.0,
+        partial_images=1,
+        preview=lambda i, im: previews.append(i),
+        extra={"my_option": 1},
+    )
     result = provider._generate_sync(entry, job)
     assert result.size == Size(64, 64) and result.ignored_params == ["my_option"] and previews == [0]
     info = engine.last_run
     assert info is not None and info.true_cfg and len(info.context_tokens) == 2
     # The same features given among the extra parameters are used, and not reported as ignored.
-    via_extra = provider._generate_sync(entry, _job(imgs[:2], extra={"negative_prompt": "dull", "true_cfg_scale": 3,
-                                                                     "my_option": 1}))
+    via_extra = provider._generate_sync(
+        entry, _job(imgs[:2], extra={"negative_prompt": "dull", "true_cfg_scale": 3, "my_option": 1})
+    )
     assert via_extra.ignored_params == ["my_option"]
     assert via_extra.images[0].image.tobytes() == result.images[0].image.tobytes()

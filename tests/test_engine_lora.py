@@ -12,18 +12,18 @@ from PIL import Image
 
 pytest.importorskip("peft", reason="LoRA adapters need the peft package (the engine extra)")
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import torch
+from safetensors.torch import save_file
 
 from conftest import digest
-from kontext_gateway.catalog import Catalog  # noqa: E402
-from kontext_gateway.config import Settings  # noqa: E402
-from kontext_gateway.engine.lora import LoraSpec, resolve_path  # noqa: E402
-from kontext_gateway.engine.pipeline import KontextEngine  # noqa: E402
-from kontext_gateway.errors import GatewayError  # noqa: E402
-from kontext_gateway.params import Size, SizeRequest  # noqa: E402
-from kontext_gateway.providers.base import ImageJob  # noqa: E402
-from kontext_gateway.providers.local import LocalProvider  # noqa: E402
+from kontext_gateway.catalog import Catalog
+from kontext_gateway.config import Settings
+from kontext_gateway.engine.lora import LoraSpec, resolve_path
+from kontext_gateway.engine.pipeline import KontextEngine
+from kontext_gateway.errors import GatewayError
+from kontext_gateway.params import Size, SizeRequest
+from kontext_gateway.providers.base import ImageJob
+from kontext_gateway.providers.local import LocalProvider
 
 RANK = 4
 
@@ -55,8 +55,12 @@ def peft_lora(engine: KontextEngine, seed: int) -> dict[str, torch.Tensor]:
     """diffusers/PEFT layout: transformer.<diffusers module>.lora_A/B.weight, sized from the model."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for module in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v",
-                   "transformer_blocks.0.ff.net.2", "single_transformer_blocks.0.proj_out"):
+    for module in (
+        "transformer_blocks.0.attn.to_q",
+        "transformer_blocks.0.attn.to_v",
+        "transformer_blocks.0.ff.net.2",
+        "single_transformer_blocks.0.proj_out",
+    ):
         lin = engine.pipe.transformer.get_submodule(module)
         a, b = _lora_pair(gen, lin.in_features, lin.out_features)
         out[f"transformer.{module}.lora_A.weight"], out[f"transformer.{module}.lora_B.weight"] = a, b
@@ -98,8 +102,9 @@ SRC = Image.new("RGB", (64, 64), (40, 160, 220))
 
 
 def run(engine: KontextEngine, loras: list[tuple[Path, float]] | None = None, **kw: Any) -> str:
-    args: dict[str, Any] = dict(prompt="a fox", image=SRC, context=Size(64, 64), output=Size(64, 64), steps=2,
-                                guidance=2.5, n=1, seed=1)
+    args: dict[str, Any] = dict(
+        prompt="a fox", image=SRC, context=Size(64, 64), output=Size(64, 64), steps=2, guidance=2.5, n=1, seed=1
+    )
     args.update(kw)
     specs = [LoraSpec(path=p, scale=s, name=p.name) for p, s in (loras or [])]
     return digest(engine.run(loras=specs, **args))
@@ -108,11 +113,14 @@ def run(engine: KontextEngine, loras: list[tuple[Path, float]] | None = None, **
 def max_pixel_diff(a: list[Image.Image], b: list[Image.Image]) -> int:
     import numpy as np
 
-    return int(max(np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int)).max() for x, y in zip(a, b)))
+    return int(
+        max(np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int)).max() for x, y in zip(a, b, strict=False))
+    )
 
 
-def test_scale_zero_equals_no_adapter_and_scale_one_changes(engine: KontextEngine, fresh: KontextEngine,
-                                                           lora_dir: Path) -> None:
+def test_scale_zero_equals_no_adapter_and_scale_one_changes(
+    engine: KontextEngine, fresh: KontextEngine, lora_dir: Path
+) -> None:
     base = run(fresh)
     style = lora_dir / "style.safetensors"
     assert run(engine, [(style, 0.0)]) == base  # bit-identical: the base weights are never touched
@@ -135,8 +143,9 @@ def test_adapters_compose_with_their_own_scales(engine: KontextEngine, lora_dir:
     assert len({only_a, only_b, both}) == 3
     assert run(engine, [(a, 1.0), (b, 0.0)]) == only_a  # a zero-scaled second adapter adds exactly nothing
     # Scales follow their adapter whatever the order (the sum's rounding may differ by a level)...
-    args = dict(prompt="a fox", image=SRC, context=Size(64, 64), output=Size(64, 64), steps=2, guidance=2.5, n=1,
-                seed=1)
+    args = dict(
+        prompt="a fox", image=SRC, context=Size(64, 64), output=Size(64, 64), steps=2, guidance=2.5, n=1, seed=1
+    )
     ab = engine.run(loras=[LoraSpec(a, 0.5), LoraSpec(b, 1.0)], **args)
     ba = engine.run(loras=[LoraSpec(b, 1.0), LoraSpec(a, 0.5)], **args)
     swapped = engine.run(loras=[LoraSpec(a, 1.0), LoraSpec(b, 0.5)], **args)
@@ -163,8 +172,9 @@ def test_adapters_are_loaded_once_per_file_version(engine: KontextEngine, lora_d
     assert len(engine.adapters.loaded) <= engine.adapters.max_adapters
 
 
-def test_least_recently_used_adapters_are_deleted(engine: KontextEngine, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_least_recently_used_adapters_are_deleted(
+    engine: KontextEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(engine.adapters, "max_adapters", 2)
     paths = []
     for i in range(3):
@@ -180,17 +190,22 @@ def test_least_recently_used_adapters_are_deleted(engine: KontextEngine, tmp_pat
 
 
 @pytest.mark.parametrize("kind", ["not_safetensors", "no_lora_keys", "unknown_layers", "wrong_shapes", "half_loaded"])
-def test_a_bad_adapter_is_a_400_and_the_pipeline_stays_usable(kind: str, engine: KontextEngine,
-                                                             fresh: KontextEngine, lora_dir: Path,
-                                                             saved: Path, tmp_path: Path) -> None:
+def test_a_bad_adapter_is_a_400_and_the_pipeline_stays_usable(
+    kind: str, engine: KontextEngine, fresh: KontextEngine, lora_dir: Path, saved: Path, tmp_path: Path
+) -> None:
     path = tmp_path / f"{kind}.safetensors"
     if kind == "not_safetensors":
         path.write_bytes(b"PK\x03\x04 this is a zip, or a pickle, or anything else")
     elif kind == "no_lora_keys":
         save_file({"transformer.x_embedder.weight": torch.zeros(32, 64)}, str(path))
     elif kind == "unknown_layers":
-        save_file({"transformer.no_such_block.lora_A.weight": torch.zeros(RANK, 32),
-                   "transformer.no_such_block.lora_B.weight": torch.zeros(32, RANK)}, str(path))
+        save_file(
+            {
+                "transformer.no_such_block.lora_A.weight": torch.zeros(RANK, 32),
+                "transformer.no_such_block.lora_B.weight": torch.zeros(32, RANK),
+            },
+            str(path),
+        )
     elif kind == "wrong_shapes":  # wider than the layer: diffusers would widen the base layer to fit
         good = peft_lora(engine, 9)
         good["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"] = torch.zeros(RANK, 48)
@@ -216,11 +231,13 @@ def test_a_bad_adapter_is_a_400_and_the_pipeline_stays_usable(kind: str, engine:
     assert run(engine) == run(fresh)
     if kind in ("wrong_shapes", "half_loaded"):  # a good adapter still gives what a fresh model gives
         style = lora_dir / "style.safetensors"
-        assert run(engine, [(style, 1.0)]) == run(KontextEngine.from_dir(saved, name="check", device="cpu"),
-                                                  [(style, 1.0)])
+        assert run(engine, [(style, 1.0)]) == run(
+            KontextEngine.from_dir(saved, name="check", device="cpu"), [(style, 1.0)]
+        )
 
 
 # -- where adapter files come from -------------------------------------------------------------------
+
 
 def test_paths_stay_inside_the_adapters_directory(lora_dir: Path, tmp_path: Path) -> None:
     assert resolve_path("style.safetensors", lora_dir) == (lora_dir / "style.safetensors").resolve()
@@ -231,9 +248,15 @@ def test_paths_stay_inside_the_adapters_directory(lora_dir: Path, tmp_path: Path
     link = lora_dir / "escape.safetensors"
     link.symlink_to(outside)
     (lora_dir / "notes.txt").write_text("x")
-    for bad, words in [(str(lora_dir / "style.safetensors"), "absolute"), ("../outside.safetensors", ".."),
-                       ("kohya/../../outside", ".."), ("escape.safetensors", "outside"),
-                       ("missing", "not found"), ("notes.txt", "safetensors"), ("C:\\loras\\x", "absolute")]:
+    for bad, words in [
+        (str(lora_dir / "style.safetensors"), "absolute"),
+        ("../outside.safetensors", ".."),
+        ("kohya/../../outside", ".."),
+        ("escape.safetensors", "outside"),
+        ("missing", "not found"),
+        ("notes.txt", "safetensors"),
+        ("C:\\loras\\x", "absolute"),
+    ]:
         with pytest.raises(GatewayError) as err:
             resolve_path(bad, lora_dir)
         assert (err.value.status, err.value.code) == (400, "invalid_lora") and words in err.value.message, bad
@@ -243,28 +266,61 @@ def test_paths_stay_inside_the_adapters_directory(lora_dir: Path, tmp_path: Path
 
 
 def _job(**kw: Any) -> ImageJob:
-    args: dict[str, Any] = dict(request_id="req_t", model=Catalog.load().get("kontext-tiny"), mode="edit",
-                                prompt="a fox", images=[SRC], size=SizeRequest(Size(64, 64), exact=True), n=1,
-                                seed=1, output_format="png", output_compression=None, steps=2)
+    args: dict[str, Any] = dict(
+        request_id="req_t",
+        model=Catalog.load().get("kontext-tiny"),
+        mode="edit",
+        prompt="a fox",
+        images=[SRC],
+        size=SizeRequest(Size(64, 64), exact=True),
+        n=1,
+        seed=1,
+        output_format="png",
+        output_compression=None,
+        steps=2,
+    )
     args.update(kw)
     return ImageJob(**args)
 
 
-def test_the_provider_resolves_and_applies_loras(tmp_path: Path, lora_dir: Path, engine: KontextEngine,
-                                                fresh: KontextEngine) -> None:
+def test_the_provider_resolves_and_applies_loras(
+    tmp_path: Path, lora_dir: Path, engine: KontextEngine, fresh: KontextEngine
+) -> None:
     provider = LocalProvider(Settings(data_dir=tmp_path, lora_dir=lora_dir))
     entry = next(p for p in Catalog.load().get("kontext-tiny").providers if p.provider == "local")
     provider._engines[entry.config_key] = engine
     styled = provider._generate_sync(entry, _job(loras=[{"path": "style", "scale": 1.0}]))
-    direct = engine.run(prompt="a fox", images=[SRC], contexts=[Size(64, 64)], output=Size(64, 64), steps=2,
-                        guidance=2.5, n=1, seed=1, loras=[LoraSpec(lora_dir / "style.safetensors", 1.0)])
+    direct = engine.run(
+        prompt="a fox",
+        images=[SRC],
+        contexts=[Size(64, 64)],
+        output=Size(64, 64),
+        steps=2,
+        guidance=2.5,
+        n=1,
+        seed=1,
+        loras=[LoraSpec(lora_dir / "style.safetensors", 1.0)],
+    )
     assert styled.images[0].image.tobytes() == direct[0].tobytes()
     plain = provider._generate_sync(entry, _job())
-    assert plain.images[0].image.tobytes() == fresh.run(prompt="a fox", images=[SRC], contexts=[Size(64, 64)],
-                                                       output=Size(64, 64), steps=2, guidance=2.5, n=1,
-                                                       seed=1)[0].tobytes()
-    for loras, words in [([{"path": "/etc/passwd"}], "absolute"), ([{"path": "../x"}], ".."),
-                         ([{"path": "https://example.com/x.safetensors"}], "KONTEXT_ALLOW_DOWNLOADS")]:
+    assert (
+        plain.images[0].image.tobytes()
+        == fresh.run(
+            prompt="a fox",
+            images=[SRC],
+            contexts=[Size(64, 64)],
+            output=Size(64, 64),
+            steps=2,
+            guidance=2.5,
+            n=1,
+            seed=1,
+        )[0].tobytes()
+    )
+    for loras, words in [
+        ([{"path": "/etc/passwd"}], "absolute"),
+        ([{"path": "../x"}], ".."),
+        ([{"path": "https://example.com/x.safetensors"}], "KONTEXT_ALLOW_DOWNLOADS"),
+    ]:
         with pytest.raises(GatewayError) as err:
             provider._generate_sync(entry, _job(loras=loras))
         assert err.value.status == 400 and err.value.code == "invalid_lora" and words in err.value.message

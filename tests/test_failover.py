@@ -26,8 +26,9 @@ PRIORITY = {"fal": 0, "bfl": 1, "fireworks": 2, "replicate": 3}
 
 @pytest.fixture(scope="module")
 def gateway(upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    settings = upstreams.settings(tmp_path_factory.mktemp("failover"), provider_priority=PRIORITY,
-                                  breaker_failures=1000)  # breakers stay closed here; see the breaker test
+    settings = upstreams.settings(
+        tmp_path_factory.mktemp("failover"), provider_priority=PRIORITY, breaker_failures=1000
+    )  # breakers stay closed here; see the breaker test
     with running_server(settings) as url:
         yield url
 
@@ -51,8 +52,9 @@ def test_fails_over_from_a_failing_provider_to_a_healthy_one(sdk: OpenAI, upstre
     resp = sdk.images.generate(model="flux.1-kontext-pro", prompt="a lighthouse")
     m = meta(resp)
     assert m["provider"] == "bfl" and m["cost"] == pytest.approx(0.04)
-    assert [(a["config_key"], a["outcome"]) for a in m["attempts"]] == [
-        ("fal/flux.1-kontext-pro", "failed")] * 3 + [("bfl/flux.1-kontext-pro", "succeeded")]
+    assert [(a["config_key"], a["outcome"]) for a in m["attempts"]] == [("fal/flux.1-kontext-pro", "failed")] * 3 + [
+        ("bfl/flux.1-kontext-pro", "succeeded")
+    ]
     assert {a.get("error_class") for a in m["attempts"][:3]} == {"server_error"}
     assert png_of(resp).format == "PNG"
 
@@ -90,13 +92,18 @@ def test_forced_provider(sdk: OpenAI, upstreams: Upstreams, how: str) -> None:
 def test_all_providers_down_is_502_with_each_attempt(sdk: OpenAI, upstreams: Upstreams, gateway: str) -> None:
     for name, fake in upstreams.all.items():
         fake.faults.always("429" if name == "bfl" else "502", at="submit", retry_after=2)
-    resp = httpx.post(gateway + "/v1/images/generations", json={"model": "flux.1-kontext-pro", "prompt": "x"},
-                      timeout=60)
+    resp = httpx.post(
+        gateway + "/v1/images/generations", json={"model": "flux.1-kontext-pro", "prompt": "x"}, timeout=60
+    )
     assert resp.status_code == 502
     err = resp.json()["error"]
     assert err["code"] == "all_providers_exhausted" and err["type"] == "server_error"
-    for key in ("fal/flux.1-kontext-pro", "bfl/flux.1-kontext-pro", "fireworks/flux.1-kontext-pro",
-                "replicate/flux.1-kontext-pro"):
+    for key in (
+        "fal/flux.1-kontext-pro",
+        "bfl/flux.1-kontext-pro",
+        "fireworks/flux.1-kontext-pro",
+        "replicate/flux.1-kontext-pro",
+    ):
         assert key in err["message"]
     assert "rate_limited 429" in err["message"] and "server_error 502" in err["message"]
     assert resp.headers["x-should-retry"] == "true" and resp.headers["retry-after"] == "2"
@@ -105,31 +112,45 @@ def test_all_providers_down_is_502_with_each_attempt(sdk: OpenAI, upstreams: Ups
 
 def test_n4_fan_out_with_one_failing_sub_request(sdk: OpenAI, upstreams: Upstreams) -> None:
     upstreams.bfl.faults.add("500", at="submit")  # the first of four tasks fails once, then succeeds
-    resp = sdk.images.generate(model="flux.1-kontext-pro", prompt="four", n=4, size="1024x1024",
-                               extra_headers={"x-provider": "bfl"}, extra_body={"seed": 100})
+    resp = sdk.images.generate(
+        model="flux.1-kontext-pro",
+        prompt="four",
+        n=4,
+        size="1024x1024",
+        extra_headers={"x-provider": "bfl"},
+        extra_body={"seed": 100},
+    )
     m = meta(resp)
     assert len(resp.data) == 4 and m["cost"] == pytest.approx(4 * 0.04)  # billed four, not five
     assert [a["outcome"] for a in m["attempts"]].count("succeeded") == 4
     assert [a["outcome"] for a in m["attempts"]].count("failed") == 1
     assert upstreams.submits("bfl") == 5
-    seeds = sorted(body["seed"] for method, path, _, body in upstreams.bfl.requests
-                   if method == "POST" and path.startswith("/v1/flux-kontext"))
+    seeds = sorted(
+        body["seed"]
+        for method, path, _, body in upstreams.bfl.requests
+        if method == "POST" and path.startswith("/v1/flux-kontext")
+    )
     assert set(seeds) == {100, 101, 102, 103}  # each image its own seed, the failed one retried
     assert len({httpx.get(d.url).content for d in resp.data}) == 4
 
 
 def test_circuit_breaker_opens_and_recovers(upstreams: Upstreams, tmp_path: Path) -> None:
     upstreams.reset()
-    settings = upstreams.settings(tmp_path, provider_priority=PRIORITY, breaker_failures=2, breaker_reset_s=1.0,
-                                  upstream_retries=0)
+    settings = upstreams.settings(
+        tmp_path, provider_priority=PRIORITY, breaker_failures=2, breaker_reset_s=1.0, upstream_retries=0
+    )
     with running_server(settings) as url:
         sdk = OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
         upstreams.fal.faults.always("503", at="submit")
         for _ in range(2):  # two failures open fal's breaker; bfl serves
             assert meta(sdk.images.generate(model="flux.1-kontext-pro", prompt="x"))["provider"] == "bfl"
         m = meta(sdk.images.generate(model="flux.1-kontext-pro", prompt="x"))
-        assert m["attempts"][0] == {**m["attempts"][0], "config_key": "fal/flux.1-kontext-pro",
-                                    "outcome": "skipped", "error_class": "circuit_open"}
+        assert m["attempts"][0] == {
+            **m["attempts"][0],
+            "config_key": "fal/flux.1-kontext-pro",
+            "outcome": "skipped",
+            "error_class": "circuit_open",
+        }
         assert upstreams.submits("fal") == 2  # out of rotation: not called
         upstreams.fal.faults.clear()  # fal recovers; after the reset time one probe goes through
         time.sleep(1.1)
@@ -160,8 +181,9 @@ def test_200_requests_under_random_faults_all_succeed(upstreams: Upstreams, tmp_
         sdk = OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
 
         def one(i: int) -> tuple[str, int]:
-            resp = sdk.images.generate(model="flux.1-kontext-pro", prompt=f"request {i}", response_format="b64_json",
-                                       output_format="jpeg")
+            resp = sdk.images.generate(
+                model="flux.1-kontext-pro", prompt=f"request {i}", response_format="b64_json", output_format="jpeg"
+            )
             return meta(resp)["provider"], len(resp.data)
 
         with concurrent.futures.ThreadPoolExecutor(16) as pool:

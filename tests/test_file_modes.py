@@ -59,9 +59,13 @@ def test_a_fresh_data_dir_is_private(tmp_path: Path, umask: None) -> None:
 def test_the_cli_makes_a_private_data_dir_too(tmp_path: Path, umask: None) -> None:
     # `kontext keys create` opens only the database: often what makes the data dir.
     data = tmp_path / "data"
-    made = subprocess.run([sys.executable, "-m", "kontext_gateway", "keys", "create", "--name", "a",
-                           "--data-dir", str(data)], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "KONTEXT_DATA_DIR": str(data)})
+    made = subprocess.run(
+        [sys.executable, "-m", "kontext_gateway", "keys", "create", "--name", "a", "--data-dir", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "KONTEXT_DATA_DIR": str(data)},
+    )
     assert made.returncode == 0, made.stderr
     assert mode(data) == 0o700 and mode(data / "kontext.db") == 0o600
     with sqlite3.connect(data / "kontext.db") as con:
@@ -69,15 +73,17 @@ def test_the_cli_makes_a_private_data_dir_too(tmp_path: Path, umask: None) -> No
 
 
 async def test_an_open_data_dir_is_tightened_at_start_and_nothing_is_lost(
-        tmp_path: Path, umask: None, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, umask: None, caplog: pytest.LogCaptureFixture
+) -> None:
     data = tmp_path / "data"
     # No workers: nothing runs the request, so it stays as written (and nothing is mid-job at close).
     gw = Gateway(Settings(data_dir=data))
     await gw.start(workers=False)
     assert gw.webhooks.secret  # webhook_secret, as a process running workers makes it
     rid = "req_" + uuid.uuid4().hex
-    await gw.db.create_request(id=rid, endpoint="predictions", model="kontext-tiny", mode="text-to-image",
-                               params={"prompt": "kept"})
+    await gw.db.create_request(
+        id=rid, endpoint="predictions", model="kontext-tiny", mode="text-to-image", params={"prompt": "kept"}
+    )
     blob = gw.blobs.put(png_bytes(8, 8), ext="png")
     await gw.close()
     # As an older version (or a careless copy) left them.
@@ -106,8 +112,9 @@ async def test_an_open_data_dir_is_tightened_at_start_and_nothing_is_lost(
         assert f"{path} was open to other users" in said, said
 
 
-async def test_a_shared_sticky_data_dir_is_left_alone(tmp_path: Path, umask: None,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_shared_sticky_data_dir_is_left_alone(
+    tmp_path: Path, umask: None, caplog: pytest.LogCaptureFixture
+) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
     os.chmod(shared, 0o1777)  # as /tmp: chmod 0700 would lock every other user out
@@ -131,4 +138,3 @@ def test_new_blob_folders_are_never_writable_by_others(tmp_path: Path) -> None:
     assert path is not None and mode(path) == 0o644
     folders = [tmp_path / "blobs", path.parent.parent, path.parent]
     assert [mode(p) for p in folders] == [0o755] * 3
-

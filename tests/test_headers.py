@@ -19,8 +19,10 @@ from kontext_gateway.api.app import create_app
 from kontext_gateway.api.headers import SecurityHeadersMiddleware
 from kontext_gateway.config import Settings
 
-PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
-            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
 PAGE_ONLY = ("x-frame-options", "cross-origin-opener-policy")
 
@@ -28,8 +30,10 @@ PAGE_ONLY = ("x-frame-options", "cross-origin-opener-policy")
 @pytest.fixture(scope="module")
 def http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     data = tmp_path_factory.mktemp("headers") / "data"
-    with running_server(Settings(data_dir=data, max_body_bytes=10_000)) as url, \
-            httpx.Client(base_url=url, timeout=60) as client:
+    with (
+        running_server(Settings(data_dir=data, max_body_bytes=10_000)) as url,
+        httpx.Client(base_url=url, timeout=60) as client,
+    ):
         yield client
 
 
@@ -87,8 +91,10 @@ async def test_an_unexpected_error_gets_the_headers_too(tmp_path: Path) -> None:
 
 
 def test_image_links_stay_embeddable(http: httpx.Client) -> None:
-    r = http.post("/v1/images/generations", json={
-        "model": "kontext-tiny", "prompt": "a red fox", "size": "32x32", "num_inference_steps": 1})
+    r = http.post(
+        "/v1/images/generations",
+        json={"model": "kontext-tiny", "prompt": "a red fox", "size": "32x32", "num_inference_steps": 1},
+    )
     assert r.status_code == 200, r.text
     blob = http.get(r.json()["data"][0]["url"])
     assert blob.status_code == 200 and blob.headers["content-type"] == "image/png"
@@ -130,8 +136,10 @@ def test_public_url_may_serve_the_pages_images(tmp_path: Path) -> None:
 
 async def test_headers_a_route_set_itself_are_kept() -> None:
     async def page(_request: object) -> HTMLResponse:
-        return HTMLResponse("<p>framed on purpose</p>", headers={
-            "content-security-policy": "frame-ancestors https://example.com", "referrer-policy": "origin"})
+        return HTMLResponse(
+            "<p>framed on purpose</p>",
+            headers={"content-security-policy": "frame-ancestors https://example.com", "referrer-policy": "origin"},
+        )
 
     app = SecurityHeadersMiddleware(Starlette(routes=[Route("/", page)]))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:

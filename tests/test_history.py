@@ -61,6 +61,7 @@ def env(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 def db_execute(url: str, *statements: Any) -> None:
     """Change rows directly (to place requests at chosen times)."""
+
     async def run() -> None:
         db = Database(Settings(database_url=url).resolved_database_url())
         await db.start()
@@ -108,8 +109,12 @@ def test_filters_scoping_and_pagination(env: Env) -> None:
     # The failed request, with the error the client was given (not the internal status / headers).
     failed = env.get("/v1/requests", env.a["key"], status="failed").json()["data"]
     assert [r["id"] for r in failed] == [bad.headers["x-request-id"]]
-    assert failed[0]["error"]["code"] == "invalid_size" and set(failed[0]["error"]) == {"message", "type", "param",
-                                                                                         "code"}
+    assert failed[0]["error"]["code"] == "invalid_size" and set(failed[0]["error"]) == {
+        "message",
+        "type",
+        "param",
+        "code",
+    }
     assert failed[0]["output"] == [] and failed[0]["cost"] is None
 
     # Filters: model (an alias too), provider name or config key, status lists.
@@ -130,8 +135,10 @@ def test_filters_scoping_and_pagination(env: Env) -> None:
     earlier = env.get("/v1/requests", env.a["key"], created_before=middle).json()["data"]
     assert {r["id"] for r in earlier} == {a_ids[0], a_ids[1]}
     unix = datetime.fromisoformat(middle.replace("Z", "+00:00")).timestamp()
-    assert {r["id"] for r in env.get("/v1/requests", env.a["key"], created_before=str(unix)).json()["data"]} \
-        == {a_ids[0], a_ids[1]}
+    assert {r["id"] for r in env.get("/v1/requests", env.a["key"], created_before=str(unix)).json()["data"]} == {
+        a_ids[0],
+        a_ids[1],
+    }
     assert env.get("/v1/requests", env.a["key"], created_after="last tuesday").status_code == 400
 
     # Key scoping: A never sees B's requests, by listing, filter or id; the admin key sees every one.
@@ -163,16 +170,21 @@ def test_get_one_with_ledger_and_logs(env: Env) -> None:
     assert item["id"] == rid and item["cost"] == 0.002 and item["n"] == 2 and len(item["output"]) == 2
     ledger = item["ledger"]
     assert ledger["state"] == "settled" and ledger["estimate_micros"] == 2000 and ledger["actual_micros"] == 2000
-    assert ledger["lines"] == [{"provider": "local/kontext-tiny", "metric": "image", "quantity": 2,
-                                "unit_price": 0.001, "total_cost": 2000}]
+    assert ledger["lines"] == [
+        {"provider": "local/kontext-tiny", "metric": "image", "quantity": 2, "unit_price": 0.001, "total_cost": 2000}
+    ]
     assert "succeeded: 2 image(s)" in item["logs"]
     assert env.get("/v1/requests/req_nope", env.admin).status_code == 404
 
 
 def test_purge_removes_payloads_and_keeps_metadata(env: Env) -> None:
-    edit = httpx.post(env.base + "/v1/images/edits", headers=bearer(env.a["key"]), timeout=60,
-                      data={"model": "kontext-tiny", "prompt": "make it night", "size": "64x48"},
-                      files={"image": ("in.png", png_bytes(80, 60, (10, 200, 90)), "image/png")})
+    edit = httpx.post(
+        env.base + "/v1/images/edits",
+        headers=bearer(env.a["key"]),
+        timeout=60,
+        data={"model": "kontext-tiny", "prompt": "make it night", "size": "64x48"},
+        files={"image": ("in.png", png_bytes(80, 60, (10, 200, 90)), "image/png")},
+    )
     assert edit.status_code == 200, edit.text
     rid = edit.headers["x-request-id"]
     before = env.get(f"/v1/requests/{rid}", env.a["key"]).json()
@@ -187,16 +199,29 @@ def test_purge_removes_payloads_and_keeps_metadata(env: Env) -> None:
     assert resp.status_code == 200, resp.text
     after = resp.json()
     assert after["purged"] is True and after["prompt"] is None and after["output"] == []
-    for field in ("status", "cost", "currency", "created_at", "completed_at", "duration_ms", "attempts", "ledger",
-                  "size", "n", "model", "provider"):
+    for field in (
+        "status",
+        "cost",
+        "currency",
+        "created_at",
+        "completed_at",
+        "duration_ms",
+        "attempts",
+        "ledger",
+        "size",
+        "n",
+        "model",
+        "provider",
+    ):
         assert after[field] == before[field], field
     assert not any(env.blob_file(b).exists() for b in [*blob_ids, *input_ids])
     assert httpx.get(before["output"][0]).status_code == 404
     record = asyncio.run(_record(env.database_url, rid))
     assert record["input"] is None and record["params"]["prompt"] is None and record["output_blob_ids"] == []
     assert record["purged_at"] is not None
-    assert [d["payload"] for d in asyncio.run(_deliveries(env.database_url, rid))] == [{"id": rid,
-                                                                                         "data_removed": True}]
+    assert [d["payload"] for d in asyncio.run(_deliveries(env.database_url, rid))] == [
+        {"id": rid, "data_removed": True}
+    ]
     # The predictions view says so too; a second purge changes nothing.
     assert env.get(f"/v1/predictions/{rid}", env.a["key"]).json()["data_removed"] is True
     again = httpx.delete(f"{env.base}/v1/requests/{rid}/payloads", headers=bearer(env.a["key"])).json()
@@ -217,9 +242,14 @@ def test_purge_keeps_a_blob_another_request_uses(env: Env) -> None:
 
 
 def test_purge_refuses_a_running_request(env: Env) -> None:
-    created = httpx.post(env.base + "/v1/predictions", headers=bearer(env.a["key"]), json={
-        "model": "kontext-gateway/kontext-tiny",
-        "input": {"prompt": "slow", "size": "1024x1024", "num_inference_steps": 100}})
+    created = httpx.post(
+        env.base + "/v1/predictions",
+        headers=bearer(env.a["key"]),
+        json={
+            "model": "kontext-gateway/kontext-tiny",
+            "input": {"prompt": "slow", "size": "1024x1024", "num_inference_steps": 100},
+        },
+    )
     assert created.status_code == 201, created.text
     pid = created.json()["id"]
     try:
@@ -239,8 +269,12 @@ async def _delivered_webhook(url: str, rid: str) -> None:
     db = Database(Settings(database_url=url).resolved_database_url())
     await db.start()
     try:
-        row = await db.add_delivery(rid, event="completed", url="https://example.com/hook",
-                                    payload={"id": rid, "input": {"prompt": "make it night"}})
+        row = await db.add_delivery(
+            rid,
+            event="completed",
+            url="https://example.com/hook",
+            payload={"id": rid, "input": {"prompt": "make it night"}},
+        )
         await db.finish_delivery(row or 0, state="delivered", status=200)
     finally:
         await db.close()
@@ -265,11 +299,19 @@ async def _record(url: str, rid: str) -> dict[str, Any]:
 
 
 def test_metadata_retention_purges_after_the_links_expire(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'k.db'}",
-                        payload_retention="metadata", url_ttl_seconds=1, retention_sweep_interval_s=0.2)
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=f"sqlite:///{tmp_path / 'k.db'}",
+        payload_retention="metadata",
+        url_ttl_seconds=1,
+        retention_sweep_interval_s=0.2,
+    )
     with running_server(settings) as base:
-        resp = httpx.post(base + "/v1/images/generations", timeout=60,
-                          json={"model": "kontext-tiny", "prompt": "forget me", "size": "32x32"})
+        resp = httpx.post(
+            base + "/v1/images/generations",
+            timeout=60,
+            json={"model": "kontext-tiny", "prompt": "forget me", "size": "32x32"},
+        )
         assert resp.status_code == 200, resp.text
         rid = resp.headers["x-request-id"]
         blob = resp.json()["data"][0]["url"].split("/v1/blobs/")[1].split("?")[0]
@@ -287,8 +329,9 @@ def test_metadata_retention_purges_after_the_links_expire(tmp_path: Path) -> Non
 
 def test_retention_cutoff() -> None:
     def cutoff(**settings: Any) -> datetime | None:
-        s = SimpleNamespace(**{"payload_retention": "full", "payload_retention_days": None,
-                               "url_ttl_seconds": 3600, **settings})
+        s = SimpleNamespace(
+            **{"payload_retention": "full", "payload_retention_days": None, "url_ttl_seconds": 3600, **settings}
+        )
         return RetentionSweeper(SimpleNamespace(settings=s)).cutoff(now)  # type: ignore[arg-type]
 
     now = datetime(2026, 11, 21, 12, tzinfo=UTC)

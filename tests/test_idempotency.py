@@ -25,8 +25,12 @@ def fake() -> Iterator[tuple[FakeReplicate, str]]:
 
 @pytest.fixture(scope="module")
 def gateway(fake: tuple[FakeReplicate, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("idem"), replicate_api_token="r8_test",
-                        replicate_base_url=fake[1], upstream_poll_interval_s=0.02)
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("idem"),
+        replicate_api_token="r8_test",
+        replicate_base_url=fake[1],
+        upstream_poll_interval_s=0.02,
+    )
     with running_server(settings) as url:
         yield url
 
@@ -40,8 +44,11 @@ def sdk(gateway: str, fake: tuple[FakeReplicate, str]) -> OpenAI:
 def test_a_retry_joins_the_original(sdk: OpenAI, fake: tuple[FakeReplicate, str]) -> None:
     def call():
         return sdk.images.with_raw_response.generate(
-            model="flux.1-kontext-pro", prompt="once", response_format="b64_json",
-            extra_headers={"Idempotency-Key": "gen-1"})
+            model="flux.1-kontext-pro",
+            prompt="once",
+            response_format="b64_json",
+            extra_headers={"Idempotency-Key": "gen-1"},
+        )
 
     first, second = call(), call()
     assert first.headers["x-request-id"] == second.headers["x-request-id"]
@@ -53,7 +60,8 @@ def test_a_retry_joins_the_original(sdk: OpenAI, fake: tuple[FakeReplicate, str]
 def test_concurrent_retries_make_one_job(sdk: OpenAI, fake: tuple[FakeReplicate, str]) -> None:
     def call():
         return sdk.images.with_raw_response.generate(
-            model="flux.1-kontext-pro", prompt="together", extra_headers={"Idempotency-Key": "gen-2"})
+            model="flux.1-kontext-pro", prompt="together", extra_headers={"Idempotency-Key": "gen-2"}
+        )
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         responses = list(pool.map(lambda _: call(), range(4)))
@@ -73,8 +81,12 @@ def test_multipart_retry_with_a_new_boundary(sdk: OpenAI) -> None:
 
     def call():
         return sdk.images.with_raw_response.edit(
-            model="kontext-tiny", image=("a.png", image, "image/png"), prompt="edit once",
-            extra_body={"size": "64x64"}, extra_headers={"Idempotency-Key": "edit-1"})
+            model="kontext-tiny",
+            image=("a.png", image, "image/png"),
+            prompt="edit once",
+            extra_body={"size": "64x64"},
+            extra_headers={"Idempotency-Key": "edit-1"},
+        )
 
     first, second = call(), call()  # each multipart body has its own random boundary
     assert first.headers["x-request-id"] == second.headers["x-request-id"]
@@ -83,8 +95,9 @@ def test_multipart_retry_with_a_new_boundary(sdk: OpenAI) -> None:
 def test_a_rejected_request_replays_its_error(sdk: OpenAI) -> None:
     for _ in range(2):
         with pytest.raises(openai.BadRequestError) as err:
-            sdk.images.generate(model="kontext-tiny", prompt="x", size="0x0",
-                                extra_headers={"Idempotency-Key": "bad-1"})
+            sdk.images.generate(
+                model="kontext-tiny", prompt="x", size="0x0", extra_headers={"Idempotency-Key": "bad-1"}
+            )
         assert err.value.body["code"] == "invalid_size"
 
 

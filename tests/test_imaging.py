@@ -58,7 +58,7 @@ def decode_error(data: bytes, **kwargs: object) -> GatewayError:
 
 def test_tables_cover_every_output_format() -> None:
     assert OUTPUT_FORMATS == ("png", "jpeg", "gif", "webp", "avif")
-    assert MIME_TYPES == {f: f"image/{f}" for f in OUTPUT_FORMATS}
+    assert {f: f"image/{f}" for f in OUTPUT_FORMATS} == MIME_TYPES
     assert EXTENSIONS == {"png": "png", "jpeg": "jpg", "gif": "gif", "webp": "webp", "avif": "avif"}
 
 

@@ -21,8 +21,9 @@ def node_client() -> Path:
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("Node.js and npm are not installed")
     if not (JS / "node_modules" / "openai").is_dir():
-        out = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS, capture_output=True, text=True,
-                             timeout=300)
+        out = subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"], cwd=JS, capture_output=True, text=True, timeout=300
+        )
         if out.returncode != 0:
             pytest.skip(f"npm ci failed (registry unreachable?): {out.stderr[-500:]}")
     return JS / "client.mjs"
@@ -31,8 +32,9 @@ def node_client() -> Path:
 def test_openai_npm_package(node_client: Path, base_url: str, tmp_path: Path) -> None:
     source = tmp_path / "source.png"
     source.write_bytes(png_bytes(80, 60))
-    out = subprocess.run(["node", str(node_client), base_url + "/v1", str(source)], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        ["node", str(node_client), base_url + "/v1", str(source)], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     gen = open_image(base64.b64decode(result["generated"]["b64"]))

@@ -28,8 +28,13 @@ TINY = {"model": "kontext-tiny", "prompt": "a kite", "size": "32x32"}
 
 def kontext(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "KONTEXT_DATA_DIR": str(data_dir)}
-    return subprocess.run([sys.executable, "-m", "kontext_gateway", *args, "--data-dir", str(data_dir)],
-                          capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "kontext_gateway", *args, "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
 
 
 def sdk(base: str, key: str = "unused") -> openai.OpenAI:
@@ -86,8 +91,9 @@ def test_key_lifecycle_from_the_cli_is_seen_by_a_running_server(tmp_path: Path) 
         listed = kontext(tmp_path, "keys", "list")
         assert "team-a" in listed.stdout and key not in listed.stdout
 
-        updated = json.loads(kontext(tmp_path, "keys", "update", view["id"], "--rpm", "none", "--ipm", "7",
-                                     "--json").stdout)
+        updated = json.loads(
+            kontext(tmp_path, "keys", "update", view["id"], "--rpm", "none", "--ipm", "7", "--json").stdout
+        )
         assert updated["rpm"] is None and updated["ipm"] == 7 and updated["budget_usd"] == 5.0
 
         revoked = kontext(tmp_path, "keys", "revoke", view["id"], "--json")
@@ -105,6 +111,7 @@ def test_key_lifecycle_from_the_cli_is_seen_by_a_running_server(tmp_path: Path) 
     with sqlite3.connect(tmp_path / "kontext.db") as db:
         (stored,) = db.execute("SELECT hash FROM api_keys").fetchone()
     import hashlib
+
     assert stored == hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -125,9 +132,11 @@ def test_admin_api_guards_and_manages_keys(tmp_path: Path) -> None:
         expect_error(httpx.post(base + "/v1/admin/keys", json={"name": "a"}), 401, "invalid_api_key")
         expect_error(httpx.post(base + "/v1/images/generations", json=TINY), 401, "invalid_api_key")
 
-        made = httpx.post(base + "/v1/admin/keys", headers=as_admin,
-                          json={"name": "app", "models": ["kontext-tiny"], "rpm": 30, "budget_usd": 2,
-                                "budget_period": "month"})
+        made = httpx.post(
+            base + "/v1/admin/keys",
+            headers=as_admin,
+            json={"name": "app", "models": ["kontext-tiny"], "rpm": 30, "budget_usd": 2, "budget_period": "month"},
+        )
         assert made.status_code == 201, made.text
         app = made.json()
         assert app["models"] == ["kontext-tiny"] and app["budget_period"] == "month" and app["key"].startswith("kx-")
@@ -149,8 +158,9 @@ def test_admin_api_guards_and_manages_keys(tmp_path: Path) -> None:
         # The key may use its model only: 403 names the ones it may use.
         ok = httpx.post(base + "/v1/images/generations", headers=user, json=TINY, timeout=60)
         assert ok.status_code == 200, ok.text
-        other = httpx.post(base + "/v1/images/generations", headers=user,
-                           json={"model": "flux.1-kontext-pro", "prompt": "x"})
+        other = httpx.post(
+            base + "/v1/images/generations", headers=user, json={"model": "flux.1-kontext-pro", "prompt": "x"}
+        )
         err = expect_error(other, 403, "model_not_allowed", "permission_error")
         assert err["param"] == "model" and "kontext-tiny" in err["message"]
 
@@ -173,9 +183,11 @@ def test_predictions_and_idempotency_are_scoped_to_the_key(tmp_path: Path) -> No
         b = httpx.post(base + "/v1/admin/keys", headers=as_root, json={"name": "b"}).json()
 
         def create(key: dict[str, Any], idem: str) -> httpx.Response:
-            return httpx.post(base + "/v1/predictions", headers={"authorization": f"Bearer {key['key']}",
-                                                                 "idempotency-key": idem},
-                              json={"model": "kontext-tiny", "input": {"prompt": "x", "size": "32x32"}})
+            return httpx.post(
+                base + "/v1/predictions",
+                headers={"authorization": f"Bearer {key['key']}", "idempotency-key": idem},
+                json={"model": "kontext-tiny", "input": {"prompt": "x", "size": "32x32"}},
+            )
 
         pa, pb = create(a, "same").json(), create(b, "same").json()
         assert pa["id"] != pb["id"]  # the same Idempotency-Key from two keys names two predictions
@@ -230,7 +242,9 @@ def test_uploaded_files_belong_to_their_key(tmp_path: Path) -> None:
         auth = lambda k: {"authorization": f"Bearer {k['key']}"}  # noqa: E731
         from conftest import png_bytes
 
-        up = httpx.post(base + "/v1/files", headers=auth(a), files={"content": ("x.png", png_bytes(32, 32), "image/png")})
+        up = httpx.post(
+            base + "/v1/files", headers=auth(a), files={"content": ("x.png", png_bytes(32, 32), "image/png")}
+        )
         assert up.status_code == 201, up.text
         fid, url = up.json()["id"], up.json()["urls"]["get"]
         assert httpx.get(url, headers=auth(a)).status_code == 200

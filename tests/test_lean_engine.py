@@ -45,10 +45,15 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 FEATURES = {
     "text-to-image": dict(output=Size(96, 64)),
     "edit": dict(images=[picture(96, 64, 1)], contexts=[Size(96, 64)], output=Size(96, 64)),
-    "two images": dict(images=[picture(64, 64, 2), picture(48, 64, 3)], contexts=[Size(64, 64), Size(48, 64)],
-                       output=Size(64, 64)),
-    "mask": dict(images=[picture(64, 64, 4)], contexts=[Size(64, 64)], output=Size(64, 64),
-                 mask=Image.new("L", (64, 64), 255).crop((0, 0, 64, 64))),
+    "two images": dict(
+        images=[picture(64, 64, 2), picture(48, 64, 3)], contexts=[Size(64, 64), Size(48, 64)], output=Size(64, 64)
+    ),
+    "mask": dict(
+        images=[picture(64, 64, 4)],
+        contexts=[Size(64, 64)],
+        output=Size(64, 64),
+        mask=Image.new("L", (64, 64), 255).crop((0, 0, 64, 64)),
+    ),
     "true cfg, n=2": dict(output=Size(64, 64), negative_prompt="blurry", true_cfg_scale=3.0, n=2),
 }
 
@@ -66,16 +71,32 @@ def test_lean_engine_makes_the_reference_s_pictures(feature: str, engine: Kontex
 
 def test_previews_and_progress_work_on_the_lean_transformer(lean: KontextEngine) -> None:
     previews, progress = [], []
-    out = lean.run(prompt="x", output=Size(64, 64), steps=4, guidance=2.5, n=1, seed=1, partial_images=2,
-                   preview=lambda i, im: previews.append((i, im.size)), progress=lambda i, n: progress.append(i))
+    out = lean.run(
+        prompt="x",
+        output=Size(64, 64),
+        steps=4,
+        guidance=2.5,
+        n=1,
+        seed=1,
+        partial_images=2,
+        preview=lambda i, im: previews.append((i, im.size)),
+        progress=lambda i, n: progress.append(i),
+    )
     assert [i for i, _ in previews] == [0, 1] and all(size == (64, 64) for _, size in previews)
     assert progress == [1, 2, 3, 4] and out[0].size == (64, 64)
 
 
 def test_loras_are_refused_clearly_on_the_lean_transformer(lean: KontextEngine, tmp_path) -> None:
     with pytest.raises(GatewayError) as err:
-        lean.run(prompt="x", output=Size(32, 32), steps=1, guidance=2.5, n=1, seed=1,
-                 loras=[LoraSpec(path=tmp_path / "style.safetensors", name="style")])
+        lean.run(
+            prompt="x",
+            output=Size(32, 32),
+            steps=1,
+            guidance=2.5,
+            n=1,
+            seed=1,
+            loras=[LoraSpec(path=tmp_path / "style.safetensors", name="style")],
+        )
     assert err.value.status == 400 and err.value.param == "loras" and "diffusers" in err.value.message
 
 
@@ -84,8 +105,16 @@ def test_loras_are_refused_clearly_on_the_lean_transformer(lean: KontextEngine, 
 
 
 def test_regular_runs_fp8_linears_close_to_the_exact_picture(lean: KontextEngine) -> None:
-    kwargs = dict(prompt="a fox", images=[picture(64, 64, 6)], contexts=[Size(64, 64)], output=Size(64, 64),
-                  steps=4, guidance=2.5, n=1, seed=3)
+    kwargs = dict(
+        prompt="a fox",
+        images=[picture(64, 64, 6)],
+        contexts=[Size(64, 64)],
+        output=Size(64, 64),
+        steps=4,
+        guidance=2.5,
+        n=1,
+        seed=3,
+    )
     exact = pixels(lean.run(**kwargs))
     fast = pixels(lean.run(**kwargs, acceleration="regular"))
     assert lean.last_run.applied == ["fp8"] and lean.last_run.transformer_computed == 4
@@ -161,19 +190,28 @@ def lean_base(tmp_path_factory: pytest.TempPathFactory):
 def test_acceleration_through_the_openai_sdk(lean_base: str) -> None:
     client = openai.OpenAI(base_url=lean_base + "/v1", api_key="unused", max_retries=0, timeout=120)
     raw = client.images.with_raw_response.generate(
-        model="kontext-tiny", prompt="a fox", size="64x48", response_format="b64_json",
-        extra_body={"seed": 2, "num_inference_steps": 28, "acceleration": "high"})
+        model="kontext-tiny",
+        prompt="a fox",
+        size="64x48",
+        response_format="b64_json",
+        extra_body={"seed": 2, "num_inference_steps": 28, "acceleration": "high"},
+    )
     body = raw.parse()
     img = open_image(base64.b64decode(body.data[0].b64_json))
     assert img.size == (64, 48) and img.format == "PNG"
     meta = raw.http_response.json()["metadata"]
-    assert meta["engine"] == {"transformer": "lean", "attention": "sdpa", "acceleration": "high",
-                              "applied": ["step_cache"], "transformer_calls": 28, "transformer_computed": 13}
+    assert meta["engine"] == {
+        "transformer": "lean",
+        "attention": "sdpa",
+        "acceleration": "high",
+        "applied": ["step_cache"],
+        "transformer_calls": 28,
+        "transformer_computed": 13,
+    }
     assert "acceleration" not in meta["ignored_params"]  # the step cache ran (fp8 is for GPUs)
 
     with pytest.raises(openai.BadRequestError) as err:
-        client.images.generate(model="kontext-tiny", prompt="a fox", size="32x32",
-                               extra_body={"acceleration": "warp"})
+        client.images.generate(model="kontext-tiny", prompt="a fox", size="32x32", extra_body={"acceleration": "warp"})
     assert err.value.status_code == 400 and err.value.body["param"] == "acceleration"
     assert "none, regular, high" in err.value.body["message"]
 

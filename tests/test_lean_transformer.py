@@ -22,14 +22,28 @@ from kontext_gateway.engine.lean.adapter import LeanTransformer
 from kontext_gateway.engine.lean.attention import sdpa
 from kontext_gateway.engine.lean.model import FluxConfig, rope_tables
 from kontext_gateway.engine.lean.weights import (
-    diffusers_name, from_bfl_file, from_diffusers_dir, from_diffusers_model, save_bfl_file)
+    diffusers_name,
+    from_bfl_file,
+    from_diffusers_dir,
+    from_diffusers_model,
+    save_bfl_file,
+)
 
 FP32_TOL = 1e-5
 BF16_RATIO = 1.5
 
-MEDIUM = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=128,
-              num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=128, guidance_embeds=True,
-              axes_dims_rope=(16, 56, 56))
+MEDIUM = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=128,
+    num_attention_heads=4,
+    joint_attention_dim=256,
+    pooled_projection_dim=128,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,15 +89,28 @@ class Inputs:
 
     def reference_velocity(self, ref: FluxTransformer2DModel, step: int, dtype: torch.dtype) -> torch.Tensor:
         b = self.tokens.shape[0]
-        out = ref(hidden_states=self.tokens.to(dtype), encoder_hidden_states=self.txt.to(dtype),
-                  pooled_projections=self.pooled.to(dtype), timestep=self.sigmas[step].expand(b).to(dtype),
-                  img_ids=self.img_ids, txt_ids=self.txt_ids, guidance=self.guidance, return_dict=False)[0]
+        out = ref(
+            hidden_states=self.tokens.to(dtype),
+            encoder_hidden_states=self.txt.to(dtype),
+            pooled_projections=self.pooled.to(dtype),
+            timestep=self.sigmas[step].expand(b).to(dtype),
+            img_ids=self.img_ids,
+            txt_ids=self.txt_ids,
+            guidance=self.guidance,
+            return_dict=False,
+        )[0]
         return out[:, : self.noise]
 
     def lean_velocities(self, lean, dtype: torch.dtype) -> list[torch.Tensor]:
-        plan = lean.plan(txt=self.txt.to(dtype), pooled=self.pooled.to(dtype),
-                         timesteps=self.sigmas.to(dtype) * 1000, guidance=self.guidance.to(dtype) * 1000,
-                         txt_ids=self.txt_ids, img_ids=self.img_ids, noise_tokens=self.noise)
+        plan = lean.plan(
+            txt=self.txt.to(dtype),
+            pooled=self.pooled.to(dtype),
+            timesteps=self.sigmas.to(dtype) * 1000,
+            guidance=self.guidance.to(dtype) * 1000,
+            txt_ids=self.txt_ids,
+            img_ids=self.img_ids,
+            noise_tokens=self.noise,
+        )
         return [lean(self.tokens.to(dtype), plan, s) for s in range(len(self.sigmas))]
 
 
@@ -113,8 +140,9 @@ def test_bfl_single_file_and_diffusers_folder_load_the_same_model(tmp_path: Path
     assert from_file.config == lean.config  # architecture read off the shapes
     ref.save_pretrained(tmp_path / "pipe" / "transformer")  # diffusers layout, as in a pipeline folder
     from_dir = from_diffusers_dir(tmp_path / "pipe", dtype=torch.float32)
-    for (name, a), (_, b), (_, c) in zip(lean.named_parameters(), from_file.named_parameters(),
-                                         from_dir.named_parameters()):
+    for (name, a), (_, b), (_, c) in zip(
+        lean.named_parameters(), from_file.named_parameters(), from_dir.named_parameters(), strict=False
+    ):
         assert torch.equal(a, b) and torch.equal(a, c), name
 
     # ComfyUI saves the same tensors under a prefix.
@@ -122,12 +150,13 @@ def test_bfl_single_file_and_diffusers_folder_load_the_same_model(tmp_path: Path
 
     tensors = load_file(str(tmp_path / "flux1-kontext-dev.safetensors"))
     save_file({f"model.diffusion_model.{k}": v for k, v in tensors.items()}, str(tmp_path / "comfy.safetensors"))
-    assert torch.equal(from_bfl_file(tmp_path / "comfy.safetensors", dtype=torch.float32).img_in.weight,
-                       lean.img_in.weight)
+    assert torch.equal(
+        from_bfl_file(tmp_path / "comfy.safetensors", dtype=torch.float32).img_in.weight, lean.img_in.weight
+    )
 
     # A truncated file is refused with the names it lacks, not loaded half-initialised.
     save_file({k: v for k, v in tensors.items() if "single_blocks.1." not in k}, str(tmp_path / "cut.safetensors"))
-    with pytest.raises(ValueError, match="lacks|missing"):
+    with pytest.raises(ValueError, match=r"lacks|missing"):
         from_bfl_file(tmp_path / "cut.safetensors", dtype=torch.float32, config=lean.config)
 
 
@@ -136,8 +165,14 @@ def test_our_bfl_layout_is_the_one_diffusers_converts_from() -> None:
     reference's exact tensors: the fused row order, the linear1 split and the final-layer swap agree."""
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
-    kwargs = dict(MEDIUM, num_attention_heads=24, num_layers=1, num_single_layers=1, joint_attention_dim=64,
-                  pooled_projection_dim=64)
+    kwargs = dict(
+        MEDIUM,
+        num_attention_heads=24,
+        num_layers=1,
+        num_single_layers=1,
+        joint_attention_dim=64,
+        pooled_projection_dim=64,
+    )
     with torch.device("meta"):
         ref = FluxTransformer2DModel(**kwargs)
     ref = ref.to_empty(device="cpu").to(torch.bfloat16)
@@ -160,8 +195,11 @@ def test_our_bfl_layout_is_the_one_diffusers_converts_from() -> None:
 def _block_inputs(ref: FluxTransformer2DModel, inputs: Inputs) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(9)
     b, lt, li, h = inputs.tokens.shape[0], inputs.txt.shape[1], inputs.tokens.shape[1], ref.inner_dim
-    return {"img": torch.randn(b, li, h, generator=g), "txt": torch.randn(b, lt, h, generator=g),
-            "temb": torch.randn(b, h, generator=g)}
+    return {
+        "img": torch.randn(b, li, h, generator=g),
+        "txt": torch.randn(b, lt, h, generator=g),
+        "temb": torch.randn(b, h, generator=g),
+    }
 
 
 def _run_blocks(ref, lean, inputs: Inputs, x: dict[str, torch.Tensor], dtype: torch.dtype) -> list[tuple]:
@@ -172,17 +210,22 @@ def _run_blocks(ref, lean, inputs: Inputs, x: dict[str, torch.Tensor], dtype: to
     img, txt, temb = (x[k].to(dtype) for k in ("img", "txt", "temb"))
     silu = F.silu(temb)
     pairs = []
-    for rb, lb in zip(ref.transformer_blocks, lean.double_blocks):
+    for rb, lb in zip(ref.transformer_blocks, lean.double_blocks, strict=False):
         r_txt, r_img = rb(hidden_states=img, encoder_hidden_states=txt, temb=temb, image_rotary_emb=rope_ref)
         l_img, l_txt = lb(img, txt, lb.img_mod(silu), lb.txt_mod(silu), rope, sdpa)
         pairs.append((torch.cat([r_txt, r_img], 1), torch.cat([l_txt, l_img], 1)))
-    for rb, lb in zip(ref.single_transformer_blocks, lean.single_blocks):
+    for rb, lb in zip(ref.single_transformer_blocks, lean.single_blocks, strict=False):
         r_txt, r_img = rb(hidden_states=img, encoder_hidden_states=txt, temb=temb, image_rotary_emb=rope_ref)
         out = lb(torch.cat([txt, img], 1), lb.modulation(silu), rope, sdpa)
         pairs.append((torch.cat([r_txt, r_img], 1), out))
         # The last block's short cut: only the noise rows, the same values.
-        kept = lb(torch.cat([txt, img], 1), lb.modulation(silu), rope, sdpa,
-                  rows=slice(txt.shape[1], txt.shape[1] + inputs.noise))
+        kept = lb(
+            torch.cat([txt, img], 1),
+            lb.modulation(silu),
+            rope,
+            sdpa,
+            rows=slice(txt.shape[1], txt.shape[1] + inputs.noise),
+        )
         pairs.append((r_img[:, : inputs.noise], kept))
     return pairs
 
@@ -191,8 +234,9 @@ def _run_blocks(ref, lean, inputs: Inputs, x: dict[str, torch.Tensor], dtype: to
 def test_each_block_matches_in_fp32(reference) -> None:
     lean = from_diffusers_model(reference)
     inputs = Inputs(reference)
-    for i, (want, got) in enumerate(_run_blocks(reference, lean, inputs, _block_inputs(reference, inputs),
-                                                torch.float32)):
+    for i, (want, got) in enumerate(
+        _run_blocks(reference, lean, inputs, _block_inputs(reference, inputs), torch.float32)
+    ):
         assert torch.isfinite(got).all()
         assert rel(got, want) <= FP32_TOL, f"block output {i}: {rel(got, want)}"
 
@@ -204,7 +248,9 @@ def test_each_block_in_bf16_is_as_close_to_fp32_as_the_reference_in_bf16(referen
     exact = [want for want, _ in _run_blocks(reference, from_diffusers_model(reference), inputs, x, torch.float32)]
     ref16 = copy.deepcopy(reference).to(torch.bfloat16)
     lean16 = from_diffusers_model(reference, dtype=torch.bfloat16)
-    for i, ((ref_out, lean_out), fp32) in enumerate(zip(_run_blocks(ref16, lean16, inputs, x, torch.bfloat16), exact)):
+    for i, ((ref_out, lean_out), fp32) in enumerate(
+        zip(_run_blocks(ref16, lean16, inputs, x, torch.bfloat16), exact, strict=False)
+    ):
         ref_err, lean_err = rel(ref_out, fp32), rel(lean_out, fp32)
         assert 0 < ref_err < 0.05  # bf16 does round: the ratio below compares like with like
         assert lean_err <= BF16_RATIO * ref_err, f"block output {i}: lean {lean_err:.2e} vs reference {ref_err:.2e}"
@@ -249,8 +295,13 @@ def _pipeline(transformer) -> FluxKontextPipeline:
     return pipe
 
 
-def _pipeline_output(pipe: FluxKontextPipeline, ref: FluxTransformer2DModel, dtype: torch.dtype,
-                     output_type: str = "latent", lean: bool = False) -> torch.Tensor:
+def _pipeline_output(
+    pipe: FluxKontextPipeline,
+    ref: FluxTransformer2DModel,
+    dtype: torch.dtype,
+    output_type: str = "latent",
+    lean: bool = False,
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(11)
     cfg = ref.config
     side = 128  # pixels: 16x16 latents, 64 noise + 64 context tokens
@@ -259,8 +310,13 @@ def _pipeline_output(pipe: FluxKontextPipeline, ref: FluxTransformer2DModel, dty
         prompt_embeds=torch.randn(1, 32, cfg.joint_attention_dim, generator=g).to(dtype),
         pooled_prompt_embeds=torch.randn(1, cfg.pooled_projection_dim, generator=g).to(dtype),
         latents=torch.randn(1, (side // 16) ** 2, 64, generator=g).to(dtype),
-        height=side, width=side, max_area=side * side, _auto_resize=False, num_inference_steps=4,
-        guidance_scale=2.5, output_type=output_type,
+        height=side,
+        width=side,
+        max_area=side * side,
+        _auto_resize=False,
+        num_inference_steps=4,
+        guidance_scale=2.5,
+        output_type=output_type,
     )
     pipe.to(dtype=dtype)
     with torch.inference_mode():
@@ -301,11 +357,13 @@ def test_compiled_blocks_compute_the_same_velocities() -> None:
     ref = tiny_reference()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        lean = LeanFluxTransformer(FluxConfig.from_diffusers(dict(ref.config, num_layers=1, num_single_layers=1))).eval()
+        lean = LeanFluxTransformer(
+            FluxConfig.from_diffusers(dict(ref.config, num_layers=1, num_single_layers=1))
+        ).eval()
     inputs = Inputs(ref)
     eager = inputs.lean_velocities(lean, torch.float32)
     lean.compile_blocks()
-    for got, want in zip(inputs.lean_velocities(lean, torch.float32), eager):
+    for got, want in zip(inputs.lean_velocities(lean, torch.float32), eager, strict=False):
         assert rel(got, want) <= FP32_TOL
 
 

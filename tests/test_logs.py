@@ -27,7 +27,9 @@ KEY = "kx-live_4f9d2c7b1a8e6f3d5c0b9a7e"
 ADMIN_KEY = "admin-0b5e9c1d7a3f-operator"
 
 
-def _formatted(logger_name: str, *, json_lines: bool = True, secrets: tuple[str, ...] = ()) -> tuple[logging.Logger, io.StringIO]:
+def _formatted(
+    logger_name: str, *, json_lines: bool = True, secrets: tuple[str, ...] = ()
+) -> tuple[logging.Logger, io.StringIO]:
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     handler.setFormatter(logs.Formatter(json=json_lines, secrets=secrets))
@@ -40,8 +42,10 @@ def _formatted(logger_name: str, *, json_lines: bool = True, secrets: tuple[str,
 
 def test_redaction() -> None:
     redact = logs.Redactor([FAL_SECRET, "short"])
-    text = (f"Authorization: Bearer {KEY} key={KEY} fal={FAL_SECRET} hook={WEBHOOK_SECRET} "
-            "token=r8_AbCdEf0123 bearer abc.def short")
+    text = (
+        f"Authorization: Bearer {KEY} key={KEY} fal={FAL_SECRET} hook={WEBHOOK_SECRET} "
+        "token=r8_AbCdEf0123 bearer abc.def short"
+    )
     out = redact(text)
     for secret in (KEY, FAL_SECRET, WEBHOOK_SECRET, "r8_AbCdEf0123", "abc.def"):
         assert secret not in out
@@ -53,7 +57,7 @@ def test_json_lines_carry_bound_context_and_stay_valid_when_redacted() -> None:
     log, out = _formatted("kontext_test.json", secrets=(FAL_SECRET,))
     with logs.bind(request_id="req_1", key_id="key_a"):
         with logs.bind(provider="fal"):
-            log.info('upstream said "%s"', f"Bearer {KEY}\"}}", extra={"outcome": "failed"})
+            log.info('upstream said "%s"', f'Bearer {KEY}"}}', extra={"outcome": "failed"})
         log.warning("after")
     log.info("outside")
     try:
@@ -93,31 +97,60 @@ def test_settings_secrets() -> None:
 
 # -- a real server process ------------------------------------------------------------------------------------
 
+
 def test_server_logs_are_json_with_request_ids_and_no_secrets(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "FAL_KEY": FAL_SECRET, "KONTEXT_WEBHOOK_SECRET": WEBHOOK_SECRET,
-           "REPLICATE_API_TOKEN": "r8_SecretReplicateToken01", "KONTEXT_URL_SECRET": "url-signing-secret-0123456789",
-           "KONTEXT_ADMIN_KEY": ADMIN_KEY}
+    env = {
+        **os.environ,
+        "FAL_KEY": FAL_SECRET,
+        "KONTEXT_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "REPLICATE_API_TOKEN": "r8_SecretReplicateToken01",
+        "KONTEXT_URL_SECRET": "url-signing-secret-0123456789",
+        "KONTEXT_ADMIN_KEY": ADMIN_KEY,
+    }
     env.pop("KONTEXT_LOG_FORMAT", None)
     # Debug: uvicorn's access log is on, so request lines (query strings included) are logged too.
-    proc = subprocess.Popen([sys.executable, "-m", "kontext_gateway", "serve", "--port", str(port),
-                             "--data-dir", str(tmp_path), "--log-format", "json", "--log-level", "debug"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr", "wb"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kontext_gateway",
+            "serve",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp_path),
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "stderr", "wb"),
+    )
     ids = []
     try:
         wait_healthy(url, proc, tmp_path / "stderr")
-        made = httpx.post(f"{url}/v1/admin/keys", json={"name": "team"}, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        made = httpx.post(
+            f"{url}/v1/admin/keys", json={"name": "team"}, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+        )
         real_key, key_id = made.json()["key"], made.json()["id"]
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 401
         auth = {"Authorization": f"Bearer {real_key}"}
         with httpx.Client(base_url=url, timeout=120, headers=auth) as http:
-            for body in ({"model": "kontext-tiny", "prompt": "a fox", "size": "64x64"},
-                         {"model": "kontext-tiny", "prompt": "x", "n": 0}):
+            for body in (
+                {"model": "kontext-tiny", "prompt": "a fox", "size": "64x64"},
+                {"model": "kontext-tiny", "prompt": "x", "n": 0},
+            ):
                 resp = http.post("/v1/images/generations", json=body)
                 ids.append((resp.status_code, resp.headers["x-request-id"]))
-            resp = http.post("/v1/images/edits", data={"model": "kontext-tiny", "prompt": "night", "size": "64x48"},
-                             files={"image": ("in.png", png_bytes(64, 48), "image/png")})
+            resp = http.post(
+                "/v1/images/edits",
+                data={"model": "kontext-tiny", "prompt": "night", "size": "64x48"},
+                files={"image": ("in.png", png_bytes(64, 48), "image/png")},
+            )
             ids.append((resp.status_code, resp.headers["x-request-id"]))
             # A secret in a query string reaches the access log: it must come out redacted.
             assert http.get("/v1/models", params={"token": KEY, "other": FAL_SECRET}).status_code == 200
@@ -126,13 +159,20 @@ def test_server_logs_are_json_with_request_ids_and_no_secrets(tmp_path: Path) ->
         proc.wait(timeout=30)
     assert [status for status, _ in ids] == [200, 400, 200]
     text = (tmp_path / "stderr").read_text()
-    for secret in (FAL_SECRET, WEBHOOK_SECRET, KEY, real_key, ADMIN_KEY, "r8_SecretReplicateToken01",
-                   "url-signing-secret-0123456789"):
+    for secret in (
+        FAL_SECRET,
+        WEBHOOK_SECRET,
+        KEY,
+        real_key,
+        ADMIN_KEY,
+        "r8_SecretReplicateToken01",
+        "url-signing-secret-0123456789",
+    ):
         assert secret not in text
     lines = [json.loads(line) for line in text.splitlines() if line.strip()]  # every line is one JSON object
     assert all({"ts", "level", "logger", "message"} <= line.keys() for line in lines)
     finished = {line["request_id"]: line for line in lines if line["message"].startswith("job ")}
-    for status, rid in (ids[0], ids[2]):
+    for _status, rid in (ids[0], ids[2]):
         assert finished[rid]["outcome"] == "succeeded" and finished[rid]["provider"] == "local/kontext-tiny"
         assert finished[rid]["key_id"] == key_id  # the key's id, never the key
     assert any("[redacted]" in line["message"] and line["logger"] == "uvicorn.access" for line in lines)
@@ -140,21 +180,32 @@ def test_server_logs_are_json_with_request_ids_and_no_secrets(tmp_path: Path) ->
 
 # -- x-request-id upstream ----------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def fal_gateway(tmp_path: Path) -> Iterator[tuple[FakeFal, str]]:
     fake = FakeFal()
     with serve(fake.app) as fake_url:
-        settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'gateway.db'}",
-                            fal_key="fal_test", fal_base_url=fake_url, replicate_api_token=None,
-                            fireworks_api_key=None, bfl_api_key=None, upstream_poll_interval_s=0.01)
+        settings = Settings(
+            data_dir=tmp_path,
+            database_url=f"sqlite:///{tmp_path / 'gateway.db'}",
+            fal_key="fal_test",
+            fal_base_url=fake_url,
+            replicate_api_token=None,
+            fireworks_api_key=None,
+            bfl_api_key=None,
+            upstream_poll_interval_s=0.01,
+        )
         with running_server(settings) as url:
             yield fake, url
 
 
 def test_upstream_calls_carry_the_request_id(fal_gateway: tuple[FakeFal, str]) -> None:
     fake, url = fal_gateway
-    resp = httpx.post(f"{url}/v1/images/generations", timeout=60,
-                      json={"model": "fal/flux.1-kontext-pro", "prompt": "a fox", "response_format": "b64_json"})
+    resp = httpx.post(
+        f"{url}/v1/images/generations",
+        timeout=60,
+        json={"model": "fal/flux.1-kontext-pro", "prompt": "a fox", "response_format": "b64_json"},
+    )
     assert resp.status_code == 200, resp.text
     rid = resp.headers["x-request-id"]
     calls = [(method, path, headers) for method, path, headers, _ in fake.requests if not path.startswith("/results/")]

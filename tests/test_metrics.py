@@ -33,8 +33,11 @@ def scrape(base_url: str) -> Samples:
     resp = httpx.get(f"{base_url}/metrics", timeout=30)
     assert resp.status_code == 200
     assert resp.headers["content-type"].startswith("text/plain; version=")
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(resp.text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(resp.text)
+        for s in family.samples
+    }
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -65,8 +68,12 @@ def receiver() -> Iterator[tuple[Receiver, str]]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     data = tmp_path_factory.mktemp("metrics")
-    settings = Settings(data_dir=data, database_url=f"sqlite:///{data / 'gateway.db'}", allow_private_urls=True,
-                        webhook_poll_interval_s=0.05)
+    settings = Settings(
+        data_dir=data,
+        database_url=f"sqlite:///{data / 'gateway.db'}",
+        allow_private_urls=True,
+        webhook_poll_interval_s=0.05,
+    )
     with running_server(settings) as url:
         yield url
 
@@ -76,16 +83,28 @@ def test_scripted_run_shows_in_metrics(server: str, receiver: tuple[Receiver, st
     before = scrape(server)
     client = OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0, timeout=120)
     for seed in range(3):
-        client.images.generate(model="kontext-tiny", prompt="a fox", size="64x64", response_format="b64_json",
-                               extra_body={"seed": seed})
+        client.images.generate(
+            model="kontext-tiny", prompt="a fox", size="64x64", response_format="b64_json", extra_body={"seed": seed}
+        )
     with pytest.raises(openai.BadRequestError):
         client.images.generate(model="kontext-tiny", prompt="a fox", n=0)
-    client.images.edit(model="kontext-tiny", image=("in.png", png_bytes(64, 48), "image/png"), prompt="night",
-                       response_format="b64_json", extra_body={"size": "64x48"})
-    pred = httpx.post(f"{server}/v1/models/kontext-gateway/kontext-tiny/predictions", timeout=60,
-                      headers={"Prefer": "wait"},
-                      json={"input": {"prompt": "x", "size": "64x64"}, "webhook": f"{receiver[1]}/hook",
-                            "webhook_events_filter": ["completed"]})
+    client.images.edit(
+        model="kontext-tiny",
+        image=("in.png", png_bytes(64, 48), "image/png"),
+        prompt="night",
+        response_format="b64_json",
+        extra_body={"size": "64x48"},
+    )
+    pred = httpx.post(
+        f"{server}/v1/models/kontext-gateway/kontext-tiny/predictions",
+        timeout=60,
+        headers={"Prefer": "wait"},
+        json={
+            "input": {"prompt": "x", "size": "64x64"},
+            "webhook": f"{receiver[1]}/hook",
+            "webhook_events_filter": ["completed"],
+        },
+    )
     assert pred.status_code == 201 and pred.json()["status"] == "succeeded"
     rid = pred.json()["id"]
     assert httpx.get(f"{server}/v1/predictions/{rid}").status_code == 200
@@ -102,17 +121,29 @@ def test_scripted_run_shows_in_metrics(server: str, receiver: tuple[Receiver, st
     assert delta(before, after, req, route=GEN, model="kontext-tiny", status="200") == 3
     assert delta(before, after, req, route=GEN, model="kontext-tiny", status="400") == 1
     assert delta(before, after, req, route="/v1/images/edits", model="kontext-tiny", status="200") == 1
-    assert delta(before, after, req, route="/v1/models/{owner}/{name}/predictions", model="kontext-tiny",
-                 status="201") == 1
+    assert (
+        delta(before, after, req, route="/v1/models/{owner}/{name}/predictions", model="kontext-tiny", status="201")
+        == 1
+    )
     assert delta(before, after, req, route="/v1/predictions/{rid}", model="", status="200") == 1
     assert delta(before, after, req, route="other", model="", status="404") == 1
     assert delta(before, after, "kontext_request_duration_seconds_count", route=GEN, model="kontext-tiny") == 4
-    assert delta(before, after, "kontext_request_duration_seconds_bucket", route=GEN, model="kontext-tiny",
-                 le="+Inf") == 4
+    assert (
+        delta(before, after, "kontext_request_duration_seconds_bucket", route=GEN, model="kontext-tiny", le="+Inf") == 4
+    )
     # Five local runs (3 generations, 1 edit, 1 prediction); at least, as a job another test left
     # running in this process (the registry is shared) may finish meanwhile.
-    assert delta(before, after, "kontext_provider_request_duration_seconds_count", provider="local",
-                 model="kontext-tiny", outcome="succeeded") >= 5
+    assert (
+        delta(
+            before,
+            after,
+            "kontext_provider_request_duration_seconds_count",
+            provider="local",
+            model="kontext-tiny",
+            outcome="succeeded",
+        )
+        >= 5
+    )
     assert delta(before, after, "kontext_queue_wait_seconds_count") >= 5
     assert value(after, "kontext_circuit_state", provider="local/kontext-tiny") == 0
     assert ("kontext_queue_depth", frozenset()) in after
@@ -122,8 +153,11 @@ def test_scripted_run_shows_in_metrics(server: str, receiver: tuple[Receiver, st
 
 
 def test_every_v1_response_has_a_request_id(server: str) -> None:
-    for resp in (httpx.get(f"{server}/v1/models"), httpx.get(f"{server}/v1/predictions/req_missing"),
-                 httpx.post(f"{server}{GEN}", content=b"not json")):
+    for resp in (
+        httpx.get(f"{server}/v1/models"),
+        httpx.get(f"{server}/v1/predictions/req_missing"),
+        httpx.post(f"{server}{GEN}", content=b"not json"),
+    ):
         assert resp.headers["x-request-id"].startswith("req_")
 
 
@@ -137,9 +171,14 @@ def test_unknown_models_share_one_label(server: str) -> None:
 
 # -- multiprocess: an API process and a worker process, one view -------------------------------------------
 
+
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "kontext_gateway", *args], env={**os.environ, **env},
-                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    return subprocess.Popen(
+        [sys.executable, "-m", "kontext_gateway", *args],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "wb"),
+    )
 
 
 def test_multiprocess_api_and_worker_export_one_view(tmp_path: Path) -> None:
@@ -167,8 +206,16 @@ def test_multiprocess_api_and_worker_export_one_view(tmp_path: Path) -> None:
     assert value(after, "kontext_requests_total", route=GEN, model="kontext-tiny", status="200") == 2
     assert value(after, "kontext_requests_total", route=GEN, model="kontext-tiny", status="400") == 1
     # Run by the worker process, counted in the API process's /metrics.
-    assert value(after, "kontext_provider_request_duration_seconds_count", provider="local", model="kontext-tiny",
-                 outcome="succeeded") == 2
+    assert (
+        value(
+            after,
+            "kontext_provider_request_duration_seconds_count",
+            provider="local",
+            model="kontext-tiny",
+            outcome="succeeded",
+        )
+        == 2
+    )
     assert value(after, "kontext_queue_wait_seconds_count") == 2
     assert value(after, "kontext_circuit_state", provider="local/kontext-tiny") == 0
     assert value(after, "kontext_queue_depth") == 0

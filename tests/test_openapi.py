@@ -20,8 +20,12 @@ from kontext_gateway.protocol import ImageRequest
 
 METHODS = ("get", "post", "put", "patch", "delete")
 # What a route answers 422 for, in the envelope: Replicate's webhook errors, a reused Idempotency-Key.
-REAL_422 = {("post", "/v1/images/generations"), ("post", "/v1/images/edits"), ("post", "/v1/predictions"),
-            ("post", "/v1/models/{owner}/{name}/predictions")}
+REAL_422 = {
+    ("post", "/v1/images/generations"),
+    ("post", "/v1/images/edits"),
+    ("post", "/v1/predictions"),
+    ("post", "/v1/models/{owner}/{name}/predictions"),
+}
 TAKES_NO_BODY = {("post", "/v1/predictions/{rid}/cancel")}
 
 
@@ -91,7 +95,8 @@ def test_no_operation_promises_fastapis_validation_error(doc: dict[str, Any]) ->
         if "422" in op["responses"]:
             assert (method, path) in REAL_422, f"{method.upper()} {path} documents a 422 it never answers"
             assert op["responses"]["422"]["content"]["application/json"]["schema"] == {
-                "$ref": "#/components/schemas/ErrorResponse"}
+                "$ref": "#/components/schemas/ErrorResponse"
+            }
     assert "HTTPValidationError" not in doc["components"]["schemas"]
     assert "ValidationError" not in doc["components"]["schemas"]
 
@@ -107,8 +112,9 @@ def test_every_error_response_is_the_envelope(doc: dict[str, Any]) -> None:
         assert errors, f"{method.upper()} {path} documents no error"
         for status, response in errors.items():
             seen.add(int(status))
-            assert response["content"] == {"application/json": {"schema": {
-                "$ref": "#/components/schemas/ErrorResponse"}}}, (method, path, status)
+            assert response["content"] == {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+            }, (method, path, status)
             assert response["description"], (method, path, status)
     assert {400, 401, 402, 403, 404, 409, 413, 415, 429, 499, 502, 503} <= seen
 
@@ -140,7 +146,10 @@ def test_success_bodies_are_documented(doc: dict[str, Any]) -> None:
 
 def test_api_routes_say_they_take_a_bearer_key(doc: dict[str, Any]) -> None:
     assert doc["components"]["securitySchemes"]["bearer"] == {
-        "type": "http", "scheme": "bearer", "description": "An API key (`kontext keys create`)."}
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key (`kontext keys create`).",
+    }
     for method, path, op in operations(doc):
         keyed = path.startswith("/v1/") and not path.startswith("/v1/blobs/")
         assert (op.get("security") == [{"bearer": []}]) is keyed, (method, path)

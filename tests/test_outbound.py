@@ -36,10 +36,12 @@ TINY = "kontext-gateway/kontext-tiny"
 
 # -- fake DNS, recorded connections ------------------------------------------------------------------------
 
+
 @dataclass
 class FakeDNS:
     """Names answer from `answers` in turn (the last answer repeats; none: no such name); other names
     resolve for real."""
+
     answers: dict[str, list[str]]
     lookups: list[str] = field(default_factory=list)
 
@@ -69,8 +71,9 @@ def connects(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     real = httpcore.AnyIOBackend.connect_tcp
 
-    async def connect_tcp(self: httpcore.AnyIOBackend, host: str, port: int, *args: Any, **kw: Any
-                          ) -> httpcore.AsyncNetworkStream:
+    async def connect_tcp(
+        self: httpcore.AnyIOBackend, host: str, port: int, *args: Any, **kw: Any
+    ) -> httpcore.AsyncNetworkStream:
         seen.append(host)
         if host == PUBLIC:
             raise httpcore.ConnectError("the made-up public address is not reachable from the tests")
@@ -121,8 +124,9 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
 def answering(status: int, body: bytes, requests: list[bytes], headers: str = "") -> Handler:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         requests.append(await read_request(reader))
-        writer.write(f"HTTP/1.1 {status} X\r\ncontent-length: {len(body)}\r\n{headers}connection: close\r\n\r\n"
-                     .encode() + body)
+        writer.write(
+            f"HTTP/1.1 {status} X\r\ncontent-length: {len(body)}\r\n{headers}connection: close\r\n\r\n".encode() + body
+        )
         await writer.drain()
 
     return handle
@@ -140,14 +144,17 @@ async def gateway(tmp_path: Path, *, run_jobs: bool = False, **overrides: Any) -
 
 async def estimate_with_image(gw: Gateway, url: str) -> dict[str, Any]:
     """A dry-run prediction with an input image by URL: fetches it, creates nothing."""
-    return await gw.predictions.estimate(model=TINY, body={"input": {"prompt": "x", "input_image": url}},
-                                         base_url="http://gateway.test")
+    return await gw.predictions.estimate(
+        model=TINY, body={"input": {"prompt": "x", "input_image": url}}, base_url="http://gateway.test"
+    )
 
 
 # -- DNS rebinding --------------------------------------------------------------------------------------------
 
-async def test_input_image_name_rebound_to_loopback_is_not_reached(tmp_path: Path, dns: FakeDNS,
-                                                                   connects: list[str]) -> None:
+
+async def test_input_image_name_rebound_to_loopback_is_not_reached(
+    tmp_path: Path, dns: FakeDNS, connects: list[str]
+) -> None:
     inside: list[bytes] = []
     async with tcp_server(answering(200, png_bytes(32, 32), inside)) as port:
         # Public when the gateway looks, loopback for whoever looks next: the service listening inside.
@@ -162,7 +169,8 @@ async def test_input_image_name_rebound_to_loopback_is_not_reached(tmp_path: Pat
 
 
 async def test_input_image_name_that_resolves_inward_is_refused_before_connecting(
-        tmp_path: Path, dns: FakeDNS, connects: list[str]) -> None:
+    tmp_path: Path, dns: FakeDNS, connects: list[str]
+) -> None:
     dns.answers["inward.example"] = ["10.0.0.7"]
     async with gateway(tmp_path) as gw:
         with pytest.raises(GatewayError) as info:
@@ -171,17 +179,29 @@ async def test_input_image_name_that_resolves_inward_is_refused_before_connectin
     assert "resolves to 10.0.0.7, a private address" in info.value.message and connects == []
 
 
-async def test_webhook_name_rebound_to_loopback_is_not_reached(tmp_path: Path, dns: FakeDNS,
-                                                               connects: list[str]) -> None:
+async def test_webhook_name_rebound_to_loopback_is_not_reached(
+    tmp_path: Path, dns: FakeDNS, connects: list[str]
+) -> None:
     inside: list[bytes] = []
     async with tcp_server(answering(200, b"ok", inside)) as port:
         dns.answers["hooks.example"] = [PUBLIC, "127.0.0.1"]
-        fast = {"webhook_retry_delays_s": [0.05, 0.05], "webhook_retry_jitter": 0.0,
-                "webhook_poll_interval_s": 0.05, "job_poll_interval_s": 0.05, "workers": 1}
+        fast = {
+            "webhook_retry_delays_s": [0.05, 0.05],
+            "webhook_retry_jitter": 0.0,
+            "webhook_poll_interval_s": 0.05,
+            "job_poll_interval_s": 0.05,
+            "workers": 1,
+        }
         async with gateway(tmp_path, run_jobs=True, **fast) as gw:
             rid = "req_" + uuid.uuid4().hex
-            await gw.db.create_request(id=rid, endpoint="predictions", model="kontext-tiny", mode="text-to-image",
-                                       params={}, webhook=f"http://hooks.example:{port}/hook?token=receiver-own")
+            await gw.db.create_request(
+                id=rid,
+                endpoint="predictions",
+                model="kontext-tiny",
+                mode="text-to-image",
+                params={},
+                webhook=f"http://hooks.example:{port}/hook?token=receiver-own",
+            )
             await gw.db.mark_failed(rid, error={"message": "boom"}, attempts=[], duration_ms=1)
             await gw.webhooks.emit(await gw.db.get_request(rid) or {}, "completed")
             deadline = time.monotonic() + 15
@@ -200,13 +220,15 @@ async def test_private_addresses_are_pinned_too_when_allowed(dns: FakeDNS, conne
     seen: list[bytes] = []
     async with tcp_server(answering(200, b"pixels", seen)) as port:
         dns.answers["images.internal"] = ["127.0.0.1", PUBLIC]
-        data = await fetch_image(f"http://images.internal:{port}/a.png", param="image", allow_private=True,
-                                 max_bytes=1000, deadline_s=10)
+        data = await fetch_image(
+            f"http://images.internal:{port}/a.png", param="image", allow_private=True, max_bytes=1000, deadline_s=10
+        )
     assert data == b"pixels" and connects == ["127.0.0.1"] and dns.lookups == ["images.internal"]
     assert b"\r\nhost: images.internal:" in seen[0].lower()  # the Host header names the name, not the address
 
 
 # -- TLS keeps verifying the name ----------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
@@ -214,16 +236,39 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     where = tmp_path_factory.mktemp("tls")
     cert, key = where / "cert.pem", where / "key.pem"
     try:
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=pinned.example",
-                        "-addext", "subjectAltName=DNS:pinned.example"], check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
+                "-days",
+                "1",
+                "-subj",
+                "/CN=pinned.example",
+                "-addext",
+                "subjectAltName=DNS:pinned.example",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"no openssl to make a test certificate: {exc}")
     return cert, key
 
 
 async def test_https_connects_to_the_pinned_address_and_verifies_the_name(
-        certificate: tuple[Path, Path], dns: FakeDNS, connects: list[str]) -> None:
+    certificate: tuple[Path, Path], dns: FakeDNS, connects: list[str]
+) -> None:
     cert, key = certificate
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_tls.load_cert_chain(cert, key)
@@ -245,6 +290,7 @@ async def test_https_connects_to_the_pinned_address_and_verifies_the_name(
 
 
 # -- one deadline per fetch; redirects and size as before ------------------------------------------------------
+
 
 async def test_trickling_image_server_is_cut_at_the_deadline(tmp_path: Path) -> None:
     async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -281,10 +327,17 @@ async def test_fetch_refuses_redirects_and_oversized_bodies(dns: FakeDNS) -> Non
     assert (info.value.status, info.value.code) == (413, "file_too_large")
 
 
-@pytest.mark.parametrize("url,code", [
-    ("http://[::1]:9/x", "url_not_allowed"), ("http://[fe80::1%25eth0]:9/x", "url_not_allowed"),
-    ("http://[fec0::1]/x", "url_not_allowed"), ("http://0.0.0.0:9/x", "url_not_allowed"),
-    ("ftp://example.com/x", "invalid_url"), ("http://nowhere.example/x", "invalid_url")])
+@pytest.mark.parametrize(
+    "url,code",
+    [
+        ("http://[::1]:9/x", "url_not_allowed"),
+        ("http://[fe80::1%25eth0]:9/x", "url_not_allowed"),
+        ("http://[fec0::1]/x", "url_not_allowed"),
+        ("http://0.0.0.0:9/x", "url_not_allowed"),
+        ("ftp://example.com/x", "invalid_url"),
+        ("http://nowhere.example/x", "invalid_url"),
+    ],
+)
 async def test_fetch_refuses_before_connecting(url: str, code: str, dns: FakeDNS, connects: list[str]) -> None:
     dns.answers["nowhere.example"] = []
     with pytest.raises(GatewayError) as info:
@@ -292,14 +345,12 @@ async def test_fetch_refuses_before_connecting(url: str, code: str, dns: FakeDNS
     assert (info.value.status, info.value.code, info.value.param) == (400, code, "image") and connects == []
 
 
-def test_lora_downloads_connect_only_to_the_checked_address(dns: FakeDNS, connects: list[str],
-                                                            tmp_path: Path) -> None:
+def test_lora_downloads_connect_only_to_the_checked_address(dns: FakeDNS, connects: list[str], tmp_path: Path) -> None:
     from kontext_gateway.engine.lora import fetch_url
 
     dns.answers["lora.rebind.example"] = [PUBLIC, "127.0.0.1"]
     with pytest.raises(GatewayError) as caught:
-        fetch_url("http://lora.rebind.example:9/style.safetensors", tmp_path, allow_downloads=True,
-                  allow_private=False)
+        fetch_url("http://lora.rebind.example:9/style.safetensors", tmp_path, allow_downloads=True, allow_private=False)
     assert caught.value.status == 400
     assert connects == [PUBLIC] and dns.lookups == ["lora.rebind.example"]
     assert not list(tmp_path.iterdir())

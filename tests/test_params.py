@@ -15,9 +15,17 @@ TINY = CATALOG.get("kontext-tiny")
 
 # The eleven 1K sizes exactly as the product page lists them.
 ELEVEN_1K = [
-    ("4:3", "1183x887"), ("4:5", "916x1145"), ("5:4", "1145x916"), ("1:1", "1024x1024"),
-    ("3:4", "887x1182"), ("2:3", "836x1254"), ("3:2", "1254x836"), ("9:16", "768x1365"),
-    ("16:9", "1365x768"), ("9:21", "670x1564"), ("21:9", "1563x670"),
+    ("4:3", "1183x887"),
+    ("4:5", "916x1145"),
+    ("5:4", "1145x916"),
+    ("1:1", "1024x1024"),
+    ("3:4", "887x1182"),
+    ("2:3", "836x1254"),
+    ("3:2", "1254x836"),
+    ("9:16", "768x1365"),
+    ("16:9", "1365x768"),
+    ("9:21", "670x1564"),
+    ("21:9", "1563x670"),
 ]
 
 
@@ -47,19 +55,39 @@ def test_seven_to_one_maps_to_eight_to_one() -> None:
     assert nearest_ratio(7.0, ["4:1", "8:1"]) == "8:1"
 
 
-@pytest.mark.parametrize("asked,expected", [
-    ("16:10", "3:2"), ("1.7:1", "16:9"), ("1.9:1", "16:9"), ("2.5:1", "21:9"), ("100:1", "21:9"), ("1:100", "9:21"),
-    ("1.05:1", "1:1"), ("7:5", "4:3"), ("1:1.6", "2:3"), ("1:1.7", "9:16"),
-])
+@pytest.mark.parametrize(
+    "asked,expected",
+    [
+        ("16:10", "3:2"),
+        ("1.7:1", "16:9"),
+        ("1.9:1", "16:9"),
+        ("2.5:1", "21:9"),
+        ("100:1", "21:9"),
+        ("1:100", "9:21"),
+        ("1.05:1", "1:1"),
+        ("7:5", "4:3"),
+        ("1:1.6", "2:3"),
+        ("1:1.7", "9:16"),
+    ],
+)
 def test_any_ratio_maps_to_nearest_supported(asked: str, expected: str) -> None:
     assert resolve_size(DEV, size=None, aspect_ratio=asked, resolution=None).aspect_ratio == expected
 
 
-@pytest.mark.parametrize("model,tier,expected_tier,expected_size", [
-    (DEV, "4K", "1K", "1024x1024"), (DEV, "0.5K", "1K", "1024x1024"), (DEV, "1", "1K", "1024x1024"),
-    (TINY, "0.5K", "0.5K", "512x512"), (TINY, "0.25", "0.5K", "512x512"), (TINY, "4K", "2K", "2048x2048"),
-    (TINY, "1k", "1K", "1024x1024"), (TINY, "0.3", "0.5K", "512x512"), (TINY, "3MP", "2K", "2048x2048"),
-])
+@pytest.mark.parametrize(
+    "model,tier,expected_tier,expected_size",
+    [
+        (DEV, "4K", "1K", "1024x1024"),
+        (DEV, "0.5K", "1K", "1024x1024"),
+        (DEV, "1", "1K", "1024x1024"),
+        (TINY, "0.5K", "0.5K", "512x512"),
+        (TINY, "0.25", "0.5K", "512x512"),
+        (TINY, "4K", "2K", "2048x2048"),
+        (TINY, "1k", "1K", "1024x1024"),
+        (TINY, "0.3", "0.5K", "512x512"),
+        (TINY, "3MP", "2K", "2048x2048"),
+    ],
+)
 def test_tiers_map_to_nearest_available(model, tier: str, expected_tier: str, expected_size: str) -> None:
     req = resolve_size(model, size=None, aspect_ratio=None, resolution=tier)
     assert req.tier == expected_tier and str(req.size) == expected_size
@@ -88,11 +116,19 @@ def test_custom_sizes_within_limits(size: str) -> None:
     assert resolve_size(DEV, size=size, aspect_ratio=None, resolution=None).size == Size(w, h)
 
 
-@pytest.mark.parametrize("size,fragment", [
-    ("0x100", "between 1 and 14142"), ("14143x10", "between 1 and 14142"),
-    ("2049x2048", "over the maximum"), ("3000x3000", "over the maximum"),
-    ("big", "WIDTHxHEIGHT"), ("1024x", "WIDTHxHEIGHT"), ("-5x10", "WIDTHxHEIGHT"), ("16:0", "WIDTHxHEIGHT"),
-])
+@pytest.mark.parametrize(
+    "size,fragment",
+    [
+        ("0x100", "between 1 and 14142"),
+        ("14143x10", "between 1 and 14142"),
+        ("2049x2048", "over the maximum"),
+        ("3000x3000", "over the maximum"),
+        ("big", "WIDTHxHEIGHT"),
+        ("1024x", "WIDTHxHEIGHT"),
+        ("-5x10", "WIDTHxHEIGHT"),
+        ("16:0", "WIDTHxHEIGHT"),
+    ],
+)
 def test_invalid_sizes(size: str, fragment: str) -> None:
     with pytest.raises(GatewayError) as err:
         resolve_size(DEV, size=size, aspect_ratio=None, resolution=None)
@@ -100,10 +136,15 @@ def test_invalid_sizes(size: str, fragment: str) -> None:
     assert fragment in err.value.message
 
 
-@pytest.mark.parametrize("param,kw", [
-    ("aspect_ratio", {"aspect_ratio": "wide"}), ("aspect_ratio", {"aspect_ratio": "0:1"}),
-    ("resolution", {"resolution": "8X"}), ("resolution", {"resolution": "-1"}),
-])
+@pytest.mark.parametrize(
+    "param,kw",
+    [
+        ("aspect_ratio", {"aspect_ratio": "wide"}),
+        ("aspect_ratio", {"aspect_ratio": "0:1"}),
+        ("resolution", {"resolution": "8X"}),
+        ("resolution", {"resolution": "-1"}),
+    ],
+)
 def test_invalid_ratio_or_tier(param: str, kw: dict) -> None:
     args = {"size": None, "aspect_ratio": None, "resolution": None, **kw}
     with pytest.raises(GatewayError) as err:
@@ -113,10 +154,18 @@ def test_invalid_ratio_or_tier(param: str, kw: dict) -> None:
 
 # -- the local engine's conversion ------------------------------------------------------------------
 
-@pytest.mark.parametrize("asked,produced", [
-    (Size(1183, 887), Size(1184, 880)), (Size(887, 1182), Size(880, 1184)), (Size(1, 1), Size(16, 16)),
-    (Size(300, 200), Size(304, 208)), (Size(1024, 1024), Size(1024, 1024)), (Size(1563, 670), Size(1568, 672)),
-])
+
+@pytest.mark.parametrize(
+    "asked,produced",
+    [
+        (Size(1183, 887), Size(1184, 880)),
+        (Size(887, 1182), Size(880, 1184)),
+        (Size(1, 1), Size(16, 16)),
+        (Size(300, 200), Size(304, 208)),
+        (Size(1024, 1024), Size(1024, 1024)),
+        (Size(1563, 670), Size(1568, 672)),
+    ],
+)
 def test_local_engine_honours_size_to_nearest_multiple_of_16(asked: Size, produced: Size) -> None:
     assert to_multiple(asked) == produced
     assert output_size(asked, None, DEV.max_pixels) == produced
@@ -127,10 +176,16 @@ def test_local_rounding_never_crosses_the_model_limit() -> None:
     assert out.area <= DEV.max_pixels and out.width % 16 == 0 and out.height % 16 == 0
 
 
-@pytest.mark.parametrize("input_size,expected", [
-    (Size(1024, 768), Size(1184, 880)), (Size(768, 1024), Size(880, 1184)), (Size(500, 500), Size(1024, 1024)),
-    (Size(1920, 1080), Size(1392, 752)), (Size(4000, 1000), Size(1568, 672)),
-])
+@pytest.mark.parametrize(
+    "input_size,expected",
+    [
+        (Size(1024, 768), Size(1184, 880)),
+        (Size(768, 1024), Size(880, 1184)),
+        (Size(500, 500), Size(1024, 1024)),
+        (Size(1920, 1080), Size(1392, 752)),
+        (Size(4000, 1000), Size(1568, 672)),
+    ],
+)
 def test_edit_default_keeps_input_shape_at_preferred_resolution(input_size: Size, expected: Size) -> None:
     assert output_size(None, input_size, DEV.max_pixels) == expected
     assert preferred_for(input_size.ratio) == expected

@@ -12,7 +12,6 @@ from kontext_gateway.config import Settings
 from kontext_gateway.store.db import Database
 
 
-
 def records(url: str, request_id: str) -> dict:
     async def read() -> dict:
         db = Database(Settings(database_url=url).resolved_database_url())
@@ -28,9 +27,19 @@ def records(url: str, request_id: str) -> dict:
 def test_requests_are_recorded(database_url: str, tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, database_url=database_url)
     with running_server(settings) as base:
-        ok = httpx.post(base + "/v1/images/generations", timeout=60, json={
-            "model": "kontext-tiny", "prompt": "a lamp", "size": "64x48", "n": 2, "seed": 4,
-            "output_format": "webp", "my_extra": "kept"})
+        ok = httpx.post(
+            base + "/v1/images/generations",
+            timeout=60,
+            json={
+                "model": "kontext-tiny",
+                "prompt": "a lamp",
+                "size": "64x48",
+                "n": 2,
+                "seed": 4,
+                "output_format": "webp",
+                "my_extra": "kept",
+            },
+        )
         assert ok.status_code == 200, ok.text
         bad = httpx.post(base + "/v1/images/generations", json={"model": "kontext-tiny", "prompt": "x", "size": "0x0"})
         assert bad.status_code == 400
@@ -54,8 +63,12 @@ def test_rejected_requests_are_stored_failed_and_never_claimed(database_url: str
     # Workers poll every 10 ms: a rejected request stored as "starting" even for an instant would be claimed.
     settings = Settings(data_dir=tmp_path, database_url=database_url, job_poll_interval_s=0.01)
     with running_server(settings) as base:
-        ids = [httpx.post(base + "/v1/images/generations", json={"model": "kontext-tiny", "prompt": "x", "n": 0}
-                          ).headers["x-request-id"] for _ in range(30)]
+        ids = [
+            httpx.post(base + "/v1/images/generations", json={"model": "kontext-tiny", "prompt": "x", "n": 0}).headers[
+                "x-request-id"
+            ]
+            for _ in range(30)
+        ]
     for rid in ids:
         rec = records(database_url, rid)
         assert rec["status"] == "failed" and rec["runs"] == 0 and rec["claimed_by"] is None

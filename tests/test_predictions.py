@@ -30,8 +30,16 @@ def image_at(url: str):
 
 
 def test_run_waits_and_returns_the_image(rc: replicate.Client) -> None:
-    out = rc.run(TINY, input={"prompt": "a lighthouse", "aspect_ratio": "16:9", "output_format": "jpg",
-                              "seed": 3, "resolution": "0.5K"})
+    out = rc.run(
+        TINY,
+        input={
+            "prompt": "a lighthouse",
+            "aspect_ratio": "16:9",
+            "output_format": "jpg",
+            "seed": 3,
+            "resolution": "0.5K",
+        },
+    )
     img = image_at(str(out))
     assert img.format == "JPEG" and img.size == (688, 384)  # 16:9 at 0.5K, multiples of 16
 
@@ -52,8 +60,10 @@ def test_local_file_is_uploaded_and_used(rc: replicate.Client, tmp_path: Path) -
     src = tmp_path / "source.png"
     src.write_bytes(png_bytes(120, 90))
     with open(src, "rb") as fh:
-        out = rc.run(TINY, input={"prompt": "make it night", "input_image": fh, "aspect_ratio": "match_input_image",
-                                  "size": "96x64"})
+        out = rc.run(
+            TINY,
+            input={"prompt": "make it night", "input_image": fh, "aspect_ratio": "match_input_image", "size": "96x64"},
+        )
     assert image_at(str(out)).size == (96, 64)
     with open(src, "rb") as fh:
         f = rc.files.create(fh, metadata={"purpose": "test"})
@@ -65,9 +75,22 @@ def test_local_file_is_uploaded_and_used(rc: replicate.Client, tmp_path: Path) -
 
 def test_data_uri_and_replicate_field_names(base_url: str) -> None:
     data_uri = "data:image/png;base64," + base64.b64encode(png_bytes(80, 80)).decode()
-    resp = httpx.post(f"{base_url}/v1/models/{TINY}/predictions", headers={"Prefer": "wait=30"}, timeout=60, json={
-        "input": {"prompt": "edit", "input_image": data_uri, "guidance": 3.0, "num_inference_steps": 2,
-                  "output_format": "webp", "output_quality": 50, "size": "64x64"}})
+    resp = httpx.post(
+        f"{base_url}/v1/models/{TINY}/predictions",
+        headers={"Prefer": "wait=30"},
+        timeout=60,
+        json={
+            "input": {
+                "prompt": "edit",
+                "input_image": data_uri,
+                "guidance": 3.0,
+                "num_inference_steps": 2,
+                "output_format": "webp",
+                "output_quality": 50,
+                "size": "64x64",
+            }
+        },
+    )
     assert resp.status_code == 201, resp.text
     p = resp.json()
     assert p["status"] == "succeeded" and p["input"]["input_image"].startswith("data:image/png;base64,...")
@@ -76,8 +99,7 @@ def test_data_uri_and_replicate_field_names(base_url: str) -> None:
 
 
 def test_cancel(rc: replicate.Client) -> None:
-    slow = rc.predictions.create(model=TINY, input={"prompt": "slow", "size": "1024x1024",
-                                                    "num_inference_steps": 100})
+    slow = rc.predictions.create(model=TINY, input={"prompt": "slow", "size": "1024x1024", "num_inference_steps": 100})
     rc.predictions.cancel(slow.id)
     deadline = time.monotonic() + 30
     while (p := rc.predictions.get(slow.id)).status not in ("canceled", "succeeded", "failed"):
@@ -104,16 +126,27 @@ def test_images_requests_share_the_history(client, base_url: str) -> None:
     assert image_at(p["output"]).size == (32, 32)
 
 
-@pytest.mark.parametrize("path,body,status,code", [
-    (f"/v1/models/{TINY}/predictions", {}, 400, "missing_required_parameter"),
-    ("/v1/models/nobody/nothing/predictions", {"input": {"prompt": "x"}}, 404, "model_not_found"),
-    ("/v1/predictions", {"input": {"prompt": "x"}}, 400, "missing_required_parameter"),
-    (f"/v1/models/{TINY}/predictions", {"input": {"prompt": ""}}, 400, "invalid_value"),
-    (f"/v1/models/{TINY}/predictions", {"input": {"prompt": "x", "input_image": "ftp://x/y.png"}}, 400,
-     "invalid_image_url"),
-    (f"/v1/models/{TINY}/predictions", {"input": {"prompt": "x"}, "webhook_events_filter": ["start"],
-                                        "webhook": 42}, 422, "invalid_url"),
-])
+@pytest.mark.parametrize(
+    "path,body,status,code",
+    [
+        (f"/v1/models/{TINY}/predictions", {}, 400, "missing_required_parameter"),
+        ("/v1/models/nobody/nothing/predictions", {"input": {"prompt": "x"}}, 404, "model_not_found"),
+        ("/v1/predictions", {"input": {"prompt": "x"}}, 400, "missing_required_parameter"),
+        (f"/v1/models/{TINY}/predictions", {"input": {"prompt": ""}}, 400, "invalid_value"),
+        (
+            f"/v1/models/{TINY}/predictions",
+            {"input": {"prompt": "x", "input_image": "ftp://x/y.png"}},
+            400,
+            "invalid_image_url",
+        ),
+        (
+            f"/v1/models/{TINY}/predictions",
+            {"input": {"prompt": "x"}, "webhook_events_filter": ["start"], "webhook": 42},
+            422,
+            "invalid_url",
+        ),
+    ],
+)
 def test_errors(base_url: str, path: str, body: dict, status: int, code: str) -> None:
     resp = httpx.post(base_url + path, json=body, timeout=30)
     assert resp.status_code == status, resp.text
@@ -131,9 +164,11 @@ def test_replicate_names_resolve() -> None:
     from kontext_gateway.catalog import Catalog
 
     catalog = Catalog.load()
-    for name, model_id in (("black-forest-labs/flux-kontext-pro", "flux.1-kontext-pro"),
-                           ("black-forest-labs/flux-kontext-max", "flux.1-kontext-max"),
-                           ("black-forest-labs/flux-kontext-dev", "flux.1-kontext-dev")):
+    for name, model_id in (
+        ("black-forest-labs/flux-kontext-pro", "flux.1-kontext-pro"),
+        ("black-forest-labs/flux-kontext-max", "flux.1-kontext-max"),
+        ("black-forest-labs/flux-kontext-dev", "flux.1-kontext-dev"),
+    ):
         model, forced = catalog.resolve(name)
         assert model.id == model_id and forced is None  # the model, served by the best provider
 
@@ -152,8 +187,10 @@ def test_logs_say_what_happened(rc: replicate.Client) -> None:
 
 def test_predictions_nobody_waits_on_leave_nothing_behind(base_url: str, rc: replicate.Client) -> None:
     """Each job someone waits on has a completion signal; one nobody waits on must not keep one."""
-    ids = [rc.predictions.create(model=TINY, input={"prompt": f"fire and forget {i}", "size": "32x32"}).id
-           for i in range(3)]
+    ids = [
+        rc.predictions.create(model=TINY, input={"prompt": f"fire and forget {i}", "size": "32x32"}).id
+        for i in range(3)
+    ]
     for pid in ids:
         rc.predictions.get(pid).wait()
     import gc

@@ -28,14 +28,22 @@ FORMATS = {"png": "PNG", "jpeg": "JPEG", "gif": "GIF", "webp": "WEBP", "avif": "
 
 
 def settings_for(data_dir: Path, fake_url: str, **overrides: Any) -> Settings:
-    return Settings(**{
-        "data_dir": data_dir, "database_url": f"sqlite:///{data_dir / 'gateway.db'}",
-        "bfl_api_key": "bfl_test", "bfl_base_url": fake_url,
-        "replicate_api_token": None, "fireworks_api_key": None, "fal_key": None,  # BFL is the only upstream
-        "upstream_poll_interval_s": 0.01, "upstream_backoff_s": 0.01, "upstream_backoff_max_s": 0.05,
-        "provider_concurrency": {"bfl": 2},
-        **overrides,
-    })
+    return Settings(
+        **{
+            "data_dir": data_dir,
+            "database_url": f"sqlite:///{data_dir / 'gateway.db'}",
+            "bfl_api_key": "bfl_test",
+            "bfl_base_url": fake_url,
+            "replicate_api_token": None,
+            "fireworks_api_key": None,
+            "fal_key": None,  # BFL is the only upstream
+            "upstream_poll_interval_s": 0.01,
+            "upstream_backoff_s": 0.01,
+            "upstream_backoff_max_s": 0.05,
+            "provider_concurrency": {"bfl": 2},
+            **overrides,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +97,27 @@ def bare_image(b64: str) -> Image.Image:
 
 def edit(client: OpenAI, model: str, *sizes: tuple[int, int], **kw: Any) -> Any:
     images = [(f"in{i}.png", png_bytes(w, h), "image/png") for i, (w, h) in enumerate(sizes)]
-    return client.images.edit(model=model, image=images if len(images) > 1 else images[0],
-                              prompt=kw.pop("prompt", "make it night"), response_format="b64_json", **kw)
+    return client.images.edit(
+        model=model,
+        image=images if len(images) > 1 else images[0],
+        prompt=kw.pop("prompt", "make it night"),
+        response_format="b64_json",
+        **kw,
+    )
 
 
 # -- routes and happy paths -----------------------------------------------------------------------------
 
+
 def test_pro_text_to_image(client: OpenAI, fake: FakeBFL) -> None:
-    resp = client.images.generate(model="flux.1-kontext-pro", prompt="a red fox", size="1024x1024",
-                                  output_format="png", response_format="b64_json", extra_body={"seed": 7})
+    resp = client.images.generate(
+        model="flux.1-kontext-pro",
+        prompt="a red fox",
+        size="1024x1024",
+        output_format="png",
+        response_format="b64_json",
+        extra_body={"seed": 7},
+    )
     img = decode(resp.data[0])
     assert img.format == "PNG" and img.size == output_size("1:1", SCALE)
     path, body = one_submit(fake)
@@ -110,13 +130,18 @@ def test_pro_text_to_image(client: OpenAI, fake: FakeBFL) -> None:
     polls = [p for method, p, _, _ in fake.requests if method == "GET" and p.startswith("/v1/")]
     assert polls == [f"/v1/get_result?id={task_id}"] * (fake.pending_polls + 1)  # the returned polling_url
     # x-key on every API call, polling included; never sent to the delivery host.
-    for method, p, headers, _ in fake.requests:
+    for _method, p, headers, _ in fake.requests:
         assert headers.get("x-key") == (None if p.startswith("/results/") else "bfl_test")
 
 
 def test_max_text_to_image(client: OpenAI, fake: FakeBFL) -> None:
-    resp = client.images.generate(model="flux.1-kontext-max", prompt="a lighthouse", output_format="jpeg",
-                                  response_format="b64_json", extra_body={"aspect_ratio": "16:9"})
+    resp = client.images.generate(
+        model="flux.1-kontext-max",
+        prompt="a lighthouse",
+        output_format="jpeg",
+        response_format="b64_json",
+        extra_body={"aspect_ratio": "16:9"},
+    )
     img = decode(resp.data[0])
     assert img.format == "JPEG" and img.size == output_size("16:9", SCALE)
     path, body = one_submit(fake)
@@ -153,12 +178,16 @@ def test_max_edit_with_several_images(client: OpenAI, fake: FakeBFL) -> None:
 
 # -- parameter mapping ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("asked,sent", [
-    ({"size": "1000x500"}, "16:9"),
-    ({"size": "2000x500"}, "21:9"),  # 4:1 is past 21:9: clamped to the widest
-    ({"aspect_ratio": "4:5"}, "4:5"),
-    ({"size": "9:21"}, "9:21"),
-])
+
+@pytest.mark.parametrize(
+    "asked,sent",
+    [
+        ({"size": "1000x500"}, "16:9"),
+        ({"size": "2000x500"}, "21:9"),  # 4:1 is past 21:9: clamped to the widest
+        ({"aspect_ratio": "4:5"}, "4:5"),
+        ({"size": "9:21"}, "9:21"),
+    ],
+)
 def test_ratio_snapping(client: OpenAI, fake: FakeBFL, asked: dict[str, str], sent: str) -> None:
     edit(client, "flux.1-kontext-pro", (64, 64), extra_body=asked)
     assert one_submit(fake)[1]["aspect_ratio"] == sent
@@ -166,25 +195,38 @@ def test_ratio_snapping(client: OpenAI, fake: FakeBFL, asked: dict[str, str], se
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_output_format_is_explicit_and_converted(client: OpenAI, fake: FakeBFL, fmt: str) -> None:
-    resp = client.images.generate(model="flux.1-kontext-pro", prompt="x", output_format=fmt,  # type: ignore[arg-type]
-                                  response_format="b64_json")
+    resp = client.images.generate(
+        model="flux.1-kontext-pro",
+        prompt="x",
+        output_format=fmt,  # type: ignore[arg-type]
+        response_format="b64_json",
+    )
     assert decode(resp.data[0]).format == FORMATS[fmt] and resp.output_format == fmt
     assert one_submit(fake)[1]["output_format"] == (fmt if fmt in ("png", "jpeg") else "png")
 
 
 @pytest.mark.parametrize("given,sent", [("5", 5), (0, 0), ("1", 1), (9, 6)])
 def test_safety_tolerance_is_an_int(client: OpenAI, fake: FakeBFL, given: Any, sent: int) -> None:
-    client.images.generate(model="flux.1-kontext-pro", prompt="x", response_format="b64_json",
-                           extra_body={"safety_tolerance": given})
+    client.images.generate(
+        model="flux.1-kontext-pro", prompt="x", response_format="b64_json", extra_body={"safety_tolerance": given}
+    )
     value = one_submit(fake)[1]["safety_tolerance"]
     assert value == sent and type(value) is int
 
 
 def test_prompt_upsampling_extras_and_params_bfl_lacks(client: OpenAI, fake: FakeBFL) -> None:
     resp = client.images.generate(
-        model="flux.1-kontext-pro", prompt="x", response_format="b64_json",
-        extra_body={"prompt_upsampling": True, "bfl_new_knob": 3, "enhance_prompt": True, "sync_mode": True,
-                    "guidance": 4.0, "num_inference_steps": 12},
+        model="flux.1-kontext-pro",
+        prompt="x",
+        response_format="b64_json",
+        extra_body={
+            "prompt_upsampling": True,
+            "bfl_new_knob": 3,
+            "enhance_prompt": True,
+            "sync_mode": True,
+            "guidance": 4.0,
+            "num_inference_steps": 12,
+        },
     )
     _, body = one_submit(fake)
     assert body["prompt_upsampling"] is True and body["bfl_new_knob"] == 3  # unknown extras pass through
@@ -202,19 +244,24 @@ def test_n3_is_three_tasks(client: OpenAI, fake: FakeBFL) -> None:
 
 
 def test_fanned_out_tasks_get_distinct_seeds(client: OpenAI, fake: FakeBFL) -> None:
-    resp = client.images.generate(model="flux.1-kontext-pro", prompt="x", n=3, response_format="b64_json",
-                                  extra_body={"seed": 100})
+    resp = client.images.generate(
+        model="flux.1-kontext-pro", prompt="x", n=3, response_format="b64_json", extra_body={"seed": 100}
+    )
     assert sorted(body["seed"] for _, body in fake.submits()) == [100, 101, 102]
     assert len({decode(d).tobytes() for d in resp.data}) == 3
 
 
 # -- moderation: 400 content_policy_violation, never retried --------------------------------------------
 
-@pytest.mark.parametrize("kind,at,status", [
-    ("moderation", "submit", "Request Moderated"),
-    ("moderation", "poll", "Content Moderated"),
-    ("moderation_503", "poll", "Content Moderated"),  # the body's status wins over the HTTP 503
-])
+
+@pytest.mark.parametrize(
+    "kind,at,status",
+    [
+        ("moderation", "submit", "Request Moderated"),
+        ("moderation", "poll", "Content Moderated"),
+        ("moderation_503", "poll", "Content Moderated"),  # the body's status wins over the HTTP 503
+    ],
+)
 def test_moderation(client: OpenAI, fake: FakeBFL, kind: str, at: str, status: str) -> None:
     fake.faults.add(kind, at=at)
     with pytest.raises(openai.BadRequestError) as exc:
@@ -228,21 +275,26 @@ def test_moderation(client: OpenAI, fake: FakeBFL, kind: str, at: str, status: s
 
 # -- failures that are retried ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind,at,error_class,status", [
-    ("429", "submit", "rate_limited", 429),
-    ("500", "submit", "server_error", 500),
-    ("503", "poll", "server_error", 503),
-    ("drop", "submit", "connection_error", None),
-    ("drop", "poll", "connection_error", None),
-    ("malformed", "submit", "malformed_response", None),
-    ("malformed", "poll", "malformed_response", None),
-    ("task_error", "poll", "task_failed", None),
-    ("not_found", "poll", "task_failed", 404),
-    ("not_image", "download", "bad_result", None),
-    ("result_404", "download", "bad_result", 404),
-])
-def test_transient_fault_is_retried(client: OpenAI, fake: FakeBFL, kind: str, at: str, error_class: str,
-                                    status: int | None) -> None:
+
+@pytest.mark.parametrize(
+    "kind,at,error_class,status",
+    [
+        ("429", "submit", "rate_limited", 429),
+        ("500", "submit", "server_error", 500),
+        ("503", "poll", "server_error", 503),
+        ("drop", "submit", "connection_error", None),
+        ("drop", "poll", "connection_error", None),
+        ("malformed", "submit", "malformed_response", None),
+        ("malformed", "poll", "malformed_response", None),
+        ("task_error", "poll", "task_failed", None),
+        ("not_found", "poll", "task_failed", 404),
+        ("not_image", "download", "bad_result", None),
+        ("result_404", "download", "bad_result", 404),
+    ],
+)
+def test_transient_fault_is_retried(
+    client: OpenAI, fake: FakeBFL, kind: str, at: str, error_class: str, status: int | None
+) -> None:
     fake.faults.add(kind, at=at, retry_after=0.1 if kind == "429" else None)
     resp = client.images.generate(model="flux.1-kontext-pro", prompt="x", response_format="b64_json")
     assert decode(resp.data[0]).format == "PNG"
@@ -259,13 +311,15 @@ def test_newer_progress_states_are_pending(client: OpenAI, fake: FakeBFL) -> Non
     assert decode(resp.data[0]).format == "PNG" and len(meta(resp)["attempts"]) == 1
 
 
-def test_bad_key_is_reported_without_the_key(fake: FakeBFL, fake_url: str, tmp_path: Path,
-                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_bad_key_is_reported_without_the_key(
+    fake: FakeBFL, fake_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     secret = "bfl_WRONG_d0n0tleak_42"
     with running_server(settings_for(tmp_path, fake_url, bfl_api_key=secret)) as url:
-        resp = httpx.post(f"{url}/v1/images/generations", json={"model": "flux.1-kontext-max", "prompt": "x"},
-                          timeout=60)
+        resp = httpx.post(
+            f"{url}/v1/images/generations", json={"model": "flux.1-kontext-max", "prompt": "x"}, timeout=60
+        )
     assert resp.status_code == 502, resp.text
     err = resp.json()["error"]
     assert err["code"] == "all_providers_exhausted" and "authentication" in err["message"]
@@ -276,16 +330,25 @@ def test_bad_key_is_reported_without_the_key(fake: FakeBFL, fake_url: str, tmp_p
 
 # -- active-task limits: queue rather than fail ----------------------------------------------------------
 
-@pytest.mark.parametrize("model,requests,limit", [
-    ("flux.1-kontext-pro", 6, 2),  # provider_concurrency={"bfl": 2}
-    ("flux.1-kontext-max", 8, 6),  # BFL's own limit for kontext-max
-])
-def test_active_tasks_stay_under_the_limit(client: OpenAI, fake: FakeBFL, model: str, requests: int,
-                                           limit: int) -> None:
+
+@pytest.mark.parametrize(
+    "model,requests,limit",
+    [
+        ("flux.1-kontext-pro", 6, 2),  # provider_concurrency={"bfl": 2}
+        ("flux.1-kontext-max", 8, 6),  # BFL's own limit for kontext-max
+    ],
+)
+def test_active_tasks_stay_under_the_limit(
+    client: OpenAI, fake: FakeBFL, model: str, requests: int, limit: int
+) -> None:
     fake.pending_polls = 8  # tasks stay active for a while, so requests overlap
     with ThreadPoolExecutor(requests) as pool:
-        results = list(pool.map(lambda i: client.images.generate(model=model, prompt=f"x{i}",
-                                                                 response_format="b64_json"), range(requests)))
+        results = list(
+            pool.map(
+                lambda i: client.images.generate(model=model, prompt=f"x{i}", response_format="b64_json"),
+                range(requests),
+            )
+        )
     assert all(decode(r.data[0]).format == "PNG" for r in results)
     assert all(len(meta(r)["attempts"]) == 1 for r in results)  # none was refused with a 429
     upstream_model = f"flux-kontext-{model.rsplit('-', 1)[1]}"
@@ -306,8 +369,11 @@ def test_schema_shows_bfl_handling(gateway: str, model: str) -> None:
     schema = httpx.get(f"{gateway}/v1/models/{model}", params={"schema": "true"}, timeout=30).json()["schema"]
     key = f"bfl/{model}"
     for spec in schema["modes"].values():
-        shown = {name: prop["x-providers"][key] for name, prop in spec["properties"].items()
-                 if prop["x-providers"].get(key, {}).get("handling") not in (None, "passthrough")}
+        shown = {
+            name: prop["x-providers"][key]
+            for name, prop in spec["properties"].items()
+            if prop["x-providers"].get(key, {}).get("handling") not in (None, "passthrough")
+        }
         assert shown == {name: h for name, h in BFLProvider.HANDLING.items() if name in spec["properties"]}
     n = schema["modes"]["text-to-image"]["properties"]["n"]["x-providers"][key]
     assert n["handling"] == "emulated"
@@ -315,19 +381,23 @@ def test_schema_shows_bfl_handling(gateway: str, model: str) -> None:
 
 # -- the fake itself answers like BFL ------------------------------------------------------------------
 
+
 def _b64_png() -> str:
     return base64.b64encode(png_bytes(32, 32)).decode()
 
 
-@pytest.mark.parametrize("body,field", [
-    ({}, "prompt"),
-    ({"prompt": "x", "input_image": "data:image/png;base64," + _b64_png()}, "input_image"),
-    ({"prompt": "x", "input_image_2": "not base64!"}, "input_image_2"),
-    ({"prompt": "x", "aspect_ratio": "4:1"}, "aspect_ratio"),
-    ({"prompt": "x", "aspect_ratio": "wide"}, "aspect_ratio"),
-    ({"prompt": "x", "output_format": "webp"}, "output_format"),
-    ({"prompt": "x", "safety_tolerance": 7}, "safety_tolerance"),
-])
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({}, "prompt"),
+        ({"prompt": "x", "input_image": "data:image/png;base64," + _b64_png()}, "input_image"),
+        ({"prompt": "x", "input_image_2": "not base64!"}, "input_image_2"),
+        ({"prompt": "x", "aspect_ratio": "4:1"}, "aspect_ratio"),
+        ({"prompt": "x", "aspect_ratio": "wide"}, "aspect_ratio"),
+        ({"prompt": "x", "output_format": "webp"}, "output_format"),
+        ({"prompt": "x", "safety_tolerance": 7}, "safety_tolerance"),
+    ],
+)
 def test_fake_validates_like_bfl(fake_url: str, body: dict[str, Any], field: str) -> None:
     resp = httpx.post(f"{fake_url}/v1/flux-kontext-pro", json=body, headers={"x-key": "bfl_test"})
     assert resp.status_code == 422
@@ -337,15 +407,18 @@ def test_fake_validates_like_bfl(fake_url: str, body: dict[str, Any], field: str
 def test_fake_checks_auth_and_limits_active_tasks() -> None:
     fake = FakeBFL(run_s=30)
     with serve(fake.app) as url:
-        assert httpx.post(f"{url}/v1/flux-kontext-max", json={"prompt": "x"}, headers={"x-key": "no"}
-                          ).status_code == 401
-        codes = [httpx.post(f"{url}/v1/flux-kontext-max", json={"prompt": "x"}, headers={"x-key": "bfl_test"}
-                            ).status_code for _ in range(7)]
+        assert (
+            httpx.post(f"{url}/v1/flux-kontext-max", json={"prompt": "x"}, headers={"x-key": "no"}).status_code == 401
+        )
+        codes = [
+            httpx.post(f"{url}/v1/flux-kontext-max", json={"prompt": "x"}, headers={"x-key": "bfl_test"}).status_code
+            for _ in range(7)
+        ]
         assert codes == [200] * 6 + [429]
-        task = httpx.post(f"{url}/v1/flux-kontext-pro", json={"prompt": "x", "input_image": _b64_png()},
-                          headers={"x-key": "bfl_test"}).json()
+        task = httpx.post(
+            f"{url}/v1/flux-kontext-pro", json={"prompt": "x", "input_image": _b64_png()}, headers={"x-key": "bfl_test"}
+        ).json()
         assert task["polling_url"] == f"{url}/v1/get_result?id={task['id']}"
         assert httpx.get(task["polling_url"], headers={"x-key": "no"}).status_code == 401
         lost = httpx.get(f"{url}/v1/get_result?id=nope", headers={"x-key": "bfl_test"})
         assert lost.status_code == 404 and lost.json()["status"] == "Task not found"
-

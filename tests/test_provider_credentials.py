@@ -31,8 +31,12 @@ from kontext_gateway.providers.replicate import ReplicateProvider
 
 PRIORITY = {"bfl": 0, "fal": 1, "replicate": 2, "fireworks": 3}  # bfl first, then fal
 # What each fake checks as its credential (header, value).
-KEYS = {"bfl": ("x-key", "bfl_test"), "fal": ("authorization", "Key fal_test"),
-        "replicate": ("authorization", "Bearer r8_test"), "fireworks": ("authorization", "Bearer fw_test")}
+KEYS = {
+    "bfl": ("x-key", "bfl_test"),
+    "fal": ("authorization", "Key fal_test"),
+    "replicate": ("authorization", "Bearer r8_test"),
+    "fireworks": ("authorization", "Bearer fw_test"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +56,9 @@ def cdn(upstreams: Upstreams) -> Iterator[tuple[Elsewhere, str]]:
 
 @pytest.fixture(scope="module")
 def gateway(upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    settings = upstreams.settings(tmp_path_factory.mktemp("credentials"), provider_priority=PRIORITY,
-                                  breaker_failures=1000)
+    settings = upstreams.settings(
+        tmp_path_factory.mktemp("credentials"), provider_priority=PRIORITY, breaker_failures=1000
+    )
     with running_server(settings) as url:
         yield url
 
@@ -76,8 +81,11 @@ def meta(resp: Any) -> dict[str, Any]:
 
 def generate_with(gateway: str, provider: str) -> httpx.Response:
     """One image from this provider alone (no failover), as raw HTTP: any status comes back."""
-    return httpx.post(f"{gateway}/v1/images/generations", timeout=60,
-                      json={"model": f"{provider}/flux.1-kontext-pro", "prompt": "a lighthouse"})
+    return httpx.post(
+        f"{gateway}/v1/images/generations",
+        timeout=60,
+        json={"model": f"{provider}/flux.1-kontext-pro", "prompt": "a lighthouse"},
+    )
 
 
 def assert_key_never_sent(other: Elsewhere) -> None:
@@ -87,9 +95,11 @@ def assert_key_never_sent(other: Elsewhere) -> None:
 
 # -- URLs a provider returns ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("provider", ["bfl", "fal", "replicate"])
-def test_a_returned_url_on_another_host_never_gets_the_key(gateway: str, upstreams: Upstreams,
-                                                           elsewhere: tuple[Elsewhere, str], provider: str) -> None:
+def test_a_returned_url_on_another_host_never_gets_the_key(
+    gateway: str, upstreams: Upstreams, elsewhere: tuple[Elsewhere, str], provider: str
+) -> None:
     other, other_url = elsewhere
     upstreams.all[provider].faults.add("foreign_url", at="submit", location=other_url)
     resp = generate_with(gateway, provider)
@@ -104,8 +114,9 @@ def test_a_returned_url_on_another_host_never_gets_the_key(gateway: str, upstrea
     assert KEYS[provider][1] not in resp.text
 
 
-def test_a_refused_url_fails_over_to_the_next_provider(sdk: OpenAI, upstreams: Upstreams,
-                                                       elsewhere: tuple[Elsewhere, str]) -> None:
+def test_a_refused_url_fails_over_to_the_next_provider(
+    sdk: OpenAI, upstreams: Upstreams, elsewhere: tuple[Elsewhere, str]
+) -> None:
     other, other_url = elsewhere
     upstreams.bfl.faults.add("foreign_url", at="submit", location=other_url)
     resp = sdk.images.generate(model="flux.1-kontext-pro", prompt="a lighthouse", response_format="b64_json")
@@ -120,10 +131,21 @@ def test_a_refused_url_fails_over_to_the_next_provider(sdk: OpenAI, upstreams: U
 
 # -- redirects ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("provider", "at"), [("bfl", "submit"), ("bfl", "poll"), ("fal", "poll"),
-                                              ("fal", "result"), ("replicate", "poll"), ("fireworks", "poll")])
-def test_a_redirect_is_never_followed_with_the_key(gateway: str, upstreams: Upstreams,
-                                                    elsewhere: tuple[Elsewhere, str], provider: str, at: str) -> None:
+
+@pytest.mark.parametrize(
+    ("provider", "at"),
+    [
+        ("bfl", "submit"),
+        ("bfl", "poll"),
+        ("fal", "poll"),
+        ("fal", "result"),
+        ("replicate", "poll"),
+        ("fireworks", "poll"),
+    ],
+)
+def test_a_redirect_is_never_followed_with_the_key(
+    gateway: str, upstreams: Upstreams, elsewhere: tuple[Elsewhere, str], provider: str, at: str
+) -> None:
     other, other_url = elsewhere
     upstreams.all[provider].faults.add("redirect", at=at, location=other_url)
     resp = generate_with(gateway, provider)
@@ -135,14 +157,15 @@ def test_a_redirect_is_never_followed_with_the_key(gateway: str, upstreams: Upst
     assert (("redirect", at)) in upstreams.all[provider].faults.fired
 
 
-def test_result_downloads_follow_redirects_without_any_key(gateway: str, upstreams: Upstreams,
-                                                           cdn: tuple[Elsewhere, str]) -> None:
+def test_result_downloads_follow_redirects_without_any_key(
+    gateway: str, upstreams: Upstreams, cdn: tuple[Elsewhere, str]
+) -> None:
     other, cdn_url = cdn
     upstreams.bfl.faults.add("redirect", at="download", location=cdn_url)
     resp = generate_with(gateway, "bfl")
     assert resp.status_code == 200, resp.text
     assert open_image(httpx.get(resp.json()["data"][0]["url"]).content).format == "PNG"
-    [(method, path, headers, _)] = other.requests  # the image came from the CDN...
+    [(method, path, _headers, _)] = other.requests  # the image came from the CDN...
     assert method == "GET" and path.startswith("/results/")
     assert_key_never_sent(other)
     hops = [(p, h) for _, p, h, _ in upstreams.bfl.requests]
@@ -163,8 +186,12 @@ def test_a_result_that_redirects_forever_is_a_bad_result(sdk: OpenAI, upstreams:
 # -- the host rule, with the providers' real base URLs ------------------------------------------------------
 
 REAL = {"bfl": BFLProvider, "fal": FalProvider, "replicate": ReplicateProvider, "fireworks": FireworksProvider}
-PENDING = {"bfl": {"id": "1", "status": "Pending"}, "fal": {"status": "IN_QUEUE", "request_id": "1"},
-           "replicate": {"id": "1", "status": "processing"}, "fireworks": {"id": "1", "status": "Pending"}}
+PENDING = {
+    "bfl": {"id": "1", "status": "Pending"},
+    "fal": {"status": "IN_QUEUE", "request_id": "1"},
+    "replicate": {"id": "1", "status": "processing"},
+    "fireworks": {"id": "1", "status": "Pending"},
+}
 FIREWORKS_POLL = "https://api.fireworks.ai/inference/v1/workflows/accounts/fireworks/models/flux-kontext-pro/get_result"
 ALLOWED = [
     ("bfl", "https://api.bfl.ai/v1/get_result?id=1"),
@@ -201,17 +228,25 @@ def real_provider(name: str, tmp_path: Path) -> tuple[RemoteProvider, list[httpx
         seen.append(request)
         return httpx.Response(200, json=PENDING[name])
 
-    settings = Settings(data_dir=tmp_path, bfl_api_key="bfl_test", fal_key="fal_test",
-                        replicate_api_token="r8_test", fireworks_api_key="fw_test")
+    settings = Settings(
+        data_dir=tmp_path,
+        bfl_api_key="bfl_test",
+        fal_key="fal_test",
+        replicate_api_token="r8_test",
+        fireworks_api_key="fw_test",
+    )
     client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
     return REAL[name](settings, client=client), seen
 
 
 async def poll_at(provider: RemoteProvider, name: str, url: str) -> None:
     """The adapter polls a task whose provider response named `url` (Fireworks: its own poll URL)."""
-    data = {"bfl": {"polling_url": url}, "fal": {"status_url": url, "response_url": url, "cancel_url": url,
-                                                   "count": 1},
-            "replicate": {"get": url, "cancel": url}, "fireworks": {}}[name]
+    data = {
+        "bfl": {"polling_url": url},
+        "fal": {"status_url": url, "response_url": url, "cancel_url": url, "count": 1},
+        "replicate": {"get": url, "cancel": url},
+        "fireworks": {},
+    }[name]
     entry = Catalog.load().resolve(f"{name}/flux.1-kontext-pro")[1]
     assert not (await provider.poll(entry, Task(id="1", data=data))).done
 

@@ -28,13 +28,21 @@ FORMATS = {"png": "PNG", "jpeg": "JPEG", "gif": "GIF", "webp": "WEBP", "avif": "
 
 
 def settings_for(data_dir: Path, fake_url: str, **overrides: Any) -> Settings:
-    return Settings(**{
-        "data_dir": data_dir, "database_url": f"sqlite:///{data_dir / 'gateway.db'}",
-        "fal_key": "fal_test", "fal_base_url": fake_url,
-        "replicate_api_token": None, "fireworks_api_key": None, "bfl_api_key": None,  # fal is the only upstream
-        "upstream_poll_interval_s": 0.01, "upstream_backoff_s": 0.01, "upstream_backoff_max_s": 0.05,
-        **overrides,
-    })
+    return Settings(
+        **{
+            "data_dir": data_dir,
+            "database_url": f"sqlite:///{data_dir / 'gateway.db'}",
+            "fal_key": "fal_test",
+            "fal_base_url": fake_url,
+            "replicate_api_token": None,
+            "fireworks_api_key": None,
+            "bfl_api_key": None,  # fal is the only upstream
+            "upstream_poll_interval_s": 0.01,
+            "upstream_backoff_s": 0.01,
+            "upstream_backoff_max_s": 0.05,
+            **overrides,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +96,27 @@ def data_uri_image(uri: str) -> Image.Image:
 
 def edit(client: OpenAI, model: str, *sizes: tuple[int, int], **kw: Any) -> Any:
     images = [(f"in{i}.png", png_bytes(w, h), "image/png") for i, (w, h) in enumerate(sizes)]
-    return client.images.edit(model=model, image=images if len(images) > 1 else images[0],
-                              prompt=kw.pop("prompt", "make it night"), response_format="b64_json", **kw)
+    return client.images.edit(
+        model=model,
+        image=images if len(images) > 1 else images[0],
+        prompt=kw.pop("prompt", "make it night"),
+        response_format="b64_json",
+        **kw,
+    )
 
 
 # -- routes and happy paths -----------------------------------------------------------------------------
 
+
 def test_pro_text_to_image(client: OpenAI, fake: FakeFal) -> None:
-    resp = client.images.generate(model="flux.1-kontext-pro", prompt="a red fox", size="1536x1024",
-                                  output_format="png", response_format="b64_json", extra_body={"seed": 7})
+    resp = client.images.generate(
+        model="flux.1-kontext-pro",
+        prompt="a red fox",
+        size="1536x1024",
+        output_format="png",
+        response_format="b64_json",
+        extra_body={"seed": 7},
+    )
     img = decode(resp.data[0])
     assert img.format == "PNG" and img.size == output_size("3:2", SCALE)
     assert resp.size == "{}x{}".format(*img.size)
@@ -108,7 +128,7 @@ def test_pro_text_to_image(client: OpenAI, fake: FakeFal) -> None:
     assert m["provider_model_id"] == "fal-ai/flux-pro/kontext/text-to-image"
     assert m["cost"] == 0.04 and [a["outcome"] for a in m["attempts"]] == ["succeeded"]
     # The key goes to fal's queue on every call, never to the file host.
-    for method, p, headers, _ in fake.requests:
+    for _method, p, headers, _ in fake.requests:
         if p.startswith("/results/"):
             assert "authorization" not in headers
         else:
@@ -116,8 +136,9 @@ def test_pro_text_to_image(client: OpenAI, fake: FakeFal) -> None:
 
 
 def test_max_text_to_image_defaults_to_square_and_uses_returned_urls(client: OpenAI, fake: FakeFal) -> None:
-    resp = client.images.generate(model="flux.1-kontext-max", prompt="a lighthouse", output_format="jpeg",
-                                  response_format="b64_json")
+    resp = client.images.generate(
+        model="flux.1-kontext-max", prompt="a lighthouse", output_format="jpeg", response_format="b64_json"
+    )
     img = decode(resp.data[0])
     assert img.format == "JPEG" and img.size == output_size("1:1", SCALE)
     path, body = one_submit(fake)
@@ -154,9 +175,19 @@ def test_max_edit(client: OpenAI, fake: FakeFal) -> None:
 
 
 def test_dev_edit(client: OpenAI, fake: FakeFal) -> None:
-    resp = edit(client, "flux.1-kontext-dev", (320, 240), output_format="jpeg",
-                extra_body={"seed": 5, "num_inference_steps": 20, "guidance_scale": 4.0,
-                            "acceleration": "high", "enable_safety_checker": False})
+    resp = edit(
+        client,
+        "flux.1-kontext-dev",
+        (320, 240),
+        output_format="jpeg",
+        extra_body={
+            "seed": 5,
+            "num_inference_steps": 20,
+            "guidance_scale": 4.0,
+            "acceleration": "high",
+            "enable_safety_checker": False,
+        },
+    )
     img = decode(resp.data[0])
     assert img.format == "JPEG" and img.size == output_size("320:240", SCALE)
     path, body = one_submit(fake)
@@ -173,28 +204,44 @@ def test_dev_edit(client: OpenAI, fake: FakeFal) -> None:
 def test_dev_edit_with_loras_goes_to_the_kontext_lora_route(client: OpenAI, fake: FakeFal) -> None:
     image = "data:image/png;base64," + base64.b64encode(png_bytes(64, 64)).decode()
     loras = [{"path": "https://example.com/style.safetensors", "scale": 0.7}, {"path": "owner/repo"}]
-    resp = httpx.post(f"{client.base_url}images/edits", timeout=60, json={
-        "model": "flux.1-kontext-dev", "prompt": "in the style", "images": [{"image_url": image}], "loras": loras})
+    resp = httpx.post(
+        f"{client.base_url}images/edits",
+        timeout=60,
+        json={
+            "model": "flux.1-kontext-dev",
+            "prompt": "in the style",
+            "images": [{"image_url": image}],
+            "loras": loras,
+        },
+    )
     assert resp.status_code == 200, resp.text
     path, body = one_submit(fake)
     assert path == "/fal-ai/flux-kontext-lora"
-    assert body["loras"] == [{"path": "https://example.com/style.safetensors", "scale": 0.7},
-                             {"path": "owner/repo", "scale": 1.0}]
+    assert body["loras"] == [
+        {"path": "https://example.com/style.safetensors", "scale": 0.7},
+        {"path": "owner/repo", "scale": 1.0},
+    ]
     m = resp.json()["metadata"]
     assert m["executed_model"] == "fal/flux.1-kontext-dev-lora" and m["cost"] == 0.035
     # Without adapters the cheaper plain [dev] route serves it; pro has no LoRA route: a clear 400.
     fake.requests.clear()
     plain = edit(client, "flux.1-kontext-dev", (64, 64))
     assert meta(plain)["executed_model"] == "fal/flux.1-kontext-dev"
-    refused = httpx.post(f"{client.base_url}images/edits", timeout=60, json={
-        "model": "flux.1-kontext-pro", "prompt": "x", "images": [{"image_url": image}], "loras": loras})
+    refused = httpx.post(
+        f"{client.base_url}images/edits",
+        timeout=60,
+        json={"model": "flux.1-kontext-pro", "prompt": "x", "images": [{"image_url": image}], "loras": loras},
+    )
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "unsupported_by_providers"
 
 
-@pytest.mark.parametrize("model,route", [
-    ("flux.1-kontext-pro", "/fal-ai/flux-pro/kontext/multi"),
-    ("flux.1-kontext-max", "/fal-ai/flux-pro/kontext/max/multi"),
-])
+@pytest.mark.parametrize(
+    "model,route",
+    [
+        ("flux.1-kontext-pro", "/fal-ai/flux-pro/kontext/multi"),
+        ("flux.1-kontext-max", "/fal-ai/flux-pro/kontext/max/multi"),
+    ],
+)
 def test_several_images_go_to_multi(client: OpenAI, fake: FakeFal, model: str, route: str) -> None:
     resp = edit(client, model, (200, 100), (100, 100), (150, 100))
     assert decode(resp.data[0]).size == output_size("200:100", SCALE)
@@ -205,12 +252,16 @@ def test_several_images_go_to_multi(client: OpenAI, fake: FakeFal, model: str, r
 
 # -- parameter mapping ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("asked,pro,dev", [
-    ({"size": "1000x500"}, "16:9", "16:9"),
-    ({"aspect_ratio": "4:5"}, "3:4", "4:5"),  # 4:5 is not in pro/max's enum; [dev]'s has it
-    ({"aspect_ratio": "21:9"}, "21:9", "21:9"),
-    ({"size": "9:16"}, "9:16", "9:16"),
-])
+
+@pytest.mark.parametrize(
+    "asked,pro,dev",
+    [
+        ({"size": "1000x500"}, "16:9", "16:9"),
+        ({"aspect_ratio": "4:5"}, "3:4", "4:5"),  # 4:5 is not in pro/max's enum; [dev]'s has it
+        ({"aspect_ratio": "21:9"}, "21:9", "21:9"),
+        ({"size": "9:16"}, "9:16", "9:16"),
+    ],
+)
 def test_ratio_snapping(client: OpenAI, fake: FakeFal, asked: dict[str, str], pro: str, dev: str) -> None:
     edit(client, "flux.1-kontext-pro", (64, 64), extra_body=asked)
     edit(client, "flux.1-kontext-dev", (64, 64), extra_body=asked)
@@ -221,8 +272,12 @@ def test_ratio_snapping(client: OpenAI, fake: FakeFal, asked: dict[str, str], pr
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_output_format_is_explicit_and_converted(client: OpenAI, fake: FakeFal, fmt: str) -> None:
-    resp = client.images.generate(model="flux.1-kontext-pro", prompt="x", output_format=fmt,  # type: ignore[arg-type]
-                                  response_format="b64_json")
+    resp = client.images.generate(
+        model="flux.1-kontext-pro",
+        prompt="x",
+        output_format=fmt,  # type: ignore[arg-type]
+        response_format="b64_json",
+    )
     assert decode(resp.data[0]).format == FORMATS[fmt] and resp.output_format == fmt
     _, body = one_submit(fake)
     assert body["output_format"] == (fmt if fmt in ("png", "jpeg") else "png")  # the gateway converts the rest
@@ -230,15 +285,19 @@ def test_output_format_is_explicit_and_converted(client: OpenAI, fake: FakeFal, 
 
 @pytest.mark.parametrize("given,sent", [(0, "1"), (3, "3"), ("5", "5"), (9, "6")])
 def test_safety_tolerance_is_a_string(client: OpenAI, fake: FakeFal, given: Any, sent: str) -> None:
-    client.images.generate(model="flux.1-kontext-pro", prompt="x", response_format="b64_json",
-                           extra_body={"safety_tolerance": given})
+    client.images.generate(
+        model="flux.1-kontext-pro", prompt="x", response_format="b64_json", extra_body={"safety_tolerance": given}
+    )
     assert one_submit(fake)[1]["safety_tolerance"] == sent
 
 
 def test_guidance_enhance_prompt_and_unknown_extras(client: OpenAI, fake: FakeFal) -> None:
-    resp = client.images.generate(model="flux.1-kontext-pro", prompt="x", response_format="b64_json",
-                                  extra_body={"guidance": 4.5, "enhance_prompt": True, "fal_new_knob": "on",
-                                              "num_inference_steps": 12})
+    resp = client.images.generate(
+        model="flux.1-kontext-pro",
+        prompt="x",
+        response_format="b64_json",
+        extra_body={"guidance": 4.5, "enhance_prompt": True, "fal_new_knob": "on", "num_inference_steps": 12},
+    )
     _, body = one_submit(fake)
     assert body["guidance_scale"] == 4.5 and body["enhance_prompt"] is True and body["fal_new_knob"] == "on"
     assert "num_inference_steps" not in body  # pro/max have no steps
@@ -246,16 +305,21 @@ def test_guidance_enhance_prompt_and_unknown_extras(client: OpenAI, fake: FakeFa
 
 
 def test_prompt_upsampling_is_sent_as_enhance_prompt(client: OpenAI, fake: FakeFal) -> None:
-    resp = client.images.generate(model="flux.1-kontext-max", prompt="x", response_format="b64_json",
-                                  extra_body={"prompt_upsampling": True})
+    resp = client.images.generate(
+        model="flux.1-kontext-max", prompt="x", response_format="b64_json", extra_body={"prompt_upsampling": True}
+    )
     _, body = one_submit(fake)
     assert body["enhance_prompt"] is True and "prompt_upsampling" not in body
     assert "prompt_upsampling" not in meta(resp)["ignored_params"]
 
 
 def test_replicate_only_params_are_not_sent(client: OpenAI, fake: FakeFal) -> None:
-    resp = edit(client, "flux.1-kontext-dev", (64, 64),
-                extra_body={"disable_safety_checker": True, "output_quality": 80, "resolution_mode": "auto"})
+    resp = edit(
+        client,
+        "flux.1-kontext-dev",
+        (64, 64),
+        extra_body={"disable_safety_checker": True, "output_quality": 80, "resolution_mode": "auto"},
+    )
     _, body = one_submit(fake)
     assert "disable_safety_checker" not in body and "output_quality" not in body
     assert body["resolution_mode"] == "auto"  # a fal parameter, passed through
@@ -263,14 +327,16 @@ def test_replicate_only_params_are_not_sent(client: OpenAI, fake: FakeFal) -> No
 
 
 def test_sync_mode_results_come_back_as_data_uris(client: OpenAI, fake: FakeFal) -> None:
-    resp = client.images.generate(model="flux.1-kontext-pro", prompt="x", n=2, response_format="b64_json",
-                                  extra_body={"sync_mode": True})
+    resp = client.images.generate(
+        model="flux.1-kontext-pro", prompt="x", n=2, response_format="b64_json", extra_body={"sync_mode": True}
+    )
     assert [decode(d).format for d in resp.data] == ["PNG", "PNG"]
     assert one_submit(fake)[1]["sync_mode"] is True
     assert not [p for _, p, _, _ in fake.requests if p.startswith("/results/")]  # nothing to download
 
 
 # -- n: num_images is native up to 4 ---------------------------------------------------------------------
+
 
 def test_n4_is_one_request(client: OpenAI, fake: FakeFal) -> None:
     resp = client.images.generate(model="flux.1-kontext-pro", prompt="x", n=4, response_format="b64_json")
@@ -290,13 +356,15 @@ def test_n6_is_two_requests(client: OpenAI, fake: FakeFal) -> None:
 
 
 def test_fanned_out_requests_get_distinct_seeds(client: OpenAI, fake: FakeFal) -> None:
-    resp = client.images.generate(model="flux.1-kontext-pro", prompt="x", n=6, response_format="b64_json",
-                                  extra_body={"seed": 100})
+    resp = client.images.generate(
+        model="flux.1-kontext-pro", prompt="x", n=6, response_format="b64_json", extra_body={"seed": 100}
+    )
     assert sorted((body["seed"], body["num_images"]) for _, body in fake.submits()) == [(100, 4), (104, 2)]
     assert len({decode(d).tobytes() for d in resp.data}) == 6
 
 
 # -- moderation: 400 content_policy_violation, never retried --------------------------------------------
+
 
 @pytest.mark.parametrize("at", ["submit", "poll", "result"])
 def test_pro_moderation_422(client: OpenAI, fake: FakeFal, at: str) -> None:
@@ -318,21 +386,26 @@ def test_dev_moderation_nsfw_flag(client: OpenAI, fake: FakeFal) -> None:
 
 # -- transient faults: retried once, then success ------------------------------------------------------
 
-@pytest.mark.parametrize("kind,at,error_class,status", [
-    ("429", "submit", "rate_limited", 429),
-    ("500", "submit", "server_error", 500),
-    ("503", "poll", "server_error", 503),
-    ("502", "result", "server_error", 502),
-    ("drop", "submit", "connection_error", None),
-    ("drop", "poll", "connection_error", None),
-    ("malformed", "poll", "malformed_response", None),
-    ("malformed", "result", "malformed_response", None),
-    ("task_error", "result", "server_error", 500),
-    ("not_image", "download", "bad_result", None),
-    ("result_404", "download", "bad_result", 404),
-])
-def test_transient_fault_is_retried(client: OpenAI, fake: FakeFal, kind: str, at: str, error_class: str,
-                                    status: int | None) -> None:
+
+@pytest.mark.parametrize(
+    "kind,at,error_class,status",
+    [
+        ("429", "submit", "rate_limited", 429),
+        ("500", "submit", "server_error", 500),
+        ("503", "poll", "server_error", 503),
+        ("502", "result", "server_error", 502),
+        ("drop", "submit", "connection_error", None),
+        ("drop", "poll", "connection_error", None),
+        ("malformed", "poll", "malformed_response", None),
+        ("malformed", "result", "malformed_response", None),
+        ("task_error", "result", "server_error", 500),
+        ("not_image", "download", "bad_result", None),
+        ("result_404", "download", "bad_result", 404),
+    ],
+)
+def test_transient_fault_is_retried(
+    client: OpenAI, fake: FakeFal, kind: str, at: str, error_class: str, status: int | None
+) -> None:
     fake.faults.add(kind, at=at, retry_after=0.1 if kind == "429" else None)
     resp = client.images.generate(model="flux.1-kontext-pro", prompt="x", response_format="b64_json")
     assert decode(resp.data[0]).format == "PNG"
@@ -343,13 +416,15 @@ def test_transient_fault_is_retried(client: OpenAI, fake: FakeFal, kind: str, at
     assert len(fake.submits()) == 2  # the failed task, then a fresh one
 
 
-def test_bad_key_is_reported_without_the_key(fake: FakeFal, fake_url: str, tmp_path: Path,
-                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_bad_key_is_reported_without_the_key(
+    fake: FakeFal, fake_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     secret = "fal_WRONG_d0n0tleak_42"
     with running_server(settings_for(tmp_path, fake_url, fal_key=secret)) as url:
-        resp = httpx.post(f"{url}/v1/images/generations", json={"model": "flux.1-kontext-pro", "prompt": "x"},
-                          timeout=60)
+        resp = httpx.post(
+            f"{url}/v1/images/generations", json={"model": "flux.1-kontext-pro", "prompt": "x"}, timeout=60
+        )
     assert resp.status_code == 502, resp.text
     err = resp.json()["error"]
     assert err["code"] == "all_providers_exhausted" and "authentication" in err["message"]
@@ -361,8 +436,7 @@ def test_bad_key_is_reported_without_the_key(fake: FakeFal, fake_url: str, tmp_p
 def test_abandoned_request_cancels_the_fal_task(fake: FakeFal, gateway: str) -> None:
     fake.pending_polls = 10**6  # the task stays in the queue
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{gateway}/v1/images/generations", json={"model": "flux.1-kontext-pro", "prompt": "x"},
-                   timeout=1.0)
+        httpx.post(f"{gateway}/v1/images/generations", json={"model": "flux.1-kontext-pro", "prompt": "x"}, timeout=1.0)
     cancels: list[tuple[str, dict[str, str]]] = []
     deadline = time.monotonic() + 5
     while not cancels and time.monotonic() < deadline:
@@ -375,33 +449,46 @@ def test_abandoned_request_cancels_the_fal_task(fake: FakeFal, gateway: str) -> 
     assert headers["authorization"] == "Key fal_test" and fake.tasks[rid].cancelled
 
 
-@pytest.mark.parametrize("model,key,table", [
-    ("flux.1-kontext-max", "fal/flux.1-kontext-max", FalProvider.HANDLING),
-    ("flux.1-kontext-max", "fal/flux.1-kontext-max-edit", FalProvider.HANDLING),
-    ("flux.1-kontext-dev", "fal/flux.1-kontext-dev", FalProvider.DEV_HANDLING),
-])
+@pytest.mark.parametrize(
+    "model,key,table",
+    [
+        ("flux.1-kontext-max", "fal/flux.1-kontext-max", FalProvider.HANDLING),
+        ("flux.1-kontext-max", "fal/flux.1-kontext-max-edit", FalProvider.HANDLING),
+        ("flux.1-kontext-dev", "fal/flux.1-kontext-dev", FalProvider.DEV_HANDLING),
+    ],
+)
 def test_schema_shows_fal_handling(gateway: str, model: str, key: str, table: dict[str, Any]) -> None:
     schema = httpx.get(f"{gateway}/v1/models/{model}", params={"schema": "true"}, timeout=30).json()["schema"]
     for spec in schema["modes"].values():
-        shown = {name: prop["x-providers"][key] for name, prop in spec["properties"].items()
-                 if prop["x-providers"].get(key, {}).get("handling") not in (None, "passthrough")}
+        shown = {
+            name: prop["x-providers"][key]
+            for name, prop in spec["properties"].items()
+            if prop["x-providers"].get(key, {}).get("handling") not in (None, "passthrough")
+        }
         assert shown == {name: h for name, h in table.items() if name in spec["properties"]}
     assert "num_inference_steps" not in FalProvider.HANDLING  # pro/max have no steps; [dev] does
 
 
 # -- the fake itself answers like fal ------------------------------------------------------------------
 
-@pytest.mark.parametrize("route,body,field", [
-    ("fal-ai/flux-pro/kontext/text-to-image", {"prompt": "x", "safety_tolerance": 2}, "safety_tolerance"),
-    ("fal-ai/flux-pro/kontext/text-to-image", {"prompt": "x", "output_format": "webp"}, "output_format"),
-    ("fal-ai/flux-pro/kontext/text-to-image", {"prompt": "x", "num_images": 5}, "num_images"),
-    ("fal-ai/flux-pro/kontext/text-to-image", {"prompt": "x", "aspect_ratio": "5:4"}, "aspect_ratio"),
-    ("fal-ai/flux-pro/kontext", {"prompt": "x"}, "image_url"),
-    ("fal-ai/flux-pro/kontext/multi", {"prompt": "x", "image_url": "https://example.com/a.png"}, "image_urls"),
-    ("fal-ai/flux-kontext/dev", {"prompt": "x", "image_url": "data:image/png;base64,AAAA"}, "image_url"),
-    ("fal-ai/flux-kontext/dev", {"prompt": "x", "image_url": "https://e.com/a.png", "resolution_mode": "7:1"},
-     "resolution_mode"),
-])
+
+@pytest.mark.parametrize(
+    "route,body,field",
+    [
+        ("fal-ai/flux-pro/kontext/text-to-image", {"prompt": "x", "safety_tolerance": 2}, "safety_tolerance"),
+        ("fal-ai/flux-pro/kontext/text-to-image", {"prompt": "x", "output_format": "webp"}, "output_format"),
+        ("fal-ai/flux-pro/kontext/text-to-image", {"prompt": "x", "num_images": 5}, "num_images"),
+        ("fal-ai/flux-pro/kontext/text-to-image", {"prompt": "x", "aspect_ratio": "5:4"}, "aspect_ratio"),
+        ("fal-ai/flux-pro/kontext", {"prompt": "x"}, "image_url"),
+        ("fal-ai/flux-pro/kontext/multi", {"prompt": "x", "image_url": "https://example.com/a.png"}, "image_urls"),
+        ("fal-ai/flux-kontext/dev", {"prompt": "x", "image_url": "data:image/png;base64,AAAA"}, "image_url"),
+        (
+            "fal-ai/flux-kontext/dev",
+            {"prompt": "x", "image_url": "https://e.com/a.png", "resolution_mode": "7:1"},
+            "resolution_mode",
+        ),
+    ],
+)
 def test_fake_validates_like_fal(fake_url: str, route: str, body: dict[str, Any], field: str) -> None:
     auth = {"Authorization": "Key fal_test"}
     sub = httpx.post(f"{fake_url}/{route}", json=body, headers=auth)
@@ -425,8 +512,10 @@ def test_validation_error_at_the_result_is_not_retried(client: OpenAI, fake: Fak
 
 def test_fake_checks_auth_and_app_root(fake_url: str) -> None:
     route = "fal-ai/flux-pro/kontext/max/text-to-image"
-    assert httpx.post(f"{fake_url}/{route}", json={"prompt": "x"}, headers={"Authorization": "Key nope"}
-                      ).status_code == 401
+    assert (
+        httpx.post(f"{fake_url}/{route}", json={"prompt": "x"}, headers={"Authorization": "Key nope"}).status_code
+        == 401
+    )
     sub = httpx.post(f"{fake_url}/{route}", json={"prompt": "x"}, headers={"Authorization": "Key fal_test"}).json()
     assert sub["status_url"] == f"{fake_url}/fal-ai/flux-pro/requests/{sub['request_id']}/status"
     rebuilt = f"{fake_url}/{route}/requests/{sub['request_id']}/status"  # with the subpath: not found

@@ -38,10 +38,18 @@ def out_size(ratio: str, scale: float = 0.25) -> tuple[int, int]:
 
 def gateway_settings(tmp: Path, base_url: str, key: str = KEY, **kw: Any) -> Settings:
     return Settings(
-        data_dir=tmp, database_url=f"sqlite:///{tmp / 'gateway.db'}", dev_weights_dir=None,
-        fireworks_api_key=key, fireworks_base_url=base_url,
-        fal_key=None, replicate_api_token=None, bfl_api_key=None,  # Fireworks is the only upstream
-        upstream_poll_interval_s=0.01, upstream_backoff_s=0.01, upstream_backoff_max_s=0.05, **kw,
+        data_dir=tmp,
+        database_url=f"sqlite:///{tmp / 'gateway.db'}",
+        dev_weights_dir=None,
+        fireworks_api_key=key,
+        fireworks_base_url=base_url,
+        fal_key=None,
+        replicate_api_token=None,
+        bfl_api_key=None,  # Fireworks is the only upstream
+        upstream_poll_interval_s=0.01,
+        upstream_backoff_s=0.01,
+        upstream_backoff_max_s=0.05,
+        **kw,
     )
 
 
@@ -87,17 +95,24 @@ def data_uri_image(uri: str) -> Image.Image:
 
 
 def generate(sdk: OpenAI, model: str = "flux.1-kontext-pro", **kw: Any) -> Any:
-    return sdk.images.generate(model=model, prompt=kw.pop("prompt", "a red fox in snow"),
-                               response_format="b64_json", **kw)
+    return sdk.images.generate(
+        model=model, prompt=kw.pop("prompt", "a red fox in snow"), response_format="b64_json", **kw
+    )
 
 
 def edit(sdk: OpenAI, model: str = "flux.1-kontext-pro", images: list[bytes] | None = None, **kw: Any) -> Any:
     files = [(f"in{i}.png", data, "image/png") for i, data in enumerate(images or [png_bytes(400, 300)])]
-    return sdk.images.edit(model=model, image=files if len(files) > 1 else files[0],
-                           prompt=kw.pop("prompt", "make it night"), response_format="b64_json", **kw)
+    return sdk.images.edit(
+        model=model,
+        image=files if len(files) > 1 else files[0],
+        prompt=kw.pop("prompt", "make it night"),
+        response_format="b64_json",
+        **kw,
+    )
 
 
 # -- happy paths ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("variant,price", [("pro", 0.04), ("max", 0.08)])
 def test_generate(sdk: OpenAI, fw: FakeFireworks, variant: str, price: float) -> None:
@@ -109,10 +124,14 @@ def test_generate(sdk: OpenAI, fw: FakeFireworks, variant: str, price: float) ->
     assert meta["provider_model_id"] == f"accounts/fireworks/models/flux-kontext-{variant}"
     assert meta["cost"] == price and [a["outcome"] for a in meta["attempts"]] == ["succeeded"]
 
-    (_, path, headers, body), = fw.submits()
+    ((_, path, headers, body),) = fw.submits()
     assert path == f"{MODELS}/flux-kontext-{variant}" and headers["authorization"] == f"Bearer {KEY}"
-    assert body == {"prompt": "a lighthouse at dusk", "seed": meta["seed"], "aspect_ratio": "1:1",
-                    "output_format": "png"}
+    assert body == {
+        "prompt": "a lighthouse at dusk",
+        "seed": meta["seed"],
+        "aspect_ratio": "1:1",
+        "output_format": "png",
+    }
     # Polled by POST with the request_id: Pending twice, then Ready.
     polls = [r for r in fw.requests if r[1].endswith("/get_result")]
     assert len(polls) == 3 and {p[0] for p in polls} == {"POST"}
@@ -132,16 +151,20 @@ def test_edit_keeps_the_input_shape(sdk: OpenAI, fw: FakeFireworks, variant: str
 
 # -- parameter mapping ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("asked,upstream", [
-    ({"size": "1000x500"}, "16:9"),  # 2:1 snaps to the nearest Kontext ratio
-    ({"size": "1792x1024"}, "16:9"),
-    ({"size": "1024x1792"}, "9:16"),
-    ({"size": "3:2"}, "3:2"),
-    ({"extra_body": {"aspect_ratio": "7:3"}}, "21:9"),
-    ({"extra_body": {"aspect_ratio": "5:4"}}, "5:4"),
-    ({"extra_body": {"aspect_ratio": "1:4"}}, "9:21"),  # clamped into 21:9..9:21
-    ({"extra_body": {"resolution": "1K"}}, "1:1"),
-])
+
+@pytest.mark.parametrize(
+    "asked,upstream",
+    [
+        ({"size": "1000x500"}, "16:9"),  # 2:1 snaps to the nearest Kontext ratio
+        ({"size": "1792x1024"}, "16:9"),
+        ({"size": "1024x1792"}, "9:16"),
+        ({"size": "3:2"}, "3:2"),
+        ({"extra_body": {"aspect_ratio": "7:3"}}, "21:9"),
+        ({"extra_body": {"aspect_ratio": "5:4"}}, "5:4"),
+        ({"extra_body": {"aspect_ratio": "1:4"}}, "9:21"),  # clamped into 21:9..9:21
+        ({"extra_body": {"resolution": "1K"}}, "1:1"),
+    ],
+)
 def test_aspect_ratio(sdk: OpenAI, fw: FakeFireworks, asked: dict[str, Any], upstream: str) -> None:
     resp = generate(sdk, **asked)
     assert sent(fw)["aspect_ratio"] == upstream
@@ -161,8 +184,17 @@ def test_output_format(sdk: OpenAI, fw: FakeFireworks, asked: str, upstream: str
 
 
 def test_seed_passthrough_and_fal_only_params(sdk: OpenAI, fw: FakeFireworks) -> None:
-    resp = generate(sdk, extra_body={"seed": 99, "prompt_upsampling": True, "safety_tolerance": "5",
-                                     "my_new_knob": "x", "enhance_prompt": True, "sync_mode": True})
+    resp = generate(
+        sdk,
+        extra_body={
+            "seed": 99,
+            "prompt_upsampling": True,
+            "safety_tolerance": "5",
+            "my_new_knob": "x",
+            "enhance_prompt": True,
+            "sync_mode": True,
+        },
+    )
     body = sent(fw)
     assert body["seed"] == 99 and body["prompt_upsampling"] is True and body["safety_tolerance"] == 5
     assert body["my_new_knob"] == "x" and "enhance_prompt" not in body and "sync_mode" not in body
@@ -196,7 +228,9 @@ def test_n_images_differ(sdk: OpenAI, fw: FakeFireworks) -> None:
     assert len({s[3]["seed"] for s in fw.submits()}) == 3
     assert len({d.b64_json for d in resp.data}) == 3
 
+
 # -- moderation, failures and retries --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("at,status", [("submit", "Request Moderated"), ("poll", "Content Moderated")])
 def test_moderation_is_a_400_and_not_retried(sdk: OpenAI, fw: FakeFireworks, at: str, status: str) -> None:
@@ -231,8 +265,9 @@ TRANSIENT = [
 
 
 @pytest.mark.parametrize("kind,at,error_class,status", TRANSIENT)
-def test_transient_failures_are_retried(sdk: OpenAI, fw: FakeFireworks, kind: str, at: str,
-                                        error_class: str, status: int | None) -> None:
+def test_transient_failures_are_retried(
+    sdk: OpenAI, fw: FakeFireworks, kind: str, at: str, error_class: str, status: int | None
+) -> None:
     fw.faults.add(kind, at=at, retry_after=1 if kind == "429" else None)
     resp = generate(sdk)
     assert image_of(resp.data[0]).size == out_size("1:1")
@@ -242,14 +277,16 @@ def test_transient_failures_are_retried(sdk: OpenAI, fw: FakeFireworks, kind: st
     assert (kind, at) in fw.faults.fired
 
 
-def test_a_rejected_key_fails_without_leaking_it(fake: tuple[FakeFireworks, str],
-                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_a_rejected_key_fails_without_leaking_it(
+    fake: tuple[FakeFireworks, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
     fw, url = fake
     fw.requests.clear()
     secret = "fw_wrong_s3cret_value"
     with running_server(gateway_settings(tmp_path_factory.mktemp("fw401"), url, key=secret)) as gw:
-        resp = httpx.post(f"{gw}/v1/images/generations", json={"model": "flux.1-kontext-pro", "prompt": "x"},
-                          timeout=60)
+        resp = httpx.post(
+            f"{gw}/v1/images/generations", json={"model": "flux.1-kontext-pro", "prompt": "x"}, timeout=60
+        )
     assert resp.status_code == 502, resp.text
     err = resp.json()["error"]
     assert err["code"] == "all_providers_exhausted"
@@ -259,6 +296,7 @@ def test_a_rejected_key_fails_without_leaking_it(fake: tuple[FakeFireworks, str]
 
 
 # -- the schema and the adapter's own decisions ----------------------------------------------------------
+
 
 def test_schema_shows_the_handling(gateway: str) -> None:
     body = httpx.get(f"{gateway}/v1/models/flux.1-kontext-max", params={"schema": "true"}).json()
@@ -282,6 +320,7 @@ async def test_an_unknown_task_is_a_failed_task(fake: tuple[FakeFireworks, str],
 
 
 # -- the fake itself answers like Fireworks ------------------------------------------------------------
+
 
 def test_fake_validates_like_fireworks(fake: tuple[FakeFireworks, str]) -> None:
     _, url = fake

@@ -37,10 +37,18 @@ def out_size(ratio: str, scale: float = 0.25) -> tuple[int, int]:
 
 def gateway_settings(tmp: Path, base_url: str, token: str = TOKEN, **kw: Any) -> Settings:
     return Settings(
-        data_dir=tmp, database_url=f"sqlite:///{tmp / 'gateway.db'}", dev_weights_dir=None,
-        replicate_api_token=token, replicate_base_url=base_url,
-        fal_key=None, fireworks_api_key=None, bfl_api_key=None,  # Replicate is the only upstream
-        upstream_poll_interval_s=0.01, upstream_backoff_s=0.01, upstream_backoff_max_s=0.05, **kw,
+        data_dir=tmp,
+        database_url=f"sqlite:///{tmp / 'gateway.db'}",
+        dev_weights_dir=None,
+        replicate_api_token=token,
+        replicate_base_url=base_url,
+        fal_key=None,
+        fireworks_api_key=None,
+        bfl_api_key=None,  # Replicate is the only upstream
+        upstream_poll_interval_s=0.01,
+        upstream_backoff_s=0.01,
+        upstream_backoff_max_s=0.05,
+        **kw,
     )
 
 
@@ -87,17 +95,24 @@ def data_uri_image(uri: str) -> Image.Image:
 
 
 def generate(sdk: OpenAI, model: str = "flux.1-kontext-pro", **kw: Any) -> Any:
-    return sdk.images.generate(model=model, prompt=kw.pop("prompt", "a red fox in snow"),
-                               response_format="b64_json", **kw)
+    return sdk.images.generate(
+        model=model, prompt=kw.pop("prompt", "a red fox in snow"), response_format="b64_json", **kw
+    )
 
 
 def edit(sdk: OpenAI, model: str = "flux.1-kontext-pro", images: list[bytes] | None = None, **kw: Any) -> Any:
     files = [(f"in{i}.png", data, "image/png") for i, data in enumerate(images or [png_bytes(400, 300)])]
-    return sdk.images.edit(model=model, image=files if len(files) > 1 else files[0],
-                           prompt=kw.pop("prompt", "make it night"), response_format="b64_json", **kw)
+    return sdk.images.edit(
+        model=model,
+        image=files if len(files) > 1 else files[0],
+        prompt=kw.pop("prompt", "make it night"),
+        response_format="b64_json",
+        **kw,
+    )
 
 
 # -- happy paths ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("variant,price", [("pro", 0.04), ("max", 0.08)])
 def test_generate(sdk: OpenAI, rep: FakeReplicate, variant: str, price: float) -> None:
@@ -108,11 +123,15 @@ def test_generate(sdk: OpenAI, rep: FakeReplicate, variant: str, price: float) -
     assert meta["provider"] == "replicate" and meta["executed_model"] == f"replicate/flux.1-kontext-{variant}"
     assert meta["cost"] == price and [a["outcome"] for a in meta["attempts"]] == ["succeeded"]
 
-    (_, path, headers, body), = rep.submits()
+    ((_, path, headers, body),) = rep.submits()
     assert path == f"/v1/models/black-forest-labs/flux-kontext-{variant}/predictions"
     assert headers["authorization"] == f"Bearer {TOKEN}" and headers["prefer"].startswith("wait")
-    assert body["input"] == {"prompt": "a lighthouse at dusk", "seed": meta["seed"], "aspect_ratio": "1:1",
-                             "output_format": "png"}
+    assert body["input"] == {
+        "prompt": "a lighthouse at dusk",
+        "seed": meta["seed"],
+        "aspect_ratio": "1:1",
+        "output_format": "png",
+    }
     # Polled the prediction's own urls.get until it succeeded: 2 pending polls, then the final one.
     polls = [r for r in rep.requests if r[0] == "GET" and r[1].startswith("/v1/predictions/")]
     assert len(polls) == 3 and all(p[2]["authorization"] == f"Bearer {TOKEN}" for p in polls)
@@ -139,18 +158,35 @@ def test_prefer_wait_answers_with_the_finished_prediction(sdk: OpenAI, rep: Fake
 
 
 def test_dev_edit_maps_guidance_steps_and_quality(sdk: OpenAI, rep: FakeReplicate) -> None:
-    resp = edit(sdk, "flux.1-kontext-dev", [png_bytes(300, 400)], output_format="webp", output_compression=70,
-                extra_body={"guidance": 4.5, "num_inference_steps": 60, "disable_safety_checker": True,
-                            "seed": 7, "enhance_prompt": True})
+    resp = edit(
+        sdk,
+        "flux.1-kontext-dev",
+        [png_bytes(300, 400)],
+        output_format="webp",
+        output_compression=70,
+        extra_body={
+            "guidance": 4.5,
+            "num_inference_steps": 60,
+            "disable_safety_checker": True,
+            "seed": 7,
+            "enhance_prompt": True,
+        },
+    )
     img = image_of(resp.data[0])
     assert img.format == "WEBP" and img.size == out_size("3:4")
     assert rep.submits()[0][1] == "/v1/models/black-forest-labs/flux-kontext-dev/predictions"
     sent = sent_input(rep)
     assert data_uri_image(sent.pop("input_image")).size == (300, 400)
-    assert sent == {"prompt": "make it night", "seed": 7, "aspect_ratio": "match_input_image",
-                    "output_format": "webp", "num_inference_steps": 50,  # clamped to Replicate's 4-50
-                    "guidance": 4.5, "output_quality": 70,
-                    "disable_safety_checker": True}  # a multipart "true", sent as a JSON boolean
+    assert sent == {
+        "prompt": "make it night",
+        "seed": 7,
+        "aspect_ratio": "match_input_image",
+        "output_format": "webp",
+        "num_inference_steps": 50,  # clamped to Replicate's 4-50
+        "guidance": 4.5,
+        "output_quality": 70,
+        "disable_safety_checker": True,
+    }  # a multipart "true", sent as a JSON boolean
     meta = resp.model_extra["metadata"]
     assert meta["cost"] == 0.025 and meta["ignored_params"] == ["enhance_prompt"]  # fal-only: not sent
 
@@ -172,34 +208,42 @@ def test_dev_has_no_text_to_image_on_replicate(sdk: OpenAI, rep: FakeReplicate) 
 
 # -- parameter mapping ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("asked,upstream", [
-    ({"size": "1000x500"}, "2:1"),  # Replicate's enum has 2:1
-    ({"size": "1792x1024"}, "16:9"),
-    ({"size": "1024x1792"}, "9:16"),
-    ({"size": "3:2"}, "3:2"),
-    ({"extra_body": {"aspect_ratio": "7:3"}}, "21:9"),
-    ({"extra_body": {"aspect_ratio": "4:5"}}, "4:5"),
-    ({"extra_body": {"aspect_ratio": "1:4"}}, "9:21"),  # the model's narrowest ratio
-    ({"extra_body": {"resolution": "1K"}}, "1:1"),
-])
+
+@pytest.mark.parametrize(
+    "asked,upstream",
+    [
+        ({"size": "1000x500"}, "2:1"),  # Replicate's enum has 2:1
+        ({"size": "1792x1024"}, "16:9"),
+        ({"size": "1024x1792"}, "9:16"),
+        ({"size": "3:2"}, "3:2"),
+        ({"extra_body": {"aspect_ratio": "7:3"}}, "21:9"),
+        ({"extra_body": {"aspect_ratio": "4:5"}}, "4:5"),
+        ({"extra_body": {"aspect_ratio": "1:4"}}, "9:21"),  # the model's narrowest ratio
+        ({"extra_body": {"resolution": "1K"}}, "1:1"),
+    ],
+)
 def test_aspect_ratio_snaps_to_the_enum(sdk: OpenAI, rep: FakeReplicate, asked: dict[str, Any], upstream: str) -> None:
     resp = generate(sdk, **asked)
     assert sent_input(rep)["aspect_ratio"] == upstream
     assert image_of(resp.data[0]).size == out_size(upstream)
 
 
-@pytest.mark.parametrize("asked,upstream", [
-    ({"size": "16:9"}, "16:9"),
-    ({"size": "1024x1024"}, "1:1"),
-    ({"extra_body": {"resolution": "1K"}}, "match_input_image"),  # scale alone keeps the input's shape
-])
+@pytest.mark.parametrize(
+    "asked,upstream",
+    [
+        ({"size": "16:9"}, "16:9"),
+        ({"size": "1024x1024"}, "1:1"),
+        ({"extra_body": {"resolution": "1K"}}, "match_input_image"),  # scale alone keeps the input's shape
+    ],
+)
 def test_edit_with_a_size(sdk: OpenAI, rep: FakeReplicate, asked: dict[str, Any], upstream: str) -> None:
     edit(sdk, **asked)
     assert sent_input(rep)["aspect_ratio"] == upstream
 
 
-@pytest.mark.parametrize("asked,upstream", [("png", "png"), ("jpeg", "jpg"), ("webp", "png"), ("gif", "png"),
-                                            ("avif", "png")])
+@pytest.mark.parametrize(
+    "asked,upstream", [("png", "png"), ("jpeg", "jpg"), ("webp", "png"), ("gif", "png"), ("avif", "png")]
+)
 def test_output_format(sdk: OpenAI, rep: FakeReplicate, asked: str, upstream: str) -> None:
     resp = generate(sdk, output_format=asked)
     assert sent_input(rep)["output_format"] == upstream  # always explicit; jpeg spelled jpg
@@ -207,8 +251,17 @@ def test_output_format(sdk: OpenAI, rep: FakeReplicate, asked: str, upstream: st
 
 
 def test_seed_passthrough_and_fal_only_params(sdk: OpenAI, rep: FakeReplicate) -> None:
-    resp = generate(sdk, extra_body={"seed": 1234, "prompt_upsampling": True, "safety_tolerance": "5",
-                                     "my_new_knob": 7, "enhance_prompt": True, "sync_mode": True})
+    resp = generate(
+        sdk,
+        extra_body={
+            "seed": 1234,
+            "prompt_upsampling": True,
+            "safety_tolerance": "5",
+            "my_new_knob": 7,
+            "enhance_prompt": True,
+            "sync_mode": True,
+        },
+    )
     sent = sent_input(rep)
     assert sent["seed"] == 1234 and resp.model_extra["metadata"]["seed"] == 1234
     assert sent["prompt_upsampling"] is True and sent["safety_tolerance"] == 5  # catalog "5" -> the API's int
@@ -234,8 +287,9 @@ def test_n_fans_out_into_predictions(sdk: OpenAI, rep: FakeReplicate) -> None:
 
 @pytest.mark.parametrize("variant", ["pro", "max"])
 def test_two_images_use_the_multi_image_model(sdk: OpenAI, rep: FakeReplicate, variant: str) -> None:
-    resp = edit(sdk, f"flux.1-kontext-{variant}", [png_bytes(400, 300), png_bytes(200, 200)],
-                extra_body={"safety_tolerance": 4})
+    resp = edit(
+        sdk, f"flux.1-kontext-{variant}", [png_bytes(400, 300), png_bytes(200, 200)], extra_body={"safety_tolerance": 4}
+    )
     assert image_of(resp.data[0]).size == out_size("4:3")  # match_input_image: the first image's shape
     assert rep.submits()[0][1] == f"/v1/models/flux-kontext-apps/multi-image-kontext-{variant}/predictions"
     sent = sent_input(rep)
@@ -258,7 +312,9 @@ def test_n_images_differ(sdk: OpenAI, rep: FakeReplicate) -> None:
     assert len({s[3]["input"]["seed"] for s in rep.submits()}) == 3
     assert len({d.b64_json for d in resp.data}) == 3
 
+
 # -- moderation, failures and retries --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("at", ["submit", "poll"])
 def test_moderation_is_a_400_and_not_retried(sdk: OpenAI, rep: FakeReplicate, at: str) -> None:
@@ -293,8 +349,9 @@ TRANSIENT = [
 
 
 @pytest.mark.parametrize("kind,at,error_class,status", TRANSIENT)
-def test_transient_failures_are_retried(sdk: OpenAI, rep: FakeReplicate, kind: str, at: str,
-                                        error_class: str, status: int | None) -> None:
+def test_transient_failures_are_retried(
+    sdk: OpenAI, rep: FakeReplicate, kind: str, at: str, error_class: str, status: int | None
+) -> None:
     rep.faults.add(kind, at=at, retry_after=1 if kind == "429" else None)
     resp = generate(sdk)
     assert image_of(resp.data[0]).size == out_size("1:1")
@@ -314,14 +371,16 @@ def test_payment_required_is_not_retried(sdk: OpenAI, rep: FakeReplicate) -> Non
     assert "insufficient credit" in exc.value.message and len(rep.submits()) == 1
 
 
-def test_a_rejected_token_fails_without_leaking_it(fake: tuple[FakeReplicate, str],
-                                                   tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_a_rejected_token_fails_without_leaking_it(
+    fake: tuple[FakeReplicate, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
     rep, url = fake
     rep.requests.clear()
     secret = "r8_wrong_s3cret_value"
     with running_server(gateway_settings(tmp_path_factory.mktemp("rep401"), url, token=secret)) as gw:
-        resp = httpx.post(f"{gw}/v1/images/generations", json={"model": "flux.1-kontext-pro", "prompt": "x"},
-                          timeout=60)
+        resp = httpx.post(
+            f"{gw}/v1/images/generations", json={"model": "flux.1-kontext-pro", "prompt": "x"}, timeout=60
+        )
     assert resp.status_code == 502, resp.text
     err = resp.json()["error"]
     assert err["code"] == "all_providers_exhausted"
@@ -334,8 +393,9 @@ def test_a_rejected_token_fails_without_leaking_it(fake: tuple[FakeReplicate, st
 def test_cancel_when_the_client_goes_away(gateway: str, rep: FakeReplicate) -> None:
     rep.pending_polls = 10**9  # never finishes on its own
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{gateway}/v1/images/generations", json={"model": "flux.1-kontext-pro", "prompt": "slow"},
-                   timeout=1.5)
+        httpx.post(
+            f"{gateway}/v1/images/generations", json={"model": "flux.1-kontext-pro", "prompt": "slow"}, timeout=1.5
+        )
     deadline = time.monotonic() + 5
     while not rep.canceled and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -347,6 +407,7 @@ def test_cancel_when_the_client_goes_away(gateway: str, rep: FakeReplicate) -> N
 
 
 # -- the schema and the adapter's own decisions ----------------------------------------------------------
+
 
 def test_schema_shows_the_handling(gateway: str) -> None:
     body = httpx.get(f"{gateway}/v1/models/flux.1-kontext-pro", params={"schema": "true"}).json()
@@ -376,8 +437,8 @@ def test_prediction_outcomes() -> None:
             _outcome({"id": "a", "status": status})
 
 
-
 # -- the fake itself answers like Replicate ------------------------------------------------------------
+
 
 def test_fake_validates_like_replicate(fake: tuple[FakeReplicate, str]) -> None:
     rep, url = fake

@@ -44,8 +44,15 @@ class Scripted:
     async def generate(self, entry, job: ImageJob) -> ProviderResult:
         self.calls += 1
         outcome = self.outcomes.pop(0) if self.outcomes else None
-        job.attempts.append(Attempt(self.name, entry.config_key, "failed" if outcome else "succeeded", 1,
-                                    error_class=getattr(outcome, "kind", None)))
+        job.attempts.append(
+            Attempt(
+                self.name,
+                entry.config_key,
+                "failed" if outcome else "succeeded",
+                1,
+                error_class=getattr(outcome, "kind", None),
+            )
+        )
         if outcome is not None:
             raise outcome
         return ProviderResult(images=[ProviderImage(data=b"x", format="png")], size=Size(8, 8))
@@ -55,9 +62,18 @@ class Scripted:
 
 
 def job(images: int = 0) -> ImageJob:
-    return ImageJob(request_id="req_t", model=PRO, mode="edit" if images else "text-to-image", prompt="p",
-                    images=[Image.new("RGB", (8, 8))] * images, size=SizeRequest(None), n=1, seed=1,
-                    output_format="png", output_compression=None)
+    return ImageJob(
+        request_id="req_t",
+        model=PRO,
+        mode="edit" if images else "text-to-image",
+        prompt="p",
+        images=[Image.new("RGB", (8, 8))] * images,
+        size=SizeRequest(None),
+        n=1,
+        seed=1,
+        output_format="png",
+        output_compression=None,
+    )
 
 
 def router(settings: Settings | None = None, **providers: Scripted) -> Router:
@@ -89,8 +105,12 @@ def test_order_priority_then_latency_then_weights() -> None:
     r.observe("replicate/flux.1-kontext-pro", 9.0)
     r.observe("fireworks/flux.1-kontext-pro", 3.0)
     r.observe("bfl/flux.1-kontext-pro", 5.0)
-    assert order(r) == ["fal/flux.1-kontext-pro", "fireworks/flux.1-kontext-pro", "bfl/flux.1-kontext-pro",
-                        "replicate/flux.1-kontext-pro"]
+    assert order(r) == [
+        "fal/flux.1-kontext-pro",
+        "fireworks/flux.1-kontext-pro",
+        "bfl/flux.1-kontext-pro",
+        "replicate/flux.1-kontext-pro",
+    ]
     weighted = router(Settings(provider_weights={"fal": 9.0, "bfl": 1.0}), fal=Scripted("fal"), bfl=Scripted("bfl"))
     firsts = [order(weighted)[0] for _ in range(400)]
     share = firsts.count("fal/flux.1-kontext-pro") / len(firsts)
@@ -124,7 +144,10 @@ async def test_all_exhausted_is_502_listing_attempts_with_retry_after() -> None:
         await r.run(r.candidates(PRO, "text-to-image", j), j)
     e = err.value
     assert e.status == 502 and e.code == "all_providers_exhausted"
-    assert "fal/flux.1-kontext-pro failed (rate_limited" in e.message and "bfl/flux.1-kontext-pro failed (authentication" in e.message
+    assert (
+        "fal/flux.1-kontext-pro failed (rate_limited" in e.message
+        and "bfl/flux.1-kontext-pro failed (authentication" in e.message
+    )
     assert e.headers["retry-after"] == "7" and e.headers["x-should-retry"] == "true"
 
 

@@ -75,10 +75,16 @@ def tiny_png_url() -> str:
 CROSS_SITE = [
     ("POST", "/v1/admin/keys", {"content": b'{"name":"x","admin":true}', "headers": {"content-type": "text/plain"}}),
     ("POST", "/v1/admin/keys", {"json": {"name": "x", "admin": True}}),
-    ("POST", "/v1/images/generations", {"content": b'{"prompt":"a fox","size":"64x64"}',
-                                        "headers": {"content-type": "text/plain"}}),
-    ("POST", "/v1/images/edits", {"data": {"prompt": "night", "size": "64x64"},
-                                  "files": [("image", ("a.png", png_bytes(32, 32), "image/png"))]}),
+    (
+        "POST",
+        "/v1/images/generations",
+        {"content": b'{"prompt":"a fox","size":"64x64"}', "headers": {"content-type": "text/plain"}},
+    ),
+    (
+        "POST",
+        "/v1/images/edits",
+        {"data": {"prompt": "night", "size": "64x64"}, "files": [("image", ("a.png", png_bytes(32, 32), "image/png"))]},
+    ),
     ("POST", "/v1/predictions", {"json": {"model": "kontext-tiny", "input": {"prompt": "a fox"}}}),
     ("POST", "/v1/files", {"files": [("content", ("a.png", png_bytes(32, 32), "image/png"))]}),
     ("POST", "/v1/predictions/req_123/cancel", {}),
@@ -88,10 +94,14 @@ CROSS_SITE = [
 
 
 @pytest.mark.parametrize("method,path,kwargs", CROSS_SITE, ids=[f"{m} {p}" for m, p, _ in CROSS_SITE])
-@pytest.mark.parametrize("browser", [{"origin": EVIL}, {"origin": "null"}, {"sec-fetch-site": "cross-site"},
-                                     {"sec-fetch-site": "same-site"}], ids=["origin", "null", "fetch-site", "same-site"])
-def test_another_sites_page_cannot_change_anything(http: httpx.Client, method: str, path: str,
-                                                   kwargs: dict[str, Any], browser: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    "browser",
+    [{"origin": EVIL}, {"origin": "null"}, {"sec-fetch-site": "cross-site"}, {"sec-fetch-site": "same-site"}],
+    ids=["origin", "null", "fetch-site", "same-site"],
+)
+def test_another_sites_page_cannot_change_anything(
+    http: httpx.Client, method: str, path: str, kwargs: dict[str, Any], browser: dict[str, str]
+) -> None:
     before = stored(http)
     kwargs = {**kwargs, "headers": {**kwargs.get("headers", {}), **browser}}
     err = error(http.request(method, path, **kwargs), 403, "cross_origin_request")
@@ -108,26 +118,36 @@ def test_the_gateways_own_pages_and_plain_clients_still_work(http: httpx.Client,
     assert resp.status_code == 200, resp.text
     assert resp.json()["data"][0]["url"].startswith(gateway + "/v1/blobs/")
     port = gateway.rsplit(":", 1)[1]
-    resp = http.post("/v1/images/generations?dryRun=true", json=body,
-                     headers={"host": f"localhost:{port}", "origin": f"http://localhost:{port}"})
+    resp = http.post(
+        "/v1/images/generations?dryRun=true",
+        json=body,
+        headers={"host": f"localhost:{port}", "origin": f"http://localhost:{port}"},
+    )
     assert resp.status_code == 200, resp.text
     # A page on the same host but another port is another origin.
-    error(http.post("/v1/images/generations", json=body, headers={"origin": "http://127.0.0.1:1"}), 403,
-          "cross_origin_request")
+    error(
+        http.post("/v1/images/generations", json=body, headers={"origin": "http://127.0.0.1:1"}),
+        403,
+        "cross_origin_request",
+    )
     # curl and the SDKs send no Origin: unaffected (a GET from anywhere changes nothing).
     assert http.post("/v1/images/generations?dryRun=true", json=body).status_code == 200
     assert http.get("/v1/models", headers={"origin": EVIL}).status_code == 200
 
 
-@pytest.mark.parametrize("path,body", [
-    ("/v1/images/generations", {"prompt": "a fox"}),
-    ("/v1/images/edits", {"prompt": "night", "images": [{"image_url": "data:,"}]}),
-    ("/v1/predictions", {"model": "kontext-tiny", "input": {"prompt": "a fox"}}),
-    ("/v1/admin/keys", {"name": "x", "admin": True}),
-])
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/v1/images/generations", {"prompt": "a fox"}),
+        ("/v1/images/edits", {"prompt": "night", "images": [{"image_url": "data:,"}]}),
+        ("/v1/predictions", {"model": "kontext-tiny", "input": {"prompt": "a fox"}}),
+        ("/v1/admin/keys", {"name": "x", "admin": True}),
+    ],
+)
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
-def test_json_routes_take_only_json(http: httpx.Client, path: str, body: dict[str, Any],
-                                    content_type: str | None) -> None:
+def test_json_routes_take_only_json(
+    http: httpx.Client, path: str, body: dict[str, Any], content_type: str | None
+) -> None:
     before = stored(http)
     headers = {"content-type": content_type} if content_type else {}
     resp = http.post(path, content=json.dumps(body).encode(), headers=headers)
@@ -136,38 +156,53 @@ def test_json_routes_take_only_json(http: httpx.Client, path: str, body: dict[st
 
 
 def test_files_take_only_multipart(http: httpx.Client) -> None:
-    error(http.post("/v1/files", content=b"content=x", headers={"content-type": "application/x-www-form-urlencoded"}),
-          415, "unsupported_media_type")
+    error(
+        http.post("/v1/files", content=b"content=x", headers={"content-type": "application/x-www-form-urlencoded"}),
+        415,
+        "unsupported_media_type",
+    )
 
 
 @pytest.fixture(scope="module")
 def configured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A gateway told which other hosts and origins to trust."""
-    settings = settings_for(tmp_path_factory.mktemp("configured"), allowed_hosts=["images.example.com", "*.example.org"],
-                            cors_origins=["https://app.example"])
+    settings = settings_for(
+        tmp_path_factory.mktemp("configured"),
+        allowed_hosts=["images.example.com", "*.example.org"],
+        cors_origins=["https://app.example"],
+    )
     with running_server(settings) as url:
         yield url
 
 
 def test_trusted_origins_get_cors_and_others_do_not(configured: str, gateway: str) -> None:
-    preflight = {"origin": "https://app.example", "access-control-request-method": "POST",
-                 "access-control-request-headers": "authorization, content-type, idempotency-key"}
+    preflight = {
+        "origin": "https://app.example",
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type, idempotency-key",
+    }
     with httpx.Client(base_url=configured) as http:
         resp = http.options("/v1/images/generations", headers=preflight)
         assert resp.status_code == 200, resp.text
         assert resp.headers["access-control-allow-origin"] == "https://app.example"
         allowed = resp.headers["access-control-allow-headers"].lower()
         assert {"authorization", "content-type", "idempotency-key"} <= {h.strip() for h in allowed.split(",")}
-        resp = http.post("/v1/images/generations?dryRun=true", json={"model": "kontext-tiny", "prompt": "a fox"},
-                         headers={"origin": "https://app.example"})
+        resp = http.post(
+            "/v1/images/generations?dryRun=true",
+            json={"model": "kontext-tiny", "prompt": "a fox"},
+            headers={"origin": "https://app.example"},
+        )
         assert resp.status_code == 200, resp.text
         assert resp.headers["access-control-allow-origin"] == "https://app.example"
         assert "x-request-id" in resp.headers["access-control-expose-headers"].lower()
         # Any other origin: no CORS grant, and its state changes are refused.
         resp = http.options("/v1/images/generations", headers={**preflight, "origin": EVIL})
         assert "access-control-allow-origin" not in resp.headers
-        error(http.post("/v1/images/generations", json={"prompt": "a fox"}, headers={"origin": EVIL}), 403,
-              "cross_origin_request")
+        error(
+            http.post("/v1/images/generations", json={"prompt": "a fox"}, headers={"origin": EVIL}),
+            403,
+            "cross_origin_request",
+        )
     # Unconfigured (the default), no origin gets a grant.
     resp = httpx.options(f"{gateway}/v1/images/generations", headers=preflight)
     assert "access-control-allow-origin" not in resp.headers
@@ -175,8 +210,21 @@ def test_trusted_origins_get_cors_and_others_do_not(configured: str, gateway: st
 
 # -- DNS rebinding and links ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", ["/v1/webhooks/default/secret", "/v1/requests", "/v1/models", "/", "/gallery",
-                                  "/static/app.js", "/v1/blobs/x.png?exp=1&sig=x", "/openapi.json", "/metrics"])
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/webhooks/default/secret",
+        "/v1/requests",
+        "/v1/models",
+        "/",
+        "/gallery",
+        "/static/app.js",
+        "/v1/blobs/x.png?exp=1&sig=x",
+        "/openapi.json",
+        "/metrics",
+    ],
+)
 def test_a_rebinding_page_reads_nothing(http: httpx.Client, path: str) -> None:
     resp = http.get(path, headers={"host": "rebind.evil.example:8000"})
     err = error(resp, 400, "invalid_host")
@@ -194,10 +242,20 @@ def test_loopback_names_are_answered_on_any_port(http: httpx.Client, host: str) 
     assert http.get("/v1/models", headers={"host": host}).status_code == 200
 
 
-@pytest.mark.parametrize("host,ok", [("images.example.com", True), ("images.example.com:8443", True),
-                                     ("a.example.org", True), ("example.org", False), ("evil.example.com", False),
-                                     ("localhost:8000", True), ("images.example.com.evil.example", False),
-                                     ("images.example.com@evil.example", False), ("[::1", False)])
+@pytest.mark.parametrize(
+    "host,ok",
+    [
+        ("images.example.com", True),
+        ("images.example.com:8443", True),
+        ("a.example.org", True),
+        ("example.org", False),
+        ("evil.example.com", False),
+        ("localhost:8000", True),
+        ("images.example.com.evil.example", False),
+        ("images.example.com@evil.example", False),
+        ("[::1", False),
+    ],
+)
 def test_allowed_hosts_are_the_configured_ones(configured: str, host: str, ok: bool) -> None:
     resp = httpx.get(f"{configured}/v1/models", headers={"host": host})
     assert resp.status_code == (200 if ok else 400), resp.text
@@ -205,17 +263,22 @@ def test_allowed_hosts_are_the_configured_ones(configured: str, host: str, ok: b
 
 def test_links_are_built_only_from_trusted_hosts(configured: str, tmp_path: Path) -> None:
     body = {"model": "kontext-tiny", "prompt": "a fox", "size": "64x64", "num_inference_steps": 1}
-    resp = httpx.post(f"{configured}/v1/images/generations", json=body,
-                      headers={"host": "images.example.com"}, timeout=120)
+    resp = httpx.post(
+        f"{configured}/v1/images/generations", json=body, headers={"host": "images.example.com"}, timeout=120
+    )
     assert resp.status_code == 200, resp.text
     assert resp.json()["data"][0]["url"].startswith("http://images.example.com/v1/blobs/")
-    error(httpx.post(f"{configured}/v1/images/generations", json=body, headers={"host": "attacker.example"}), 400,
-          "invalid_host")
+    error(
+        httpx.post(f"{configured}/v1/images/generations", json=body, headers={"host": "attacker.example"}),
+        400,
+        "invalid_host",
+    )
     # With a public URL, links use it whatever the Host, and its host is trusted.
     with running_server(settings_for(tmp_path, public_url="https://img.example.net/base")) as url:
         for host in (None, "img.example.net"):
-            resp = httpx.post(f"{url}/v1/images/generations", json=body, timeout=120,
-                              headers={"host": host} if host else {})
+            resp = httpx.post(
+                f"{url}/v1/images/generations", json=body, timeout=120, headers={"host": host} if host else {}
+            )
             assert resp.status_code == 200, resp.text
             assert resp.json()["data"][0]["url"].startswith("https://img.example.net/base/v1/blobs/")
 
@@ -238,15 +301,18 @@ def test_trust_policy_beyond_loopback() -> None:
 
 SURROGATE = '"\\ud800"'
 SURROGATE_BODIES = [
-    ("/v1/images/generations", '{"model": %s, "prompt": "a fox"}' % SURROGATE, "model"),
-    ("/v1/images/generations", '{"size": %s, "prompt": "a fox"}' % SURROGATE, "size"),
-    ("/v1/images/generations", '{"prompt": %s}' % SURROGATE, "prompt"),
+    ("/v1/images/generations", f'{{"model": {SURROGATE}, "prompt": "a fox"}}', "model"),
+    ("/v1/images/generations", f'{{"size": {SURROGATE}, "prompt": "a fox"}}', "size"),
+    ("/v1/images/generations", f'{{"prompt": {SURROGATE}}}', "prompt"),
     ("/v1/images/generations", '{"prompt": "a \\udfff fox"}', "prompt"),
-    ("/v1/predictions", '{"model": "kontext-tiny", "input": {"prompt": %s}}' % SURROGATE, "input.prompt"),
-    ("/v1/predictions", '{"model": %s, "input": {"prompt": "a fox"}}' % SURROGATE, "model"),
-    ("/v1/predictions", '{"model": "kontext-tiny", "input": {"prompt": "a"}, "webhook": "https://x.example/%s"}'
-     % "\\ud800", "webhook"),
-    ("/v1/admin/keys", '{"name": %s}' % SURROGATE, "name"),
+    ("/v1/predictions", f'{{"model": "kontext-tiny", "input": {{"prompt": {SURROGATE}}}}}', "input.prompt"),
+    ("/v1/predictions", f'{{"model": {SURROGATE}, "input": {{"prompt": "a fox"}}}}', "model"),
+    (
+        "/v1/predictions",
+        '{{"model": "kontext-tiny", "input": {{"prompt": "a"}}, "webhook": "https://x.example/{}"}}'.format("\\ud800"),
+        "webhook",
+    ),
+    ("/v1/admin/keys", f'{{"name": {SURROGATE}}}', "name"),
 ]
 
 
@@ -271,8 +337,10 @@ def test_deep_nesting_is_a_400(http: httpx.Client, path: str) -> None:
 
 
 @pytest.mark.parametrize("route", ["/v1/predictions", "/v1/requests"])
-@pytest.mark.parametrize("inner", [b"[" * 300 + b"]" * 300, b"[" * 5000, b'{"a": 1}', b'["\\ud800", "x"]',
-                                   b'[1, 2]', b"not json", b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "inner",
+    [b"[" * 300 + b"]" * 300, b"[" * 5000, b'{"a": 1}', b'["\\ud800", "x"]', b"[1, 2]", b"not json", b"\xff\xfe"],
+)
 def test_hostile_cursors_are_a_400(http: httpx.Client, route: str, inner: bytes) -> None:
     cursor = base64.urlsafe_b64encode(inner).decode().rstrip("=")
     error(http.get(route, params={"cursor": cursor}), 400, "invalid_cursor")
@@ -285,19 +353,35 @@ def test_malformed_urls_are_a_400(http: httpx.Client, url: str) -> None:
     assert error(resp, 400)["param"] == "input.input_image"
     resp = http.post("/v1/images/edits", json={"model": "kontext-tiny", "prompt": "a", "images": [{"image_url": url}]})
     assert error(resp, 400)["param"] == "images[0].image_url"
-    resp = http.post("/v1/images/edits", json={"model": "kontext-tiny", "prompt": "a", "mask": {"image_url": url},
-                                               "images": [{"image_url": tiny_png_url()}]})
+    resp = http.post(
+        "/v1/images/edits",
+        json={
+            "model": "kontext-tiny",
+            "prompt": "a",
+            "mask": {"image_url": url},
+            "images": [{"image_url": tiny_png_url()}],
+        },
+    )
     assert error(resp, 400)["param"] == "mask.image_url"
     assert stored(http)[1] == before[1]
 
 
-@pytest.mark.parametrize("text", [
-    '{"name": "k", "budget_usd": 1e308}', '{"name": "k", "budget_usd": 1e400}', '{"name": "k", "budget_usd": NaN}',
-    '{"name": "k", "budget_usd": Infinity}', '{"name": "k", "budget_usd": -Infinity}',
-    '{"name": "k", "rpm": 9223372036854775808}', '{"name": "k", "max_concurrent": 9223372036854775807}',
-    '{"name": "k", "ipm": 2147483648}', '{"name": "k", "rpm": %s}' % ("9" * 5000),
-    '{"name": "line\\nbreak"}', '{"name": "%s"}' % ("k" * 129),
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"name": "k", "budget_usd": 1e308}',
+        '{"name": "k", "budget_usd": 1e400}',
+        '{"name": "k", "budget_usd": NaN}',
+        '{"name": "k", "budget_usd": Infinity}',
+        '{"name": "k", "budget_usd": -Infinity}',
+        '{"name": "k", "rpm": 9223372036854775808}',
+        '{"name": "k", "max_concurrent": 9223372036854775807}',
+        '{"name": "k", "ipm": 2147483648}',
+        '{"name": "k", "rpm": %s}' % ("9" * 5000),
+        '{"name": "line\\nbreak"}',
+        '{"name": "%s"}' % ("k" * 129),
+    ],
+)
 def test_admin_numbers_out_of_range_are_a_400(http: httpx.Client, text: str) -> None:
     before = stored(http)
     error(raw_json(http, "/v1/admin/keys", text), 400)
@@ -306,8 +390,10 @@ def test_admin_numbers_out_of_range_are_a_400(http: httpx.Client, text: str) -> 
 
 def test_the_largest_allowed_admin_numbers_are_stored(tmp_path: Path) -> None:
     with running_server(settings_for(tmp_path)) as url:
-        resp = httpx.post(f"{url}/v1/admin/keys", json={"name": "big", "budget_usd": 1e9, "rpm": 2**31 - 1,
-                                                         "ipm": 2**31 - 1, "max_concurrent": 2**31 - 1})
+        resp = httpx.post(
+            f"{url}/v1/admin/keys",
+            json={"name": "big", "budget_usd": 1e9, "rpm": 2**31 - 1, "ipm": 2**31 - 1, "max_concurrent": 2**31 - 1},
+        )
         assert resp.status_code == 201, resp.text
         key = resp.json()
         assert (key["budget_usd"], key["rpm"], key["max_concurrent"]) == (1e9, 2**31 - 1, 2**31 - 1)
@@ -315,22 +401,28 @@ def test_the_largest_allowed_admin_numbers_are_stored(tmp_path: Path) -> None:
 
 # -- bounded work per request ----------------------------------------------------------------------------
 
+
 def test_prompt_is_limited_to_32000_characters(http: httpx.Client) -> None:
     body = {"model": "kontext-tiny", "size": "64x64"}
     assert http.post("/v1/images/generations?dryRun=true", json={**body, "prompt": "a" * 32_000}).status_code == 200
-    err = error(http.post("/v1/images/generations", json={**body, "prompt": "a" * 32_001}), 400,
-                "string_above_max_length")
+    err = error(
+        http.post("/v1/images/generations", json={**body, "prompt": "a" * 32_001}), 400, "string_above_max_length"
+    )
     assert err["param"] == "prompt" and "32000" in err["message"]
-    err = error(http.post("/v1/predictions", json={"model": "kontext-tiny", "input": {"prompt": "é" * 40_000}}), 400,
-                "string_above_max_length")
+    err = error(
+        http.post("/v1/predictions", json={"model": "kontext-tiny", "input": {"prompt": "é" * 40_000}}),
+        400,
+        "string_above_max_length",
+    )
     assert "32000" in err["message"]
 
 
 def test_a_huge_prompt_is_refused_early_and_not_stored_whole(http: httpx.Client) -> None:
     prompt = "a fox " * 1_750_000  # 10.5 MB
     # Text-to-image carries no images: its bodies are small, and a big one is refused unread.
-    error(http.post("/v1/images/generations", json={"model": "kontext-tiny", "prompt": prompt}), 413,
-          "request_too_large")
+    error(
+        http.post("/v1/images/generations", json={"model": "kontext-tiny", "prompt": prompt}), 413, "request_too_large"
+    )
     resp = http.post("/v1/predictions", json={"model": "kontext-tiny", "input": {"prompt": prompt}})
     error(resp, 400, "string_above_max_length")
     record = http.get(f"/v1/requests/{resp.headers['x-request-id']}").json()
@@ -341,8 +433,11 @@ def test_a_huge_prompt_is_refused_early_and_not_stored_whole(http: httpx.Client)
 
 def test_many_tiny_json_values_are_refused_before_parsing(http: httpx.Client) -> None:
     items = b"[" + b",".join([b"{}"] * 3_000_000) + b"]"  # 9 MB that json.loads would make 250 MB of
-    resp = http.post("/v1/predictions", content=b'{"model":"kontext-tiny","input":{"prompt":"a","x":' + items + b"}}",
-                     headers={"content-type": "application/json"})
+    resp = http.post(
+        "/v1/predictions",
+        content=b'{"model":"kontext-tiny","input":{"prompt":"a","x":' + items + b"}}",
+        headers={"content-type": "application/json"},
+    )
     assert "too many JSON values" in error(resp, 400, "invalid_json")["message"]
 
 
@@ -357,15 +452,20 @@ def test_n_times_area_has_a_budget_per_provider(http: httpx.Client, tmp_path: Pa
     before = stored(http)
     err = error(http.post("/v1/images/generations", json={**body, "n": 10, "size": "2048x2048"}), 400)
     assert "budget of 4194304 pixels" in err["message"] and "KONTEXT_LOCAL_MAX_REQUEST_PIXELS" in err["message"]
-    resp = http.post("/v1/predictions", json={"model": "kontext-tiny", "input": {**body, "num_outputs": 2,
-                                                                                 "size": "2048x2048"}})
+    resp = http.post(
+        "/v1/predictions", json={"model": "kontext-tiny", "input": {**body, "num_outputs": 2, "size": "2048x2048"}}
+    )
     assert "budget" in error(resp, 400)["message"]
     assert stored(http)[1] == before[1]
     # Within the budget: accepted.
-    assert http.post("/v1/images/generations?dryRun=true", json={**body, "n": 4, "size": "1024x1024"}).status_code == 200
+    assert (
+        http.post("/v1/images/generations?dryRun=true", json={**body, "n": 4, "size": "1024x1024"}).status_code == 200
+    )
     schema = http.get("/v1/models/kontext-tiny", params={"schema": "true"}).json()["schema"]
     assert schema["limits"]["max_request_pixels"] == {"local/kontext-tiny": 4 * 1024 * 1024}
-    assert schema["modes"]["text-to-image"]["properties"]["n"]["x-max-request-pixels"] == {"local/kontext-tiny": 4194304}
+    assert schema["modes"]["text-to-image"]["properties"]["n"]["x-max-request-pixels"] == {
+        "local/kontext-tiny": 4194304
+    }
     # The operator sets it.
     with running_server(settings_for(tmp_path, local_max_request_pixels=64 * 64)) as url:
         resp = httpx.post(f"{url}/v1/images/generations?dryRun=true", json={**body, "n": 2, "size": "64x64"})
@@ -374,11 +474,20 @@ def test_n_times_area_has_a_budget_per_provider(http: httpx.Client, tmp_path: Pa
 
 # -- the JSON parser itself -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text,words", [
-    ("[" * 33 + "]" * 33, "nested too deeply"), ('{"a": NaN}', "not finite"), ("[1e999]", "not finite"),
-    ("[-Infinity]", "not finite"), ('["\\udc80"]', "surrogate"), ("[" + "1," * 100_000 + "1]", "too many"),
-    ("{", "not valid JSON"), ("1" * 5000, "not valid JSON"),
-])
+
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("[" * 33 + "]" * 33, "nested too deeply"),
+        ('{"a": NaN}', "not finite"),
+        ("[1e999]", "not finite"),
+        ("[-Infinity]", "not finite"),
+        ('["\\udc80"]', "surrogate"),
+        ("[" + "1," * 100_000 + "1]", "too many"),
+        ("{", "not valid JSON"),
+        ("1" * 5000, "not valid JSON"),
+    ],
+)
 def test_safejson_refuses(text: str, words: str) -> None:
     with pytest.raises(GatewayError) as caught:
         safejson.loads(text.encode())
@@ -394,23 +503,36 @@ def test_safejson_takes_documented_payloads() -> None:
         safejson.loads(b'{"a": "\xff"}')
 
 
-@pytest.mark.parametrize("method,path,kwargs", [
-    ("POST", "/v1/images/generations", {"json": {"prompt": "a\u0000b", "size": "64x64"}}),
-    ("POST", "/v1/images/edits", {"data": {"prompt": "a\u0000b"},
-                                  "files": [("image", ("a.png", png_bytes(32, 32), "image/png"))]}),
-    ("POST", "/v1/predictions", {"json": {"model": "kontext-tiny", "input": {"prompt": "a\u0000"}}}),
-    ("POST", "/v1/files", {"content": b"--b\r\nContent-Disposition: form-data; name=\"content\"; filename=\"a\x00.png\""
-                                      b"\r\nContent-Type: image/png\r\n\r\n" + png_bytes(32, 32) + b"\r\n--b--\r\n",
-                           "headers": {"content-type": "multipart/form-data; boundary=b"}}),  # a raw NUL: httpx escapes it
-    ("POST", "/v1/admin/keys", {"json": {"name": "k", "self": 1}}),
-    ("PATCH", "/v1/admin/keys/key_1", {"json": {"key_id": "x"}}),
-    ("GET", "/v1/requests?model=%00", {}),
-    ("GET", "/v1/predictions/%00", {}),
-    ("GET", "/v1/usage?model=a%00", {}),
-    ("GET", "/v1/models/", {}),
-])
-def test_nul_characters_and_odd_fields_are_a_400_on_every_database(database_url: str, tmp_path: Path, method: str,
-                                                                   path: str, kwargs: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "method,path,kwargs",
+    [
+        ("POST", "/v1/images/generations", {"json": {"prompt": "a\u0000b", "size": "64x64"}}),
+        (
+            "POST",
+            "/v1/images/edits",
+            {"data": {"prompt": "a\u0000b"}, "files": [("image", ("a.png", png_bytes(32, 32), "image/png"))]},
+        ),
+        ("POST", "/v1/predictions", {"json": {"model": "kontext-tiny", "input": {"prompt": "a\u0000"}}}),
+        (
+            "POST",
+            "/v1/files",
+            {
+                "content": b'--b\r\nContent-Disposition: form-data; name="content"; filename="a\x00.png"'
+                b"\r\nContent-Type: image/png\r\n\r\n" + png_bytes(32, 32) + b"\r\n--b--\r\n",
+                "headers": {"content-type": "multipart/form-data; boundary=b"},
+            },
+        ),  # a raw NUL: httpx escapes it
+        ("POST", "/v1/admin/keys", {"json": {"name": "k", "self": 1}}),
+        ("PATCH", "/v1/admin/keys/key_1", {"json": {"key_id": "x"}}),
+        ("GET", "/v1/requests?model=%00", {}),
+        ("GET", "/v1/predictions/%00", {}),
+        ("GET", "/v1/usage?model=a%00", {}),
+        ("GET", "/v1/models/", {}),
+    ],
+)
+def test_nul_characters_and_odd_fields_are_a_400_on_every_database(
+    database_url: str, tmp_path: Path, method: str, path: str, kwargs: dict[str, Any]
+) -> None:
     """NUL cannot be stored (or even compared) by PostgreSQL; unknown admin fields named like the
     store's own arguments once reached it as keyword arguments; a trailing slash was an empty 307."""
     with running_server(Settings(data_dir=tmp_path, database_url=database_url)) as url:

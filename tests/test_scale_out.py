@@ -33,27 +33,46 @@ def pg_database() -> Iterator[str]:
 def test_three_workers_run_each_job_exactly_once(pg_database: str, tmp_path: Path) -> None:
     fake = FakeReplicate(pending_polls=0)  # answers at once (Prefer: wait)
     with serve(fake.app) as fake_url:
-        env = {"DATABASE_URL": pg_database, "KONTEXT_DATA_DIR": str(tmp_path), "REPLICATE_API_TOKEN": "r8_test",
-               "REPLICATE_BASE_URL": fake_url, "KONTEXT_JOB_POLL_INTERVAL_S": "0.1"}
-        settings = Settings(data_dir=tmp_path, database_url=pg_database, replicate_api_token="r8_test",
-                            replicate_base_url=fake_url)
+        env = {
+            "DATABASE_URL": pg_database,
+            "KONTEXT_DATA_DIR": str(tmp_path),
+            "REPLICATE_API_TOKEN": "r8_test",
+            "REPLICATE_BASE_URL": fake_url,
+            "KONTEXT_JOB_POLL_INTERVAL_S": "0.1",
+        }
+        settings = Settings(
+            data_dir=tmp_path, database_url=pg_database, replicate_api_token="r8_test", replicate_base_url=fake_url
+        )
 
         async def enqueue() -> list[str]:
             gw = Gateway(settings)
             await gw.start(workers=False)  # this process only queues
             try:
-                return [await gw.images.submit(mode="text-to-image", endpoint="predictions",
-                                               fields={"model": "replicate/flux.1-kontext-pro", "prompt": f"job {i}"},
-                                               files=[]) for i in range(JOBS)]
+                return [
+                    await gw.images.submit(
+                        mode="text-to-image",
+                        endpoint="predictions",
+                        fields={"model": "replicate/flux.1-kontext-pro", "prompt": f"job {i}"},
+                        files=[],
+                    )
+                    for i in range(JOBS)
+                ]
             finally:
                 await gw.close()
 
         ids = asyncio.run(enqueue())
         log = open(tmp_path / "workers.log", "wb")  # a file, not a pipe nobody reads (it could fill)
-        workers = [subprocess.Popen([sys.executable, "-m", "kontext_gateway", "worker", "--concurrency", "8"],
-                                    env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=log)
-                   for _ in range(3)]
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "kontext_gateway", "worker", "--concurrency", "8"],
+                env={**os.environ, **env},
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+            for _ in range(3)
+        ]
         try:
+
             async def finished() -> list[dict]:
                 gw = Gateway(settings)
                 await gw.start(workers=False)

@@ -73,8 +73,9 @@ def test_operation(case: Any, gateway_url: str) -> None:
         _clamp(case)
     if isinstance(case.body, (dict, list, str)):
         case.body = _loopback_only(case.body)
-    case.call_and_validate(base_url=gateway_url, headers={"Authorization": f"Bearer {ADMIN}"}, checks=CHECKS,
-                           timeout=60)
+    case.call_and_validate(
+        base_url=gateway_url, headers={"Authorization": f"Bearer {ADMIN}"}, checks=CHECKS, timeout=60
+    )
 
 
 def _runs(case: Any) -> bool:

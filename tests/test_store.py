@@ -90,10 +90,23 @@ def _new_id() -> str:
 
 async def test_migration_creates_table_matching_models(db: Database) -> None:
     state = await _state(db)
-    assert {"requests", "upstream_tasks", "webhook_deliveries", "idempotency_keys", "files", "api_keys", "ledger",
-            "alembic_version"} <= state["tables"]
-    assert {"ix_requests_created_at", "ix_requests_key_id", "ix_requests_model", "ix_requests_status",
-            "ix_requests_claim"} <= state["indexes"]
+    assert {
+        "requests",
+        "upstream_tasks",
+        "webhook_deliveries",
+        "idempotency_keys",
+        "files",
+        "api_keys",
+        "ledger",
+        "alembic_version",
+    } <= state["tables"]
+    assert {
+        "ix_requests_created_at",
+        "ix_requests_key_id",
+        "ix_requests_model",
+        "ix_requests_status",
+        "ix_requests_claim",
+    } <= state["indexes"]
     assert state["versions"] == [HEAD]
     assert state["diffs"] == []  # the migration and the models agree
 
@@ -114,7 +127,9 @@ async def test_concurrent_starts_do_not_race(backend: Backend) -> None:
         assert (await _state(databases[0]))["versions"] == [HEAD]
         # Every instance is usable afterwards.
         for d in databases:
-            await d.create_request(id=_new_id(), endpoint="images.generations", model="m", mode="text-to-image", params={})
+            await d.create_request(
+                id=_new_id(), endpoint="images.generations", model="m", mode="text-to-image", params={}
+            )
         assert len(await databases[0].list_requests()) == 4
     finally:
         for d in databases:
@@ -159,7 +174,12 @@ async def test_lifecycle_succeeded(db: Database) -> None:
     params = {"prompt": "a red fox", "size": "1024x1024", "n": 1, "extra": {"nested": [1, 2]}}
     before = datetime.now(UTC)
     await db.create_request(
-        id=rid, endpoint="images.generations", model="flux-kontext-pro", mode="text-to-image", params=params, key_id="k1"
+        id=rid,
+        endpoint="images.generations",
+        model="flux-kontext-pro",
+        mode="text-to-image",
+        params=params,
+        key_id="k1",
     )
     row = await db.get_request(rid)
     assert row is not None

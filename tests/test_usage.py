@@ -33,7 +33,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         async def off_utc() -> None:  # date(timestamptz) would now give New York days
             conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres", timeout=5)
             try:
-                await conn.execute(f'ALTER DATABASE "{url.rsplit("/", 1)[1]}" SET timezone TO \'America/New_York\'')
+                await conn.execute(f"ALTER DATABASE \"{url.rsplit('/', 1)[1]}\" SET timezone TO 'America/New_York'")
             finally:
                 await conn.close()
 
@@ -63,8 +63,12 @@ def env(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             keys[name] = httpx.post(base + "/v1/admin/keys", json={"name": name}, headers=bearer(admin["key"])).json()
 
         def generate(key: str, **body: Any) -> httpx.Response:
-            return httpx.post(base + "/v1/images/generations", headers=bearer(keys[key]["key"]), timeout=60,
-                              json={"model": "kontext-tiny", "prompt": "usage", "size": "32x32", **body})
+            return httpx.post(
+                base + "/v1/images/generations",
+                headers=bearer(keys[key]["key"]),
+                timeout=60,
+                json={"model": "kontext-tiny", "prompt": "usage", "size": "32x32", **body},
+            )
 
         a1, a2 = generate("team-a").headers["x-request-id"], generate("team-a", n=2).headers["x-request-id"]
         assert generate("team-a", size="0x0").status_code == 400
@@ -117,8 +121,14 @@ def test_totals_equal_the_sum_of_the_requests(env: dict[str, Any]) -> None:
         assert sum(row[name] for row in report["data"]) == want[name]
     # Each row is the sum of its own requests.
     for row in report["data"]:
-        mine = [r for r in records if r["created_at"][:10] == row["day"] and r["key_id"] == row["key_id"]
-                and r["model"] == row["model"] and r["provider"] == row["provider"]]
+        mine = [
+            r
+            for r in records
+            if r["created_at"][:10] == row["day"]
+            and r["key_id"] == row["key_id"]
+            and r["model"] == row["model"]
+            and r["provider"] == row["provider"]
+        ]
         assert {k: row[k] for k in want} == expected(mine)
     names = {row["key_id"]: row["key_name"] for row in report["data"]}
     assert names[env["keys"]["team-a"]["id"]] == "team-a" and names[env["keys"]["admin"]["id"]] == "root"
@@ -127,9 +137,11 @@ def test_totals_equal_the_sum_of_the_requests(env: dict[str, Any]) -> None:
 def test_keys_see_their_own_usage(env: dict[str, Any]) -> None:
     a = usage(env, "team-a")
     assert {row["key_id"] for row in a["data"]} == {env["keys"]["team-a"]["id"]}
-    assert {k: a["totals"][k] for k in ("requests", "succeeded", "failed", "images", "cost_micros")} \
-        == expected(history(env, "team-a")) == {"requests": 3, "succeeded": 2, "failed": 1, "images": 3,
-                                                "cost_micros": 3000}
+    assert (
+        {k: a["totals"][k] for k in ("requests", "succeeded", "failed", "images", "cost_micros")}
+        == expected(history(env, "team-a"))
+        == {"requests": 3, "succeeded": 2, "failed": 1, "images": 3, "cost_micros": 3000}
+    )
     assert usage(env, "team-a", key_id=env["keys"]["team-b"]["id"])["data"] == []
     only_b = usage(env, "admin", key_id=env["keys"]["team-b"]["id"], group_by="key")
     assert [(r["key_name"], r["requests"], r["cost_usd"]) for r in only_b["data"]] == [("team-b", 1, 0.001)]
@@ -142,11 +154,12 @@ def test_grouping_and_filters(env: dict[str, Any]) -> None:
     assert days == {str(EARLY.date()): 1, str(LATE.date()): 1, str(TODAY): 3}
     assert all(row["key_id"] is None and row["model"] is None for row in by_day["data"])
     by_key = usage(env, "admin", group_by="key")
-    assert sorted((r["key_name"], r["requests"]) for r in by_key["data"]) == [("root", 1), ("team-a", 3),
-                                                                                ("team-b", 1)]
+    assert sorted((r["key_name"], r["requests"]) for r in by_key["data"]) == [("root", 1), ("team-a", 3), ("team-b", 1)]
     model_provider = usage(env, "admin", group_by="model,provider")["data"]
     assert {(r["model"], r["provider"]): r["requests"] for r in model_provider} == {
-        ("kontext-tiny", "local/kontext-tiny"): 4, ("kontext-tiny", None): 1}
+        ("kontext-tiny", "local/kontext-tiny"): 4,
+        ("kontext-tiny", None): 1,
+    }
     assert usage(env, "admin", group_by="")["data"][0]["requests"] == 5  # one row: the grand total
 
     assert usage(env, "admin", start=str(TODAY))["totals"]["requests"] == 3
@@ -155,22 +168,29 @@ def test_grouping_and_filters(env: dict[str, Any]) -> None:
     assert usage(env, "admin", provider="local")["totals"]["requests"] == 4
     assert usage(env, "admin", provider="fal")["totals"]["requests"] == 0
     assert usage(env, "admin", model="kontext-tiny")["totals"]["requests"] == 5
-    bad = httpx.get(env["base"] + "/v1/usage", params={"start": "yesterday"},
-                    headers=bearer(env["keys"]["admin"]["key"]))
+    bad = httpx.get(
+        env["base"] + "/v1/usage", params={"start": "yesterday"}, headers=bearer(env["keys"]["admin"]["key"])
+    )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "start"
-    assert httpx.get(env["base"] + "/v1/usage", params={"group_by": "week"},
-                     headers=bearer(env["keys"]["admin"]["key"])).status_code == 400
+    assert (
+        httpx.get(
+            env["base"] + "/v1/usage", params={"group_by": "week"}, headers=bearer(env["keys"]["admin"]["key"])
+        ).status_code
+        == 400
+    )
 
 
 def test_usage_survives_a_purge(env: dict[str, Any]) -> None:
     before = usage(env, "admin")["totals"]
-    httpx.delete(f"{env['base']}/v1/requests/{env['a2']}/payloads",
-                 headers=bearer(env["keys"]["team-a"]["key"])).raise_for_status()
+    httpx.delete(
+        f"{env['base']}/v1/requests/{env['a2']}/payloads", headers=bearer(env["keys"]["team-a"]["key"])
+    ).raise_for_status()
     assert usage(env, "admin")["totals"] == before
 
 
-def test_cli_json_and_table(env: dict[str, Any], capsys: pytest.CaptureFixture[str],
-                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_json_and_table(
+    env: dict[str, Any], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DATABASE_URL", env["database_url"])
     args = ["usage", "--data-dir", str(env["data_dir"])]
     assert cli.main([*args, "--json"]) == 0
@@ -185,8 +205,20 @@ def test_cli_json_and_table(env: dict[str, Any], capsys: pytest.CaptureFixture[s
 
     assert cli.main(args) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["DAY", "KEY", "KEY", "NAME", "MODEL", "PROVIDER", "REQUESTS", "SUCCEEDED", "FAILED",
-                                "IMAGES", "COST", "(USD)"]
+    assert lines[0].split() == [
+        "DAY",
+        "KEY",
+        "KEY",
+        "NAME",
+        "MODEL",
+        "PROVIDER",
+        "REQUESTS",
+        "SUCCEEDED",
+        "FAILED",
+        "IMAGES",
+        "COST",
+        "(USD)",
+    ]
     assert lines[-1].startswith("TOTAL") and lines[-1].split()[1:] == ["5", "4", "1", "5", "0.005000"]
     assert len({len(line) for line in lines}) == 1  # aligned: numbers right-justified to one width
     assert any(line.startswith(str(EARLY.date())) and "team-a" in line for line in lines)

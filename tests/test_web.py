@@ -28,15 +28,19 @@ from kontext_gateway.config import Settings
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium executable on PATH or at /usr/bin/chromium: the web tests drive a real browser")
+    CHROMIUM is None,
+    reason="no chromium executable on PATH or at /usr/bin/chromium: the web tests drive a real browser",
+)
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright (the test extra) is not installed")
 
 SHOTS = Path(os.environ.get("KONTEXT_TEST_OUTPUT", "test-output")) / "screenshots"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PAGES = ["/", "/playground", "/gallery", "/models", "/models/kontext-tiny", "/compare"]
 KEY_STORAGE = "kontext-gateway.api-key"
-PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
-            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 # Before any script of the page: each violation kept in window.__cspViolations and, where the page
 # has the binding, told to the test. (wait_for_function takes "() => ..." here, never a bare
 # expression: Playwright runs those with eval, which the policy refuses.)
@@ -50,6 +54,7 @@ document.addEventListener("securitypolicyviolation", (e) => {
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
@@ -120,6 +125,7 @@ def page(browser, console: Console) -> Iterator[object]:
 
 # ---- helpers ------------------------------------------------------------------------------------------------
 
+
 def shot(page, name: str, full_page: bool = False) -> Path:
     SHOTS.mkdir(parents=True, exist_ok=True)
     path = SHOTS / f"{name}.png"
@@ -143,7 +149,8 @@ def run_and_wait(page, previous: str | None = None) -> str:
     page.wait_for_function(
         """prev => { const r = document.querySelector('[data-testid=result]');
                      return r && r.dataset.requestId !== prev && r.querySelector('img')?.complete; }""",
-        arg=previous or "")
+        arg=previous or "",
+    )
     return page.get_by_test_id("result").get_attribute("data-request-id")
 
 
@@ -161,6 +168,7 @@ def no_horizontal_scroll(page) -> tuple[int, int]:
 
 
 # ---- playground ---------------------------------------------------------------------------------------------
+
 
 def test_generate_shows_image_at_requested_size(server: str, page) -> None:
     page.goto(f"{server}/playground?model=kontext-tiny")
@@ -213,7 +221,7 @@ def test_upload_and_edit(server: str, page) -> None:
     record = httpx.get(f"{server}/v1/requests/{rid}").json()
     assert record["mode"] == "edit" and record["inputs"] == 1
     python = page.get_by_test_id("result-code-python").text_content()
-    assert 'client.images.edit(' in python and 'image=open("photo.png", "rb")' in python
+    assert "client.images.edit(" in python and 'image=open("photo.png", "rb")' in python
 
     # remove the image: an edit without one is stopped with words, before any call
     page.get_by_test_id("input-remove").click()
@@ -228,7 +236,8 @@ DROP_AND_PASTE = """([kind, names, b64]) => {
     for (const name of names) dt.items.add(new File([bytes], name, { type: "image/png" }));
     const init = { bubbles: true, cancelable: true };
     if (kind === "drop") {
-        document.querySelector('[data-testid=input-dropzone]').dispatchEvent(new DragEvent("drop", { ...init, dataTransfer: dt }));
+        document.querySelector('[data-testid=input-dropzone]')
+          .dispatchEvent(new DragEvent("drop", { ...init, dataTransfer: dt }));
     } else {
         document.dispatchEvent(new ClipboardEvent("paste", { ...init, clipboardData: dt }));
     }
@@ -335,6 +344,7 @@ def test_bad_input_shows_error_in_words(server: str, page, console: Console) -> 
 
 # ---- gallery ------------------------------------------------------------------------------------------------
 
+
 def test_gallery_lists_newest_first_and_filters(server: str, page) -> None:
     page.goto(f"{server}/gallery")
     empty = page.get_by_test_id("gallery-empty")
@@ -343,8 +353,10 @@ def test_gallery_lists_newest_first_and_filters(server: str, page) -> None:
 
     with httpx.Client(base_url=server, timeout=60) as http:
         for prompt in ("first: a red fox", "second: an owl"):
-            r = http.post("/v1/images/generations", json={
-                "model": "kontext-tiny", "prompt": prompt, "size": "64x64", "num_inference_steps": 1, "seed": 3})
+            r = http.post(
+                "/v1/images/generations",
+                json={"model": "kontext-tiny", "prompt": prompt, "size": "64x64", "num_inference_steps": 1, "seed": 3},
+            )
             assert r.status_code == 200, r.text
     page.reload()
     items = page.get_by_test_id("gallery-item")
@@ -386,8 +398,10 @@ def test_gallery_lists_newest_first_and_filters(server: str, page) -> None:
 def test_gallery_pages_with_load_more(server: str, page) -> None:
     with httpx.Client(base_url=server, timeout=60) as http:
         for i in range(26):  # a page is 24
-            r = http.post("/v1/images/generations", json={
-                "model": "kontext-tiny", "prompt": f"picture {i}", "size": "32x32", "num_inference_steps": 1})
+            r = http.post(
+                "/v1/images/generations",
+                json={"model": "kontext-tiny", "prompt": f"picture {i}", "size": "32x32", "num_inference_steps": 1},
+            )
             assert r.status_code == 200, r.text
     page.goto(f"{server}/gallery")
     items = page.get_by_test_id("gallery-item")
@@ -411,6 +425,7 @@ def test_empty_gallery_suggestion_fills_playground(server: str, page) -> None:
 
 
 # ---- model pages ----------------------------------------------------------------------------------------------
+
 
 def test_model_page_pricing_table_and_working_python_example(server: str, page, tmp_path: Path) -> None:
     page.goto(f"{server}/models")
@@ -459,6 +474,7 @@ def test_model_page_pricing_table_and_working_python_example(server: str, page, 
 
 # ---- compare ----------------------------------------------------------------------------------------------------
 
+
 def test_compare_runs_two_columns(server: str, page) -> None:
     page.goto(f"{server}/compare")
     checked = page.locator('[data-testid="target"]:checked')
@@ -470,7 +486,8 @@ def test_compare_runs_two_columns(server: str, page) -> None:
     page.get_by_test_id("compare-run").click()
     page.wait_for_function(
         "() => document.querySelectorAll("
-        "'[data-testid=compare-col][data-state=succeeded] [data-testid=col-cost]').length === 2")
+        "'[data-testid=compare-col][data-state=succeeded] [data-testid=col-cost]').length === 2"
+    )
     cols = page.get_by_test_id("compare-col")
     assert cols.count() == 2
     pictures = []
@@ -493,11 +510,13 @@ def test_compare_column_shows_its_own_error(server: str, page, console: Console)
     page.get_by_test_id("compare-size").fill("0x0")
     page.get_by_test_id("compare-run").click()
     page.wait_for_function(
-        "() => document.querySelectorAll('[data-testid=compare-col][data-state=error]').length === 2")
+        "() => document.querySelectorAll('[data-testid=compare-col][data-state=error]').length === 2"
+    )
     assert "Size 0x0 is not valid" in page.get_by_test_id("col-error").first.inner_text()
 
 
 # ---- keys ---------------------------------------------------------------------------------------------------------
+
 
 def test_keyed_server_asks_for_key_then_playground_works(server: str, page, console: Console) -> None:
     console.allow(401)  # the answer that makes the page ask
@@ -533,6 +552,7 @@ def test_keyed_server_asks_for_key_then_playground_works(server: str, page, cons
 
 
 # ---- phone width, keyboard, every page --------------------------------------------------------------------------
+
 
 def test_phone_width_has_no_horizontal_scroll(server: str, browser, console: Console) -> None:
     context = browser.new_context(viewport={"width": 375, "height": 800}, is_mobile=True, has_touch=True)
@@ -585,8 +605,12 @@ def test_every_page_loads_without_console_errors(server: str, page) -> None:
         assert current.count() == 1
     # in-app navigation: pushState, no reload
     page.evaluate("window.__marker = 1")
-    for testid, heading in (("nav-models", "Models"), ("nav-compare", "Compare"), ("nav-gallery", "Gallery"),
-                            ("nav-playground", "Playground")):
+    for testid, heading in (
+        ("nav-models", "Models"),
+        ("nav-compare", "Compare"),
+        ("nav-gallery", "Gallery"),
+        ("nav-playground", "Playground"),
+    ):
         page.get_by_test_id(testid).click()
         page.locator("main h1", has_text=heading).wait_for()
     assert page.evaluate("window.__marker") == 1
@@ -595,6 +619,7 @@ def test_every_page_loads_without_console_errors(server: str, page) -> None:
 
 
 # ---- Content-Security-Policy, /docs -----------------------------------------------------------------------------
+
 
 def violations(page) -> list[str]:
     return page.evaluate("window.__cspViolations")

@@ -16,12 +16,27 @@ async def test_ended_job_without_webhook_is_announced_on_start(tmp_path: Path) -
     await gw.start(workers=False)
     try:
         # As a crash would leave it: the job ended, its completed webhook never queued.
-        await gw.db.create_request(id="req_crashed", endpoint="predictions", model="kontext-tiny",
-                                   mode="text-to-image", params={"prompt": "x"}, webhook="http://127.0.0.1:9/hook",
-                                   webhook_events=["completed"])
-        await gw.db.mark_succeeded("req_crashed", provider="local/kontext-tiny", cost=0.0, currency="USD",
-                                   output_blob_ids=[], attempts=[], output_size="32x32", output_format="png",
-                                   duration_ms=5, logs="done\n")
+        await gw.db.create_request(
+            id="req_crashed",
+            endpoint="predictions",
+            model="kontext-tiny",
+            mode="text-to-image",
+            params={"prompt": "x"},
+            webhook="http://127.0.0.1:9/hook",
+            webhook_events=["completed"],
+        )
+        await gw.db.mark_succeeded(
+            "req_crashed",
+            provider="local/kontext-tiny",
+            cost=0.0,
+            currency="USD",
+            output_blob_ids=[],
+            attempts=[],
+            output_size="32x32",
+            output_format="png",
+            duration_ms=5,
+            logs="done\n",
+        )
         # It ended a minute ago (jobs that ended seconds ago are left to their own runner).
         await gw.db._update("req_crashed", completed_at=utcnow() - timedelta(minutes=1))
         assert await gw.db.list_deliveries("req_crashed") == []
@@ -41,8 +56,14 @@ async def test_the_database_keeps_one_completed_webhook_per_prediction(tmp_path:
     gw = Gateway(Settings(data_dir=tmp_path))
     await gw.start(workers=False)
     try:
-        await gw.db.create_request(id="req_once", endpoint="predictions", model="kontext-tiny",
-                                   mode="text-to-image", params={"prompt": "x"}, webhook="http://127.0.0.1:9/hook")
+        await gw.db.create_request(
+            id="req_once",
+            endpoint="predictions",
+            model="kontext-tiny",
+            mode="text-to-image",
+            params={"prompt": "x"},
+            webhook="http://127.0.0.1:9/hook",
+        )
         first = await gw.db.add_delivery("req_once", event="completed", url="http://127.0.0.1:9/hook", payload={})
         second = await gw.db.add_delivery("req_once", event="completed", url="http://127.0.0.1:9/hook", payload={})
         logs = await gw.db.add_delivery("req_once", event="logs", url="http://127.0.0.1:9/hook", payload={})

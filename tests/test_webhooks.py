@@ -23,8 +23,6 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from conftest import running_server
-from fakes.common import free_port, serve
 from fastapi import FastAPI
 from standardwebhooks import Webhook, WebhookVerificationError
 from starlette.applications import Starlette
@@ -32,6 +30,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from conftest import running_server
+from fakes.common import free_port, serve
 from kontext_gateway.api import webhooks as webhooks_api
 from kontext_gateway.config import Settings
 from kontext_gateway.errors import GatewayError
@@ -40,13 +40,19 @@ from kontext_gateway.jobs.webhooks import WebhookSecret, validate_webhook_url
 from kontext_gateway.store.db import Database
 from kontext_gateway.store.models import utcnow
 
-FAST: dict[str, Any] = {"webhook_retry_delays_s": [0.05, 0.1, 0.2], "webhook_retry_jitter": 0.1,
-                        "webhook_poll_interval_s": 0.05, "job_poll_interval_s": 0.05, "webhook_timeout_s": 5.0,
-                        "workers": 4}
+FAST: dict[str, Any] = {
+    "webhook_retry_delays_s": [0.05, 0.1, 0.2],
+    "webhook_retry_jitter": 0.1,
+    "webhook_poll_interval_s": 0.05,
+    "job_poll_interval_s": 0.05,
+    "webhook_timeout_s": 5.0,
+    "workers": 4,
+}
 JOB = {"model": "kontext-tiny", "prompt": "x", "size": "64x64"}
 
 
 # -- the receiver: records every call, verifies every signature, misbehaves on command ---------------------
+
 
 @dataclass
 class Call:
@@ -118,8 +124,9 @@ def receiver(served_receiver: Receiver) -> Receiver:
 
 
 @asynccontextmanager
-async def gateway(tmp_path: Path, receiver: Receiver | None = None, *, workers: bool = True,
-                  **overrides: Any) -> AsyncIterator[Gateway]:
+async def gateway(
+    tmp_path: Path, receiver: Receiver | None = None, *, workers: bool = True, **overrides: Any
+) -> AsyncIterator[Gateway]:
     values = {"data_dir": tmp_path, "allow_private_urls": True, **FAST, **overrides}
     gw = Gateway(Settings(**values))
     await gw.start(workers=workers)
@@ -132,8 +139,9 @@ async def gateway(tmp_path: Path, receiver: Receiver | None = None, *, workers: 
 
 
 async def run_job(gw: Gateway, url: str, events: list[str] | None = None, **fields: Any) -> dict[str, Any]:
-    rid = await gw.images.submit(mode="text-to-image", fields={**JOB, **fields}, files=[], webhook=url,
-                                 webhook_events=events)
+    rid = await gw.images.submit(
+        mode="text-to-image", fields={**JOB, **fields}, files=[], webhook=url, webhook_events=events
+    )
     return await gw.images.wait(rid)
 
 
@@ -153,6 +161,7 @@ def msg_id(row: dict[str, Any]) -> str:
 
 
 # -- events, order, signatures --------------------------------------------------------------------------
+
 
 async def test_start_output_completed_signed_in_order(tmp_path: Path, receiver: Receiver) -> None:
     async with gateway(tmp_path, receiver) as gw:
@@ -175,12 +184,17 @@ async def test_start_output_completed_signed_in_order(tmp_path: Path, receiver: 
     assert rows[-1]["payload"] == completed  # the delivery log keeps what was sent
 
 
-@pytest.mark.parametrize("events,expected", [
-    (["completed"], ["completed"]), (["start"], ["start"]), (["output"], ["output"]),
-    (["start", "completed"], ["start", "completed"]), (["logs"], []),
-])
-async def test_filter_is_honoured(tmp_path: Path, receiver: Receiver, events: list[str],
-                                  expected: list[str]) -> None:
+@pytest.mark.parametrize(
+    "events,expected",
+    [
+        (["completed"], ["completed"]),
+        (["start"], ["start"]),
+        (["output"], ["output"]),
+        (["start", "completed"], ["start", "completed"]),
+        (["logs"], []),
+    ],
+)
+async def test_filter_is_honoured(tmp_path: Path, receiver: Receiver, events: list[str], expected: list[str]) -> None:
     async with gateway(tmp_path, receiver) as gw:
         record = await run_job(gw, receiver.url, events)
         await asyncio.sleep(0.2)
@@ -192,18 +206,26 @@ async def test_filter_is_honoured(tmp_path: Path, receiver: Receiver, events: li
 async def test_failed_prediction_completes_once_without_output(tmp_path: Path) -> None:
     async with gateway(tmp_path, workers=False) as gw:
         rid = "req_" + uuid.uuid4().hex
-        await gw.db.create_request(id=rid, endpoint="predictions", model="kontext-tiny", mode="text-to-image",
-                                   params={}, webhook="http://127.0.0.1:9/hook")
+        await gw.db.create_request(
+            id=rid,
+            endpoint="predictions",
+            model="kontext-tiny",
+            mode="text-to-image",
+            params={},
+            webhook="http://127.0.0.1:9/hook",
+        )
         await gw.db.mark_failed(rid, error={"message": "no"}, attempts=[], duration_ms=1)
         record = await gw.db.get_request(rid) or {}
         await gw.webhooks.emit(record, "completed")
         await gw.webhooks.emit(record, "completed")  # e.g. a second cancel: announced once
         rows = await gw.db.list_deliveries(rid)
     assert [(r["event"], r["payload"]["status"], r["payload"]["output"]) for r in rows] == [
-        ("completed", "failed", None)]
+        ("completed", "failed", None)
+    ]
 
 
 # -- retries ----------------------------------------------------------------------------------------------
+
 
 async def test_terminal_event_retried_until_delivered(tmp_path: Path, receiver: Receiver) -> None:
     receiver.answer(500, 503, 502)
@@ -236,8 +258,10 @@ async def test_non_terminal_failure_is_dropped_not_retried(tmp_path: Path, recei
     async with gateway(tmp_path, receiver) as gw:
         record = await run_job(gw, receiver.url, ["start", "completed"])
         rows = await settle(gw, record["id"], 2)
-    assert [(r["event"], r["state"], r["attempts"]) for r in rows] == [("start", "dropped", 1),
-                                                                        ("completed", "delivered", 1)]
+    assert [(r["event"], r["state"], r["attempts"]) for r in rows] == [
+        ("start", "dropped", 1),
+        ("completed", "delivered", 1),
+    ]
     assert rows[0]["last_status"] == 500
     assert len(receiver.for_prediction(record["id"])) == 2
 
@@ -263,6 +287,7 @@ async def test_unreachable_receiver_is_retried_and_logged_without_the_url(tmp_pa
 
 # -- one delivery in flight per prediction; 410 -----------------------------------------------------------
 
+
 async def test_never_two_deliveries_in_flight_per_prediction(tmp_path: Path, receiver: Receiver) -> None:
     receiver.delay = 0.3
     async with gateway(tmp_path, receiver, webhook_concurrency=8) as gw:
@@ -283,8 +308,11 @@ async def test_410_stops_the_predictions_deliveries(tmp_path: Path, receiver: Re
     async with gateway(tmp_path, receiver) as gw:
         record = await run_job(gw, receiver.url)
         rows = await settle(gw, record["id"], 3)
-    assert [(r["event"], r["state"]) for r in rows] == [("start", "dropped"), ("output", "dropped"),
-                                                         ("completed", "dropped")]
+    assert [(r["event"], r["state"]) for r in rows] == [
+        ("start", "dropped"),
+        ("output", "dropped"),
+        ("completed", "dropped"),
+    ]
     assert rows[0]["last_status"] == 410 and rows[2]["attempts"] in (0, 1) and rows[2]["last_status"] is None
     assert len(receiver.for_prediction(record["id"])) == 1
 
@@ -292,8 +320,9 @@ async def test_410_stops_the_predictions_deliveries(tmp_path: Path, receiver: Re
 async def test_deliveries_outlive_the_process(tmp_path: Path, receiver: Receiver) -> None:
     async with gateway(tmp_path, workers=False) as gw:  # no dispatcher: queued, not sent
         rid = "req_" + uuid.uuid4().hex
-        await gw.db.create_request(id=rid, endpoint="predictions", model="kontext-tiny", mode="text-to-image",
-                                   params={}, webhook=receiver.url)
+        await gw.db.create_request(
+            id=rid, endpoint="predictions", model="kontext-tiny", mode="text-to-image", params={}, webhook=receiver.url
+        )
         await gw.db.mark_failed(rid, error={"message": "boom"}, attempts=[], duration_ms=1)
         await gw.webhooks.emit(await gw.db.get_request(rid) or {}, "completed")
         (row,) = await gw.db.list_deliveries(rid)
@@ -308,8 +337,14 @@ async def test_deliveries_outlive_the_process(tmp_path: Path, receiver: Receiver
 async def test_non_terminal_events_throttled(tmp_path: Path) -> None:
     async with gateway(tmp_path, workers=False) as gw:
         rid = "req_" + uuid.uuid4().hex
-        await gw.db.create_request(id=rid, endpoint="predictions", model="kontext-tiny", mode="text-to-image",
-                                   params={}, webhook="http://127.0.0.1:9/hook")
+        await gw.db.create_request(
+            id=rid,
+            endpoint="predictions",
+            model="kontext-tiny",
+            mode="text-to-image",
+            params={},
+            webhook="http://127.0.0.1:9/hook",
+        )
         record = await gw.db.get_request(rid) or {}
         for _ in range(5):
             await gw.webhooks.emit(record, "logs")
@@ -326,8 +361,21 @@ async def test_default_render_is_a_replicate_prediction(tmp_path: Path) -> None:
     async with gateway(tmp_path, workers=False, public_url="https://gw.example") as gw:
         record = await run_job_record(gw)
         body = gw.webhooks.default_render(record)
-    assert set(body) >= {"id", "model", "version", "input", "logs", "output", "error", "status", "created_at",
-                         "started_at", "completed_at", "urls", "metrics"}
+    assert set(body) >= {
+        "id",
+        "model",
+        "version",
+        "input",
+        "logs",
+        "output",
+        "error",
+        "status",
+        "created_at",
+        "started_at",
+        "completed_at",
+        "urls",
+        "metrics",
+    }
     assert body["urls"]["get"] == f"https://gw.example/v1/predictions/{record['id']}"
     assert body["status"] == "failed" and body["error"] == "no" and body["output"] is None
     assert body["created_at"].endswith("Z") and body["metrics"]["predict_time"] == 0.001
@@ -336,13 +384,20 @@ async def test_default_render_is_a_replicate_prediction(tmp_path: Path) -> None:
 
 async def run_job_record(gw: Gateway) -> dict[str, Any]:
     rid = "req_" + uuid.uuid4().hex
-    await gw.db.create_request(id=rid, endpoint="predictions", model="kontext-tiny", mode="text-to-image",
-                               params={}, webhook="http://127.0.0.1:9/hook")
+    await gw.db.create_request(
+        id=rid,
+        endpoint="predictions",
+        model="kontext-tiny",
+        mode="text-to-image",
+        params={},
+        webhook="http://127.0.0.1:9/hook",
+    )
     await gw.db.mark_failed(rid, error={"message": "no"}, attempts=[], duration_ms=1)
     return await gw.db.get_request(rid) or {}
 
 
 # -- the secret ---------------------------------------------------------------------------------------------
+
 
 async def test_secret_endpoint_verifies_the_signatures(tmp_path: Path, receiver: Receiver) -> None:
     async with gateway(tmp_path) as gw:
@@ -400,10 +455,12 @@ async def test_secret_never_logged(tmp_path: Path, receiver: Receiver, caplog: p
 
 
 def test_each_key_reads_its_own_secret_and_its_webhooks_are_signed_with_it(
-        tmp_path: Path, receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     admin = "kx-admin-" + uuid.uuid4().hex
     with running_server(Settings(data_dir=tmp_path, admin_key=admin, **{**FAST, "allow_private_urls": True})) as base:
+
         def bearer(key: str) -> dict[str, str]:
             return {"authorization": f"Bearer {key}"}
 
@@ -425,9 +482,17 @@ def test_each_key_reads_its_own_secret_and_its_webhooks_are_signed_with_it(
         assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "invalid_api_key"
 
         def predict(key: str) -> str:
-            resp = httpx.post(base + "/v1/predictions", headers=bearer(key), timeout=60, json={
-                "model": "kontext-tiny", "input": {"prompt": "x", "size": "32x32"}, "webhook": receiver.url,
-                "webhook_events_filter": ["completed"]})
+            resp = httpx.post(
+                base + "/v1/predictions",
+                headers=bearer(key),
+                timeout=60,
+                json={
+                    "model": "kontext-tiny",
+                    "input": {"prompt": "x", "size": "32x32"},
+                    "webhook": receiver.url,
+                    "webhook_events_filter": ["completed"],
+                },
+            )
             assert resp.status_code == 201, resp.text
             return resp.json()["id"]
 
@@ -447,8 +512,11 @@ def test_each_key_reads_its_own_secret_and_its_webhooks_are_signed_with_it(
     # holds any of them.
     restarted = WebhookSecret.load(Settings(data_dir=tmp_path))
     assert restarted.derive(a["id"]).key == secrets["a"] and restarted.derive("admin").key == secrets["admin"]
-    forms = [form for s in [*secrets.values(), gateway_secret]
-             for form in (s.encode(), s.removeprefix("whsec_").encode(), Webhook(s)._whsecret)]
+    forms = [
+        form
+        for s in [*secrets.values(), gateway_secret]
+        for form in (s.encode(), s.removeprefix("whsec_").encode(), Webhook(s)._whsecret)
+    ]
     stored = b"".join(p.read_bytes() for p in tmp_path.glob("kontext.db*"))
     with sqlite3.connect(tmp_path / "kontext.db") as con:
         stored += "\n".join(con.iterdump()).encode()
@@ -459,6 +527,7 @@ def test_each_key_reads_its_own_secret_and_its_webhooks_are_signed_with_it(
 
 
 # -- private targets ----------------------------------------------------------------------------------------
+
 
 async def test_validate_webhook_url(tmp_path: Path) -> None:
     strict = Settings(data_dir=tmp_path)
@@ -497,6 +566,7 @@ async def test_private_target_dropped_at_send_time(tmp_path: Path, receiver: Rec
 
 # -- the claim, on SQLite and the real PostgreSQL ----------------------------------------------------------
 
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
     if request.param == "sqlite":
@@ -511,8 +581,9 @@ async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Da
         pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {e!r}")
     schema = f"test_{uuid.uuid4().hex[:16]}"
     await admin.execute(f'CREATE SCHEMA "{schema}"')
-    database = Database("postgresql+asyncpg://postgres@127.0.0.1:5432/test",
-                        connect_args={"server_settings": {"search_path": schema}})
+    database = Database(
+        "postgresql+asyncpg://postgres@127.0.0.1:5432/test", connect_args={"server_settings": {"search_path": schema}}
+    )
     try:
         await database.start()
         yield database
@@ -524,8 +595,9 @@ async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Da
 
 async def _request(db: Database) -> str:
     rid = "req_" + uuid.uuid4().hex
-    await db.create_request(id=rid, endpoint="predictions", model="m", mode="text-to-image", params={},
-                            webhook="http://127.0.0.1:9/")
+    await db.create_request(
+        id=rid, endpoint="predictions", model="m", mode="text-to-image", params={}, webhook="http://127.0.0.1:9/"
+    )
     return rid
 
 

@@ -9,8 +9,8 @@ is published as the `kontext_circuit_state` gauge (see metrics.py).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from . import metrics
 

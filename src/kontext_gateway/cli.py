@@ -55,23 +55,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"kontext-gateway {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the HTTP API server",
-                           description="Run the OpenAI-compatible HTTP API (base URL http://HOST:PORT/v1).")
-    serve.add_argument("--host", default=os.environ.get("KONTEXT_HOST", "127.0.0.1"),
-                       help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=int(os.environ.get("KONTEXT_PORT", "8000")),
-                       help="port (default 8000)")
+    serve = sub.add_parser(
+        "serve",
+        help="run the HTTP API server",
+        description="Run the OpenAI-compatible HTTP API (base URL http://HOST:PORT/v1).",
+    )
+    serve.add_argument(
+        "--host", default=os.environ.get("KONTEXT_HOST", "127.0.0.1"), help="address to bind (default 127.0.0.1)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=int(os.environ.get("KONTEXT_PORT", "8000")), help="port (default 8000)"
+    )
     _data_dir_arg(serve)
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _log_format_arg(serve)
-    serve.add_argument("--workers", type=int, default=None,
-                       help="jobs this process runs at once (default 8; 0: only serve the API and leave the "
-                            "jobs to `kontext worker` processes on the same database)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="jobs this process runs at once (default 8; 0: only serve the API and leave the "
+        "jobs to `kontext worker` processes on the same database)",
+    )
 
-    worker = sub.add_parser("worker", help="run jobs from the database, without the HTTP API",
-                            description="Claim and run jobs (image requests and predictions) from the "
-                                        "database: several workers on one PostgreSQL database each claim a "
-                                        "job exactly once. Stops on SIGINT / SIGTERM.")
+    worker = sub.add_parser(
+        "worker",
+        help="run jobs from the database, without the HTTP API",
+        description="Claim and run jobs (image requests and predictions) from the "
+        "database: several workers on one PostgreSQL database each claim a "
+        "job exactly once. Stops on SIGINT / SIGTERM.",
+    )
     worker.add_argument("--concurrency", type=int, default=None, help="jobs run at once (default 8)")
     _log_format_arg(worker)
     _data_dir_arg(worker)
@@ -79,29 +91,41 @@ def main(argv: list[str] | None = None) -> int:
     models = sub.add_parser("models", help="list the models in the catalog")
     models.add_argument("--json", action="store_true", help="print the catalog as JSON")
 
-    usage = sub.add_parser("usage", help="requests, images and cost by day, key, model and provider",
-                           description="Usage totals from the database (the same as GET /v1/usage), "
-                                       "days in UTC, with a TOTAL row.")
+    usage = sub.add_parser(
+        "usage",
+        help="requests, images and cost by day, key, model and provider",
+        description="Usage totals from the database (the same as GET /v1/usage), days in UTC, with a TOTAL row.",
+    )
     usage.add_argument("--key", help="only this key's requests (its id, key_...)")
     usage.add_argument("--model", help="only this model (id or alias)")
     usage.add_argument("--provider", help="only this provider (e.g. fal) or config key (fal/flux.1-kontext-pro)")
     usage.add_argument("--days", type=int, help="only the last N days, today included (default: all)")
-    usage.add_argument("--group-by", default="day,key,model,provider",
-                       help="comma list of day, key, model, provider (default: all four)")
+    usage.add_argument(
+        "--group-by",
+        default="day,key,model,provider",
+        help="comma list of day, key, model, provider (default: all four)",
+    )
     usage.add_argument("--json", action="store_true", help="print the GET /v1/usage JSON")
     _data_dir_arg(usage)
 
-    keys = sub.add_parser("keys", help="create, list, show, update or revoke API keys",
-                          description="API keys, stored hashed in the database: a running server sees a "
-                                      "change at once. Once a key exists, every /v1 call needs "
-                                      "'Authorization: Bearer <key>'.")
+    keys = sub.add_parser(
+        "keys",
+        help="create, list, show, update or revoke API keys",
+        description="API keys, stored hashed in the database: a running server sees a "
+        "change at once. Once a key exists, every /v1 call needs "
+        "'Authorization: Bearer <key>'.",
+    )
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     create = keys_sub.add_parser("create", help="make a key (printed once: store it)")
     create.add_argument("--name", required=True, help="who or what uses the key")
     create.add_argument("--admin", action="store_true", help="may manage keys and see every request")
     _key_limit_args(create)
-    for action, text in (("list", "list keys, revoked ones included"), ("show", "one key's limits and spend"),
-                         ("update", "change a key's limits ('none' removes one)"), ("revoke", "revoke a key")):
+    for action, text in (
+        ("list", "list keys, revoked ones included"),
+        ("show", "one key's limits and spend"),
+        ("update", "change a key's limits ('none' removes one)"),
+        ("revoke", "revoke a key"),
+    ):
         p = keys_sub.add_parser(action, help=text)
         if action != "list":
             p.add_argument("key_id", help="the key's id (key_...), as `kontext keys list` shows")
@@ -138,14 +162,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _data_dir_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="data directory (database, images, signing key); default $KONTEXT_DATA_DIR or ./data")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="data directory (database, images, signing key); default $KONTEXT_DATA_DIR or ./data",
+    )
 
 
 def _log_format_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-format", choices=["json", "text"], default=None,
-                   help="log lines as JSON objects or text (default $KONTEXT_LOG_FORMAT, else text on a "
-                        "terminal and JSON otherwise)")
+    p.add_argument(
+        "--log-format",
+        choices=["json", "text"],
+        default=None,
+        help="log lines as JSON objects or text (default $KONTEXT_LOG_FORMAT, else text on a "
+        "terminal and JSON otherwise)",
+    )
 
 
 def _configure_logs(args: argparse.Namespace, settings: Any, level: str) -> None:
@@ -156,8 +188,11 @@ def _configure_logs(args: argparse.Namespace, settings: Any, level: str) -> None
 
 def _key_limit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", metavar="USD", help="spending limit in US dollars ('none': no limit)")
-    p.add_argument("--budget-period", choices=["day", "week", "month", "none"],
-                   help="the budget renews each UTC day / week / month (default: for the key's lifetime)")
+    p.add_argument(
+        "--budget-period",
+        choices=["day", "week", "month", "none"],
+        help="the budget renews each UTC day / week / month (default: for the key's lifetime)",
+    )
     p.add_argument("--rpm", help="requests per minute ('none': no limit)")
     p.add_argument("--ipm", help="images per minute ('none': no limit)")
     p.add_argument("--max-concurrent", help="requests running at once ('none': no limit)")
@@ -167,8 +202,14 @@ def _key_limit_args(p: argparse.ArgumentParser) -> None:
 def _key_limits(args: argparse.Namespace) -> dict[str, Any]:
     """Only the limits given on the command line; 'none' clears one."""
     out: dict[str, Any] = {}
-    for name, cast in (("budget", float), ("rpm", int), ("ipm", int), ("max_concurrent", int),
-                       ("models", str), ("budget_period", str)):
+    for name, cast in (
+        ("budget", float),
+        ("rpm", int),
+        ("ipm", int),
+        ("max_concurrent", int),
+        ("models", str),
+        ("budget_period", str),
+    ):
         value = getattr(args, name, None)
         if value is None:
             continue
@@ -176,7 +217,7 @@ def _key_limits(args: argparse.Namespace) -> dict[str, Any]:
         try:
             out[field] = None if value == "none" else cast(value)
         except ValueError:
-            raise SystemExit(f"error: --{name.replace('_', '-')} takes a number (or 'none'), not {value!r}")
+            raise SystemExit(f"error: --{name.replace('_', '-')} takes a number (or 'none'), not {value!r}") from None
     return out
 
 
@@ -211,10 +252,23 @@ async def _keys(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     elif action == "list":
-        _print_table([("ID", "NAME", "KEY", "STATUS", "BUDGET", "SPENT", "RPM", "IPM", "MODELS")] + [
-            (k["id"], k["name"], k["hint"], k["status"] + (" admin" if k["admin"] else ""), _money(k["budget_usd"]),
-             _money(k["spent_usd"]), str(k["rpm"] or "-"), str(k["ipm"] or "-"), ",".join(k["models"] or ["all"]))
-            for k in result])
+        _print_table(
+            [("ID", "NAME", "KEY", "STATUS", "BUDGET", "SPENT", "RPM", "IPM", "MODELS")]
+            + [
+                (
+                    k["id"],
+                    k["name"],
+                    k["hint"],
+                    k["status"] + (" admin" if k["admin"] else ""),
+                    _money(k["budget_usd"]),
+                    _money(k["spent_usd"]),
+                    str(k["rpm"] or "-"),
+                    str(k["ipm"] or "-"),
+                    ",".join(k["models"] or ["all"]),
+                )
+                for k in result
+            ]
+        )
     else:
         for name, value in result.items():
             if name != "key":
@@ -231,13 +285,18 @@ def _money(value: float | None) -> str:
 def _print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
 
 
 def _image_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--output", type=Path, required=True,
-                   help="output file; its extension picks the format unless --format is given. "
-                        "With -n above 1, files are numbered (out-1.png, out-2.png, ...)")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="output file; its extension picks the format unless --format is given. "
+        "With -n above 1, files are numbered (out-1.png, out-2.png, ...)",
+    )
     p.add_argument("--model", default=None, help="model id or alias (default kontext-tiny)")
     p.add_argument("--size", help="WxH (e.g. 1024x1024), W:H (e.g. 16:9) or auto")
     p.add_argument("--aspect-ratio", help="shape, e.g. 16:9 (mapped to the nearest supported)")
@@ -273,11 +332,18 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers is not None:
         settings.workers = args.workers
     _configure_logs(args, settings, args.log_level)
-    logging.getLogger("kontext_gateway").info("Kontext Gateway on http://%s:%s/v1 (data in %s)",
-                                              args.host, args.port, settings.data_dir)
+    logging.getLogger("kontext_gateway").info(
+        "Kontext Gateway on http://%s:%s/v1 (data in %s)", args.host, args.port, settings.data_dir
+    )
     # log_config=None: uvicorn's loggers keep the handler installed above (JSON, redacted).
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
-                access_log=args.log_level == "debug", log_config=None)
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=args.log_level == "debug",
+        log_config=None,
+    )
     metrics.process_exit()
     return 0
 
@@ -302,8 +368,12 @@ async def _worker(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    logging.getLogger("kontext_gateway").info("worker %s running up to %d jobs (database %s)", gateway.worker.id,
-                                              settings.workers, settings.resolved_database_url().split("@")[-1])
+    logging.getLogger("kontext_gateway").info(
+        "worker %s running up to %d jobs (database %s)",
+        gateway.worker.id,
+        settings.workers,
+        settings.resolved_database_url().split("@")[-1],
+    )
     await stop.wait()
     await gateway.close()  # running jobs are left to the next worker: their leases run out
     metrics.process_exit()
@@ -323,7 +393,7 @@ def _models(args: argparse.Namespace) -> int:
         rows.append((m.id, m.name, "+".join(m.modes), str(m.max_input_images), providers))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[4])
     return 0
 
 
@@ -342,8 +412,9 @@ async def _usage(args: argparse.Namespace) -> int:
     gateway = Gateway(_settings(args))
     await gateway.db.start()
     try:
-        report = await History(gateway).usage(key_id=args.key, model=args.model, provider=args.provider,
-                                              start=start, group_by=args.group_by)
+        report = await History(gateway).usage(
+            key_id=args.key, model=args.model, provider=args.provider, start=start, group_by=args.group_by
+        )
     except GatewayError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
@@ -352,9 +423,17 @@ async def _usage(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    columns = [(g, t) for g, t in (("day", "DAY"), ("key_id", "KEY"), ("key_name", "KEY NAME"), ("model", "MODEL"),
-                                   ("provider", "PROVIDER"))
-               if g.split("_")[0] in report["group_by"]]
+    columns = [
+        (g, t)
+        for g, t in (
+            ("day", "DAY"),
+            ("key_id", "KEY"),
+            ("key_name", "KEY NAME"),
+            ("model", "MODEL"),
+            ("provider", "PROVIDER"),
+        )
+        if g.split("_")[0] in report["group_by"]
+    ]
     counts = [("requests", "REQUESTS"), ("succeeded", "SUCCEEDED"), ("failed", "FAILED"), ("images", "IMAGES")]
 
     def numbers(item: dict[str, Any]) -> list[str]:
@@ -366,8 +445,8 @@ async def _usage(args: argparse.Namespace) -> int:
     rows.append(["TOTAL"] + [""] * (len(heads) - 1) + numbers(report["totals"]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:  # labels to the left, numbers to the right
-        print("  ".join(c.ljust(w) if i < len(heads) else c.rjust(w)
-                        for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        cells = enumerate(zip(r, widths, strict=False))
+        print("  ".join(c.ljust(w) if i < len(heads) else c.rjust(w) for i, (c, w) in cells).rstrip())
     return 0
 
 
@@ -380,9 +459,16 @@ async def _image(args: argparse.Namespace) -> int:
 
     fmt = args.format or _format_from_suffix(args.output)
     fields: dict[str, Any] = {"prompt": args.prompt, "n": args.n, "output_format": fmt, "response_format": "b64_json"}
-    for key, value in (("model", args.model), ("size", args.size), ("aspect_ratio", args.aspect_ratio),
-                       ("resolution", args.resolution), ("seed", args.seed), ("num_inference_steps", args.steps),
-                       ("cfg_scale", args.guidance), ("output_compression", args.compression)):
+    for key, value in (
+        ("model", args.model),
+        ("size", args.size),
+        ("aspect_ratio", args.aspect_ratio),
+        ("resolution", args.resolution),
+        ("seed", args.seed),
+        ("num_inference_steps", args.steps),
+        ("cfg_scale", args.guidance),
+        ("output_compression", args.compression),
+    ):
         if value is not None:
             fields[key] = value
     files = []
@@ -406,8 +492,11 @@ async def _image(args: argparse.Namespace) -> int:
 
     try:
         outcome = await gateway.images.create(
-            mode="edit" if args.command == "edit" else "text-to-image", fields=fields, files=files,
-            base_url="http://localhost/", progress=progress,
+            mode="edit" if args.command == "edit" else "text-to-image",
+            fields=fields,
+            files=files,
+            base_url="http://localhost/",
+            progress=progress,
         )
     except GatewayError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
@@ -416,7 +505,7 @@ async def _image(args: argparse.Namespace) -> int:
         bar.close()
         await gateway.close()
     paths = _numbered(args.output, len(outcome.blobs))
-    for path, data in zip(paths, outcome.blobs):
+    for path, data in zip(paths, outcome.blobs, strict=False):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     meta = outcome.body["metadata"]
@@ -427,7 +516,9 @@ async def _image(args: argparse.Namespace) -> int:
 
 def _format_from_suffix(path: Path) -> str:
     suffix = path.suffix.lower().lstrip(".")
-    return {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "gif": "gif", "webp": "webp", "avif": "avif"}.get(suffix, "png")
+    return {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "gif": "gif", "webp": "webp", "avif": "avif"}.get(
+        suffix, "png"
+    )
 
 
 def _numbered(path: Path, count: int) -> list[Path]:

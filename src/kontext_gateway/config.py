@@ -133,7 +133,8 @@ class Settings(BaseSettings):
     # Delays before each retry of a terminal (`completed`) delivery, ±jitter: 10 attempts over about
     # 15 hours. Other events are sent once.
     webhook_retry_delays_s: list[float] = Field(
-        default_factory=lambda: [5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800])
+        default_factory=lambda: [5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800]
+    )
     webhook_retry_jitter: float = Field(default=0.2, ge=0, le=1)  # a fraction of each delay
     webhook_timeout_s: float = Field(default=15.0, gt=0)  # one delivery; Standard Webhooks: 15-30 s
     webhook_poll_interval_s: float = Field(default=1.0, gt=0)  # looking for deliveries due (retries, other processes)
@@ -209,11 +210,11 @@ class Settings(BaseSettings):
         url = self.database_url or f"sqlite:///{self.data_dir / 'kontext.db'}"
         # One async driver per backend, whichever spelling the user gave.
         if url.startswith("postgres://"):
-            url = "postgresql://" + url[len("postgres://"):]
-        if url.startswith("postgresql://") or url.startswith("postgresql+psycopg2://"):
+            url = "postgresql://" + url[len("postgres://") :]
+        if url.startswith(("postgresql://", "postgresql+psycopg2://")):
             url = "postgresql+asyncpg://" + url.split("://", 1)[1]
         if url.startswith("sqlite://") and not url.startswith("sqlite+aiosqlite://"):
-            url = "sqlite+aiosqlite://" + url[len("sqlite://"):]
+            url = "sqlite+aiosqlite://" + url[len("sqlite://") :]
         return url
 
     def resolved_url_secret(self) -> bytes:

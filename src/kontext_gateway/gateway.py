@@ -12,15 +12,15 @@ from pathlib import Path
 
 from .catalog import Catalog
 from .config import Settings
-from .providers.base import Provider
 from .jobs.runner import JobRunner
-from .keys import Authenticator, KeyStore
-from .ratelimit import RateLimiter
 from .jobs.webhooks import Webhooks
 from .jobs.worker import Completions, Worker
+from .keys import Authenticator, KeyStore
 from .predictions import PredictionService
 from .providers import remote_adapters
+from .providers.base import Provider
 from .providers.local import LocalProvider
+from .ratelimit import RateLimiter
 from .retention import RetentionSweeper
 from .routing import Router
 from .service import ImageService
@@ -79,8 +79,11 @@ def _private_data_dir(path: Path) -> None:
     its secret files 0600. A shared directory (sticky, as /tmp) is another's to manage: left alone."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     if os.name == "posix" and path.stat().st_mode & stat.S_ISVTX:
-        log.warning("the data directory %s is a shared directory (sticky bit): not made private; "
-                    "set KONTEXT_DATA_DIR to a folder of its own", path)
+        log.warning(
+            "the data directory %s is a shared directory (sticky bit): not made private; "
+            "set KONTEXT_DATA_DIR to a folder of its own",
+            path,
+        )
         return
     make_private(path, 0o700)
     for name in ("secret.key", "webhook_secret"):  # made 0600; tightened should anyone have loosened them

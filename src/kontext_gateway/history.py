@@ -30,23 +30,43 @@ ENDED = ("succeeded", "failed", "canceled")
 GROUPS = ("day", "key", "model", "provider")
 OPEN_DELIVERY = ("pending", "sending")  # still to be sent: their payload is left alone
 MAX_LIMIT = 100
-SETTINGS = ("seed", "n", "size", "aspect_ratio", "resolution", "output_format", "output_compression", "cfg_scale",
-            "num_inference_steps", "extra")
+SETTINGS = (
+    "seed",
+    "n",
+    "size",
+    "aspect_ratio",
+    "resolution",
+    "output_format",
+    "output_compression",
+    "cfg_scale",
+    "num_inference_steps",
+    "extra",
+)
 _UNIX = re.compile(r"-?\d+(\.\d+)?")
 
 
 class History:
     """The history and usage queries for one gateway (cheap to build: it holds no state)."""
 
-    def __init__(self, gw: "Gateway") -> None:
+    def __init__(self, gw: Gateway) -> None:
         self.gw = gw
 
     # -- list / get / purge ---------------------------------------------------------------------------
 
-    async def list(self, principal: Principal, base_url: str, *, key_id: str | None = None,
-                   model: str | None = None, provider: str | None = None, status: str | None = None,
-                   created_after: str | None = None, created_before: str | None = None, limit: int = 20,
-                   cursor: str | None = None) -> dict[str, Any]:
+    async def list(
+        self,
+        principal: Principal,
+        base_url: str,
+        *,
+        key_id: str | None = None,
+        model: str | None = None,
+        provider: str | None = None,
+        status: str | None = None,
+        created_after: str | None = None,
+        created_before: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
         """Newest first, keyset-paginated on (created_at, id): a page never repeats or skips a row,
         however many requests arrive while the caller walks the pages."""
         if not 1 <= limit <= MAX_LIMIT:
@@ -65,17 +85,29 @@ class History:
             try:
                 at, rid = _decode_cursor(cursor)
             except GatewayError:
-                raise invalid("Invalid 'cursor': pass back the 'next_cursor' of the previous page.", param="cursor",
-                              code="invalid_cursor") from None
-            where.append(or_(RequestRecord.created_at < at,
-                             and_(RequestRecord.created_at == at, RequestRecord.id < rid)))
-        query = (select(RequestRecord).where(*where)
-                 .order_by(RequestRecord.created_at.desc(), RequestRecord.id.desc()).limit(limit + 1))
+                raise invalid(
+                    "Invalid 'cursor': pass back the 'next_cursor' of the previous page.",
+                    param="cursor",
+                    code="invalid_cursor",
+                ) from None
+            where.append(
+                or_(RequestRecord.created_at < at, and_(RequestRecord.created_at == at, RequestRecord.id < rid))
+            )
+        query = (
+            select(RequestRecord)
+            .where(*where)
+            .order_by(RequestRecord.created_at.desc(), RequestRecord.id.desc())
+            .limit(limit + 1)
+        )
         async with self.gw.db._session() as session:
             rows = [_record(r) for r in (await session.scalars(query)).all()]
         page, more = rows[:limit], len(rows) > limit
-        return {"object": "list", "data": [self.render(r, base_url) for r in page], "has_more": more,
-                "next_cursor": _encode_cursor(page[-1]["created_at"], page[-1]["id"]) if more else None}
+        return {
+            "object": "list",
+            "data": [self.render(r, base_url) for r in page],
+            "has_more": more,
+            "next_cursor": _encode_cursor(page[-1]["created_at"], page[-1]["id"]) if more else None,
+        }
 
     async def get(self, rid: str, principal: Principal, base_url: str) -> dict[str, Any]:
         """One request with its ledger entry (estimate, actual cost, line items) and logs."""
@@ -83,9 +115,18 @@ class History:
         async with self.gw.db._session() as session:
             entry = await session.get(LedgerEntry, rid)
         item = self.render(record, base_url)
-        item["ledger"] = None if entry is None else {
-            "state": entry.state, "estimate_micros": entry.estimate_micros, "actual_micros": entry.actual_micros,
-            "lines": entry.lines, "created_at": _iso(entry.created_at), "settled_at": _iso(entry.settled_at)}
+        item["ledger"] = (
+            None
+            if entry is None
+            else {
+                "state": entry.state,
+                "estimate_micros": entry.estimate_micros,
+                "actual_micros": entry.actual_micros,
+                "lines": entry.lines,
+                "created_at": _iso(entry.created_at),
+                "settled_at": _iso(entry.settled_at),
+            }
+        )
         item["logs"] = record.get("logs") or ""
         return item
 
@@ -93,8 +134,12 @@ class History:
         """Remove one finished request's payloads (a second purge changes nothing); 409 while it runs."""
         record = await self._visible(rid, principal)
         if record["status"] in RUNNING:
-            raise GatewayError(f"Request '{rid}' is still {record['status']}; its payloads can be purged once it "
-                               "has ended (cancel it first to stop it).", status=409, code="request_running")
+            raise GatewayError(
+                f"Request '{rid}' is still {record['status']}; its payloads can be purged once it "
+                "has ended (cancel it first to stop it).",
+                status=409,
+                code="request_running",
+            )
         await purge_payloads(self.gw, [rid])
         return await self.get(rid, principal, base_url)
 
@@ -115,18 +160,29 @@ class History:
         show_prompt = not purged and self.gw.settings.payload_retention != "metadata"
         outputs = (record.get("output_blob_ids") or []) if record["status"] == "succeeded" and not purged else []
         return {
-            "id": record["id"], "object": "request", "endpoint": record.get("endpoint"), "model": record["model"],
-            "provider": record.get("provider"), "key_id": record.get("key_id"), "status": record["status"],
-            "created_at": _iso(created), "started_at": _iso(started), "completed_at": _iso(completed),
+            "id": record["id"],
+            "object": "request",
+            "endpoint": record.get("endpoint"),
+            "model": record["model"],
+            "provider": record.get("provider"),
+            "key_id": record.get("key_id"),
+            "status": record["status"],
+            "created_at": _iso(created),
+            "started_at": _iso(started),
+            "completed_at": _iso(completed),
             "duration_ms": record.get("duration_ms"),
             "queue_ms": None if started is None else max(0, int((started - created).total_seconds() * 1000)),
-            "cost": record.get("cost"), "currency": record.get("currency") or "USD",
-            "n": params.get("n"), "size": record.get("output_size") or params.get("size"),
+            "cost": record.get("cost"),
+            "currency": record.get("currency") or "USD",
+            "n": params.get("n"),
+            "size": record.get("output_size") or params.get("size"),
             "output_format": record.get("output_format") or params.get("output_format"),
-            "attempts": record.get("attempts") or [], "error": error,
+            "attempts": record.get("attempts") or [],
+            "error": error,
             "output": [self.gw.images.blob_url(base_url, b) for b in outputs],
             "prompt": params.get("prompt") if show_prompt else None,
-            "purged": purged, "mode": record.get("mode"),
+            "purged": purged,
+            "mode": record.get("mode"),
             # What reproduces it (the playground's "reuse settings"): the parameters as normalised.
             "settings": {k: params[k] for k in SETTINGS if params.get(k) is not None},
             "inputs": len(params.get("input_blob_ids") or []),
@@ -138,8 +194,12 @@ class History:
         Every catalog provider is listed, with nulls where nothing was observed."""
         model = self.gw.catalog.get(model_id)
         since = utcnow() - timedelta(days=days)
-        query = (select(RequestRecord.attempts).where(RequestRecord.model == model.id, RequestRecord.created_at >= since)
-                 .order_by(RequestRecord.created_at.desc()).limit(sample))
+        query = (
+            select(RequestRecord.attempts)
+            .where(RequestRecord.model == model.id, RequestRecord.created_at >= since)
+            .order_by(RequestRecord.created_at.desc())
+            .limit(sample)
+        )
         async with self.gw.db._session() as session:
             rows = (await session.execute(query)).scalars().all()
         seen: dict[str, dict[str, Any]] = {}
@@ -158,18 +218,30 @@ class History:
             s = seen.get(entry.config_key, {"succeeded": 0, "failed": 0, "latencies": []})
             total = s["succeeded"] + s["failed"]
             lat = sorted(s["latencies"])
-            providers.append({
-                "config_key": entry.config_key, "provider": entry.provider, "attempts": total,
-                "succeeded": s["succeeded"], "failed": s["failed"],
-                "success_rate": round(s["succeeded"] / total, 4) if total else None,
-                "latency_ms": {"p50": _pct(lat, 0.50), "p95": _pct(lat, 0.95)} if lat else None,
-                "price_per_image": entry.pricing.price_per_image(), "currency": entry.pricing.currency,
-            })
-        return {"object": "model_stats", "model": model.id, "window_days": days, "requests": len(rows),
-                "providers": providers}
+            providers.append(
+                {
+                    "config_key": entry.config_key,
+                    "provider": entry.provider,
+                    "attempts": total,
+                    "succeeded": s["succeeded"],
+                    "failed": s["failed"],
+                    "success_rate": round(s["succeeded"] / total, 4) if total else None,
+                    "latency_ms": {"p50": _pct(lat, 0.50), "p95": _pct(lat, 0.95)} if lat else None,
+                    "price_per_image": entry.pricing.price_per_image(),
+                    "currency": entry.pricing.currency,
+                }
+            )
+        return {
+            "object": "model_stats",
+            "model": model.id,
+            "window_days": days,
+            "requests": len(rows),
+            "providers": providers,
+        }
 
-    def _scope(self, principal: Principal, key_id: str | None, model: str | None, provider: str | None
-               ) -> list[ColumnElement[bool]]:
+    def _scope(
+        self, principal: Principal, key_id: str | None, model: str | None, provider: str | None
+    ) -> list[ColumnElement[bool]]:
         """Filters shared by the list and usage: a normal key is always narrowed to its own requests
         (asking for another key's then finds nothing, rather than an error that would confirm it exists)."""
         where: list[ColumnElement[bool]] = []
@@ -181,9 +253,14 @@ class History:
             where.append(RequestRecord.model == self._model_id(model))
         if provider:
             # A provider name ("fal") matches each of its config keys ("fal/flux.1-kontext-pro").
-            where.append(RequestRecord.provider == provider if "/" in provider else
-                         or_(RequestRecord.provider == provider,
-                             RequestRecord.provider.startswith(provider + "/", autoescape=True)))
+            where.append(
+                RequestRecord.provider == provider
+                if "/" in provider
+                else or_(
+                    RequestRecord.provider == provider,
+                    RequestRecord.provider.startswith(provider + "/", autoescape=True),
+                )
+            )
         return where
 
     def _model_id(self, name: str) -> str:
@@ -195,9 +272,17 @@ class History:
 
     # -- usage ----------------------------------------------------------------------------------------
 
-    async def usage(self, principal: Principal = OPEN, *, key_id: str | None = None, model: str | None = None,
-                    provider: str | None = None, start: str | date | None = None, end: str | date | None = None,
-                    group_by: str | Iterable[str] | None = None) -> dict[str, Any]:
+    async def usage(
+        self,
+        principal: Principal = OPEN,
+        *,
+        key_id: str | None = None,
+        model: str | None = None,
+        provider: str | None = None,
+        start: str | date | None = None,
+        end: str | date | None = None,
+        group_by: str | Iterable[str] | None = None,
+    ) -> dict[str, Any]:
         """Totals per (UTC day of creation, key, model, provider), grouped in SQL; `start` and `end`
         are dates, both included."""
         groups = _groups(group_by)
@@ -224,11 +309,14 @@ class History:
         # Images: a succeeded request delivered its `n` (the router returns all n or fails), and `n`
         # survives a purge, which empties output_blob_ids.
         images = func.sum(case((succeeded, RequestRecord.params["n"].as_integer()), else_=0))
-        query = select(*(c.label(name) for name, c in columns.items()),
-                       func.count().label("requests"),
-                       func.sum(case((succeeded, 1), else_=0)).label("succeeded"),
-                       func.sum(case((RequestRecord.status == "failed", 1), else_=0)).label("failed"),
-                       images.label("images"), cost_micros.label("cost_micros")).where(*where)
+        query = select(
+            *(c.label(name) for name, c in columns.items()),
+            func.count().label("requests"),
+            func.sum(case((succeeded, 1), else_=0)).label("succeeded"),
+            func.sum(case((RequestRecord.status == "failed", 1), else_=0)).label("failed"),
+            images.label("images"),
+            cost_micros.label("cost_micros"),
+        ).where(*where)
         if "key" in groups:
             query = query.outerjoin(ApiKey, ApiKey.id == RequestRecord.key_id)
         if columns:
@@ -263,7 +351,8 @@ class History:
 
 # -- purging ------------------------------------------------------------------------------------------
 
-async def purge_payloads(gw: "Gateway", ids: list[str]) -> list[str]:
+
+async def purge_payloads(gw: Gateway, ids: list[str]) -> list[str]:
     """Purge finished requests' payloads; returns the ids purged now (running or purged ones are skipped).
 
     In one transaction: the prompt (params.prompt) and `input` become null, the image ids are emptied
@@ -277,8 +366,11 @@ async def purge_payloads(gw: "Gateway", ids: list[str]) -> list[str]:
         return []
     now, blobs, purged = utcnow(), set(), []
     async with gw.db._session() as session, session.begin():
-        query = select(RequestRecord).where(RequestRecord.id.in_(ids), RequestRecord.status.in_(ENDED),
-                                            RequestRecord.purged_at.is_(None)).with_for_update()
+        query = (
+            select(RequestRecord)
+            .where(RequestRecord.id.in_(ids), RequestRecord.status.in_(ENDED), RequestRecord.purged_at.is_(None))
+            .with_for_update()
+        )
         for record in (await session.scalars(query)).all():
             params = dict(record.params or {})
             blobs.update(record.output_blob_ids or [], params.get("input_blob_ids") or [])
@@ -291,8 +383,9 @@ async def purge_payloads(gw: "Gateway", ids: list[str]) -> list[str]:
         for task in (await session.scalars(tasks)).all():
             blobs.update(task.output_blob_ids or [])
             task.output_blob_ids = []
-        deliveries = select(WebhookDelivery).where(WebhookDelivery.request_id.in_(purged),
-                                                   WebhookDelivery.state.not_in(OPEN_DELIVERY))
+        deliveries = select(WebhookDelivery).where(
+            WebhookDelivery.request_id.in_(purged), WebhookDelivery.state.not_in(OPEN_DELIVERY)
+        )
         for delivery in (await session.scalars(deliveries)).all():
             delivery.payload = {"id": delivery.request_id, "data_removed": True}
     unused = blobs - await referenced_blobs(gw, blobs)
@@ -300,30 +393,33 @@ async def purge_payloads(gw: "Gateway", ids: list[str]) -> list[str]:
     return purged
 
 
-async def referenced_blobs(gw: "Gateway", blob_ids: set[str], chunk: int = 50) -> set[str]:
+async def referenced_blobs(gw: Gateway, blob_ids: set[str], chunk: int = 50) -> set[str]:
     """Which of `blob_ids` something still names. The JSON lists are searched as text (one scan per
     chunk, the same SQL on SQLite and PostgreSQL; ids are hex, safe in LIKE), then confirmed exactly."""
     found: set[str] = set()
     ids = sorted(blob_ids)
     async with gw.db._session() as session:
         for i in range(0, len(ids), chunk):
-            part = ids[i:i + chunk]
+            part = ids[i : i + chunk]
             outs, params = cast(RequestRecord.output_blob_ids, Text), cast(RequestRecord.params, Text)
             rows = await session.execute(
                 select(RequestRecord.output_blob_ids, RequestRecord.params).where(
                     RequestRecord.purged_at.is_(None),
-                    or_(*(outs.contains(b) for b in part), *(params.contains(b) for b in part))))
+                    or_(*(outs.contains(b) for b in part), *(params.contains(b) for b in part)),
+                )
+            )
             for out, p in rows:
                 found.update(out or [], (p or {}).get("input_blob_ids") or [])
             task_outs = cast(UpstreamTask.output_blob_ids, Text)
             for (out,) in await session.execute(
-                    select(UpstreamTask.output_blob_ids).where(or_(*(task_outs.contains(b) for b in part)))):
+                select(UpstreamTask.output_blob_ids).where(or_(*(task_outs.contains(b) for b in part)))
+            ):
                 found.update(out or [])
             found.update((await session.scalars(select(FileRecord.blob_id).where(FileRecord.blob_id.in_(part)))).all())
     return found & blob_ids
 
 
-def _delete_files(gw: "Gateway", blob_ids: Iterable[str]) -> None:
+def _delete_files(gw: Gateway, blob_ids: Iterable[str]) -> None:
     for blob_id in blob_ids:
         path = gw.blobs.path(blob_id)  # None for a malformed id or a file already gone
         if path is not None:
@@ -332,14 +428,18 @@ def _delete_files(gw: "Gateway", blob_ids: Iterable[str]) -> None:
 
 # -- parsing and small helpers -------------------------------------------------------------------------
 
+
 def parse_time(value: str, param: str) -> datetime:
     """ISO 8601 (a date alone is its midnight; no zone means UTC) or unix seconds."""
     text = re.sub(r" (\d\d:?\d\d)$", r"+\1", value.strip())  # a '+' that arrived unescaped in a query string
     try:
         at = datetime.fromtimestamp(float(text), UTC) if _UNIX.fullmatch(text) else datetime.fromisoformat(text)
     except (ValueError, OverflowError, OSError):
-        raise invalid(f"'{param}' must be an ISO 8601 time (e.g. 2026-11-21T10:00:00Z) or unix seconds.",
-                      param=param, code="invalid_value") from None
+        raise invalid(
+            f"'{param}' must be an ISO 8601 time (e.g. 2026-11-21T10:00:00Z) or unix seconds.",
+            param=param,
+            code="invalid_value",
+        ) from None
     return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
 
@@ -374,7 +474,7 @@ def _record(row: RequestRecord) -> dict[str, Any]:
 
 def _pct(values: list[int], q: float) -> int:
     """Nearest-rank percentile of sorted values."""
-    return values[min(len(values) - 1, max(0, int(round(q * len(values) + 0.5)) - 1))]
+    return values[min(len(values) - 1, max(0, round(q * len(values) + 0.5) - 1))]
 
 
 def _midnight(day: date) -> datetime:

@@ -26,8 +26,11 @@ MAX_KEY = 255
 
 
 def fingerprint(path: str, fields: dict[str, Any], files: list[bytes] = ()) -> str:  # type: ignore[assignment]
-    canonical = json.dumps({"path": path, "fields": fields, "files": [hashlib.sha256(f).hexdigest() for f in files]},
-                           sort_keys=True, default=str)
+    canonical = json.dumps(
+        {"path": path, "fields": fields, "files": [hashlib.sha256(f).hexdigest() for f in files]},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -40,32 +43,46 @@ class Idempotency:
         """Bind `key` to `request_id`. Returns None when the key is new (go ahead and create), or the
         id of the job it already names (join it). Raises 422 when it names a different request."""
         if not key or len(key) > MAX_KEY:
-            raise GatewayError(f"Idempotency-Key must be 1 to {MAX_KEY} characters.", status=400,
-                               param="Idempotency-Key", code="invalid_idempotency_key")
+            raise GatewayError(
+                f"Idempotency-Key must be 1 to {MAX_KEY} characters.",
+                status=400,
+                param="Idempotency-Key",
+                code="invalid_idempotency_key",
+            )
         now = utcnow()
         for _ in range(2):
             try:
                 async with self.db._session() as session, session.begin():
-                    session.add(IdempotencyKey(scope=scope, key=key, fingerprint=fp, request_id=request_id,
-                                               created_at=now))
+                    session.add(
+                        IdempotencyKey(scope=scope, key=key, fingerprint=fp, request_id=request_id, created_at=now)
+                    )
                 return None
             except IntegrityError:
                 pass
             async with self.db._session() as session, session.begin():
-                row = (await session.execute(
-                    select(IdempotencyKey).where(IdempotencyKey.scope == scope, IdempotencyKey.key == key)
-                )).scalar_one_or_none()
+                row = (
+                    await session.execute(
+                        select(IdempotencyKey).where(IdempotencyKey.scope == scope, IdempotencyKey.key == key)
+                    )
+                ).scalar_one_or_none()
                 if row is None:
                     continue  # deleted in between: try to insert again
                 if row.created_at < now - self.ttl:
-                    await session.execute(delete(IdempotencyKey).where(
-                        IdempotencyKey.scope == scope, IdempotencyKey.key == key))
+                    await session.execute(
+                        delete(IdempotencyKey).where(IdempotencyKey.scope == scope, IdempotencyKey.key == key)
+                    )
                     continue  # expired: this request starts afresh under the key
                 if row.fingerprint != fp:
                     raise GatewayError(
                         "This Idempotency-Key was used for a different request. Use a new key for a new request.",
-                        status=422, param="Idempotency-Key", code="idempotency_key_reused",
+                        status=422,
+                        param="Idempotency-Key",
+                        code="idempotency_key_reused",
                     )
                 return row.request_id
-        raise GatewayError("Could not claim the Idempotency-Key; retry.", status=409, code="idempotency_conflict",
-                           headers={"retry-after": "1"})
+        raise GatewayError(
+            "Could not claim the Idempotency-Key; retry.",
+            status=409,
+            code="idempotency_conflict",
+            headers={"retry-after": "1"},
+        )

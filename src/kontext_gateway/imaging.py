@@ -55,8 +55,12 @@ def decode_mask(data: bytes, *, size: tuple[int, int], param: str = "mask", max_
     white. It must be the size of the (first) input image."""
     decoded = decode_image(data, param=param, max_pixels=max_pixels, keep_alpha=True)
     if decoded.size != size:
-        raise invalid(f"'{param}' is {decoded.size[0]}x{decoded.size[1]} but the image is {size[0]}x{size[1]}: "
-                      "the mask must be the same size as the image.", param=param, code="invalid_mask")
+        raise invalid(
+            f"'{param}' is {decoded.size[0]}x{decoded.size[1]} but the image is {size[0]}x{size[1]}: "
+            "the mask must be the same size as the image.",
+            param=param,
+            code="invalid_mask",
+        )
     if decoded.mode == "RGBA":
         return decoded.getchannel("A").point(lambda a: 255 if a == 0 else 0)
     return decoded.convert("L").point(lambda v: 255 if v >= 128 else 0)

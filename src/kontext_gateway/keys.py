@@ -88,34 +88,57 @@ def view(row: ApiKey | dict[str, Any]) -> dict[str, Any]:
     spent = r["spent_micros"] if current else 0
     remaining = None if r["budget_micros"] is None else r["budget_micros"] - spent - r["reserved_micros"]
     return {
-        "object": "api_key", "id": r["id"], "name": r["name"], "hint": r["hint"], "admin": r["admin"],
-        "models": r["models"], "budget_usd": usd(r["budget_micros"]), "budget_period": r["budget_period"],
-        "rpm": r["rpm"], "ipm": r["ipm"], "max_concurrent": r["max_concurrent"],
-        "spent_usd": usd(spent), "reserved_usd": usd(r["reserved_micros"]), "remaining_usd": usd(remaining),
+        "object": "api_key",
+        "id": r["id"],
+        "name": r["name"],
+        "hint": r["hint"],
+        "admin": r["admin"],
+        "models": r["models"],
+        "budget_usd": usd(r["budget_micros"]),
+        "budget_period": r["budget_period"],
+        "rpm": r["rpm"],
+        "ipm": r["ipm"],
+        "max_concurrent": r["max_concurrent"],
+        "spent_usd": usd(spent),
+        "reserved_usd": usd(r["reserved_micros"]),
+        "remaining_usd": usd(remaining),
         "total_spent_usd": usd(r["total_spent_micros"]),
-        "created_at": _iso(r["created_at"]), "last_used_at": _iso(r["last_used_at"]),
-        "revoked_at": _iso(r["revoked_at"]), "status": "revoked" if r["revoked_at"] else "active",
+        "created_at": _iso(r["created_at"]),
+        "last_used_at": _iso(r["last_used_at"]),
+        "revoked_at": _iso(r["revoked_at"]),
+        "status": "revoked" if r["revoked_at"] else "active",
     }
 
 
 class KeyStore:
     """Key lifecycle on the database. Validation errors are GatewayErrors (400 / 404)."""
 
-    def __init__(self, db: "Database", catalog: "Catalog") -> None:
+    def __init__(self, db: Database, catalog: Catalog) -> None:
         self.db = db
         self.catalog = catalog
 
-    async def create(self, *, name: str, admin: bool = False, limits: dict[str, Any] | None = None
-                     ) -> tuple[dict[str, Any], str]:
+    async def create(
+        self, *, name: str, admin: bool = False, limits: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], str]:
         """Returns (the key's view, the key itself: shown this once). `limits`: the settings below
         (`_limits`), as a client sent them."""
         if not name or len(name) > MAX_NAME_CHARS or not name.isprintable():
-            raise invalid(f"'name' must be 1 to {MAX_NAME_CHARS} printable characters.", param="name",
-                          code="invalid_value")
+            raise invalid(
+                f"'name' must be 1 to {MAX_NAME_CHARS} printable characters.", param="name", code="invalid_value"
+            )
         key = new_key()
-        row = ApiKey(id="key_" + uuid.uuid4().hex[:16], name=name, hash=hash_key(key), hint=hint(key), admin=admin,
-                     created_at=utcnow(), spent_micros=0, reserved_micros=0, total_spent_micros=0,
-                     **self._limits(limits or {}))
+        row = ApiKey(
+            id="key_" + uuid.uuid4().hex[:16],
+            name=name,
+            hash=hash_key(key),
+            hint=hint(key),
+            admin=admin,
+            created_at=utcnow(),
+            spent_micros=0,
+            reserved_micros=0,
+            total_spent_micros=0,
+            **self._limits(limits or {}),
+        )
         async with self.db._session() as session, session.begin():
             session.add(row)
         return view(row), key
@@ -133,8 +156,9 @@ class KeyStore:
 
     async def revoke(self, key_id: str) -> dict[str, Any]:
         async with self.db._session() as session, session.begin():
-            await session.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
-                                  .values(revoked_at=utcnow()))
+            await session.execute(
+                update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
+            )
             row = await session.get(ApiKey, key_id)
             if row is None:
                 raise _no_key(key_id)
@@ -166,8 +190,11 @@ class KeyStore:
         known = {"models", "budget_usd", "budget_period", "rpm", "ipm", "max_concurrent"}
         if unknown := set(given) - known:
             name = sorted(unknown)[0]
-            raise invalid(f"Unknown key setting '{name}'; known: {', '.join(sorted(known))}.", param=name,
-                          code="unknown_parameter")
+            raise invalid(
+                f"Unknown key setting '{name}'; known: {', '.join(sorted(known))}.",
+                param=name,
+                code="unknown_parameter",
+            )
         out: dict[str, Any] = {}
         if "models" in given:
             models = given["models"]
@@ -175,30 +202,44 @@ class KeyStore:
                 if isinstance(models, str):
                     models = [m for m in models.split(",") if m.strip()]
                 if not isinstance(models, list) or not models:
-                    raise invalid("'models' must be a non-empty list of model ids (or null for all).",
-                                  param="models", code="invalid_value")
+                    raise invalid(
+                        "'models' must be a non-empty list of model ids (or null for all).",
+                        param="models",
+                        code="invalid_value",
+                    )
                 models = sorted({self.catalog.resolve(str(m).strip())[0].id for m in models})  # 404 if unknown
             out["models"] = models
         if "budget_usd" in given:
             budget = given["budget_usd"]
-            if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool)
-                                       or not 0 <= budget <= MAX_BUDGET_USD):  # also refuses NaN
-                raise invalid(f"'budget_usd' must be a number of US dollars from 0 to {MAX_BUDGET_USD:,}.",
-                              param="budget_usd", code="invalid_value")
+            if budget is not None and (
+                not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 <= budget <= MAX_BUDGET_USD
+            ):  # also refuses NaN
+                raise invalid(
+                    f"'budget_usd' must be a number of US dollars from 0 to {MAX_BUDGET_USD:,}.",
+                    param="budget_usd",
+                    code="invalid_value",
+                )
             out["budget_micros"] = None if budget is None else micros(float(budget))
         if "budget_period" in given:
             period = given["budget_period"]
             if period is not None and period not in PERIODS:
-                raise invalid(f"'budget_period' must be one of {', '.join(PERIODS)} (or null: the key's lifetime).",
-                              param="budget_period", code="invalid_value")
+                raise invalid(
+                    f"'budget_period' must be one of {', '.join(PERIODS)} (or null: the key's lifetime).",
+                    param="budget_period",
+                    code="invalid_value",
+                )
             out["budget_period"] = period
         for name in ("rpm", "ipm", "max_concurrent"):
             if name in given:
                 value = given[name]
-                if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                          or not 1 <= value <= MAX_LIMIT):
-                    raise invalid(f"'{name}' must be a whole number from 1 to {MAX_LIMIT} (or null: no limit).",
-                                  param=name, code="invalid_value")
+                if value is not None and (
+                    not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_LIMIT
+                ):
+                    raise invalid(
+                        f"'{name}' must be a whole number from 1 to {MAX_LIMIT} (or null: no limit).",
+                        param=name,
+                        code="invalid_value",
+                    )
                 out[name] = value
         if not partial:
             for name in ("models", "budget_micros", "budget_period", "rpm", "ipm", "max_concurrent"):
@@ -217,7 +258,7 @@ class Authenticator:
 
     CACHE_S = 1.0
 
-    def __init__(self, settings: "Settings", keys: KeyStore, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, settings: Settings, keys: KeyStore, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.keys = keys
         self.clock = clock
@@ -247,8 +288,9 @@ class Authenticator:
         if token is None:
             if not await self.required():
                 return OPEN
-            raise unauthorized("Missing API key. Send it as 'Authorization: Bearer <key>' "
-                               "(create one with `kontext keys create`).")
+            raise unauthorized(
+                "Missing API key. Send it as 'Authorization: Bearer <key>' (create one with `kontext keys create`)."
+            )
         digest = hash_key(token)
         if self._admin_hash is not None and hmac.compare_digest(digest, self._admin_hash):
             return Principal(key_id="admin", name="admin key (KONTEXT_ADMIN_KEY)", admin=True)
@@ -262,10 +304,21 @@ class Authenticator:
                     return OPEN  # an open gateway ignores a stray key, as it would a missing one
                 raise unauthorized(f"Incorrect API key provided: {hint(token) if len(token) > 12 else '***'}.")
             self._keyed = True  # a key exists: from now on every caller needs one
-            who = None if row.revoked_at is not None else Principal(
-                key_id=row.id, name=f"{row.name}", admin=row.admin, stored=True,
-                models=tuple(row.models) if row.models is not None else None, budget_period=row.budget_period,
-                rpm=row.rpm, ipm=row.ipm, max_concurrent=row.max_concurrent)
+            who = (
+                None
+                if row.revoked_at is not None
+                else Principal(
+                    key_id=row.id,
+                    name=f"{row.name}",
+                    admin=row.admin,
+                    stored=True,
+                    models=tuple(row.models) if row.models is not None else None,
+                    budget_period=row.budget_period,
+                    rpm=row.rpm,
+                    ipm=row.ipm,
+                    max_concurrent=row.max_concurrent,
+                )
+            )
             if len(self._found) > 10_000:  # bounded: only real keys are kept, but be safe
                 self._found.clear()
             self._found[digest] = (self.clock(), who)

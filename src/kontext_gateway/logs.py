@@ -30,13 +30,21 @@ from typing import Any
 REDACTED = "[redacted]"
 _TOKENS = r"(?i:bearer)\s+\S+|kx-[A-Za-z0-9_-]{16,}|whsec_\S+|r8_\S+"
 _MIN_SECRET = 6  # shorter configured "secrets" would redact ordinary words
-_SECRET_FIELDS = ("replicate_api_token", "fal_key", "fireworks_api_key", "bfl_api_key", "webhook_secret", "url_secret",
-                  "admin_key")
+_SECRET_FIELDS = (
+    "replicate_api_token",
+    "fal_key",
+    "fireworks_api_key",
+    "bfl_api_key",
+    "webhook_secret",
+    "url_secret",
+    "admin_key",
+)
 # Attributes every LogRecord has; whatever else a record carries came from `extra=` and is logged.
 # uvicorn's `color_message` is its message again with ANSI colours.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message", "taskName"}
 
-_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("kontext_log_context", default={})
+# The default is never mutated: bind() and set_context() set a new dict.
+_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("kontext_log_context", default={})  # noqa: B039
 
 
 @contextlib.contextmanager
@@ -87,7 +95,10 @@ class Formatter(logging.Formatter):
             return self.redact(text)
         out: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage(), **fields,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **fields,
         }
         if record.exc_info:
             out["exc_info"] = self.formatException(record.exc_info)
@@ -102,7 +113,7 @@ class Formatter(logging.Formatter):
 
 
 def choose_format(flag: str | None = None) -> str:
-    """"json" or "text": the flag, else KONTEXT_LOG_FORMAT, else text on a terminal, JSON otherwise
+    """ "json" or "text": the flag, else KONTEXT_LOG_FORMAT, else text on a terminal, JSON otherwise
     (a log collector reads the process's stderr)."""
     value = (flag or os.environ.get("KONTEXT_LOG_FORMAT") or "").strip().lower()
     if value in ("json", "text"):

@@ -15,8 +15,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import multiprocess
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 # HTTP: from 5 ms (a GET of a prediction) to minutes (a synchronous generation).
 _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
@@ -24,28 +32,48 @@ _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30
 _PROVIDER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120)
 _QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 
-REQUESTS = Counter("kontext_requests_total", "HTTP requests answered, by route template, model and status.",
-                   ["route", "model", "status"])
-REQUEST_DURATION = Histogram("kontext_request_duration_seconds", "HTTP request duration, by route template and model.",
-                             ["route", "model"], buckets=_HTTP_BUCKETS)
-PROVIDER_DURATION = Histogram("kontext_provider_request_duration_seconds",
-                              "One upstream task or local run, by provider, model and outcome (succeeded, failed).",
-                              ["provider", "model", "outcome"], buckets=_PROVIDER_BUCKETS)
-PROVIDER_ERRORS = Counter("kontext_provider_errors_total", "Failed or skipped provider attempts, by error class.",
-                          ["provider", "error_class"])
+REQUESTS = Counter(
+    "kontext_requests_total",
+    "HTTP requests answered, by route template, model and status.",
+    ["route", "model", "status"],
+)
+REQUEST_DURATION = Histogram(
+    "kontext_request_duration_seconds",
+    "HTTP request duration, by route template and model.",
+    ["route", "model"],
+    buckets=_HTTP_BUCKETS,
+)
+PROVIDER_DURATION = Histogram(
+    "kontext_provider_request_duration_seconds",
+    "One upstream task or local run, by provider, model and outcome (succeeded, failed).",
+    ["provider", "model", "outcome"],
+    buckets=_PROVIDER_BUCKETS,
+)
+PROVIDER_ERRORS = Counter(
+    "kontext_provider_errors_total", "Failed or skipped provider attempts, by error class.", ["provider", "error_class"]
+)
 # Breakers are per process: across processes, the worst state any live process has.
-CIRCUIT_STATE = Gauge("kontext_circuit_state", "Circuit breaker per provider config key: 0 closed, 1 half-open, 2 open.",
-                      ["provider"], multiprocess_mode="livemax")
+CIRCUIT_STATE = Gauge(
+    "kontext_circuit_state",
+    "Circuit breaker per provider config key: 0 closed, 1 half-open, 2 open.",
+    ["provider"],
+    multiprocess_mode="livemax",
+)
 # Computed from the database when /metrics is scraped: the same for every process, so the latest wins.
-QUEUE_DEPTH = Gauge("kontext_queue_depth", "Jobs waiting for a worker (status starting).",
-                    multiprocess_mode="livemostrecent")
-QUEUE_WAIT = Histogram("kontext_queue_wait_seconds", "Time from a job's creation to its first claim by a worker.",
-                       buckets=_QUEUE_BUCKETS)
-COST = Counter("kontext_cost_usd_total", "Settled cost of succeeded jobs in USD, by model and provider.",
-               ["model", "provider"])
-WEBHOOKS = Counter("kontext_webhook_deliveries_total",
-                   "Webhook delivery attempts, by event and outcome (delivered, retry, failed, dropped).",
-                   ["event", "outcome"])
+QUEUE_DEPTH = Gauge(
+    "kontext_queue_depth", "Jobs waiting for a worker (status starting).", multiprocess_mode="livemostrecent"
+)
+QUEUE_WAIT = Histogram(
+    "kontext_queue_wait_seconds", "Time from a job's creation to its first claim by a worker.", buckets=_QUEUE_BUCKETS
+)
+COST = Counter(
+    "kontext_cost_usd_total", "Settled cost of succeeded jobs in USD, by model and provider.", ["model", "provider"]
+)
+WEBHOOKS = Counter(
+    "kontext_webhook_deliveries_total",
+    "Webhook delivery attempts, by event and outcome (delivered, retry, failed, dropped).",
+    ["event", "outcome"],
+)
 RATE_LIMITED = Counter("kontext_rate_limited_total", "Requests refused by a rate limit, by limit.", ["limit"])
 BUDGET_REJECTIONS = Counter("kontext_budget_rejections_total", "Requests refused because a budget was spent.")
 
@@ -60,8 +88,10 @@ def request(route: str, model: str, status: int, seconds: float) -> None:
     are looked up once per label set: `labels()` costs a few µs, on every request."""
     series = _request_series.get((route, model, status))
     if series is None:
-        series = _request_series[(route, model, status)] = (REQUESTS.labels(route, model, str(status)),
-                                                            REQUEST_DURATION.labels(route, model))
+        series = _request_series[(route, model, status)] = (
+            REQUESTS.labels(route, model, str(status)),
+            REQUEST_DURATION.labels(route, model),
+        )
     series[0].inc()
     series[1].observe(seconds)
 

@@ -41,19 +41,22 @@ METADATA = {ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254"
 NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known prefix: the last 32 bits are an IPv4 address
 # Refused by name, whatever the running Python's ipaddress tables say: those tables differ between
 # releases, and some releases call these ranges global.
-NOT_PUBLIC: list[tuple[IPNetwork, str]] = [(ipaddress.ip_network(net), reason) for net, reason in (
-    ("0.0.0.0/8", 'a "this network" address'),  # 0.0.0.0 itself connects to this host on Linux
-    ("192.0.0.0/24", "an IETF protocol assignment address"),
-    ("::/96", "a reserved address (IPv4-compatible, deprecated)"),
-    ("::ffff:0:0:0/96", "a reserved address (IPv4-translated)"),
-    ("64:ff9b:1::/48", "a local-use NAT64 address"),  # translated by the local network: to anything
-    ("100::/64", "a discard-only address"),
-    ("2001::/32", "a Teredo tunnel address"),  # reaches an IPv4 host through a relay
-    ("2001:db8::/32", "a documentation address"),
-    ("3fff::/20", "a documentation address"),
-    ("5f00::/16", "an SRv6 segment identifier"),
-    ("fec0::/10", "a site-local address (deprecated)"),
-)]
+NOT_PUBLIC: list[tuple[IPNetwork, str]] = [
+    (ipaddress.ip_network(net), reason)
+    for net, reason in (
+        ("0.0.0.0/8", 'a "this network" address'),  # 0.0.0.0 itself connects to this host on Linux
+        ("192.0.0.0/24", "an IETF protocol assignment address"),
+        ("::/96", "a reserved address (IPv4-compatible, deprecated)"),
+        ("::ffff:0:0:0/96", "a reserved address (IPv4-translated)"),
+        ("64:ff9b:1::/48", "a local-use NAT64 address"),  # translated by the local network: to anything
+        ("100::/64", "a discard-only address"),
+        ("2001::/32", "a Teredo tunnel address"),  # reaches an IPv4 host through a relay
+        ("2001:db8::/32", "a documentation address"),
+        ("3fff::/20", "a documentation address"),
+        ("5f00::/16", "an SRv6 segment identifier"),
+        ("fec0::/10", "a site-local address (deprecated)"),
+    )
+]
 HINT = "set KONTEXT_ALLOW_PRIVATE_URLS=1 (or allow_private_urls = true in the config file) to allow it"
 DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's own defaults
 
@@ -120,9 +123,13 @@ def resolve_checked(host: str, port: int, *, allow_private: bool, param: str, st
         reason = forbidden_reason(ip)
         if reason is not None:
             where = f"'{host}' resolves to {ip}, " if str(ip) != host else f"{ip} is "
-            raise GatewayError(f"'{param}' is not allowed: {where}{reason}. Only public addresses are "
-                               f"reached unless the operator allows others: {HINT}.",
-                               status=status, param=param, code="url_not_allowed")
+            raise GatewayError(
+                f"'{param}' is not allowed: {where}{reason}. Only public addresses are "
+                f"reached unless the operator allows others: {HINT}.",
+                status=status,
+                param=param,
+                code="url_not_allowed",
+            )
     return addresses
 
 
@@ -155,17 +162,23 @@ class PinnedBackend(httpcore.AsyncNetworkBackend):
         self._inner = httpcore.AnyIOBackend()
         self._allow_private, self._param, self._status = allow_private, param, status
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None,
-                          socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
-                          ) -> httpcore.AsyncNetworkStream:
-        addresses = await asyncio.to_thread(resolve_checked, host, port, allow_private=self._allow_private,
-                                            param=self._param, status=self._status)
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = await asyncio.to_thread(
+            resolve_checked, host, port, allow_private=self._allow_private, param=self._param, status=self._status
+        )
         failure: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
         for ip in addresses:  # the next checked address when one does not answer
             try:
-                return await self._inner.connect_tcp(str(ip), port, timeout=timeout, local_address=local_address,
-                                                     socket_options=socket_options)
+                return await self._inner.connect_tcp(
+                    str(ip), port, timeout=timeout, local_address=local_address, socket_options=socket_options
+                )
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 failure = exc
         assert failure is not None  # getaddrinfo answers at least one address or raises
@@ -180,15 +193,25 @@ class PinnedTransport(httpx.AsyncHTTPTransport):
     httpx.AsyncClient (with follow_redirects=False) and use the client as usual. No proxy from the
     environment applies to a client given a transport."""
 
-    def __init__(self, *, allow_private: bool, param: str, status: int, verify: ssl.SSLContext | bool = True,
-                 limits: httpx.Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        *,
+        allow_private: bool,
+        param: str,
+        status: int,
+        verify: ssl.SSLContext | bool = True,
+        limits: httpx.Limits = DEFAULT_LIMITS,
+    ) -> None:
         ssl_context = httpx.create_ssl_context(verify=verify)  # built once (the CA bundle), used by our pool
         super().__init__(verify=ssl_context, limits=limits)
         # httpx takes no network backend: the pool it builds, with ours as its backend.
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context, max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
-            network_backend=PinnedBackend(allow_private=allow_private, param=param, status=status))
+            ssl_context=ssl_context,
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=PinnedBackend(allow_private=allow_private, param=param, status=status),
+        )
 
 
 async def fetch_image(url: str, *, param: str, allow_private: bool, max_bytes: int, deadline_s: float) -> bytes:
@@ -204,22 +227,26 @@ async def fetch_image(url: str, *, param: str, allow_private: bool, max_bytes: i
     transport = PinnedTransport(allow_private=allow_private, param=param, status=400)
     try:
         # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel of the caller.
-        async with asyncio.timeout(deadline_s):
-            async with httpx.AsyncClient(transport=transport, timeout=deadline_s, follow_redirects=False) as client:
-                async with client.stream("GET", url) as resp:
-                    if resp.status_code != 200:
-                        raise _unreachable(f"'{param}' could not be fetched: HTTP {resp.status_code}.", param)
-                    chunks, size = [], 0
-                    async for chunk in resp.aiter_bytes():
-                        size += len(chunk)
-                        if size > max_bytes:
-                            raise too_large(f"'{param}' is over {max_bytes} bytes.", param=param,
-                                            code="file_too_large")
-                        chunks.append(chunk)
-                    return b"".join(chunks)
+        async with (
+            asyncio.timeout(deadline_s),
+            httpx.AsyncClient(transport=transport, timeout=deadline_s, follow_redirects=False) as client,
+            client.stream("GET", url) as resp,
+        ):
+            if resp.status_code != 200:
+                raise _unreachable(f"'{param}' could not be fetched: HTTP {resp.status_code}.", param)
+            chunks, size = [], 0
+            async for chunk in resp.aiter_bytes():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise too_large(f"'{param}' is over {max_bytes} bytes.", param=param, code="file_too_large")
+                chunks.append(chunk)
+            return b"".join(chunks)
     except (TimeoutError, httpx.TimeoutException):
-        raise _unreachable(f"'{param}' could not be fetched within the {deadline_s:g} s deadline for an "
-                           "image URL (KONTEXT_FETCH_TIMEOUT_S).", param) from None
+        raise _unreachable(
+            f"'{param}' could not be fetched within the {deadline_s:g} s deadline for an "
+            "image URL (KONTEXT_FETCH_TIMEOUT_S).",
+            param,
+        ) from None
     except httpx.HTTPError as exc:
         raise _unreachable(f"'{param}' could not be fetched ({type(exc).__name__}).", param) from None
 

@@ -128,32 +128,40 @@ def resolve_size(
             if not (1 <= w <= MAX_SIDE and 1 <= h <= MAX_SIDE):
                 raise invalid(
                     f"Invalid size '{size}': each side must be between 1 and {MAX_SIDE} pixels.",
-                    param="size", code="invalid_size",
+                    param="size",
+                    code="invalid_size",
                 )
             if w * h > model.max_pixels:
                 raise invalid(
                     f"Invalid size '{size}': {w * h} pixels is over the maximum of {model.max_pixels} "
                     f"({model.max_resolution}) for model '{model.id}'.",
-                    param="size", code="invalid_size",
+                    param="size",
+                    code="invalid_size",
                 )
             return SizeRequest(Size(w, h), exact=True)
         if parse_ratio(size) is None:
             raise invalid(
                 f"Invalid size '{size}': use 'WIDTHxHEIGHT' (e.g. '1024x1024'), an aspect ratio "
                 "'W:H' (e.g. '16:9') or 'auto'.",
-                param="size", code="invalid_size",
+                param="size",
+                code="invalid_size",
             )
         ratio_text = size  # "W:H" in size is an aspect ratio, and wins over aspect_ratio
 
     ratio: float | None = None
     chosen_ratio: str | None = None
-    if ratio_text is not None and ratio_text.strip() and ratio_text.strip().lower() not in ("auto", "match_input_image"):
+    if (
+        ratio_text is not None
+        and ratio_text.strip()
+        and ratio_text.strip().lower() not in ("auto", "match_input_image")
+    ):
         ratio = parse_ratio(ratio_text)
         if ratio is None:
             param = "size" if ratio_text is size else "aspect_ratio"
             raise invalid(
                 f"Invalid aspect ratio '{ratio_text}': use 'W:H' with positive numbers, e.g. '16:9'.",
-                param=param, code="invalid_aspect_ratio",
+                param=param,
+                code="invalid_aspect_ratio",
             )
         chosen_ratio = nearest_ratio(ratio, model.aspect_ratios)
         ratio = parse_ratio(chosen_ratio)
@@ -167,7 +175,8 @@ def resolve_size(
             raise invalid(
                 f"Invalid resolution '{resolution}': use 'auto', a tier ('0.5K', '1K', '2K', '4K') or "
                 "megapixels (e.g. '0.25', '1').",
-                param="resolution", code="invalid_resolution",
+                param="resolution",
+                code="invalid_resolution",
             ) from None
         if requested_area is not None:
             chosen_tier = nearest_tier(requested_area, model.resolutions)
@@ -201,55 +210,141 @@ class ParamDef:
 
 
 UNIFIED_PARAMS: tuple[ParamDef, ...] = (
-    ParamDef("prompt", "Core Parameters", {"type": "string", "minLength": 1, "maxLength": 32000},
-             "Required. The text prompt, or the edit instruction for the image.", required_in=MODES),
-    ParamDef("seed", "Core Parameters", {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
-             "Random seed for reproducibility: the same seed and parameters give the same image."),
-    ParamDef("size", "Size & Layout", {"type": "string", "default": "auto"},
-             'Image dimensions as WxH pixels (e.g. "1024x1024"), an aspect ratio (e.g. "16:9") or "auto". '
-             "WxH determines both shape and scale (aspect_ratio and resolution are ignored when size is given). "
-             "W:H is equivalent to aspect_ratio."),
-    ParamDef("aspect_ratio", "Size & Layout", {"type": "string"},
-             'Aspect ratio of the output image (e.g. "16:9", "1:1"). Controls shape independently of scale. '
-             "Any ratio is accepted and mapped to the nearest supported value."),
-    ParamDef("resolution", "Size & Layout", {"type": "string"},
-             'Output resolution tier (e.g. "1K", "4K") or megapixels ("0.25", "1"). Controls scale independently '
-             "of shape. Any tier is accepted and mapped to the nearest supported value."),
-    ParamDef("image", "Media Inputs", {"type": "array", "items": {"type": "string", "format": "binary"}},
-             "Input image(s) to edit. Supports PNG, JPEG, WebP (and the first frame of a GIF), up to 50 MB each.",
-             modes=("edit",), required_in=("edit",)),
-    ParamDef("response_format", "Output & Format", {"type": "string", "enum": list(RESPONSE_FORMATS), "default": "url"},
-             "How to return the image: a signed URL on this gateway (valid for an hour) or inline base64."),
-    ParamDef("output_format", "Output & Format", {"type": "string", "enum": list(OUTPUT_FORMATS), "default": "png"},
-             "Output image format. The gateway converts to the requested format if the provider doesn't produce it."),
-    ParamDef("output_compression", "Output & Format", {"type": "integer", "minimum": 0, "maximum": 100},
-             "Compression level for lossy formats (JPEG, WebP, AVIF): the codec quality, 100 is best."),
-    ParamDef("n", "Output & Format", {"type": "integer", "minimum": 1, "maximum": 10, "default": 1},
-             "Number of images to generate. The gateway generates several in parallel even if the provider makes one. "
-             "n x width x height must fit the provider's budget of pixels per request (`x-max-request-pixels`)."),
-    ParamDef("cfg_scale", "Additional Parameters", {"type": "number", "minimum": 0, "maximum": 20},
-             "Classifier-free guidance scale: higher values stick more closely to the prompt. "
-             "Also accepted as `guidance` or `guidance_scale`."),
-    ParamDef("num_inference_steps", "Additional Parameters", {"type": "integer", "minimum": 1, "maximum": 100},
-             "The number of inference steps to perform."),
-    ParamDef("mask", "Media Inputs", {"type": "string", "format": "binary"},
-             "An image the size of the (first) input whose fully transparent areas are edited (OpenAI's "
-             "semantics); without an alpha channel, its white areas are.", modes=("edit",), only_if_handled=True),
-    ParamDef("negative_prompt", "Additional Parameters", {"type": "string"},
-             "What the image should not show. Used with true_cfg_scale above 1: a second transformer pass per "
-             "step, so twice the work.", only_if_handled=True),
-    ParamDef("true_cfg_scale", "Additional Parameters", {"type": "number", "minimum": 1, "maximum": 20, "default": 1},
-             "True classifier-free guidance with the negative prompt (diffusers' semantics); 1 turns it off.",
-             only_if_handled=True),
-    ParamDef("loras", "Additional Parameters",
-             {"type": "array", "maxItems": 8, "items": {"type": "object", "required": ["path"], "properties": {
-                 "path": {"type": "string"}, "scale": {"type": "number", "default": 1.0}}}},
-             'LoRA adapters (fal\'s shape): [{"path": "style.safetensors", "scale": 0.8}], files under the '
-             "gateway's adapters directory.", only_if_handled=True),
-    ParamDef("partial_images", "Output & Format", {"type": "integer", "minimum": 0, "maximum": 3, "default": 0},
-             "With stream=true: previews sent while the image is made (server-sent events).", only_if_handled=True),
-    ParamDef("previous_response_id", "Media Inputs", {"type": "string"},
-             "Edit the output of an earlier request, by its id, instead of uploading it again.", modes=("edit",)),
+    ParamDef(
+        "prompt",
+        "Core Parameters",
+        {"type": "string", "minLength": 1, "maxLength": 32000},
+        "Required. The text prompt, or the edit instruction for the image.",
+        required_in=MODES,
+    ),
+    ParamDef(
+        "seed",
+        "Core Parameters",
+        {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
+        "Random seed for reproducibility: the same seed and parameters give the same image.",
+    ),
+    ParamDef(
+        "size",
+        "Size & Layout",
+        {"type": "string", "default": "auto"},
+        'Image dimensions as WxH pixels (e.g. "1024x1024"), an aspect ratio (e.g. "16:9") or "auto". '
+        "WxH determines both shape and scale (aspect_ratio and resolution are ignored when size is given). "
+        "W:H is equivalent to aspect_ratio.",
+    ),
+    ParamDef(
+        "aspect_ratio",
+        "Size & Layout",
+        {"type": "string"},
+        'Aspect ratio of the output image (e.g. "16:9", "1:1"). Controls shape independently of scale. '
+        "Any ratio is accepted and mapped to the nearest supported value.",
+    ),
+    ParamDef(
+        "resolution",
+        "Size & Layout",
+        {"type": "string"},
+        'Output resolution tier (e.g. "1K", "4K") or megapixels ("0.25", "1"). Controls scale independently '
+        "of shape. Any tier is accepted and mapped to the nearest supported value.",
+    ),
+    ParamDef(
+        "image",
+        "Media Inputs",
+        {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "Input image(s) to edit. Supports PNG, JPEG, WebP (and the first frame of a GIF), up to 50 MB each.",
+        modes=("edit",),
+        required_in=("edit",),
+    ),
+    ParamDef(
+        "response_format",
+        "Output & Format",
+        {"type": "string", "enum": list(RESPONSE_FORMATS), "default": "url"},
+        "How to return the image: a signed URL on this gateway (valid for an hour) or inline base64.",
+    ),
+    ParamDef(
+        "output_format",
+        "Output & Format",
+        {"type": "string", "enum": list(OUTPUT_FORMATS), "default": "png"},
+        "Output image format. The gateway converts to the requested format if the provider doesn't produce it.",
+    ),
+    ParamDef(
+        "output_compression",
+        "Output & Format",
+        {"type": "integer", "minimum": 0, "maximum": 100},
+        "Compression level for lossy formats (JPEG, WebP, AVIF): the codec quality, 100 is best.",
+    ),
+    ParamDef(
+        "n",
+        "Output & Format",
+        {"type": "integer", "minimum": 1, "maximum": 10, "default": 1},
+        "Number of images to generate. The gateway generates several in parallel even if the provider makes one. "
+        "n x width x height must fit the provider's budget of pixels per request (`x-max-request-pixels`).",
+    ),
+    ParamDef(
+        "cfg_scale",
+        "Additional Parameters",
+        {"type": "number", "minimum": 0, "maximum": 20},
+        "Classifier-free guidance scale: higher values stick more closely to the prompt. "
+        "Also accepted as `guidance` or `guidance_scale`.",
+    ),
+    ParamDef(
+        "num_inference_steps",
+        "Additional Parameters",
+        {"type": "integer", "minimum": 1, "maximum": 100},
+        "The number of inference steps to perform.",
+    ),
+    ParamDef(
+        "mask",
+        "Media Inputs",
+        {"type": "string", "format": "binary"},
+        "An image the size of the (first) input whose fully transparent areas are edited (OpenAI's "
+        "semantics); without an alpha channel, its white areas are.",
+        modes=("edit",),
+        only_if_handled=True,
+    ),
+    ParamDef(
+        "negative_prompt",
+        "Additional Parameters",
+        {"type": "string"},
+        "What the image should not show. Used with true_cfg_scale above 1: a second transformer pass per "
+        "step, so twice the work.",
+        only_if_handled=True,
+    ),
+    ParamDef(
+        "true_cfg_scale",
+        "Additional Parameters",
+        {"type": "number", "minimum": 1, "maximum": 20, "default": 1},
+        "True classifier-free guidance with the negative prompt (diffusers' semantics); 1 turns it off.",
+        only_if_handled=True,
+    ),
+    ParamDef(
+        "loras",
+        "Additional Parameters",
+        {
+            "type": "array",
+            "maxItems": 8,
+            "items": {
+                "type": "object",
+                "required": ["path"],
+                "properties": {"path": {"type": "string"}, "scale": {"type": "number", "default": 1.0}},
+            },
+        },
+        'LoRA adapters (fal\'s shape): [{"path": "style.safetensors", "scale": 0.8}], files under the '
+        "gateway's adapters directory.",
+        only_if_handled=True,
+    ),
+    ParamDef(
+        "partial_images",
+        "Output & Format",
+        {"type": "integer", "minimum": 0, "maximum": 3, "default": 0},
+        "With stream=true: previews sent while the image is made (server-sent events).",
+        only_if_handled=True,
+    ),
+    ParamDef(
+        "previous_response_id",
+        "Media Inputs",
+        {"type": "string"},
+        "Edit the output of an earlier request, by its id, instead of uploading it again.",
+        modes=("edit",),
+    ),
 )
 
 PARAM_NAMES = frozenset(p.name for p in UNIFIED_PARAMS)
@@ -259,8 +354,9 @@ CONTROL_FIELDS = frozenset({"model", "user", "images", "image[]", "stream", "par
 PARAM_ALIASES = {"guidance": "cfg_scale", "guidance_scale": "cfg_scale", "steps": "num_inference_steps"}
 
 
-def compile_schema(model: ModelSpec, handlings: dict[str, dict[str, dict[str, str]]],
-                   pixel_budgets: dict[str, int] | None = None) -> dict[str, Any]:
+def compile_schema(
+    model: ModelSpec, handlings: dict[str, dict[str, dict[str, str]]], pixel_budgets: dict[str, int] | None = None
+) -> dict[str, Any]:
     """The model's parameter schema: JSON Schema per mode, plus, per parameter, which providers
     honour it and how (native / renamed / converted / emulated / passthrough).
 
@@ -291,9 +387,7 @@ def compile_schema(model: ModelSpec, handlings: dict[str, dict[str, dict[str, st
                 schema["default"] = model.default_guidance
             if p.name == "n" and pixel_budgets:
                 schema["x-max-request-pixels"] = pixel_budgets
-            providers = {
-                key: h[p.name] for key, h in handlings.items() if p.name in h
-            }
+            providers = {key: h[p.name] for key, h in handlings.items() if p.name in h}
             if p.only_if_handled and not providers:
                 continue
             props[p.name] = {**schema, "description": p.description, "x-group": p.group, "x-providers": providers}

@@ -56,8 +56,10 @@ def over_budget(settings: Settings, entry: ProviderEntry, job: ImageJob) -> str 
     if asked <= limit:
         return None
     setting = "KONTEXT_LOCAL_MAX_REQUEST_PIXELS" if entry.provider == "local" else "KONTEXT_MAX_REQUEST_PIXELS"
-    return (f"n={job.n} images of {asked // job.n} pixels is {asked} pixels, over its budget of {limit} pixels "
-            f"per request (fewer or smaller images; the operator sets {setting})")
+    return (
+        f"n={job.n} images of {asked // job.n} pixels is {asked} pixels, over its budget of {limit} pixels "
+        f"per request (fewer or smaller images; the operator sets {setting})"
+    )
 
 
 def _engine_on_gpu(settings: Settings) -> bool:

@@ -15,7 +15,6 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-
 from . import safejson
 from .errors import GatewayError, invalid, not_found
 from .imaging import parse_data_url
@@ -35,18 +34,35 @@ LIST_IMAGE_KEYS = ("input_images", "images", "image_urls")
 
 
 class PredictionService:
-    def __init__(self, gw: "Gateway") -> None:
+    def __init__(self, gw: Gateway) -> None:
         self.gw = gw
 
-    async def create(self, *, model: str | None, body: dict[str, Any], base_url: str, wait: float | None,
-                     principal: Principal = OPEN, request_id: str | None = None, provider: str | None = None
-                     ) -> dict[str, Any]:
+    async def create(
+        self,
+        *,
+        model: str | None,
+        body: dict[str, Any],
+        base_url: str,
+        wait: float | None,
+        principal: Principal = OPEN,
+        request_id: str | None = None,
+        provider: str | None = None,
+    ) -> dict[str, Any]:
         """`provider`: the `x-provider` header, as on the Images API (one provider, no failover)."""
         mode, fields, files, recorded, version, webhook, events = await self._request(model, body, base_url, principal)
         rid = await self.gw.images.submit(
-            mode=mode, fields=fields, files=files, principal=principal, input=recorded, provider=provider,
-            version=version if isinstance(version, str) else None, webhook=webhook, webhook_events=events,
-            endpoint="predictions", request_id=request_id, waiter=bool(wait),
+            mode=mode,
+            fields=fields,
+            files=files,
+            principal=principal,
+            input=recorded,
+            provider=provider,
+            version=version if isinstance(version, str) else None,
+            webhook=webhook,
+            webhook_events=events,
+            endpoint="predictions",
+            request_id=request_id,
+            waiter=bool(wait),
         )
         if wait:
             record = await self.gw.images.wait(rid, timeout=wait, cancel_on_abandon=False)
@@ -54,33 +70,47 @@ class PredictionService:
             record = await self.gw.db.get_request(rid) or {}
         return self.render(record, base_url)
 
-    async def estimate(self, *, model: str | None, body: dict[str, Any], base_url: str,
-                       principal: Principal = OPEN, provider: str | None = None) -> dict[str, Any]:
+    async def estimate(
+        self,
+        *,
+        model: str | None,
+        body: dict[str, Any],
+        base_url: str,
+        principal: Principal = OPEN,
+        provider: str | None = None,
+    ) -> dict[str, Any]:
         """`dryRun`: the prediction validated and priced, not created."""
         mode, fields, files, _, _, _, _ = await self._request(model, body, base_url, principal)
-        return await self.gw.images.estimate(mode=mode, fields=fields, files=files, principal=principal,
-                                             provider=provider)
+        return await self.gw.images.estimate(
+            mode=mode, fields=fields, files=files, principal=principal, provider=provider
+        )
 
-    async def _request(self, model: str | None, body: dict[str, Any], base_url: str,
-                       principal: Principal = OPEN) -> tuple[Any, ...]:
+    async def _request(
+        self, model: str | None, body: dict[str, Any], base_url: str, principal: Principal = OPEN
+    ) -> tuple[Any, ...]:
         """The prediction body as the Images API's fields and files (images fetched)."""
         version = body.get("version")
         name = model or body.get("model") or (version.split(":", 1)[0] if isinstance(version, str) else None)
         if not name:
-            raise invalid("Name the model: POST /v1/models/{owner}/{name}/predictions, or 'model' / 'version'.",
-                          param="model", code="missing_required_parameter")
+            raise invalid(
+                "Name the model: POST /v1/models/{owner}/{name}/predictions, or 'model' / 'version'.",
+                param="model",
+                code="missing_required_parameter",
+            )
         inputs = body.get("input")
         if not isinstance(inputs, dict):
-            raise invalid("'input' must be an object of the model's inputs.", param="input",
-                          code="missing_required_parameter")
+            raise invalid(
+                "'input' must be an object of the model's inputs.", param="input", code="missing_required_parameter"
+            )
         webhook, events = await self._webhook(body)
         fields, files, recorded = await self._translate(inputs, base_url, principal)
         fields["model"] = name
         mode = "edit" if files else "text-to-image"
         return mode, fields, files, recorded, version, webhook, events
 
-    async def get(self, rid: str, base_url: str, wait: float | None = None, principal: Principal = OPEN
-                  ) -> dict[str, Any]:
+    async def get(
+        self, rid: str, base_url: str, wait: float | None = None, principal: Principal = OPEN
+    ) -> dict[str, Any]:
         await self._owned(rid, principal)
         if wait:
             await self.gw.images.wait(rid, timeout=wait, cancel_on_abandon=False)
@@ -103,8 +133,9 @@ class PredictionService:
         if not principal.owns(await self.gw.db.get_request(rid)):
             raise not_found(f"No prediction '{rid}'.", code="prediction_not_found")
 
-    async def list(self, base_url: str, cursor: str | None, limit: int = 100, principal: Principal = OPEN
-                   ) -> dict[str, Any]:
+    async def list(
+        self, base_url: str, cursor: str | None, limit: int = 100, principal: Principal = OPEN
+    ) -> dict[str, Any]:
         before = _decode_cursor(cursor) if cursor else None
         key_id = None if principal.sees_all() else principal.key_id
         records = await self.gw.db.list_requests(limit=limit + 1, before=before, key_id=key_id)
@@ -112,8 +143,9 @@ class PredictionService:
         nxt = None
         if more:
             last = page[-1]
-            nxt = (f"{base_url.rstrip('/')}/v1/predictions?cursor={_encode_cursor(last['created_at'], last['id'])}"
-                   + (f"&limit={limit}" if limit != 100 else ""))
+            nxt = f"{base_url.rstrip('/')}/v1/predictions?cursor={_encode_cursor(last['created_at'], last['id'])}" + (
+                f"&limit={limit}" if limit != 100 else ""
+            )
         return {"previous": None, "next": nxt, "results": [self.render(r, base_url) for r in page]}
 
     def render(self, record: dict[str, Any], base_url: str) -> dict[str, Any]:
@@ -139,8 +171,8 @@ class PredictionService:
             "version": record.get("version") or "kontext-gateway",
             "input": record.get("input") or {},
             # While the local engine in this process runs it, the step counter too (as cog prints one).
-            "logs": (record.get("logs") or "") + (f"denoising step {steps[0]}/{steps[1]}\n"
-                                                  if (steps := self.gw.runner.steps.get(rid)) else ""),
+            "logs": (record.get("logs") or "")
+            + (f"denoising step {steps[0]}/{steps[1]}\n" if (steps := self.gw.runner.steps.get(rid)) else ""),
             "output": output,
             "data_removed": record.get("purged_at") is not None,  # payloads purged (history)
             "error": error.get("message") if isinstance(error, dict) else error,
@@ -168,17 +200,23 @@ class PredictionService:
 
         await validate_webhook_url(webhook, self.gw.settings)
         if events is not None and (not isinstance(events, list) or any(e not in EVENTS for e in events)):
-            raise GatewayError(f"'webhook_events_filter' takes a list of {', '.join(EVENTS)}.", status=422,
-                               param="webhook_events_filter", code="invalid_value")
+            raise GatewayError(
+                f"'webhook_events_filter' takes a list of {', '.join(EVENTS)}.",
+                status=422,
+                param="webhook_events_filter",
+                code="invalid_value",
+            )
         return webhook, events
 
-    async def _translate(self, inputs: dict[str, Any], base_url: str, principal: Principal = OPEN
-                         ) -> tuple[dict[str, Any], list[InputFile], dict[str, Any]]:
+    async def _translate(
+        self, inputs: dict[str, Any], base_url: str, principal: Principal = OPEN
+    ) -> tuple[dict[str, Any], list[InputFile], dict[str, Any]]:
         """Replicate input -> (unified fields, image files, the input as recorded: images by reference)."""
         fields: dict[str, Any] = {}
         sources: list[tuple[str, Any]] = []
-        numbered = sorted((k for k in inputs if k.startswith("input_image_") and k[12:].isdigit()),
-                          key=lambda k: int(k[12:]))
+        numbered = sorted(
+            (k for k in inputs if k.startswith("input_image_") and k[12:].isdigit()), key=lambda k: int(k[12:])
+        )
         for key, value in inputs.items():
             if key in SINGLE_IMAGE_KEYS or key in numbered:
                 continue
@@ -228,7 +266,7 @@ class PredictionService:
             return None
         path = parts.path
         if path.startswith(FILES_ROUTE):
-            record = await self.gw.db.get_file(path[len(FILES_ROUTE):].removesuffix("/download"))
+            record = await self.gw.db.get_file(path[len(FILES_ROUTE) :].removesuffix("/download"))
             record = record if principal.owns(record) else None
             data = self.gw.blobs.get(record["blob_id"]) if record else None
             if data is not None:
@@ -237,16 +275,24 @@ class PredictionService:
             data = self.gw.images.signed_blob(path, parts.query)
             if data is not None:
                 return data
-        raise invalid("That URL of this gateway names no stored file (or its link has expired).",
-                      param="input", code="invalid_image_url")
+        raise invalid(
+            "That URL of this gateway names no stored file (or its link has expired).",
+            param="input",
+            code="invalid_image_url",
+        )
 
     async def _fetch(self, url: str, param: str) -> bytes:
         """Someone else's URL: checked, pinned to the checked address, size- and time-limited (net.py)."""
         from .net import fetch_image
 
         settings = self.gw.settings
-        return await fetch_image(url, param=param, allow_private=settings.allow_private_urls,
-                                 max_bytes=settings.max_file_bytes, deadline_s=settings.fetch_timeout_s)
+        return await fetch_image(
+            url,
+            param=param,
+            allow_private=settings.allow_private_urls,
+            max_bytes=settings.max_file_bytes,
+            deadline_s=settings.fetch_timeout_s,
+        )
 
 
 def _summary(data_uri: str) -> str:
@@ -273,5 +319,6 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
             raise ValueError(cursor)
         return datetime.fromisoformat(at), rid
     except (ValueError, TypeError, GatewayError):
-        raise invalid("Invalid 'cursor': use the 'next' URL of the previous page.", param="cursor",
-                      code="invalid_cursor") from None
+        raise invalid(
+            "Invalid 'cursor': use the 'next' URL of the previous page.", param="cursor", code="invalid_cursor"
+        ) from None

@@ -14,8 +14,9 @@ API shows USD floats derived from them. Prices come from the catalog's pricing c
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from .catalog import Catalog, ProviderEntry
 
@@ -44,9 +45,15 @@ class Estimate:
     def body(self, model: str) -> dict[str, Any]:
         """The dry-run response (Lumenfall's shape, amounts in micros)."""
         return {
-            "object": "cost_estimate", "estimated": True, "model": model, "provider": self.provider,
-            "total_cost_micros": self.total_micros, "max_cost_micros": self.max_micros,
-            "total_cost": usd(self.total_micros), "currency": self.currency, "components": self.components,
+            "object": "cost_estimate",
+            "estimated": True,
+            "model": model,
+            "provider": self.provider,
+            "total_cost_micros": self.total_micros,
+            "max_cost_micros": self.max_micros,
+            "total_cost": usd(self.total_micros),
+            "currency": self.currency,
+            "components": self.components,
         }
 
 
@@ -54,19 +61,27 @@ def estimate(entries: list[ProviderEntry], n: int) -> Estimate:
     """`entries` in the order the router would try them (at least one)."""
     first = entries[0]
     components = [
-        {"type": c.type, "metric": c.metric, "quantity": n, "billable_quantity": n, "unit_price": c.unit_price,
-         "total_cost": micros(c.unit_price) * n}
-        for c in first.pricing.components if c.metric == "image"
+        {
+            "type": c.type,
+            "metric": c.metric,
+            "quantity": n,
+            "billable_quantity": n,
+            "unit_price": c.unit_price,
+            "total_cost": micros(c.unit_price) * n,
+        }
+        for c in first.pricing.components
+        if c.metric == "image"
     ]
     return Estimate(
-        provider=first.config_key, currency=first.pricing.currency,
+        provider=first.config_key,
+        currency=first.pricing.currency,
         total_micros=_image_price(first) * n,
         max_micros=max(_image_price(e) for e in entries) * n,
         components=components,
     )
 
 
-def actual(attempts: Iterable["Attempt | dict[str, Any]"], catalog: Catalog) -> tuple[int, list[dict[str, Any]]]:
+def actual(attempts: Iterable[Attempt | dict[str, Any]], catalog: Catalog) -> tuple[int, list[dict[str, Any]]]:
     """(micros, line items) for what the attempts made and were billed for."""
     billed: dict[str, int] = defaultdict(int)
     for a in attempts:
@@ -78,8 +93,15 @@ def actual(attempts: Iterable["Attempt | dict[str, Any]"], catalog: Catalog) -> 
     for config_key, images in billed.items():
         entry = catalog.resolve(config_key)[1]
         unit = _image_price(entry) if entry is not None else 0
-        lines.append({"provider": config_key, "metric": "image", "quantity": images,
-                      "unit_price": usd(unit), "total_cost": unit * images})
+        lines.append(
+            {
+                "provider": config_key,
+                "metric": "image",
+                "quantity": images,
+                "unit_price": usd(unit),
+                "total_cost": unit * images,
+            }
+        )
     return sum(line["total_cost"] for line in lines), lines
 
 

@@ -113,20 +113,27 @@ def _to_gateway_error(exc: ValidationError) -> GatewayError:
     param = ".".join(str(p) for p in err.get("loc", ())) or None
     kind = err.get("type", "")
     if kind == "missing":
-        return GatewayError(
-            f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
-        )
+        return GatewayError(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     value = err.get("input")
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")
     if kind in ("string_too_long", "too_long"):
         limit = err.get("ctx", {}).get("max_length")
         unit = "characters" if kind == "string_too_long" else "items"
-        return invalid(f"Invalid '{param}': {len(value)} {unit}; the limit is {limit} {unit}.", param=param,
-                       code="string_above_max_length" if unit == "characters" else "array_above_max_length")
+        return invalid(
+            f"Invalid '{param}': {len(value)} {unit}; the limit is {limit} {unit}.",
+            param=param,
+            code="string_above_max_length" if unit == "characters" else "array_above_max_length",
+        )
     if kind.startswith(("greater_than", "less_than")):
         limits = err.get("ctx", {})
         bound = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in limits.items())
-        return invalid(f"Invalid '{param}': {value!r} is out of range ({bound}).", param=param,
-                       code="integer_out_of_range" if isinstance(value, int) else "invalid_value")
-    return invalid(f"Invalid '{param}': {msg}.", param=param,
-                   code="invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value")
+        return invalid(
+            f"Invalid '{param}': {value!r} is out of range ({bound}).",
+            param=param,
+            code="integer_out_of_range" if isinstance(value, int) else "invalid_value",
+        )
+    return invalid(
+        f"Invalid '{param}': {msg}.",
+        param=param,
+        code="invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value",
+    )

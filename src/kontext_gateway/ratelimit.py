@@ -25,7 +25,16 @@ from dataclasses import dataclass
 from inspect import isawaitable
 from typing import Any
 
-from pyrate_limiter import GCRA, Duration, InMemoryStateStore, PostgresBucket, Rate, RateItem, RedisStateStore, StateBucket
+from pyrate_limiter import (
+    GCRA,
+    Duration,
+    InMemoryStateStore,
+    PostgresBucket,
+    Rate,
+    RateItem,
+    RedisStateStore,
+    StateBucket,
+)
 
 REDIS_PREFIX = "kontext:rl:"
 _SCHEMES = "'memory', 'redis://', 'postgresql://' (or 'postgres://', 'postgresql+asyncpg://')"

@@ -29,7 +29,7 @@ BATCH = 100
 
 
 class RetentionSweeper:
-    def __init__(self, gw: "Gateway") -> None:
+    def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self._task: asyncio.Task[None] | None = None
 
@@ -61,10 +61,17 @@ class RetentionSweeper:
         while cutoff is not None:
             # created_at < cutoff holds for anything completed before it and lets the
             # (status, created_at) index narrow the scan.
-            query = (select(RequestRecord.id)
-                     .where(RequestRecord.status.in_(ENDED), RequestRecord.purged_at.is_(None),
-                            RequestRecord.created_at < cutoff, RequestRecord.completed_at < cutoff)
-                     .order_by(RequestRecord.completed_at).limit(BATCH))
+            query = (
+                select(RequestRecord.id)
+                .where(
+                    RequestRecord.status.in_(ENDED),
+                    RequestRecord.purged_at.is_(None),
+                    RequestRecord.created_at < cutoff,
+                    RequestRecord.completed_at < cutoff,
+                )
+                .order_by(RequestRecord.completed_at)
+                .limit(BATCH)
+            )
             async with self.gw.db._session() as session:
                 ids = list((await session.scalars(query)).all())
             if not ids:
@@ -80,6 +87,6 @@ class RetentionSweeper:
         while True:
             try:
                 await self.sweep()
-            except Exception:  # noqa: BLE001 - the next sweep tries again; the log says what happened
+            except Exception:
                 log.exception("retention sweep failed")
             await asyncio.sleep(self.gw.settings.retention_sweep_interval_s)

@@ -52,8 +52,13 @@ class Router:
         return {e.config_key: budget(self.settings, e) for e in model.providers if e.provider in self.providers}
 
     def candidates(
-        self, model: ModelSpec, mode: Mode, job: ImageJob, *,
-        forced: ProviderEntry | None = None, provider: str | None = None,
+        self,
+        model: ModelSpec,
+        mode: Mode,
+        job: ImageJob,
+        *,
+        forced: ProviderEntry | None = None,
+        provider: str | None = None,
     ) -> list[Candidate]:
         """The entries that can serve the job now, in order. Raises a clear error when none can."""
         entries = model.providers_for(mode)
@@ -61,7 +66,8 @@ class Router:
             if forced not in entries:
                 raise GatewayError(
                     f"Provider '{forced.config_key}' does not support {mode} for model '{model.id}'.",
-                    param="model", code="unsupported_mode",
+                    param="model",
+                    code="unsupported_mode",
                 )
             entries = [forced]
         if provider:
@@ -70,7 +76,8 @@ class Router:
                 known = ", ".join(sorted({e.provider for e in model.providers_for(mode)})) or "none"
                 raise GatewayError(
                     f"Provider '{provider}' does not serve model '{model.id}' for {mode}. Providers: {known}.",
-                    param="x-provider", code="provider_not_found",
+                    param="x-provider",
+                    code="provider_not_found",
                 )
         usable: list[Candidate] = []
         reasons: list[str] = []
@@ -88,8 +95,10 @@ class Router:
         if not usable and refused:
             # The request asks for something no available provider does: the request must change (400).
             raise GatewayError(
-                f"No available provider of model '{model.id}' can do what this request asks. " + "; ".join(refused)
-                + (". Not available: " + "; ".join(reasons) if reasons else "") + ".",
+                f"No available provider of model '{model.id}' can do what this request asks. "
+                + "; ".join(refused)
+                + (". Not available: " + "; ".join(reasons) if reasons else "")
+                + ".",
                 code="unsupported_by_providers",
             )
         if not usable:
@@ -119,10 +128,12 @@ class Router:
         seen = len(job.attempts)
         try:
             return await asyncio.wait_for(self._run(candidates, job), timeout=self.settings.request_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise GatewayError(
                 f"No provider finished within {self.settings.request_timeout_s:g} s. " + _summary(job.attempts),
-                status=504, type="server_error", code="request_timeout",
+                status=504,
+                type="server_error",
+                code="request_timeout",
             ) from None
         finally:
             # One place for the provider metrics: every attempt this run made, whichever way it ended.
@@ -135,8 +146,16 @@ class Router:
         for entry, impl in candidates:
             breaker_key = entry.config_key  # one breaker per (provider, model)
             if not self.breaker.allow(breaker_key) and len(candidates) > 1:
-                job.attempts.append(Attempt(impl.name, entry.config_key, "skipped", 0, error_class="circuit_open",
-                                            message="circuit breaker open after repeated failures"))
+                job.attempts.append(
+                    Attempt(
+                        impl.name,
+                        entry.config_key,
+                        "skipped",
+                        0,
+                        error_class="circuit_open",
+                        message="circuit breaker open after repeated failures",
+                    )
+                )
                 continue
             t0 = time.perf_counter()
             try:
@@ -146,7 +165,9 @@ class Router:
                     self.breaker.release(breaker_key)
                     raise GatewayError(
                         f"The request was rejected by {entry.provider}'s content moderation: {exc.message}",
-                        status=400, code="content_policy_violation", param="prompt",
+                        status=400,
+                        code="content_policy_violation",
+                        param="prompt",
                     ) from None
                 if exc.kind == "invalid_request":  # the request, not the provider's health
                     self.breaker.release(breaker_key)
@@ -158,16 +179,25 @@ class Router:
                 continue
             except GatewayError as exc:  # the local engine
                 if not impl.records_attempts:
-                    job.attempts.append(Attempt(impl.name, entry.config_key, "failed", _ms(t0),
-                                                error_class=exc.code or "error", message=exc.message[:300]))
+                    job.attempts.append(
+                        Attempt(
+                            impl.name,
+                            entry.config_key,
+                            "failed",
+                            _ms(t0),
+                            error_class=exc.code or "error",
+                            message=exc.message[:300],
+                        )
+                    )
                 if exc.status < 500:
                     raise
                 self.breaker.failure(breaker_key)
                 last = exc
                 continue
             if not impl.records_attempts:
-                job.attempts.append(Attempt(impl.name, entry.config_key, "succeeded", _ms(t0),
-                                            images=len(result.images)))
+                job.attempts.append(
+                    Attempt(impl.name, entry.config_key, "succeeded", _ms(t0), images=len(result.images))
+                )
             self.breaker.success(breaker_key)
             self.observe(entry.config_key, time.perf_counter() - t0)
             return entry, result
@@ -179,7 +209,10 @@ class Router:
             raise last
         raise GatewayError(
             f"All providers failed for model '{job.model.id}'. " + _summary(job.attempts),
-            status=502, type="server_error", code="all_providers_exhausted", headers=headers,
+            status=502,
+            type="server_error",
+            code="all_providers_exhausted",
+            headers=headers,
         )
 
 

@@ -28,8 +28,14 @@ MAX_DEPTH = 32  # the deepest documented body (a prediction's input images) has 
 MAX_VALUES = 100_000  # a prompt of 32,000 characters, all commas, still fits
 
 
-def loads(data: bytes | bytearray | str, *, what: str = "The request body", param: str | None = None,
-          max_depth: int = MAX_DEPTH, max_values: int = MAX_VALUES) -> Any:
+def loads(
+    data: bytes | bytearray | str,
+    *,
+    what: str = "The request body",
+    param: str | None = None,
+    max_depth: int = MAX_DEPTH,
+    max_values: int = MAX_VALUES,
+) -> Any:
     """Parse `data`, or raise GatewayError 400 (`invalid_json`) saying what is wrong."""
     text = data if isinstance(data, str) else decode(data, what=what, param=param, max_values=max_values)
     _count(text, what, param, max_values)
@@ -45,8 +51,9 @@ def loads(data: bytes | bytearray | str, *, what: str = "The request body", para
     return value
 
 
-def decode(data: bytes | bytearray, *, what: str = "The request body", param: str | None = None,
-           max_values: int = MAX_VALUES) -> str:
+def decode(
+    data: bytes | bytearray, *, what: str = "The request body", param: str | None = None, max_values: int = MAX_VALUES
+) -> str:
     """UTF-8 text, strictly: invalid bytes and encoded surrogates are refused. Too many values are
     refused first, before the text is made."""
     _count(data, what, param, max_values)
@@ -65,8 +72,14 @@ def _count(data: bytes | bytearray | str, what: str, param: str | None, max_valu
         raise _bad(f"{what} holds too many JSON values (at most {max_values} are accepted).", param)
 
 
-def check(value: Any, *, what: str = "The request body", param: str | None = None,
-          max_depth: int = MAX_DEPTH, code: str = "invalid_json") -> None:
+def check(
+    value: Any,
+    *,
+    what: str = "The request body",
+    param: str | None = None,
+    max_depth: int = MAX_DEPTH,
+    code: str = "invalid_json",
+) -> None:
     """Depth and string validity of an already parsed value (iterative: no recursion to exhaust).
     A bad string is reported by its place in the body, e.g. `input.prompt`. `code`: the error's code
     (a form's fields are not JSON)."""
@@ -88,15 +101,22 @@ def check(value: Any, *, what: str = "The request body", param: str | None = Non
 
 def _text(s: str, what: str, param: str | None, path: tuple[str | int, ...], code: str) -> None:
     if "\x00" in s:  # PostgreSQL cannot store it, and no prompt or name needs it
-        raise _bad(f"{_subject(what, param, path)} holds a NUL character (\\u0000), which is not accepted.",
-                   _dotted(path) or param, code)
+        raise _bad(
+            f"{_subject(what, param, path)} holds a NUL character (\\u0000), which is not accepted.",
+            _dotted(path) or param,
+            code,
+        )
     if s.isascii():  # the common case, and every data URL: no copy made
         return
     try:
         s.encode("utf-8")
     except UnicodeEncodeError:
-        raise _bad(f"{_subject(what, param, path)} is not valid Unicode: it holds an unpaired surrogate escape "
-                   "such as \\ud800.", _dotted(path) or param, code) from None
+        raise _bad(
+            f"{_subject(what, param, path)} is not valid Unicode: it holds an unpaired surrogate escape "
+            "such as \\ud800.",
+            _dotted(path) or param,
+            code,
+        ) from None
 
 
 def _subject(what: str, param: str | None, path: tuple[str | int, ...]) -> str:

@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 from . import metrics, pricing
 from .catalog import Mode, ProviderEntry
 from .errors import GatewayError, invalid, too_large
-from .keys import OPEN, Principal, forbidden
 from .imaging import EXTENSIONS, decode_image, decode_mask, encode_image, parse_data_url, sniff_format
 from .jobs.spec import to_params
+from .keys import OPEN, Principal, forbidden
 from .params import CONTROL_FIELDS, PARAM_NAMES, Size, resolve_size
 from .protocol import ImageRequest, parse_image_request
 from .providers.base import ImageJob, ProgressFn
@@ -63,7 +63,7 @@ def new_request_id() -> str:
 class ImageService:
     """The Images API on the job machinery: a synchronous request is a job that is waited on."""
 
-    def __init__(self, gw: "Gateway") -> None:
+    def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.settings = gw.settings
         self.catalog = gw.catalog
@@ -84,16 +84,35 @@ class ImageService:
         progress: ProgressFn | None = None,
         request_id: str | None = None,
     ) -> ImageOutcome:
-        request_id = await self.submit(mode=mode, fields=fields, files=files, provider=provider, principal=principal,
-                                       progress=progress, request_id=request_id, waiter=True)
+        request_id = await self.submit(
+            mode=mode,
+            fields=fields,
+            files=files,
+            provider=provider,
+            principal=principal,
+            progress=progress,
+            request_id=request_id,
+            waiter=True,
+        )
         record = await self.wait(request_id)
         return self.render(record, base_url)
 
     async def submit(
-        self, *, mode: Mode, fields: dict[str, Any], files: list[InputFile], provider: str | None = None,
-        principal: Principal = OPEN, progress: ProgressFn | None = None, request_id: str | None = None,
-        input: dict[str, Any] | None = None, version: str | None = None, webhook: str | None = None,
-        webhook_events: list[str] | None = None, endpoint: str | None = None, waiter: bool = False,
+        self,
+        *,
+        mode: Mode,
+        fields: dict[str, Any],
+        files: list[InputFile],
+        provider: str | None = None,
+        principal: Principal = OPEN,
+        progress: ProgressFn | None = None,
+        request_id: str | None = None,
+        input: dict[str, Any] | None = None,
+        version: str | None = None,
+        webhook: str | None = None,
+        webhook_events: list[str] | None = None,
+        endpoint: str | None = None,
+        waiter: bool = False,
     ) -> str:
         """Validate, check the key's limits, reserve the estimated cost and enqueue: the job is
         committed (with its reservation) before anyone waits on it. Returns its id.
@@ -103,8 +122,9 @@ class ImageService:
         key_id = principal.key_id
         t0 = time.perf_counter()
         try:
-            job, forced, req, raw_inputs, entries = await self._prepare(request_id, mode, fields, files, provider,
-                                                                        principal)
+            job, forced, req, raw_inputs, entries = await self._prepare(
+                request_id, mode, fields, files, provider, principal
+            )
             await self._rate_limit(principal, job.n)
             estimate = pricing.estimate(entries, job.n)
         except GatewayError as exc:
@@ -112,22 +132,39 @@ class ImageService:
             raise
         input_blob_ids = await asyncio.to_thread(self._store_inputs, raw_inputs)
         mask_blob_id = await asyncio.to_thread(self._store_mask, job.mask) if job.mask is not None else None
-        params = to_params(job, input_blob_ids=input_blob_ids, response_format=req.response_format or "url",
-                           requested_model=req.model, forced=forced.config_key if forced else None, provider=provider,
-                           mask_blob_id=mask_blob_id)
+        params = to_params(
+            job,
+            input_blob_ids=input_blob_ids,
+            response_format=req.response_format or "url",
+            requested_model=req.model,
+            forced=forced.config_key if forced else None,
+            provider=provider,
+            mask_blob_id=mask_blob_id,
+        )
         if progress is not None:
             self.gw.runner.progress[request_id] = progress
         if waiter:
             self.gw.completions.event(request_id)  # registered before the job can finish
         # The worst case over the providers it may fail over to is held; the actual cost is settled.
         # Only API keys have budgets: the open gateway's requests need no ledger entry.
-        reservation = ledger.Reservation(key_id, estimate.max_micros, principal.budget_period,
-                                         principal.max_concurrent) if principal.stored else None
+        reservation = (
+            ledger.Reservation(key_id, estimate.max_micros, principal.budget_period, principal.max_concurrent)
+            if principal.stored
+            else None
+        )
         try:
             await self.db.create_request(
-                id=request_id, endpoint=endpoint, model=job.model.id, mode=mode, params=params, key_id=key_id,
-                input=input if input is not None else _safe_params(fields), version=version, webhook=webhook,
-                webhook_events=webhook_events, reservation=reservation,
+                id=request_id,
+                endpoint=endpoint,
+                model=job.model.id,
+                mode=mode,
+                params=params,
+                key_id=key_id,
+                input=input if input is not None else _safe_params(fields),
+                version=version,
+                webhook=webhook,
+                webhook_events=webhook_events,
+                reservation=reservation,
             )
         except (ledger.BudgetExceeded, ledger.ConcurrencyExceeded, ledger.KeyRevoked) as refused:
             self.gw.completions.forget(request_id)
@@ -142,8 +179,15 @@ class ImageService:
         self.gw.worker.wake()
         return request_id
 
-    async def estimate(self, *, mode: Mode, fields: dict[str, Any], files: list[InputFile],
-                       provider: str | None = None, principal: Principal = OPEN) -> dict[str, Any]:
+    async def estimate(
+        self,
+        *,
+        mode: Mode,
+        fields: dict[str, Any],
+        files: list[InputFile],
+        provider: str | None = None,
+        principal: Principal = OPEN,
+    ) -> dict[str, Any]:
         """`dryRun`: validate as a real request would be, and price it; nothing runs or is stored."""
         job, _, _, _, entries = await self._prepare(new_request_id(), mode, fields, files, provider, principal)
         est = pricing.estimate(entries, job.n)
@@ -152,36 +196,65 @@ class ImageService:
         if principal.stored:
             key = await self.gw.keys.get(principal.key_id or "")
             remaining = key["remaining_usd"]
-            body["budget"] = {"remaining_usd": remaining, "period": key["budget_period"],
-                              "fits": remaining is None or est.max_micros <= pricing.micros(remaining)}
+            body["budget"] = {
+                "remaining_usd": remaining,
+                "period": key["budget_period"],
+                "fits": remaining is None or est.max_micros <= pricing.micros(remaining),
+            }
         return body
 
-    async def _reject(self, exc: GatewayError, request_id: str, endpoint: str, mode: Mode, fields: dict[str, Any],
-                      key_id: str | None, input: dict[str, Any] | None, version: str | None, t0: float) -> None:
+    async def _reject(
+        self,
+        exc: GatewayError,
+        request_id: str,
+        endpoint: str,
+        mode: Mode,
+        fields: dict[str, Any],
+        key_id: str | None,
+        input: dict[str, Any] | None,
+        version: str | None,
+        t0: float,
+    ) -> None:
         """A rejected request is recorded too: the history shows what was asked and why it failed."""
         await self.db.create_request(
-            id=request_id, endpoint=endpoint, model=str(fields.get("model") or ""), mode=mode,
-            params=_safe_params(fields), key_id=key_id, input=_clipped(input), version=version,
-            rejected={"error": {**exc.body()["error"], "status": exc.status, "headers": exc.headers},
-                      "duration_ms": _ms(t0)},
+            id=request_id,
+            endpoint=endpoint,
+            model=str(fields.get("model") or ""),
+            mode=mode,
+            params=_safe_params(fields),
+            key_id=key_id,
+            input=_clipped(input),
+            version=version,
+            rejected={
+                "error": {**exc.body()["error"], "status": exc.status, "headers": exc.headers},
+                "duration_ms": _ms(t0),
+            },
         )
         exc.headers.setdefault("x-request-id", request_id)
 
     @staticmethod
     def _authorize(principal: Principal, model_id: str) -> None:
         if principal.models is not None and model_id not in principal.models:
-            raise forbidden(f"This API key may not use model '{model_id}'; it may use: {', '.join(principal.models)}.",
-                            param="model", code="model_not_allowed")
+            raise forbidden(
+                f"This API key may not use model '{model_id}'; it may use: {', '.join(principal.models)}.",
+                param="model",
+                code="model_not_allowed",
+            )
 
     async def _rate_limit(self, principal: Principal, n: int) -> None:
         """Requests and images per minute, counted where the settings say (memory, Redis, PostgreSQL)."""
         if principal.key_id is None:
             return
         if principal.ipm is not None and n > principal.ipm:
-            raise invalid(f"n={n} is more than this API key's limit of {principal.ipm} images per minute.",
-                          param="n", code="n_above_rate_limit")
-        for kind, limit, weight, words in (("requests", principal.rpm, 1, "requests per minute"),
-                                           ("images", principal.ipm, n, "images per minute")):
+            raise invalid(
+                f"n={n} is more than this API key's limit of {principal.ipm} images per minute.",
+                param="n",
+                code="n_above_rate_limit",
+            )
+        for kind, limit, weight, words in (
+            ("requests", principal.rpm, 1, "requests per minute"),
+            ("images", principal.ipm, n, "images per minute"),
+        ):
             if limit is None:
                 continue
             admission = await self.gw.limits.hit(f"{kind}:{principal.key_id}", limit, weight)
@@ -190,12 +263,16 @@ class ImageService:
                 wait = max(1, int((admission.retry_after_s or 1) + 0.999))
                 raise GatewayError(
                     f"Rate limit reached for API key '{principal.name}' ({principal.key_id}) on {words}: "
-                    f"limit {limit}. Try again in {wait} s.", status=429, type=kind, code="rate_limit_exceeded",
+                    f"limit {limit}. Try again in {wait} s.",
+                    status=429,
+                    type=kind,
+                    code="rate_limit_exceeded",
                     headers={"retry-after": str(wait), f"x-ratelimit-limit-{kind}": str(limit)},
                 )
 
-    async def wait(self, request_id: str, timeout: float | None = None, *, cancel_on_abandon: bool = True
-                   ) -> dict[str, Any]:
+    async def wait(
+        self, request_id: str, timeout: float | None = None, *, cancel_on_abandon: bool = True
+    ) -> dict[str, Any]:
         """Until the job ends (or `timeout` passes: then the record as it is). Cancelling the
         waiter (the client hung up) cancels the job, unless it is a prediction that goes on."""
         event = self.gw.completions.event(request_id)
@@ -240,12 +317,18 @@ class ImageService:
             error = dict(record["error"] or {})
             status = int(error.pop("status", 500))
             headers = {"x-request-id": rid, **(error.pop("headers", None) or {})}
-            raise GatewayError(error.get("message") or "The request failed.", status=status,
-                               type=error.get("type"), param=error.get("param"), code=error.get("code"),
-                               headers=headers)
+            raise GatewayError(
+                error.get("message") or "The request failed.",
+                status=status,
+                type=error.get("type"),
+                param=error.get("param"),
+                code=error.get("code"),
+                headers=headers,
+            )
         if record["status"] == "canceled":
-            raise GatewayError("The request was canceled.", status=499, code="request_canceled",
-                               headers={"x-request-id": rid})
+            raise GatewayError(
+                "The request was canceled.", status=499, code="request_canceled", headers={"x-request-id": rid}
+            )
         params = record["params"]
         entry = self.catalog.resolve(record["provider"])[1] if record.get("provider") else None
         inline = params.get("response_format") == "b64_json"
@@ -278,8 +361,11 @@ class ImageService:
                 **({"engine": params["engine"]} if params.get("engine") else {}),
             },
         }
-        headers = {"x-request-id": rid, "x-kontext-provider": record["provider"] or "",
-                   "x-kontext-model": record["model"]}
+        headers = {
+            "x-request-id": rid,
+            "x-kontext-provider": record["provider"] or "",
+            "x-kontext-model": record["model"],
+        }
         return ImageOutcome(body=body, headers=headers, blobs=blobs)
 
     def _store_inputs(self, raw: list[bytes]) -> list[str]:
@@ -292,9 +378,9 @@ class ImageService:
         args = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
         if not self.signer.verify(path, args.get("exp", ""), args.get("sig", "")):
             return None
-        return self.blobs.get(path[len(BLOB_ROUTE):])
+        return self.blobs.get(path[len(BLOB_ROUTE) :])
 
-    def _store_mask(self, mask: "Image") -> str:
+    def _store_mask(self, mask: Image) -> str:
         return self.blobs.put(encode_image(mask, "png"), ext="png")
 
     def blob_url(self, base_url: str, blob_id: str) -> str:
@@ -305,7 +391,12 @@ class ImageService:
     # -- validation and normalisation --------------------------------------------------------------
 
     async def _prepare(
-        self, request_id: str, mode: Mode, fields: dict[str, Any], files: list[InputFile], provider: str | None,
+        self,
+        request_id: str,
+        mode: Mode,
+        fields: dict[str, Any],
+        files: list[InputFile],
+        provider: str | None,
         principal: Principal,
     ) -> tuple[ImageJob, ProviderEntry | None, ImageRequest, list[bytes], list[ProviderEntry]]:
         req = parse_image_request(fields)
@@ -316,44 +407,70 @@ class ImageService:
             supported = " and ".join(model.modes)
             raise invalid(
                 f"Model '{model.id}' does not support {_mode_words(mode)}; it supports {supported}.",
-                param="model", code="unsupported_mode",
+                param="model",
+                code="unsupported_mode",
             )
         if req.n > self.settings.max_n:
-            raise invalid(f"Invalid 'n': {req.n} is out of range (1 to {self.settings.max_n}).",
-                          param="n", code="integer_out_of_range")
+            raise invalid(
+                f"Invalid 'n': {req.n} is out of range (1 to {self.settings.max_n}).",
+                param="n",
+                code="integer_out_of_range",
+            )
         masks = [f for f in files if f.param == "mask"] + self._json_mask(fields)
         files = [f for f in files if f.param != "mask"] + self._referenced_files(req)
         files += await self._previous_output(req, principal)
         if masks and mode != "edit":
-            raise invalid("A mask needs an image to edit: use /v1/images/edits.", param="mask",
-                          code="unsupported_parameter")
+            raise invalid(
+                "A mask needs an image to edit: use /v1/images/edits.", param="mask", code="unsupported_parameter"
+            )
         if len(masks) > 1:
             raise invalid("Send one mask (it applies to the first image).", param="mask", code="invalid_value")
         if mode == "edit" and not files:
-            raise invalid("An edit needs an input image: send 'image' (a file) or 'images' [{'image_url'}].",
-                          param="image", code="missing_required_parameter")
+            raise invalid(
+                "An edit needs an input image: send 'image' (a file) or 'images' [{'image_url'}].",
+                param="image",
+                code="missing_required_parameter",
+            )
         if mode == "text-to-image" and files:
-            raise invalid("Text-to-image takes no input image; use /v1/images/edits to edit an image.",
-                          param="image", code="unsupported_parameter")
+            raise invalid(
+                "Text-to-image takes no input image; use /v1/images/edits to edit an image.",
+                param="image",
+                code="unsupported_parameter",
+            )
         if len(files) > model.max_input_images:
             raise invalid(
                 f"Too many input images: {len(files)} given, model '{model.id}' accepts at most "
-                f"{model.max_input_images}.", param="image", code="too_many_images",
+                f"{model.max_input_images}.",
+                param="image",
+                code="too_many_images",
             )
         images = await asyncio.to_thread(self._decode_inputs, files)  # large decodes stay off the event loop
         mask = None
         if masks:
-            mask = await asyncio.to_thread(decode_mask, masks[0].data, size=images[0].size,
-                                           max_pixels=self.settings.max_input_pixels)
+            mask = await asyncio.to_thread(
+                decode_mask, masks[0].data, size=images[0].size, max_pixels=self.settings.max_input_pixels
+            )
         input_size = Size(*images[0].size) if images else None
-        size = resolve_size(model, size=req.size, aspect_ratio=req.aspect_ratio,
-                            resolution=req.resolution, input_size=input_size)
+        size = resolve_size(
+            model, size=req.size, aspect_ratio=req.aspect_ratio, resolution=req.resolution, input_size=input_size
+        )
         job = ImageJob(
-            request_id=request_id, model=model, mode=mode, prompt=req.prompt, images=images, size=size,
-            n=req.n, seed=req.seed if req.seed is not None else secrets.randbelow(2**32),
-            output_format=req.output_format or "png", output_compression=req.output_compression,
-            guidance=req.cfg_scale, steps=req.num_inference_steps, extra=extra,
-            mask=mask, negative_prompt=req.negative_prompt, true_cfg_scale=req.true_cfg_scale,
+            request_id=request_id,
+            model=model,
+            mode=mode,
+            prompt=req.prompt,
+            images=images,
+            size=size,
+            n=req.n,
+            seed=req.seed if req.seed is not None else secrets.randbelow(2**32),
+            output_format=req.output_format or "png",
+            output_compression=req.output_compression,
+            guidance=req.cfg_scale,
+            steps=req.num_inference_steps,
+            extra=extra,
+            mask=mask,
+            negative_prompt=req.negative_prompt,
+            true_cfg_scale=req.true_cfg_scale,
             loras=[lora.model_dump() for lora in req.loras or []],
             partial_images=(req.partial_images or 0) if req.stream else 0,
         )
@@ -362,14 +479,15 @@ class ImageService:
         candidates = self.router.candidates(model, mode, job, forced=forced, provider=provider)
         return job, forced, req, [f.data for f in files], [entry for entry, _ in candidates]
 
-    def _decode_inputs(self, files: list[InputFile]) -> list["Image"]:
+    def _decode_inputs(self, files: list[InputFile]) -> list[Image]:
         images = []
         for i, f in enumerate(files):
             param = f.param if len(files) == 1 else f"{f.param}[{i}]"
             if len(f.data) > self.settings.max_file_bytes:
                 raise too_large(
                     f"'{param}' is {len(f.data)} bytes; the limit is {self.settings.max_file_bytes} bytes (50 MB).",
-                    param=param, code="file_too_large",
+                    param=param,
+                    code="file_too_large",
                 )
             images.append(decode_image(f.data, param=param, max_pixels=self.settings.max_input_pixels))
         return images
@@ -381,8 +499,11 @@ class ImageService:
         for i, ref in enumerate(req.images or []):
             param = f"images[{i}].image_url"
             if ref.image_url is None:
-                raise invalid("Each entry of 'images' needs an 'image_url' (file ids are not supported).",
-                              param=f"images[{i}]", code="invalid_value")
+                raise invalid(
+                    "Each entry of 'images' needs an 'image_url' (file ids are not supported).",
+                    param=f"images[{i}]",
+                    code="invalid_value",
+                )
             out.append(InputFile(self._image_at(ref.image_url, param), param="image"))
         return out
 
@@ -393,8 +514,11 @@ class ImageService:
             return []
         url = ref.get("image_url") if isinstance(ref, dict) else ref
         if not isinstance(url, str):
-            raise invalid("'mask' must be {\"image_url\": \"data:image/png;base64,...\"} (or a file upload).",
-                          param="mask", code="invalid_value")
+            raise invalid(
+                '\'mask\' must be {"image_url": "data:image/png;base64,..."} (or a file upload).',
+                param="mask",
+                code="invalid_value",
+            )
         return [InputFile(self._image_at(url, "mask.image_url"), param="mask")]
 
     def _image_at(self, url: str, param: str) -> bytes:
@@ -408,10 +532,17 @@ class ImageService:
             data = self.signed_blob(parts.path, parts.query)
             if data is not None:
                 return data
-            raise invalid(f"'{param}' is a link of this gateway that has expired or was altered; use "
-                          "'previous_response_id' to edit an earlier output.", param=param, code="invalid_image_url")
-        raise invalid(f"'{param}' must be a data URL (data:image/png;base64,...) or an image link of this gateway.",
-                      param=param, code="invalid_image_url")
+            raise invalid(
+                f"'{param}' is a link of this gateway that has expired or was altered; use "
+                "'previous_response_id' to edit an earlier output.",
+                param=param,
+                code="invalid_image_url",
+            )
+        raise invalid(
+            f"'{param}' must be a data URL (data:image/png;base64,...) or an image link of this gateway.",
+            param=param,
+            code="invalid_image_url",
+        )
 
     async def _previous_output(self, req: ImageRequest, principal: Principal) -> list[InputFile]:
         """`previous_response_id`: edit the (first) output of an earlier request, by its id."""
@@ -420,13 +551,17 @@ class ImageService:
             return []
         record = await self.db.get_request(rid)
         if not principal.owns(record):
-            raise GatewayError(f"No request '{rid}'.", status=404, param="previous_response_id",
-                               code="request_not_found")
+            raise GatewayError(
+                f"No request '{rid}'.", status=404, param="previous_response_id", code="request_not_found"
+            )
         data = self.blobs.get(record["output_blob_ids"][0]) if record["output_blob_ids"] else None
         if record["status"] != "succeeded" or data is None:
-            raise invalid(f"Request '{rid}' has no output to edit (it is {record['status']}"
-                          f"{', and its images were purged' if record.get('purged_at') else ''}).",
-                          param="previous_response_id", code="no_previous_output")
+            raise invalid(
+                f"Request '{rid}' has no output to edit (it is {record['status']}"
+                f"{', and its images were purged' if record.get('purged_at') else ''}).",
+                param="previous_response_id",
+                code="no_previous_output",
+            )
         return [InputFile(data, param="image")]
 
 
@@ -439,16 +574,23 @@ def _refusal(refused: Exception, principal: Principal) -> GatewayError:
             f"Insufficient budget for API key '{principal.name}' ({principal.key_id}): this request may cost up to "
             f"${refused.needed_micros / 1e6:.4f}, and ${left / 1e6:.4f} of the ${refused.budget_micros / 1e6:.4f} "
             f"{period}budget is left (${refused.spent_micros / 1e6:.4f} spent, ${refused.reserved_micros / 1e6:.4f} "
-            f"held by requests in flight).", status=402, type="billing_error", code="insufficient_budget",
+            f"held by requests in flight).",
+            status=402,
+            type="billing_error",
+            code="insufficient_budget",
         )
     if isinstance(refused, ledger.ConcurrencyExceeded):
         return GatewayError(
             f"Too many requests at once for API key '{principal.name}' ({principal.key_id}): its limit is "
-            f"{refused.limit} running at a time. Try again when one finishes.", status=429, type="requests",
-            code="concurrency_limit_exceeded", headers={"retry-after": "1"},
+            f"{refused.limit} running at a time. Try again when one finishes.",
+            status=429,
+            type="requests",
+            code="concurrency_limit_exceeded",
+            headers={"retry-after": "1"},
         )
-    return GatewayError("This API key has been revoked.", status=401, code="invalid_api_key",
-                        headers={"www-authenticate": "Bearer"})
+    return GatewayError(
+        "This API key has been revoked.", status=401, code="invalid_api_key", headers={"www-authenticate": "Bearer"}
+    )
 
 
 def _mode_words(mode: Mode) -> str:
@@ -481,9 +623,12 @@ def _bounded_passthrough(extra: dict[str, Any]) -> dict[str, Any]:
     sizes = {k: len(json.dumps(v, default=str)) for k, v in extra.items()}
     if sum(sizes.values()) > MAX_PASSTHROUGH_BYTES:
         name = max(sizes, key=sizes.__getitem__)
-        raise invalid(f"Unknown parameter '{name}' is {sizes[name]} bytes: parameters this gateway does not know "
-                      f"are passed to the provider as they are and may take {MAX_PASSTHROUGH_BYTES} bytes in all.",
-                      param=name, code="parameter_too_large")
+        raise invalid(
+            f"Unknown parameter '{name}' is {sizes[name]} bytes: parameters this gateway does not know "
+            f"are passed to the provider as they are and may take {MAX_PASSTHROUGH_BYTES} bytes in all.",
+            param=name,
+            code="parameter_too_large",
+        )
     return extra
 
 

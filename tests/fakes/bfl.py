@@ -32,13 +32,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .common import record, Faults, ResultStore, bucket, http_fault, make_image
+from .common import Faults, ResultStore, bucket, http_fault, make_image, record
 
 MODELS = {"flux-kontext-pro": 4.0, "flux-kontext-max": 8.0}  # credits per image
 ACCOUNT_LIMIT = 24
 MODEL_LIMITS = {"flux-kontext-max": 6}
-ERRORS = {401: "Not authenticated", 402: "Insufficient credits", 429: "You have exceeded the rate limit",
-          500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
+ERRORS = {
+    401: "Not authenticated",
+    402: "Insufficient credits",
+    429: "You have exceeded the rate limit",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+}
 _RATIO = re.compile(r"^(\d+):(\d+)$")
 TERMINAL = ("Ready", "Request Moderated", "Content Moderated", "Error")
 
@@ -63,8 +69,9 @@ class BFLTask:
 
 
 class FakeBFL:
-    def __init__(self, *, key: str = "bfl_test", pending_polls: int = 2, run_s: float = 2.0,
-                 results: ResultStore | None = None) -> None:
+    def __init__(
+        self, *, key: str = "bfl_test", pending_polls: int = 2, run_s: float = 2.0, results: ResultStore | None = None
+    ) -> None:
         self.key = key
         self.pending_polls = pending_polls
         self.run_s = run_s
@@ -74,11 +81,13 @@ class FakeBFL:
         self.requests: list[tuple[str, str, dict[str, str], Any]] = []  # (method, path?query, headers, json)
         self.tasks: dict[str, BFLTask] = {}
         self.peak: dict[str, int] = {}  # highest active-task count seen: "total" and per model
-        self.app = Starlette(routes=[
-            Route("/results/{name}", self._download, methods=["GET"]),
-            Route("/v1/get_result", self._poll, methods=["GET"]),
-            Route("/v1/{model}", self._submit, methods=["POST"]),
-        ])
+        self.app = Starlette(
+            routes=[
+                Route("/results/{name}", self._download, methods=["GET"]),
+                Route("/v1/get_result", self._poll, methods=["GET"]),
+                Route("/v1/{model}", self._submit, methods=["POST"]),
+            ]
+        )
 
     def submits(self) -> list[tuple[str, dict[str, Any]]]:
         return [(path, body) for method, path, _, body in self.requests if method == "POST"]
@@ -101,15 +110,20 @@ class FakeBFL:
         if request.headers.get("x-key") != self.key:
             return self._error(401)
         fault = self.faults.take("submit")
-        if fault is not None and fault.kind not in ("moderation", "moderation_503", "task_error", "foreign_url") \
-                and (replacement := await http_fault(fault, self._error, request)) is not None:
+        if (
+            fault is not None
+            and fault.kind not in ("moderation", "moderation_503", "task_error", "foreign_url")
+            and (replacement := await http_fault(fault, self._error, request)) is not None
+        ):
             return replacement
         model = request.path_params["model"]
         if model not in MODELS:
             return JSONResponse({"detail": "Not Found"}, status_code=404)
         if not isinstance(body, dict):
-            return JSONResponse({"detail": [{"loc": ["body"], "msg": "Input should be a valid dictionary",
-                                             "type": "dict_type"}]}, status_code=422)
+            return JSONResponse(
+                {"detail": [{"loc": ["body"], "msg": "Input should be a valid dictionary", "type": "dict_type"}]},
+                status_code=422,
+            )
         errors, input_ratio = validate(body)
         if errors:
             return JSONResponse({"detail": errors}, status_code=422)
@@ -128,8 +142,15 @@ class FakeBFL:
         poll_base = fault.location if fault is not None and fault.kind == "foreign_url" and fault.location else base
         w, h = output_size(body.get("aspect_ratio") or input_ratio, 1.0)
         mp = round(w * h / 1e6, 2)
-        return JSONResponse({"id": task.id, "polling_url": f"{poll_base}/v1/get_result?id={task.id}",
-                             "cost": MODELS[model], "input_mp": mp if input_ratio else 0.0, "output_mp": mp})
+        return JSONResponse(
+            {
+                "id": task.id,
+                "polling_url": f"{poll_base}/v1/get_result?id={task.id}",
+                "cost": MODELS[model],
+                "input_mp": mp if input_ratio else 0.0,
+                "output_mp": mp,
+            }
+        )
 
     async def _poll(self, request: Request) -> Response:
         await self._record(request)
@@ -149,11 +170,25 @@ class FakeBFL:
             elif (replacement := await http_fault(fault, self._error, request)) is not None:
                 return replacement
         if task is None:
-            return JSONResponse({"id": request.query_params.get("id"), "status": "Task not found", "result": None,
-                                 "progress": None, "details": None, "preview": None}, status_code=404)
+            return JSONResponse(
+                {
+                    "id": request.query_params.get("id"),
+                    "status": "Task not found",
+                    "result": None,
+                    "progress": None,
+                    "details": None,
+                    "preview": None,
+                },
+                status_code=404,
+            )
         task.polls += 1
-        body: dict[str, Any] = {"id": task.id, "result": None, "progress": None, "details": task.details,
-                                "preview": None}
+        body: dict[str, Any] = {
+            "id": task.id,
+            "result": None,
+            "progress": None,
+            "details": task.details,
+            "preview": None,
+        }
         if task.status not in ("Pending", "Ready"):
             return JSONResponse({**body, "status": task.status}, status_code=status_code)
         if task.polls <= self.pending_polls and not self._done(task):
@@ -175,11 +210,18 @@ class FakeBFL:
         w, h = output_size(ratio, self.results.scale)
         url = self.results.add(base, make_image(w, h, fmt, seed), f"image/{fmt}", "jpg" if fmt == "jpeg" else fmt)
         # Delivery URLs are signed and expire in 10 minutes.
-        return {"sample": f"{url}?se={int(time.time()) + 600}&sig=fake-signature", "prompt": task.body["prompt"],
-                "seed": seed, "start_time": time.time() - 1.5, "end_time": time.time(), "duration": 1.5}
+        return {
+            "sample": f"{url}?se={int(time.time()) + 600}&sig=fake-signature",
+            "prompt": task.body["prompt"],
+            "seed": seed,
+            "start_time": time.time() - 1.5,
+            "end_time": time.time(),
+            "duration": 1.5,
+        }
 
 
 # -- validation, like BFL's FastAPI model FluxKontextProInputs -----------------------------------------
+
 
 def validate(body: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
     """422 detail items for what BFL would reject, and input_image's ratio ("W:H") when it has one."""
@@ -197,8 +239,7 @@ def validate(body: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
             continue
         size = _image_size(value)
         if size is None:
-            err(name, "Invalid image: send the bare base64 payload (no data: prefix) or an http(s) URL",
-                "value_error")
+            err(name, "Invalid image: send the bare base64 payload (no data: prefix) or an http(s) URL", "value_error")
         elif name == "input_image" and size != (0, 0):
             ratio = f"{size[0]}:{size[1]}"
     if (ar := body.get("aspect_ratio")) is not None:
@@ -211,8 +252,11 @@ def validate(body: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
         err("seed", "Input should be a valid integer", "int_type")
     if "safety_tolerance" in body and not _int_in(body["safety_tolerance"], 0, 6):
         err("safety_tolerance", "Input should be less than or equal to 6", "less_than_equal")
-    if "prompt_upsampling" in body and not isinstance(body["prompt_upsampling"], bool) \
-            and str(body["prompt_upsampling"]).lower() not in ("true", "false", "1", "0"):
+    if (
+        "prompt_upsampling" in body
+        and not isinstance(body["prompt_upsampling"], bool)
+        and str(body["prompt_upsampling"]).lower() not in ("true", "false", "1", "0")
+    ):
         err("prompt_upsampling", "Input should be a valid boolean", "bool_type")
     return errors, ratio
 

@@ -74,8 +74,9 @@ class Faults:
     def always(self, kind: str, *, at: str = "any", **kw: Any) -> None:
         self.add(kind, at=at, times=None, **kw)
 
-    def randomly(self, rate: float, kinds: list[str], *, seed: int = 0,
-                 points: tuple[str, ...] = ("submit", "poll")) -> None:
+    def randomly(
+        self, rate: float, kinds: list[str], *, seed: int = 0, points: tuple[str, ...] = ("submit", "poll")
+    ) -> None:
         with self._lock:
             self.random_rate, self.random_kinds, self.random_points = rate, list(kinds), points
             self._rng.seed(seed)
@@ -141,8 +142,13 @@ async def http_fault(fault: Fault, send_error: Any, request: Request | None = No
 
 class _DroppingResponse(Response):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"500")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"500")],
+            }
+        )
         await send({"type": "http.response.body", "body": b'{"partial": ', "more_body": True})
         raise DropConnection()
 
@@ -150,12 +156,21 @@ class _DroppingResponse(Response):
 # -- results served by the fake itself, from expiring URLs ----------------------------------------------
 
 # Kontext's ~1 MP output buckets (BFL / Runware), by aspect ratio; others computed at ~1 MP.
-BUCKETS = {"21:9": (1568, 672), "16:9": (1392, 752), "4:3": (1184, 880), "3:2": (1248, 832),
-           "1:1": (1024, 1024), "2:3": (832, 1248), "3:4": (880, 1184), "9:16": (752, 1392), "9:21": (672, 1568)}
+BUCKETS = {
+    "21:9": (1568, 672),
+    "16:9": (1392, 752),
+    "4:3": (1184, 880),
+    "3:2": (1248, 832),
+    "1:1": (1024, 1024),
+    "2:3": (832, 1248),
+    "3:4": (880, 1184),
+    "9:16": (752, 1392),
+    "9:21": (672, 1568),
+}
 
 
 def bucket(ratio: str | None, default: tuple[int, int] = (1024, 1024)) -> tuple[int, int]:
-    if not ratio or ratio not in BUCKETS and ":" not in ratio:
+    if not ratio or (ratio not in BUCKETS and ":" not in ratio):
         return default
     if ratio in BUCKETS:
         return BUCKETS[ratio]
@@ -195,8 +210,9 @@ class ResultStore:
         self.files[token] = (data, content_type, time.time() + self.ttl)
         return f"{base_url}/results/{token}.{ext}"
 
-    def image_url(self, base_url: str, ratio: str | None, fmt: str, seed: int = 0,
-                  default: tuple[int, int] = (1024, 1024)) -> tuple[str, tuple[int, int]]:
+    def image_url(
+        self, base_url: str, ratio: str | None, fmt: str, seed: int = 0, default: tuple[int, int] = (1024, 1024)
+    ) -> tuple[str, tuple[int, int]]:
         w, h = bucket(ratio, default)
         w, h = max(16, int(w * self.scale) // 16 * 16), max(16, int(h * self.scale) // 16 * 16)
         ext = "jpg" if fmt in ("jpeg", "jpg") else fmt
@@ -210,8 +226,7 @@ class ResultStore:
                 return JSONResponse({"detail": "Not found"}, status_code=404)
             if fault.kind == "not_image":
                 return Response(b"<html>this is not an image</html>", media_type="image/png")
-            replacement = await http_fault(fault, lambda s, h: JSONResponse({"detail": "error"}, s, headers=h),
-                                           request)
+            replacement = await http_fault(fault, lambda s, h: JSONResponse({"detail": "error"}, s, headers=h), request)
             if replacement is not None:
                 return replacement
         token = request.path_params["name"].split(".")[0]
@@ -230,10 +245,12 @@ class Elsewhere:
         self.results = results or ResultStore()
         self.requests: list[tuple[str, str, dict[str, str], Any]] = []  # (method, path?query, headers, body)
         methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
-        self.app = Starlette(routes=[
-            Route("/results/{name}", self._result, methods=["GET"]),
-            Route("/{path:path}", self._other, methods=methods),
-        ])
+        self.app = Starlette(
+            routes=[
+                Route("/results/{name}", self._result, methods=["GET"]),
+                Route("/{path:path}", self._other, methods=methods),
+            ]
+        )
 
     def headers_seen(self) -> list[dict[str, str]]:
         return [headers for _, _, headers, _ in self.requests]
@@ -249,6 +266,7 @@ class Elsewhere:
 
 # -- serving an ASGI app on loopback ------------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -259,8 +277,9 @@ def free_port() -> int:
 def serve(app: Any) -> Iterator[str]:
     """Run an ASGI app under uvicorn on a free loopback port in a thread; yield its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical",
-                                           access_log=False, lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", access_log=False, lifespan="on")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .common import record, Fault, Faults, ResultStore, bucket, http_fault, make_image
+from .common import Fault, Faults, ResultStore, bucket, http_fault, make_image, record
 
 # Route -> input type, from the fal-js endpoint types.
 ROUTES = {
@@ -45,12 +45,31 @@ ROUTES = {
     "fal-ai/flux-kontext-lora": "dev",  # the dev fields plus `loras`
 }
 RATIOS = ("21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21")
-RESOLUTION_MODES = ("auto", "match_input", "1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3",
-                    "9:16", "9:21")
+RESOLUTION_MODES = (
+    "auto",
+    "match_input",
+    "1:1",
+    "16:9",
+    "21:9",
+    "3:2",
+    "2:3",
+    "4:5",
+    "5:4",
+    "3:4",
+    "4:3",
+    "9:16",
+    "9:21",
+)
 TOLERANCES = ("1", "2", "3", "4", "5", "6")
 MODERATION_MSG = "The content could not be processed because it contained material flagged by a content checker."
-ERRORS = {401: "Unauthorized: invalid or missing key", 402: "Insufficient balance", 429: "Too many requests",
-          500: "Internal server error", 502: "Bad gateway", 503: "Service unavailable"}
+ERRORS = {
+    401: "Unauthorized: invalid or missing key",
+    402: "Insufficient balance",
+    429: "Too many requests",
+    500: "Internal server error",
+    502: "Bad gateway",
+    503: "Service unavailable",
+}
 
 
 def output_size(ratio: str | None, scale: float, default: tuple[int, int] = (1024, 1024)) -> tuple[int, int]:
@@ -84,13 +103,15 @@ class FakeFal:
         self.faults = Faults()
         self.requests: list[tuple[str, str, dict[str, str], Any]] = []  # (method, path, headers, json)
         self.tasks: dict[str, FalTask] = {}
-        self.app = Starlette(routes=[
-            Route("/results/{name}", self._download, methods=["GET"]),
-            Route("/{owner}/{app}/requests/{rid}/status", self._status, methods=["GET"]),
-            Route("/{owner}/{app}/requests/{rid}/cancel", self._cancel, methods=["PUT"]),
-            Route("/{owner}/{app}/requests/{rid}", self._response, methods=["GET"]),
-            Route("/{route:path}", self._submit, methods=["POST"]),
-        ])
+        self.app = Starlette(
+            routes=[
+                Route("/results/{name}", self._download, methods=["GET"]),
+                Route("/{owner}/{app}/requests/{rid}/status", self._status, methods=["GET"]),
+                Route("/{owner}/{app}/requests/{rid}/cancel", self._cancel, methods=["PUT"]),
+                Route("/{owner}/{app}/requests/{rid}", self._response, methods=["GET"]),
+                Route("/{route:path}", self._submit, methods=["POST"]),
+            ]
+        )
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -154,20 +175,31 @@ class FakeFal:
         if kind is None:
             return JSONResponse({"detail": f"Application '{route}' not found"}, status_code=404)
         if not isinstance(body, dict):
-            return JSONResponse({"detail": [{"loc": ["body"], "msg": "Input should be a valid dictionary",
-                                             "type": "dict_type"}]}, status_code=422)
+            return JSONResponse(
+                {"detail": [{"loc": ["body"], "msg": "Input should be a valid dictionary", "type": "dict_type"}]},
+                status_code=422,
+            )
         # The queue takes any input: a validation error surfaces at the response URL once COMPLETED.
         errors, input_ratio = validate(kind, body)
-        task = FalTask(uuid.uuid4().hex, "/".join(route.split("/")[:2]), route, kind, body, input_ratio, errors,
-                       moderated=flag is not None and flag.kind == "moderation",
-                       failed=flag is not None and flag.kind == "task_error")
+        task = FalTask(
+            uuid.uuid4().hex,
+            "/".join(route.split("/")[:2]),
+            route,
+            kind,
+            body,
+            input_ratio,
+            errors,
+            moderated=flag is not None and flag.kind == "moderation",
+            failed=flag is not None and flag.kind == "task_error",
+        )
         self.tasks[task.id] = task
         queued = sum(1 for t in self.tasks.values() if not t.completed)
         base = str(request.base_url).rstrip("/")
         if flag is not None and flag.kind == "foreign_url" and flag.location:
             base = flag.location
-        return JSONResponse({"status": "IN_QUEUE", "request_id": task.id, **self._urls(base, task),
-                             "queue_position": queued - 1})
+        return JSONResponse(
+            {"status": "IN_QUEUE", "request_id": task.id, **self._urls(base, task), "queue_position": queued - 1}
+        )
 
     async def _status(self, request: Request) -> Response:
         await self._record(request)
@@ -208,15 +240,28 @@ class FakeFal:
         if task.errors:
             return JSONResponse({"detail": task.errors}, status_code=422)
         if task.failed:
-            return JSONResponse({"detail": "Unexpected error while running the model",
-                                 "error_type": "internal_server_error"}, status_code=500,
-                                headers={"x-fal-error-type": "internal_server_error"})
+            return JSONResponse(
+                {"detail": "Unexpected error while running the model", "error_type": "internal_server_error"},
+                status_code=500,
+                headers={"x-fal-error-type": "internal_server_error"},
+            )
         if task.moderated and task.kind != "dev":
             # pro/max forward BFL's moderation as a 422 content_policy_violation.
-            return JSONResponse({"detail": [{"loc": ["body", "prompt"], "msg": MODERATION_MSG,
-                                             "type": "content_policy_violation",
-                                             "url": "https://docs.fal.ai/errors#content_policy_violation",
-                                             "ctx": {}}]}, status_code=422, headers={"x-fal-retryable": "false"})
+            return JSONResponse(
+                {
+                    "detail": [
+                        {
+                            "loc": ["body", "prompt"],
+                            "msg": MODERATION_MSG,
+                            "type": "content_policy_violation",
+                            "url": "https://docs.fal.ai/errors#content_policy_violation",
+                            "ctx": {},
+                        }
+                    ]
+                },
+                status_code=422,
+                headers={"x-fal-retryable": "false"},
+            )
         if task.result is None:
             task.result = self._make_result(str(request.base_url).rstrip("/"), task)
         return JSONResponse(task.result)
@@ -257,14 +302,27 @@ class FakeFal:
                 url = f"data:image/{fmt};base64,{base64.b64encode(data).decode()}"
             else:
                 url = self.results.add(base, data, f"image/{fmt}", ext)
-            images.append({"url": url, "width": w, "height": h, "content_type": f"image/{fmt}",
-                           "file_name": f"{uuid.uuid4().hex}.{ext}", "file_size": len(data)})
-        return {"images": images, "seed": seed, "prompt": body["prompt"],
-                "has_nsfw_concepts": [task.moderated] * len(images),
-                "timings": {"inference": 1.7}}
+            images.append(
+                {
+                    "url": url,
+                    "width": w,
+                    "height": h,
+                    "content_type": f"image/{fmt}",
+                    "file_name": f"{uuid.uuid4().hex}.{ext}",
+                    "file_size": len(data),
+                }
+            )
+        return {
+            "images": images,
+            "seed": seed,
+            "prompt": body["prompt"],
+            "has_nsfw_concepts": [task.moderated] * len(images),
+            "timings": {"inference": 1.7},
+        }
 
 
 # -- validation, like fal's pydantic input models --------------------------------------------------------
+
 
 def validate(kind: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
     """422 detail items for what fal would reject, and the first input image's ratio ("W:H")."""
@@ -291,8 +349,11 @@ def validate(kind: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], str
     for i, url in enumerate(images):
         size = _image_size(url)
         if size is None:
-            err("image_url" if kind != "multi" else f"image_urls.{i}", "Failed to load the image. Please ensure "
-                "the image file is not corrupted and is in a supported format.", "image_load_error")
+            err(
+                "image_url" if kind != "multi" else f"image_urls.{i}",
+                "Failed to load the image. Please ensure the image file is not corrupted and is in a supported format.",
+                "image_load_error",
+            )
         elif i == 0 and size != (0, 0):
             ratio = f"{size[0]}:{size[1]}"
     if "num_images" in body and not _int_in(body["num_images"], 1, 4):
@@ -308,8 +369,9 @@ def validate(kind: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], str
             err(name, "Input should be a valid boolean", "bool_type")
     if "loras" in body:
         loras = body["loras"]
-        if not isinstance(loras, list) or not all(isinstance(x, dict) and isinstance(x.get("path"), str)
-                                                  for x in loras):
+        if not isinstance(loras, list) or not all(
+            isinstance(x, dict) and isinstance(x.get("path"), str) for x in loras
+        ):
             err("loras", "Input should be a list of {path, scale}", "list_type")
     if kind == "dev":
         if "resolution_mode" in body and body["resolution_mode"] not in RESOLUTION_MODES:

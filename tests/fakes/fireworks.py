@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from .common import record, Faults, ResultStore, http_fault
+from .common import Faults, ResultStore, http_fault, record
 from .replicate import decode_data_uri, ratio_of
 
 MODELS = ("flux-kontext-pro", "flux-kontext-max")
@@ -33,12 +33,16 @@ MODERATION_REASONS = ["Derivative Works Filter"]
 def _error(status: int, headers: dict[str, str] | None = None) -> Response:
     """Fireworks' error answers: a JSON error object for client errors, plain text from the edge for 5xx."""
     if status >= 500:
-        return PlainTextResponse({500: "Internal Server Error", 502: "Bad Gateway",
-                                  503: "Service Unavailable"}.get(status, "error"), status, headers=headers)
-    kind, message = {401: ("unauthorized", "The API key you provided is invalid."),
-                     402: ("payment_required", "Account is suspended: please add a payment method."),
-                     429: ("rate_limit_exceeded", "Request rate limit exceeded, please try again later.")}.get(
-        status, ("error", "error"))
+        return PlainTextResponse(
+            {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}.get(status, "error"),
+            status,
+            headers=headers,
+        )
+    kind, message = {
+        401: ("unauthorized", "The API key you provided is invalid."),
+        402: ("payment_required", "Account is suspended: please add a payment method."),
+        429: ("rate_limit_exceeded", "Request rate limit exceeded, please try again later."),
+    }.get(status, ("error", "error"))
     return JSONResponse({"error": {"object": "error", "type": kind, "message": message}}, status, headers=headers)
 
 
@@ -54,11 +58,13 @@ class FakeFireworks:
         self.faults = Faults()
         self.requests: list[tuple[str, str, dict[str, str], Any]] = []  # (method, path, headers, json)
         self.tasks: dict[str, dict[str, Any]] = {}
-        self.app = Starlette(routes=[
-            Route(PREFIX + "/{model}", self.submit, methods=["POST"]),
-            Route(PREFIX + "/{model}/get_result", self.get_result, methods=["POST"]),
-            Route("/results/{name}", self.result, methods=["GET"]),
-        ])
+        self.app = Starlette(
+            routes=[
+                Route(PREFIX + "/{model}", self.submit, methods=["POST"]),
+                Route(PREFIX + "/{model}/get_result", self.get_result, methods=["POST"]),
+                Route("/results/{name}", self.result, methods=["GET"]),
+            ]
+        )
 
     def submits(self) -> list[tuple[str, str, dict[str, str], Any]]:
         return [r for r in self.requests if r[0] == "POST" and not r[1].endswith("/get_result")]
@@ -88,12 +94,18 @@ class FakeFireworks:
         fmt = body.get("output_format")
         if fmt is not None and fmt not in ("jpeg", "png"):
             problems.append(_loc("output_format", "Input should be 'jpeg' or 'png'", "enum"))
-        for field, kind, ok in (("seed", "int_type", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-                                ("prompt_upsampling", "bool_type", lambda v: isinstance(v, bool)),
-                                ("safety_tolerance", "int_type",
-                                 lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 6),
-                                ("input_image", "string_type", lambda v: isinstance(v, str) and (
-                                    decode_data_uri(v) is not None or v.startswith(("http://", "https://"))))):
+        for field, kind, ok in (
+            ("seed", "int_type", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+            ("prompt_upsampling", "bool_type", lambda v: isinstance(v, bool)),
+            ("safety_tolerance", "int_type", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 6),
+            (
+                "input_image",
+                "string_type",
+                lambda v: (
+                    isinstance(v, str) and (decode_data_uri(v) is not None or v.startswith(("http://", "https://")))
+                ),
+            ),
+        ):
             if body.get(field) is not None and not ok(body[field]):
                 problems.append(_loc(field, f"Invalid value for {field}", kind))
         ratio = body.get("aspect_ratio")
@@ -120,15 +132,22 @@ class FakeFireworks:
             return replacement
         model = request.path_params["model"]
         if model not in MODELS:
-            return JSONResponse({"error": {"object": "error", "type": "not_found",
-                                           "message": f"Model not found: {model}"}}, 404)
+            return JSONResponse(
+                {"error": {"object": "error", "type": "not_found", "message": f"Model not found: {model}"}}, 404
+            )
         problem = self._invalid(body)
         if problem is not None:
             return JSONResponse({"detail": problem[1]}, problem[0])
         rid = str(uuid.uuid4())
-        self.tasks[rid] = {"model": model, "input": body, "polls_left": 0 if fate else self.pending_polls,
-                           "fate": "Request Moderated" if fate == "moderation" else fate,
-                           "base": str(request.base_url).rstrip("/"), "start": time.time(), "answer": None}
+        self.tasks[rid] = {
+            "model": model,
+            "input": body,
+            "polls_left": 0 if fate else self.pending_polls,
+            "fate": "Request Moderated" if fate == "moderation" else fate,
+            "base": str(request.base_url).rstrip("/"),
+            "start": time.time(),
+            "answer": None,
+        }
         return JSONResponse({"request_id": rid})
 
     async def get_result(self, request: Request) -> Response:
@@ -141,16 +160,23 @@ class FakeFireworks:
         rid = body.get("id") if isinstance(body, dict) else None
         task = self.tasks.get(rid) if isinstance(rid, str) else None
         if task is None or task["model"] != request.path_params["model"]:
-            return JSONResponse({"id": rid, "status": "Task not found", "result": None, "progress": None,
-                                 "details": None})
+            return JSONResponse(
+                {"id": rid, "status": "Task not found", "result": None, "progress": None, "details": None}
+            )
         if task["answer"] is None:
             if fate:
                 task["fate"], task["polls_left"] = "Content Moderated" if fate == "moderation" else fate, 0
             if task["polls_left"] > 0:
                 task["polls_left"] -= 1
-                return JSONResponse({"id": rid, "status": "Pending", "result": None,
-                                     "progress": round(1 - (task["polls_left"] + 1) / (self.pending_polls + 1), 2),
-                                     "details": None})
+                return JSONResponse(
+                    {
+                        "id": rid,
+                        "status": "Pending",
+                        "result": None,
+                        "progress": round(1 - (task["polls_left"] + 1) / (self.pending_polls + 1), 2),
+                        "details": None,
+                    }
+                )
             task["answer"] = self._finish(rid, task)
         return JSONResponse(task["answer"])
 
@@ -169,9 +195,19 @@ class FakeFireworks:
         seed = inputs.get("seed") or 0
         url, _ = self.results.image_url(task["base"], ratio, inputs.get("output_format") or "png", seed=seed)
         end = time.time()
-        return {**answer, "status": "Ready", "progress": 1.0, "result": {
-            "sample": url, "prompt": inputs["prompt"], "seed": seed,
-            "start_time": task["start"], "end_time": end, "duration": end - task["start"]}}
+        return {
+            **answer,
+            "status": "Ready",
+            "progress": 1.0,
+            "result": {
+                "sample": url,
+                "prompt": inputs["prompt"],
+                "seed": seed,
+                "start_time": task["start"],
+                "end_time": end,
+                "duration": end - task["start"],
+            },
+        }
 
     async def result(self, request: Request) -> Response:
         await self._record(request)

@@ -26,16 +26,35 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .common import record, Fault, Faults, ResultStore, http_fault
+from .common import Fault, Faults, ResultStore, http_fault, record
 
-RATIOS = ["match_input_image", "1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "4:5", "5:4",
-          "21:9", "9:21", "2:1", "1:2"]
+RATIOS = [
+    "match_input_image",
+    "1:1",
+    "16:9",
+    "9:16",
+    "4:3",
+    "3:4",
+    "3:2",
+    "2:3",
+    "4:5",
+    "5:4",
+    "21:9",
+    "9:21",
+    "2:1",
+    "1:2",
+]
 E005 = "The input or output was flagged as sensitive. Please try again with different inputs. (E005)"
 TASK_ERROR = "Prediction failed: CUDA error: an illegal memory access was encountered"
 ERRORS = {
     401: ("Unauthenticated", "You did not pass a valid authentication token"),
-    402: ("Insufficient credit", ("You have insufficient credit to run this model. Go to "
-                                  "https://replicate.com/account/billing#billing to purchase credit.")),
+    402: (
+        "Insufficient credit",
+        (
+            "You have insufficient credit to run this model. Go to "
+            "https://replicate.com/account/billing#billing to purchase credit."
+        ),
+    ),
     429: (None, "Request was throttled. Your rate limit resets in ~30s."),
     500: ("Internal Server Error", "Internal server error"),
     502: ("Bad Gateway", "Bad gateway"),
@@ -43,16 +62,36 @@ ERRORS = {
 }
 
 # Input schemas, one per model: field -> (JSON type, enum or (min, max) or None). Required fields apart.
-_PRO = {"prompt": ("string", None), "input_image": ("uri", None), "aspect_ratio": ("string", RATIOS),
-        "output_format": ("string", ["jpg", "png"]), "seed": ("integer", None),
-        "safety_tolerance": ("integer", (0, 6)), "prompt_upsampling": ("boolean", None)}
-_MULTI = {"prompt": ("string", None), "input_image_1": ("uri", None), "input_image_2": ("uri", None),
-          "aspect_ratio": ("string", RATIOS), "output_format": ("string", ["jpg", "png"]),
-          "seed": ("integer", None), "safety_tolerance": ("integer", (0, 2))}
-_DEV = {"prompt": ("string", None), "input_image": ("uri", None), "aspect_ratio": ("string", RATIOS),
-        "num_inference_steps": ("integer", (4, 50)), "guidance": ("number", (0, 10)), "seed": ("integer", None),
-        "output_format": ("string", ["webp", "jpg", "png"]), "output_quality": ("integer", (0, 100)),
-        "disable_safety_checker": ("boolean", None), "go_fast": ("boolean", None)}
+_PRO = {
+    "prompt": ("string", None),
+    "input_image": ("uri", None),
+    "aspect_ratio": ("string", RATIOS),
+    "output_format": ("string", ["jpg", "png"]),
+    "seed": ("integer", None),
+    "safety_tolerance": ("integer", (0, 6)),
+    "prompt_upsampling": ("boolean", None),
+}
+_MULTI = {
+    "prompt": ("string", None),
+    "input_image_1": ("uri", None),
+    "input_image_2": ("uri", None),
+    "aspect_ratio": ("string", RATIOS),
+    "output_format": ("string", ["jpg", "png"]),
+    "seed": ("integer", None),
+    "safety_tolerance": ("integer", (0, 2)),
+}
+_DEV = {
+    "prompt": ("string", None),
+    "input_image": ("uri", None),
+    "aspect_ratio": ("string", RATIOS),
+    "num_inference_steps": ("integer", (4, 50)),
+    "guidance": ("number", (0, 10)),
+    "seed": ("integer", None),
+    "output_format": ("string", ["webp", "jpg", "png"]),
+    "output_quality": ("integer", (0, 100)),
+    "disable_safety_checker": ("boolean", None),
+    "go_fast": ("boolean", None),
+}
 MODELS: dict[str, tuple[dict[str, tuple[str, Any]], tuple[str, ...], str]] = {
     # owner/name -> (schema, required fields, default output_format)
     "black-forest-labs/flux-kontext-pro": (_PRO, ("prompt",), "png"),
@@ -101,12 +140,14 @@ class FakeReplicate:
         self.requests: list[tuple[str, str, dict[str, str], Any]] = []  # (method, path, headers, json)
         self.predictions: dict[str, dict[str, Any]] = {}
         self.canceled: list[str] = []  # ids whose cancel was requested
-        self.app = Starlette(routes=[
-            Route("/v1/models/{owner}/{name}/predictions", self.create, methods=["POST"]),
-            Route("/v1/predictions/{id}", self.get, methods=["GET"]),
-            Route("/v1/predictions/{id}/cancel", self.cancel, methods=["POST"]),
-            Route("/results/{name}", self.result, methods=["GET"]),
-        ])
+        self.app = Starlette(
+            routes=[
+                Route("/v1/models/{owner}/{name}/predictions", self.create, methods=["POST"]),
+                Route("/v1/predictions/{id}", self.get, methods=["GET"]),
+                Route("/v1/predictions/{id}/cancel", self.cancel, methods=["POST"]),
+                Route("/results/{name}", self.result, methods=["GET"]),
+            ]
+        )
 
     # -- helpers ---------------------------------------------------------------------------------------
 
@@ -164,32 +205,61 @@ class FakeReplicate:
         schema, required, _ = MODELS[model]
         if not isinstance(inputs, dict):
             return [{"type": "invalid_type", "field": "input", "description": "input must be an object"}]
-        problems = [{"type": "required", "field": "input", "description": f"{f} is required"}
-                    for f in required if f not in inputs]
+        problems = [
+            {"type": "required", "field": "input", "description": f"{f} is required"}
+            for f in required
+            if f not in inputs
+        ]
         for field, value in inputs.items():
             if field not in schema:
                 continue  # Replicate ignores inputs the model does not declare
             kind, rule = schema[field]
-            ok = {"string": isinstance(value, str),
-                  "uri": isinstance(value, str) and (decode_data_uri(value) is not None
-                                                     or value.startswith(("http://", "https://"))),
-                  "integer": isinstance(value, int) and not isinstance(value, bool),
-                  "number": isinstance(value, (int, float)) and not isinstance(value, bool),
-                  "boolean": isinstance(value, bool)}[kind]
+            ok = {
+                "string": isinstance(value, str),
+                "uri": isinstance(value, str)
+                and (decode_data_uri(value) is not None or value.startswith(("http://", "https://"))),
+                "integer": isinstance(value, int) and not isinstance(value, bool),
+                "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+                "boolean": isinstance(value, bool),
+            }[kind]
             if not ok:
-                problems.append({"type": "invalid_type", "field": f"input.{field}",
-                                 "description": f"Invalid type. Expected: {kind}, given: {type(value).__name__}"})
+                problems.append(
+                    {
+                        "type": "invalid_type",
+                        "field": f"input.{field}",
+                        "description": f"Invalid type. Expected: {kind}, given: {type(value).__name__}",
+                    }
+                )
             elif isinstance(rule, list) and value not in rule:
                 allowed = ", ".join(f'"{r}"' for r in rule)
-                problems.append({"type": "enum", "field": f"input.{field}",
-                                 "description": f"{field} must be one of the following: {allowed}"})
+                problems.append(
+                    {
+                        "type": "enum",
+                        "field": f"input.{field}",
+                        "description": f"{field} must be one of the following: {allowed}",
+                    }
+                )
             elif isinstance(rule, tuple) and not rule[0] <= value <= rule[1]:
-                problems.append({"type": "number_range", "field": f"input.{field}",
-                                 "description": f"{field} must be between {rule[0]} and {rule[1]}"})
-        if schema is _PRO and "input_image" in inputs and isinstance(inputs.get("safety_tolerance"), int) \
-                and inputs["safety_tolerance"] > 2:
-            problems.append({"type": "number_range", "field": "input.safety_tolerance",
-                             "description": "2 is currently the maximum allowed when input images are used"})
+                problems.append(
+                    {
+                        "type": "number_range",
+                        "field": f"input.{field}",
+                        "description": f"{field} must be between {rule[0]} and {rule[1]}",
+                    }
+                )
+        if (
+            schema is _PRO
+            and "input_image" in inputs
+            and isinstance(inputs.get("safety_tolerance"), int)
+            and inputs["safety_tolerance"] > 2
+        ):
+            problems.append(
+                {
+                    "type": "number_range",
+                    "field": "input.safety_tolerance",
+                    "description": "2 is currently the maximum allowed when input images are used",
+                }
+            )
         return problems
 
     # -- routes ----------------------------------------------------------------------------------------
@@ -204,28 +274,46 @@ class FakeReplicate:
         fate = fault.kind if fault is not None and fault.kind != "foreign_url" else None
         model = f"{request.path_params['owner']}/{request.path_params['name']}"
         if model not in MODELS:
-            return JSONResponse(error_body(404, "The requested resource could not be found.", title="Not found"),
-                                status_code=404)
+            return JSONResponse(
+                error_body(404, "The requested resource could not be found.", title="Not found"), status_code=404
+            )
         if not isinstance(body, dict) or "input" not in body:
-            return JSONResponse(error_body(422, "- input: input is required\n", title="Input validation failed"),
-                                status_code=422)
+            return JSONResponse(
+                error_body(422, "- input: input is required\n", title="Input validation failed"), status_code=422
+            )
         problems = self._invalid(model, body["input"])
         if problems:
             detail = "".join(f"- {p['field']}: {p['description']}\n" for p in problems)
-            return JSONResponse(error_body(422, detail, title="Input validation failed", invalid_fields=problems),
-                                status_code=422)
+            return JSONResponse(
+                error_body(422, detail, title="Input validation failed", invalid_fields=problems), status_code=422
+            )
         pid = uuid.uuid4().hex[:26]
         base = str(request.base_url).rstrip("/")
         api = fault.location if fault is not None and fault.kind == "foreign_url" and fault.location else base
         p: dict[str, Any] = {
-            "id": pid, "model": model, "version": "hidden", "input": body["input"], "logs": "",
-            "output": None, "data_removed": False, "error": None, "status": "starting",
-            "created_at": _now(), "started_at": None, "completed_at": None,
-            "urls": {"get": f"{api}/v1/predictions/{pid}", "cancel": f"{api}/v1/predictions/{pid}/cancel",
-                     "stream": f"{api}/v1/predictions/{pid}/stream", "web": f"https://replicate.com/p/{pid}"},
+            "id": pid,
+            "model": model,
+            "version": "hidden",
+            "input": body["input"],
+            "logs": "",
+            "output": None,
+            "data_removed": False,
+            "error": None,
+            "status": "starting",
+            "created_at": _now(),
+            "started_at": None,
+            "completed_at": None,
+            "urls": {
+                "get": f"{api}/v1/predictions/{pid}",
+                "cancel": f"{api}/v1/predictions/{pid}/cancel",
+                "stream": f"{api}/v1/predictions/{pid}/stream",
+                "web": f"https://replicate.com/p/{pid}",
+            },
             "metrics": {},
-            "_fate": fate, "_polls_left": 0 if fate else self.pending_polls,
-            "_base": base, "_default_format": MODELS[model][2],
+            "_fate": fate,
+            "_polls_left": 0 if fate else self.pending_polls,
+            "_base": base,
+            "_default_format": MODELS[model][2],
         }
         self.predictions[pid] = p
         # Prefer: wait holds the request until the prediction is done; this fake's predictions take

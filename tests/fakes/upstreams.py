@@ -11,8 +11,7 @@ from fakes.fireworks import FakeFireworks
 from fakes.replicate import FakeReplicate
 from kontext_gateway.config import Settings
 
-FAST = dict(upstream_poll_interval_s=0.01, upstream_backoff_s=0.01, upstream_backoff_max_s=0.05,
-            upstream_timeout_s=10)
+FAST = dict(upstream_poll_interval_s=0.01, upstream_backoff_s=0.01, upstream_backoff_max_s=0.05, upstream_timeout_s=10)
 
 
 class Upstreams:
@@ -38,9 +37,13 @@ class Upstreams:
     def settings(self, data_dir: Path, **overrides: Any) -> Settings:
         return Settings(
             data_dir=data_dir,
-            replicate_api_token="r8_test", replicate_base_url=self.urls["replicate"],
-            fal_key="fal_test", fal_base_url=self.urls["fal"],
-            fireworks_api_key="fw_test", fireworks_base_url=self.urls["fireworks"],
-            bfl_api_key="bfl_test", bfl_base_url=self.urls["bfl"],
+            replicate_api_token="r8_test",
+            replicate_base_url=self.urls["replicate"],
+            fal_key="fal_test",
+            fal_base_url=self.urls["fal"],
+            fireworks_api_key="fw_test",
+            fireworks_base_url=self.urls["fireworks"],
+            bfl_api_key="bfl_test",
+            bfl_base_url=self.urls["bfl"],
             **{**FAST, **overrides},
         )

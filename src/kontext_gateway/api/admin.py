@@ -24,8 +24,11 @@ async def create_key(request: Request) -> JSONResponse:
     name = body.pop("name", None)
     admin = body.pop("admin", False)
     if not isinstance(name, str):
-        raise invalid("'name' is required: a label for the key, e.g. the team or app using it.", param="name",
-                      code="missing_required_parameter")
+        raise invalid(
+            "'name' is required: a label for the key, e.g. the team or app using it.",
+            param="name",
+            code="missing_required_parameter",
+        )
     if not isinstance(admin, bool):
         raise invalid("'admin' must be true or false.", param="admin", code="invalid_type")
     view, key = await gw.keys.create(name=name, admin=admin, limits=body)

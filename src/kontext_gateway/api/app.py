@@ -12,9 +12,22 @@ from starlette.middleware.cors import CORSMiddleware
 from .. import __version__
 from ..config import Settings
 from ..gateway import Gateway
-from . import admin, auth, blobs, web, errors, files, images, metrics_route, models, predictions, webhooks
-from . import docs, history
-from . import openapi
+from . import (
+    admin,
+    auth,
+    blobs,
+    docs,
+    errors,
+    files,
+    history,
+    images,
+    metrics_route,
+    models,
+    openapi,
+    predictions,
+    web,
+    webhooks,
+)
 from .headers import SecurityHeadersMiddleware
 from .middleware import BodyLimitMiddleware, MetricsMiddleware
 from .trusted import CORS_EXPOSED, CORS_HEADERS, CORS_METHODS, TrustedRequestMiddleware, TrustPolicy
@@ -73,12 +86,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(auth.AuthMiddleware)
     policy = TrustPolicy.from_settings(settings)
     if policy.any_host:
-        log.warning("serving on %s and answering any Host header: set KONTEXT_ALLOWED_HOSTS (or "
-                    "KONTEXT_PUBLIC_URL) to the names clients use, so a DNS-rebinding page cannot reach "
-                    "this gateway through its own name", settings.host)
+        log.warning(
+            "serving on %s and answering any Host header: set KONTEXT_ALLOWED_HOSTS (or "
+            "KONTEXT_PUBLIC_URL) to the names clients use, so a DNS-rebinding page cannot reach "
+            "this gateway through its own name",
+            settings.host,
+        )
     if policy.origins:  # answers the trusted origins' preflights; their responses carry CORS headers
-        app.add_middleware(CORSMiddleware, allow_origins=sorted(policy.origins), allow_methods=CORS_METHODS,
-                           allow_headers=CORS_HEADERS, expose_headers=CORS_EXPOSED, max_age=600)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=sorted(policy.origins),
+            allow_methods=CORS_METHODS,
+            allow_headers=CORS_HEADERS,
+            expose_headers=CORS_EXPOSED,
+            max_age=600,
+        )
     # Before anything is read or answered: an untrusted Host, or another site's page changing something.
     app.add_middleware(TrustedRequestMiddleware, policy=policy)
     app.add_middleware(MetricsMiddleware)  # outermost but for the headers: counts 413s, 400s and 403s too
@@ -86,5 +108,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # 401, 413...) and an unexpected 500 get the security headers too.
     build_stack = app.build_middleware_stack
     app.build_middleware_stack = lambda: SecurityHeadersMiddleware(  # type: ignore[method-assign]
-        build_stack(), public_url=settings.public_url)
+        build_stack(), public_url=settings.public_url
+    )
     return app

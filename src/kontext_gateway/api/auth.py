@@ -50,6 +50,7 @@ async def require_admin(request: Request) -> Principal:
     """A dependency of the admin router: the authenticated caller must hold an admin key."""
     who = principal(request)
     if not who.admin:
-        raise forbidden("This needs an admin key (`kontext keys create --admin`, or KONTEXT_ADMIN_KEY).",
-                        code="admin_required")
+        raise forbidden(
+            "This needs an admin key (`kontext keys create --admin`, or KONTEXT_ADMIN_KEY).", code="admin_required"
+        )
     return who

@@ -19,12 +19,12 @@ _EXT_FORMAT = {"png": "png", "jpg": "jpeg", "gif": "gif", "webp": "webp", "avif"
 async def get_blob(request: Request, blob_id: str, exp: str = "", sig: str = "") -> FileResponse:
     gw: Gateway = request.app.state.gateway
     if not gw.signer.verify(BLOB_ROUTE + blob_id, exp, sig):
-        raise GatewayError("This image link is invalid or has expired; request the image again.",
-                           status=403, code="invalid_signature")
+        raise GatewayError(
+            "This image link is invalid or has expired; request the image again.", status=403, code="invalid_signature"
+        )
     path = gw.blobs.path(blob_id)
     if path is None:
         raise not_found(f"No stored image '{blob_id}'.", code="blob_not_found")
     fmt = _EXT_FORMAT[blob_id.rsplit(".", 1)[1]]
     # Content-addressed: the bytes behind an id never change.
-    return FileResponse(path, media_type=MIME_TYPES[fmt],
-                        headers={"cache-control": "private, max-age=3600, immutable"})
+    return FileResponse(path, media_type=MIME_TYPES[fmt], headers={"cache-control": "private, max-age=3600, immutable"})

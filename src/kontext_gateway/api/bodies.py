@@ -38,8 +38,9 @@ def is_json(request: Request) -> bool:
 
 
 def unsupported_media_type(expected: str) -> GatewayError:
-    return GatewayError(f"Unsupported Content-Type: send {expected}.", status=415, param="Content-Type",
-                        code="unsupported_media_type")
+    return GatewayError(
+        f"Unsupported Content-Type: send {expected}.", status=415, param="Content-Type", code="unsupported_media_type"
+    )
 
 
 async def read_body(request: Request, max_bytes: int) -> bytearray:
@@ -74,5 +75,7 @@ async def json_body(request: Request, *, max_bytes: int, empty: dict[str, Any] |
 
 
 def _too_large(size: int, limit: int) -> GatewayError:
-    return too_large(f"The request body ({size} bytes or more) is over this route's limit of {limit} bytes.",
-                     code="request_too_large")
+    return too_large(
+        f"The request body ({size} bytes or more) is over this route's limit of {limit} bytes.",
+        code="request_too_large",
+    )

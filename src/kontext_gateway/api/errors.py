@@ -13,8 +13,15 @@ from ..errors import GatewayError
 
 log = logging.getLogger(__name__)
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+}
 
 
 def error_response(exc: GatewayError, request: Request | None = None) -> JSONResponse:
@@ -30,7 +37,8 @@ def error_response(exc: GatewayError, request: Request | None = None) -> JSONRes
 
 def _replicate_route(path: str) -> bool:
     return path.startswith(("/v1/predictions", "/v1/files")) or (
-        path.startswith("/v1/models/") and path.endswith("/predictions"))
+        path.startswith("/v1/models/") and path.endswith("/predictions")
+    )
 
 
 def install(app: FastAPI) -> None:
@@ -48,19 +56,34 @@ def install(app: FastAPI) -> None:
             message = f"Method {request.method} is not allowed on {request.url.path}"
         elif status == 413:
             message = "The request body is too large."
-        err = GatewayError(message, status=status, code=_HTTP_CODES.get(status),
-                           type="invalid_request_error" if status < 500 else "server_error")
+        err = GatewayError(
+            message,
+            status=status,
+            code=_HTTP_CODES.get(status),
+            type="invalid_request_error" if status < 500 else "server_error",
+        )
         return error_response(err, request)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-        return error_response(GatewayError(f"Invalid request: {first.get('msg', 'invalid value')}",
-                                           param=".".join(loc) or None, code="invalid_value"))
+        return error_response(
+            GatewayError(
+                f"Invalid request: {first.get('msg', 'invalid value')}",
+                param=".".join(loc) or None,
+                code="invalid_value",
+            )
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(GatewayError("The server had an error while processing your request.",
-                                           status=500, type="server_error", code="internal_error"))
+        return error_response(
+            GatewayError(
+                "The server had an error while processing your request.",
+                status=500,
+                type="server_error",
+                code="internal_error",
+            )
+        )

@@ -19,11 +19,11 @@ from starlette.datastructures import UploadFile
 from .. import safejson
 from ..errors import invalid, not_found, too_large
 from ..gateway import Gateway
+from ..imaging import EXTENSIONS, MIME_TYPES, sniff_format
+from ..store.models import utcnow
 from . import openapi
 from .auth import principal
 from .bodies import media_type, unsupported_media_type
-from ..imaging import EXTENSIONS, MIME_TYPES, sniff_format
-from ..store.models import utcnow
 
 router = APIRouter()
 FILES_ROUTE = "/v1/files/"
@@ -54,29 +54,41 @@ async def create_file(request: Request) -> JSONResponse:
     form = await request.form(max_files=1, max_fields=16)
     upload = form.get("content")
     if not isinstance(upload, UploadFile):
-        raise invalid("Upload the file as the multipart field 'content'.", param="content",
-                      code="missing_required_parameter")
+        raise invalid(
+            "Upload the file as the multipart field 'content'.", param="content", code="missing_required_parameter"
+        )
     if upload.size is not None and upload.size > gw.settings.max_file_bytes:
         raise too_large(f"The file is over {gw.settings.max_file_bytes} bytes.", param="content", code="file_too_large")
     if upload.filename is not None and "\x00" in upload.filename:  # PostgreSQL cannot store it
-        raise invalid("The file name holds a NUL character, which is not accepted.", param="content",
-                      code="invalid_value")
+        raise invalid(
+            "The file name holds a NUL character, which is not accepted.", param="content", code="invalid_value"
+        )
     data = await upload.read()
     fmt = sniff_format(data)
     if fmt not in ("png", "jpeg", "gif", "webp"):
-        raise invalid("Only images are accepted: PNG, JPEG, WebP or GIF.", param="content",
-                      code="unsupported_image_format")
+        raise invalid(
+            "Only images are accepted: PNG, JPEG, WebP or GIF.", param="content", code="unsupported_image_format"
+        )
     raw_metadata = form.get("metadata")
-    metadata = (safejson.loads(raw_metadata, what="'metadata'", param="metadata")
-                if isinstance(raw_metadata, str) and raw_metadata else {})
+    metadata = (
+        safejson.loads(raw_metadata, what="'metadata'", param="metadata")
+        if isinstance(raw_metadata, str) and raw_metadata
+        else {}
+    )
     if not isinstance(metadata, dict):
         raise invalid("'metadata' must be a JSON object.", param="metadata", code="invalid_json")
     await form.close()
     now = utcnow()
     record = await gw.db.create_file(
-        id=uuid.uuid4().hex[:26], blob_id=gw.blobs.put(data, ext=EXTENSIONS[fmt]),
-        name=(upload.filename or f"file.{EXTENSIONS[fmt]}")[:255], content_type=MIME_TYPES[fmt], size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(), metadata_=metadata, created_at=now, expires_at=now + FILE_TTL,
+        id=uuid.uuid4().hex[:26],
+        blob_id=gw.blobs.put(data, ext=EXTENSIONS[fmt]),
+        name=(upload.filename or f"file.{EXTENSIONS[fmt]}")[:255],
+        content_type=MIME_TYPES[fmt],
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        metadata_=metadata,
+        created_at=now,
+        expires_at=now + FILE_TTL,
         key_id=principal(request).key_id,
     )
     return JSONResponse(file_object(record, str(request.base_url)), status_code=201)

@@ -35,9 +35,11 @@ def page_csp(public_url: str | None = None) -> str:
     if public_url:
         parts = urlsplit(public_url)
         other = f" {parts.scheme}://{parts.netloc}"
-    return (f"default-src 'self'; img-src 'self' data: blob:{other}; style-src 'self'; script-src 'self'; "
-            f"connect-src 'self'{other}; object-src 'none'; base-uri 'none'; form-action 'self'; "
-            "frame-ancestors 'none'")
+    return (
+        f"default-src 'self'; img-src 'self' data: blob:{other}; style-src 'self'; script-src 'self'; "
+        f"connect-src 'self'{other}; object-src 'none'; base-uri 'none'; form-action 'self'; "
+        "frame-ancestors 'none'"
+    )
 
 
 class SecurityHeadersMiddleware:
@@ -45,8 +47,12 @@ class SecurityHeadersMiddleware:
 
     def __init__(self, app: ASGIApp, public_url: str | None = None) -> None:
         self.app = app
-        self.page: HeaderList = (*BASE, (b"content-security-policy", page_csp(public_url).encode()),
-                                 (b"x-frame-options", b"DENY"), (b"cross-origin-opener-policy", b"same-origin"))
+        self.page: HeaderList = (
+            *BASE,
+            (b"content-security-policy", page_csp(public_url).encode()),
+            (b"x-frame-options", b"DENY"),
+            (b"cross-origin-opener-policy", b"same-origin"),
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -21,14 +21,30 @@ def _history(request: Request) -> History:
 
 
 @router.get("/v1/requests", responses=openapi.REQUEST_LIST)
-async def list_requests(request: Request, key_id: str | None = None, model: str | None = None,
-                        provider: str | None = None, status: str | None = None, created_after: str | None = None,
-                        created_before: str | None = None, limit: int = 20, cursor: str | None = None
-                        ) -> dict[str, Any]:
+async def list_requests(
+    request: Request,
+    key_id: str | None = None,
+    model: str | None = None,
+    provider: str | None = None,
+    status: str | None = None,
+    created_after: str | None = None,
+    created_before: str | None = None,
+    limit: int = 20,
+    cursor: str | None = None,
+) -> dict[str, Any]:
     """Newest first; `next_cursor` continues the listing (pass it back as `cursor`, same filters)."""
     return await _history(request).list(
-        principal(request), str(request.base_url), key_id=key_id, model=model, provider=provider, status=status,
-        created_after=created_after, created_before=created_before, limit=limit, cursor=cursor)
+        principal(request),
+        str(request.base_url),
+        key_id=key_id,
+        model=model,
+        provider=provider,
+        status=status,
+        created_after=created_after,
+        created_before=created_before,
+        limit=limit,
+        cursor=cursor,
+    )
 
 
 @router.get("/v1/requests/{rid}", responses=openapi.REQUEST)
@@ -43,7 +59,15 @@ async def purge_payloads(request: Request, rid: str) -> dict[str, Any]:
 
 
 @router.get("/v1/usage", responses=openapi.USAGE)
-async def usage(request: Request, key_id: str | None = None, model: str | None = None, provider: str | None = None,
-                start: str | None = None, end: str | None = None, group_by: str | None = None) -> dict[str, Any]:
-    return await _history(request).usage(principal(request), key_id=key_id, model=model, provider=provider,
-                                         start=start, end=end, group_by=group_by)
+async def usage(
+    request: Request,
+    key_id: str | None = None,
+    model: str | None = None,
+    provider: str | None = None,
+    start: str | None = None,
+    end: str | None = None,
+    group_by: str | None = None,
+) -> dict[str, Any]:
+    return await _history(request).usage(
+        principal(request), key_id=key_id, model=model, provider=provider, start=start, end=end, group_by=group_by
+    )

@@ -44,8 +44,9 @@ async def edits(request: Request) -> Response:
     if is_json(request):
         return await _run(request, "edit", await json_body(request, max_bytes=gw.settings.max_body_bytes), [])
     if media_type(request) != "multipart/form-data":
-        raise unsupported_media_type("multipart/form-data (with 'image' files), or application/json with "
-                                     "'images': [{'image_url': ...}]")
+        raise unsupported_media_type(
+            "multipart/form-data (with 'image' files), or application/json with 'images': [{'image_url': ...}]"
+        )
     form = await request.form(max_files=64, max_fields=256)
     fields: dict[str, Any] = {}
     files: list[InputFile] = []
@@ -55,11 +56,18 @@ async def edits(request: Request) -> Response:
                 files.append(InputFile(await value.read(), param="mask"))
                 continue
             if not _IMAGE_FIELD.match(name):
-                raise invalid(f"Unexpected file field '{name}': send images as 'image' or 'image[]'.",
-                              param=name, code="unexpected_file")
+                raise invalid(
+                    f"Unexpected file field '{name}': send images as 'image' or 'image[]'.",
+                    param=name,
+                    code="unexpected_file",
+                )
             if value.size is not None and value.size > gw.settings.max_file_bytes:
-                raise too_large(f"'image' file '{value.filename}' is {value.size} bytes; the limit is "
-                                f"{gw.settings.max_file_bytes} bytes (50 MB).", param="image", code="file_too_large")
+                raise too_large(
+                    f"'image' file '{value.filename}' is {value.size} bytes; the limit is "
+                    f"{gw.settings.max_file_bytes} bytes (50 MB).",
+                    param="image",
+                    code="file_too_large",
+                )
             files.append(InputFile(await value.read(), param="image"))
         elif _IMAGE_FIELD.match(name):
             raise invalid("'image' must be an uploaded file.", param="image", code="invalid_type")
@@ -76,31 +84,48 @@ async def _run(request: Request, mode: Mode, fields: dict[str, Any], files: list
     base_url = str(request.base_url)
     who = principal(request)
     if dry_run(request):
-        return JSONResponse(await gw.images.estimate(mode=mode, fields=fields, files=files, principal=who,
-                                                     provider=request.headers.get("x-provider")))
+        return JSONResponse(
+            await gw.images.estimate(
+                mode=mode, fields=fields, files=files, principal=who, provider=request.headers.get("x-provider")
+            )
+        )
     request_id = new_request_id()
     if str(fields.get("stream", "")).lower() in ("true", "1"):
         # Validated and enqueued before the first byte: a bad request is still a plain JSON error.
         previews = PreviewQueue()
         gw.runner.previews[request_id] = previews
         try:
-            await gw.images.submit(mode=mode, fields=fields, files=files, provider=request.headers.get("x-provider"),
-                                   principal=who, request_id=request_id, waiter=True)
+            await gw.images.submit(
+                mode=mode,
+                fields=fields,
+                files=files,
+                provider=request.headers.get("x-provider"),
+                principal=who,
+                request_id=request_id,
+                waiter=True,
+            )
         except BaseException:
             gw.runner.previews.pop(request_id, None)
             raise
         return stream_response(gw, request_id, mode, previews)
     if key := request.headers.get(IDEMPOTENCY_HEADER):
-        fp = fingerprint(request.url.path, {k: v for k, v in fields.items()}, [f.data for f in files])
+        fp = fingerprint(request.url.path, dict(fields.items()), [f.data for f in files])
         existing = await Idempotency(gw.db, gw.settings.idempotency_ttl_s).claim(who.scope, key, fp, request_id)
         if existing is not None:  # a retry: the same job's response; this waiter never cancels it
             record = await gw.images.wait(existing, cancel_on_abandon=False)
             outcome = gw.images.render(record, base_url)
             return JSONResponse(outcome.body, headers={**outcome.headers, "idempotent-replayed": "true"})
-    work = asyncio.ensure_future(gw.images.create(
-        mode=mode, fields=fields, files=files, base_url=base_url,
-        provider=request.headers.get("x-provider"), request_id=request_id, principal=who,
-    ))
+    work = asyncio.ensure_future(
+        gw.images.create(
+            mode=mode,
+            fields=fields,
+            files=files,
+            base_url=base_url,
+            provider=request.headers.get("x-provider"),
+            request_id=request_id,
+            principal=who,
+        )
+    )
     gone = asyncio.ensure_future(_client_gone(request))
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -111,8 +136,17 @@ async def _run(request: Request, mode: Mode, fields: dict[str, Any], files: list
         work.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await work
-        return JSONResponse({"error": {"message": "client closed request", "type": "invalid_request_error",
-                                       "param": None, "code": "client_closed_request"}}, status_code=499)
+        return JSONResponse(
+            {
+                "error": {
+                    "message": "client closed request",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "client_closed_request",
+                }
+            },
+            status_code=499,
+        )
     outcome = work.result()  # re-raises the service's GatewayError for the error handler
     return JSONResponse(outcome.body, headers=outcome.headers)
 

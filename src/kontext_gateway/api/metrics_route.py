@@ -21,7 +21,7 @@ async def prometheus_metrics(request: Request) -> Response:
     # The queue depth is counted now, when someone asks, rather than polled all the time.
     try:
         metrics.queue_depth(await gw.db.count_waiting())
-    except Exception:  # noqa: BLE001 - a database hiccup must not hide every other series
+    except Exception:
         log.warning("counting waiting jobs for /metrics failed", exc_info=True)
     # Multiprocess mode reads and merges files: off the event loop.
     body, content_type = await asyncio.to_thread(metrics.render)

@@ -100,7 +100,7 @@ def _model_label(scope: Scope) -> str:
     gateway = getattr(getattr(scope.get("app"), "state", None), "gateway", None)
     try:  # a Replicate version ("owner/name:hash") names its model before the colon
         return gateway.catalog.resolve(raw.split(":", 1)[0])[0].id
-    except Exception:  # noqa: BLE001 - unknown names (or no gateway) must not become labels
+    except Exception:
         return "unknown"
 
 
@@ -118,8 +118,16 @@ async def send_error(send: Send, exc: GatewayError) -> None:
     """Answer an error before the app has read the request: the envelope, then the connection closes
     (what is left of the body is never read)."""
     body = json.dumps(exc.body()).encode()
-    await send({"type": "http.response.start", "status": exc.status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"x-should-retry", b"false"), (b"connection", b"close"),
-    ]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": exc.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-should-retry", b"false"),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -23,16 +23,18 @@ def model_object(gw: Gateway, m: ModelSpec) -> dict[str, Any]:
     providers = []
     for e in m.providers:
         impl = gw.providers.get(e.provider)
-        providers.append({
-            "provider": e.provider,
-            "config_key": e.config_key,
-            "provider_model_id": e.provider_model_id,
-            "modes": list(e.modes or m.modes),
-            "max_input_images": e.max_input_images,
-            "max_request_pixels": budget(gw.settings, e),
-            "available": bool(impl and impl.available(e)),
-            "pricing": e.pricing.model_dump(mode="json", exclude_none=True),
-        })
+        providers.append(
+            {
+                "provider": e.provider,
+                "config_key": e.config_key,
+                "provider_model_id": e.provider_model_id,
+                "modes": list(e.modes or m.modes),
+                "max_input_images": e.max_input_images,
+                "max_request_pixels": budget(gw.settings, e),
+                "available": bool(impl and impl.available(e)),
+                "pricing": e.pricing.model_dump(mode="json", exclude_none=True),
+            }
+        )
     body = m.model_dump(mode="json", exclude={"providers", "params", "released"}, exclude_none=True)
     return {
         "id": m.id,
@@ -60,7 +62,9 @@ class ModelViews:
         self.list_body = _json({"object": "list", "data": list(objects.values())})
         self.one = {mid: _json(obj) for mid, obj in objects.items()}
         self.schemas = {
-            m.id: _json({**objects[m.id], "schema": compile_schema(m, gw.router.handlings(m), gw.router.pixel_budgets(m))})
+            m.id: _json(
+                {**objects[m.id], "schema": compile_schema(m, gw.router.handlings(m), gw.router.pixel_budgets(m))}
+            )
             for m in gw.catalog.models
         }
 

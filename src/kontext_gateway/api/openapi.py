@@ -54,13 +54,12 @@ class ErrorResponse(BaseModel):
 # Why a route answers each status; the same words on every route.
 ERRORS: dict[int, str] = {
     400: "The request is malformed, a value is invalid or out of range, or the Host is not one this gateway "
-         "answers to.",
+    "answers to.",
     401: "No API key, or an unknown or revoked one (once the gateway is keyed).",
     402: "The API key's budget cannot cover the request.",
     403: "Not allowed: a model the API key may not use, an admin route without an admin key, a change sent "
-         "from another site's page, or an altered or expired image link.",
-    404: "Nothing by that id or name (another key's things are not found either: their existence is not "
-         "disclosed).",
+    "from another site's page, or an altered or expired image link.",
+    404: "Nothing by that id or name (another key's things are not found either: their existence is not disclosed).",
     409: "A conflict: the Idempotency-Key is being claimed at the same moment, or the request still runs.",
     413: "The body, or a file in it, is over its size limit.",
     415: "The body is not of a content type the route takes.",
@@ -82,8 +81,9 @@ GENERATE = (*WRITE, 402, 404, 409, 413, 415, 422, 429, 499, 500, 502, 503, 504)
 PREDICT = (*WRITE, 402, 404, 409, 413, 415, 422, 429, 503)
 
 
-def responses(*errors: int, ok: type[BaseModel] | dict[str, Any] | None = None, status: int = 200,
-              description: str = "Success") -> dict[int | str, dict[str, Any]]:
+def responses(
+    *errors: int, ok: type[BaseModel] | dict[str, Any] | None = None, status: int = 200, description: str = "Success"
+) -> dict[int | str, dict[str, Any]]:
     """A route's `responses=`: `ok` (a model, or a schema) for `status`, and the envelope for each of
     `errors`."""
     out: dict[int | str, dict[str, Any]] = {}
@@ -107,22 +107,43 @@ def ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": COMPONENTS + model.__name__}
 
 
-DRY_RUN = {"name": "dryRun", "in": "query", "required": False,
-           "description": "Validate and price the request without running it (`dry_run` too).",
-           "schema": {"type": "string", "enum": ["true", "false", "1", "0"]}}
-IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False,
-                   "description": "A retry with the same key and body joins the first request (24 h).",
-                   "schema": {"type": "string", "minLength": 1, "maxLength": 255}}
-PROVIDER = {"name": "x-provider", "in": "header", "required": False,
-            "description": "Run on this provider only (`local`, `replicate`, ... or a config key), no failover.",
-            "schema": {"type": "string"}}
-PREFER = {"name": "Prefer", "in": "header", "required": False,
-          "description": "`wait` holds the response until the prediction ends, up to 60 s; `wait=N` up to N s.",
-          "schema": {"type": "string", "pattern": r"^\s*wait(\s*=\s*([1-9]|[1-5][0-9]|60))?\s*$"}}
+DRY_RUN = {
+    "name": "dryRun",
+    "in": "query",
+    "required": False,
+    "description": "Validate and price the request without running it (`dry_run` too).",
+    "schema": {"type": "string", "enum": ["true", "false", "1", "0"]},
+}
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "A retry with the same key and body joins the first request (24 h).",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+}
+PROVIDER = {
+    "name": "x-provider",
+    "in": "header",
+    "required": False,
+    "description": "Run on this provider only (`local`, `replicate`, ... or a config key), no failover.",
+    "schema": {"type": "string"},
+}
+PREFER = {
+    "name": "Prefer",
+    "in": "header",
+    "required": False,
+    "description": "`wait` holds the response until the prediction ends, up to 60 s; `wait=N` up to N s.",
+    "schema": {"type": "string", "pattern": r"^\s*wait(\s*=\s*([1-9]|[1-5][0-9]|60))?\s*$"},
+}
 
 
-def body(*, json: type[BaseModel] | None = None, multipart: dict[str, Any] | None = None, required: bool = True,
-         parameters: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+def body(
+    *,
+    json: type[BaseModel] | None = None,
+    multipart: dict[str, Any] | None = None,
+    required: bool = True,
+    parameters: tuple[dict[str, Any], ...] = (),
+) -> dict[str, Any]:
     """The `openapi_extra` of a route that reads its body itself: a JSON model, a multipart schema, or
     both (the handler picks by Content-Type); `parameters` are the query parameters and headers it
     reads from the request (FastAPI adds its own path parameters)."""
@@ -148,13 +169,24 @@ def edit_form() -> dict[str, Any]:
     """The multipart form of /v1/images/edits: ImageRequest's fields as form fields, plus the files."""
     schema = ImageRequest.model_json_schema(ref_template=COMPONENTS + "{model}")
     props = {k: _not_null(v) for k, v in schema["properties"].items() if k not in _JSON_ONLY}
-    props["image"] = {"type": "array", "items": _BINARY, "minItems": 1,
-                      "description": "The image(s) to edit, PNG / JPEG / WebP / GIF: repeat the field "
-                                     "(`image[]` and `image[0]`, `image[1]`... are read too)."}
+    props["image"] = {
+        "type": "array",
+        "items": _BINARY,
+        "minItems": 1,
+        "description": "The image(s) to edit, PNG / JPEG / WebP / GIF: repeat the field "
+        "(`image[]` and `image[0]`, `image[1]`... are read too).",
+    }
     props["mask"] = {**_BINARY, "description": "Transparent (or white) where to repaint, the size of the first image."}
-    return {"schema": {"type": "object", "title": "ImageEditForm", "properties": props,
-                       "required": ["image", "prompt"], "additionalProperties": True},
-            "encoding": {"image": {"contentType": "image/png, image/jpeg, image/webp, image/gif"}}}
+    return {
+        "schema": {
+            "type": "object",
+            "title": "ImageEditForm",
+            "properties": props,
+            "required": ["image", "prompt"],
+            "additionalProperties": True,
+        },
+        "encoding": {"image": {"contentType": "image/png, image/jpeg, image/webp, image/gif"}},
+    }
 
 
 def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
@@ -165,14 +197,22 @@ def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in schema.items() if k not in ("anyOf", "default")}, **branches[0]}
 
 
-FILE_FORM: dict[str, Any] = {"schema": {
-    "type": "object", "title": "FileUpload", "required": ["content"], "additionalProperties": False,
-    "properties": {
-        "content": {**_BINARY, "description": "The image: PNG, JPEG, WebP or GIF, up to 50 MB."},
-        "metadata": {"type": "string", "contentMediaType": "application/json",
-                     "description": "A JSON object, kept with the file and shown back."},
-    },
-}}
+FILE_FORM: dict[str, Any] = {
+    "schema": {
+        "type": "object",
+        "title": "FileUpload",
+        "required": ["content"],
+        "additionalProperties": False,
+        "properties": {
+            "content": {**_BINARY, "description": "The image: PNG, JPEG, WebP or GIF, up to 50 MB."},
+            "metadata": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "description": "A JSON object, kept with the file and shown back.",
+            },
+        },
+    }
+}
 
 
 class PredictionInput(BaseModel):
@@ -197,8 +237,9 @@ class PredictionRequest(BaseModel):
     """A prediction: the model by `model` or `version` (or in the path), and its `input`."""
 
     model_config = ConfigDict(extra="allow")
-    model: str | None = Field(default=None,
-                              description="`owner/name`; not needed on /v1/models/{owner}/{name}/predictions.")
+    model: str | None = Field(
+        default=None, description="`owner/name`; not needed on /v1/models/{owner}/{name}/predictions."
+    )
     version: str | None = Field(default=None, description="`owner/name:hash` (the hash is ignored).")
     input: PredictionInput
     webhook: str | None = Field(default=None, description="An http(s) URL to send events to (public addresses only).")
@@ -209,10 +250,12 @@ class KeyLimits(BaseModel):
     """A key's limits; null removes one."""
 
     model_config = ConfigDict(extra="forbid")
-    models: list[str] | str | None = Field(default=None,
-                                           description="Model ids it may use (a list, or comma-separated).")
-    budget_usd: float | None = Field(default=None, ge=0, le=MAX_BUDGET_USD,
-                                     description="US dollars per `budget_period` (or the key's lifetime).")
+    models: list[str] | str | None = Field(
+        default=None, description="Model ids it may use (a list, or comma-separated)."
+    )
+    budget_usd: float | None = Field(
+        default=None, ge=0, le=MAX_BUDGET_USD, description="US dollars per `budget_period` (or the key's lifetime)."
+    )
     budget_period: Literal[PERIODS] | None = None  # type: ignore[valid-type]
     rpm: int | None = Field(default=None, ge=1, le=MAX_LIMIT, description="Requests per minute.")
     ipm: int | None = Field(default=None, ge=1, le=MAX_LIMIT, description="Images per minute.")
@@ -305,16 +348,23 @@ class RequestList(_Open):
 _CREATE_PARAMS = (DRY_RUN, IDEMPOTENCY_KEY, PROVIDER)
 GENERATIONS_BODY = body(json=ImageRequest, parameters=_CREATE_PARAMS)
 EDITS_BODY = body(json=ImageRequest, multipart=edit_form(), parameters=_CREATE_PARAMS)
-IMAGES_RESPONSES = responses(*GENERATE) | {200: {
-    "description": "The images; the cost estimate with `dryRun=true`; server-sent events with `stream=true`.",
-    "content": {"application/json": {"schema": {"anyOf": [ref(ImagesResponse), ref(CostEstimate)]}},
-                "text/event-stream": {"schema": {"type": "string"}}},
-}}
+IMAGES_RESPONSES = responses(*GENERATE) | {
+    200: {
+        "description": "The images; the cost estimate with `dryRun=true`; server-sent events with `stream=true`.",
+        "content": {
+            "application/json": {"schema": {"anyOf": [ref(ImagesResponse), ref(CostEstimate)]}},
+            "text/event-stream": {"schema": {"type": "string"}},
+        },
+    }
+}
 
 PREDICTION_BODY = body(json=PredictionRequest, parameters=(*_CREATE_PARAMS, PREFER))
-PREDICTION_CREATED = responses(*PREDICT, ok=Prediction, status=201, description="The prediction as created "
-                               "(with `Prefer: wait`: as it ended, or as it is when the wait is over).") | responses(
-    ok=CostEstimate, description="`dryRun=true`: the cost estimate; nothing is created.")
+PREDICTION_CREATED = responses(
+    *PREDICT,
+    ok=Prediction,
+    status=201,
+    description="The prediction as created (with `Prefer: wait`: as it ended, or as it is when the wait is over).",
+) | responses(ok=CostEstimate, description="`dryRun=true`: the cost estimate; nothing is created.")
 PREDICTION = responses(*READ, 404, ok=Prediction)
 PREDICTION_CANCELED = responses(*WRITE, 404, ok=Prediction)
 PREDICTION_LIST = responses(*READ, ok=PredictionList)
@@ -328,8 +378,15 @@ BLOB = responses(400, 403, 404) | {200: {"description": "The image's bytes.", "c
 
 KEY_CREATE_BODY = body(json=KeyCreate)
 KEY_UPDATE_BODY = body(json=KeyLimits, required=False)
-KEY_CREATED = responses(*WRITE, 404, 413, 415, ok=ApiKeyCreated, status=201,
-                        description="The key's settings, and the key itself: the one time it is shown.")
+KEY_CREATED = responses(
+    *WRITE,
+    404,
+    413,
+    415,
+    ok=ApiKeyCreated,
+    status=201,
+    description="The key's settings, and the key itself: the one time it is shown.",
+)
 KEY_UPDATED = responses(*WRITE, 404, 413, 415, ok=ApiKey)
 KEY_REVOKED = responses(*WRITE, 404, ok=ApiKey)
 KEY = responses(*READ, 403, 404, ok=ApiKey)
@@ -342,8 +399,7 @@ USAGE = responses(*READ, ok={"type": "object"})
 MODEL_LIST = responses(*READ, ok={"type": "object", "required": ["object", "data"]})
 MODEL = responses(*READ, 404, ok={"type": "object", "required": ["id", "object"]})
 MODEL_STATS = responses(*READ, 404, ok={"type": "object"})
-WEBHOOK_SECRET = responses(*READ, ok={"type": "object", "required": ["key"],
-                                      "properties": {"key": {"type": "string"}}})
+WEBHOOK_SECRET = responses(*READ, ok={"type": "object", "required": ["key"], "properties": {"key": {"type": "string"}}})
 
 
 # -- the document ------------------------------------------------------------------------------------
@@ -369,14 +425,16 @@ def complete(doc: dict[str, Any]) -> dict[str, Any]:
     422s FastAPI guesses. In place; returns `doc`."""
     components = doc.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
-    _, defs = models_json_schema([(m, "validation") for m in _MODELS.values()],
-                                 ref_template=COMPONENTS + "{model}")
+    _, defs = models_json_schema([(m, "validation") for m in _MODELS.values()], ref_template=COMPONENTS + "{model}")
     for name, schema in defs.get("$defs", {}).items():
         schemas.setdefault(name, schema)
-    components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
-                                                "description": "An API key (`kontext keys create`)."}}
-    untrusted_host = {"description": ERRORS[400],
-                      "content": {"application/json": {"schema": {"$ref": COMPONENTS + ErrorResponse.__name__}}}}
+    components["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "An API key (`kontext keys create`)."}
+    }
+    untrusted_host = {
+        "description": ERRORS[400],
+        "content": {"application/json": {"schema": {"$ref": COMPONENTS + ErrorResponse.__name__}}},
+    }
     for path, item in doc.get("paths", {}).items():
         for operation in item.values():
             answers = operation.setdefault("responses", {})

@@ -25,14 +25,19 @@ _WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d+))?\s*$", re.IGNORECASE)
 MAX_WAIT_S = 60
 
 
-@router.post("/v1/predictions", status_code=201, responses=openapi.PREDICTION_CREATED,
-             openapi_extra=openapi.PREDICTION_BODY)
+@router.post(
+    "/v1/predictions", status_code=201, responses=openapi.PREDICTION_CREATED, openapi_extra=openapi.PREDICTION_BODY
+)
 async def create(request: Request) -> JSONResponse:
     return await _create(request, model=None)
 
 
-@router.post("/v1/models/{owner}/{name}/predictions", status_code=201, responses=openapi.PREDICTION_CREATED,
-             openapi_extra=openapi.PREDICTION_BODY)
+@router.post(
+    "/v1/models/{owner}/{name}/predictions",
+    status_code=201,
+    responses=openapi.PREDICTION_CREATED,
+    openapi_extra=openapi.PREDICTION_BODY,
+)
 async def create_for_model(request: Request, owner: str, name: str) -> JSONResponse:
     return await _create(request, model=f"{owner}/{name}")
 
@@ -65,8 +70,11 @@ async def _create(request: Request, model: str | None) -> JSONResponse:
     base_url, wait = str(request.base_url), _prefer_wait(request.headers.get("prefer"))
     who = principal(request)
     if dry_run(request):
-        return JSONResponse(await gw.predictions.estimate(model=model, body=body, base_url=base_url, principal=who,
-                                                          provider=request.headers.get("x-provider")))
+        return JSONResponse(
+            await gw.predictions.estimate(
+                model=model, body=body, base_url=base_url, principal=who, provider=request.headers.get("x-provider")
+            )
+        )
     request_id = new_request_id()
     if key := request.headers.get(IDEMPOTENCY_HEADER):
         fp = fingerprint(request.url.path, body)
@@ -74,9 +82,15 @@ async def _create(request: Request, model: str | None) -> JSONResponse:
         if existing is not None:  # a retry: the same prediction, nothing created or charged again
             prediction = await gw.predictions.get(existing, base_url, wait=wait, principal=who)
             return JSONResponse(prediction, status_code=201, headers={"idempotent-replayed": "true"})
-    prediction = await gw.predictions.create(model=model, body=body, base_url=base_url, wait=wait,
-                                             request_id=request_id, principal=who,
-                                             provider=request.headers.get("x-provider"))
+    prediction = await gw.predictions.create(
+        model=model,
+        body=body,
+        base_url=base_url,
+        wait=wait,
+        request_id=request_id,
+        principal=who,
+        provider=request.headers.get("x-provider"),
+    )
     return JSONResponse(prediction, status_code=201)
 
 
@@ -90,7 +104,10 @@ def _prefer_wait(prefer: str | None) -> float | None:
         if m:
             seconds = int(m.group(1)) if m.group(1) else MAX_WAIT_S
             if not 1 <= seconds <= MAX_WAIT_S:
-                raise invalid(f"Prefer: wait={seconds} is out of range (1 to {MAX_WAIT_S} seconds).",
-                              param="Prefer", code="invalid_value")
+                raise invalid(
+                    f"Prefer: wait={seconds} is out of range (1 to {MAX_WAIT_S} seconds).",
+                    param="Prefer",
+                    code="invalid_value",
+                )
             return float(seconds)
     return None

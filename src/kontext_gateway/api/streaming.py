@@ -26,8 +26,12 @@ if TYPE_CHECKING:
 
     from ..gateway import Gateway
 
-USAGE = {"total_tokens": 0, "input_tokens": 0, "output_tokens": 0,
-         "input_tokens_details": {"text_tokens": 0, "image_tokens": 0}}  # images are priced per image here
+USAGE = {
+    "total_tokens": 0,
+    "input_tokens": 0,
+    "output_tokens": 0,
+    "input_tokens_details": {"text_tokens": 0, "image_tokens": 0},
+}  # images are priced per image here
 
 
 class PreviewQueue:
@@ -35,20 +39,20 @@ class PreviewQueue:
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[int, "Image"]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, Image]] = asyncio.Queue()
 
-    def __call__(self, index: int, image: "Image") -> None:  # engine thread
+    def __call__(self, index: int, image: Image) -> None:  # engine thread
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, image))
 
 
-def stream_response(gw: "Gateway", request_id: str, mode: str, previews: PreviewQueue) -> StreamingResponse:
+def stream_response(gw: Gateway, request_id: str, mode: str, previews: PreviewQueue) -> StreamingResponse:
     kind = "image_edit" if mode == "edit" else "image_generation"
 
     async def events() -> AsyncIterator[bytes]:
         waiter = asyncio.ensure_future(gw.images.wait(request_id))
         fmt: str | None = None  # the previews' format: read once, with the first preview
 
-        async def partial(index: int, image: "Image") -> bytes:
+        async def partial(index: int, image: Image) -> bytes:
             nonlocal fmt
             if fmt is None:
                 params = (await gw.db.get_request(request_id) or {}).get("params") or {}
@@ -67,21 +71,39 @@ def stream_response(gw: "Gateway", request_id: str, mode: str, previews: Preview
                 yield await partial(*previews.queue.get_nowait())
             record = waiter.result()
             if record.get("status") != "succeeded":
-                error = dict(record.get("error") or {"message": "The request was canceled.", "type": "invalid_request_error",
-                                                     "param": None, "code": "request_canceled"})
+                error = dict(
+                    record.get("error")
+                    or {
+                        "message": "The request was canceled.",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "request_canceled",
+                    }
+                )
                 error.pop("status", None)
                 error.pop("headers", None)
                 yield _sse("error", {"type": "error", "error": error})
                 return
             for blob_id in record["output_blob_ids"]:
                 data = await asyncio.to_thread(gw.blobs.get, blob_id) or b""
-                yield _sse(f"{kind}.completed", {
-                    "type": f"{kind}.completed", "b64_json": base64.b64encode(data).decode(),
-                    "created_at": int(time.time()), "size": record["output_size"], "quality": "auto",
-                    "background": "opaque", "output_format": record["output_format"], "usage": USAGE,
-                    "metadata": {"request_id": request_id, "provider": record.get("provider"),
-                                 "cost": record.get("cost")},
-                })
+                yield _sse(
+                    f"{kind}.completed",
+                    {
+                        "type": f"{kind}.completed",
+                        "b64_json": base64.b64encode(data).decode(),
+                        "created_at": int(time.time()),
+                        "size": record["output_size"],
+                        "quality": "auto",
+                        "background": "opaque",
+                        "output_format": record["output_format"],
+                        "usage": USAGE,
+                        "metadata": {
+                            "request_id": request_id,
+                            "provider": record.get("provider"),
+                            "cost": record.get("cost"),
+                        },
+                    },
+                )
         finally:
             gw.runner.previews.pop(request_id, None)
             if not waiter.done():  # the client went away mid-stream: the job is canceled with it
@@ -89,17 +111,26 @@ def stream_response(gw: "Gateway", request_id: str, mode: str, previews: Preview
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await waiter
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"x-request-id": request_id, "cache-control": "no-cache"})
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"x-request-id": request_id, "cache-control": "no-cache"}
+    )
 
 
-async def _partial(kind: str, fmt: str, index: int, image: "Image") -> bytes:
+async def _partial(kind: str, fmt: str, index: int, image: Image) -> bytes:
     data = await asyncio.to_thread(encode_image, image, fmt)
-    return _sse(f"{kind}.partial_image", {
-        "type": f"{kind}.partial_image", "b64_json": base64.b64encode(data).decode(), "created_at": int(time.time()),
-        "size": f"{image.size[0]}x{image.size[1]}", "quality": "auto", "background": "opaque", "output_format": fmt,
-        "partial_image_index": index,
-    })
+    return _sse(
+        f"{kind}.partial_image",
+        {
+            "type": f"{kind}.partial_image",
+            "b64_json": base64.b64encode(data).decode(),
+            "created_at": int(time.time()),
+            "size": f"{image.size[0]}x{image.size[1]}",
+            "quality": "auto",
+            "background": "opaque",
+            "output_format": fmt,
+            "partial_image_index": index,
+        },
+    )
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:

@@ -7,9 +7,10 @@ The open loopback default runs next to a browser, so two attacks from any web pa
   so only allowed hosts are answered (as Django's ALLOWED_HOSTS and Starlette's
   TrustedHostMiddleware do): on a loopback bind `localhost`, `127.0.0.1` and `[::1]` (any port),
   plus `KONTEXT_ALLOWED_HOSTS` and the host of `KONTEXT_PUBLIC_URL`. Others get 400
-  `invalid_host` (but for `/health`, which tells nothing and is probed by address). Links the gateway builds from the request's Host are therefore always to a
-  trusted host. Bound beyond loopback with none of these set, any Host is answered (keys are
-  required there anyway) and `kontext serve` says so at start.
+  `invalid_host` (but for `/health`, which tells nothing and is probed by address). Links the
+  gateway builds from the request's Host are therefore always to a trusted host. Bound beyond
+  loopback with none of these set, any Host is answered (keys are required there anyway) and
+  `kontext serve` says so at start.
 - Cross-site requests: a page can POST text/plain, form or multipart bodies to any address without
   asking the browser's permission (no CORS preflight). A state-changing request (any method but
   GET, HEAD and OPTIONS) that a browser marks as coming from another origin (`Origin`, or
@@ -42,12 +43,33 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # What a trusted origin's pages may send and read (the SDKs' headers, and this API's own).
 CORS_METHODS = ["GET", "POST", "PATCH", "DELETE"]
-CORS_HEADERS = ["authorization", "content-type", "idempotency-key", "prefer", "x-provider", "x-request-id",
-                "openai-organization", "openai-project", "x-stainless-arch", "x-stainless-lang",
-                "x-stainless-os", "x-stainless-package-version", "x-stainless-retry-count",
-                "x-stainless-runtime", "x-stainless-runtime-version", "x-stainless-timeout"]
-CORS_EXPOSED = ["x-request-id", "x-kontext-provider", "x-kontext-model", "retry-after", "idempotent-replayed",
-                "x-ratelimit-limit-requests", "x-ratelimit-limit-images"]
+CORS_HEADERS = [
+    "authorization",
+    "content-type",
+    "idempotency-key",
+    "prefer",
+    "x-provider",
+    "x-request-id",
+    "openai-organization",
+    "openai-project",
+    "x-stainless-arch",
+    "x-stainless-lang",
+    "x-stainless-os",
+    "x-stainless-package-version",
+    "x-stainless-retry-count",
+    "x-stainless-runtime",
+    "x-stainless-runtime-version",
+    "x-stainless-timeout",
+]
+CORS_EXPOSED = [
+    "x-request-id",
+    "x-kontext-provider",
+    "x-kontext-model",
+    "retry-after",
+    "idempotent-replayed",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-limit-images",
+]
 
 
 @dataclass(frozen=True)
@@ -154,25 +176,47 @@ class TrustedRequestMiddleware:
                 fetch_site = value.decode("latin-1").lower()
         # No Host at all: an HTTP/1.0 client, not a browser (browsers always send one). Health checks
         # tell nothing and come from load balancers and orchestrators by address: any Host.
-        if (host is not None and not self.policy.any_host and not scope["path"].startswith(HEALTH)
-                and not self._host_allowed(host)):
-            return await send_error(send, GatewayError(
-                f"This gateway does not answer to the host '{host[:100]}'. Allowed hosts are set with "
-                "KONTEXT_ALLOWED_HOSTS (and KONTEXT_PUBLIC_URL).", status=400, param="Host", code="invalid_host"))
+        if (
+            host is not None
+            and not self.policy.any_host
+            and not scope["path"].startswith(HEALTH)
+            and not self._host_allowed(host)
+        ):
+            return await send_error(
+                send,
+                GatewayError(
+                    f"This gateway does not answer to the host '{host[:100]}'. Allowed hosts are set with "
+                    "KONTEXT_ALLOWED_HOSTS (and KONTEXT_PUBLIC_URL).",
+                    status=400,
+                    param="Host",
+                    code="invalid_host",
+                ),
+            )
         if "\x00" in scope["path"] or b"%00" in scope["query_string"]:
             # Not a name, an id or a filter of anything here, and PostgreSQL cannot even compare it.
-            return await send_error(send, GatewayError(
-                "The URL holds a NUL character (%00), which is not accepted.", status=400, code="invalid_url"))
+            return await send_error(
+                send,
+                GatewayError(
+                    "The URL holds a NUL character (%00), which is not accepted.", status=400, code="invalid_url"
+                ),
+            )
         if scope["method"] not in SAFE_METHODS:
             if origin is not None:
                 refused = not self.policy.origin_allowed(origin, scope.get("scheme", "http"), host or "")
             else:
                 refused = fetch_site in ("cross-site", "same-site")
             if refused:
-                return await send_error(send, GatewayError(
-                    f"Requests from the web page of another site ({(origin or 'unknown origin')[:100]}) may not "
-                    "change anything here. To allow a site, add its origin to KONTEXT_CORS_ORIGINS.",
-                    status=403, type="permission_error", param="Origin", code="cross_origin_request"))
+                return await send_error(
+                    send,
+                    GatewayError(
+                        f"Requests from the web page of another site ({(origin or 'unknown origin')[:100]}) may not "
+                        "change anything here. To allow a site, add its origin to KONTEXT_CORS_ORIGINS.",
+                        status=403,
+                        type="permission_error",
+                        param="Origin",
+                        code="cross_origin_request",
+                    ),
+                )
         await self.app(scope, receive, send)
 
 

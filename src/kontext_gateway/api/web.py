@@ -30,6 +30,7 @@ def _index() -> FileResponse:
 for _path in PAGES:
     router.add_api_route(_path, _index, methods=["GET"])
 
+
 class _Static(StaticFiles):
     """The page's modules revalidate like the page itself (ETag: a 304 when unchanged), so a browser
     never runs old JavaScript against an upgraded server."""

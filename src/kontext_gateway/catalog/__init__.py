@@ -49,7 +49,7 @@ class ProviderEntry(_Strict):
     pricing: Pricing
 
     @model_validator(mode="after")
-    def _key_names_provider(self) -> "ProviderEntry":
+    def _key_names_provider(self) -> ProviderEntry:
         if not self.config_key.startswith(self.provider + "/"):
             raise ValueError(f"config_key {self.config_key!r} must start with {self.provider + '/'!r}")
         return self
@@ -120,14 +120,16 @@ class ModelSpec(_Strict):
 
     @property
     def created(self) -> int:
-        return int(dt.datetime.combine(self.released, dt.time(), dt.timezone.utc).timestamp())
+        return int(dt.datetime.combine(self.released, dt.time(), dt.UTC).timestamp())
 
     @model_validator(mode="after")
-    def _provider_limits(self) -> "ModelSpec":
+    def _provider_limits(self) -> ModelSpec:
         for p in self.providers:
             if p.max_input_images > self.max_input_images:
-                raise ValueError(f"{p.config_key} accepts {p.max_input_images} input images, "
-                                 f"over the model's max_input_images {self.max_input_images}")
+                raise ValueError(
+                    f"{p.config_key} accepts {p.max_input_images} input images, "
+                    f"over the model's max_input_images {self.max_input_images}"
+                )
         return self
 
     def providers_for(self, mode: Mode) -> list[ProviderEntry]:
@@ -159,7 +161,7 @@ class Catalog:
         self._index.setdefault(key, (model, provider))
 
     @classmethod
-    def load(cls, path: Path | None = None) -> "Catalog":
+    def load(cls, path: Path | None = None) -> Catalog:
         path = path or DEFAULT_CATALOG
         with open(path, "rb") as f:
             data = tomllib.load(f)

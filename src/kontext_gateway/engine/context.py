@@ -22,9 +22,10 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from diffusers import FluxKontextInpaintPipeline, FluxKontextPipeline
@@ -77,8 +78,8 @@ def pack_context(
         tokens.append(first[0])
         ids.append(first[1])
         counts.append(first[0].shape[1])
-    slots = placements(shapes, method)[len(tokens):]
-    for lat, (index, h_off, w_off) in zip(latents, slots):
+    slots = placements(shapes, method)[len(tokens) :]
+    for lat, (index, h_off, w_off) in zip(latents, slots, strict=False):
         lat = lat.expand(batch, -1, -1, -1) if batch > 1 else lat
         channels, height, width = lat.shape[1:]
         packed = pipe._pack_latents(lat, batch, channels, height, width)
@@ -96,10 +97,10 @@ class _MultiContext:
     """What both pipelines share: the per-call context, the last call's token counts, and `noise_pred`
     made visible to step callbacks (previews decode the predicted clean image from it)."""
 
-    _callback_tensor_inputs = ["latents", "prompt_embeds", "noise_pred"]
-    _ctx_latents: list[Any] = []
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "prompt_embeds", "noise_pred"]
+    _ctx_latents: ClassVar[list[Any]] = []  # set per call on the instance; the class value is never changed
     _ctx_placement: Placement = "offset"
-    last_context_tokens: list[int] = []
+    last_context_tokens: ClassVar[list[int]] = []
     last_noise_tokens: int = 0
 
     @contextmanager
@@ -115,8 +116,9 @@ class MultiContextKontextPipeline(_MultiContext, FluxKontextPipeline):
     """FluxKontextPipeline whose context is the encoded latents set with `using(...)`; call it with
     image=None. Built from an existing pipeline's components: no second copy of the weights."""
 
-    def prepare_latents(self, image, batch_size, num_channels_latents, height, width, dtype, device,
-                        generator=None, latents=None):
+    def prepare_latents(
+        self, image, batch_size, num_channels_latents, height, width, dtype, device, generator=None, latents=None
+    ):
         latents, _, latent_ids, _ = super().prepare_latents(
             None, batch_size, num_channels_latents, height, width, dtype, device, generator, latents
         )
@@ -133,10 +135,35 @@ class MultiContextInpaintPipeline(_MultiContext, FluxKontextInpaintPipeline):
     """FluxKontextInpaintPipeline that appends the latents set with `using(...)` as further references
     after its own context image (the picture being repainted)."""
 
-    def prepare_latents(self, image, timestep, batch_size, num_channels_latents, height, width, dtype, device,
-                        generator=None, latents=None, image_reference=None):
-        out = list(super().prepare_latents(image, timestep, batch_size, num_channels_latents, height, width,
-                                           dtype, device, generator, latents, image_reference))
+    def prepare_latents(
+        self,
+        image,
+        timestep,
+        batch_size,
+        num_channels_latents,
+        height,
+        width,
+        dtype,
+        device,
+        generator=None,
+        latents=None,
+        image_reference=None,
+    ):
+        out = list(
+            super().prepare_latents(
+                image,
+                timestep,
+                batch_size,
+                num_channels_latents,
+                height,
+                width,
+                dtype,
+                device,
+                generator,
+                latents,
+                image_reference,
+            )
+        )
         latents, image_latents, ref_latents, _latent_ids, image_ids, ref_ids, _noise = out
         self.last_noise_tokens = latents.shape[1]
         base = (ref_latents, ref_ids) if ref_latents is not None else (image_latents, image_ids)
@@ -148,8 +175,19 @@ class MultiContextInpaintPipeline(_MultiContext, FluxKontextInpaintPipeline):
         out[2], out[5] = tokens, ids  # the loop appends image_reference_* as the context
         return tuple(out)
 
-    def prepare_mask_latents(self, mask, masked_image, batch_size, num_channels_latents, num_images_per_prompt,
-                             height, width, dtype, device, generator):
+    def prepare_mask_latents(
+        self,
+        mask,
+        masked_image,
+        batch_size,
+        num_channels_latents,
+        num_images_per_prompt,
+        height,
+        width,
+        dtype,
+        device,
+        generator,
+    ):
         """diffusers VAE-encodes the masked picture here and drops the result (Kontext inpainting uses
         only the mask). A 16-channel stand-in, which diffusers takes as latents as they are, skips that
         encode: the same bytes, -12 % on a 256x256 mask edit (benchmarks/RESULTS.md, section 9)."""
@@ -159,11 +197,21 @@ class MultiContextInpaintPipeline(_MultiContext, FluxKontextInpaintPipeline):
             h = 2 * (int(height) // (self.vae_scale_factor * 2))
             w = 2 * (int(width) // (self.vae_scale_factor * 2))
             masked_image = torch.zeros((masked_image.shape[0], 16, h, w), dtype=dtype, device=device)
-        return super().prepare_mask_latents(mask, masked_image, batch_size, num_channels_latents,
-                                            num_images_per_prompt, height, width, dtype, device, generator)
+        return super().prepare_mask_latents(
+            mask,
+            masked_image,
+            batch_size,
+            num_channels_latents,
+            num_images_per_prompt,
+            height,
+            width,
+            dtype,
+            device,
+            generator,
+        )
 
 
-def fit_for_context(pipe: Any, image: "Image", size: tuple[int, int] | None) -> Any:
+def fit_for_context(pipe: Any, image: Image, size: tuple[int, int] | None) -> Any:
     """The pixel tensor diffusers would encode for this picture: LANCZOS-resized to `size` (the context
     size chosen by engine/resolution.py), else its own size floored to a multiple of 16, then the
     pipeline's own resize and preprocess (identical steps to FluxKontextPipeline with _auto_resize off)."""
@@ -196,7 +244,7 @@ class ContextLatentCache:
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(image: "Image", size: tuple[int, int] | None, extra: tuple[Any, ...] = ()) -> tuple[Any, ...]:
+    def key(image: Image, size: tuple[int, int] | None, extra: tuple[Any, ...] = ()) -> tuple[Any, ...]:
         digest = hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest()
         return (digest, image.mode, image.size, size, *extra)
 
@@ -223,7 +271,7 @@ class ContextLatentCache:
         return len(self._entries)
 
 
-def encode_context(pipe: Any, image: "Image", size: tuple[int, int] | None, cache: ContextLatentCache | None) -> Any:
+def encode_context(pipe: Any, image: Image, size: tuple[int, int] | None, cache: ContextLatentCache | None) -> Any:
     """Normalised VAE latents (1, 16, h/8, w/8) of one context picture, as FluxKontextPipeline makes them
     (the distribution's mode, then shift and scale), through the cache when one is given."""
     device = pipe._execution_device

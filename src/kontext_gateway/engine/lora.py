@@ -112,8 +112,9 @@ async def _download(url: str, target: Path, *, allow_private: bool) -> None:
     part = target.with_suffix(".part")
     current = url
     transport = PinnedTransport(allow_private=allow_private, param="loras", status=400)
-    async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(30.0, read=120.0),
-                                 follow_redirects=False) as client:
+    async with httpx.AsyncClient(
+        transport=transport, timeout=httpx.Timeout(30.0, read=120.0), follow_redirects=False
+    ) as client:
         for _ in range(6):
             split_url(current, param="loras", status=400)  # http(s) with a host, or a 400
             async with client.stream("GET", current) as resp:
@@ -175,8 +176,9 @@ class AdapterCache:
                     self._enabled = False
                 return
             if importlib.util.find_spec("peft") is None:
-                raise unavailable("LoRA adapters need the 'peft' package on this server (pip install peft).",
-                                  code="lora_unsupported")
+                raise unavailable(
+                    "LoRA adapters need the 'peft' package on this server (pip install peft).", code="lora_unsupported"
+                )
             merged: dict[Path, tuple[float, str]] = {}
             for spec in loras:  # the same file twice: LoRA deltas are linear in the scale
                 scale, label = merged.get(spec.path, (0.0, spec.name or spec.path.name))
@@ -203,14 +205,20 @@ class AdapterCache:
             self._check_shapes(path, label)
             with warnings.catch_warnings():  # PEFT warns on every adapter after the first: expected here
                 warnings.simplefilter("ignore", UserWarning)
-                self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name,
-                                            use_safetensors=True, local_files_only=True)
+                self.pipe.load_lora_weights(
+                    str(path.parent),
+                    weight_name=path.name,
+                    adapter_name=name,
+                    use_safetensors=True,
+                    local_files_only=True,
+                )
         except GatewayError:
             raise
-        except Exception as exc:  # noqa: BLE001 - any failure of a user's file is the user's 400
+        except Exception as exc:
             self._delete(name)
-            raise invalid_lora(f"LoRA {_what(label, path)} cannot be loaded into this model: "
-                               f"{_first_line(exc)}") from None
+            raise invalid_lora(
+                f"LoRA {_what(label, path)} cannot be loaded into this model: {_first_line(exc)}"
+            ) from None
         if name not in self._present():
             self._delete(name)
             raise invalid_lora(f"LoRA {_what(label, path)} has no weights for this model's layers.")
@@ -227,8 +235,9 @@ class AdapterCache:
         widens a linear layer to fit a larger LoRA (meant for Flux Control LoRAs) and overwrites norm
         layers for files carrying norm weights. Either would outlive the request, so neither is loaded.
         Reads the file in the layout diffusers converts it to (kohya, fal... become diffusers keys)."""
-        state = self.pipe.lora_state_dict(str(path.parent), weight_name=path.name, use_safetensors=True,
-                                          local_files_only=True)
+        state = self.pipe.lora_state_dict(
+            str(path.parent), weight_name=path.name, use_safetensors=True, local_files_only=True
+        )
         state = state[0] if isinstance(state, tuple) else state
         transformer = self.pipe.transformer
         norm_keys = getattr(self.pipe, "_control_lora_supported_norm_keys", ())
@@ -236,8 +245,10 @@ class AdapterCache:
             if not key.startswith("transformer."):
                 continue
             if "lora" not in key and any(k in key for k in norm_keys):
-                raise invalid_lora(f"LoRA {_what(label, path)} overwrites normalisation layers (a Flux Control "
-                                   "LoRA); only adapters that leave the base model as it is are loaded.")
+                raise invalid_lora(
+                    f"LoRA {_what(label, path)} overwrites normalisation layers (a Flux Control "
+                    "LoRA); only adapters that leave the base model as it is are loaded."
+                )
             module_name, sep, kind = key.removeprefix("transformer.").rpartition(".lora_")
             if not sep or not kind.endswith("weight"):
                 continue
@@ -267,7 +278,7 @@ class AdapterCache:
                 with warnings.catch_warnings():  # "adapter was active, now deleted": intended
                     warnings.simplefilter("ignore", UserWarning)
                     self.pipe.delete_adapters(name)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.warning("could not delete LoRA adapter %s", name, exc_info=True)
         # A load that failed half-way may have wrapped layers without registering the adapter.
         from peft.tuners.tuners_utils import BaseTunerLayer

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 
-def fit_mask(mask: "Image", size: tuple[int, int]) -> "Image":
+def fit_mask(mask: Image, size: tuple[int, int]) -> Image:
     """The mask as "L" at `size`, binarised at half (the pipeline binarises its own copy the same way)."""
     from PIL import Image as PILImage
 
@@ -33,7 +33,7 @@ def feather_radius(size: tuple[int, int]) -> int:
     return max(1, round(min(size) / 128))
 
 
-def keep_unmasked(result: "Image", source: "Image", mask: "Image") -> "Image":
+def keep_unmasked(result: Image, source: Image, mask: Image) -> Image:
     """`result` where the (fitted) mask repaints, `source` where it keeps, blended across the seam."""
     from PIL import Image as PILImage
     from PIL import ImageChops, ImageFilter

@@ -12,10 +12,11 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from ..errors import invalid
 from ..params import Size
@@ -107,8 +108,17 @@ class RunInfo:
 
 
 class KontextEngine:
-    def __init__(self, pipe: Any, *, name: str, device: str, dtype: Any, offload: str = "none",
-                 attention: str = "auto", compile: bool = False) -> None:
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        name: str,
+        device: str,
+        dtype: Any,
+        offload: str = "none",
+        attention: str = "auto",
+        compile: bool = False,
+    ) -> None:
         from .lean.adapter import LeanTransformer
 
         self.pipe = pipe
@@ -133,8 +143,15 @@ class KontextEngine:
         self._runners: dict[str, Any] = {}  # "kontext" / "inpaint" -> pipeline subclass on these weights
 
     @classmethod
-    def tiny(cls, device: str | None = None, *, offload: str = "none", transformer: str = "diffusers",
-             attention: str = "auto", compile: bool = False) -> "KontextEngine":
+    def tiny(
+        cls,
+        device: str | None = None,
+        *,
+        offload: str = "none",
+        transformer: str = "diffusers",
+        attention: str = "auto",
+        compile: bool = False,
+    ) -> KontextEngine:
         from .tiny import build_tiny_pipeline
 
         quiet_libraries()
@@ -145,13 +162,22 @@ class KontextEngine:
         if transformer == "lean":
             use_lean(pipe)
         log.info("built kontext-tiny on %s in %.2fs", device, time.perf_counter() - t0)
-        return cls(pipe, name="kontext-tiny", device=device, dtype=dtype, offload=offload, attention=attention,
-                   compile=compile)
+        return cls(
+            pipe, name="kontext-tiny", device=device, dtype=dtype, offload=offload, attention=attention, compile=compile
+        )
 
     @classmethod
-    def from_dir(cls, path: Path, *, name: str, device: str | None = None, offload: str = "none",
-                 transformer: str = "diffusers", attention: str = "auto",
-                 compile: bool = False) -> "KontextEngine":
+    def from_dir(
+        cls,
+        path: Path,
+        *,
+        name: str,
+        device: str | None = None,
+        offload: str = "none",
+        transformer: str = "diffusers",
+        attention: str = "auto",
+        compile: bool = False,
+    ) -> KontextEngine:
         """Load weights in diffusers layout (model_index.json + component folders) from local disk. The lean
         transformer is read straight from `transformer/` (the diffusers model is never built)."""
         from diffusers import FluxKontextPipeline
@@ -169,13 +195,20 @@ class KontextEngine:
             pipe = FluxKontextPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
         offload = place(pipe, device, offload)
         log.info("loaded %s from %s on %s in %.2fs", name, path, device, time.perf_counter() - t0)
-        return cls(pipe, name=name, device=device, dtype=dtype, offload=offload, attention=attention,
-                   compile=compile)
+        return cls(pipe, name=name, device=device, dtype=dtype, offload=offload, attention=attention, compile=compile)
 
     @classmethod
-    def from_hub(cls, repo_id: str, *, name: str, device: str | None = None, offload: str = "none",
-                 transformer: str = "diffusers", attention: str = "auto",
-                 compile: bool = False) -> "KontextEngine":
+    def from_hub(
+        cls,
+        repo_id: str,
+        *,
+        name: str,
+        device: str | None = None,
+        offload: str = "none",
+        transformer: str = "diffusers",
+        attention: str = "auto",
+        compile: bool = False,
+    ) -> KontextEngine:
         """Download from the Hugging Face hub: only when the operator allowed downloads."""
         from diffusers import FluxKontextPipeline
 
@@ -184,8 +217,7 @@ class KontextEngine:
         offload = place(pipe, device, offload)
         if transformer == "lean":
             use_lean(pipe)
-        return cls(pipe, name=name, device=device, dtype=dtype, offload=offload, attention=attention,
-                   compile=compile)
+        return cls(pipe, name=name, device=device, dtype=dtype, offload=offload, attention=attention, compile=compile)
 
     def trace(self) -> dict[str, Any]:
         """What the last run did, for the request's trace: transformer, attention, acceleration asked
@@ -238,21 +270,21 @@ class KontextEngine:
         guidance: float,
         n: int,
         seed: int,
-        image: "Image | None" = None,
+        image: Image | None = None,
         context: Size | None = None,
-        images: "list[Image] | None" = None,
+        images: list[Image] | None = None,
         contexts: list[Size | None] | None = None,
         negative_prompt: str | None = None,
         true_cfg_scale: float | None = None,
-        mask: "Image | None" = None,
+        mask: Image | None = None,
         loras: list[LoraSpec] | None = None,
         placement: str = "offset",
         acceleration: str = "none",
         partial_images: int = 0,
-        preview: Callable[[int, "Image"], None] | None = None,
+        preview: Callable[[int, Image], None] | None = None,
         progress: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
-    ) -> list["Image"]:
+    ) -> list[Image]:
         """Make `n` pictures. Context images: `images` with one context size each (`contexts`), or the
         single `image`/`context` pair; each is resized to its size and becomes its own context tokens.
         With `mask` (same size as the first image; 255 = repaint) the first image is repainted where
@@ -276,15 +308,18 @@ class KontextEngine:
         if loras and self.transformer == "lean":
             from .lora import invalid_lora
 
-            raise invalid_lora("LoRA adapters run on the diffusers transformer; this server runs the lean one "
-                               "(KONTEXT_ENGINE_TRANSFORMER=lean). Ask its operator, or send the request "
-                               "without 'loras'.")
+            raise invalid_lora(
+                "LoRA adapters run on the diffusers transformer; this server runs the lean one "
+                "(KONTEXT_ENGINE_TRANSFORMER=lean). Ask its operator, or send the request "
+                "without 'loras'."
+            )
         self.adapters.activate(list(loras or []))
         inpaint = None  # (source at the output size, fitted mask)
         if mask is not None:
             target = (output.width, output.height)
-            source = pictures[0] if pictures[0].size == target else pictures[0].resize(
-                target, PILImage.Resampling.LANCZOS)
+            source = (
+                pictures[0] if pictures[0].size == target else pictures[0].resize(target, PILImage.Resampling.LANCZOS)
+            )
             inpaint = (source, fit_mask(mask, target))
             if preview is not None:  # previews show the kept area as the result will
                 shown, preview = preview, lambda i, im: shown(i, keep_unmasked(im, *inpaint))
@@ -320,8 +355,10 @@ class KontextEngine:
         )
 
         def latents_of(pics: list[Any], fits: list[Size | None]) -> list[Any]:
-            return [encode_context(self.pipe, im, (s.width, s.height) if s else None, self.context_cache)
-                    for im, s in zip(pics, fits)]
+            return [
+                encode_context(self.pipe, im, (s.width, s.height) if s else None, self.context_cache)
+                for im, s in zip(pics, fits, strict=False)
+            ]
 
         runner = self._runner("kontext" if inpaint is None else "inpaint")
         lean = self.transformer == "lean"

@@ -11,7 +11,8 @@ transformer step at 1024x1024) and reads no weights but the VAE's.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -32,7 +33,7 @@ def preview_steps(steps: int, count: int) -> list[int]:
     return [((j + 1) * 2 * steps + count + 1) // (2 * (count + 1)) for j in range(count)]
 
 
-def predicted_image(pipe: Any, latents: Any, noise_pred: Any, height: int, width: int) -> "Image":
+def predicted_image(pipe: Any, latents: Any, noise_pred: Any, height: int, width: int) -> Image:
     """Decode x0 = latents - sigma * v for the first batch item (see the module docstring)."""
     import torch
 
@@ -67,6 +68,6 @@ class PreviewEmitter:
             image = predicted_image(pipe, tensors["latents"], tensors["noise_pred"], self.height, self.width)
             self.send(self.sent, image)
             self.sent += 1
-        except Exception:  # noqa: BLE001 - the picture matters more than its previews
+        except Exception:
             log.warning("preview failed; no more previews for this picture", exc_info=True)
             self.at = set()

@@ -18,16 +18,32 @@ DEFAULT_T2I = Size(1024, 1024)
 
 # (width, height), identical in diffusers' pipeline_flux_kontext.py and BFL's flux/util.py
 PREFERRED_KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (
-    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184),
-    (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752),
-    (1456, 720), (1504, 688), (1568, 672),
+    (672, 1568),
+    (688, 1504),
+    (720, 1456),
+    (752, 1392),
+    (800, 1328),
+    (832, 1248),
+    (880, 1184),
+    (944, 1104),
+    (1024, 1024),
+    (1104, 944),
+    (1184, 880),
+    (1248, 832),
+    (1328, 800),
+    (1392, 752),
+    (1456, 720),
+    (1504, 688),
+    (1568, 672),
 )
 
 
 def to_multiple(size: Size, multiple: int = MULTIPLE) -> Size:
     """Nearest multiple of `multiple` on each side, at least one multiple."""
+
     def snap(v: int) -> int:
-        return max(multiple, int(math.floor(v / multiple + 0.5)) * multiple)
+        return max(multiple, math.floor(v / multiple + 0.5) * multiple)
+
     return Size(snap(size.width), snap(size.height))
 
 
@@ -41,8 +57,10 @@ def output_size(requested: Size | None, input_size: Size | None, max_pixels: int
     if requested is not None:
         out = to_multiple(requested)
         while out.area > max_pixels:  # rounding up may cross the model's limit: step back
-            out = Size(out.width - MULTIPLE if out.width >= out.height else out.width,
-                       out.height - MULTIPLE if out.height > out.width else out.height)
+            out = Size(
+                out.width - MULTIPLE if out.width >= out.height else out.width,
+                out.height - MULTIPLE if out.height > out.width else out.height,
+            )
         return out
     if input_size is not None:
         return preferred_for(input_size.ratio)

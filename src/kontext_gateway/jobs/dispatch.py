@@ -73,9 +73,12 @@ class WebhookDispatcher:
         # No redirects: a 3xx is a failed delivery, never a hop to an address nobody checked. Each
         # connection resolves the receiver's name once and goes to the address it checked (net.py).
         transport = PinnedTransport(allow_private=self.settings.allow_private_urls, param="webhook", status=422)
-        self._client = httpx.AsyncClient(transport=transport, timeout=self.settings.webhook_timeout_s,
-                                         follow_redirects=False,
-                                         headers={"user-agent": f"kontext-gateway/{__version__} (webhooks)"})
+        self._client = httpx.AsyncClient(
+            transport=transport,
+            timeout=self.settings.webhook_timeout_s,
+            follow_redirects=False,
+            headers={"user-agent": f"kontext-gateway/{__version__} (webhooks)"},
+        )
         self._loop_task = asyncio.create_task(self._loop(), name="webhooks")
 
     async def stop(self) -> None:
@@ -100,7 +103,7 @@ class WebhookDispatcher:
                 self._wake.clear()  # before the claim: a wake-up during it is not lost
                 try:
                     row = await self.gw.db.claim_delivery(lease_s)
-                except Exception:  # noqa: BLE001 - a database hiccup must not stop deliveries
+                except Exception:
                     log.exception("claiming a webhook delivery failed")
                 if row is None:
                     # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that arrives
@@ -122,7 +125,7 @@ class WebhookDispatcher:
             await asyncio.shield(self._record(row, outcome))
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - left `sending`: retried once its lease runs out
+        except Exception:
             log.exception("webhook delivery %s failed unexpectedly", row["id"])
         finally:
             slots.release()
@@ -188,8 +191,17 @@ class WebhookDispatcher:
         metrics.webhook_delivery(row["event"], state)
         host = urlsplit(row["url"]).hostname
         level = logging.INFO if state == "delivered" else logging.WARNING
-        log.log(level, "webhook %s (%s) of %s to %s, attempt %d: %s%s", did, row["event"], rid, host,
-                row["attempts"], state, f" ({outcome.error})" if outcome.error else "")
+        log.log(
+            level,
+            "webhook %s (%s) of %s to %s, attempt %d: %s%s",
+            did,
+            row["event"],
+            rid,
+            host,
+            row["attempts"],
+            state,
+            f" ({outcome.error})" if outcome.error else "",
+        )
 
     def _retry_delay(self, attempts: int, retry_after: float | None) -> float | None:
         """Seconds until the next try after `attempts` tries, or None when they are spent."""

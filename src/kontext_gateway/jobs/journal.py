@@ -13,8 +13,9 @@ from ..store.db import Database
 
 
 class DurableJournal:
-    def __init__(self, db: Database, blobs: LocalBlobStore, request_id: str, rows: list[dict[str, Any]],
-                 max_pixels: int) -> None:
+    def __init__(
+        self, db: Database, blobs: LocalBlobStore, request_id: str, rows: list[dict[str, Any]], max_pixels: int
+    ) -> None:
         self.db = db
         self.blobs = blobs
         self.request_id = request_id
@@ -25,7 +26,7 @@ class DurableJournal:
             self._latest[(row["slot"], row["config_key"])] = row
 
     @classmethod
-    async def load(cls, db: Database, blobs: LocalBlobStore, request_id: str, max_pixels: int) -> "DurableJournal":
+    async def load(cls, db: Database, blobs: LocalBlobStore, request_id: str, max_pixels: int) -> DurableJournal:
         return cls(db, blobs, request_id, await db.tasks_for(request_id), max_pixels)
 
     def submitted_tasks(self) -> list[tuple[str, Task]]:
@@ -54,8 +55,15 @@ class DurableJournal:
     async def submitted(self, slot: int, config_key: str, task: Task) -> int:
         data = {"data": task.data, "outputs": task.outputs}
         row = await self.db.record_task(self.request_id, slot=slot, config_key=config_key, task_id=task.id, data=data)
-        self._latest[(slot, config_key)] = {"id": row, "slot": slot, "config_key": config_key, "task_id": task.id,
-                                            "data": data, "state": "submitted", "output_blob_ids": []}
+        self._latest[(slot, config_key)] = {
+            "id": row,
+            "slot": slot,
+            "config_key": config_key,
+            "task_id": task.id,
+            "data": data,
+            "state": "submitted",
+            "output_blob_ids": [],
+        }
         return row
 
     async def finished(self, row: int, *, images: list[ProviderImage] | None) -> None:
@@ -66,8 +74,11 @@ class DurableJournal:
         await self.db.finish_task(row, state="done" if images is not None else "failed", output_blob_ids=blob_ids)
         for key, latest in self._latest.items():
             if latest["id"] == row:
-                self._latest[key] = {**latest, "state": "done" if images is not None else "failed",
-                                     "output_blob_ids": blob_ids}
+                self._latest[key] = {
+                    **latest,
+                    "state": "done" if images is not None else "failed",
+                    "output_blob_ids": blob_ids,
+                }
 
 
 def _task(row: dict[str, Any]) -> Task:

@@ -27,8 +27,7 @@ log = logging.getLogger(__name__)
 class JobEvents(Protocol):
     """Told when a job starts and ends (webhook deliveries hang off this)."""
 
-    async def emit(self, record: dict[str, Any], event: str) -> None:
-        ...
+    async def emit(self, record: dict[str, Any], event: str) -> None: ...
 
 
 class NoEvents:
@@ -37,7 +36,7 @@ class NoEvents:
 
 
 class JobRunner:
-    def __init__(self, gw: "Gateway", events: JobEvents | None = None) -> None:
+    def __init__(self, gw: Gateway, events: JobEvents | None = None) -> None:
         self.gw = gw
         self.events: JobEvents = events or NoEvents()
         self.progress: dict[str, ProgressFn] = {}  # in-process only: the CLI's progress bar
@@ -78,8 +77,9 @@ class JobRunner:
                 await self.events.emit(record, "start")
             params = record["params"]
             forced = self.gw.catalog.resolve(params["forced_provider"])[1] if params.get("forced_provider") else None
-            candidates = self.gw.router.candidates(job.model, job.mode, job, forced=forced,
-                                                   provider=params.get("provider"))
+            candidates = self.gw.router.candidates(
+                job.model, job.mode, job, forced=forced, provider=params.get("provider")
+            )
             entry, result = await self.gw.router.run(candidates, job)
             encoded, blob_ids = await asyncio.to_thread(self._encode_and_store, result.images, job)
         except asyncio.CancelledError:
@@ -91,30 +91,57 @@ class JobRunner:
         except GatewayError as exc:
             # Status and headers (retry-after, x-should-retry) travel with the error to whoever waits.
             outcome = ("failed", _last_provider(job))
-            await db.mark_failed(rid, error={**exc.body()["error"], "status": exc.status, "headers": exc.headers},
-                                 attempts=_attempts(job), duration_ms=_ms(t0),
-                                 logs=_logs(record, job, f"failed: {exc.message}"), charge=self._charge(job),
-                                 ledger=_has_ledger(record))
-        except Exception as exc:  # noqa: BLE001 - a bug must fail the job, not leave it running forever
+            await db.mark_failed(
+                rid,
+                error={**exc.body()["error"], "status": exc.status, "headers": exc.headers},
+                attempts=_attempts(job),
+                duration_ms=_ms(t0),
+                logs=_logs(record, job, f"failed: {exc.message}"),
+                charge=self._charge(job),
+                ledger=_has_ledger(record),
+            )
+        except Exception as exc:
             log.exception("job %s failed unexpectedly", rid)
             outcome = ("failed", _last_provider(job))
-            await db.mark_failed(rid, error={"message": f"Internal error: {type(exc).__name__}",
-                                             "type": "server_error", "param": None, "code": "internal_error",
-                                             "status": 500}, attempts=_attempts(job), duration_ms=_ms(t0),
-                                 charge=self._charge(job), ledger=_has_ledger(record))
+            await db.mark_failed(
+                rid,
+                error={
+                    "message": f"Internal error: {type(exc).__name__}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": "internal_error",
+                    "status": 500,
+                },
+                attempts=_attempts(job),
+                duration_ms=_ms(t0),
+                charge=self._charge(job),
+                ledger=_has_ledger(record),
+            )
         else:
             outcome = ("succeeded", entry.config_key)
             cost_micros, cost_lines = self._charge(job)
             await db.mark_succeeded(
-                rid, provider=entry.config_key, cost=cost_micros / pricing.MICROS, cost_lines=cost_lines,
+                rid,
+                provider=entry.config_key,
+                cost=cost_micros / pricing.MICROS,
+                cost_lines=cost_lines,
                 ledger=_has_ledger(record),
                 currency=entry.pricing.currency,
-                output_blob_ids=blob_ids, attempts=_attempts(job), output_size=str(result.size),
-                output_format=job.output_format, duration_ms=_ms(t0),
-                params={**record["params"], "ignored_params": sorted(set(result.ignored_params)),
-                        **({"engine": result.engine} if result.engine else {})},
-                logs=_logs(record, job, f"succeeded: {len(encoded)} image(s) {result.size} {job.output_format} "
-                                        f"from {entry.config_key}"),
+                output_blob_ids=blob_ids,
+                attempts=_attempts(job),
+                output_size=str(result.size),
+                output_format=job.output_format,
+                duration_ms=_ms(t0),
+                params={
+                    **record["params"],
+                    "ignored_params": sorted(set(result.ignored_params)),
+                    **({"engine": result.engine} if result.engine else {}),
+                },
+                logs=_logs(
+                    record,
+                    job,
+                    f"succeeded: {len(encoded)} image(s) {result.size} {job.output_format} from {entry.config_key}",
+                ),
             )
         finally:
             self._stop_reason.pop(rid, None)
@@ -123,8 +150,9 @@ class JobRunner:
         await self._finish(rid, record)
         return outcome
 
-    async def _canceled(self, record: dict[str, Any], job: ImageJob | None, journal: DurableJournal | None,
-                        t0: float) -> None:
+    async def _canceled(
+        self, record: dict[str, Any], job: ImageJob | None, journal: DurableJournal | None, t0: float
+    ) -> None:
         """Cancel reaches the upstream: tasks still running there (this run's or a crashed run's)."""
         if journal is not None:
             for config_key, task in journal.submitted_tasks():
@@ -132,8 +160,13 @@ class JobRunner:
                 impl = self.gw.providers.get(entry.provider) if entry else None
                 if impl is not None and hasattr(impl, "_cancel_quietly"):
                     await impl._cancel_quietly(entry, task)
-        await self.gw.db.mark_canceled(record["id"], attempts=_attempts(job), duration_ms=_ms(t0),
-                                       charge=self._charge(job), ledger=_has_ledger(record))
+        await self.gw.db.mark_canceled(
+            record["id"],
+            attempts=_attempts(job),
+            duration_ms=_ms(t0),
+            charge=self._charge(job),
+            ledger=_has_ledger(record),
+        )
         await self._finish(record["id"], record)
 
     async def _finish(self, rid: str, record: dict[str, Any]) -> None:

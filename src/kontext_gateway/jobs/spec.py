@@ -15,8 +15,16 @@ if TYPE_CHECKING:
     from ..store.blobs import LocalBlobStore
 
 
-def to_params(job: ImageJob, *, input_blob_ids: list[str], response_format: str, requested_model: str | None,
-              forced: str | None, provider: str | None, mask_blob_id: str | None = None) -> dict[str, Any]:
+def to_params(
+    job: ImageJob,
+    *,
+    input_blob_ids: list[str],
+    response_format: str,
+    requested_model: str | None,
+    forced: str | None,
+    provider: str | None,
+    mask_blob_id: str | None = None,
+) -> dict[str, Any]:
     size = job.size
     return {
         "prompt": job.prompt,
@@ -45,7 +53,7 @@ def to_params(job: ImageJob, *, input_blob_ids: list[str], response_format: str,
     }
 
 
-def from_record(record: dict[str, Any], catalog: Catalog, blobs: "LocalBlobStore", settings: "Settings") -> ImageJob:
+def from_record(record: dict[str, Any], catalog: Catalog, blobs: LocalBlobStore, settings: Settings) -> ImageJob:
     """Rebuild the job a record describes; input images are decoded again from the blob store."""
     p = record["params"]
     images = []
@@ -67,11 +75,24 @@ def from_record(record: dict[str, Any], catalog: Catalog, blobs: "LocalBlobStore
         w, _, h = p["size"].partition("x")
         size = Size(int(w), int(h))
     return ImageJob(
-        request_id=record["id"], model=catalog.get(record["model"]), mode=record["mode"], prompt=p["prompt"],
-        images=images, size=SizeRequest(size, aspect_ratio=p.get("aspect_ratio"), tier=p.get("resolution"),
-                                        exact=bool(p.get("size_exact"))),
-        n=p["n"], seed=p["seed"], output_format=p["output_format"], output_compression=p.get("output_compression"),
-        guidance=p.get("cfg_scale"), steps=p.get("num_inference_steps"), extra=dict(p.get("extra") or {}),
-        mask=mask, negative_prompt=p.get("negative_prompt"), true_cfg_scale=p.get("true_cfg_scale"),
-        loras=list(p.get("loras") or []), partial_images=int(p.get("partial_images") or 0),
+        request_id=record["id"],
+        model=catalog.get(record["model"]),
+        mode=record["mode"],
+        prompt=p["prompt"],
+        images=images,
+        size=SizeRequest(
+            size, aspect_ratio=p.get("aspect_ratio"), tier=p.get("resolution"), exact=bool(p.get("size_exact"))
+        ),
+        n=p["n"],
+        seed=p["seed"],
+        output_format=p["output_format"],
+        output_compression=p.get("output_compression"),
+        guidance=p.get("cfg_scale"),
+        steps=p.get("num_inference_steps"),
+        extra=dict(p.get("extra") or {}),
+        mask=mask,
+        negative_prompt=p.get("negative_prompt"),
+        true_cfg_scale=p.get("true_cfg_scale"),
+        loras=list(p.get("loras") or []),
+        partial_images=int(p.get("partial_images") or 0),
     )

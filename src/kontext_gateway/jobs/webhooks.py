@@ -108,10 +108,8 @@ class WebhookSecret:
             try:
                 with os.fdopen(fd, "w") as f:
                     f.write(key)
-                try:
+                with contextlib.suppress(FileExistsError):
                     os.link(tmp, path)
-                except FileExistsError:
-                    pass
             finally:
                 os.unlink(tmp)
         return cls(path.read_text().strip())
@@ -157,11 +155,12 @@ class Webhooks:
         # Jobs that ended in the last seconds are left to their runner, which queues the webhook
         # itself: sweeping them too could queue a second one.
         try:
-            for record in await self.gw.db.ended_without_completed_webhook(now - timedelta(days=1),
-                                                                          now - timedelta(seconds=SWEEP_GRACE_S)):
+            for record in await self.gw.db.ended_without_completed_webhook(
+                now - timedelta(days=1), now - timedelta(seconds=SWEEP_GRACE_S)
+            ):
                 if self.wants(record, "completed"):
                     await self.emit(record, "completed")
-        except Exception:  # noqa: BLE001 - the next sweep tries again; the log says what happened
+        except Exception:
             log.exception("announcing jobs that ended without their completed webhook failed")
 
     async def _sweep_loop(self) -> None:
@@ -192,7 +191,7 @@ class Webhooks:
                 return  # dropped, as Replicate drops them; the terminal event carries the final state
             if self.wants(record, event):
                 await self._queue(record, event)
-        except Exception:  # noqa: BLE001 - a webhook that cannot be queued must not fail the job
+        except Exception:
             log.exception("queueing the %s webhook of %s failed", event, rid)
 
     def _throttled(self, rid: str) -> bool:

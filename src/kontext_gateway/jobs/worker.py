@@ -45,7 +45,7 @@ class Completions:
 
 
 class Worker:
-    def __init__(self, gw: "Gateway", *, concurrency: int | None = None) -> None:
+    def __init__(self, gw: Gateway, *, concurrency: int | None = None) -> None:
         self.gw = gw
         self.id = f"{socket.gethostname()[:24]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.concurrency = gw.settings.workers if concurrency is None else concurrency
@@ -59,8 +59,10 @@ class Worker:
 
     async def start(self) -> None:
         if self.concurrency:
-            self._loops = [asyncio.create_task(self._claim_loop(), name="claims"),
-                           asyncio.create_task(self._lease_loop(), name="leases")]
+            self._loops = [
+                asyncio.create_task(self._claim_loop(), name="claims"),
+                asyncio.create_task(self._lease_loop(), name="leases"),
+            ]
 
     async def stop(self) -> None:
         for loop in self._loops:
@@ -93,7 +95,7 @@ class Worker:
             while record is None:
                 try:
                     record = await self.gw.db.claim_next(self.id, settings.job_lease_s)
-                except Exception:  # noqa: BLE001 - a database hiccup must not kill the worker
+                except Exception:
                     log.exception("claiming a job failed")
                 if record is None:
                     self._wake.clear()
@@ -115,7 +117,7 @@ class Worker:
                 log.info("job %s %s", record["id"], status, extra={"provider": provider, "outcome": status})
             except asyncio.CancelledError:
                 pass  # shutdown or lost lease: the runner left the job for the next worker
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("job %s crashed its runner", record["id"])
             finally:
                 self.running.pop(record["id"], None)
@@ -128,7 +130,7 @@ class Worker:
             ids = list(self.running)
             try:
                 held = await self.gw.db.renew_leases(self.id, ids, settings.job_lease_s)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("renewing leases failed")
                 continue
             for rid in ids:

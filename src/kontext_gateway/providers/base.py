@@ -9,8 +9,9 @@ emulates (output format conversion, response_format, storage).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..catalog import Mode, ModelSpec, ProviderEntry
 from ..params import Size, SizeRequest
@@ -27,7 +28,7 @@ class ImageJob:
     model: ModelSpec
     mode: Mode
     prompt: str
-    images: list["Image"]  # decoded RGB inputs, EXIF orientation applied
+    images: list[Image]  # decoded RGB inputs, EXIF orientation applied
     size: SizeRequest
     n: int
     seed: int
@@ -37,19 +38,19 @@ class ImageJob:
     steps: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # unknown / provider-only: passed through
     progress: ProgressFn | None = None
-    attempts: list["Attempt"] = field(default_factory=list)  # every try, across providers, in order
+    attempts: list[Attempt] = field(default_factory=list)  # every try, across providers, in order
     input_png: list[bytes] | None = None  # inputs encoded once for upstreams (see remote.py)
     # Set when the request is abandoned: work on other threads (the local engine) checks it per step.
     cancelled: threading.Event = field(default_factory=threading.Event)
     journal: TaskJournal | None = None  # durable jobs record their upstream tasks here
     # -- the local engine's features (issue 7); remote providers reject what they cannot do --
-    mask: "Image | None" = None  # mode "L", same size as images[0]: 255 where to repaint, 0 where to keep
+    mask: Image | None = None  # mode "L", same size as images[0]: 255 where to repaint, 0 where to keep
     negative_prompt: str | None = None  # true CFG: with true_cfg_scale > 1, a second pass per step
     true_cfg_scale: float | None = None
     loras: list[dict[str, Any]] = field(default_factory=list)  # [{"path": str, "scale": float}]
     partial_images: int = 0  # previews wanted while it runs (stream=true): 0..3
     # Called (from the engine's thread) with each preview: (index 0.., a decoded picture at output size).
-    preview: Callable[[int, "Image"], None] | None = None
+    preview: Callable[[int, Image], None] | None = None
 
 
 @dataclass
@@ -75,7 +76,7 @@ class Attempt:
 class ProviderImage:
     """One produced image: decoded pixels, or encoded bytes with their format (remote providers)."""
 
-    image: "Image | None" = None
+    image: Image | None = None
     data: bytes | None = None
     format: str | None = None
     size: Size | None = None
@@ -93,8 +94,7 @@ class TaskJournal(Protocol):
         """The images of a task for this slot and entry that already finished, if any."""
         ...
 
-    async def submitted(self, slot: int, config_key: str, task: Any) -> int:
-        ...
+    async def submitted(self, slot: int, config_key: str, task: Any) -> int: ...
 
     async def finished(self, row: int, *, images: list[ProviderImage] | None) -> None:
         """images None: the task failed."""
@@ -124,15 +124,12 @@ class Provider(Protocol):
         """Whether this provider can serve the catalog entry now (configured, weights present...)."""
         ...
 
-    def unavailable_reason(self, entry: ProviderEntry) -> str:
-        ...
+    def unavailable_reason(self, entry: ProviderEntry) -> str: ...
 
     def unsupported(self, entry: ProviderEntry, job: ImageJob) -> str | None:
         """Why this entry cannot serve this job (too many images, a parameter it lacks...), or None."""
         ...
 
-    async def generate(self, entry: ProviderEntry, job: ImageJob) -> ProviderResult:
-        ...
+    async def generate(self, entry: ProviderEntry, job: ImageJob) -> ProviderResult: ...
 
-    async def aclose(self) -> None:
-        ...
+    async def aclose(self) -> None: ...

@@ -40,14 +40,18 @@ class BFLProvider(RemoteProvider):
     HANDLING: ClassVar[dict[str, dict[str, str]]] = {
         "prompt": {"handling": "native", "as": "prompt"},
         "seed": {"handling": "native", "as": "seed"},
-        "size": {"handling": "converted", "as": "aspect_ratio 'W:H' (nearest Kontext ratio; left out on an "
-                                                   "edit to keep the input's)"},
+        "size": {
+            "handling": "converted",
+            "as": "aspect_ratio 'W:H' (nearest Kontext ratio; left out on an edit to keep the input's)",
+        },
         "aspect_ratio": {"handling": "converted", "as": "aspect_ratio 'W:H' (nearest Kontext ratio)"},
         "image": {"handling": "renamed", "as": "input_image, input_image_2..4 (bare base64)"},
         "n": {"handling": "emulated", "as": "one task per image, in parallel"},
         "response_format": {"handling": "emulated", "as": "gateway"},
-        "output_format": {"handling": "native", "as": "output_format (jpeg, png; other formats made as png "
-                                                      "and converted by the gateway)"},
+        "output_format": {
+            "handling": "native",
+            "as": "output_format (jpeg, png; other formats made as png and converted by the gateway)",
+        },
         "output_compression": {"handling": "emulated", "as": "gateway"},
     }
 
@@ -91,8 +95,10 @@ class BFLProvider(RemoteProvider):
             why = ", ".join(map(str, reasons)) if isinstance(reasons, list) else str(reasons)
             raise Moderated(f"{status}" + (f" ({why[:200]})" if why else ""), status=resp.status_code)
         if status in FAILED:
-            raise TaskFailed(f"BFL task {task.id}: {status}" + (f" ({str(details)[:200]})" if details else ""),
-                             status=resp.status_code)
+            raise TaskFailed(
+                f"BFL task {task.id}: {status}" + (f" ({str(details)[:200]})" if details else ""),
+                status=resp.status_code,
+            )
         raise Malformed(f"BFL status {str(status)[:40]!r} is not one the gateway knows", status=resp.status_code)
 
     def check_status(self, resp: httpx.Response) -> None:
@@ -100,7 +106,6 @@ class BFLProvider(RemoteProvider):
         if resp.status_code not in (401, 402, 403, 429) and _body_status(resp) in KNOWN:
             return
         super().check_status(resp)
-
 
 
 def _body_status(resp: httpx.Response) -> Any:

@@ -13,7 +13,6 @@ images per request (`num_images`), so `n` needs one request per 4 images.
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Any, ClassVar
 
 import httpx
@@ -41,14 +40,18 @@ class FalProvider(RemoteProvider):
     HANDLING: ClassVar[dict[str, dict[str, str]]] = {  # pro / max
         "prompt": {"handling": "native", "as": "prompt"},
         "seed": {"handling": "native", "as": "seed"},
-        "size": {"handling": "converted", "as": "aspect_ratio (nearest of 9 ratios; left out on an edit "
-                                                   "to keep the input's)"},
+        "size": {
+            "handling": "converted",
+            "as": "aspect_ratio (nearest of 9 ratios; left out on an edit to keep the input's)",
+        },
         "aspect_ratio": {"handling": "converted", "as": "aspect_ratio (nearest of 9 ratios)"},
         "image": {"handling": "renamed", "as": "image_url (data URI); image_urls on the /multi route for several"},
         "n": {"handling": "renamed", "as": "num_images (1-4 per request; more are split across requests)"},
         "response_format": {"handling": "emulated", "as": "gateway"},
-        "output_format": {"handling": "native", "as": "output_format (jpeg, png; other formats made as png "
-                                                      "and converted by the gateway)"},
+        "output_format": {
+            "handling": "native",
+            "as": "output_format (jpeg, png; other formats made as png and converted by the gateway)",
+        },
         "output_compression": {"handling": "emulated", "as": "gateway"},
         "cfg_scale": {"handling": "renamed", "as": "guidance_scale"},
     }
@@ -130,8 +133,9 @@ class FalProvider(RemoteProvider):
         data = self.json(resp)
         urls = {k: data.get(k) for k in ("status_url", "response_url", "cancel_url")}
         if not data.get("request_id") or not all(isinstance(u, str) and u for u in urls.values()):
-            raise Malformed("fal's submit response lacks request_id or its status/response/cancel URLs",
-                            status=resp.status_code)
+            raise Malformed(
+                "fal's submit response lacks request_id or its status/response/cancel URLs", status=resp.status_code
+            )
         return Task(id=str(data["request_id"]), data={**urls, "count": count})
 
     async def poll(self, entry: ProviderEntry, task: Task) -> Poll:

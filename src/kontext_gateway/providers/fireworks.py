@@ -31,8 +31,10 @@ class FireworksProvider(RemoteProvider):
         "image": {"handling": "renamed", "as": "input_image (data URI; one image)"},
         "seed": {"handling": "native", "as": "seed"},
         "size": {"handling": "converted", "as": "aspect_ratio W:H (nearest Kontext ratio)"},
-        "aspect_ratio": {"handling": "converted",
-                         "as": "aspect_ratio W:H (nearest Kontext ratio; left out for an edit to keep the input's)"},
+        "aspect_ratio": {
+            "handling": "converted",
+            "as": "aspect_ratio W:H (nearest Kontext ratio; left out for an edit to keep the input's)",
+        },
         "n": {"handling": "emulated", "as": "one task per image, in parallel"},
         "output_format": {"handling": "native", "as": "output_format (jpeg|png; others converted by the gateway)"},
         "output_compression": {"handling": "emulated", "as": "gateway"},
@@ -47,8 +49,12 @@ class FireworksProvider(RemoteProvider):
 
     async def submit(self, entry: ProviderEntry, job: ImageJob, count: int) -> Task:
         images = await self.input_data_uris(job)
-        body: dict[str, Any] = {**self.passthrough(job), "prompt": job.prompt, "seed": job.seed,
-                                "output_format": self.upstream_format(job)}
+        body: dict[str, Any] = {
+            **self.passthrough(job),
+            "prompt": job.prompt,
+            "seed": job.seed,
+            "output_format": self.upstream_format(job),
+        }
         if images:
             body["input_image"] = images[0]
         if "safety_tolerance" in body:

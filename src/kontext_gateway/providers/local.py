@@ -74,7 +74,7 @@ class LocalProvider:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         # Loaded models, least recently used first; at most settings.engine_max_models of them.
-        self._engines: OrderedDict[str, "KontextEngine"] = OrderedDict()
+        self._engines: OrderedDict[str, KontextEngine] = OrderedDict()
         # One worker: jobs run in the order they arrive, and one model is in memory at a time per id.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kontext-engine")
         self._lock = threading.Lock()
@@ -110,7 +110,7 @@ class LocalProvider:
             return "a mask needs an input image to repaint"
         return None
 
-    def engine(self, entry: ProviderEntry) -> "KontextEngine":
+    def engine(self, entry: ProviderEntry) -> KontextEngine:
         """The loaded engine for this entry, loading it on first use (on the worker thread) and
         unloading the least recently used ones past `engine_max_models`."""
         with self._lock:
@@ -124,13 +124,17 @@ class LocalProvider:
             self._engines[entry.config_key] = engine
             return engine
 
-    def _load(self, entry: ProviderEntry) -> "KontextEngine":
+    def _load(self, entry: ProviderEntry) -> KontextEngine:
         from ..engine.pipeline import KontextEngine, set_threads
 
         set_threads(self.settings.engine_threads)
         device, offload = self.settings.device, self.settings.engine_offload
-        how = dict(offload=offload, transformer=self.settings.engine_transformer,
-                   attention=self.settings.engine_attention, compile=self.settings.engine_compile)
+        how = dict(
+            offload=offload,
+            transformer=self.settings.engine_transformer,
+            attention=self.settings.engine_attention,
+            compile=self.settings.engine_compile,
+        )
         if entry.provider_model_id == TINY_ID:
             return KontextEngine.tiny(device, **how)
         if (weights := self._weights_dir(entry)) and (weights / "model_index.json").is_file():
@@ -184,11 +188,22 @@ class LocalProvider:
         guidance = job.guidance if job.guidance is not None else (job.model.default_guidance or 2.5)
         try:
             images = engine.run(
-                prompt=job.prompt, images=sources, contexts=contexts, output=out, steps=steps,
-                guidance=guidance, n=job.n, seed=job.seed, progress=job.progress,
-                should_stop=job.cancelled.is_set, mask=job.mask,
-                negative_prompt=features["negative_prompt"], true_cfg_scale=features["true_cfg_scale"],
-                loras=loras, partial_images=features["partial_images"], preview=job.preview,
+                prompt=job.prompt,
+                images=sources,
+                contexts=contexts,
+                output=out,
+                steps=steps,
+                guidance=guidance,
+                n=job.n,
+                seed=job.seed,
+                progress=job.progress,
+                should_stop=job.cancelled.is_set,
+                mask=job.mask,
+                negative_prompt=features["negative_prompt"],
+                true_cfg_scale=features["true_cfg_scale"],
+                loras=loras,
+                partial_images=features["partial_images"],
+                preview=job.preview,
                 acceleration=features["acceleration"],
             )
         except GatewayError:
@@ -211,8 +226,13 @@ class LocalProvider:
     @staticmethod
     def _features(job: ImageJob) -> tuple[dict[str, Any], set[str]]:
         """The engine features of a job: its own fields, else the same names among its extra params."""
-        own = {"negative_prompt": job.negative_prompt, "true_cfg_scale": job.true_cfg_scale,
-               "loras": job.loras or None, "partial_images": job.partial_images or None, "acceleration": None}
+        own = {
+            "negative_prompt": job.negative_prompt,
+            "true_cfg_scale": job.true_cfg_scale,
+            "loras": job.loras or None,
+            "partial_images": job.partial_images or None,
+            "acceleration": None,
+        }
         consumed: set[str] = set()
         for name in _FEATURES_IN_EXTRA:
             if own[name] is None and job.extra.get(name) is not None:
@@ -221,11 +241,14 @@ class LocalProvider:
         own["loras"] = own["loras"] or []
         own["acceleration"] = own["acceleration"] or "none"
         if own["acceleration"] not in ACCELERATIONS:
-            raise invalid(f"'acceleration' must be one of {', '.join(ACCELERATIONS)}; got {own['acceleration']!r}.",
-                          param="acceleration")
+            raise invalid(
+                f"'acceleration' must be one of {', '.join(ACCELERATIONS)}; got {own['acceleration']!r}.",
+                param="acceleration",
+            )
         if not isinstance(own["loras"], list):
-            raise invalid("'loras' must be a list of {\"path\": ..., \"scale\": ...}.", param="loras",
-                          code="invalid_lora")
+            raise invalid(
+                '\'loras\' must be a list of {"path": ..., "scale": ...}.', param="loras", code="invalid_lora"
+            )
         try:
             own["partial_images"] = int(own["partial_images"] or 0)
             if own["true_cfg_scale"] is not None:
@@ -234,21 +257,24 @@ class LocalProvider:
             raise invalid("'true_cfg_scale' and 'partial_images' must be numbers.") from None
         return own, consumed
 
-    def _resolve_loras(self, loras: list[Any]) -> list["LoraSpec"]:
+    def _resolve_loras(self, loras: list[Any]) -> list[LoraSpec]:
         from ..engine.lora import LoraSpec, fetch_url, invalid_lora, is_url, resolve_path
 
         specs = []
         for item in loras:
-            item = item if isinstance(item, dict) else getattr(item, "model_dump", lambda: {})()
+            item = item if isinstance(item, dict) else getattr(item, "model_dump", dict)()
             path, scale = item.get("path"), item.get("scale", 1.0)
             if not isinstance(path, str) or not path:
                 raise invalid_lora("Each LoRA needs a 'path'.")
             if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
                 raise invalid_lora(f"LoRA '{path}': 'scale' must be a number.")
             if is_url(path):
-                local = fetch_url(path, self.settings.data_dir / "lora-cache",
-                                  allow_downloads=self.settings.allow_downloads,
-                                  allow_private=self.settings.allow_private_urls)
+                local = fetch_url(
+                    path,
+                    self.settings.data_dir / "lora-cache",
+                    allow_downloads=self.settings.allow_downloads,
+                    allow_private=self.settings.allow_private_urls,
+                )
             else:
                 local = resolve_path(path, self.settings.lora_dir)
             specs.append(LoraSpec(path=local, scale=float(1.0 if scale is None else scale), name=path))

@@ -29,8 +29,8 @@ import io
 import logging
 import random
 import time
-from dataclasses import dataclass, field
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import httpx
@@ -49,6 +49,7 @@ _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("upstre
 
 
 # -- the one error vocabulary of upstream failures ---------------------------------------------------
+
 
 class UpstreamError(Exception):
     """A classified upstream failure. `kind` is what the attempt trace shows as its error class."""
@@ -134,6 +135,7 @@ class BadResult(UpstreamError):
 
 # -- the adapter contract ------------------------------------------------------------------------------
 
+
 @dataclass
 class Task:
     """A submitted upstream task. Adapters keep whatever they need to poll and cancel it in `data`.
@@ -178,7 +180,8 @@ class RemoteProvider:
         self._base_origin = _origin(httpx.URL(self.base_url))
         # Redirects are chosen per call (see `request`); none is followed unless a call says so.
         self.client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(60.0, connect=10.0), follow_redirects=False,
+            timeout=httpx.Timeout(60.0, connect=10.0),
+            follow_redirects=False,
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )
         self._semaphores: dict[str, asyncio.Semaphore] = {}
@@ -229,8 +232,9 @@ class RemoteProvider:
         if job.images:
             await self.input_base64(job)  # encode the inputs once, before the tasks share the job
         tasks = [
-            self._task_with_retries(entry, dataclasses.replace(job, seed=(job.seed + i) % 2**32),
-                                    min(self.batch_limit, job.n - i), slot=i)
+            self._task_with_retries(
+                entry, dataclasses.replace(job, seed=(job.seed + i) % 2**32), min(self.batch_limit, job.n - i), slot=i
+            )
             for i in range(0, job.n, self.batch_limit)
         ]
         token = _request_id.set(job.request_id)  # the tasks gather starts copy it
@@ -268,8 +272,9 @@ class RemoteProvider:
 
     # -- retries, limits, timeouts -----------------------------------------------------------------------
 
-    async def _task_with_retries(self, entry: ProviderEntry, job: ImageJob, count: int, *, slot: int = 0
-                                 ) -> list[ProviderImage]:
+    async def _task_with_retries(
+        self, entry: ProviderEntry, job: ImageJob, count: int, *, slot: int = 0
+    ) -> list[ProviderImage]:
         if job.journal is not None and (done := job.journal.finished_images(slot, entry.config_key)):
             return done  # finished before a restart: its images are stored
         tries = self.settings.upstream_retries + 1
@@ -283,11 +288,27 @@ class RemoteProvider:
             else:
                 job.attempts.append(Attempt(self.name, entry.config_key, "succeeded", _ms(t0), images=len(images)))
                 return images
-            job.attempts.append(Attempt(self.name, entry.config_key, "failed", _ms(t0), error_class=err.kind,
-                                        status_code=err.status, message=err.message[:300],
-                                        billed_images=err.billed_images))
-            log.info("%s attempt %d/%d for %s failed: %s %s", entry.config_key, attempt + 1, tries,
-                     job.request_id, err.kind, err.message[:200])
+            job.attempts.append(
+                Attempt(
+                    self.name,
+                    entry.config_key,
+                    "failed",
+                    _ms(t0),
+                    error_class=err.kind,
+                    status_code=err.status,
+                    message=err.message[:300],
+                    billed_images=err.billed_images,
+                )
+            )
+            log.info(
+                "%s attempt %d/%d for %s failed: %s %s",
+                entry.config_key,
+                attempt + 1,
+                tries,
+                job.request_id,
+                err.kind,
+                err.message[:200],
+            )
             if not err.retryable or attempt == tries - 1:
                 raise err
             await asyncio.sleep(self._backoff(attempt, err.retry_after))
@@ -315,8 +336,9 @@ class RemoteProvider:
         configured = self.settings.provider_concurrency
         limits = []
         model_key = f"{self.name}/{entry.provider_model_id}"
-        model_limit = configured.get(model_key, configured.get(entry.config_key,
-                                                               self.model_concurrency.get(entry.provider_model_id)))
+        model_limit = configured.get(
+            model_key, configured.get(entry.config_key, self.model_concurrency.get(entry.provider_model_id))
+        )
         if model_limit is not None:
             limits.append((model_key, model_limit))
         provider_limit = configured.get(self.name, self.default_concurrency)
@@ -374,7 +396,7 @@ class RemoteProvider:
     async def _cancel_quietly(self, entry: ProviderEntry, task: Task) -> None:
         try:
             await asyncio.wait_for(self.cancel(entry, task), timeout=10)
-        except Exception as exc:  # noqa: BLE001 - best effort; the task times out upstream anyway
+        except Exception as exc:
             log.info("cancel of %s task %s failed: %r", self.name, task.id, exc)
 
     # -- HTTP helpers shared by adapters ----------------------------------------------------------------
@@ -393,8 +415,7 @@ class RemoteProvider:
         if (rid := _request_id.get()) is not None:
             headers["x-request-id"] = rid
         try:
-            resp = await self.client.request(method, url, headers=headers, follow_redirects=not credentials,
-                                             **kwargs)
+            resp = await self.client.request(method, url, headers=headers, follow_redirects=not credentials, **kwargs)
         except httpx.TimeoutException as exc:
             raise Timeout(f"{method} {_path(url)} timed out ({type(exc).__name__})") from None
         except (httpx.TransportError, httpx.DecodingError) as exc:
@@ -402,9 +423,11 @@ class RemoteProvider:
         except httpx.TooManyRedirects:
             raise BadResult(f"{method} {_path(url)}: too many redirects") from None
         if credentials and 300 <= resp.status_code < 400:
-            raise UntrustedURL(f"{method} {_path(url)} -> {resp.status_code}: a redirect to {_location(resp)}, not "
-                               f"followed (calls with {self.credential_env} never follow one)",
-                               status=resp.status_code)
+            raise UntrustedURL(
+                f"{method} {_path(url)} -> {resp.status_code}: a redirect to {_location(resp)}, not "
+                f"followed (calls with {self.credential_env} never follow one)",
+                status=resp.status_code,
+            )
         self.check_status(resp)
         return resp
 
@@ -419,15 +442,21 @@ class RemoteProvider:
             target, origin = httpx.URL(), ("", "", None)
         scheme, host, port = origin
         if not host:
-            raise UntrustedURL(f"{method} {_path(str(url))[:80]!r}: refused, not an absolute URL; "
-                               f"{self.credential_env} was not sent")
+            raise UntrustedURL(
+                f"{method} {_path(str(url))[:80]!r}: refused, not an absolute URL; {self.credential_env} was not sent"
+            )
         if origin == self._base_origin:
             return
         documented = any(_host_matches(pattern, host) for pattern in self.credential_hosts)
         if documented and scheme == "https" and port == 443:
             return
-        why = (f"not one of {self.name}'s hosts" if not documented else
-               "not over https" if scheme != "https" else "not on the https port")
+        why = (
+            f"not one of {self.name}'s hosts"
+            if not documented
+            else "not over https"
+            if scheme != "https"
+            else "not on the https port"
+        )
         raise UntrustedURL(f"{method} {_site(target)}: refused, {why}; {self.credential_env} was not sent")
 
     def check_status(self, resp: httpx.Response) -> None:
@@ -451,11 +480,13 @@ class RemoteProvider:
         try:
             body = resp.json()
         except ValueError:
-            raise Malformed(f"{_path(str(resp.request.url))} answered with a body that is not JSON",
-                            status=resp.status_code) from None
+            raise Malformed(
+                f"{_path(str(resp.request.url))} answered with a body that is not JSON", status=resp.status_code
+            ) from None
         if not isinstance(body, dict):
-            raise Malformed(f"{_path(str(resp.request.url))} answered with JSON that is not an object",
-                            status=resp.status_code)
+            raise Malformed(
+                f"{_path(str(resp.request.url))} answered with JSON that is not an object", status=resp.status_code
+            )
         return body
 
     async def download(self, url: str) -> ProviderImage:
@@ -475,8 +506,9 @@ class RemoteProvider:
             data = resp.content
         fmt = sniff_format(data)
         try:
-            decoded = await asyncio.to_thread(decode_image, data, param="output",
-                                              max_pixels=self.settings.max_input_pixels)
+            decoded = await asyncio.to_thread(
+                decode_image, data, param="output", max_pixels=self.settings.max_input_pixels
+            )
         except GatewayError as exc:
             raise BadResult(f"the result is not a usable image ({exc.code})") from None
         return ProviderImage(data=data, format=fmt, size=Size(*decoded.size))
@@ -575,7 +607,7 @@ def _host_matches(pattern: str, host: str) -> bool:
     """`pattern` with "*" as any one DNS label: "api.*.bfl.ai" takes api.us1.bfl.ai, not
     api.bfl.ai.example.com nor a.b.bfl.ai."""
     want, have = pattern.split("."), host.split(".")
-    return len(want) == len(have) and all(h == w or (w == "*" and h != "") for w, h in zip(want, have))
+    return len(want) == len(have) and all(h == w or (w == "*" and h != "") for w, h in zip(want, have, strict=False))
 
 
 def _path(url: str) -> str:

@@ -32,15 +32,23 @@ class ReplicateProvider(RemoteProvider):
     # pro/max and [dev] share this table; handling() drops the [dev]-only fields for pro/max.
     HANDLING: ClassVar[dict[str, dict[str, str]]] = {
         "prompt": {"handling": "native", "as": "input.prompt"},
-        "image": {"handling": "renamed", "as": "input.input_image (data URI); two images: "
-                  "flux-kontext-apps/multi-image-kontext-{pro,max} input_image_1, input_image_2"},
+        "image": {
+            "handling": "renamed",
+            "as": "input.input_image (data URI); two images: "
+            "flux-kontext-apps/multi-image-kontext-{pro,max} input_image_1, input_image_2",
+        },
         "seed": {"handling": "native", "as": "input.seed"},
         "size": {"handling": "converted", "as": "input.aspect_ratio (nearest of the enum)"},
-        "aspect_ratio": {"handling": "converted",
-                         "as": "input.aspect_ratio (nearest of the enum; match_input_image for an edit)"},
+        "aspect_ratio": {
+            "handling": "converted",
+            "as": "input.aspect_ratio (nearest of the enum; match_input_image for an edit)",
+        },
         "n": {"handling": "emulated", "as": "one prediction per image, in parallel"},
-        "output_format": {"handling": "converted", "as": "input.output_format (jpeg -> jpg; [dev] also webp; "
-                          "other formats made as png and converted by the gateway)"},
+        "output_format": {
+            "handling": "converted",
+            "as": "input.output_format (jpeg -> jpg; [dev] also webp; "
+            "other formats made as png and converted by the gateway)",
+        },
         "output_compression": {"handling": "emulated", "as": "gateway (also input.output_quality on [dev])"},
         "response_format": {"handling": "emulated", "as": "gateway"},
         "cfg_scale": {"handling": "renamed", "as": "input.guidance (0-10)"},
@@ -66,7 +74,9 @@ class ReplicateProvider(RemoteProvider):
     async def submit(self, entry: ProviderEntry, job: ImageJob, count: int) -> Task:
         model, inputs = await self._input(entry, job)
         resp = await self.request(
-            "POST", f"{self.base_url}/v1/models/{model}/predictions", json={"input": inputs},
+            "POST",
+            f"{self.base_url}/v1/models/{model}/predictions",
+            json={"input": inputs},
             headers={"Prefer": f"wait={PREFER_WAIT_S}"},
         )
         prediction = self.json(resp)
@@ -96,8 +106,7 @@ class ReplicateProvider(RemoteProvider):
         extra = self.passthrough(job)
         if "safety_tolerance" in extra:
             extra["safety_tolerance"] = safety_tolerance(extra["safety_tolerance"], has_image=bool(images))
-        inputs: dict[str, Any] = {**extra, "prompt": job.prompt, "seed": job.seed,
-                                  "aspect_ratio": self._ratio(job)}
+        inputs: dict[str, Any] = {**extra, "prompt": job.prompt, "seed": job.seed, "aspect_ratio": self._ratio(job)}
         if _is_dev(entry):
             fmt = self.upstream_format(job, ("png", "jpeg", "webp"))
             inputs.update(input_image=images[0], output_format=_replicate_format(fmt))

@@ -8,13 +8,13 @@ tightens files an older version left readable by others (`make_private`, with a 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
-
-from datetime import datetime, timedelta
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.engine import make_url
@@ -78,17 +78,21 @@ def _private_sqlite_file(url: str) -> None:
     old: tightened), with its journal files. Memory databases, URIs and other backends: nothing."""
     parsed = make_url(url)
     database = parsed.database
-    if (parsed.get_backend_name() != "sqlite" or not database or database == ":memory:"
-            or database.startswith("file:") or parsed.query.get("uri")):
+    if (
+        parsed.get_backend_name() != "sqlite"
+        or not database
+        or database == ":memory:"
+        or database.startswith("file:")
+        or parsed.query.get("uri")
+    ):
         return
     # The folder store.engine.make_engine would make, made private.
     Path(database).expanduser().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = Path(os.path.abspath(database))  # the file SQLAlchemy's driver opens
     if path.parent.is_dir():
-        try:  # O_EXCL: a file another process made first is left to it (and tightened below)
+        # O_EXCL: a file another process made first is left to it (and tightened below)
+        with contextlib.suppress(FileExistsError):
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        except FileExistsError:
-            pass
     for suffix in ("", "-wal", "-shm", "-journal"):
         make_private(path.with_name(path.name + suffix), 0o600)
 
@@ -251,7 +255,11 @@ class Database:
     ) -> None:
         """`charge`: what attempts that failed were still billed for (micros, line items)."""
         values: dict[str, Any] = dict(
-            status="failed", completed_at=utcnow(), error=error, attempts=list(attempts), duration_ms=duration_ms,
+            status="failed",
+            completed_at=utcnow(),
+            error=error,
+            attempts=list(attempts),
+            duration_ms=duration_ms,
             lease_until=None,
         )
         if provider is not None:  # None keeps the provider mark_running recorded, if any
@@ -262,11 +270,26 @@ class Database:
             values["cost"] = charge[0] / 1_000_000
         await self._update(id, charge=charge if ledger else None, **values)
 
-    async def mark_canceled(self, id: str, *, attempts: list[dict[str, Any]], duration_ms: int | None,
-                            charge: Charge = (0, []), ledger: bool = True) -> None:
+    async def mark_canceled(
+        self,
+        id: str,
+        *,
+        attempts: list[dict[str, Any]],
+        duration_ms: int | None,
+        charge: Charge = (0, []),
+        ledger: bool = True,
+    ) -> None:
         values: dict[str, Any] = {"cost": charge[0] / 1_000_000} if charge[0] else {}
-        await self._update(id, charge=charge if ledger else None, status="canceled", completed_at=utcnow(), attempts=list(attempts),
-                           duration_ms=duration_ms, lease_until=None, **values)
+        await self._update(
+            id,
+            charge=charge if ledger else None,
+            status="canceled",
+            completed_at=utcnow(),
+            attempts=list(attempts),
+            duration_ms=duration_ms,
+            lease_until=None,
+            **values,
+        )
 
     # -- the job queue: claims with leases, so a crashed worker's jobs are taken up again ------------
 
@@ -276,17 +299,29 @@ class Database:
         PostgreSQL: `FOR UPDATE SKIP LOCKED`, so several processes each claim a job exactly once.
         SQLite: one writer at a time, so the UPDATE with its subquery is atomic as it stands."""
         now = utcnow()
-        waiting = select(RequestRecord.id).where(or_(
-            RequestRecord.status == "starting",
-            and_(RequestRecord.status == "processing", RequestRecord.lease_until < now),
-        )).order_by(RequestRecord.created_at, RequestRecord.id).limit(1)
+        waiting = (
+            select(RequestRecord.id)
+            .where(
+                or_(
+                    RequestRecord.status == "starting",
+                    and_(RequestRecord.status == "processing", RequestRecord.lease_until < now),
+                )
+            )
+            .order_by(RequestRecord.created_at, RequestRecord.id)
+            .limit(1)
+        )
         if self.engine.dialect.name == "postgresql":
             waiting = waiting.with_for_update(skip_locked=True)
         stmt = (
             update(RequestRecord)
             .where(RequestRecord.id == waiting.scalar_subquery())
-            .values(status="processing", claimed_by=worker, lease_until=now + timedelta(seconds=lease_s),
-                    started_at=func.coalesce(RequestRecord.started_at, now), runs=RequestRecord.runs + 1)
+            .values(
+                status="processing",
+                claimed_by=worker,
+                lease_until=now + timedelta(seconds=lease_s),
+                started_at=func.coalesce(RequestRecord.started_at, now),
+                runs=RequestRecord.runs + 1,
+            )
             .returning(RequestRecord.id)
         )
         async with self._session() as session, session.begin():
@@ -304,14 +339,15 @@ class Database:
         async with self._session() as session, session.begin():
             await session.execute(
                 update(RequestRecord)
-                .where(RequestRecord.id.in_(ids), RequestRecord.claimed_by == worker,
-                       RequestRecord.status == "processing")
+                .where(
+                    RequestRecord.id.in_(ids), RequestRecord.claimed_by == worker, RequestRecord.status == "processing"
+                )
                 .values(lease_until=until)
             )
             rows = await session.execute(
-                select(RequestRecord.id, RequestRecord.cancel_requested)
-                .where(RequestRecord.id.in_(ids), RequestRecord.claimed_by == worker,
-                       RequestRecord.status == "processing")
+                select(RequestRecord.id, RequestRecord.cancel_requested).where(
+                    RequestRecord.id.in_(ids), RequestRecord.claimed_by == worker, RequestRecord.status == "processing"
+                )
             )
             return {row.id: bool(row.cancel_requested) for row in rows}
 
@@ -320,29 +356,41 @@ class Database:
         now = utcnow()
         async with self._session() as session, session.begin():
             result = await session.execute(
-                update(RequestRecord).where(RequestRecord.id == id, RequestRecord.status == "starting")
+                update(RequestRecord)
+                .where(RequestRecord.id == id, RequestRecord.status == "starting")
                 .values(status="canceled", completed_at=now, cancel_requested=True)
             )
             if result.rowcount:  # type: ignore[attr-defined]
                 await ledger.settle(session, id, 0, [], now)  # never ran: the reservation is released
             await session.execute(
-                update(RequestRecord).where(RequestRecord.id == id, RequestRecord.status == "processing")
+                update(RequestRecord)
+                .where(RequestRecord.id == id, RequestRecord.status == "processing")
                 .values(cancel_requested=True)
             )
             record = await session.get(RequestRecord, id)
             return None if record is None else _as_dict(record)
 
-    async def ended_without_completed_webhook(self, since: datetime, until: datetime | None = None
-                                              ) -> list[dict[str, Any]]:
+    async def ended_without_completed_webhook(
+        self, since: datetime, until: datetime | None = None
+    ) -> list[dict[str, Any]]:
         """Jobs that ended between `since` and `until` with a webhook but no `completed` delivery
         queued (a crash between a job's end and its webhook, or a failed queueing)."""
-        has_completed = select(WebhookDelivery.id).where(WebhookDelivery.request_id == RequestRecord.id,
-                                                         WebhookDelivery.event == "completed").exists()
-        query = select(RequestRecord).where(
-            RequestRecord.webhook.is_not(None), RequestRecord.status.in_(("succeeded", "failed", "canceled")),
-            RequestRecord.completed_at >= since, ~has_completed,
-            *([RequestRecord.completed_at < until] if until is not None else []),
-        ).order_by(RequestRecord.completed_at)
+        has_completed = (
+            select(WebhookDelivery.id)
+            .where(WebhookDelivery.request_id == RequestRecord.id, WebhookDelivery.event == "completed")
+            .exists()
+        )
+        query = (
+            select(RequestRecord)
+            .where(
+                RequestRecord.webhook.is_not(None),
+                RequestRecord.status.in_(("succeeded", "failed", "canceled")),
+                RequestRecord.completed_at >= since,
+                ~has_completed,
+                *([RequestRecord.completed_at < until] if until is not None else []),
+            )
+            .order_by(RequestRecord.completed_at)
+        )
         async with self._session() as session:
             return [_as_dict(r) for r in (await session.scalars(query)).all()]
 
@@ -354,11 +402,21 @@ class Database:
 
     # -- upstream tasks: committed before the gateway waits on them -------------------------------------
 
-    async def record_task(self, request_id: str, *, slot: int, config_key: str, task_id: str,
-                          data: dict[str, Any]) -> int:
+    async def record_task(
+        self, request_id: str, *, slot: int, config_key: str, task_id: str, data: dict[str, Any]
+    ) -> int:
         now = utcnow()
-        row = UpstreamTask(request_id=request_id, slot=slot, config_key=config_key, task_id=task_id, data=data,
-                           state="submitted", output_blob_ids=[], created_at=now, updated_at=now)
+        row = UpstreamTask(
+            request_id=request_id,
+            slot=slot,
+            config_key=config_key,
+            task_id=task_id,
+            data=data,
+            state="submitted",
+            output_blob_ids=[],
+            created_at=now,
+            updated_at=now,
+        )
         async with self._session() as session, session.begin():
             session.add(row)
             await session.flush()
@@ -367,15 +425,18 @@ class Database:
     async def finish_task(self, task_row: int, *, state: str, output_blob_ids: list[str] | None = None) -> None:
         async with self._session() as session, session.begin():
             await session.execute(
-                update(UpstreamTask).where(UpstreamTask.id == task_row)
+                update(UpstreamTask)
+                .where(UpstreamTask.id == task_row)
                 .values(state=state, output_blob_ids=list(output_blob_ids or []), updated_at=utcnow())
             )
 
     async def tasks_for(self, request_id: str) -> list[dict[str, Any]]:
         query = select(UpstreamTask).where(UpstreamTask.request_id == request_id).order_by(UpstreamTask.id)
         async with self._session() as session:
-            return [{c.key: getattr(t, c.key) for c in UpstreamTask.__table__.columns}
-                    for t in (await session.scalars(query)).all()]
+            return [
+                {c.key: getattr(t, c.key) for c in UpstreamTask.__table__.columns}
+                for t in (await session.scalars(query)).all()
+            ]
 
     # -- files uploaded through the files API ------------------------------------------------------------
 
@@ -396,8 +457,16 @@ class Database:
         """Queue a delivery; None when it is a second `completed` for the request (the database keeps
         one: the runner and the recovery sweep may both try)."""
         now = utcnow()
-        row = WebhookDelivery(request_id=request_id, event=event, url=url, payload=payload, state="pending",
-                              attempts=0, next_attempt_at=now, created_at=now)
+        row = WebhookDelivery(
+            request_id=request_id,
+            event=event,
+            url=url,
+            payload=payload,
+            state="pending",
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+        )
         try:
             async with self._session() as session, session.begin():
                 session.add(row)
@@ -417,52 +486,72 @@ class Database:
         PostgreSQL: `FOR UPDATE SKIP LOCKED` as in claim_next; SQLite: the UPDATE is atomic."""
         now = utcnow()
         cand, other = aliased(WebhookDelivery, name="cand"), aliased(WebhookDelivery, name="other")
-        older_open = select(other.id).where(other.request_id == cand.request_id, other.id < cand.id,
-                                            other.state.in_(OPEN_DELIVERY))
-        sending = select(other.id).where(other.request_id == cand.request_id, other.id != cand.id,
-                                         other.state == "sending", other.lease_until >= now)
-        due = select(cand.id).where(
-            or_(and_(cand.state == "pending", cand.next_attempt_at <= now),
-                and_(cand.state == "sending", cand.lease_until < now)),
-            ~older_open.exists(), ~sending.exists(),
-        ).order_by(cand.next_attempt_at, cand.id).limit(1)
+        older_open = select(other.id).where(
+            other.request_id == cand.request_id, other.id < cand.id, other.state.in_(OPEN_DELIVERY)
+        )
+        sending = select(other.id).where(
+            other.request_id == cand.request_id, other.id != cand.id, other.state == "sending", other.lease_until >= now
+        )
+        due = (
+            select(cand.id)
+            .where(
+                or_(
+                    and_(cand.state == "pending", cand.next_attempt_at <= now),
+                    and_(cand.state == "sending", cand.lease_until < now),
+                ),
+                ~older_open.exists(),
+                ~sending.exists(),
+            )
+            .order_by(cand.next_attempt_at, cand.id)
+            .limit(1)
+        )
         if self.engine.dialect.name == "postgresql":
             due = due.with_for_update(skip_locked=True, of=cand)
         stmt = (
             update(WebhookDelivery)
             .where(WebhookDelivery.id == due.scalar_subquery())
-            .values(state="sending", lease_until=now + timedelta(seconds=lease_s),
-                    attempts=WebhookDelivery.attempts + 1)
+            .values(
+                state="sending", lease_until=now + timedelta(seconds=lease_s), attempts=WebhookDelivery.attempts + 1
+            )
             .returning(WebhookDelivery.id)
         )
         async with self._session() as session, session.begin():
             claimed = (await session.execute(stmt)).scalar_one_or_none()
             if claimed is None:
                 return None
-            found = (await session.execute(
-                select(WebhookDelivery, RequestRecord.key_id)
-                .join(RequestRecord, RequestRecord.id == WebhookDelivery.request_id)
-                .where(WebhookDelivery.id == claimed)
-            )).first()
+            found = (
+                await session.execute(
+                    select(WebhookDelivery, RequestRecord.key_id)
+                    .join(RequestRecord, RequestRecord.id == WebhookDelivery.request_id)
+                    .where(WebhookDelivery.id == claimed)
+                )
+            ).first()
             return None if found is None else {**_delivery_dict(found[0]), "key_id": found[1]}
 
-    async def finish_delivery(self, id: int, *, state: str, status: int | None = None,
-                              error: str | None = None) -> None:
+    async def finish_delivery(
+        self, id: int, *, state: str, status: int | None = None, error: str | None = None
+    ) -> None:
         """Record the outcome: `delivered`, `failed` (retries spent) or `dropped` (not to be retried)."""
-        values: dict[str, Any] = {"state": state, "last_status": status, "last_error": _short(error),
-                                  "lease_until": None}
+        values: dict[str, Any] = {
+            "state": state,
+            "last_status": status,
+            "last_error": _short(error),
+            "lease_until": None,
+        }
         if state == "delivered":
             values["delivered_at"] = utcnow()
         await self._update_delivery(id, **values)
 
     async def retry_delivery(self, id: int, *, at: datetime, status: int | None, error: str | None) -> None:
-        await self._update_delivery(id, state="pending", next_attempt_at=at, last_status=status,
-                                    last_error=_short(error), lease_until=None)
+        await self._update_delivery(
+            id, state="pending", next_attempt_at=at, last_status=status, last_error=_short(error), lease_until=None
+        )
 
     async def release_delivery(self, id: int) -> None:
         """Shutting down mid-send: back to pending at once, the attempt not counted."""
-        await self._update_delivery(id, state="pending", lease_until=None, next_attempt_at=utcnow(),
-                                    attempts=WebhookDelivery.attempts - 1)
+        await self._update_delivery(
+            id, state="pending", lease_until=None, next_attempt_at=utcnow(), attempts=WebhookDelivery.attempts - 1
+        )
 
     async def drop_deliveries(self, request_id: str, *, error: str) -> None:
         """Drop a request's open deliveries (its receiver answered 410 Gone)."""
@@ -475,8 +564,11 @@ class Database:
 
     async def webhook_gone(self, request_id: str) -> bool:
         """Whether the request's receiver has answered 410 Gone: nothing more is sent to it."""
-        query = select(WebhookDelivery.id).where(WebhookDelivery.request_id == request_id,
-                                                 WebhookDelivery.last_status == 410).limit(1)
+        query = (
+            select(WebhookDelivery.id)
+            .where(WebhookDelivery.request_id == request_id, WebhookDelivery.last_status == 410)
+            .limit(1)
+        )
         async with self._session() as session:
             return (await session.execute(query)).first() is not None
 
@@ -496,7 +588,11 @@ class Database:
             return None if record is None else _as_dict(record)
 
     async def list_requests(
-        self, *, limit: int = 20, before: tuple[datetime, str] | None = None, key_id: str | None = None,
+        self,
+        *,
+        limit: int = 20,
+        before: tuple[datetime, str] | None = None,
+        key_id: str | None = None,
     ) -> list[dict[str, Any]]:
         """Newest first; `before` (created_at, id) continues a page (keyset pagination); `key_id`
         narrows to one key's requests."""
@@ -509,13 +605,18 @@ class Database:
             query = query.where(RequestRecord.key_id == key_id)
         if before is not None:
             at, rid = before
-            query = query.where(or_(RequestRecord.created_at < at,
-                                    and_(RequestRecord.created_at == at, RequestRecord.id < rid)))
+            query = query.where(
+                or_(RequestRecord.created_at < at, and_(RequestRecord.created_at == at, RequestRecord.id < rid))
+            )
         async with self._session() as session:
             return [_as_dict(r) for r in (await session.scalars(query)).all()]
 
     async def count_waiting(self) -> int:
         """Jobs no worker has claimed yet (the queue depth metric)."""
         async with self._session() as session:
-            return int(await session.scalar(
-                select(func.count()).select_from(RequestRecord).where(RequestRecord.status == "starting")) or 0)
+            return int(
+                await session.scalar(
+                    select(func.count()).select_from(RequestRecord).where(RequestRecord.status == "starting")
+                )
+                or 0
+            )

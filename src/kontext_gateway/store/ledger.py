@@ -47,8 +47,9 @@ class Reservation:
 
 
 class BudgetExceeded(Exception):
-    def __init__(self, budget_micros: int, spent_micros: int, reserved_micros: int, needed_micros: int,
-                 period: str | None) -> None:
+    def __init__(
+        self, budget_micros: int, spent_micros: int, reserved_micros: int, needed_micros: int, period: str | None
+    ) -> None:
         super().__init__("budget exceeded")
         self.budget_micros, self.spent_micros = budget_micros, spent_micros
         self.reserved_micros, self.needed_micros, self.period = reserved_micros, needed_micros, period
@@ -72,11 +73,20 @@ async def hold(session: AsyncSession, r: Reservation, now: datetime) -> None:
     spent_now = case((ApiKey.period_start == ps, ApiKey.spent_micros), else_=0)
     result = await session.execute(
         update(ApiKey)
-        .where(ApiKey.id == r.key_id, ApiKey.revoked_at.is_(None),
-               or_(ApiKey.budget_micros.is_(None),
-                   spent_now + ApiKey.reserved_micros + r.estimate_micros <= ApiKey.budget_micros))
-        .values(spent_micros=spent_now, period_start=ps, reserved_micros=ApiKey.reserved_micros + r.estimate_micros,
-                last_used_at=now)
+        .where(
+            ApiKey.id == r.key_id,
+            ApiKey.revoked_at.is_(None),
+            or_(
+                ApiKey.budget_micros.is_(None),
+                spent_now + ApiKey.reserved_micros + r.estimate_micros <= ApiKey.budget_micros,
+            ),
+        )
+        .values(
+            spent_micros=spent_now,
+            period_start=ps,
+            reserved_micros=ApiKey.reserved_micros + r.estimate_micros,
+            last_used_at=now,
+        )
     )
     if result.rowcount == 0:  # type: ignore[attr-defined]
         key = await session.get(ApiKey, r.key_id)
@@ -85,30 +95,42 @@ async def hold(session: AsyncSession, r: Reservation, now: datetime) -> None:
         spent = key.spent_micros if key.period_start == ps else 0
         raise BudgetExceeded(key.budget_micros or 0, spent, key.reserved_micros, r.estimate_micros, key.budget_period)
     if r.max_concurrent is not None:
-        running = (await session.execute(
-            select(func.count()).select_from(RequestRecord)
-            .where(RequestRecord.key_id == r.key_id, RequestRecord.status.in_(RUNNING))
-        )).scalar_one()
+        running = (
+            await session.execute(
+                select(func.count())
+                .select_from(RequestRecord)
+                .where(RequestRecord.key_id == r.key_id, RequestRecord.status.in_(RUNNING))
+            )
+        ).scalar_one()
         if running >= r.max_concurrent:
             raise ConcurrencyExceeded(r.max_concurrent)  # the caller rolls back, releasing the hold
 
 
 def entry(request_id: str, r: Reservation, now: datetime) -> LedgerEntry:
     """The ledger row, added after the request's insert (it references it)."""
-    return LedgerEntry(request_id=request_id, key_id=r.key_id, state="reserved", estimate_micros=r.estimate_micros,
-                       lines=[], created_at=now)
+    return LedgerEntry(
+        request_id=request_id,
+        key_id=r.key_id,
+        state="reserved",
+        estimate_micros=r.estimate_micros,
+        lines=[],
+        created_at=now,
+    )
 
 
-async def settle(session: AsyncSession, request_id: str, actual_micros: int, lines: list[dict[str, Any]],
-                 now: datetime) -> None:
+async def settle(
+    session: AsyncSession, request_id: str, actual_micros: int, lines: list[dict[str, Any]], now: datetime
+) -> None:
     """Release the reservation and charge the actual cost, exactly once (a no-op the second time,
     and for requests that never held one, such as rejected ones)."""
-    row = (await session.execute(
-        update(LedgerEntry)
-        .where(LedgerEntry.request_id == request_id, LedgerEntry.state == "reserved")
-        .values(state="settled", actual_micros=actual_micros, lines=lines, settled_at=now)
-        .returning(LedgerEntry.key_id, LedgerEntry.estimate_micros)
-    )).first()
+    row = (
+        await session.execute(
+            update(LedgerEntry)
+            .where(LedgerEntry.request_id == request_id, LedgerEntry.state == "reserved")
+            .values(state="settled", actual_micros=actual_micros, lines=lines, settled_at=now)
+            .returning(LedgerEntry.key_id, LedgerEntry.estimate_micros)
+        )
+    ).first()
     if row is None or row.key_id is None:
         return
     period = (await session.execute(select(ApiKey.budget_period).where(ApiKey.id == row.key_id))).first()
@@ -118,8 +140,11 @@ async def settle(session: AsyncSession, request_id: str, actual_micros: int, lin
     ps = period_start(period.budget_period, now)
     spent_now = case((ApiKey.period_start == ps, ApiKey.spent_micros), else_=0)
     await session.execute(
-        update(ApiKey).where(ApiKey.id == row.key_id).values(
-            spent_micros=spent_now + actual_micros, period_start=ps,
+        update(ApiKey)
+        .where(ApiKey.id == row.key_id)
+        .values(
+            spent_micros=spent_now + actual_micros,
+            period_start=ps,
             reserved_micros=ApiKey.reserved_micros - row.estimate_micros,
             total_spent_micros=ApiKey.total_spent_micros + actual_micros,
         )

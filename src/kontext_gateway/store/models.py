@@ -7,7 +7,20 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, Numeric, String, Text, false, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    false,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -123,8 +136,13 @@ class WebhookDelivery(Base):
     __table_args__ = (
         Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),
         # One terminal webhook per prediction, whoever queues it (the runner or the recovery sweep).
-        Index("uq_webhook_deliveries_completed", "request_id", unique=True,
-              sqlite_where=text("event = 'completed'"), postgresql_where=text("event = 'completed'")),
+        Index(
+            "uq_webhook_deliveries_completed",
+            "request_id",
+            unique=True,
+            sqlite_where=text("event = 'completed'"),
+            postgresql_where=text("event = 'completed'"),
+        ),
     )
 
 
@@ -190,8 +208,7 @@ class LedgerEntry(Base):
 
     __tablename__ = "ledger"
 
-    request_id: Mapped[str] = mapped_column(String(40), ForeignKey("requests.id", ondelete="CASCADE"),
-                                            primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(40), ForeignKey("requests.id", ondelete="CASCADE"), primary_key=True)
     key_id: Mapped[str | None] = mapped_column(String(40), index=True)
     state: Mapped[str] = mapped_column(String(12))  # reserved | settled
     estimate_micros: Mapped[int] = mapped_column(BigInteger)  # reserved: the worst case over the candidates

@@ -17,9 +17,10 @@ Outside `request(...)` each call is planned on its own (correct, just without th
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -102,13 +103,28 @@ class LeanTransformer(nn.Module):
         t to the latents' dtype and divides by 1000, the model casts and multiplies by 1000."""
         return ((t.to(input_dtype) / 1000).to(self.dtype)) * 1000
 
-    def _plan(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, pooled: torch.Tensor,
-              timestep: torch.Tensor, img_ids: torch.Tensor, txt_ids: torch.Tensor,
-              guidance: torch.Tensor | None, noise_tokens: int) -> tuple[Plan, int]:
+    def _plan(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled: torch.Tensor,
+        timestep: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+        guidance: torch.Tensor | None,
+        noise_tokens: int,
+    ) -> tuple[Plan, int]:
         def build(timesteps: torch.Tensor) -> Plan:
             g = guidance.to(self.dtype) * 1000 if guidance is not None else None
-            return self.model.plan(txt=encoder_hidden_states, pooled=pooled, timesteps=timesteps, guidance=g,
-                                   txt_ids=txt_ids, img_ids=img_ids, noise_tokens=noise_tokens)
+            return self.model.plan(
+                txt=encoder_hidden_states,
+                pooled=pooled,
+                timesteps=timesteps,
+                guidance=g,
+                txt_ids=txt_ids,
+                img_ids=img_ids,
+                noise_tokens=noise_tokens,
+            )
 
         if self._scheduler is None:  # a lone call: plan this one step
             return build(timestep[:1].to(self.dtype) * 1000), 0
@@ -122,11 +138,20 @@ class LeanTransformer(nn.Module):
             found = self._plans[key] = (plan, inputs)  # the inputs are kept: their ids stay theirs
         return found[0], self._scheduler.step_index or 0
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                pooled_projections: torch.Tensor, timestep: torch.Tensor, img_ids: torch.Tensor,
-                txt_ids: torch.Tensor, guidance: torch.Tensor | None = None,
-                joint_attention_kwargs: dict[str, Any] | None = None, return_dict: bool = True,
-                noise_tokens: int | None = None, **unused: Any) -> Any:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+        noise_tokens: int | None = None,
+        **unused: Any,
+    ) -> Any:
         """diffusers' signature. The output holds only the noise tokens' velocity: diffusers slices
         `[:, :latents.size(1)]` from it, which is then all of it. `noise_tokens` defaults to the tokens
         whose RoPE axis 0 is 0 (context tokens have 1 and up), read from the ids once per plan."""
@@ -136,8 +161,9 @@ class LeanTransformer(nn.Module):
             txt_ids = txt_ids[0]
         if noise_tokens is None:
             noise_tokens = self._noise_tokens(img_ids)
-        plan, step = self._plan(hidden_states, encoder_hidden_states, pooled_projections, timestep,
-                                img_ids, txt_ids, guidance, noise_tokens)
+        plan, step = self._plan(
+            hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance, noise_tokens
+        )
         self.stats.calls += 1
         cache: TaylorCache | None = plan.extra.get("cache")
         if cache is not None and not cache.needs(step):

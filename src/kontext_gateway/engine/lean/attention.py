@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -71,5 +71,6 @@ def pick(device: torch.device | str, dtype: torch.dtype, backend: str = "auto") 
     if backend == "flash":
         return "flash", _sdpa_on([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
     # cuDNN first; the others stay allowed for shapes or dtypes it does not take (fp32 on CUDA).
-    return "cudnn", _sdpa_on([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                              SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    return "cudnn", _sdpa_on(
+        [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    )

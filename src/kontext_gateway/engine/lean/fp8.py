@@ -11,7 +11,7 @@ flattening the others, which per-tensor scaling would do.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +56,14 @@ class Fp8Linear(nn.Module):
         rows = x.reshape(-1, x.shape[-1])
         x8, x_scale = quantize_rows(rows)
         fused_bias = self.bias is not None and x.dtype == torch.bfloat16
-        y = torch._scaled_mm(x8, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
-                             bias=self.bias if fused_bias else None, out_dtype=x.dtype)
+        y = torch._scaled_mm(
+            x8,
+            self.weight_fp8.t(),
+            scale_a=x_scale,
+            scale_b=self.weight_scale,
+            bias=self.bias if fused_bias else None,
+            out_dtype=x.dtype,
+        )
         if self.bias is not None and not fused_bias:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], y.shape[-1])

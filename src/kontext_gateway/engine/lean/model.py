@@ -17,8 +17,9 @@ block by block on the same random weights), with these changes, all exact:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ class FluxConfig:
         return int(self.hidden_size * self.mlp_ratio)
 
     @classmethod
-    def from_diffusers(cls, config: Mapping[str, Any]) -> "FluxConfig":
+    def from_diffusers(cls, config: Mapping[str, Any]) -> FluxConfig:
         """From a FluxTransformer2DModel config (config.json of a diffusers `transformer/` folder)."""
         if config.get("patch_size", 1) != 1:
             raise ValueError("only patch_size 1 (FLUX.1's packed 2x2 latents) is supported")
@@ -74,10 +75,16 @@ class FluxConfig:
 
     def to_diffusers(self) -> dict[str, Any]:
         return dict(
-            patch_size=1, in_channels=self.in_channels, out_channels=self.out_channels,
-            num_layers=self.depth, num_single_layers=self.depth_single, attention_head_dim=self.head_dim,
-            num_attention_heads=self.num_heads, joint_attention_dim=self.context_dim,
-            pooled_projection_dim=self.vec_dim, guidance_embeds=self.guidance_embed,
+            patch_size=1,
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            num_layers=self.depth,
+            num_single_layers=self.depth_single,
+            attention_head_dim=self.head_dim,
+            num_attention_heads=self.num_heads,
+            joint_attention_dim=self.context_dim,
+            pooled_projection_dim=self.vec_dim,
+            guidance_embeds=self.guidance_embed,
             axes_dims_rope=tuple(self.axes_dim),
         )
 
@@ -207,8 +214,15 @@ class DoubleBlock(nn.Module):
         self.txt_attn = SelfAttention(h, cfg.num_heads)
         self.txt_mlp = MLP(h, cfg.mlp_dim)
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, img_mod: torch.Tensor, txt_mod: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor], attention: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        img_mod: torch.Tensor,
+        txt_mod: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attention: Attention,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """img_mod / txt_mod: (B, 6, hidden) for this step."""
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod.unbind(1)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod.unbind(1)
@@ -239,8 +253,14 @@ class SingleBlock(nn.Module):
         self.linear2 = nn.Linear(h + cfg.mlp_dim, h)
         self.norm = QKNorm(cfg.head_dim)
 
-    def forward(self, x: torch.Tensor, mod: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                attention: Attention, rows: slice | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mod: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attention: Attention,
+        rows: slice | None = None,
+    ) -> torch.Tensor:
         """mod: (B, 3, hidden). `rows`: compute only these output rows (all keys still attend)."""
         shift, scale, gate = mod.unbind(1)
         qkv, mlp = self.linear1(modulate(x, shift, scale)).split([3 * self.hidden, self.mlp_dim], dim=-1)
@@ -333,7 +353,9 @@ class LeanFluxTransformer(nn.Module):
         for block in [*self.double_blocks, *self.single_blocks]:
             block.compile(mode=mode, dynamic=False)
 
-    def conditioning(self, timesteps: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor) -> torch.Tensor:
+    def conditioning(
+        self, timesteps: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor
+    ) -> torch.Tensor:
         """The conditioning vector (steps, B, hidden) for every step at once. `timesteps`: (steps,) and
         `guidance`: (B,) already in the model's units (x1000), in the model's dtype."""
         dtype = pooled.dtype
@@ -344,8 +366,17 @@ class LeanFluxTransformer(nn.Module):
             vec = vec + self.guidance_in(timestep_features(guidance).to(dtype))[None]
         return vec + self.vector_in(pooled)[None]
 
-    def plan(self, *, txt: torch.Tensor, pooled: torch.Tensor, timesteps: torch.Tensor, guidance: torch.Tensor | None,
-             txt_ids: torch.Tensor, img_ids: torch.Tensor, noise_tokens: int) -> Plan:
+    def plan(
+        self,
+        *,
+        txt: torch.Tensor,
+        pooled: torch.Tensor,
+        timesteps: torch.Tensor,
+        guidance: torch.Tensor | None,
+        txt_ids: torch.Tensor,
+        img_ids: torch.Tensor,
+        noise_tokens: int,
+    ) -> Plan:
         """Everything per request: `txt` (B, Lt, context_dim) T5 features, `pooled` (B, vec_dim),
         `timesteps` (steps,) and `guidance` (B,) in model units, ids (Lt, 3) and (Limg, 3), and how many
         of the image tokens are noise (they come first; context tokens follow)."""

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -126,8 +127,9 @@ def load_diffusers_state(model: LeanFluxTransformer, tensors: Iterator[tuple[str
         raise ValueError(f"weights are missing for {len(missing)} parameter(s), e.g. {missing[:3]}")
 
 
-def from_diffusers_model(reference: Any, *, dtype: torch.dtype | None = None,
-                         device: torch.device | str | None = None) -> LeanFluxTransformer:
+def from_diffusers_model(
+    reference: Any, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> LeanFluxTransformer:
     """A lean copy of a live FluxTransformer2DModel (tests; or a pipeline loaded by diffusers)."""
     cfg = FluxConfig.from_diffusers(reference.config)
     first = next(reference.parameters())
@@ -160,12 +162,13 @@ def _tensors(files: list[Path], device: str = "cpu") -> Iterator[tuple[str, torc
 
     for path in files:
         with safe_open(str(path), framework="pt", device=device) as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - a safetensors file is not iterable
                 yield name, f.get_tensor(name)
 
 
-def from_diffusers_dir(folder: Path, *, dtype: torch.dtype = torch.bfloat16,
-                       device: torch.device | str = "cpu") -> LeanFluxTransformer:
+def from_diffusers_dir(
+    folder: Path, *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
+) -> LeanFluxTransformer:
     """From a diffusers `transformer/` folder (or a pipeline folder containing one)."""
     folder = Path(folder)
     if (folder / "transformer" / "config.json").is_file():
@@ -187,30 +190,46 @@ def config_from_bfl_shapes(shapes: Mapping[str, tuple[int, ...]]) -> FluxConfig:
     head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
     depth = 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith("double_blocks.")), default=-1)
     single = 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith("single_blocks.")), default=-1)
-    mlp_dim = shapes["double_blocks.0.img_mlp.0.weight"][0] if depth else shapes["single_blocks.0.linear1.weight"][0] - 3 * hidden
+    mlp_dim = (
+        shapes["double_blocks.0.img_mlp.0.weight"][0]
+        if depth
+        else shapes["single_blocks.0.linear1.weight"][0] - 3 * hidden
+    )
     if head_dim != 128:
         raise ValueError(f"head size {head_dim} is not FLUX.1's 128: pass the config (RoPE axes) explicitly")
     return FluxConfig(
-        in_channels=in_channels, out_channels=shapes["final_layer.linear.weight"][0], hidden_size=hidden,
-        num_heads=hidden // head_dim, depth=depth, depth_single=single,
-        context_dim=shapes["txt_in.weight"][1], vec_dim=shapes["vector_in.in_layer.weight"][1],
-        mlp_ratio=mlp_dim / hidden, axes_dim=(16, 56, 56), guidance_embed="guidance_in.in_layer.weight" in shapes,
+        in_channels=in_channels,
+        out_channels=shapes["final_layer.linear.weight"][0],
+        hidden_size=hidden,
+        num_heads=hidden // head_dim,
+        depth=depth,
+        depth_single=single,
+        context_dim=shapes["txt_in.weight"][1],
+        vec_dim=shapes["vector_in.in_layer.weight"][1],
+        mlp_ratio=mlp_dim / hidden,
+        axes_dim=(16, 56, 56),
+        guidance_embed="guidance_in.in_layer.weight" in shapes,
     )
 
 
-def from_bfl_file(path: Path, *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-                  config: FluxConfig | None = None) -> LeanFluxTransformer:
+def from_bfl_file(
+    path: Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    config: FluxConfig | None = None,
+) -> LeanFluxTransformer:
     """From Black Forest Labs' single-file checkpoint (our names are theirs)."""
     from safetensors import safe_open
 
     def strip(name: str) -> str:
         for prefix in _PREFIXES:
             if name.startswith(prefix):
-                return name[len(prefix):]
+                return name[len(prefix) :]
         return name
 
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        shapes = {strip(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        shapes = {strip(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     cfg = config or config_from_bfl_shapes(shapes)
     model = _empty(cfg, dtype, device)
     own = dict(model.named_parameters())

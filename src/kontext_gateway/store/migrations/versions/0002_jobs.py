@@ -102,6 +102,15 @@ def downgrade() -> None:
     op.execute("UPDATE requests SET status = 'queued' WHERE status = 'starting'")
     op.execute("UPDATE requests SET status = 'running' WHERE status = 'processing'")
     with op.batch_alter_table("requests") as batch:
-        for column in ("runs", "lease_until", "claimed_by", "cancel_requested", "webhook_events", "webhook",
-                       "logs", "version", "input"):
+        for column in (
+            "runs",
+            "lease_until",
+            "claimed_by",
+            "cancel_requested",
+            "webhook_events",
+            "webhook",
+            "logs",
+            "version",
+            "input",
+        ):
             batch.drop_column(column)

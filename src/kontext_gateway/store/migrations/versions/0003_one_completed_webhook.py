@@ -21,8 +21,14 @@ WHERE = sa.text("event = 'completed'")
 def upgrade() -> None:
     # The runner and the recovery sweep may both try to queue a prediction's terminal webhook: the
     # second insert fails here instead of sending it twice.
-    op.create_index("uq_webhook_deliveries_completed", "webhook_deliveries", ["request_id"], unique=True,
-                    sqlite_where=WHERE, postgresql_where=WHERE)
+    op.create_index(
+        "uq_webhook_deliveries_completed",
+        "webhook_deliveries",
+        ["request_id"],
+        unique=True,
+        sqlite_where=WHERE,
+        postgresql_where=WHERE,
+    )
 
 
 def downgrade() -> None:
