@@ -113,7 +113,7 @@ def test_kill_9_mid_prediction_then_restart(tmp_path: Path) -> None:
             # Kill once every remote task is polled: polling starts only after the task's id is
             # committed. (Between the upstream's answer to a submit and that commit there are a few
             # milliseconds in which a crash makes the job submit again: Replicate has no idempotent
-            # create to close that window. README, "Crash safety".)
+            # create to close that window. docs/operations.md, "Crash safety and scale-out".)
             while (
                 len(
                     {
