@@ -265,6 +265,7 @@ def test_abandoned_request_is_cancelled_and_recorded(base_url: str, settings, cl
     import time
 
     from kontext_gateway.store.db import Database
+    from kontext_gateway.store.records import RequestRow
 
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
@@ -273,21 +274,21 @@ def test_abandoned_request_is_cancelled_and_recorded(base_url: str, settings, cl
             json={"model": "kontext-tiny", "prompt": "abandoned", "size": "1024x1024", "num_inference_steps": 100},
         )
 
-    async def last_record() -> dict:
+    async def last_record() -> RequestRow | None:
         db = Database(settings.resolved_database_url())
         await db.start()
         try:
             for _ in range(100):
-                rows = [r for r in await db.list_requests(limit=5) if r["params"].get("prompt") == "abandoned"]
-                if rows and rows[0]["status"] == "canceled":
+                rows = [r for r in await db.list_requests(limit=5) if r.params.get("prompt") == "abandoned"]
+                if rows and rows[0].status == "canceled":
                     return rows[0]
                 await asyncio.sleep(0.1)
-            return rows[0] if rows else {}
+            return rows[0] if rows else None
         finally:
             await db.close()
 
     rec = asyncio.run(last_record())
-    assert rec["status"] == "canceled" and rec["completed_at"] is not None
+    assert rec is not None and rec.status == "canceled" and rec.completed_at is not None
     t0 = time.monotonic()
     resp = client.images.generate(model="kontext-tiny", prompt="next", size="64x64", response_format="b64_json")
     assert open_image(fetch(resp.data[0], "b64_json")).size == (64, 64)

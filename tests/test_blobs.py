@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kontext_gateway.store.blobs import LocalBlobStore, URLSigner
+from kontext_gateway.links import URLSigner
+from kontext_gateway.store.blobs import LocalBlobStore
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Issue 7 through the public API: streaming with previews (the OpenAI SDK's stream), edit chains by
+"""The local engine's features through the public API: streaming with previews (the OpenAI SDK's stream), edit chains by
 id or by this gateway's own link (no upload), masks with OpenAI's semantics, and clear refusals where
 a provider cannot do what is asked."""
 

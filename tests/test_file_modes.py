@@ -97,7 +97,7 @@ async def test_an_open_data_dir_is_tightened_at_start_and_nothing_is_lost(
     await gw.start(workers=False)
     try:
         record = await gw.db.get_request(rid)
-        assert record is not None and record["params"] == {"prompt": "kept"}
+        assert record is not None and record.params == {"prompt": "kept"}
         assert mode(data) == 0o700
         assert {name: mode(data / name) for name in PRIVATE_FILES} == dict.fromkeys(PRIVATE_FILES, 0o600)
         assert gw.blobs.get(blob) == before[Path("blobs", blob[:2], blob[2:4], blob)]

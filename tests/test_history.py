@@ -8,7 +8,6 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -17,9 +16,10 @@ from sqlalchemy import update
 
 from conftest import png_bytes, running_server
 from kontext_gateway.config import Settings
-from kontext_gateway.retention import RetentionSweeper
+from kontext_gateway.retention import cutoff as retention_cutoff
 from kontext_gateway.store.db import Database
 from kontext_gateway.store.models import RequestRecord
+from kontext_gateway.store.records import DeliveryRow, RequestRow
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -66,7 +66,7 @@ def db_execute(url: str, *statements: Any) -> None:
         db = Database(Settings(database_url=url).resolved_database_url())
         await db.start()
         try:
-            async with db._session() as session, session.begin():
+            async with db.session() as session, session.begin():
                 for stmt in statements:
                     await session.execute(stmt)
         finally:
@@ -190,7 +190,7 @@ def test_purge_removes_payloads_and_keeps_metadata(env: Env) -> None:
     before = env.get(f"/v1/requests/{rid}", env.a["key"]).json()
     blob_ids = [u.split("/v1/blobs/")[1].split("?")[0] for u in before["output"]]
     record = asyncio.run(_record(env.database_url, rid))
-    input_ids = record["params"]["input_blob_ids"]
+    input_ids = record.params["input_blob_ids"]
     assert len(input_ids) == 1 and all(env.blob_file(b).is_file() for b in [*blob_ids, *input_ids])
 
     asyncio.run(_delivered_webhook(env.database_url, rid))  # a webhook sent earlier carried the prompt
@@ -217,11 +217,9 @@ def test_purge_removes_payloads_and_keeps_metadata(env: Env) -> None:
     assert not any(env.blob_file(b).exists() for b in [*blob_ids, *input_ids])
     assert httpx.get(before["output"][0]).status_code == 404
     record = asyncio.run(_record(env.database_url, rid))
-    assert record["input"] is None and record["params"]["prompt"] is None and record["output_blob_ids"] == []
-    assert record["purged_at"] is not None
-    assert [d["payload"] for d in asyncio.run(_deliveries(env.database_url, rid))] == [
-        {"id": rid, "data_removed": True}
-    ]
+    assert record.input is None and record.params["prompt"] is None and record.output_blob_ids == []
+    assert record.purged_at is not None
+    assert [d.payload for d in asyncio.run(_deliveries(env.database_url, rid))] == [{"id": rid, "data_removed": True}]
     # The predictions view says so too; a second purge changes nothing.
     assert env.get(f"/v1/predictions/{rid}", env.a["key"]).json()["data_removed"] is True
     again = httpx.delete(f"{env.base}/v1/requests/{rid}/payloads", headers=bearer(env.a["key"])).json()
@@ -280,7 +278,7 @@ async def _delivered_webhook(url: str, rid: str) -> None:
         await db.close()
 
 
-async def _deliveries(url: str, rid: str) -> list[dict[str, Any]]:
+async def _deliveries(url: str, rid: str) -> list[DeliveryRow]:
     db = Database(Settings(database_url=url).resolved_database_url())
     await db.start()
     try:
@@ -289,11 +287,13 @@ async def _deliveries(url: str, rid: str) -> list[dict[str, Any]]:
         await db.close()
 
 
-async def _record(url: str, rid: str) -> dict[str, Any]:
+async def _record(url: str, rid: str) -> RequestRow:
     db = Database(Settings(database_url=url).resolved_database_url())
     await db.start()
     try:
-        return await db.get_request(rid) or {}
+        record = await db.get_request(rid)
+        assert record is not None
+        return record
     finally:
         await db.close()
 
@@ -324,15 +324,12 @@ def test_metadata_retention_purges_after_the_links_expire(tmp_path: Path) -> Non
     assert item["status"] == "succeeded" and item["cost"] == 0.001 and item["output"] == []
     assert not (tmp_path / "blobs" / blob[:2] / blob[2:4] / blob).exists()
     record = asyncio.run(_record(settings.resolved_database_url(), rid))
-    assert record["params"]["prompt"] is None and record["input"] is None
+    assert record.params["prompt"] is None and record.input is None
 
 
 def test_retention_cutoff() -> None:
     def cutoff(**settings: Any) -> datetime | None:
-        s = SimpleNamespace(
-            **{"payload_retention": "full", "payload_retention_days": None, "url_ttl_seconds": 3600, **settings}
-        )
-        return RetentionSweeper(SimpleNamespace(settings=s)).cutoff(now)  # type: ignore[arg-type]
+        return retention_cutoff(Settings(**{"payload_retention": "full", "url_ttl_seconds": 3600, **settings}), now)
 
     now = datetime(2026, 11, 21, 12, tzinfo=UTC)
     assert cutoff() is None  # full, forever: nothing is due and no sweep runs

@@ -1,6 +1,6 @@
 """The lean transformer equals diffusers' FluxTransformer2DModel (the reference) on the same random weights.
 
-Protocol (../shared/reference/kontext-engine.md, section 7): fp32 within 1e-5 relative L2; in bf16 the
+The protocol: fp32 within 1e-5 relative L2; in bf16 the
 lean model's error against the fp32 reference is at most 1.5x the reference's own bf16-vs-fp32 error.
 Checked block by block (teacher forcing: identical inputs into each block), for the whole model over
 several steps, and for the whole pipeline with fixed latents and embeddings. Two configurations: the

@@ -28,6 +28,7 @@ from kontext_gateway.config import Settings
 from kontext_gateway.errors import GatewayError
 from kontext_gateway.gateway import Gateway
 from kontext_gateway.net import PinnedTransport, fetch_image
+from kontext_gateway.protocol import prediction_call
 
 PUBLIC = "93.184.215.14"  # what the rebinding name answers first; never actually connected to
 REAL_GETADDRINFO = socket.getaddrinfo
@@ -145,7 +146,7 @@ async def gateway(tmp_path: Path, *, run_jobs: bool = False, **overrides: Any) -
 async def estimate_with_image(gw: Gateway, url: str) -> dict[str, Any]:
     """A dry-run prediction with an input image by URL: fetches it, creates nothing."""
     return await gw.predictions.estimate(
-        model=TINY, body={"input": {"prompt": "x", "input_image": url}}, base_url="http://gateway.test"
+        prediction_call(TINY, {"input": {"prompt": "x", "input_image": url}}), base_url="http://gateway.test"
     )
 
 
@@ -203,17 +204,20 @@ async def test_webhook_name_rebound_to_loopback_is_not_reached(
                 webhook=f"http://hooks.example:{port}/hook?token=receiver-own",
             )
             await gw.db.mark_failed(rid, error={"message": "boom"}, attempts=[], duration_ms=1)
-            await gw.webhooks.emit(await gw.db.get_request(rid) or {}, "completed")
+            record = await gw.db.get_request(rid)
+            assert record is not None
+            await gw.webhooks.emit(record, "completed")
             deadline = time.monotonic() + 15
-            while (row := (await gw.db.list_deliveries(rid))[0])["state"] in ("pending", "sending"):
+            while (row := (await gw.db.list_deliveries(rid))[0]).state in ("pending", "sending"):
                 assert time.monotonic() < deadline, row
                 await asyncio.sleep(0.02)
     assert inside == []
     # The first try went to the public address it checked (which did not answer); the retry resolved
     # anew, found loopback and dropped the delivery without connecting.
     assert connects == [PUBLIC]
-    assert row["state"] == "dropped" and row["attempts"] == 2
-    assert row["last_error"].startswith("url_not_allowed") and "receiver-own" not in row["last_error"]
+    assert row.state == "dropped" and row.attempts == 2
+    assert row.last_error is not None
+    assert row.last_error.startswith("url_not_allowed") and "receiver-own" not in row.last_error
 
 
 async def test_private_addresses_are_pinned_too_when_allowed(dns: FakeDNS, connects: list[str]) -> None:

@@ -195,9 +195,13 @@ def test_predictions_nobody_waits_on_leave_nothing_behind(base_url: str, rc: rep
         rc.predictions.get(pid).wait()
     import gc
 
-    from kontext_gateway.jobs.worker import Completions  # the server runs in this process
+    from kontext_gateway.jobs.channels import JobChannels  # the server runs in this process
 
     # type(), not isinstance(): a dead weakref.proxy among gc's objects (torch.compile leaves some)
     # raises ReferenceError when isinstance() asks for its __class__.
-    leftovers = [c for c in gc.get_objects() if type(c) is Completions and any(i in c._events for i in ids)]
+    leftovers = [
+        c
+        for c in gc.get_objects()
+        if type(c) is JobChannels and any(i in c._completions or i in c.progress for i in ids)
+    ]
     assert leftovers == []

@@ -20,6 +20,8 @@ from fakes.common import serve
 from fakes.replicate import FakeReplicate
 from kontext_gateway.config import Settings
 from kontext_gateway.gateway import Gateway
+from kontext_gateway.protocol import prediction_call
+from kontext_gateway.store.records import ENDED, RequestRow
 
 JOBS = 500
 
@@ -50,10 +52,8 @@ def test_three_workers_run_each_job_exactly_once(pg_database: str, tmp_path: Pat
             try:
                 return [
                     await gw.images.submit(
-                        mode="text-to-image",
-                        endpoint="predictions",
-                        fields={"model": "replicate/flux.1-kontext-pro", "prompt": f"job {i}"},
-                        files=[],
+                        prediction_call("replicate/flux.1-kontext-pro", {"input": {"prompt": f"job {i}"}}).call,
+                        base_url="http://localhost/",
                     )
                     for i in range(JOBS)
                 ]
@@ -73,16 +73,16 @@ def test_three_workers_run_each_job_exactly_once(pg_database: str, tmp_path: Pat
         ]
         try:
 
-            async def finished() -> list[dict]:
+            async def finished() -> list[RequestRow]:
                 gw = Gateway(settings)
                 await gw.start(workers=False)
                 try:
                     deadline = time.monotonic() + 240
                     while True:
                         rows = [await gw.db.get_request(i) for i in ids]
-                        if all(r["status"] in ("succeeded", "failed", "canceled") for r in rows):
+                        if all(r is not None and r.status in ENDED for r in rows):
                             return rows
-                        assert time.monotonic() < deadline, Counter(r["status"] for r in rows)
+                        assert time.monotonic() < deadline, Counter(r.status for r in rows if r is not None)
                         assert all(w.poll() is None for w in workers), "a worker died"
                         await asyncio.sleep(0.5)
                 finally:
@@ -98,9 +98,9 @@ def test_three_workers_run_each_job_exactly_once(pg_database: str, tmp_path: Pat
                 except subprocess.TimeoutExpired:
                     w.kill()
             log.close()
-    assert Counter(r["status"] for r in rows) == {"succeeded": JOBS}
-    assert all(r["runs"] == 1 for r in rows)  # claimed exactly once
+    assert Counter(r.status for r in rows) == {"succeeded": JOBS}
+    assert all(r.runs == 1 for r in rows)  # claimed exactly once
     submits = Counter(body["input"]["prompt"] for _, _, _, body in fake.submits())
     assert len(submits) == JOBS and set(submits.values()) == {1}  # one upstream call per job, none lost
-    by_worker = Counter(r["claimed_by"] for r in rows)
+    by_worker = Counter(r.claimed_by for r in rows)
     assert len(by_worker) == 3, by_worker  # all three workers took part

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -183,18 +184,18 @@ async def test_lifecycle_succeeded(db: Database) -> None:
     )
     row = await db.get_request(rid)
     assert row is not None
-    assert row["status"] == "starting"
-    assert row["params"] == params
-    assert row["key_id"] == "k1"
-    assert row["currency"] == "USD"
-    assert row["output_blob_ids"] == [] and row["attempts"] == []
-    assert row["started_at"] is None and row["completed_at"] is None and row["error"] is None
-    assert row["created_at"].tzinfo is not None and row["created_at"] >= before.replace(microsecond=0)
+    assert row.status == "starting"
+    assert row.params == params
+    assert row.key_id == "k1"
+    assert row.currency == "USD"
+    assert row.output_blob_ids == [] and row.attempts == []
+    assert row.started_at is None and row.completed_at is None and row.error is None
+    assert row.created_at.tzinfo is not None and row.created_at >= before.replace(microsecond=0)
 
     await db.mark_running(rid, provider="bfl")
     row = await db.get_request(rid)
-    assert row is not None and row["status"] == "processing" and row["provider"] == "bfl"
-    assert row["started_at"] is not None and row["started_at"].utcoffset().total_seconds() == 0
+    assert row is not None and row.status == "processing" and row.provider == "bfl"
+    assert row.started_at is not None and row.started_at.utcoffset().total_seconds() == 0
 
     attempts = [{"provider": "bfl", "ok": True, "ms": 1234}]
     blobs = ["a" * 64 + ".png", "b" * 64 + ".png"]
@@ -211,13 +212,13 @@ async def test_lifecycle_succeeded(db: Database) -> None:
     )
     row = await db.get_request(rid)
     assert row is not None
-    assert row["status"] == "succeeded"
-    assert isinstance(row["cost"], float) and row["cost"] == pytest.approx(0.04)
-    assert row["output_blob_ids"] == blobs
-    assert row["attempts"] == attempts
-    assert (row["output_size"], row["output_format"], row["duration_ms"]) == ("1024x768", "png", 1234)
-    assert row["completed_at"] >= row["started_at"] >= row["created_at"]
-    assert set(row) == {c.key for c in Base.metadata.tables["requests"].columns}
+    assert row.status == "succeeded"
+    assert isinstance(row.cost, float) and row.cost == pytest.approx(0.04)
+    assert row.output_blob_ids == blobs
+    assert row.attempts == attempts
+    assert (row.output_size, row.output_format, row.duration_ms) == ("1024x768", "png", 1234)
+    assert row.completed_at >= row.started_at >= row.created_at
+    assert {f.name for f in dataclasses.fields(row)} == {c.key for c in Base.metadata.tables["requests"].columns}
 
 
 async def test_failed_keeps_error_and_provider(db: Database) -> None:
@@ -229,15 +230,15 @@ async def test_failed_keeps_error_and_provider(db: Database) -> None:
     await db.mark_failed(rid, error=error, attempts=attempts, duration_ms=50)
     row = await db.get_request(rid)
     assert row is not None
-    assert row["status"] == "failed"
-    assert row["error"] == error
-    assert row["attempts"] == attempts
-    assert row["provider"] == "local"  # not overwritten by provider=None
-    assert row["duration_ms"] == 50 and row["completed_at"] is not None and row["cost"] is None
+    assert row.status == "failed"
+    assert row.error == error
+    assert row.attempts == attempts
+    assert row.provider == "local"  # not overwritten by provider=None
+    assert row.duration_ms == 50 and row.completed_at is not None and row.cost is None
 
     await db.mark_failed(rid, error=error, attempts=attempts, duration_ms=60, provider="fal")
     row = await db.get_request(rid)
-    assert row is not None and row["provider"] == "fal"
+    assert row is not None and row.provider == "fal"
 
 
 async def test_list_newest_first(db: Database) -> None:
@@ -245,8 +246,8 @@ async def test_list_newest_first(db: Database) -> None:
     for rid in ids:
         await db.create_request(id=rid, endpoint="images.generations", model="m", mode="text-to-image", params={})
         await asyncio.sleep(0.002)  # distinct created_at even on a coarse clock
-    assert [r["id"] for r in await db.list_requests()] == ids[::-1]
-    assert [r["id"] for r in await db.list_requests(limit=2)] == ids[:-3:-1]
+    assert [r.id for r in await db.list_requests()] == ids[::-1]
+    assert [r.id for r in await db.list_requests(limit=2)] == ids[:-3:-1]
 
 
 async def test_unknown_request(db: Database) -> None:

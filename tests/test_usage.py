@@ -82,7 +82,7 @@ async def _move(url: str, when: dict[str, datetime]) -> None:
     db = Database(Settings(database_url=url).resolved_database_url())
     await db.start()
     try:
-        async with db._session() as session, session.begin():
+        async with db.session() as session, session.begin():
             for rid, at in when.items():
                 await session.execute(update(RequestRecord).where(RequestRecord.id == rid).values(created_at=at))
     finally:

@@ -42,12 +42,12 @@ async def test_ended_job_without_webhook_is_announced_on_start(tmp_path: Path) -
         assert await gw.db.list_deliveries("req_crashed") == []
         await gw.webhooks.start()
         await gw.webhooks.stop()
-        events = [d["event"] for d in await gw.db.list_deliveries("req_crashed")]
+        events = [d.event for d in await gw.db.list_deliveries("req_crashed")]
         assert events == ["completed"]
         await gw.webhooks.start()  # a second start announces nothing twice
         await gw.webhooks.stop()
-        assert [d["event"] for d in await gw.db.list_deliveries("req_crashed")] == ["completed"]
-        assert (await gw.db.get_request("req_crashed"))["logs"] == "done\n"
+        assert [d.event for d in await gw.db.list_deliveries("req_crashed")] == ["completed"]
+        assert (await gw.db.get_request("req_crashed")).logs == "done\n"
     finally:
         await gw.close()
 
@@ -69,6 +69,6 @@ async def test_the_database_keeps_one_completed_webhook_per_prediction(tmp_path:
         logs = await gw.db.add_delivery("req_once", event="logs", url="http://127.0.0.1:9/hook", payload={})
         again = await gw.db.add_delivery("req_once", event="logs", url="http://127.0.0.1:9/hook", payload={})
         assert first is not None and second is None and logs is not None and again is not None
-        assert [d["event"] for d in await gw.db.list_deliveries("req_once")] == ["completed", "logs", "logs"]
+        assert [d.event for d in await gw.db.list_deliveries("req_once")] == ["completed", "logs", "logs"]
     finally:
         await gw.close()

@@ -226,11 +226,12 @@ async def _keys(args: argparse.Namespace) -> int:
     from .errors import GatewayError
     from .keys import KeyStore
     from .store.db import Database
+    from .store.keys import KeyRows
 
     settings = _settings(args)
     db = Database(settings.resolved_database_url())
     await db.start()
-    store = KeyStore(db, Catalog.load(settings.catalog_path))
+    store = KeyStore(KeyRows(db), Catalog.load(settings.catalog_path))
     try:
         action = args.keys_command
         if action == "create":
@@ -403,7 +404,6 @@ async def _usage(args: argparse.Namespace) -> int:
 
     from .errors import GatewayError
     from .gateway import Gateway
-    from .history import History
 
     if args.days is not None and args.days < 1:
         print("error: --days must be at least 1", file=sys.stderr)
@@ -412,7 +412,7 @@ async def _usage(args: argparse.Namespace) -> int:
     gateway = Gateway(_settings(args))
     await gateway.db.start()
     try:
-        report = await History(gateway).usage(
+        report = await gateway.history.usage(
             key_id=args.key, model=args.model, provider=args.provider, start=start, group_by=args.group_by
         )
     except GatewayError as exc:
@@ -455,7 +455,7 @@ async def _image(args: argparse.Namespace) -> int:
 
     from .errors import GatewayError
     from .gateway import Gateway
-    from .service import InputFile
+    from .protocol import ImageSource, image_call
 
     fmt = args.format or _format_from_suffix(args.output)
     fields: dict[str, Any] = {"prompt": args.prompt, "n": args.n, "output_format": fmt, "response_format": "b64_json"}
@@ -474,7 +474,7 @@ async def _image(args: argparse.Namespace) -> int:
     files = []
     if args.command == "edit":
         try:
-            files.append(InputFile(args.image.read_bytes()))
+            files.append(ImageSource("image", data=args.image.read_bytes()))
         except OSError as exc:
             print(f"error: cannot read {args.image}: {exc.strerror}", file=sys.stderr)
             return 2
@@ -491,13 +491,8 @@ async def _image(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        outcome = await gateway.images.create(
-            mode="edit" if args.command == "edit" else "text-to-image",
-            fields=fields,
-            files=files,
-            base_url="http://localhost/",
-            progress=progress,
-        )
+        call = image_call("edit" if args.command == "edit" else "text-to-image", fields, files)
+        outcome = await gateway.images.create(call, base_url="http://localhost/", progress=progress)
     except GatewayError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1

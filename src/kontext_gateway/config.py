@@ -133,7 +133,7 @@ class Settings(BaseSettings):
     # Delays before each retry of a terminal (`completed`) delivery, ±jitter: 10 attempts over about
     # 15 hours. Other events are sent once.
     webhook_retry_delays_s: list[float] = Field(
-        default_factory=lambda: [5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800]
+        default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0]
     )
     webhook_retry_jitter: float = Field(default=0.2, ge=0, le=1)  # a fraction of each delay
     webhook_timeout_s: float = Field(default=15.0, gt=0)  # one delivery; Standard Webhooks: 15-30 s

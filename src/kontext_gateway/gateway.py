@@ -1,6 +1,8 @@
-"""The assembled gateway: settings -> catalog, providers, router, database, blobs, service.
+"""The composition root: settings -> every part of the gateway, each given exactly what it uses.
 
-Built once per process (by the HTTP app's lifespan, or by the CLI for a local run) and passed down.
+Built once per process (by the HTTP app's lifespan, or by the CLI for a local run). Nothing else
+builds services, and no module but this one and the entry points (api/, cli.py) knows `Gateway`:
+the parts know only their collaborators, which arrive in their constructors.
 """
 
 from __future__ import annotations
@@ -12,10 +14,15 @@ from pathlib import Path
 
 from .catalog import Catalog
 from .config import Settings
+from .history import History
+from .idempotency import Idempotency
+from .jobs.channels import JobChannels
 from .jobs.runner import JobRunner
 from .jobs.webhooks import Webhooks
-from .jobs.worker import Completions, Worker
+from .jobs.worker import Worker
 from .keys import Authenticator, KeyStore
+from .links import OwnLinks, URLSigner
+from .prediction_view import PredictionView
 from .predictions import PredictionService
 from .providers import remote_adapters
 from .providers.base import Provider
@@ -24,8 +31,11 @@ from .ratelimit import RateLimiter
 from .retention import RetentionSweeper
 from .routing import Router
 from .service import ImageService
-from .store.blobs import LocalBlobStore, URLSigner
+from .store.blobs import LocalBlobStore
 from .store.db import Database, make_private
+from .store.history import HistoryRows
+from .store.idempotency import IdempotencyKeys
+from .store.keys import KeyRows
 
 log = logging.getLogger(__name__)
 
@@ -38,21 +48,62 @@ class Gateway:
         for adapter in remote_adapters():
             self.providers[adapter.name] = adapter(settings)
         self.router = Router(self.providers, settings)
+
+        # The store.
         self.db = Database(settings.resolved_database_url())
         self.blobs = LocalBlobStore(settings.data_dir / "blobs")
-        self.signer = URLSigner(settings.resolved_url_secret())
-        self.keys = KeyStore(self.db, self.catalog)
+        history_rows = HistoryRows(self.db)
+        self.links = OwnLinks(
+            URLSigner(settings.resolved_url_secret()),
+            self.blobs,
+            self.db,
+            public_url=settings.public_url,
+            ttl_s=settings.url_ttl_seconds,
+        )
+
+        # Accounts.
+        self.keys = KeyStore(KeyRows(self.db), self.catalog)
         self.auth = Authenticator(settings, self.keys)
         self.limits = RateLimiter(settings.rate_limit_url)
-        self.completions = Completions()
-        self.webhooks = Webhooks(self)
-        self.runner = JobRunner(self, events=self.webhooks)
-        self.worker = Worker(self)
-        self.images = ImageService(self)
-        self.predictions = PredictionService(self)
-        self.retention = RetentionSweeper(self)  # purges payloads that are due (payload_retention)
+        self.idempotency = Idempotency(IdempotencyKeys(self.db), settings.idempotency_ttl_s)
+
+        # Jobs: the runner and the workers, and what waiters and the runner share in this process.
+        self.channels = JobChannels()
+        view = PredictionView(self.links, self.channels)
         # Webhook bodies are the prediction object, exactly as the predictions API serves it.
-        self.webhooks.render = lambda record: self.predictions.render(record, self.webhooks.base_url())
+        self.webhooks = Webhooks(self.db, settings, render=view.render)
+        self.runner = JobRunner(
+            db=self.db,
+            blobs=self.blobs,
+            catalog=self.catalog,
+            router=self.router,
+            providers=self.providers,
+            settings=settings,
+            channels=self.channels,
+            events=self.webhooks,
+        )
+        self.worker = Worker(self.db, self.runner, settings)
+
+        # The two APIs on the jobs, and the history.
+        self.images = ImageService(
+            settings=settings,
+            catalog=self.catalog,
+            router=self.router,
+            db=self.db,
+            blobs=self.blobs,
+            links=self.links,
+            channels=self.channels,
+            jobs=self.worker,
+            limits=self.limits,
+            keys=self.keys,
+            events=self.webhooks,
+        )
+        self.predictions = PredictionService(images=self.images, db=self.db, view=view, settings=settings)
+        self.history = History(
+            rows=history_rows, db=self.db, blobs=self.blobs, catalog=self.catalog, links=self.links, settings=settings
+        )
+        # Purges payloads that are due (payload_retention).
+        self.retention = RetentionSweeper(history=self.history, rows=history_rows, settings=settings)
 
     async def start(self, *, workers: bool = True) -> None:
         _private_data_dir(self.settings.data_dir)

@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
-from sqlalchemy.exc import IntegrityError
-
 from .errors import GatewayError
-from .store.db import Database
-from .store.models import IdempotencyKey, utcnow
+from .store.idempotency import IdempotencyKeys
+from .store.models import utcnow
 
 HEADER = "idempotency-key"
 MAX_KEY = 255
 
 
-def fingerprint(path: str, fields: dict[str, Any], files: list[bytes] = ()) -> str:  # type: ignore[assignment]
+def fingerprint(path: str, fields: dict[str, Any], files: Sequence[bytes] = ()) -> str:
     canonical = json.dumps(
         {"path": path, "fields": fields, "files": [hashlib.sha256(f).hexdigest() for f in files]},
         sort_keys=True,
@@ -35,8 +33,8 @@ def fingerprint(path: str, fields: dict[str, Any], files: list[bytes] = ()) -> s
 
 
 class Idempotency:
-    def __init__(self, db: Database, ttl_s: float) -> None:
-        self.db = db
+    def __init__(self, keys: IdempotencyKeys, ttl_s: float) -> None:
+        self.keys = keys
         self.ttl = timedelta(seconds=ttl_s)
 
     async def claim(self, scope: str, key: str, fp: str, request_id: str) -> str | None:
@@ -51,35 +49,19 @@ class Idempotency:
             )
         now = utcnow()
         for _ in range(2):
-            try:
-                async with self.db._session() as session, session.begin():
-                    session.add(
-                        IdempotencyKey(scope=scope, key=key, fingerprint=fp, request_id=request_id, created_at=now)
-                    )
+            if await self.keys.insert(scope, key, fp, request_id, now):
                 return None
-            except IntegrityError:
-                pass
-            async with self.db._session() as session, session.begin():
-                row = (
-                    await session.execute(
-                        select(IdempotencyKey).where(IdempotencyKey.scope == scope, IdempotencyKey.key == key)
-                    )
-                ).scalar_one_or_none()
-                if row is None:
-                    continue  # deleted in between: try to insert again
-                if row.created_at < now - self.ttl:
-                    await session.execute(
-                        delete(IdempotencyKey).where(IdempotencyKey.scope == scope, IdempotencyKey.key == key)
-                    )
-                    continue  # expired: this request starts afresh under the key
-                if row.fingerprint != fp:
-                    raise GatewayError(
-                        "This Idempotency-Key was used for a different request. Use a new key for a new request.",
-                        status=422,
-                        param="Idempotency-Key",
-                        code="idempotency_key_reused",
-                    )
-                return row.request_id
+            current = await self.keys.current(scope, key, made_after=now - self.ttl)
+            if current is None:
+                continue  # deleted in between, or expired: bind it afresh
+            if current.fingerprint != fp:
+                raise GatewayError(
+                    "This Idempotency-Key was used for a different request. Use a new key for a new request.",
+                    status=422,
+                    param="Idempotency-Key",
+                    code="idempotency_key_reused",
+                )
+            return current.request_id
         raise GatewayError(
             "Could not claim the Idempotency-Key; retry.",
             status=409,

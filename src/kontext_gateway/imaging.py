@@ -12,6 +12,7 @@ import binascii
 import io
 import re
 import warnings
+from typing import Any
 
 from PIL import Image, ImageOps
 
@@ -131,7 +132,7 @@ def encode_image(image: Image.Image, fmt: str, *, compression: int | None = None
     # Savers read ICC profiles, comments, transparency... from .info; drop it all so output is deterministic.
     im.info = {}
     quality = _DEFAULT_QUALITY.get(fmt, 0) if compression is None else compression
-    options: dict[str, object] = {
+    options: dict[str, Any] = {
         "png": {"optimize": False, "compress_level": 6},
         "jpeg": {"quality": quality},
         "gif": {},

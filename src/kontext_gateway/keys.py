@@ -18,19 +18,19 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-from sqlalchemy import select, update
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import GatewayError, invalid, not_found
 from .pricing import micros, usd
 from .store.ledger import PERIODS, period_start
-from .store.models import ApiKey, utcnow
+from .store.models import utcnow
+from .store.records import KeyRow
+from .timing import iso
 
 if TYPE_CHECKING:
     from .catalog import Catalog
     from .config import Settings
-    from .store.db import Database
+    from .store.keys import KeyRows
 
 PREFIX = "kx-"
 MAX_BUDGET_USD = 1_000_000_000  # in micros it still fits a 64-bit column a million times over
@@ -48,6 +48,13 @@ def hash_key(key: str) -> str:
 
 def hint(key: str) -> str:
     return f"{key[:7]}...{key[-4:]}"
+
+
+class Owned(Protocol):
+    """A stored thing that belongs to an API key (None: made on the open gateway)."""
+
+    @property
+    def key_id(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -72,49 +79,49 @@ class Principal:
     def sees_all(self) -> bool:
         return self.admin or self.key_id is None
 
-    def owns(self, record: dict[str, Any] | None) -> bool:
+    def owns(self, record: Owned | None) -> bool:
         """Whether a stored thing (request, file) is this caller's to see: to other keys it does not exist."""
-        return record is not None and (self.sees_all() or record.get("key_id") == self.key_id)
+        return record is not None and (self.sees_all() or record.key_id == self.key_id)
 
 
 OPEN = Principal(admin=True)
 
 
-def view(row: ApiKey | dict[str, Any]) -> dict[str, Any]:
+def view(r: KeyRow) -> dict[str, Any]:
     """A key as the API and the CLI show it: never the key itself, nor its hash."""
-    r = row if isinstance(row, dict) else {c.key: getattr(row, c.key) for c in ApiKey.__table__.columns}
     now = utcnow()
-    current = r["period_start"] is not None and r["period_start"] == period_start(r["budget_period"], now)
-    spent = r["spent_micros"] if current else 0
-    remaining = None if r["budget_micros"] is None else r["budget_micros"] - spent - r["reserved_micros"]
+    current = r.period_start is not None and r.period_start == period_start(r.budget_period, now)
+    spent = r.spent_micros if current else 0
+    remaining = None if r.budget_micros is None else r.budget_micros - spent - r.reserved_micros
     return {
         "object": "api_key",
-        "id": r["id"],
-        "name": r["name"],
-        "hint": r["hint"],
-        "admin": r["admin"],
-        "models": r["models"],
-        "budget_usd": usd(r["budget_micros"]),
-        "budget_period": r["budget_period"],
-        "rpm": r["rpm"],
-        "ipm": r["ipm"],
-        "max_concurrent": r["max_concurrent"],
+        "id": r.id,
+        "name": r.name,
+        "hint": r.hint,
+        "admin": r.admin,
+        "models": r.models,
+        "budget_usd": usd(r.budget_micros),
+        "budget_period": r.budget_period,
+        "rpm": r.rpm,
+        "ipm": r.ipm,
+        "max_concurrent": r.max_concurrent,
         "spent_usd": usd(spent),
-        "reserved_usd": usd(r["reserved_micros"]),
+        "reserved_usd": usd(r.reserved_micros),
         "remaining_usd": usd(remaining),
-        "total_spent_usd": usd(r["total_spent_micros"]),
-        "created_at": _iso(r["created_at"]),
-        "last_used_at": _iso(r["last_used_at"]),
-        "revoked_at": _iso(r["revoked_at"]),
-        "status": "revoked" if r["revoked_at"] else "active",
+        "total_spent_usd": usd(r.total_spent_micros),
+        "created_at": iso(r.created_at),
+        "last_used_at": iso(r.last_used_at),
+        "revoked_at": iso(r.revoked_at),
+        "status": "revoked" if r.revoked_at else "active",
     }
 
 
 class KeyStore:
-    """Key lifecycle on the database. Validation errors are GatewayErrors (400 / 404)."""
+    """Key lifecycle: what a valid key and its limits are, on `KeyRows`. Validation errors are
+    GatewayErrors (400 / 404)."""
 
-    def __init__(self, db: Database, catalog: Catalog) -> None:
-        self.db = db
+    def __init__(self, rows: KeyRows, catalog: Catalog) -> None:
+        self.rows = rows
         self.catalog = catalog
 
     async def create(
@@ -127,64 +134,34 @@ class KeyStore:
                 f"'name' must be 1 to {MAX_NAME_CHARS} printable characters.", param="name", code="invalid_value"
             )
         key = new_key()
-        row = ApiKey(
+        row = await self.rows.insert(
             id="key_" + uuid.uuid4().hex[:16],
             name=name,
             hash=hash_key(key),
             hint=hint(key),
             admin=admin,
-            created_at=utcnow(),
-            spent_micros=0,
-            reserved_micros=0,
-            total_spent_micros=0,
-            **self._limits(limits or {}),
+            limits=self._limits(limits or {}),
         )
-        async with self.db._session() as session, session.begin():
-            session.add(row)
         return view(row), key
 
     async def update(self, key_id: str, limits: dict[str, Any]) -> dict[str, Any]:
         """Change limits (None clears one); the spend so far stays."""
-        values = self._limits(limits, partial=True)
-        async with self.db._session() as session, session.begin():
-            if values:
-                await session.execute(update(ApiKey).where(ApiKey.id == key_id).values(**values))
-            row = await session.get(ApiKey, key_id)
-            if row is None:
-                raise _no_key(key_id)
-            return view(row)
+        return view(_found(await self.rows.update(key_id, self._limits(limits, partial=True)), key_id))
 
     async def revoke(self, key_id: str) -> dict[str, Any]:
-        async with self.db._session() as session, session.begin():
-            await session.execute(
-                update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
-            )
-            row = await session.get(ApiKey, key_id)
-            if row is None:
-                raise _no_key(key_id)
-            return view(row)
+        return view(_found(await self.rows.revoke(key_id, utcnow()), key_id))
 
     async def get(self, key_id: str) -> dict[str, Any]:
-        async with self.db._session() as session:
-            row = await session.get(ApiKey, key_id)
-            if row is None:
-                raise _no_key(key_id)
-            return view(row)
+        return view(_found(await self.rows.get(key_id), key_id))
 
     async def list(self, *, include_revoked: bool = True) -> list[dict[str, Any]]:
-        query = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
-        if not include_revoked:
-            query = query.where(ApiKey.revoked_at.is_(None))
-        async with self.db._session() as session:
-            return [view(r) for r in (await session.scalars(query)).all()]
+        return [view(r) for r in await self.rows.list(include_revoked=include_revoked)]
 
-    async def find(self, key: str) -> ApiKey | None:
-        async with self.db._session() as session:
-            return (await session.execute(select(ApiKey).where(ApiKey.hash == hash_key(key)))).scalar_one_or_none()
+    async def find(self, key: str) -> KeyRow | None:
+        return await self.rows.by_hash(hash_key(key))
 
     async def any(self) -> bool:
-        async with self.db._session() as session:
-            return (await session.execute(select(ApiKey.id).limit(1))).first() is not None
+        return await self.rows.any()
 
     def _limits(self, given: dict[str, Any], *, partial: bool = False) -> dict[str, Any]:
         known = {"models", "budget_usd", "budget_period", "rpm", "ipm", "max_concurrent"}
@@ -343,9 +320,11 @@ def _bearer(authorization: str | None) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
+def _found(row: KeyRow | None, key_id: str) -> KeyRow:
+    if row is None:
+        raise _no_key(key_id)
+    return row
+
+
 def _no_key(key_id: str) -> GatewayError:
     return not_found(f"No API key '{key_id}'.", param="key_id", code="key_not_found")
-
-
-def _iso(value: Any) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value is not None else None

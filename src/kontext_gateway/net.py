@@ -226,7 +226,6 @@ async def fetch_image(url: str, *, param: str, allow_private: bool, max_bytes: i
     split_url(url, param=param, status=400)
     transport = PinnedTransport(allow_private=allow_private, param=param, status=400)
     try:
-        # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel of the caller.
         async with (
             asyncio.timeout(deadline_s),
             httpx.AsyncClient(transport=transport, timeout=deadline_s, follow_redirects=False) as client,

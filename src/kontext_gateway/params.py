@@ -407,7 +407,7 @@ def compile_schema(
                 "x-group": "Additional Parameters",
                 "x-providers": {
                     e.config_key: {"handling": "passthrough", "as": extra.name}
-                    for e in model.providers_for(mode)  # type: ignore[arg-type]
+                    for e in model.providers_for(mode)
                     if e.provider in extra.providers
                 },
                 "x-provider-only": list(extra.providers),

@@ -89,7 +89,8 @@ def actual(attempts: Iterable[Attempt | dict[str, Any]], catalog: Catalog) -> tu
         images = a.get("images", 0) if a.get("outcome") == "succeeded" else a.get("billed_images", 0)
         if images:
             billed[a["config_key"]] += images
-    lines = []
+    lines: list[dict[str, Any]] = []
+    total = 0
     for config_key, images in billed.items():
         entry = catalog.resolve(config_key)[1]
         unit = _image_price(entry) if entry is not None else 0
@@ -102,7 +103,8 @@ def actual(attempts: Iterable[Attempt | dict[str, Any]], catalog: Catalog) -> tu
                 "total_cost": unit * images,
             }
         )
-    return sum(line["total_cost"] for line in lines), lines
+        total += unit * images
+    return total, lines
 
 
 def _image_price(entry: ProviderEntry) -> int:

@@ -14,34 +14,25 @@ import asyncio
 import contextlib
 import logging
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
 
-from sqlalchemy import select
-
-from .history import ENDED, purge_payloads
-from .store.models import RequestRecord, utcnow
-
-if TYPE_CHECKING:
-    from .gateway import Gateway
+from .config import Settings
+from .history import History
+from .store.history import HistoryRows
+from .store.models import utcnow
 
 log = logging.getLogger(__name__)
 BATCH = 100
 
 
 class RetentionSweeper:
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
+    def __init__(self, *, history: History, rows: HistoryRows, settings: Settings) -> None:
+        self.history = history
+        self.rows = rows
+        self.settings = settings
         self._task: asyncio.Task[None] | None = None
 
     def cutoff(self, now: datetime | None = None) -> datetime | None:
-        """Requests that ended before this are due; None: nothing is ever due."""
-        s = self.gw.settings
-        now = now or utcnow()
-        if s.payload_retention == "metadata":
-            return now - timedelta(seconds=s.url_ttl_seconds)
-        if s.payload_retention_days is not None:
-            return now - timedelta(days=s.payload_retention_days)
-        return None
+        return cutoff(self.settings, now or utcnow())
 
     async def start(self) -> None:
         if self.cutoff() is not None and self._task is None:
@@ -59,24 +50,10 @@ class RetentionSweeper:
         cutoff = self.cutoff()
         total = 0
         while cutoff is not None:
-            # created_at < cutoff holds for anything completed before it and lets the
-            # (status, created_at) index narrow the scan.
-            query = (
-                select(RequestRecord.id)
-                .where(
-                    RequestRecord.status.in_(ENDED),
-                    RequestRecord.purged_at.is_(None),
-                    RequestRecord.created_at < cutoff,
-                    RequestRecord.completed_at < cutoff,
-                )
-                .order_by(RequestRecord.completed_at)
-                .limit(BATCH)
-            )
-            async with self.gw.db._session() as session:
-                ids = list((await session.scalars(query)).all())
+            ids = await self.rows.due_for_purge(cutoff, BATCH)
             if not ids:
                 break
-            total += len(await purge_payloads(self.gw, ids))
+            total += len(await self.history.purge_payloads(ids))
             if len(ids) < BATCH:
                 break
         if total:
@@ -89,4 +66,13 @@ class RetentionSweeper:
                 await self.sweep()
             except Exception:
                 log.exception("retention sweep failed")
-            await asyncio.sleep(self.gw.settings.retention_sweep_interval_s)
+            await asyncio.sleep(self.settings.retention_sweep_interval_s)
+
+
+def cutoff(settings: Settings, now: datetime) -> datetime | None:
+    """Requests that ended before this are due; None: nothing is ever due."""
+    if settings.payload_retention == "metadata":
+        return now - timedelta(seconds=settings.url_ttl_seconds)
+    if settings.payload_retention_days is not None:
+        return now - timedelta(days=settings.payload_retention_days)
+    return None

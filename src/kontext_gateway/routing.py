@@ -28,6 +28,7 @@ from .errors import GatewayError, unavailable
 from .pixel_budget import budget, over_budget
 from .providers.base import Attempt, ImageJob, Provider, ProviderResult
 from .providers.remote import Moderated, RateLimited, UpstreamError
+from .timing import ms_since
 
 Candidate = tuple[ProviderEntry, Provider]
 
@@ -127,7 +128,8 @@ class Router:
     async def run(self, candidates: list[Candidate], job: ImageJob) -> tuple[ProviderEntry, ProviderResult]:
         seen = len(job.attempts)
         try:
-            return await asyncio.wait_for(self._run(candidates, job), timeout=self.settings.request_timeout_s)
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                return await self._run(candidates, job)
         except TimeoutError:
             raise GatewayError(
                 f"No provider finished within {self.settings.request_timeout_s:g} s. " + _summary(job.attempts),
@@ -184,7 +186,7 @@ class Router:
                             impl.name,
                             entry.config_key,
                             "failed",
-                            _ms(t0),
+                            ms_since(t0),
                             error_class=exc.code or "error",
                             message=exc.message[:300],
                         )
@@ -196,7 +198,7 @@ class Router:
                 continue
             if not impl.records_attempts:
                 job.attempts.append(
-                    Attempt(impl.name, entry.config_key, "succeeded", _ms(t0), images=len(result.images))
+                    Attempt(impl.name, entry.config_key, "succeeded", ms_since(t0), images=len(result.images))
                 )
             self.breaker.success(breaker_key)
             self.observe(entry.config_key, time.perf_counter() - t0)
@@ -226,7 +228,3 @@ def _summary(attempts: list[Attempt]) -> str:
         msg = f": {a.message}" if a.message else ""
         parts.append(f"{i}. {a.config_key} {a.outcome} ({what}{status}){msg}")
     return "Attempts: " + " | ".join(parts)
-
-
-def _ms(t0: float) -> int:
-    return int((time.perf_counter() - t0) * 1000)

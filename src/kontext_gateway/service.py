@@ -1,7 +1,8 @@
 """The path of one image request: validate -> normalise -> route -> encode -> store -> respond.
 
-Plain function calls on plain data, from the parsed HTTP fields to the OpenAI `ImagesResponse`
-(plus `metadata`). The HTTP layer only parses and renders; this module is what the CLI calls too.
+Plain calls on typed data, from a parsed request (`protocol.ImageCall`, made by the HTTP layer or the
+CLI) to the OpenAI `ImagesResponse` (plus `metadata`). A synchronous request is a job that is waited
+on; a prediction is the same job, not waited on (predictions.py).
 """
 
 from __future__ import annotations
@@ -15,38 +16,46 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-from . import metrics, pricing
-from .catalog import Mode, ProviderEntry
-from .errors import GatewayError, invalid, too_large
+from . import metrics, net, pricing
+from .catalog import Catalog, Mode, ProviderEntry
+from .config import Settings
+from .errors import GatewayError, invalid, not_found, too_large
 from .imaging import EXTENSIONS, decode_image, decode_mask, encode_image, parse_data_url, sniff_format
+from .jobs.channels import JobChannels
+from .jobs.runner import JobEvents
 from .jobs.spec import to_params
-from .keys import OPEN, Principal, forbidden
+from .keys import OPEN, KeyStore, Principal, forbidden
+from .links import BLOB_ROUTE, OwnLinks
 from .params import CONTROL_FIELDS, PARAM_NAMES, Size, resolve_size
-from .protocol import ImageRequest, parse_image_request
+from .protocol import ImageCall, ImageRequest, ImageSource
 from .providers.base import ImageJob, ProgressFn
+from .ratelimit import RateLimiter
+from .routing import Router
 from .store import ledger
+from .store.blobs import LocalBlobStore
+from .store.db import Database
+from .store.records import ENDED, JobStatus, RequestRow
+from .timing import ms_since
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from .gateway import Gateway
-
 log = logging.getLogger(__name__)
 
-BLOB_ROUTE = "/v1/blobs/"
-TERMINAL = ("succeeded", "failed", "canceled")
 MAX_PASSTHROUGH_BYTES = 64 * 1024
 
 
-@dataclass
-class InputFile:
-    """One uploaded or referenced image, still encoded, with the field name it came in under."""
+class JobQueue(Protocol):
+    """Where jobs run (the worker): told when one is enqueued, asked to stop one."""
 
-    data: bytes
-    param: str = "image"
+    concurrency: int
+
+    def wake(self) -> None: ...
+
+    def cancel(self, request_id: str) -> bool: ...
 
 
 @dataclass
@@ -56,28 +65,51 @@ class ImageOutcome:
     blobs: list[bytes] = field(default_factory=list)  # the images' bytes, for b64_json responses
 
 
+@dataclass
+class _Prepared:
+    job: ImageJob
+    forced: ProviderEntry | None
+    params: ImageRequest
+    inputs: list[bytes]  # the input images as sent (stored, for a job run again after a crash)
+    entries: list[ProviderEntry]  # the candidates, in the order they would be tried
+
+
 def new_request_id() -> str:
     return "req_" + uuid.uuid4().hex
 
 
 class ImageService:
-    """The Images API on the job machinery: a synchronous request is a job that is waited on."""
-
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
-        self.settings = gw.settings
-        self.catalog = gw.catalog
-        self.router = gw.router
-        self.db = gw.db
-        self.blobs = gw.blobs
-        self.signer = gw.signer
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        catalog: Catalog,
+        router: Router,
+        db: Database,
+        blobs: LocalBlobStore,
+        links: OwnLinks,
+        channels: JobChannels,
+        jobs: JobQueue,
+        limits: RateLimiter,
+        keys: KeyStore,
+        events: JobEvents,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.router = router
+        self.db = db
+        self.blobs = blobs
+        self.links = links
+        self.channels = channels
+        self.jobs = jobs
+        self.limits = limits
+        self.keys = keys
+        self.events = events  # told of a job canceled before any worker took it
 
     async def create(
         self,
+        call: ImageCall,
         *,
-        mode: Mode,
-        fields: dict[str, Any],
-        files: list[InputFile],
         base_url: str,
         provider: str | None = None,
         principal: Principal = OPEN,
@@ -85,116 +117,101 @@ class ImageService:
         request_id: str | None = None,
     ) -> ImageOutcome:
         request_id = await self.submit(
-            mode=mode,
-            fields=fields,
-            files=files,
+            call,
+            base_url=base_url,
             provider=provider,
             principal=principal,
             progress=progress,
             request_id=request_id,
             waiter=True,
         )
-        record = await self.wait(request_id)
-        return self.render(record, base_url)
+        return self.render(await self.wait(request_id), base_url)
 
     async def submit(
         self,
+        call: ImageCall,
         *,
-        mode: Mode,
-        fields: dict[str, Any],
-        files: list[InputFile],
+        base_url: str,
         provider: str | None = None,
         principal: Principal = OPEN,
         progress: ProgressFn | None = None,
         request_id: str | None = None,
-        input: dict[str, Any] | None = None,
-        version: str | None = None,
         webhook: str | None = None,
         webhook_events: list[str] | None = None,
-        endpoint: str | None = None,
         waiter: bool = False,
     ) -> str:
         """Validate, check the key's limits, reserve the estimated cost and enqueue: the job is
         committed (with its reservation) before anyone waits on it. Returns its id.
         `waiter`: the caller will wait() on it, so its completion signal is set up first."""
         request_id = request_id or new_request_id()
-        endpoint = endpoint or ("images.edits" if mode == "edit" else "images.generations")
-        key_id = principal.key_id
         t0 = time.perf_counter()
         try:
-            job, forced, req, raw_inputs, entries = await self._prepare(
-                request_id, mode, fields, files, provider, principal
-            )
+            prepared = await self._prepare(request_id, call, provider, principal, base_url)
+            job = prepared.job
             await self._rate_limit(principal, job.n)
-            estimate = pricing.estimate(entries, job.n)
+            estimate = pricing.estimate(prepared.entries, job.n)
         except GatewayError as exc:
-            await self._reject(exc, request_id, endpoint, mode, fields, key_id, input, version, t0)
+            await self._reject(exc, request_id, call, principal.key_id, t0)
             raise
-        input_blob_ids = await asyncio.to_thread(self._store_inputs, raw_inputs)
+        input_blob_ids = await asyncio.to_thread(self._store_inputs, prepared.inputs)
         mask_blob_id = await asyncio.to_thread(self._store_mask, job.mask) if job.mask is not None else None
         params = to_params(
             job,
             input_blob_ids=input_blob_ids,
-            response_format=req.response_format or "url",
-            requested_model=req.model,
-            forced=forced.config_key if forced else None,
+            response_format=prepared.params.response_format or "url",
+            requested_model=prepared.params.model,
+            forced=prepared.forced.config_key if prepared.forced else None,
             provider=provider,
             mask_blob_id=mask_blob_id,
         )
         if progress is not None:
-            self.gw.runner.progress[request_id] = progress
+            self.channels.progress[request_id] = progress
         if waiter:
-            self.gw.completions.event(request_id)  # registered before the job can finish
+            self.channels.completion(request_id)  # registered before the job can finish
         # The worst case over the providers it may fail over to is held; the actual cost is settled.
         # Only API keys have budgets: the open gateway's requests need no ledger entry.
         reservation = (
-            ledger.Reservation(key_id, estimate.max_micros, principal.budget_period, principal.max_concurrent)
+            ledger.Reservation(principal.key_id, estimate.max_micros, principal.budget_period, principal.max_concurrent)
             if principal.stored
             else None
         )
         try:
             await self.db.create_request(
                 id=request_id,
-                endpoint=endpoint,
+                endpoint=_endpoint(call),
                 model=job.model.id,
-                mode=mode,
+                mode=call.mode,
                 params=params,
-                key_id=key_id,
-                input=input if input is not None else _safe_params(fields),
-                version=version,
+                key_id=principal.key_id,
+                input=call.input if call.input is not None else _safe_params(call.fields),
+                version=call.version,
                 webhook=webhook,
                 webhook_events=webhook_events,
                 reservation=reservation,
             )
         except (ledger.BudgetExceeded, ledger.ConcurrencyExceeded, ledger.KeyRevoked) as refused:
-            self.gw.completions.forget(request_id)
-            self.gw.runner.progress.pop(request_id, None)
-            exc = _refusal(refused, principal)
+            self.channels.forget(request_id)
+            refusal = _refusal(refused, principal)
             if isinstance(refused, ledger.BudgetExceeded):
                 metrics.budget_rejected()
             elif isinstance(refused, ledger.ConcurrencyExceeded):
                 metrics.rate_limited("concurrency")
-            await self._reject(exc, request_id, endpoint, mode, fields, key_id, input, version, t0)
-            raise exc from None
-        self.gw.worker.wake()
+            await self._reject(refusal, request_id, call, principal.key_id, t0)
+            raise refusal from None
+        self.jobs.wake()
         return request_id
 
     async def estimate(
-        self,
-        *,
-        mode: Mode,
-        fields: dict[str, Any],
-        files: list[InputFile],
-        provider: str | None = None,
-        principal: Principal = OPEN,
+        self, call: ImageCall, *, base_url: str, provider: str | None = None, principal: Principal = OPEN
     ) -> dict[str, Any]:
         """`dryRun`: validate as a real request would be, and price it; nothing runs or is stored."""
-        job, _, _, _, entries = await self._prepare(new_request_id(), mode, fields, files, provider, principal)
-        est = pricing.estimate(entries, job.n)
+        prepared = await self._prepare(new_request_id(), call, provider, principal, base_url)
+        job = prepared.job
+        est = pricing.estimate(prepared.entries, job.n)
         body = est.body(job.model.id)
         body.update(n=job.n, size=str(job.size.size) if job.size.size else "auto")
         if principal.stored:
-            key = await self.gw.keys.get(principal.key_id or "")
+            key = await self.keys.get(principal.key_id or "")
             remaining = key["remaining_usd"]
             body["budget"] = {
                 "remaining_usd": remaining,
@@ -203,31 +220,20 @@ class ImageService:
             }
         return body
 
-    async def _reject(
-        self,
-        exc: GatewayError,
-        request_id: str,
-        endpoint: str,
-        mode: Mode,
-        fields: dict[str, Any],
-        key_id: str | None,
-        input: dict[str, Any] | None,
-        version: str | None,
-        t0: float,
-    ) -> None:
+    async def _reject(self, exc: GatewayError, request_id: str, call: ImageCall, key_id: str | None, t0: float) -> None:
         """A rejected request is recorded too: the history shows what was asked and why it failed."""
         await self.db.create_request(
             id=request_id,
-            endpoint=endpoint,
-            model=str(fields.get("model") or ""),
-            mode=mode,
-            params=_safe_params(fields),
+            endpoint=_endpoint(call),
+            model=str(call.fields.get("model") or ""),
+            mode=call.mode,
+            params=_safe_params(call.fields),
             key_id=key_id,
-            input=_clipped(input),
-            version=version,
+            input=_clipped(call.input),
+            version=call.version,
             rejected={
                 "error": {**exc.body()["error"], "status": exc.status, "headers": exc.headers},
-                "duration_ms": _ms(t0),
+                "duration_ms": ms_since(t0),
             },
         )
         exc.headers.setdefault("x-request-id", request_id)
@@ -257,7 +263,7 @@ class ImageService:
         ):
             if limit is None:
                 continue
-            admission = await self.gw.limits.hit(f"{kind}:{principal.key_id}", limit, weight)
+            admission = await self.limits.hit(f"{kind}:{principal.key_id}", limit, weight)
             if not admission.allowed:
                 metrics.rate_limited(kind)
                 wait = max(1, int((admission.retry_after_s or 1) + 0.999))
@@ -272,49 +278,46 @@ class ImageService:
 
     async def wait(
         self, request_id: str, timeout: float | None = None, *, cancel_on_abandon: bool = True
-    ) -> dict[str, Any]:
+    ) -> RequestRow:
         """Until the job ends (or `timeout` passes: then the record as it is). Cancelling the
         waiter (the client hung up) cancels the job, unless it is a prediction that goes on."""
-        event = self.gw.completions.event(request_id)
+        event = self.channels.completion(request_id)
         # In-process workers signal at once; a job run by another process is seen by polling.
-        poll = 1.0 if self.gw.worker.concurrency else 0.2
+        poll = 1.0 if self.jobs.concurrency else 0.2
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
                 left = poll if deadline is None else min(poll, deadline - time.monotonic())
                 if left > 0:
-                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that arrives
-                    # as the event is set, and the task then never stops.
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(left):
                             await event.wait()
                 record = await self.db.get_request(request_id)
-                if record is None or record["status"] in TERMINAL:
-                    return record or {}
-                if deadline is not None and time.monotonic() >= deadline:
+                if record is None:
+                    raise not_found(f"No request '{request_id}'.", code="request_not_found")
+                if record.status in ENDED or (deadline is not None and time.monotonic() >= deadline):
                     return record
         except asyncio.CancelledError:
             if cancel_on_abandon:
                 await asyncio.shield(self.cancel(request_id))
             raise
         finally:
-            self.gw.completions.forget(request_id)
-            self.gw.runner.progress.pop(request_id, None)
+            self.channels.forget(request_id)
 
-    async def cancel(self, request_id: str) -> dict[str, Any] | None:
+    async def cancel(self, request_id: str) -> RequestRow | None:
         record = await self.db.request_cancel(request_id)
-        if record is not None and record["status"] == "processing":
-            self.gw.worker.cancel(request_id)  # ours: at once; another process's: at its next lease renewal
-        elif record is not None and record["status"] == "canceled" and record.get("webhook"):
+        if record is not None and record.status == JobStatus.PROCESSING:
+            self.jobs.cancel(request_id)  # ours: at once; another process's: at its next lease renewal
+        elif record is not None and record.status == JobStatus.CANCELED and record.webhook:
             # Canceled before any worker took it: no runner will say so (a repeat is ignored).
-            await self.gw.webhooks.emit(record, "completed")
+            await self.events.emit(record, "completed")
         return record
 
-    def render(self, record: dict[str, Any], base_url: str) -> ImageOutcome:
+    def render(self, record: RequestRow, base_url: str) -> ImageOutcome:
         """The OpenAI ImagesResponse for a finished job, or its error."""
-        rid = record["id"]
-        if record["status"] == "failed":
-            error = dict(record["error"] or {})
+        rid = record.id
+        if record.status == JobStatus.FAILED:
+            error = dict(record.error or {})
             status = int(error.pop("status", 500))
             headers = {"x-request-id": rid, **(error.pop("headers", None) or {})}
             raise GatewayError(
@@ -325,81 +328,60 @@ class ImageService:
                 code=error.get("code"),
                 headers=headers,
             )
-        if record["status"] == "canceled":
+        if record.status == JobStatus.CANCELED:
             raise GatewayError(
                 "The request was canceled.", status=499, code="request_canceled", headers={"x-request-id": rid}
             )
-        params = record["params"]
-        entry = self.catalog.resolve(record["provider"])[1] if record.get("provider") else None
+        params = record.params
+        entry = self.catalog.resolve(record.provider)[1] if record.provider else None
         inline = params.get("response_format") == "b64_json"
         # The bytes are read only when they go into the response: a URL response links to them.
-        blobs = [self.blobs.get(b) or b"" for b in record["output_blob_ids"]] if inline else []
+        blobs = [self.blobs.get(b) or b"" for b in record.output_blob_ids] if inline else []
         data = []
-        for i, blob_id in enumerate(record["output_blob_ids"]):
+        for i, blob_id in enumerate(record.output_blob_ids):
             item: dict[str, Any] = {"revised_prompt": params["prompt"]}
             if inline:
                 item["b64_json"] = base64.b64encode(blobs[i]).decode()
             else:
-                item["url"] = self.blob_url(base_url, blob_id)
+                item["url"] = self.links.blob_url(base_url, blob_id)
             data.append(item)
         body = {
-            "created": int(record["created_at"].timestamp()),
+            "created": int(record.created_at.timestamp()),
             "data": data,
-            "size": record["output_size"],
-            "output_format": record["output_format"],
+            "size": record.output_size,
+            "output_format": record.output_format,
             "metadata": {
                 "request_id": rid,
-                "model": record["model"],
+                "model": record.model,
                 "provider": entry.provider if entry else None,
-                "executed_model": record["provider"],
+                "executed_model": record.provider,
                 "provider_model_id": entry.provider_model_id if entry else None,
-                "cost": record["cost"],
-                "currency": record["currency"],
-                "attempts": record["attempts"],
+                "cost": record.cost,
+                "currency": record.currency,
+                "attempts": record.attempts,
                 "seed": params.get("seed"),
                 "ignored_params": params.get("ignored_params", []),
                 **({"engine": params["engine"]} if params.get("engine") else {}),
             },
         }
-        headers = {
-            "x-request-id": rid,
-            "x-kontext-provider": record["provider"] or "",
-            "x-kontext-model": record["model"],
-        }
+        headers = {"x-request-id": rid, "x-kontext-provider": record.provider or "", "x-kontext-model": record.model}
         return ImageOutcome(body=body, headers=headers, blobs=blobs)
 
     def _store_inputs(self, raw: list[bytes]) -> list[str]:
         """Input images as blobs (as uploaded): a job run again after a crash needs them."""
         return [self.blobs.put(data, ext=EXTENSIONS[sniff_format(data) or "png"]) for data in raw]
 
-    def signed_blob(self, path: str, query: str) -> bytes | None:
-        """The bytes behind one of this gateway's image links (`/v1/blobs/<id>?exp=..&sig=..`), when its
-        signature holds and it has not expired; else None."""
-        args = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
-        if not self.signer.verify(path, args.get("exp", ""), args.get("sig", "")):
-            return None
-        return self.blobs.get(path[len(BLOB_ROUTE) :])
-
     def _store_mask(self, mask: Image) -> str:
         return self.blobs.put(encode_image(mask, "png"), ext="png")
-
-    def blob_url(self, base_url: str, blob_id: str) -> str:
-        path = BLOB_ROUTE + blob_id
-        base = (self.settings.public_url or base_url).rstrip("/")
-        return f"{base}{path}?{self.signer.sign(path, self.settings.url_ttl_seconds)}"
 
     # -- validation and normalisation --------------------------------------------------------------
 
     async def _prepare(
-        self,
-        request_id: str,
-        mode: Mode,
-        fields: dict[str, Any],
-        files: list[InputFile],
-        provider: str | None,
-        principal: Principal,
-    ) -> tuple[ImageJob, ProviderEntry | None, ImageRequest, list[bytes], list[ProviderEntry]]:
-        req = parse_image_request(fields)
+        self, request_id: str, call: ImageCall, provider: str | None, principal: Principal, base_url: str
+    ) -> _Prepared:
+        if call.invalid is not None or call.params is None:
+            raise call.invalid or invalid("The request could not be read.")
+        req, mode = call.params, call.mode
         extra = _bounded_passthrough(req.passthrough(PARAM_NAMES | CONTROL_FIELDS))
         model, forced = self.catalog.resolve(req.model or self.settings.default_model)
         self._authorize(principal, model.id)  # before anything else is said about the model
@@ -416,8 +398,8 @@ class ImageService:
                 param="n",
                 code="integer_out_of_range",
             )
-        masks = [f for f in files if f.param == "mask"] + self._json_mask(fields)
-        files = [f for f in files if f.param != "mask"] + self._referenced_files(req)
+        masks = [await self._read(s, call, base_url, principal) for s in call.masks]
+        files = [await self._read(s, call, base_url, principal) for s in call.images]
         files += await self._previous_output(req, principal)
         if masks and mode != "edit":
             raise invalid(
@@ -448,7 +430,7 @@ class ImageService:
         mask = None
         if masks:
             mask = await asyncio.to_thread(
-                decode_mask, masks[0].data, size=images[0].size, max_pixels=self.settings.max_input_pixels
+                decode_mask, masks[0][1], size=images[0].size, max_pixels=self.settings.max_input_pixels
             )
         input_size = Size(*images[0].size) if images else None
         size = resolve_size(
@@ -477,92 +459,97 @@ class ImageService:
         # Checked now so that a request nothing can serve fails at once (503), not in the queue; the
         # candidates, in the order they would be tried, also price it.
         candidates = self.router.candidates(model, mode, job, forced=forced, provider=provider)
-        return job, forced, req, [f.data for f in files], [entry for entry, _ in candidates]
+        return _Prepared(job, forced, req, [data for _, data in files], [entry for entry, _ in candidates])
 
-    def _decode_inputs(self, files: list[InputFile]) -> list[Image]:
+    def _decode_inputs(self, files: list[tuple[str, bytes]]) -> list[Image]:
         images = []
-        for i, f in enumerate(files):
-            param = f.param if len(files) == 1 else f"{f.param}[{i}]"
-            if len(f.data) > self.settings.max_file_bytes:
+        for i, (param, data) in enumerate(files):
+            param = param if len(files) == 1 else f"{param}[{i}]"
+            if len(data) > self.settings.max_file_bytes:
                 raise too_large(
-                    f"'{param}' is {len(f.data)} bytes; the limit is {self.settings.max_file_bytes} bytes (50 MB).",
+                    f"'{param}' is {len(data)} bytes; the limit is {self.settings.max_file_bytes} bytes (50 MB).",
                     param=param,
                     code="file_too_large",
                 )
-            images.append(decode_image(f.data, param=param, max_pixels=self.settings.max_input_pixels))
+            images.append(decode_image(data, param=param, max_pixels=self.settings.max_input_pixels))
         return images
 
-    def _referenced_files(self, req: ImageRequest) -> list[InputFile]:
-        """Images of the JSON edit form: data URLs, or this gateway's own image links (an earlier
-        output, without downloading and uploading it again). Other hosts are not fetched here."""
-        out = []
-        for i, ref in enumerate(req.images or []):
-            param = f"images[{i}].image_url"
-            if ref.image_url is None:
-                raise invalid(
-                    "Each entry of 'images' needs an 'image_url' (file ids are not supported).",
-                    param=f"images[{i}]",
-                    code="invalid_value",
-                )
-            out.append(InputFile(self._image_at(ref.image_url, param), param="image"))
-        return out
-
-    def _json_mask(self, fields: dict[str, Any]) -> list[InputFile]:
-        """The JSON edit form's `mask: {"image_url": ...}` (OpenAI's shape)."""
-        ref = fields.get("mask")
-        if ref is None or isinstance(ref, (bytes, bytearray)):
-            return []
-        url = ref.get("image_url") if isinstance(ref, dict) else ref
-        if not isinstance(url, str):
-            raise invalid(
-                '\'mask\' must be {"image_url": "data:image/png;base64,..."} (or a file upload).',
-                param="mask",
-                code="invalid_value",
-            )
-        return [InputFile(self._image_at(url, "mask.image_url"), param="mask")]
-
-    def _image_at(self, url: str, param: str) -> bytes:
+    async def _read(
+        self, source: ImageSource, call: ImageCall, base_url: str, principal: Principal
+    ) -> tuple[str, bytes]:
+        """(the field it is known by in errors about its pixels, its bytes). Uploaded bytes as they
+        are; a data URL decoded; a link of this gateway read from the store; an outside http(s) URL
+        fetched when the API allows it (predictions), else refused."""
+        kind = "mask" if source.param.startswith("mask") else "image"
+        if source.data is not None:
+            return kind, source.data
+        url, param = source.url or "", source.param
         if url.startswith("data:"):
-            return parse_data_url(url, param=param)
+            return kind, parse_data_url(url, param=param)
         try:
             parts = urlsplit(url)
         except ValueError:  # e.g. an unclosed IPv6 literal, "http://[::1/"
             raise invalid(f"'{param}' is not a valid URL.", param=param, code="invalid_image_url") from None
-        if parts.path.startswith(BLOB_ROUTE):
-            data = self.signed_blob(parts.path, parts.query)
-            if data is not None:
-                return data
+        if not call.fetch_urls:
+            # The Images API reads this gateway's own image links, and fetches nothing else.
+            if parts.path.startswith(BLOB_ROUTE):
+                data = self.links.signed_blob(parts.path, parts.query)
+                if data is not None:
+                    return kind, data
+                raise invalid(
+                    f"'{param}' is a link of this gateway that has expired or was altered; use "
+                    "'previous_response_id' to edit an earlier output.",
+                    param=param,
+                    code="invalid_image_url",
+                )
             raise invalid(
-                f"'{param}' is a link of this gateway that has expired or was altered; use "
-                "'previous_response_id' to edit an earlier output.",
+                f"'{param}' must be a data URL (data:image/png;base64,...) or an image link of this gateway.",
                 param=param,
                 code="invalid_image_url",
             )
-        raise invalid(
-            f"'{param}' must be a data URL (data:image/png;base64,...) or an image link of this gateway.",
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise invalid(f"'{param}' must be an http(s) URL or a data URI.", param=param, code="invalid_image_url")
+        if self.links.is_own(parts, base_url):
+            data = await self.links.read(parts, principal)
+            if data is None:
+                raise invalid(
+                    "That URL of this gateway names no stored file (or its link has expired).",
+                    param="input",
+                    code="invalid_image_url",
+                )
+            return kind, data
+        data = await net.fetch_image(
+            url,
             param=param,
-            code="invalid_image_url",
+            allow_private=self.settings.allow_private_urls,
+            max_bytes=self.settings.max_file_bytes,
+            deadline_s=self.settings.fetch_timeout_s,
         )
+        return kind, data
 
-    async def _previous_output(self, req: ImageRequest, principal: Principal) -> list[InputFile]:
+    async def _previous_output(self, req: ImageRequest, principal: Principal) -> list[tuple[str, bytes]]:
         """`previous_response_id`: edit the (first) output of an earlier request, by its id."""
         rid = req.previous_response_id
         if not rid:
             return []
         record = await self.db.get_request(rid)
-        if not principal.owns(record):
+        if record is None or not principal.owns(record):
             raise GatewayError(
                 f"No request '{rid}'.", status=404, param="previous_response_id", code="request_not_found"
             )
-        data = self.blobs.get(record["output_blob_ids"][0]) if record["output_blob_ids"] else None
-        if record["status"] != "succeeded" or data is None:
+        data = self.blobs.get(record.output_blob_ids[0]) if record.output_blob_ids else None
+        if record.status != JobStatus.SUCCEEDED or data is None:
             raise invalid(
-                f"Request '{rid}' has no output to edit (it is {record['status']}"
-                f"{', and its images were purged' if record.get('purged_at') else ''}).",
+                f"Request '{rid}' has no output to edit (it is {record.status}"
+                f"{', and its images were purged' if record.purged_at else ''}).",
                 param="previous_response_id",
                 code="no_previous_output",
             )
-        return [InputFile(data, param="image")]
+        return [("image", data)]
+
+
+def _endpoint(call: ImageCall) -> str:
+    return call.endpoint or ("images.edits" if call.mode == "edit" else "images.generations")
 
 
 def _refusal(refused: Exception, principal: Principal) -> GatewayError:
@@ -630,7 +617,3 @@ def _bounded_passthrough(extra: dict[str, Any]) -> dict[str, Any]:
             code="parameter_too_large",
         )
     return extra
-
-
-def _ms(t0: float) -> int:
-    return int((time.perf_counter() - t0) * 1000)

@@ -1,4 +1,4 @@
-"""A fake Black Forest Labs API for FLUX.1 Kontext (shared/reference/provider-apis.md, section 1).
+"""A fake Black Forest Labs API for FLUX.1 Kontext.
 
     POST /v1/flux-kontext-pro | /v1/flux-kontext-max -> {id, polling_url, cost, input_mp, output_mp}
     GET  /v1/get_result?id=...                       -> {id, status, result, progress, details, preview}

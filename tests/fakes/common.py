@@ -1,7 +1,7 @@
 """Shared parts of the fake upstreams: fault injection, result files, loopback serving.
 
 Each fake (replicate.py, fal.py, fireworks.py, bfl.py) is a Starlette app faithful to its provider's
-documented protocol (shared/reference/provider-apis.md), stateful (a task is pending for a few polls,
+documented protocol, stateful (a task is pending for a few polls,
 then ready), serving its results from expiring URLs on itself. Tests switch it into misbehaviour
 through `fake.faults`:
 

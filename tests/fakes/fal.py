@@ -1,4 +1,4 @@
-"""A fake fal.ai queue API for the Kontext routes (shared/reference/provider-apis.md, section 3).
+"""A fake fal.ai queue API for the Kontext routes.
 
     POST /{model route}                      -> {request_id, response_url, status_url, cancel_url, queue_position}
     GET  /{app}/requests/{id}/status          -> IN_QUEUE, IN_PROGRESS (for `pending_polls` polls), COMPLETED

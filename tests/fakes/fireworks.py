@@ -1,4 +1,4 @@
-"""A fake Fireworks AI FLUX.1 Kontext workflows API (shared/reference/provider-apis.md §4).
+"""A fake Fireworks AI FLUX.1 Kontext workflows API.
 
 Faithful where the gateway depends on it: Bearer auth, BFL-style input validation (422 FastAPI
 `detail` lists; 400 for the image-to-image safety limit), `{"request_id"}` on submit, `get_result`

@@ -1,4 +1,4 @@
-"""A fake Replicate predictions API for FLUX.1 Kontext (shared/reference/provider-apis.md §2).
+"""A fake Replicate predictions API for FLUX.1 Kontext.
 
 Faithful where the gateway depends on it: Bearer auth (401 body as Replicate sends it), per-model input
 validation (422 `Input validation failed` with `detail`), `Prefer: wait`, stateful predictions

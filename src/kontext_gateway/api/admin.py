@@ -9,9 +9,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from ..errors import invalid
-from ..gateway import Gateway
 from . import openapi
 from .bodies import ADMIN_JSON_BYTES, json_body
+from .deps import gateway
 
 router = APIRouter(prefix="/v1/admin")
 
@@ -19,7 +19,7 @@ router = APIRouter(prefix="/v1/admin")
 @router.post("/keys", status_code=201, responses=openapi.KEY_CREATED, openapi_extra=openapi.KEY_CREATE_BODY)
 async def create_key(request: Request) -> JSONResponse:
     """The response carries the key itself: the one time it is shown."""
-    gw: Gateway = request.app.state.gateway
+    gw = gateway(request)
     body = await json_body(request, max_bytes=ADMIN_JSON_BYTES, empty={})
     name = body.pop("name", None)
     admin = body.pop("admin", False)
@@ -38,20 +38,20 @@ async def create_key(request: Request) -> JSONResponse:
 
 @router.get("/keys", responses=openapi.KEY_LIST)
 async def list_keys(request: Request, include_revoked: bool = True) -> dict[str, Any]:
-    gw: Gateway = request.app.state.gateway
+    gw = gateway(request)
     return {"object": "list", "data": await gw.keys.list(include_revoked=include_revoked)}
 
 
 @router.get("/keys/{key_id}", responses=openapi.KEY)
 async def show_key(request: Request, key_id: str) -> dict[str, Any]:
-    gw: Gateway = request.app.state.gateway
+    gw = gateway(request)
     return await gw.keys.get(key_id)
 
 
 @router.patch("/keys/{key_id}", responses=openapi.KEY_UPDATED, openapi_extra=openapi.KEY_UPDATE_BODY)
 async def update_key(request: Request, key_id: str) -> dict[str, Any]:
     """Change limits; a field set to null removes that limit."""
-    gw: Gateway = request.app.state.gateway
+    gw = gateway(request)
     view = await gw.keys.update(key_id, await json_body(request, max_bytes=ADMIN_JSON_BYTES, empty={}))
     gw.auth.forget(key_id)  # new limits apply at once here (within a second in other processes)
     return view
@@ -60,7 +60,7 @@ async def update_key(request: Request, key_id: str) -> dict[str, Any]:
 @router.delete("/keys/{key_id}", responses=openapi.KEY_REVOKED)
 async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
     """Revoked at once in this process, within a second in others; its history and spend stay."""
-    gw: Gateway = request.app.state.gateway
+    gw = gateway(request)
     view = await gw.keys.revoke(key_id)
     gw.auth.forget(key_id)
     return view

@@ -6,10 +6,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from ..errors import GatewayError, not_found
-from ..gateway import Gateway
 from ..imaging import MIME_TYPES
-from ..service import BLOB_ROUTE
+from ..links import BLOB_ROUTE
 from . import openapi
+from .deps import gateway
 
 router = APIRouter()
 _EXT_FORMAT = {"png": "png", "jpg": "jpeg", "gif": "gif", "webp": "webp", "avif": "avif"}
@@ -17,8 +17,8 @@ _EXT_FORMAT = {"png": "png", "jpg": "jpeg", "gif": "gif", "webp": "webp", "avif"
 
 @router.get(BLOB_ROUTE + "{blob_id}", responses=openapi.BLOB)
 async def get_blob(request: Request, blob_id: str, exp: str = "", sig: str = "") -> FileResponse:
-    gw: Gateway = request.app.state.gateway
-    if not gw.signer.verify(BLOB_ROUTE + blob_id, exp, sig):
+    gw = gateway(request)
+    if not gw.links.verify_blob(blob_id, exp, sig):
         raise GatewayError(
             "This image link is invalid or has expired; request the image again.", status=403, code="invalid_signature"
         )

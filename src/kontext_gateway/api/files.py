@@ -18,37 +18,39 @@ from starlette.datastructures import UploadFile
 
 from .. import safejson
 from ..errors import invalid, not_found, too_large
-from ..gateway import Gateway
 from ..imaging import EXTENSIONS, MIME_TYPES, sniff_format
 from ..store.models import utcnow
+from ..store.records import FileRow
+from ..timing import iso
 from . import openapi
 from .auth import principal
 from .bodies import media_type, unsupported_media_type
+from .deps import gateway
 
 router = APIRouter()
 FILES_ROUTE = "/v1/files/"
 FILE_TTL = timedelta(days=1)  # as Replicate keeps uploads
 
 
-def file_object(record: dict[str, Any], base_url: str) -> dict[str, Any]:
+def file_object(record: FileRow, base_url: str) -> dict[str, Any]:
     base = base_url.rstrip("/")
     return {
-        "id": record["id"],
-        "name": record["name"],
-        "content_type": record["content_type"],
-        "size": record["size"],
-        "etag": record["sha256"],
-        "checksums": {"sha256": record["sha256"]},
-        "metadata": record["metadata_"] or {},
-        "created_at": _iso(record["created_at"]),
-        "expires_at": _iso(record["expires_at"]),
-        "urls": {"get": f"{base}{FILES_ROUTE}{record['id']}"},
+        "id": record.id,
+        "name": record.name,
+        "content_type": record.content_type,
+        "size": record.size,
+        "etag": record.sha256,
+        "checksums": {"sha256": record.sha256},
+        "metadata": record.metadata_ or {},
+        "created_at": iso(record.created_at),
+        "expires_at": iso(record.expires_at),
+        "urls": {"get": f"{base}{FILES_ROUTE}{record.id}"},
     }
 
 
 @router.post("/v1/files", status_code=201, responses=openapi.FILE_CREATED, openapi_extra=openapi.FILE_BODY)
 async def create_file(request: Request) -> JSONResponse:
-    gw: Gateway = request.app.state.gateway
+    gw = gateway(request)
     if media_type(request) != "multipart/form-data":
         raise unsupported_media_type("multipart/form-data with the file as 'content'")
     form = await request.form(max_files=1, max_fields=16)
@@ -96,22 +98,18 @@ async def create_file(request: Request) -> JSONResponse:
 
 @router.get(FILES_ROUTE + "{file_id}", responses=openapi.FILE)
 async def get_file(request: Request, file_id: str) -> JSONResponse:
-    gw: Gateway = request.app.state.gateway
+    gw = gateway(request)
     record = await gw.db.get_file(file_id)
-    if not principal(request).owns(record):
+    if record is None or not principal(request).owns(record):
         raise not_found(f"No file '{file_id}'.", code="file_not_found")
     return JSONResponse(file_object(record, str(request.base_url)))
 
 
 @router.get(FILES_ROUTE + "{file_id}/download", responses=openapi.FILE_DOWNLOAD)
 async def download_file(request: Request, file_id: str) -> Response:
-    gw: Gateway = request.app.state.gateway
+    gw = gateway(request)
     record = await gw.db.get_file(file_id)
-    data = gw.blobs.get(record["blob_id"]) if record and principal(request).owns(record) else None
+    data = gw.blobs.get(record.blob_id) if record is not None and principal(request).owns(record) else None
     if record is None or data is None:
         raise not_found(f"No file '{file_id}'.", code="file_not_found")
-    return Response(data, media_type=record["content_type"])
-
-
-def _iso(value: Any) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value is not None else None
+    return Response(data, media_type=record.content_type)

@@ -7,17 +7,16 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from ..gateway import Gateway
 from ..history import History
 from . import openapi
 from .auth import principal
+from .deps import gateway
 
 router = APIRouter()
 
 
 def _history(request: Request) -> History:
-    gw: Gateway = request.app.state.gateway
-    return History(gw)
+    return gateway(request).history
 
 
 @router.get("/v1/requests", responses=openapi.REQUEST_LIST)
@@ -33,7 +32,7 @@ async def list_requests(
     cursor: str | None = None,
 ) -> dict[str, Any]:
     """Newest first; `next_cursor` continues the listing (pass it back as `cursor`, same filters)."""
-    return await _history(request).list(
+    return await _history(request).page(
         principal(request),
         str(request.base_url),
         key_id=key_id,

@@ -1,6 +1,7 @@
 """POST /v1/images/generations (JSON) and /v1/images/edits (multipart or JSON).
 
-This module only parses HTTP into fields and files, and renders the outcome; the service does the rest.
+This module only parses HTTP into a typed request (`protocol.ImageCall`) and renders the outcome; the
+service does the rest.
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
 from .. import safejson
-from ..catalog import Mode
 from ..errors import invalid, too_large
-from ..gateway import Gateway
 from ..idempotency import HEADER as IDEMPOTENCY_HEADER
-from ..idempotency import Idempotency, fingerprint
-from ..service import InputFile, new_request_id
+from ..idempotency import fingerprint
+from ..protocol import ImageCall, ImageSource, image_call
+from ..service import new_request_id
 from . import openapi
 from .auth import principal
 from .bodies import SMALL_JSON_BYTES, is_json, json_body, media_type, unsupported_media_type
+from .deps import gateway
 from .streaming import PreviewQueue, stream_response
 
 router = APIRouter()
@@ -35,25 +36,25 @@ _IMAGE_FIELD = re.compile(r"^image(\[\d*\])?$")
 @router.post("/v1/images/generations", responses=openapi.IMAGES_RESPONSES, openapi_extra=openapi.GENERATIONS_BODY)
 async def generations(request: Request) -> Response:
     fields = await json_body(request, max_bytes=SMALL_JSON_BYTES)  # no images in text-to-image
-    return await _run(request, "text-to-image", fields, [])
+    return await _run(request, image_call("text-to-image", fields))
 
 
 @router.post("/v1/images/edits", responses=openapi.IMAGES_RESPONSES, openapi_extra=openapi.EDITS_BODY)
 async def edits(request: Request) -> Response:
-    gw: Gateway = request.app.state.gateway
+    gw = gateway(request)
     if is_json(request):
-        return await _run(request, "edit", await json_body(request, max_bytes=gw.settings.max_body_bytes), [])
+        return await _run(request, image_call("edit", await json_body(request, max_bytes=gw.settings.max_body_bytes)))
     if media_type(request) != "multipart/form-data":
         raise unsupported_media_type(
             "multipart/form-data (with 'image' files), or application/json with 'images': [{'image_url': ...}]"
         )
     form = await request.form(max_files=64, max_fields=256)
     fields: dict[str, Any] = {}
-    files: list[InputFile] = []
+    files: list[ImageSource] = []
     for name, value in form.multi_items():
         if isinstance(value, UploadFile):
             if name == "mask":
-                files.append(InputFile(await value.read(), param="mask"))
+                files.append(ImageSource("mask", data=await value.read()))
                 continue
             if not _IMAGE_FIELD.match(name):
                 raise invalid(
@@ -68,63 +69,46 @@ async def edits(request: Request) -> Response:
                     param="image",
                     code="file_too_large",
                 )
-            files.append(InputFile(await value.read(), param="image"))
+            files.append(ImageSource("image", data=await value.read()))
         elif _IMAGE_FIELD.match(name):
             raise invalid("'image' must be an uploaded file.", param="image", code="invalid_type")
         else:
             fields[name] = value
     await form.close()
     safejson.check(fields, what="The form", code="invalid_value")  # the same string rules as a JSON body's
-    return await _run(request, "edit", fields, files)
+    return await _run(request, image_call("edit", fields, files))
 
 
-async def _run(request: Request, mode: Mode, fields: dict[str, Any], files: list[InputFile]) -> Response:
-    gw: Gateway = request.app.state.gateway
-    request.state.model = str(fields.get("model") or gw.settings.default_model)[:64]  # metrics label
+async def _run(request: Request, call: ImageCall) -> Response:
+    gw = gateway(request)
+    request.state.model = str(call.fields.get("model") or gw.settings.default_model)[:64]  # metrics label
     base_url = str(request.base_url)
     who = principal(request)
+    provider = request.headers.get("x-provider")
     if dry_run(request):
-        return JSONResponse(
-            await gw.images.estimate(
-                mode=mode, fields=fields, files=files, principal=who, provider=request.headers.get("x-provider")
-            )
-        )
+        return JSONResponse(await gw.images.estimate(call, base_url=base_url, principal=who, provider=provider))
     request_id = new_request_id()
-    if str(fields.get("stream", "")).lower() in ("true", "1"):
+    if str(call.fields.get("stream", "")).lower() in ("true", "1"):
         # Validated and enqueued before the first byte: a bad request is still a plain JSON error.
         previews = PreviewQueue()
-        gw.runner.previews[request_id] = previews
+        gw.channels.previews[request_id] = previews
         try:
             await gw.images.submit(
-                mode=mode,
-                fields=fields,
-                files=files,
-                provider=request.headers.get("x-provider"),
-                principal=who,
-                request_id=request_id,
-                waiter=True,
+                call, base_url=base_url, provider=provider, principal=who, request_id=request_id, waiter=True
             )
         except BaseException:
-            gw.runner.previews.pop(request_id, None)
+            gw.channels.previews.pop(request_id, None)
             raise
-        return stream_response(gw, request_id, mode, previews)
+        return stream_response(gw, request_id, call.mode, previews)
     if key := request.headers.get(IDEMPOTENCY_HEADER):
-        fp = fingerprint(request.url.path, dict(fields.items()), [f.data for f in files])
-        existing = await Idempotency(gw.db, gw.settings.idempotency_ttl_s).claim(who.scope, key, fp, request_id)
+        fp = fingerprint(request.url.path, dict(call.fields.items()), call.files)
+        existing = await gw.idempotency.claim(who.scope, key, fp, request_id)
         if existing is not None:  # a retry: the same job's response; this waiter never cancels it
             record = await gw.images.wait(existing, cancel_on_abandon=False)
             outcome = gw.images.render(record, base_url)
             return JSONResponse(outcome.body, headers={**outcome.headers, "idempotent-replayed": "true"})
     work = asyncio.ensure_future(
-        gw.images.create(
-            mode=mode,
-            fields=fields,
-            files=files,
-            base_url=base_url,
-            provider=request.headers.get("x-provider"),
-            request_id=request_id,
-            principal=who,
-        )
+        gw.images.create(call, base_url=base_url, provider=provider, request_id=request_id, principal=who)
     )
     gone = asyncio.ensure_future(_client_gone(request))
     try:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from .. import metrics
-from ..gateway import Gateway
+from .deps import gateway
 
 router = APIRouter()
 log = logging.getLogger(__name__)
@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 @router.get("/metrics", include_in_schema=False)
 async def prometheus_metrics(request: Request) -> Response:
-    gw: Gateway = request.app.state.gateway
+    gw = gateway(request)
     # The queue depth is counted now, when someone asks, rather than polled all the time.
     try:
         metrics.queue_depth(await gw.db.count_waiting())

@@ -98,8 +98,10 @@ def _model_label(scope: Scope) -> str:
     if not raw or not isinstance(raw, str):
         return ""
     gateway = getattr(getattr(scope.get("app"), "state", None), "gateway", None)
+    if gateway is None:
+        return "unknown"
     try:  # a Replicate version ("owner/name:hash") names its model before the colon
-        return gateway.catalog.resolve(raw.split(":", 1)[0])[0].id
+        return str(gateway.catalog.resolve(raw.split(":", 1)[0])[0].id)
     except Exception:
         return "unknown"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -11,10 +11,10 @@ from fastapi.responses import Response
 from ..catalog import ModelSpec
 from ..errors import invalid
 from ..gateway import Gateway
-from ..history import History
 from ..params import compile_schema
 from ..pixel_budget import budget
 from . import openapi
+from .deps import gateway
 
 router = APIRouter()
 
@@ -70,7 +70,7 @@ class ModelViews:
 
 
 def _views(request: Request) -> ModelViews:
-    return request.app.state.model_views
+    return cast(ModelViews, request.app.state.model_views)
 
 
 @router.get("/v1/models", responses=openapi.MODEL_LIST)
@@ -83,7 +83,7 @@ async def model_stats(request: Request, model_id: str, days: float = 7.0) -> dic
     """What this gateway observed per provider of the model: success rate, latency p50 / p95."""
     if not 0 < days <= 365:
         raise invalid("'days' must be between 0 and 365.", param="days", code="invalid_value")
-    return await History(request.app.state.gateway).model_stats(model_id, days)
+    return await gateway(request).history.model_stats(model_id, days)
 
 
 @router.get("/v1/models/{model_id:path}", responses=openapi.MODEL)

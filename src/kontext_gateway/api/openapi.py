@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from ..keys import MAX_BUDGET_USD, MAX_LIMIT, MAX_NAME_CHARS
-from ..predictions import EVENTS
+from ..protocol import WEBHOOK_EVENTS as EVENTS
 from ..protocol import ImageRequest
 from ..store.ledger import PERIODS
 

@@ -1,6 +1,7 @@
 """Replicate's predictions API: create (optionally waiting), get, list, cancel.
 
-Routes only: parsing the `Prefer` header and rendering; the PredictionService does the rest.
+Routes only: parsing the body (`protocol.prediction_call`) and the `Prefer` header, and rendering; the
+PredictionService does the rest.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from ..errors import invalid
-from ..gateway import Gateway
 from ..idempotency import HEADER as IDEMPOTENCY_HEADER
-from ..idempotency import Idempotency, fingerprint
+from ..idempotency import fingerprint
+from ..protocol import prediction_call
 from ..service import new_request_id
 from . import openapi
 from .auth import principal
 from .bodies import json_body
+from .deps import gateway
 from .images import dry_run
 
 router = APIRouter()
@@ -45,7 +47,7 @@ async def create_for_model(request: Request, owner: str, name: str) -> JSONRespo
 @router.get("/v1/predictions", responses=openapi.PREDICTION_LIST)
 async def list_predictions(request: Request, cursor: str | None = None, limit: int = 100) -> JSONResponse:
     """Newest first, 100 a page (`limit` makes pages smaller); `next` is the next page's URL."""
-    gw: Gateway = request.app.state.gateway
+    gw = gateway(request)
     if not 1 <= limit <= 100:
         raise invalid("'limit' must be between 1 and 100.", param="limit", code="integer_out_of_range")
     return JSONResponse(await gw.predictions.list(str(request.base_url), cursor, limit, principal=principal(request)))
@@ -53,43 +55,35 @@ async def list_predictions(request: Request, cursor: str | None = None, limit: i
 
 @router.get("/v1/predictions/{rid}", responses=openapi.PREDICTION)
 async def get(request: Request, rid: str) -> JSONResponse:
-    gw: Gateway = request.app.state.gateway
+    gw = gateway(request)
     return JSONResponse(await gw.predictions.get(rid, str(request.base_url), principal=principal(request)))
 
 
 @router.post("/v1/predictions/{rid}/cancel", responses=openapi.PREDICTION_CANCELED)
 async def cancel(request: Request, rid: str) -> JSONResponse:
-    gw: Gateway = request.app.state.gateway
+    gw = gateway(request)
     return JSONResponse(await gw.predictions.cancel(rid, str(request.base_url), principal=principal(request)))
 
 
 async def _create(request: Request, model: str | None) -> JSONResponse:
-    gw: Gateway = request.app.state.gateway
+    gw = gateway(request)
     body = await json_body(request, max_bytes=gw.settings.max_body_bytes)
     request.state.model = str(model or body.get("model") or body.get("version") or "")[:64]  # metrics label
     base_url, wait = str(request.base_url), _prefer_wait(request.headers.get("prefer"))
     who = principal(request)
+    provider = request.headers.get("x-provider")
+    parsed = prediction_call(model, body)
     if dry_run(request):
-        return JSONResponse(
-            await gw.predictions.estimate(
-                model=model, body=body, base_url=base_url, principal=who, provider=request.headers.get("x-provider")
-            )
-        )
+        return JSONResponse(await gw.predictions.estimate(parsed, base_url=base_url, principal=who, provider=provider))
     request_id = new_request_id()
     if key := request.headers.get(IDEMPOTENCY_HEADER):
         fp = fingerprint(request.url.path, body)
-        existing = await Idempotency(gw.db, gw.settings.idempotency_ttl_s).claim(who.scope, key, fp, request_id)
+        existing = await gw.idempotency.claim(who.scope, key, fp, request_id)
         if existing is not None:  # a retry: the same prediction, nothing created or charged again
             prediction = await gw.predictions.get(existing, base_url, wait=wait, principal=who)
             return JSONResponse(prediction, status_code=201, headers={"idempotent-replayed": "true"})
     prediction = await gw.predictions.create(
-        model=model,
-        body=body,
-        base_url=base_url,
-        wait=wait,
-        request_id=request_id,
-        principal=who,
-        provider=request.headers.get("x-provider"),
+        parsed, base_url=base_url, wait=wait, request_id=request_id, principal=who, provider=provider
     )
     return JSONResponse(prediction, status_code=201)
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi.responses import StreamingResponse
 
 from ..imaging import encode_image
+from ..store.records import JobStatus
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -55,8 +56,9 @@ def stream_response(gw: Gateway, request_id: str, mode: str, previews: PreviewQu
         async def partial(index: int, image: Image) -> bytes:
             nonlocal fmt
             if fmt is None:
-                params = (await gw.db.get_request(request_id) or {}).get("params") or {}
-                fmt = params["output_format"] if params.get("output_format") in ("png", "jpeg", "webp") else "png"
+                record = await gw.db.get_request(request_id)
+                wanted = record.params.get("output_format") if record is not None else None
+                fmt = wanted if wanted in ("png", "jpeg", "webp") else "png"
             return await _partial(kind, fmt, index, image)
 
         try:
@@ -70,9 +72,9 @@ def stream_response(gw: Gateway, request_id: str, mode: str, previews: PreviewQu
             while not previews.queue.empty():  # previews that came just before the end
                 yield await partial(*previews.queue.get_nowait())
             record = waiter.result()
-            if record.get("status") != "succeeded":
+            if record.status != JobStatus.SUCCEEDED:
                 error = dict(
-                    record.get("error")
+                    record.error
                     or {
                         "message": "The request was canceled.",
                         "type": "invalid_request_error",
@@ -84,7 +86,7 @@ def stream_response(gw: Gateway, request_id: str, mode: str, previews: PreviewQu
                 error.pop("headers", None)
                 yield _sse("error", {"type": "error", "error": error})
                 return
-            for blob_id in record["output_blob_ids"]:
+            for blob_id in record.output_blob_ids:
                 data = await asyncio.to_thread(gw.blobs.get, blob_id) or b""
                 yield _sse(
                     f"{kind}.completed",
@@ -92,20 +94,20 @@ def stream_response(gw: Gateway, request_id: str, mode: str, previews: PreviewQu
                         "type": f"{kind}.completed",
                         "b64_json": base64.b64encode(data).decode(),
                         "created_at": int(time.time()),
-                        "size": record["output_size"],
+                        "size": record.output_size,
                         "quality": "auto",
                         "background": "opaque",
-                        "output_format": record["output_format"],
+                        "output_format": record.output_format,
                         "usage": USAGE,
                         "metadata": {
                             "request_id": request_id,
-                            "provider": record.get("provider"),
-                            "cost": record.get("cost"),
+                            "provider": record.provider,
+                            "cost": record.cost,
                         },
                     },
                 )
         finally:
-            gw.runner.previews.pop(request_id, None)
+            gw.channels.previews.pop(request_id, None)
             if not waiter.done():  # the client went away mid-stream: the job is canceled with it
                 waiter.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

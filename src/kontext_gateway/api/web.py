@@ -11,9 +11,10 @@ script or style (no `style` attributes either: classes in app.css), no eval, not
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -35,7 +36,7 @@ class _Static(StaticFiles):
     """The page's modules revalidate like the page itself (ETag: a 304 when unchanged), so a browser
     never runs old JavaScript against an upgraded server."""
 
-    def file_response(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
         response = super().file_response(*args, **kwargs)
         response.headers["cache-control"] = "no-cache"
         return response

@@ -10,16 +10,16 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from ..gateway import Gateway
 from . import openapi
 from .auth import principal
+from .deps import gateway
 
 router = APIRouter()
 
 
 @router.get("/v1/webhooks/default/secret", responses=openapi.WEBHOOK_SECRET)
 async def default_secret(request: Request) -> JSONResponse:
-    gw: Gateway = request.app.state.gateway
+    gw = gateway(request)
     secret = gw.webhooks.secret_for(principal(request).key_id)
     # A credential: never cached by anything between the gateway and the caller.
     return JSONResponse({"key": secret.key}, headers={"cache-control": "no-store"})

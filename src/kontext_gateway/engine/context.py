@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from diffusers import FluxKontextInpaintPipeline, FluxKontextPipeline
@@ -97,10 +97,11 @@ class _MultiContext:
     """What both pipelines share: the per-call context, the last call's token counts, and `noise_pred`
     made visible to step callbacks (previews decode the predicted clean image from it)."""
 
-    _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "prompt_embeds", "noise_pred"]
-    _ctx_latents: ClassVar[list[Any]] = []  # set per call on the instance; the class value is never changed
+    # Class-level defaults, each replaced per call on the instance (never mutated in place).
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "noise_pred"]  # noqa: RUF012
+    _ctx_latents: list[Any] = []  # noqa: RUF012
     _ctx_placement: Placement = "offset"
-    last_context_tokens: ClassVar[list[int]] = []
+    last_context_tokens: list[int] = []  # noqa: RUF012
     last_noise_tokens: int = 0
 
     @contextmanager

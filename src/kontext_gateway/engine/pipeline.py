@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,7 +273,7 @@ class KontextEngine:
         image: Image | None = None,
         context: Size | None = None,
         images: list[Image] | None = None,
-        contexts: list[Size | None] | None = None,
+        contexts: Sequence[Size | None] | None = None,
         negative_prompt: str | None = None,
         true_cfg_scale: float | None = None,
         mask: Image | None = None,
@@ -322,7 +322,12 @@ class KontextEngine:
             )
             inpaint = (source, fit_mask(mask, target))
             if preview is not None:  # previews show the kept area as the result will
-                shown, preview = preview, lambda i, im: shown(i, keep_unmasked(im, *inpaint))
+                shown, kept = preview, inpaint
+
+                def preview_kept(i: int, im: Any) -> None:
+                    shown(i, keep_unmasked(im, *kept))
+
+                preview = preview_kept
         emitter = PreviewEmitter(steps, partial_images, preview, output.height, output.width)
 
         def on_step(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -366,11 +371,11 @@ class KontextEngine:
         try:
             with torch.inference_mode(), request as stats:
                 if inpaint is None:
-                    with runner.using(latents_of(pictures, sizes), placement):  # type: ignore[arg-type]
+                    with runner.using(latents_of(pictures, sizes), placement):
                         result = runner(image=None, **common)
                 else:
-                    source, area = inpaint  # type: ignore[misc]
-                    with runner.using(latents_of(pictures[1:], sizes[1:]), placement):  # type: ignore[arg-type]
+                    source, area = inpaint
+                    with runner.using(latents_of(pictures[1:], sizes[1:]), placement):
                         # strength 1: the masked area starts from pure noise; the rest is put back
                         # from the source's latents after every step...
                         result = runner(image=source, mask_image=area, image_reference=None, strength=1.0, **common)

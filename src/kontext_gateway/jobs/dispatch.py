@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import json
 import logging
 import math
@@ -23,23 +22,29 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
 
 from .. import __version__, metrics
+from ..config import Settings
 from ..errors import GatewayError
 from ..net import PinnedTransport
-
-if TYPE_CHECKING:
-    from ..gateway import Gateway
-    from .webhooks import WebhookSecret
+from ..store.db import Database
+from ..store.records import DeliveryRow
+from ..timing import retry_after_s
 
 log = logging.getLogger(__name__)
 
 TERMINAL_EVENT = "completed"
 MAX_RETRY_AFTER_S = 24 * 3600.0  # a receiver's Retry-After is honoured up to this
+
+
+class Signer(Protocol):
+    """A webhook secret: signs one message (Standard Webhooks' `webhook-signature` value)."""
+
+    def sign(self, msg_id: str, at: datetime, body: str) -> str: ...
 
 
 @dataclass
@@ -52,10 +57,10 @@ class Outcome:
 
 
 class WebhookDispatcher:
-    def __init__(self, gw: Gateway, secret: Callable[[str | None], WebhookSecret]) -> None:
+    def __init__(self, db: Database, settings: Settings, secret: Callable[[str | None], Signer]) -> None:
         # `secret(key_id)`: the secret that signs a prediction's deliveries (None: made without a key).
-        self.gw = gw
-        self.settings = gw.settings
+        self.db = db
+        self.settings = settings
         self._secret = secret
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[Any] | None = None
@@ -102,37 +107,35 @@ class WebhookDispatcher:
             while row is None:
                 self._wake.clear()  # before the claim: a wake-up during it is not lost
                 try:
-                    row = await self.gw.db.claim_delivery(lease_s)
+                    row = await self.db.claim_delivery(lease_s)
                 except Exception:
                     log.exception("claiming a webhook delivery failed")
                 if row is None:
-                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that arrives
-                    # as the event is set, and the task then never stops.
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(self.settings.webhook_poll_interval_s):
                             await self._wake.wait()
-            task = asyncio.create_task(self._deliver(row, slots), name=f"webhook-{row['id']}")
+            task = asyncio.create_task(self._deliver(row, slots), name=f"webhook-{row.id}")
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
 
-    async def _deliver(self, row: dict[str, Any], slots: asyncio.Semaphore) -> None:
+    async def _deliver(self, row: DeliveryRow, slots: asyncio.Semaphore) -> None:
         try:
             try:
                 outcome = await self._attempt(row)
             except asyncio.CancelledError:  # shutting down: hand it back at once, not after the lease
-                await asyncio.shield(self.gw.db.release_delivery(row["id"]))
+                await asyncio.shield(self.db.release_delivery(row.id))
                 raise
             await asyncio.shield(self._record(row, outcome))
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("webhook delivery %s failed unexpectedly", row["id"])
+            log.exception("webhook delivery %s failed unexpectedly", row.id)
         finally:
             slots.release()
             self.wake()
 
-    async def _attempt(self, row: dict[str, Any]) -> Outcome:
-        if await self.gw.db.webhook_gone(row["request_id"]):
+    async def _attempt(self, row: DeliveryRow) -> Outcome:
+        if await self.db.webhook_gone(row.request_id):
             return Outcome("dropped", error="the receiver answered 410 Gone to an earlier event")
         try:  # checked at each connection (the name may resolve elsewhere now), by the address it uses
             status, error, retry_after = await self._post(row)
@@ -142,43 +145,43 @@ class WebhookDispatcher:
             return Outcome("delivered", status)
         if status == 410:
             return Outcome("dropped", status, error, gone=True)
-        if row["event"] != TERMINAL_EVENT:
+        if row.event != TERMINAL_EVENT:
             return Outcome("dropped", status, error)
         return Outcome("retry", status, error, retry_after)
 
-    async def _post(self, row: dict[str, Any]) -> tuple[int | None, str | None, float | None]:
+    async def _post(self, row: DeliveryRow) -> tuple[int | None, str | None, float | None]:
         """POST the signed payload: (status, error, retry_after). The response body is never read."""
         assert self._client is not None
-        body = json.dumps(row["payload"], separators=(",", ":"))
-        msg_id = f"msg_{row['request_id']}_{row['id']}"  # the same on every retry: receivers dedupe on it
+        body = json.dumps(row.payload, separators=(",", ":"))
+        msg_id = f"msg_{row.request_id}_{row.id}"  # the same on every retry: receivers dedupe on it
         now = datetime.now(UTC)
         headers = {
             "content-type": "application/json",
             "webhook-id": msg_id,
             "webhook-timestamp": str(math.floor(now.timestamp())),
-            "webhook-signature": self._secret(row["key_id"]).sign(msg_id, now, body),
+            "webhook-signature": self._secret(row.key_id).sign(msg_id, now, body),
         }
         timeout = self.settings.webhook_timeout_s
         try:
             async with asyncio.timeout(timeout):  # in all: httpx's timeout is per read or write
-                async with self._client.stream("POST", row["url"], content=body.encode(), headers=headers) as resp:
+                async with self._client.stream("POST", row.url, content=body.encode(), headers=headers) as resp:
                     status = resp.status_code
                     retry_after = resp.headers.get("retry-after")
         except (TimeoutError, httpx.TimeoutException):
             return None, f"timed out after {timeout:g} s", None
         except httpx.HTTPError as exc:
             # The URL may carry the receiver's own token: keep it out of the log.
-            text = str(exc).replace(row["url"], "<webhook url>")[:200]
+            text = str(exc).replace(row.url, "<webhook url>")[:200]
             return None, f"{type(exc).__name__}: {text}" if text else type(exc).__name__, None
         if 200 <= status < 300:
             return status, None, None
-        return status, f"HTTP {status}", _retry_after(retry_after) if status in (429, 503) else None
+        return status, f"HTTP {status}", retry_after_s(retry_after) if status in (429, 503) else None
 
-    async def _record(self, row: dict[str, Any], outcome: Outcome) -> None:
-        db, did, rid = self.gw.db, row["id"], row["request_id"]
+    async def _record(self, row: DeliveryRow, outcome: Outcome) -> None:
+        db, did, rid = self.db, row.id, row.request_id
         state = outcome.state
         if state == "retry":
-            delay = self._retry_delay(row["attempts"], outcome.retry_after)
+            delay = self._retry_delay(row.attempts, outcome.retry_after)
             if delay is None:
                 state = "failed"
             else:
@@ -188,17 +191,17 @@ class WebhookDispatcher:
             await db.finish_delivery(did, state=state, status=outcome.status, error=outcome.error)
         if outcome.gone:
             await db.drop_deliveries(rid, error="the receiver answered 410 Gone")
-        metrics.webhook_delivery(row["event"], state)
-        host = urlsplit(row["url"]).hostname
+        metrics.webhook_delivery(row.event, state)
+        host = urlsplit(row.url).hostname
         level = logging.INFO if state == "delivered" else logging.WARNING
         log.log(
             level,
             "webhook %s (%s) of %s to %s, attempt %d: %s%s",
             did,
-            row["event"],
+            row.event,
             rid,
             host,
-            row["attempts"],
+            row.attempts,
             state,
             f" ({outcome.error})" if outcome.error else "",
         )
@@ -213,20 +216,3 @@ class WebhookDispatcher:
         if retry_after is not None:
             delay = max(delay, min(retry_after, MAX_RETRY_AFTER_S))
         return delay
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds (a number of seconds or an HTTP date)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        at = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if at.tzinfo is None:
-        at = at.replace(tzinfo=UTC)
-    return max(0.0, (at - datetime.now(UTC)).total_seconds())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 from ..imaging import EXTENSIONS, decode_image, sniff_format
 from ..params import Size
@@ -10,20 +10,21 @@ from ..providers.base import ProviderImage
 from ..providers.remote import Task
 from ..store.blobs import LocalBlobStore
 from ..store.db import Database
+from ..store.records import TaskRow
 
 
 class DurableJournal:
     def __init__(
-        self, db: Database, blobs: LocalBlobStore, request_id: str, rows: list[dict[str, Any]], max_pixels: int
+        self, db: Database, blobs: LocalBlobStore, request_id: str, rows: list[TaskRow], max_pixels: int
     ) -> None:
         self.db = db
         self.blobs = blobs
         self.request_id = request_id
         self.max_pixels = max_pixels
         # The latest task per (slot, entry) from earlier runs of this job.
-        self._latest: dict[tuple[int, str], dict[str, Any]] = {}
+        self._latest: dict[tuple[int, str], TaskRow] = {}
         for row in rows:
-            self._latest[(row["slot"], row["config_key"])] = row
+            self._latest[(row.slot, row.config_key)] = row
 
     @classmethod
     async def load(cls, db: Database, blobs: LocalBlobStore, request_id: str, max_pixels: int) -> DurableJournal:
@@ -31,20 +32,20 @@ class DurableJournal:
 
     def submitted_tasks(self) -> list[tuple[str, Task]]:
         """(config_key, Task) of every task still running upstream: to cancel them if asked."""
-        return [(row["config_key"], _task(row)) for row in self._latest.values() if row["state"] == "submitted"]
+        return [(row.config_key, _task(row)) for row in self._latest.values() if row.state == "submitted"]
 
     def resumable(self, slot: int, config_key: str) -> tuple[int, Task] | None:
         row = self._latest.get((slot, config_key))
-        if row is None or row["state"] != "submitted":
+        if row is None or row.state != "submitted":
             return None
-        return row["id"], _task(row)
+        return row.id, _task(row)
 
     def finished_images(self, slot: int, config_key: str) -> list[ProviderImage] | None:
         row = self._latest.get((slot, config_key))
-        if row is None or row["state"] != "done" or not row["output_blob_ids"]:
+        if row is None or row.state != "done" or not row.output_blob_ids:
             return None
         images = []
-        for blob_id in row["output_blob_ids"]:
+        for blob_id in row.output_blob_ids:
             data = self.blobs.get(blob_id)
             if data is None:
                 return None  # the stored result is gone: run the task again
@@ -55,15 +56,16 @@ class DurableJournal:
     async def submitted(self, slot: int, config_key: str, task: Task) -> int:
         data = {"data": task.data, "outputs": task.outputs}
         row = await self.db.record_task(self.request_id, slot=slot, config_key=config_key, task_id=task.id, data=data)
-        self._latest[(slot, config_key)] = {
-            "id": row,
-            "slot": slot,
-            "config_key": config_key,
-            "task_id": task.id,
-            "data": data,
-            "state": "submitted",
-            "output_blob_ids": [],
-        }
+        self._latest[(slot, config_key)] = TaskRow(
+            id=row,
+            request_id=self.request_id,
+            slot=slot,
+            config_key=config_key,
+            task_id=task.id,
+            data=data,
+            state="submitted",
+            output_blob_ids=[],
+        )
         return row
 
     async def finished(self, row: int, *, images: list[ProviderImage] | None) -> None:
@@ -71,16 +73,13 @@ class DurableJournal:
         for img in images or []:
             if img.data is not None and img.format in EXTENSIONS:
                 blob_ids.append(self.blobs.put(img.data, ext=EXTENSIONS[img.format]))
-        await self.db.finish_task(row, state="done" if images is not None else "failed", output_blob_ids=blob_ids)
+        state = "done" if images is not None else "failed"
+        await self.db.finish_task(row, state=state, output_blob_ids=blob_ids)
         for key, latest in self._latest.items():
-            if latest["id"] == row:
-                self._latest[key] = {
-                    **latest,
-                    "state": "done" if images is not None else "failed",
-                    "output_blob_ids": blob_ids,
-                }
+            if latest.id == row:
+                self._latest[key] = dataclasses.replace(latest, state=state, output_blob_ids=blob_ids)
 
 
-def _task(row: dict[str, Any]) -> Task:
-    data = row["data"] or {}
-    return Task(id=row["task_id"], data=dict(data.get("data") or {}), outputs=data.get("outputs"))
+def _task(row: TaskRow) -> Task:
+    data = row.data or {}
+    return Task(id=row.task_id, data=dict(data.get("data") or {}), outputs=data.get("outputs"))

@@ -9,17 +9,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from .. import metrics, pricing
+from ..catalog import Catalog
+from ..config import Settings
 from ..errors import GatewayError
 from ..imaging import EXTENSIONS, decode_image, encode_image
-from ..providers.base import ImageJob, ProgressFn, ProviderImage
+from ..providers.base import ImageJob, Provider, ProviderImage
+from ..providers.remote import RemoteProvider
+from ..routing import Router
+from ..store.blobs import LocalBlobStore
+from ..store.db import Database
+from ..store.records import JobStatus, RequestRow
+from ..timing import ms_since
+from .channels import JobChannels
 from .journal import DurableJournal
 from .spec import from_record
-
-if TYPE_CHECKING:
-    from ..gateway import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -27,23 +33,35 @@ log = logging.getLogger(__name__)
 class JobEvents(Protocol):
     """Told when a job starts and ends (webhook deliveries hang off this)."""
 
-    async def emit(self, record: dict[str, Any], event: str) -> None: ...
+    async def emit(self, record: RequestRow, event: str) -> None: ...
 
 
 class NoEvents:
-    async def emit(self, record: dict[str, Any], event: str) -> None:
+    async def emit(self, record: RequestRow, event: str) -> None:
         return None
 
 
 class JobRunner:
-    def __init__(self, gw: Gateway, events: JobEvents | None = None) -> None:
-        self.gw = gw
+    def __init__(
+        self,
+        *,
+        db: Database,
+        blobs: LocalBlobStore,
+        catalog: Catalog,
+        router: Router,
+        providers: dict[str, Provider],
+        settings: Settings,
+        channels: JobChannels,
+        events: JobEvents | None = None,
+    ) -> None:
+        self.db = db
+        self.blobs = blobs
+        self.catalog = catalog
+        self.router = router
+        self.providers = providers
+        self.settings = settings
+        self.channels = channels
         self.events: JobEvents = events or NoEvents()
-        self.progress: dict[str, ProgressFn] = {}  # in-process only: the CLI's progress bar
-        # (step, total) of jobs this process is running on the local engine: the playground shows it.
-        self.steps: dict[str, tuple[int, int]] = {}
-        # In-process only: where a streaming request wants its jobs' previews (stream=true).
-        self.previews: dict[str, Any] = {}
         self._stop_reason: dict[str, str] = {}  # why a running job's task was cancelled
         self._jobs: dict[str, ImageJob] = {}  # running jobs, to flag a user's cancel on them
 
@@ -55,54 +73,54 @@ class JobRunner:
         if job is not None and reason == "requested":
             job.cancelled.set()  # providers cancel their upstream tasks only for this
 
-    async def run(self, record: dict[str, Any]) -> tuple[str, str | None]:
+    async def run(self, record: RequestRow) -> tuple[str, str | None]:
         """Returns how the job ended and the provider that served it (or was tried last)."""
-        rid = record["id"]
+        rid = record.id
         t0 = time.perf_counter()
-        db = self.gw.db
+        db = self.db
         job: ImageJob | None = None
         journal: DurableJournal | None = None
         try:
             # A first run has no upstream tasks yet: only a resumed job reads its journal.
-            rows = await db.tasks_for(rid) if record["runs"] > 1 else []
-            journal = DurableJournal(db, self.gw.blobs, rid, rows, self.gw.settings.max_input_pixels)
-            if record["cancel_requested"]:
+            rows = await db.tasks_for(rid) if record.runs > 1 else []
+            journal = DurableJournal(db, self.blobs, rid, rows, self.settings.max_input_pixels)
+            if record.cancel_requested:
                 raise asyncio.CancelledError  # cancelled while no worker held it (e.g. after a crash)
-            job = await asyncio.to_thread(from_record, record, self.gw.catalog, self.gw.blobs, self.gw.settings)
+            job = await asyncio.to_thread(from_record, record, self.catalog, self.blobs, self.settings)
             job.journal = journal
-            job.progress = self._progress_of(rid)
-            job.preview = self.previews.get(rid) if job.partial_images else None
+            job.progress = self.channels.step(rid)
+            job.preview = self.channels.previews.get(rid) if job.partial_images else None
             self._jobs[rid] = job
-            if record["runs"] == 1:
+            if record.runs == 1:
                 await self.events.emit(record, "start")
-            params = record["params"]
-            forced = self.gw.catalog.resolve(params["forced_provider"])[1] if params.get("forced_provider") else None
-            candidates = self.gw.router.candidates(
+            params = record.params
+            forced = self.catalog.resolve(params["forced_provider"])[1] if params.get("forced_provider") else None
+            candidates = self.router.candidates(
                 job.model, job.mode, job, forced=forced, provider=params.get("provider")
             )
-            entry, result = await self.gw.router.run(candidates, job)
+            entry, result = await self.router.run(candidates, job)
             encoded, blob_ids = await asyncio.to_thread(self._encode_and_store, result.images, job)
         except asyncio.CancelledError:
             reason = self._stop_reason.pop(rid, "requested")
             if reason != "requested":
                 raise  # shutting down: the lease runs out and another worker takes the job up
             await asyncio.shield(self._canceled(record, job, journal, t0))
-            return "canceled", _last_provider(job)
+            return JobStatus.CANCELED, _last_provider(job)
         except GatewayError as exc:
             # Status and headers (retry-after, x-should-retry) travel with the error to whoever waits.
-            outcome = ("failed", _last_provider(job))
+            outcome = (JobStatus.FAILED, _last_provider(job))
             await db.mark_failed(
                 rid,
                 error={**exc.body()["error"], "status": exc.status, "headers": exc.headers},
                 attempts=_attempts(job),
-                duration_ms=_ms(t0),
+                duration_ms=ms_since(t0),
                 logs=_logs(record, job, f"failed: {exc.message}"),
                 charge=self._charge(job),
                 ledger=_has_ledger(record),
             )
         except Exception as exc:
             log.exception("job %s failed unexpectedly", rid)
-            outcome = ("failed", _last_provider(job))
+            outcome = (JobStatus.FAILED, _last_provider(job))
             await db.mark_failed(
                 rid,
                 error={
@@ -113,12 +131,12 @@ class JobRunner:
                     "status": 500,
                 },
                 attempts=_attempts(job),
-                duration_ms=_ms(t0),
+                duration_ms=ms_since(t0),
                 charge=self._charge(job),
                 ledger=_has_ledger(record),
             )
         else:
-            outcome = ("succeeded", entry.config_key)
+            outcome = (JobStatus.SUCCEEDED, entry.config_key)
             cost_micros, cost_lines = self._charge(job)
             await db.mark_succeeded(
                 rid,
@@ -131,9 +149,9 @@ class JobRunner:
                 attempts=_attempts(job),
                 output_size=str(result.size),
                 output_format=job.output_format,
-                duration_ms=_ms(t0),
+                duration_ms=ms_since(t0),
                 params={
-                    **record["params"],
+                    **record.params,
                     "ignored_params": sorted(set(result.ignored_params)),
                     **({"engine": result.engine} if result.engine else {}),
                 },
@@ -146,51 +164,41 @@ class JobRunner:
         finally:
             self._stop_reason.pop(rid, None)
             self._jobs.pop(rid, None)
-            self.steps.pop(rid, None)
+            self.channels.steps.pop(rid, None)
         await self._finish(rid, record)
         return outcome
 
     async def _canceled(
-        self, record: dict[str, Any], job: ImageJob | None, journal: DurableJournal | None, t0: float
+        self, record: RequestRow, job: ImageJob | None, journal: DurableJournal | None, t0: float
     ) -> None:
         """Cancel reaches the upstream: tasks still running there (this run's or a crashed run's)."""
         if journal is not None:
             for config_key, task in journal.submitted_tasks():
-                entry = self.gw.catalog.resolve(config_key)[1]
-                impl = self.gw.providers.get(entry.provider) if entry else None
-                if impl is not None and hasattr(impl, "_cancel_quietly"):
-                    await impl._cancel_quietly(entry, task)
-        await self.gw.db.mark_canceled(
-            record["id"],
+                entry = self.catalog.resolve(config_key)[1]
+                impl = self.providers.get(entry.provider) if entry else None
+                if entry is not None and isinstance(impl, RemoteProvider):
+                    await impl.cancel_quietly(entry, task)
+        await self.db.mark_canceled(
+            record.id,
             attempts=_attempts(job),
-            duration_ms=_ms(t0),
+            duration_ms=ms_since(t0),
             charge=self._charge(job),
             ledger=_has_ledger(record),
         )
-        await self._finish(record["id"], record)
+        await self._finish(record.id, record)
 
-    async def _finish(self, rid: str, record: dict[str, Any]) -> None:
-        if record.get("webhook"):  # the final record is read only when someone is to be told
-            final = await self.gw.db.get_request(rid)
+    async def _finish(self, rid: str, record: RequestRow) -> None:
+        if record.webhook:  # the final record is read only when someone is to be told
+            final = await self.db.get_request(rid)
             if final is not None:
                 await self.events.emit(final, "completed")
-        self.gw.completions.done(rid)
-
-    def _progress_of(self, rid: str) -> ProgressFn:
-        listener = self.progress.get(rid)
-
-        def progress(step: int, total: int) -> None:  # called from the engine's thread: plain assignments
-            self.steps[rid] = (step, total)
-            if listener is not None:
-                listener(step, total)
-
-        return progress
+        self.channels.done(rid)
 
     def _charge(self, job: ImageJob | None) -> tuple[int, list[dict[str, Any]]]:
         """The actual cost from the attempts: every image made and billed, wherever it was made."""
         if job is None:
             return 0, []
-        total, lines = pricing.actual(job.attempts, self.gw.catalog)
+        total, lines = pricing.actual(job.attempts, self.catalog)
         for line in lines:  # counted as settled: the charge is committed with the job's end, just after
             metrics.cost(job.model.id, line["provider"], line["total_cost"] / pricing.MICROS)
         return total, lines
@@ -203,14 +211,14 @@ class JobRunner:
                 continue
             pixels = img.image
             if pixels is None:
-                pixels = decode_image(img.data or b"", param="output", max_pixels=self.gw.settings.max_input_pixels)
+                pixels = decode_image(img.data or b"", param="output", max_pixels=self.settings.max_input_pixels)
             encoded.append(encode_image(pixels, job.output_format, compression=job.output_compression))
-        return encoded, [self.gw.blobs.put(data, ext=EXTENSIONS[job.output_format]) for data in encoded]
+        return encoded, [self.blobs.put(data, ext=EXTENSIONS[job.output_format]) for data in encoded]
 
 
-def _logs(record: dict[str, Any], job: ImageJob | None, outcome: str) -> str:
+def _logs(record: RequestRow, job: ImageJob | None, outcome: str) -> str:
     """The prediction's `logs`: which worker ran it, each attempt, and how it ended."""
-    lines = [f"run {record['runs']} on worker {record.get('claimed_by') or '-'}"]
+    lines = [f"run {record.runs} on worker {record.claimed_by or '-'}"]
     for a in job.attempts if job is not None else []:
         what = a.error_class or ""
         lines.append(f"  {a.config_key}: {a.outcome} {what} in {a.duration_ms} ms".replace("  in", " in"))
@@ -218,9 +226,9 @@ def _logs(record: dict[str, Any], job: ImageJob | None, outcome: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _has_ledger(record: dict[str, Any]) -> bool:
+def _has_ledger(record: RequestRow) -> bool:
     """Requests of an API key held a reservation; the open gateway's have no ledger entry to settle."""
-    return record.get("key_id") is not None
+    return record.key_id is not None
 
 
 def _last_provider(job: ImageJob | None) -> str | None:
@@ -229,7 +237,3 @@ def _last_provider(job: ImageJob | None) -> str | None:
 
 def _attempts(job: ImageJob | None) -> list[dict[str, Any]]:
     return [a.to_dict() for a in job.attempts] if job is not None else []
-
-
-def _ms(t0: float) -> int:
-    return int((time.perf_counter() - t0) * 1000)

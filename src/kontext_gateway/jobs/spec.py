@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from ..catalog import Catalog
+from ..catalog import Catalog, Mode
 from ..imaging import decode_image
 from ..params import Size, SizeRequest
 from ..providers.base import ImageJob
@@ -13,6 +13,7 @@ from ..providers.base import ImageJob
 if TYPE_CHECKING:
     from ..config import Settings
     from ..store.blobs import LocalBlobStore
+    from ..store.records import RequestRow
 
 
 def to_params(
@@ -53,9 +54,9 @@ def to_params(
     }
 
 
-def from_record(record: dict[str, Any], catalog: Catalog, blobs: LocalBlobStore, settings: Settings) -> ImageJob:
+def from_record(record: RequestRow, catalog: Catalog, blobs: LocalBlobStore, settings: Settings) -> ImageJob:
     """Rebuild the job a record describes; input images are decoded again from the blob store."""
-    p = record["params"]
+    p = record.params
     images = []
     for blob_id in p.get("input_blob_ids", []):
         data = blobs.get(blob_id)
@@ -75,9 +76,9 @@ def from_record(record: dict[str, Any], catalog: Catalog, blobs: LocalBlobStore,
         w, _, h = p["size"].partition("x")
         size = Size(int(w), int(h))
     return ImageJob(
-        request_id=record["id"],
-        model=catalog.get(record["model"]),
-        mode=record["mode"],
+        request_id=record.id,
+        model=catalog.get(record.model),
+        mode=cast(Mode, record.mode),
         prompt=p["prompt"],
         images=images,
         size=SizeRequest(

@@ -37,16 +37,15 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from standardwebhooks import Webhook
 
 from ..config import Settings
 from ..net import ensure_public_url
+from ..store.db import Database
+from ..store.records import JobStatus, RequestRow
 from .dispatch import WebhookDispatcher
-
-if TYPE_CHECKING:
-    from ..gateway import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ SWEEP_GRACE_S = 10.0  # a job that ended this recently is its runner's to announ
 SECRET_PREFIX = "whsec_"
 KEY_SECRET_CONTEXT = b"kontext webhook secret\0"  # then the key's id: what each key's secret is derived for
 
-Render = Callable[[dict[str, Any]], dict[str, Any]]
+Render = Callable[[RequestRow, str], dict[str, Any]]  # (record, base URL) -> the prediction object
 
 
 async def validate_webhook_url(url: str, settings: Settings) -> None:
@@ -116,20 +115,23 @@ class WebhookSecret:
 
 
 class Webhooks:
-    """The runner's JobEvents: queues the deliveries; `start`/`stop` run the dispatcher."""
+    """The runner's JobEvents: queues the deliveries; `start`/`stop` run the dispatcher and the sweep.
 
-    def __init__(self, gw: Gateway, *, render: Render | None = None) -> None:
-        self.gw = gw
-        # The payload: the prediction object as the predictions API serves it. The gateway may set
-        # its own (e.g. api.predictions' renderer); the default is a minimal Replicate-shaped one.
-        self.render: Render = render or self.default_render
-        self.dispatcher = WebhookDispatcher(gw, self.secret_for)
+    `render` is the prediction object's renderer (the predictions API's own), given the record and
+    the base URL its links point at."""
+
+    def __init__(self, db: Database, settings: Settings, render: Render) -> None:
+        self.db = db
+        self.settings = settings
+        self.render = render
+        self.dispatcher = WebhookDispatcher(db, settings, self.secret_for)
         self._last_progress: dict[str, float] = {}  # prediction id -> when an output/logs event last went
+        self._sweeper: asyncio.Task[None] | None = None
 
     @cached_property
     def secret(self) -> WebhookSecret:
         """The gateway's secret: signs what was made without a key; every key's is derived from it."""
-        return WebhookSecret.load(self.gw.settings)
+        return WebhookSecret.load(self.settings)
 
     def secret_for(self, key_id: str | None) -> WebhookSecret:
         """The secret that signs the deliveries of predictions made by `key_id` (None: no key)."""
@@ -141,7 +143,7 @@ class Webhooks:
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="webhook-sweep")
 
     async def stop(self) -> None:
-        sweeper, self._sweeper = getattr(self, "_sweeper", None), None
+        sweeper, self._sweeper = self._sweeper, None
         if sweeper is not None:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -155,7 +157,7 @@ class Webhooks:
         # Jobs that ended in the last seconds are left to their runner, which queues the webhook
         # itself: sweeping them too could queue a second one.
         try:
-            for record in await self.gw.db.ended_without_completed_webhook(
+            for record in await self.db.ended_without_completed_webhook(
                 now - timedelta(days=1), now - timedelta(seconds=SWEEP_GRACE_S)
             ):
                 if self.wants(record, "completed"):
@@ -165,26 +167,26 @@ class Webhooks:
 
     async def _sweep_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.gw.settings.webhook_sweep_interval_s)
+            await asyncio.sleep(self.settings.webhook_sweep_interval_s)
             await self.sweep()
 
     @staticmethod
-    def wants(record: dict[str, Any], event: str) -> bool:
+    def wants(record: RequestRow, event: str) -> bool:
         """Whether the prediction's filter lets this event through (no filter: every event)."""
-        chosen = record.get("webhook_events")
+        chosen = record.webhook_events
         return not chosen or event in chosen
 
-    async def emit(self, record: dict[str, Any], event: str) -> None:
-        if not record.get("webhook") or event not in EVENTS:
+    async def emit(self, record: RequestRow, event: str) -> None:
+        if not record.webhook or event not in EVENTS:
             return
-        rid = record["id"]
+        rid = record.id
         try:
             if event == "completed":
-                if any(d["event"] == "completed" for d in await self.gw.db.list_deliveries(rid)):
+                if any(d.event == "completed" for d in await self.db.list_deliveries(rid)):
                     return  # told already (a second cancel, say): the end is announced once
                 # No partial outputs here: the output event goes once, right before the end, with the
                 # prediction as it then is (a single-output cog model sends none; clients expect one).
-                if record["status"] == "succeeded" and self.wants(record, "output") and not self._throttled(rid):
+                if record.status == JobStatus.SUCCEEDED and self.wants(record, "output") and not self._throttled(rid):
                     await self._queue(record, "output")
                 self._last_progress.pop(rid, None)
             elif event in THROTTLED and self._throttled(rid):
@@ -202,44 +204,13 @@ class Webhooks:
         self._last_progress[rid] = now
         return False
 
-    async def _queue(self, record: dict[str, Any], event: str) -> None:
-        await self.gw.db.add_delivery(record["id"], event=event, url=record["webhook"], payload=self.render(record))
+    async def _queue(self, record: RequestRow, event: str) -> None:
+        assert record.webhook is not None
+        payload = self.render(record, self.base_url())
+        await self.db.add_delivery(record.id, event=event, url=record.webhook, payload=payload)
         self.dispatcher.wake()
 
     def base_url(self) -> str:
         """Where links in payloads point: no request to take it from, so the configured public URL."""
-        settings = self.gw.settings
+        settings = self.settings
         return (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/")
-
-    def default_render(self, record: dict[str, Any]) -> dict[str, Any]:
-        """A minimal Replicate prediction object (JSON-ready) for a job record."""
-        base = self.base_url()
-        outputs = [self.gw.images.blob_url(base, b) for b in record.get("output_blob_ids") or []]
-        error = record.get("error")
-        created, started, completed = record.get("created_at"), record.get("started_at"), record.get("completed_at")
-        metrics: dict[str, float] = {}
-        if record.get("duration_ms") is not None:
-            metrics["predict_time"] = record["duration_ms"] / 1000
-        if created is not None and completed is not None:
-            metrics["total_time"] = (completed - created).total_seconds()
-        url = f"{base}/v1/predictions/{record['id']}"
-        return {
-            "id": record["id"],
-            "model": record.get("model"),
-            "version": record.get("version"),
-            "input": record.get("input") or {},
-            "logs": record.get("logs") or "",
-            "output": None if not outputs else outputs[0] if len(outputs) == 1 else outputs,
-            "data_removed": False,
-            "error": error.get("message") if isinstance(error, dict) else error,
-            "status": record["status"],
-            "created_at": _iso(created),
-            "started_at": _iso(started),
-            "completed_at": _iso(completed),
-            "urls": {"get": url, "cancel": f"{url}/cancel"},
-            "metrics": metrics,
-        }
-
-
-def _iso(at: datetime | None) -> str | None:
-    return None if at is None else at.isoformat().replace("+00:00", "Z")

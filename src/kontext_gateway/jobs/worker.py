@@ -14,41 +14,24 @@ import logging
 import os
 import socket
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import logs, metrics
-
-if TYPE_CHECKING:
-    from ..gateway import Gateway
+from ..config import Settings
+from ..store.db import Database
+from ..store.records import RequestRow
+from .runner import JobRunner
 
 log = logging.getLogger(__name__)
 
 
-class Completions:
-    """In-process signal that a job finished; waiters in other processes poll the database."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
-
-    def event(self, request_id: str) -> asyncio.Event:
-        return self._events.setdefault(request_id, asyncio.Event())
-
-    def done(self, request_id: str) -> None:
-        # Only jobs someone waits on have an event (registered before the job was enqueued); the
-        # waiter holds it, so it can go now: nothing stays behind for jobs nobody waits on.
-        event = self._events.pop(request_id, None)
-        if event is not None:
-            event.set()
-
-    def forget(self, request_id: str) -> None:
-        self._events.pop(request_id, None)
-
-
 class Worker:
-    def __init__(self, gw: Gateway, *, concurrency: int | None = None) -> None:
-        self.gw = gw
+    def __init__(self, db: Database, runner: JobRunner, settings: Settings, *, concurrency: int | None = None) -> None:
+        self.db = db
+        self.runner = runner
+        self.settings = settings
         self.id = f"{socket.gethostname()[:24]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.concurrency = gw.settings.workers if concurrency is None else concurrency
+        self.concurrency = settings.workers if concurrency is None else concurrency
         self.running: dict[str, asyncio.Task[Any]] = {}
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[Any]] = []
@@ -68,7 +51,7 @@ class Worker:
         for loop in self._loops:
             loop.cancel()
         for rid, task in list(self.running.items()):
-            self.gw.runner.stopping(rid, "shutdown")
+            self.runner.stopping(rid, "shutdown")
             task.cancel()
         for task in [*self._loops, *self.running.values()]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -80,56 +63,54 @@ class Worker:
         task = self.running.get(request_id)
         if task is None:
             return False
-        self.gw.runner.stopping(request_id, "requested")
+        self.runner.stopping(request_id, "requested")
         task.cancel()
         return True
 
     async def _claim_loop(self) -> None:
         """One loop claims, up to `concurrency` jobs run: one claim per job, and none while full
         (several loops woken together would each run a claim for the same one job)."""
-        settings = self.gw.settings
+        settings = self.settings
         slots = asyncio.Semaphore(self.concurrency)
         while True:
             await slots.acquire()
             record = None
             while record is None:
                 try:
-                    record = await self.gw.db.claim_next(self.id, settings.job_lease_s)
+                    record = await self.db.claim_next(self.id, settings.job_lease_s)
                 except Exception:
                     log.exception("claiming a job failed")
                 if record is None:
                     self._wake.clear()
-                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that arrives
-                    # as the event is set, and the task then never stops.
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(settings.job_poll_interval_s):
                             await self._wake.wait()
-            if record["runs"] == 1 and record["started_at"] and record["created_at"]:  # not a resumed job
-                metrics.queue_wait((record["started_at"] - record["created_at"]).total_seconds())
-            task = asyncio.create_task(self._run(record, slots), name=f"job-{record['id']}")
-            self.running[record["id"]] = task
+            if record.runs == 1 and record.started_at:  # not a resumed job
+                metrics.queue_wait((record.started_at - record.created_at).total_seconds())
+            task = asyncio.create_task(self._run(record, slots), name=f"job-{record.id}")
+            self.running[record.id] = task
 
-    async def _run(self, record: dict[str, Any], slots: asyncio.Semaphore) -> None:
+    async def _run(self, record: RequestRow, slots: asyncio.Semaphore) -> None:
         # Every line the runner, router and providers log for this job carries its ids.
-        with logs.bind(request_id=record["id"], key_id=record.get("key_id")):
+        with logs.bind(request_id=record.id, key_id=record.key_id):
             try:
-                status, provider = await self.gw.runner.run(record)
-                log.info("job %s %s", record["id"], status, extra={"provider": provider, "outcome": status})
+                status, provider = await self.runner.run(record)
+                log.info("job %s %s", record.id, status, extra={"provider": provider, "outcome": status})
             except asyncio.CancelledError:
                 pass  # shutdown or lost lease: the runner left the job for the next worker
             except Exception:
-                log.exception("job %s crashed its runner", record["id"])
+                log.exception("job %s crashed its runner", record.id)
             finally:
-                self.running.pop(record["id"], None)
+                self.running.pop(record.id, None)
                 slots.release()
 
     async def _lease_loop(self) -> None:
-        settings = self.gw.settings
+        settings = self.settings
         while True:
             await asyncio.sleep(settings.job_lease_s / 3)
             ids = list(self.running)
             try:
-                held = await self.gw.db.renew_leases(self.id, ids, settings.job_lease_s)
+                held = await self.db.renew_leases(self.id, ids, settings.job_lease_s)
             except Exception:
                 log.exception("renewing leases failed")
                 continue
@@ -138,8 +119,8 @@ class Worker:
                 if task is None or task.done():
                     continue
                 if rid not in held:
-                    self.gw.runner.stopping(rid, "lease lost")  # another worker has it now
+                    self.runner.stopping(rid, "lease lost")  # another worker has it now
                     task.cancel()
                 elif held[rid]:
-                    self.gw.runner.stopping(rid, "requested")
+                    self.runner.stopping(rid, "requested")
                     task.cancel()

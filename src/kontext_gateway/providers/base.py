@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ..catalog import Mode, ModelSpec, ProviderEntry
 from ..params import Size, SizeRequest
@@ -43,7 +43,7 @@ class ImageJob:
     # Set when the request is abandoned: work on other threads (the local engine) checks it per step.
     cancelled: threading.Event = field(default_factory=threading.Event)
     journal: TaskJournal | None = None  # durable jobs record their upstream tasks here
-    # -- the local engine's features (issue 7); remote providers reject what they cannot do --
+    # -- the local engine's features; remote providers reject what they cannot do --
     mask: Image | None = None  # mode "L", same size as images[0]: 255 where to repaint, 0 where to keep
     negative_prompt: str | None = None  # true CFG: with true_cfg_scale > 1, a second pass per step
     true_cfg_scale: float | None = None
@@ -111,9 +111,9 @@ class ProviderResult:
 
 
 class Provider(Protocol):
-    name: str
+    name: ClassVar[str]
     # True when the provider appends its own Attempts to job.attempts (remote ones: one per task).
-    records_attempts: bool
+    records_attempts: ClassVar[bool]
 
     def handling(self, entry: ProviderEntry) -> dict[str, dict[str, str]]:
         """For this catalog entry: unified parameter -> {"handling": native|renamed|converted|emulated,

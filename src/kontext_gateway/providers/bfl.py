@@ -89,7 +89,8 @@ class BFLProvider(RemoteProvider):
             if not isinstance(sample, str) or not sample:
                 raise Malformed("BFL task is Ready without result.sample", status=resp.status_code)
             return Poll(done=True, outputs=[sample])
-        details = body.get("details") if isinstance(body.get("details"), dict) else {}
+        raw_details = body.get("details")
+        details = raw_details if isinstance(raw_details, dict) else {}
         if status in MODERATED:
             reasons = details.get("Moderation Reasons") or []
             why = ", ".join(map(str, reasons)) if isinstance(reasons, list) else str(reasons)

@@ -155,7 +155,7 @@ class FalProvider(RemoteProvider):
         urls = [im.get("url") for im in images if isinstance(im, dict)] if isinstance(images, list) else []
         if len(urls) < task.data["count"] or not all(isinstance(u, str) and u for u in urls):
             raise Malformed(f"fal returned {len(urls)} usable image URL(s) for {task.data['count']} asked")
-        return Poll(done=True, outputs=urls)
+        return Poll(done=True, outputs=[str(u) for u in urls])
 
     async def cancel(self, entry: ProviderEntry, task: Task) -> None:
         await self.request("PUT", task.data["cancel_url"])

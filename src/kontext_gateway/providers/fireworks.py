@@ -2,7 +2,7 @@
 
 Submit `POST /inference/v1/workflows/{model}` -> `{"request_id"}`; poll
 `POST /inference/v1/workflows/{model}/get_result` with `{"id"}` until `Ready` (`result.sample` is the
-image URL). One input image, no batch, no cancel. See shared/reference/provider-apis.md §4.
+image URL). One input image, no batch, no cancel.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..catalog import ProviderEntry
 from ..config import Settings
@@ -68,8 +68,8 @@ def engine_installed() -> bool:
 
 
 class LocalProvider:
-    name = "local"
-    records_attempts = False  # one run per request: the router records it
+    name: ClassVar[str] = "local"
+    records_attempts: ClassVar[bool] = False  # one run per request: the router records it
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -129,7 +129,7 @@ class LocalProvider:
 
         set_threads(self.settings.engine_threads)
         device, offload = self.settings.device, self.settings.engine_offload
-        how = dict(
+        how: dict[str, Any] = dict(
             offload=offload,
             transformer=self.settings.engine_transformer,
             attention=self.settings.engine_attention,
@@ -226,7 +226,7 @@ class LocalProvider:
     @staticmethod
     def _features(job: ImageJob) -> tuple[dict[str, Any], set[str]]:
         """The engine features of a job: its own fields, else the same names among its extra params."""
-        own = {
+        own: dict[str, Any] = {
             "negative_prompt": job.negative_prompt,
             "true_cfg_scale": job.true_cfg_scale,
             "loras": job.loras or None,

@@ -40,6 +40,7 @@ from ..config import Settings
 from ..errors import GatewayError
 from ..imaging import decode_image, parse_data_url, sniff_format
 from ..params import Size, nearest_ratio, parse_ratio
+from ..timing import ms_since, retry_after_s
 from .base import Attempt, ImageJob, ProviderImage, ProviderResult
 
 log = logging.getLogger(__name__)
@@ -286,14 +287,14 @@ class RemoteProvider:
             except UpstreamError as exc:
                 err: UpstreamError = exc
             else:
-                job.attempts.append(Attempt(self.name, entry.config_key, "succeeded", _ms(t0), images=len(images)))
+                job.attempts.append(Attempt(self.name, entry.config_key, "succeeded", ms_since(t0), images=len(images)))
                 return images
             job.attempts.append(
                 Attempt(
                     self.name,
                     entry.config_key,
                     "failed",
-                    _ms(t0),
+                    ms_since(t0),
                     error_class=err.kind,
                     status_code=err.status,
                     message=err.message[:300],
@@ -349,6 +350,7 @@ class RemoteProvider:
     async def _run_task(self, entry: ProviderEntry, job: ImageJob, count: int, slot: int) -> list[ProviderImage]:
         journal = job.journal
         resumed = journal.resumable(slot, entry.config_key) if journal is not None else None
+        row: int | None
         if resumed is not None:
             row, task = resumed  # submitted before a restart: poll it, never submit again
         else:
@@ -389,13 +391,14 @@ class RemoteProvider:
         return images
 
     async def _abandon(self, entry: ProviderEntry, task: Task, journal: Any, row: int | None) -> None:
-        await self._cancel_quietly(entry, task)
+        await self.cancel_quietly(entry, task)
         if journal is not None and row is not None:
             await journal.finished(row, images=None)
 
-    async def _cancel_quietly(self, entry: ProviderEntry, task: Task) -> None:
+    async def cancel_quietly(self, entry: ProviderEntry, task: Task) -> None:
         try:
-            await asyncio.wait_for(self.cancel(entry, task), timeout=10)
+            async with asyncio.timeout(10):
+                await self.cancel(entry, task)
         except Exception as exc:
             log.info("cancel of %s task %s failed: %r", self.name, task.id, exc)
 
@@ -470,9 +473,13 @@ class RemoteProvider:
         if status == 402:
             raise PaymentRequired(f"{where}: {detail}", status=status)
         if status == 429:
-            raise RateLimited(f"{where}: {detail}", status=status, retry_after=_retry_after(resp))
+            raise RateLimited(
+                f"{where}: {detail}", status=status, retry_after=retry_after_s(resp.headers.get("retry-after"))
+            )
         if status in (408, 425) or status >= 500:
-            raise ServerError(f"{where}: {detail}", status=status, retry_after=_retry_after(resp))
+            raise ServerError(
+                f"{where}: {detail}", status=status, retry_after=retry_after_s(resp.headers.get("retry-after"))
+            )
         raise Rejected(f"{where}: {detail}", status=status)
 
     @staticmethod
@@ -581,10 +588,6 @@ def _typed(value: Any, kind: str) -> Any:
     return value
 
 
-def _ms(t0: float) -> int:
-    return int((time.perf_counter() - t0) * 1000)
-
-
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     """(scheme, host, port) with the scheme's default port filled in: what a key is bound to."""
     default = {"https": 443, "http": 80}.get(url.scheme)
@@ -613,21 +616,6 @@ def _host_matches(pattern: str, host: str) -> bool:
 def _path(url: str) -> str:
     """The URL without its query string: enough to say where, never a signed token."""
     return url.split("?", 1)[0]
-
-
-def _retry_after(resp: httpx.Response) -> float | None:
-    value = resp.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        from email.utils import parsedate_to_datetime
-
-        try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
 
 
 def _detail(resp: httpx.Response) -> str:

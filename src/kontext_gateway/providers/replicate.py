@@ -2,7 +2,7 @@
 
 Create `POST /v1/models/{owner}/{name}/predictions` with `Prefer: wait=N` (a fast model answers with
 the finished prediction), else poll `urls.get` until a terminal status. Output is one URI. Moderation
-is a `failed` prediction whose error carries "(E005)". See shared/reference/provider-apis.md §2.
+is a `failed` prediction whose error carries "(E005)".
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Image bytes on local disk, content-addressed, and HMAC-signed, expiring URLs to fetch them.
+"""Image bytes on local disk, content-addressed (the links that serve them are links.py's).
 
 Modes: images 0644 and their folders 0755 at most (never writable by others, whatever the umask);
 who may read them at all is the private data directory's to say (0700, Gateway.start).
@@ -6,20 +6,16 @@ who may read them at all is the private data directory's to say (0700, Gateway.s
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import hmac
 import os
 import re
 import tempfile
-import time
 from pathlib import Path
 
 EXTENSIONS = ("png", "jpg", "gif", "webp", "avif")
 # The only shape of id ever accepted: it is joined onto a filesystem path, so this is the traversal guard.
 # fullmatch, not `$`, which would let a trailing newline through.
 _BLOB_ID = re.compile(r"[0-9a-f]{64}\.(?:png|jpg|gif|webp|avif)")
-_EXP = re.compile(r"[0-9]{1,12}")  # int() alone would take "+1", " 1", "1_0" and non-ASCII digits
 
 
 class LocalBlobStore:
@@ -75,28 +71,3 @@ class LocalBlobStore:
         gives the ones above the last the umask's mode, 0777 under umask 0."""
         for level in (self.root, folder.parent, folder):
             level.mkdir(mode=0o755, parents=True, exist_ok=True)
-
-
-class URLSigner:
-    """`exp=<unix>&sig=<b64url(HMAC-SHA256(secret, "<path>:<exp>"))>`: the link is its own credential."""
-
-    def __init__(self, secret: bytes) -> None:
-        if not secret:
-            raise ValueError("URL signing secret must not be empty")
-        self._secret = secret
-
-    def sign(self, path: str, ttl_seconds: int, now: float | None = None) -> str:
-        exp = int(time.time() if now is None else now) + int(ttl_seconds)
-        return f"exp={exp}&sig={self._signature(path, str(exp))}"
-
-    def verify(self, path: str, exp: str, sig: str, now: float | None = None) -> bool:
-        if not isinstance(exp, str) or not isinstance(sig, str) or not _EXP.fullmatch(exp) or not sig.isascii():
-            return False
-        if int(exp) < (time.time() if now is None else now):
-            return False
-        # compare_digest: timing must not reveal how much of a forged signature was right.
-        return hmac.compare_digest(self._signature(path, exp).encode(), sig.encode())
-
-    def _signature(self, path: str, exp: str) -> str:
-        digest = hmac.new(self._secret, f"{path}:{exp}".encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")

@@ -26,27 +26,14 @@ from kontext_gateway.store import ledger
 from kontext_gateway.store.engine import make_engine
 from kontext_gateway.store.migrate import upgrade_to_head
 from kontext_gateway.store.models import FileRecord, RequestRecord, UpstreamTask, WebhookDelivery, utcnow
+from kontext_gateway.store.records import ENDED, DeliveryRow, FileRow, JobStatus, RequestRow, TaskRow
 
 __all__ = ["Database", "RequestRecord", "make_private"]
 
 log = logging.getLogger(__name__)
 
-_COLUMNS = tuple(c.key for c in RequestRecord.__table__.columns)
-_DELIVERY_COLUMNS = tuple(c.key for c in WebhookDelivery.__table__.columns)
 OPEN_DELIVERY = ("pending", "sending")  # not yet delivered, failed or dropped
 Charge = tuple[int, list[dict[str, Any]]]  # (micros of USD, ledger line items)
-
-
-def _as_dict(record: RequestRecord) -> dict[str, Any]:
-    return {name: getattr(record, name) for name in _COLUMNS}
-
-
-def _file_dict(record: FileRecord) -> dict[str, Any]:
-    return {c.key: getattr(record, c.key) for c in FileRecord.__mapper__.column_attrs}
-
-
-def _delivery_dict(row: WebhookDelivery) -> dict[str, Any]:
-    return {name: getattr(row, name) for name in _DELIVERY_COLUMNS}
 
 
 def _short(text: str | None) -> str | None:
@@ -131,7 +118,9 @@ class Database:
             await self._engine.dispose()
         self._engine = self._sessions = None
 
-    def _session(self) -> AsyncSession:
+    def session(self) -> AsyncSession:
+        """A new session: for the store package's own repositories (keys.py, history.py...); everything
+        outside the package goes through their methods."""
         if self._sessions is None:
             raise RuntimeError("Database.start() has not been called")
         return self._sessions()
@@ -140,7 +129,7 @@ class Database:
         """Update the request; `charge` (micros, line items) also settles its ledger entry, in the
         same transaction, so a request's end and its cost are never recorded one without the other.
         None: the request has no ledger entry (no API key held a reservation): one statement fewer."""
-        async with self._session() as session, session.begin():
+        async with self.session() as session, session.begin():
             result = await session.execute(update(RequestRecord).where(RequestRecord.id == id).values(**values))
             if result.rowcount == 0:  # type: ignore[attr-defined]
                 raise KeyError(f"no request {id!r}")
@@ -175,7 +164,7 @@ class Database:
             model=model,
             mode=mode,
             params=params,
-            status="starting",
+            status=JobStatus.STARTING,
             output_blob_ids=[],
             attempts=[],
             input=input,
@@ -188,9 +177,9 @@ class Database:
         )
         if rejected is not None:
             # Refused before it could run: stored as failed at once, never claimable by a worker.
-            record.status, record.error, record.completed_at = "failed", rejected["error"], now
+            record.status, record.error, record.completed_at = JobStatus.FAILED, rejected["error"], now
             record.duration_ms = rejected.get("duration_ms")
-        async with self._session() as session, session.begin():
+        async with self.session() as session, session.begin():
             if reservation is not None:
                 await ledger.hold(session, reservation, now)
             session.add(record)
@@ -199,7 +188,7 @@ class Database:
                 session.add(ledger.entry(id, reservation, now))
 
     async def mark_running(self, id: str, *, provider: str) -> None:
-        await self._update(id, status="processing", provider=provider, started_at=utcnow())
+        await self._update(id, status=JobStatus.PROCESSING, provider=provider, started_at=utcnow())
 
     async def mark_succeeded(
         self,
@@ -227,7 +216,7 @@ class Database:
             id,
             charge=(round((cost or 0) * 1_000_000), cost_lines or []) if ledger else None,
             **extra,
-            status="succeeded",
+            status=JobStatus.SUCCEEDED,
             completed_at=utcnow(),
             provider=provider,
             cost=cost,
@@ -255,7 +244,7 @@ class Database:
     ) -> None:
         """`charge`: what attempts that failed were still billed for (micros, line items)."""
         values: dict[str, Any] = dict(
-            status="failed",
+            status=JobStatus.FAILED,
             completed_at=utcnow(),
             error=error,
             attempts=list(attempts),
@@ -283,7 +272,7 @@ class Database:
         await self._update(
             id,
             charge=charge if ledger else None,
-            status="canceled",
+            status=JobStatus.CANCELED,
             completed_at=utcnow(),
             attempts=list(attempts),
             duration_ms=duration_ms,
@@ -293,7 +282,7 @@ class Database:
 
     # -- the job queue: claims with leases, so a crashed worker's jobs are taken up again ------------
 
-    async def claim_next(self, worker: str, lease_s: float) -> dict[str, Any] | None:
+    async def claim_next(self, worker: str, lease_s: float) -> RequestRow | None:
         """Atomically take the oldest job that is waiting, or whose worker's lease ran out.
 
         PostgreSQL: `FOR UPDATE SKIP LOCKED`, so several processes each claim a job exactly once.
@@ -303,8 +292,8 @@ class Database:
             select(RequestRecord.id)
             .where(
                 or_(
-                    RequestRecord.status == "starting",
-                    and_(RequestRecord.status == "processing", RequestRecord.lease_until < now),
+                    RequestRecord.status == JobStatus.STARTING,
+                    and_(RequestRecord.status == JobStatus.PROCESSING, RequestRecord.lease_until < now),
                 )
             )
             .order_by(RequestRecord.created_at, RequestRecord.id)
@@ -316,7 +305,7 @@ class Database:
             update(RequestRecord)
             .where(RequestRecord.id == waiting.scalar_subquery())
             .values(
-                status="processing",
+                status=JobStatus.PROCESSING,
                 claimed_by=worker,
                 lease_until=now + timedelta(seconds=lease_s),
                 started_at=func.coalesce(RequestRecord.started_at, now),
@@ -324,55 +313,57 @@ class Database:
             )
             .returning(RequestRecord.id)
         )
-        async with self._session() as session, session.begin():
+        async with self.session() as session, session.begin():
             claimed = (await session.execute(stmt)).scalar_one_or_none()
             if claimed is None:
                 return None
             record = await session.get(RequestRecord, claimed)
-            return None if record is None else _as_dict(record)
+            return None if record is None else RequestRow.from_row(record)
 
     async def renew_leases(self, worker: str, ids: list[str], lease_s: float) -> dict[str, bool]:
         """Extend this worker's leases; returns {id: cancel_requested} for the jobs it still holds."""
         if not ids:
             return {}
         until = utcnow() + timedelta(seconds=lease_s)
-        async with self._session() as session, session.begin():
+        async with self.session() as session, session.begin():
             await session.execute(
                 update(RequestRecord)
                 .where(
-                    RequestRecord.id.in_(ids), RequestRecord.claimed_by == worker, RequestRecord.status == "processing"
+                    RequestRecord.id.in_(ids),
+                    RequestRecord.claimed_by == worker,
+                    RequestRecord.status == JobStatus.PROCESSING,
                 )
                 .values(lease_until=until)
             )
             rows = await session.execute(
                 select(RequestRecord.id, RequestRecord.cancel_requested).where(
-                    RequestRecord.id.in_(ids), RequestRecord.claimed_by == worker, RequestRecord.status == "processing"
+                    RequestRecord.id.in_(ids),
+                    RequestRecord.claimed_by == worker,
+                    RequestRecord.status == JobStatus.PROCESSING,
                 )
             )
             return {row.id: bool(row.cancel_requested) for row in rows}
 
-    async def request_cancel(self, id: str) -> dict[str, Any] | None:
+    async def request_cancel(self, id: str) -> RequestRow | None:
         """Cancel a job: at once if no worker has it yet, else flag it for its worker. Returns the record."""
         now = utcnow()
-        async with self._session() as session, session.begin():
+        async with self.session() as session, session.begin():
             result = await session.execute(
                 update(RequestRecord)
-                .where(RequestRecord.id == id, RequestRecord.status == "starting")
-                .values(status="canceled", completed_at=now, cancel_requested=True)
+                .where(RequestRecord.id == id, RequestRecord.status == JobStatus.STARTING)
+                .values(status=JobStatus.CANCELED, completed_at=now, cancel_requested=True)
             )
             if result.rowcount:  # type: ignore[attr-defined]
                 await ledger.settle(session, id, 0, [], now)  # never ran: the reservation is released
             await session.execute(
                 update(RequestRecord)
-                .where(RequestRecord.id == id, RequestRecord.status == "processing")
+                .where(RequestRecord.id == id, RequestRecord.status == JobStatus.PROCESSING)
                 .values(cancel_requested=True)
             )
             record = await session.get(RequestRecord, id)
-            return None if record is None else _as_dict(record)
+            return None if record is None else RequestRow.from_row(record)
 
-    async def ended_without_completed_webhook(
-        self, since: datetime, until: datetime | None = None
-    ) -> list[dict[str, Any]]:
+    async def ended_without_completed_webhook(self, since: datetime, until: datetime | None = None) -> list[RequestRow]:
         """Jobs that ended between `since` and `until` with a webhook but no `completed` delivery
         queued (a crash between a job's end and its webhook, or a failed queueing)."""
         has_completed = (
@@ -384,18 +375,18 @@ class Database:
             select(RequestRecord)
             .where(
                 RequestRecord.webhook.is_not(None),
-                RequestRecord.status.in_(("succeeded", "failed", "canceled")),
+                RequestRecord.status.in_(ENDED),
                 RequestRecord.completed_at >= since,
                 ~has_completed,
                 *([RequestRecord.completed_at < until] if until is not None else []),
             )
             .order_by(RequestRecord.completed_at)
         )
-        async with self._session() as session:
-            return [_as_dict(r) for r in (await session.scalars(query)).all()]
+        async with self.session() as session:
+            return [RequestRow.from_row(r) for r in (await session.scalars(query)).all()]
 
     async def append_log(self, id: str, text: str) -> None:
-        async with self._session() as session, session.begin():
+        async with self.session() as session, session.begin():
             await session.execute(
                 update(RequestRecord).where(RequestRecord.id == id).values(logs=RequestRecord.logs + text)
             )
@@ -417,39 +408,36 @@ class Database:
             created_at=now,
             updated_at=now,
         )
-        async with self._session() as session, session.begin():
+        async with self.session() as session, session.begin():
             session.add(row)
             await session.flush()
             return row.id
 
     async def finish_task(self, task_row: int, *, state: str, output_blob_ids: list[str] | None = None) -> None:
-        async with self._session() as session, session.begin():
+        async with self.session() as session, session.begin():
             await session.execute(
                 update(UpstreamTask)
                 .where(UpstreamTask.id == task_row)
                 .values(state=state, output_blob_ids=list(output_blob_ids or []), updated_at=utcnow())
             )
 
-    async def tasks_for(self, request_id: str) -> list[dict[str, Any]]:
+    async def tasks_for(self, request_id: str) -> list[TaskRow]:
         query = select(UpstreamTask).where(UpstreamTask.request_id == request_id).order_by(UpstreamTask.id)
-        async with self._session() as session:
-            return [
-                {c.key: getattr(t, c.key) for c in UpstreamTask.__table__.columns}
-                for t in (await session.scalars(query)).all()
-            ]
+        async with self.session() as session:
+            return [TaskRow.from_row(t) for t in (await session.scalars(query)).all()]
 
     # -- files uploaded through the files API ------------------------------------------------------------
 
-    async def create_file(self, **values: Any) -> dict[str, Any]:
+    async def create_file(self, **values: Any) -> FileRow:
         record = FileRecord(**values)
-        async with self._session() as session, session.begin():
+        async with self.session() as session, session.begin():
             session.add(record)
-        return _file_dict(record)
+        return FileRow.from_row(record)
 
-    async def get_file(self, id: str) -> dict[str, Any] | None:
-        async with self._session() as session:
+    async def get_file(self, id: str) -> FileRow | None:
+        async with self.session() as session:
             record = await session.get(FileRecord, id)
-            return None if record is None else _file_dict(record)
+            return None if record is None else FileRow.from_row(record)
 
     # -- webhook deliveries: the delivery log, and a queue with one delivery in flight per request ---------
 
@@ -468,7 +456,7 @@ class Database:
             created_at=now,
         )
         try:
-            async with self._session() as session, session.begin():
+            async with self.session() as session, session.begin():
                 session.add(row)
                 await session.flush()
                 return row.id
@@ -477,7 +465,7 @@ class Database:
                 return None
             raise
 
-    async def claim_delivery(self, lease_s: float) -> dict[str, Any] | None:
+    async def claim_delivery(self, lease_s: float) -> DeliveryRow | None:
         """Atomically take a delivery that is due (or whose sender's lease ran out), counting the attempt;
         the row carries its request's `key_id` too (whose webhook secret signs it).
 
@@ -515,7 +503,7 @@ class Database:
             )
             .returning(WebhookDelivery.id)
         )
-        async with self._session() as session, session.begin():
+        async with self.session() as session, session.begin():
             claimed = (await session.execute(stmt)).scalar_one_or_none()
             if claimed is None:
                 return None
@@ -526,7 +514,7 @@ class Database:
                     .where(WebhookDelivery.id == claimed)
                 )
             ).first()
-            return None if found is None else {**_delivery_dict(found[0]), "key_id": found[1]}
+            return None if found is None else DeliveryRow.from_row(found[0], key_id=found[1])
 
     async def finish_delivery(
         self, id: int, *, state: str, status: int | None = None, error: str | None = None
@@ -555,7 +543,7 @@ class Database:
 
     async def drop_deliveries(self, request_id: str, *, error: str) -> None:
         """Drop a request's open deliveries (its receiver answered 410 Gone)."""
-        async with self._session() as session, session.begin():
+        async with self.session() as session, session.begin():
             await session.execute(
                 update(WebhookDelivery)
                 .where(WebhookDelivery.request_id == request_id, WebhookDelivery.state.in_(OPEN_DELIVERY))
@@ -569,23 +557,23 @@ class Database:
             .where(WebhookDelivery.request_id == request_id, WebhookDelivery.last_status == 410)
             .limit(1)
         )
-        async with self._session() as session:
+        async with self.session() as session:
             return (await session.execute(query)).first() is not None
 
-    async def list_deliveries(self, request_id: str) -> list[dict[str, Any]]:
+    async def list_deliveries(self, request_id: str) -> list[DeliveryRow]:
         """A request's delivery log, oldest first."""
         query = select(WebhookDelivery).where(WebhookDelivery.request_id == request_id).order_by(WebhookDelivery.id)
-        async with self._session() as session:
-            return [_delivery_dict(d) for d in (await session.scalars(query)).all()]
+        async with self.session() as session:
+            return [DeliveryRow.from_row(d) for d in (await session.scalars(query)).all()]
 
     async def _update_delivery(self, id: int, **values: Any) -> None:
-        async with self._session() as session, session.begin():
+        async with self.session() as session, session.begin():
             await session.execute(update(WebhookDelivery).where(WebhookDelivery.id == id).values(**values))
 
-    async def get_request(self, id: str) -> dict[str, Any] | None:
-        async with self._session() as session:
+    async def get_request(self, id: str) -> RequestRow | None:
+        async with self.session() as session:
             record = await session.get(RequestRecord, id)
-            return None if record is None else _as_dict(record)
+            return None if record is None else RequestRow.from_row(record)
 
     async def list_requests(
         self,
@@ -593,7 +581,7 @@ class Database:
         limit: int = 20,
         before: tuple[datetime, str] | None = None,
         key_id: str | None = None,
-    ) -> list[dict[str, Any]]:
+    ) -> list[RequestRow]:
         """Newest first; `before` (created_at, id) continues a page (keyset pagination); `key_id`
         narrows to one key's requests."""
         query = (
@@ -608,15 +596,15 @@ class Database:
             query = query.where(
                 or_(RequestRecord.created_at < at, and_(RequestRecord.created_at == at, RequestRecord.id < rid))
             )
-        async with self._session() as session:
-            return [_as_dict(r) for r in (await session.scalars(query)).all()]
+        async with self.session() as session:
+            return [RequestRow.from_row(r) for r in (await session.scalars(query)).all()]
 
     async def count_waiting(self) -> int:
         """Jobs no worker has claimed yet (the queue depth metric)."""
-        async with self._session() as session:
+        async with self.session() as session:
             return int(
                 await session.scalar(
-                    select(func.count()).select_from(RequestRecord).where(RequestRecord.status == "starting")
+                    select(func.count()).select_from(RequestRecord).where(RequestRecord.status == JobStatus.STARTING)
                 )
                 or 0
             )

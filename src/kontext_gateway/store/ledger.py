@@ -20,8 +20,8 @@ from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .models import ApiKey, LedgerEntry, RequestRecord
+from .records import RUNNING
 
-RUNNING = ("starting", "processing")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # the one "period" of a lifetime budget
 PERIODS = ("day", "week", "month")
 

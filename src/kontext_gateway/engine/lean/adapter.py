@@ -44,7 +44,7 @@ class RequestStats:
     computed: int = 0  # of which ran the transformer
 
 
-class _Config(dict):
+class _Config(dict[str, Any]):
     """diffusers reads `transformer.config.in_channels` and `config.guidance_embeds`."""
 
     __getattr__ = dict.__getitem__

@@ -89,10 +89,10 @@ def diffusers_name(name: str, cfg: FluxConfig) -> tuple[str, slice | None, bool]
         if rest in _SINGLE_NORMS:
             return f"single_blocks.{index}.{_SINGLE_NORMS[rest]}", None, False
         inner, _, kind = rest.rpartition(".")
-        target, part = _SINGLE[inner]
+        target, chunk = _SINGLE[inner]
         rows = None
-        if part is not None:
-            rows = slice(part * h, (part + 1) * h) if part < 3 else slice(3 * h, 3 * h + m)
+        if chunk is not None:
+            rows = slice(chunk * h, (chunk + 1) * h) if chunk < 3 else slice(3 * h, 3 * h + m)
         return f"single_blocks.{index}.{target}.{kind}", rows, False
     return f"{_TOP[stem]}.{kind}", None, stem == "norm_out.linear"
 

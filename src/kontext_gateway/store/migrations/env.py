@@ -27,7 +27,7 @@ def _url() -> str:
     from kontext_gateway.config import Settings
 
     url = config.get_main_option("sqlalchemy.url")
-    return Settings(**({"DATABASE_URL": url} if url else {})).resolved_database_url()
+    return (Settings(database_url=url) if url else Settings()).resolved_database_url()
 
 
 def do_run_migrations(connection: Connection) -> None:

@@ -1,0 +1,199 @@
+"""The parts of the gateway stand alone: each is built from exactly the collaborators it uses, so a test
+(or another program) can build one without the rest. Here: the image service, the job runner and a
+worker, each with real stores (SQLite, a blob directory) and a provider that draws a fixed picture."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from kontext_gateway.catalog import Catalog
+from kontext_gateway.config import Settings
+from kontext_gateway.jobs.channels import JobChannels
+from kontext_gateway.jobs.runner import JobRunner, NoEvents
+from kontext_gateway.jobs.worker import Worker
+from kontext_gateway.keys import KeyStore
+from kontext_gateway.links import OwnLinks, URLSigner
+from kontext_gateway.params import Size
+from kontext_gateway.protocol import image_call
+from kontext_gateway.providers.base import Attempt, ImageJob, ProviderImage, ProviderResult
+from kontext_gateway.ratelimit import RateLimiter
+from kontext_gateway.routing import Router
+from kontext_gateway.service import ImageService
+from kontext_gateway.store.blobs import LocalBlobStore
+from kontext_gateway.store.db import Database
+from kontext_gateway.store.keys import KeyRows
+from kontext_gateway.store.records import JobStatus, RequestRow
+
+
+def red_png(size: Size) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size.width, size.height), (200, 0, 0)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class Painter:
+    """A provider that serves kontext-tiny with a red picture of the size asked."""
+
+    name = "local"
+    records_attempts = False
+    jobs: list[ImageJob] = field(default_factory=list)
+
+    def handling(self, entry: Any) -> dict[str, dict[str, str]]:
+        return {}
+
+    def available(self, entry: Any) -> bool:
+        return True
+
+    def unavailable_reason(self, entry: Any) -> str:
+        return ""
+
+    def unsupported(self, entry: Any, job: ImageJob) -> str | None:
+        return None
+
+    async def generate(self, entry: Any, job: ImageJob) -> ProviderResult:
+        self.jobs.append(job)
+        size = job.size.size or Size(16, 16)
+        job.attempts.append(Attempt("local", entry.config_key, "succeeded", 1, images=job.n))
+        return ProviderResult(images=[ProviderImage(data=red_png(size), format="png")] * job.n, size=size)
+
+    async def aclose(self) -> None:
+        pass
+
+
+@dataclass
+class Parts:
+    settings: Settings
+    db: Database
+    blobs: LocalBlobStore
+    catalog: Catalog
+    router: Router
+    painter: Painter
+    channels: JobChannels
+
+
+@pytest.fixture
+async def parts(tmp_path: Path) -> Any:
+    settings = Settings(
+        data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'k.db'}", workers=1, job_poll_interval_s=0.05
+    )
+    db = Database(settings.resolved_database_url())
+    await db.start()
+    painter = Painter()
+    try:
+        yield Parts(
+            settings,
+            db,
+            LocalBlobStore(tmp_path / "blobs"),
+            Catalog.load(),
+            Router({"local": painter}, settings),
+            painter,
+            JobChannels(),
+        )
+    finally:
+        await db.close()
+
+
+@dataclass
+class Queue:
+    """The service's view of where jobs run: told when one is enqueued."""
+
+    concurrency: int = 0
+    woken: int = 0
+
+    def wake(self) -> None:
+        self.woken += 1
+
+    def cancel(self, request_id: str) -> bool:
+        return False
+
+
+def image_service(p: Parts, queue: Queue) -> ImageService:
+    links = OwnLinks(URLSigner(b"s" * 32), p.blobs, p.db, public_url=None, ttl_s=60)
+    return ImageService(
+        settings=p.settings,
+        catalog=p.catalog,
+        router=p.router,
+        db=p.db,
+        blobs=p.blobs,
+        links=links,
+        channels=p.channels,
+        jobs=queue,
+        limits=RateLimiter(),
+        keys=KeyStore(KeyRows(p.db), p.catalog),
+        events=NoEvents(),
+    )
+
+
+async def test_the_image_service_alone_validates_prices_and_enqueues(parts: Parts) -> None:
+    queue = Queue()
+    service = image_service(parts, queue)
+    call = image_call("text-to-image", {"model": "kontext-tiny", "prompt": "a red square", "size": "32x32", "n": 2})
+    estimate = await service.estimate(call, base_url="http://gw.test/")
+    assert estimate["n"] == 2 and estimate["size"] == "32x32"
+    rid = await service.submit(call, base_url="http://gw.test/")
+    record = await parts.db.get_request(rid)
+    assert record is not None and record.status == JobStatus.STARTING and record.params["n"] == 2
+    assert queue.woken == 1 and parts.painter.jobs == []  # enqueued, not run: running is a worker's
+
+
+async def test_the_runner_alone_runs_a_job_to_its_end(parts: Parts) -> None:
+    rid = await image_service(parts, Queue()).submit(
+        image_call("text-to-image", {"model": "kontext-tiny", "prompt": "a red square", "size": "24x16"}),
+        base_url="http://gw.test/",
+    )
+    claimed = await parts.db.claim_next("test-worker", 30)
+    assert claimed is not None and claimed.id == rid
+    runner = JobRunner(
+        db=parts.db,
+        blobs=parts.blobs,
+        catalog=parts.catalog,
+        router=parts.router,
+        providers={"local": parts.painter},
+        settings=parts.settings,
+        channels=parts.channels,
+    )
+    status, provider = await runner.run(claimed)
+    assert (status, provider) == (JobStatus.SUCCEEDED, "local/kontext-tiny")
+    record = await parts.db.get_request(rid)
+    assert record is not None and record.output_size == "24x16"
+    stored = parts.blobs.get(record.output_blob_ids[0])
+    assert stored is not None and Image.open(io.BytesIO(stored)).size == (24, 16)
+
+
+@dataclass
+class Recorder:
+    """Stands in for the runner: records what the worker hands it."""
+
+    ran: list[RequestRow] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self, record: RequestRow) -> tuple[str, str | None]:
+        self.ran.append(record)
+        self.done.set()
+        return JobStatus.SUCCEEDED, None
+
+    def stopping(self, request_id: str, reason: str) -> None:
+        pass
+
+
+async def test_a_worker_alone_claims_and_hands_over_each_job_once(parts: Parts) -> None:
+    rid = await image_service(parts, Queue()).submit(
+        image_call("text-to-image", {"model": "kontext-tiny", "prompt": "a red square"}), base_url="http://gw.test/"
+    )
+    recorder = Recorder()
+    worker = Worker(parts.db, recorder, parts.settings)  # type: ignore[arg-type]
+    await worker.start()
+    try:
+        async with asyncio.timeout(30):
+            await recorder.done.wait()
+    finally:
+        await worker.stop()
+    assert [r.id for r in recorder.ran] == [rid] and recorder.ran[0].runs == 1
