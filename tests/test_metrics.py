@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from conftest import png_bytes, running_server, stop, wait_healthy
+from conftest import PATIENCE_S, png_bytes, running_server, stop, wait_healthy
 from fakes.common import free_port, serve
 from kontext_gateway.config import Settings
 
@@ -109,7 +109,7 @@ def test_scripted_run_shows_in_metrics(server: str, receiver: tuple[Receiver, st
     rid = pred.json()["id"]
     assert httpx.get(f"{server}/v1/predictions/{rid}").status_code == 200
     assert httpx.get(f"{server}/nowhere").status_code == 404
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + PATIENCE_S
     while True:  # the delivery's outcome is recorded just after the receiver answers
         after = scrape(server)
         if delta(before, after, "kontext_webhook_deliveries_total", event="completed", outcome="delivered"):

@@ -23,7 +23,7 @@ import httpcore
 import httpx
 import pytest
 
-from conftest import png_bytes
+from conftest import PATIENCE_S, png_bytes
 from kontext_gateway.config import Settings
 from kontext_gateway.errors import GatewayError
 from kontext_gateway.gateway import Gateway
@@ -204,7 +204,7 @@ async def test_webhook_name_rebound_to_loopback_is_not_reached(
             )
             await gw.db.mark_failed(rid, error={"message": "boom"}, attempts=[], duration_ms=1)
             await gw.webhooks.emit(await gw.db.get_request(rid) or {}, "completed")
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + PATIENCE_S
             while (row := (await gw.db.list_deliveries(rid))[0])["state"] in ("pending", "sending"):
                 assert time.monotonic() < deadline, row
                 await asyncio.sleep(0.02)

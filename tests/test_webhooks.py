@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
@@ -30,12 +31,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from conftest import running_server
+from conftest import PATIENCE_S, await_until, running_server
 from fakes.common import free_port, serve
 from kontext_gateway.api import webhooks as webhooks_api
 from kontext_gateway.config import Settings
 from kontext_gateway.errors import GatewayError
 from kontext_gateway.gateway import Gateway
+from kontext_gateway.jobs import webhooks as webhooks_jobs
 from kontext_gateway.jobs.webhooks import WebhookSecret, validate_webhook_url
 from kontext_gateway.store.db import Database
 from kontext_gateway.store.models import utcnow
@@ -49,6 +51,7 @@ FAST: dict[str, Any] = {
     "workers": 4,
 }
 JOB = {"model": "kontext-tiny", "prompt": "x", "size": "64x64"}
+HOLD_S = PATIENCE_S  # the longest a held receiver call waits for its gate
 
 
 # -- the receiver: records every call, verifies every signature, misbehaves on command ---------------------
@@ -72,12 +75,15 @@ class Receiver:
     delay: float = 0.0  # for calls past the plan
     inflight: dict[str, int] = field(default_factory=dict)
     max_inflight: dict[str, int] = field(default_factory=dict)
+    peak: int = 0  # the most calls in flight at once, across predictions
+    # When set: every call is held until it opens (or HOLD_S pass), so calls that can overlap do.
+    gate: threading.Event | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reset(self) -> None:
         with self.lock:
             self.calls.clear(), self.plan.clear(), self.inflight.clear(), self.max_inflight.clear()
-            self.delay, self.secret = 0.0, None
+            self.delay, self.secret, self.peak, self.gate = 0.0, None, 0, None
 
     def answer(self, *statuses: int, headers: dict[str, str] | None = None, delay: float = 0.0) -> None:
         with self.lock:
@@ -95,8 +101,12 @@ class Receiver:
             self.calls.append(Call(headers, body, payload, verified, time.monotonic()))
             self.inflight[pid] = self.inflight.get(pid, 0) + 1
             self.max_inflight[pid] = max(self.max_inflight.get(pid, 0), self.inflight[pid])
+            self.peak = max(self.peak, sum(self.inflight.values()))
             status, extra, delay = self.plan.pop(0) if self.plan else (200, {}, self.delay)
+            gate = self.gate
         try:
+            if gate is not None:
+                await asyncio.to_thread(gate.wait, HOLD_S)
             await asyncio.sleep(delay)
         finally:
             with self.lock:
@@ -139,13 +149,17 @@ async def gateway(
 
 
 async def run_job(gw: Gateway, url: str, events: list[str] | None = None, **fields: Any) -> dict[str, Any]:
+    """The job's final record, once its runner is done: every event it emits is queued by then."""
     rid = await gw.images.submit(
         mode="text-to-image", fields={**JOB, **fields}, files=[], webhook=url, webhook_events=events
     )
-    return await gw.images.wait(rid)
+    record = await gw.images.wait(rid)
+    # wait() may read the final status before the runner has queued the completed event.
+    assert await await_until(lambda: rid not in gw.worker.running), f"the runner of {rid} did not finish"
+    return record
 
 
-async def settle(gw: Gateway, rid: str, count: int, timeout: float = 15.0) -> list[dict[str, Any]]:
+async def settle(gw: Gateway, rid: str, count: int, timeout: float = PATIENCE_S) -> list[dict[str, Any]]:
     """The request's delivery log once it has `count` rows and none is still open."""
     deadline = time.monotonic() + timeout
     while True:
@@ -196,8 +210,7 @@ async def test_start_output_completed_signed_in_order(tmp_path: Path, receiver: 
 )
 async def test_filter_is_honoured(tmp_path: Path, receiver: Receiver, events: list[str], expected: list[str]) -> None:
     async with gateway(tmp_path, receiver) as gw:
-        record = await run_job(gw, receiver.url, events)
-        await asyncio.sleep(0.2)
+        record = await run_job(gw, receiver.url, events)  # every event the filter let through is queued
         rows = await settle(gw, record["id"], len(expected))
     assert [r["event"] for r in rows] == expected
     assert len(receiver.for_prediction(record["id"])) == len(expected)
@@ -289,18 +302,24 @@ async def test_unreachable_receiver_is_retried_and_logged_without_the_url(tmp_pa
 
 
 async def test_never_two_deliveries_in_flight_per_prediction(tmp_path: Path, receiver: Receiver) -> None:
-    receiver.delay = 0.3
+    # The receiver holds every call until deliveries of all three predictions are in flight at once: the
+    # predictions' later events queue meanwhile, and none of them may go out beside its own first one.
+    receiver.gate = threading.Event()
     async with gateway(tmp_path, receiver, webhook_concurrency=8) as gw:
-        records = await asyncio.gather(*(run_job(gw, receiver.url, seed=i) for i in range(3)))
+        runs = [asyncio.create_task(run_job(gw, receiver.url, seed=i)) for i in range(3)]
+        try:
+            await await_until(lambda: receiver.peak >= 3)
+        finally:
+            receiver.gate.set()
+        records = await asyncio.gather(*runs)
         for r in records:
             await settle(gw, r["id"], 3)
     for r in records:
         calls = receiver.for_prediction(r["id"])
         assert len(calls) == 3 and receiver.max_inflight[r["id"]] == 1
         assert [c.payload["status"] for c in calls] == ["processing", "succeeded", "succeeded"]
-    # Different predictions do go out side by side.
-    starts = sorted(c.at for c in receiver.calls)
-    assert max(receiver.inflight.values()) == 0 and starts[1] - starts[0] < 0.3
+    # Different predictions do go out side by side: one delivery of each was held at the same time.
+    assert max(receiver.inflight.values()) == 0 and receiver.peak == 3
 
 
 async def test_410_stops_the_predictions_deliveries(tmp_path: Path, receiver: Receiver) -> None:
@@ -334,7 +353,10 @@ async def test_deliveries_outlive_the_process(tmp_path: Path, receiver: Receiver
     assert call.verified and call.payload["status"] == "failed" and call.payload["error"] == "boom"
 
 
-async def test_non_terminal_events_throttled(tmp_path: Path) -> None:
+async def test_non_terminal_events_throttled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The throttle's clock, moved by hand: how long the emits themselves take does not matter.
+    now = [1000.0]
+    monkeypatch.setattr(webhooks_jobs, "time", SimpleNamespace(monotonic=lambda: now[0]))
     async with gateway(tmp_path, workers=False) as gw:
         rid = "req_" + uuid.uuid4().hex
         await gw.db.create_request(
@@ -348,7 +370,7 @@ async def test_non_terminal_events_throttled(tmp_path: Path) -> None:
         record = await gw.db.get_request(rid) or {}
         for _ in range(5):
             await gw.webhooks.emit(record, "logs")
-        await asyncio.sleep(0.55)
+        now[0] += 0.55
         await gw.webhooks.emit(record, "logs")
         # Terminal: never throttled; its output event, within 500 ms of the last logs one, is.
         await gw.webhooks.emit({**record, "status": "succeeded"}, "completed")
@@ -498,7 +520,7 @@ def test_each_key_reads_its_own_secret_and_its_webhooks_are_signed_with_it(
 
         receiver.secret = secrets["a"]  # it records every call; which secret verifies which is checked below
         ids = {"a": predict(a["key"]), "b": predict(b["key"]), "admin": predict(admin)}
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + PATIENCE_S
         while not all(receiver.for_prediction(pid) for pid in ids.values()):
             assert time.monotonic() < deadline, receiver.calls
             time.sleep(0.05)
@@ -622,9 +644,10 @@ async def test_claim_one_in_flight_per_request_in_order(db: Database) -> None:
 async def test_expired_sending_lease_is_claimed_again(db: Database) -> None:
     rid = await _request(db)
     did = await db.add_delivery(rid, event="completed", url="http://x/", payload={})
-    assert (await db.claim_delivery(0.05))["id"] == did  # type: ignore[index]
-    assert await db.claim_delivery(30) is None
-    await asyncio.sleep(0.1)  # the sender died: its lease runs out
+    assert (await db.claim_delivery(3600))["id"] == did  # type: ignore[index]
+    assert await db.claim_delivery(30) is None  # its sender holds the lease
+    # The sender died and its lease ran out: moved into the past in the row, not waited for.
+    await db._update_delivery(did, lease_until=utcnow() - timedelta(seconds=1))
     again = await db.claim_delivery(30)
     assert again is not None and again["id"] == did and again["attempts"] == 2
     await db.release_delivery(did)  # a shutdown hands it back, the attempt not counted
