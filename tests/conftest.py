@@ -1,4 +1,6 @@
-"""Shared fixtures: a real gateway on loopback (uvicorn in a thread) and the official OpenAI client.
+"""Shared fixtures: a real gateway on loopback (uvicorn in a thread) and the official OpenAI client;
+for a provider's own tests, its fake on loopback with a gateway whose only upstream it is
+(`upstream_fixtures`).
 
 Tests never bet on how fast a machine is. A test that waits for something bound to happen polls for it
 with `wait_until` (or `await_until`), which returns as soon as it holds and gives up only after
@@ -226,8 +228,9 @@ def upstream_fixtures(provider: str, make_fake: Callable[[], Any], **overrides: 
             yield url
 
     @pytest.fixture(scope="module")
-    def client(gateway: str) -> OpenAI:
-        return sdk_for(gateway)
+    def client(gateway: str) -> Iterator[OpenAI]:
+        with sdk_for(gateway) as sdk:
+            yield sdk
 
     @pytest.fixture(autouse=True)
     def _reset(fake: Any) -> Iterator[None]:
@@ -255,8 +258,9 @@ def base_url(settings: Settings) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def client(base_url: str):
-    return sdk_for(base_url, key="not-needed")  # no key is needed on loopback
+def client(base_url: str) -> Iterator[OpenAI]:
+    with sdk_for(base_url, key="not-needed") as sdk:  # no key is needed on loopback
+        yield sdk
 
 
 @pytest.fixture(scope="session")

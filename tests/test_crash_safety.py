@@ -47,25 +47,27 @@ class Receiver:
 @contextmanager
 def gateway_process(data_dir: Path, env: dict[str, str]) -> Iterator[tuple[subprocess.Popen, str]]:
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kontext_gateway",
-            "serve",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data_dir),
-            "--log-level",
-            "warning",
-        ],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    log = data_dir / f"gateway-{port}.log"  # a file, not a pipe nobody reads (it could fill)
+    with open(log, "wb") as stderr:  # the process keeps its own copy
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kontext_gateway",
+                "serve",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(data_dir),
+                "--log-level",
+                "warning",
+            ],
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, proc)
+    wait_healthy(url, proc, log)
     try:
         yield proc, url
     finally:

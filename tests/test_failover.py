@@ -35,9 +35,10 @@ def gateway(upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 @pytest.fixture
-def sdk(gateway: str, upstreams: Upstreams) -> OpenAI:
+def sdk(gateway: str, upstreams: Upstreams) -> Iterator[OpenAI]:
     upstreams.reset()
-    return sdk_for(gateway)
+    with sdk_for(gateway) as client:
+        yield client
 
 
 def meta(resp: Any) -> dict:
@@ -141,11 +142,10 @@ def test_circuit_breaker_opens_and_recovers(upstreams: Upstreams, tmp_path: Path
         tmp_path, provider_priority=PRIORITY, breaker_failures=2, breaker_reset_s=30, upstream_retries=0
     )
     app = create_app(settings)
-    with serve(app) as url:
+    with serve(app) as url, sdk_for(url) as sdk:
         # The breaker's clock, moved by hand: the breaker stays open however long the requests take.
         now = [1000.0]
         app.state.gateway.router.breaker.clock = lambda: now[0]
-        sdk = sdk_for(url)
         upstreams.fal.faults.always("503", at="submit")
         for _ in range(2):  # two failures open fal's breaker; bfl serves
             assert meta(sdk.images.generate(model="flux.1-kontext-pro", prompt="x"))["provider"] == "bfl"
@@ -182,8 +182,7 @@ def test_200_requests_under_random_faults_all_succeed(upstreams: Upstreams, tmp_
     upstreams.bfl.faults.randomly(0.5, kinds, seed=2)
     upstreams.fireworks.faults.randomly(0.5, kinds, seed=3)
     settings = upstreams.settings(tmp_path, provider_priority=PRIORITY)
-    with running_server(settings) as url:
-        sdk = sdk_for(url)
+    with running_server(settings) as url, sdk_for(url) as sdk:
 
         def one(i: int) -> tuple[str, int]:
             resp = sdk.images.generate(

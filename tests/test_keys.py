@@ -80,10 +80,11 @@ def test_key_lifecycle_from_the_cli_is_seen_by_a_running_server(tmp_path: Path) 
         wrong = httpx.get(base + "/v1/models", headers={"authorization": "Bearer kx-not-a-real-key-at-all"})
         assert "Incorrect API key" in expect_error(wrong, 401, "invalid_api_key")["message"]
         assert "kx-not-a-real-key-at-all" not in wrong.text  # the key is never echoed whole
-        with pytest.raises(openai.AuthenticationError):
-            sdk(base).models.list()
+        with sdk(base) as anonymous, pytest.raises(openai.AuthenticationError):
+            anonymous.models.list()
 
-        resp = sdk(base, key).images.generate(model="kontext-tiny", prompt="a kite", size="32x32", n=2)
+        with sdk(base, key) as client:
+            resp = client.images.generate(model="kontext-tiny", prompt="a kite", size="32x32", n=2)
         assert open_image(httpx.get(resp.data[0].url).content).size == (32, 32)
 
         shown = json.loads(kontext(tmp_path, "keys", "show", view["id"], "--json").stdout)
@@ -100,8 +101,8 @@ def test_key_lifecycle_from_the_cli_is_seen_by_a_running_server(tmp_path: Path) 
         revoked = kontext(tmp_path, "keys", "revoke", view["id"], "--json")
         assert json.loads(revoked.stdout)["status"] == "revoked"
         eventually(lambda: httpx.get(base + "/v1/models", headers={"authorization": f"Bearer {key}"}), 401)
-        with pytest.raises(openai.AuthenticationError) as denied:
-            sdk(base, key).images.generate(model="kontext-tiny", prompt="a kite", size="32x32")
+        with sdk(base, key) as client, pytest.raises(openai.AuthenticationError) as denied:
+            client.images.generate(model="kontext-tiny", prompt="a kite", size="32x32")
         assert "revoked" in denied.value.body["message"]
         # Revoking every key does not reopen the gateway.
         assert httpx.get(base + "/v1/models").status_code == 401

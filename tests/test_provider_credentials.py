@@ -71,8 +71,9 @@ def _reset(upstreams: Upstreams, elsewhere: tuple[Elsewhere, str], cdn: tuple[El
 
 
 @pytest.fixture
-def sdk(gateway: str) -> OpenAI:
-    return sdk_for(gateway)
+def sdk(gateway: str) -> Iterator[OpenAI]:
+    with sdk_for(gateway) as client:
+        yield client
 
 
 def meta(resp: Any) -> dict[str, Any]:
