@@ -128,7 +128,7 @@ def throwaway_postgres_database(prefix: str) -> Iterator[str]:
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
 
     async def admin(sql: str) -> None:
-        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres", timeout=5)
+        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres", timeout=PATIENCE_S)
         try:
             await conn.execute(sql)
         finally:

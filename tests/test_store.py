@@ -44,7 +44,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterato
         yield Backend("sqlite", f"sqlite+aiosqlite:///{tmp_path / 'data' / 'kontext.db'}")
         return
     try:
-        admin = await asyncpg.connect(PG_DSN, timeout=2)
+        admin = await asyncpg.connect(PG_DSN, timeout=PATIENCE_S)  # refused at once when it is not there
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
         pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {e!r}")
     # A fresh schema per test, first (and only) on the search_path of every connection the store opens:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from sqlalchemy import update
 
-from conftest import running_server, throwaway_postgres_database
+from conftest import PATIENCE_S, running_server, throwaway_postgres_database
 from kontext_gateway import cli
 from kontext_gateway.config import Settings
 from kontext_gateway.store.db import Database
@@ -31,7 +31,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         import asyncpg
 
         async def off_utc() -> None:  # date(timestamptz) would now give New York days
-            conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres", timeout=5)
+            conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres", timeout=PATIENCE_S)
             try:
                 await conn.execute(f"ALTER DATABASE \"{url.rsplit('/', 1)[1]}\" SET timezone TO 'America/New_York'")
             finally:

@@ -598,7 +598,8 @@ async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Da
         await database.close()
         return
     try:
-        admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test", timeout=2)
+        # Refused at once when it is not there; a busy server is only slow to answer.
+        admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test", timeout=PATIENCE_S)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
         pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {e!r}")
     schema = f"test_{uuid.uuid4().hex[:16]}"
