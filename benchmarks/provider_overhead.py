@@ -229,6 +229,7 @@ async def _parts(fake_url: str, data_dir: Path, n: int) -> list[tuple[str, float
     from kontext_gateway.imaging import decode_image
     from kontext_gateway.jobs.spec import to_params
     from kontext_gateway.keys import OPEN
+    from kontext_gateway.protocol import image_call
 
     rows: list[tuple[str, float, float, float]] = []
 
@@ -251,19 +252,21 @@ async def _parts(fake_url: str, data_dir: Path, n: int) -> list[tuple[str, float
         pngs = iter([make_image(256, 256, "png", seed=i) for i in range(n + 20)])
         png = make_image(256, 256, "png", seed=0)
         fields = {"model": GATEWAY_MODEL, "prompt": PROMPT, "response_format": "url"}
-        job, forced, req, _, _ = await gw.images._prepare("req_x", "text-to-image", fields, [], None, OPEN)
+        base = "http://127.0.0.1/"
+        prepared = await gw.images._prepare("req_x", image_call("text-to-image", fields), None, OPEN, base)
+        job = prepared.job
         job_params = to_params(
             job,
             input_blob_ids=[],
             response_format="url",
-            requested_model=req.model,
-            forced=forced.config_key if forced else None,
+            requested_model=prepared.params.model,
+            forced=prepared.forced.config_key if prepared.forced else None,
             provider=None,
         )
         client = gw.providers["replicate"].client
 
         async def prepare() -> None:
-            await gw.images._prepare("req_x", "text-to-image", fields, [], None, OPEN)
+            await gw.images._prepare("req_x", image_call("text-to-image", fields), None, OPEN, base)
 
         async def upstream_calls() -> None:
             body = {
@@ -285,8 +288,8 @@ async def _parts(fake_url: str, data_dir: Path, n: int) -> list[tuple[str, float
             decode_image(png, param="output", max_pixels=gw.settings.max_input_pixels)
 
         async def route() -> None:
-            j, f, _, _, _ = await gw.images._prepare("req_x", "text-to-image", fields, [], None, OPEN)
-            await gw.router.run(gw.router.candidates(j.model, j.mode, j, forced=f), j)
+            p = await gw.images._prepare("req_x", image_call("text-to-image", fields), None, OPEN, base)
+            await gw.router.run(gw.router.candidates(p.job.model, p.job.mode, p.job, forced=p.forced), p.job)
 
         async def blob() -> None:
             gw.blobs.put(next(pngs), ext="png")
@@ -333,9 +336,9 @@ async def _parts(fake_url: str, data_dir: Path, n: int) -> list[tuple[str, float
                 con.execute("COMMIT")
 
         async def create() -> None:
-            await gw.images.create(mode="text-to-image", fields=dict(fields), files=[], base_url="http://127.0.0.1/")
+            await gw.images.create(image_call("text-to-image", dict(fields)), base_url=base)
 
-        await timed("ImageService._prepare: parse, validate, resolve the model, order providers", prepare)
+        await timed("image_call + ImageService._prepare: parse, validate, resolve the model, order providers", prepare)
         await timed("the 2 upstream calls (POST prediction, GET output), adapter's httpx client", upstream_calls)
         await timed("decode_image of the 256x256 result (once per request)", decode)
         await timed("_prepare + Router.run: upstream calls, decode, attempt bookkeeping", route)

@@ -1,17 +1,29 @@
-"""Shared fixtures: a real gateway on loopback (uvicorn in a thread) and the official OpenAI client."""
+"""Shared fixtures: a real gateway on loopback (uvicorn in a thread) and the official OpenAI client;
+for a provider's own tests, its fake on loopback with a gateway whose only upstream it is
+(`upstream_fixtures`).
+
+Tests never bet on how fast a machine is. A test that waits for something bound to happen polls for it
+with `wait_until` (or `await_until`), which returns as soon as it holds and gives up only after
+PATIENCE_S; a client that goes away mid-request does so at a known point (`post_and_hang_up`), not
+after a guessed timeout; and clocks that decide an outcome (leases, breakers, throttles) are moved by
+the test rather than waited out.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
+import json
 import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -22,10 +34,50 @@ from kontext_gateway.api.app import create_app
 from kontext_gateway.config import Settings
 
 if TYPE_CHECKING:
+    from openai import OpenAI
+
     from fakes.upstreams import Upstreams
     from kontext_gateway.engine.pipeline import KontextEngine
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+# The longest a test waits for what is bound to happen. Generous: the waits end as soon as it has
+# happened, so this costs nothing when all is well, and a busy machine is slow, not wrong.
+PATIENCE_S = 60.0
+
+
+def wait_until(condition: Callable[[], object], timeout: float = PATIENCE_S, interval: float = 0.05) -> bool:
+    """Whether `condition()` came true within `timeout` seconds; returns as soon as it does."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+async def await_until(condition: Callable[[], object], timeout: float = PATIENCE_S, interval: float = 0.02) -> bool:
+    """`wait_until` for async tests: polls without blocking the event loop."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(interval)
+    return True
+
+
+def post_and_hang_up(base_url: str, path: str, body: dict[str, Any], *, once: Callable[[], object]) -> None:
+    """A client that goes away mid-request: POST `body` as JSON, then close the connection unanswered as
+    soon as `once()` holds (the work is under way). Not a short client timeout: on a busy machine that
+    can run out before the gateway has even started the work."""
+    where = urlsplit(base_url)
+    data = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {where.netloc}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(data)}\r\n\r\n"
+    )
+    with socket.create_connection((where.hostname, where.port), timeout=PATIENCE_S) as conn:
+        conn.sendall(head.encode() + data)
+        assert wait_until(once), f"POST {path}: the work never got under way"
 
 
 @contextmanager
@@ -76,7 +128,7 @@ def throwaway_postgres_database(prefix: str) -> Iterator[str]:
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
 
     async def admin(sql: str) -> None:
-        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres", timeout=5)
+        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres", timeout=PATIENCE_S)
         try:
             await conn.execute(sql)
         finally:
@@ -142,6 +194,53 @@ def upstreams() -> Iterator[Upstreams]:
         yield ups
 
 
+def sdk_for(base_url: str, key: str = "x") -> OpenAI:
+    """The official SDK, unchanged, pointed at a gateway; no retries, so a test sees every failure."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def upstream_fixtures(provider: str, make_fake: Callable[[], Any], **overrides: Any) -> tuple[Any, ...]:
+    """The fixtures of a module that tests one provider against its fake, to be bound by these names:
+
+        fake, fake_url, gateway, client, _reset = upstream_fixtures("bfl", FakeBFL, provider_concurrency=...)
+
+    `fake` (made once by `make_fake`), `fake_url` (it, served on loopback), `gateway` (the URL of a gateway
+    whose only upstream it is: fakes.upstreams.solo_settings with `overrides`), the SDK pointed at that
+    gateway (any name), and `_reset`, autouse: the fake as made again before and after every test."""
+
+    @pytest.fixture(scope="module")
+    def fake() -> Any:
+        return make_fake()
+
+    @pytest.fixture(scope="module")
+    def fake_url(fake: Any) -> Iterator[str]:
+        with serve(fake.app) as url:
+            yield url
+
+    @pytest.fixture(scope="module")
+    def gateway(fake_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+        from fakes.upstreams import solo_settings
+
+        data_dir = tmp_path_factory.mktemp(f"{provider}-gateway")
+        with running_server(solo_settings(provider, data_dir, fake_url, **overrides)) as url:
+            yield url
+
+    @pytest.fixture(scope="module")
+    def client(gateway: str) -> Iterator[OpenAI]:
+        with sdk_for(gateway) as sdk:
+            yield sdk
+
+    @pytest.fixture(autouse=True)
+    def _reset(fake: Any) -> Iterator[None]:
+        fake.reset()
+        yield
+        fake.reset()
+
+    return fake, fake_url, gateway, client, _reset
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("gateway-data")
@@ -159,11 +258,9 @@ def base_url(settings: Settings) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def client(base_url: str):
-    from openai import OpenAI
-
-    # The official SDK, unchanged, pointed at the gateway. No key is needed on loopback.
-    return OpenAI(base_url=f"{base_url}/v1", api_key="not-needed", max_retries=0, timeout=120)
+def client(base_url: str) -> Iterator[OpenAI]:
+    with sdk_for(base_url, key="not-needed") as sdk:  # no key is needed on loopback
+        yield sdk
 
 
 @pytest.fixture(scope="session")

@@ -65,6 +65,7 @@ def test_requests_per_minute_429(server: tuple[str, dict[str, Any]]) -> None:
         client.images.generate(**TINY)
     with pytest.raises(openai.RateLimitError) as limited:
         client.images.generate(**TINY)
+    client.close()
     resp = limited.value.response
     assert 1 <= int(resp.headers["retry-after"]) <= 60 and resp.headers["x-ratelimit-limit-requests"] == "2"
     assert "x-should-retry" not in resp.headers  # a 429 is worth retrying after retry-after
@@ -121,8 +122,11 @@ def test_budget_402_when_the_estimate_does_not_fit(server: tuple[str, dict[str, 
     assert err["type"] == "billing_error" and err["code"] == "insufficient_budget" and err["param"] is None
     assert "$0.0020" in err["message"] and "$0.0010" in err["message"] and "daily" in err["message"]
     assert refused.headers["x-should-retry"] == "false" and refused.headers["x-request-id"].startswith("req_")
-    with pytest.raises(openai.APIStatusError) as sdk_err:  # the SDK surfaces it as a 402
-        openai.OpenAI(base_url=base + "/v1", api_key=key["key"], max_retries=0).images.generate(**TINY, n=2)
+    with (
+        openai.OpenAI(base_url=base + "/v1", api_key=key["key"], max_retries=0) as client,
+        pytest.raises(openai.APIStatusError) as sdk_err,  # the SDK surfaces it as a 402
+    ):
+        client.images.generate(**TINY, n=2)
     assert sdk_err.value.status_code == 402
     assert httpx.post(base + "/v1/images/generations", headers=bearer(key), json=TINY, timeout=60).status_code == 200
     view = show(base, key, admin)

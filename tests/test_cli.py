@@ -47,8 +47,8 @@ def test_generate_and_edit(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
-    img = Image.open(tmp_path / "fox.webp")
-    assert img.format == "WEBP" and img.size == (96, 64)
+    with Image.open(tmp_path / "fox.webp") as img:
+        assert img.format == "WEBP" and img.size == (96, 64)
     assert "seed 3" in out.stdout
 
     (tmp_path / "in.png").write_bytes(png_bytes(80, 60))
@@ -68,7 +68,8 @@ def test_generate_and_edit(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     for i in (1, 2):
-        assert Image.open(tmp_path / f"night-{i}.png").size == (64, 48)
+        with Image.open(tmp_path / f"night-{i}.png") as img:
+            assert img.size == (64, 48)
 
 
 def test_errors_are_reported_in_words(tmp_path: Path) -> None:

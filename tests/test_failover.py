@@ -7,7 +7,6 @@ n=4 fan-out with a failing sub-request, the circuit breaker, and 200 requests un
 from __future__ import annotations
 
 import concurrent.futures
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,10 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import open_image, running_server
+from conftest import open_image, running_server, sdk_for
+from fakes.common import serve
 from fakes.upstreams import Upstreams
+from kontext_gateway.api.app import create_app
 
 # Order fal, bfl, fireworks, replicate: every test knows who is tried first.
 PRIORITY = {"fal": 0, "bfl": 1, "fireworks": 2, "replicate": 3}
@@ -34,9 +35,10 @@ def gateway(upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 @pytest.fixture
-def sdk(gateway: str, upstreams: Upstreams) -> OpenAI:
+def sdk(gateway: str, upstreams: Upstreams) -> Iterator[OpenAI]:
     upstreams.reset()
-    return OpenAI(base_url=gateway + "/v1", api_key="x", max_retries=0, timeout=60)
+    with sdk_for(gateway) as client:
+        yield client
 
 
 def meta(resp: Any) -> dict:
@@ -137,10 +139,13 @@ def test_n4_fan_out_with_one_failing_sub_request(sdk: OpenAI, upstreams: Upstrea
 def test_circuit_breaker_opens_and_recovers(upstreams: Upstreams, tmp_path: Path) -> None:
     upstreams.reset()
     settings = upstreams.settings(
-        tmp_path, provider_priority=PRIORITY, breaker_failures=2, breaker_reset_s=1.0, upstream_retries=0
+        tmp_path, provider_priority=PRIORITY, breaker_failures=2, breaker_reset_s=30, upstream_retries=0
     )
-    with running_server(settings) as url:
-        sdk = OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+    app = create_app(settings)
+    with serve(app) as url, sdk_for(url) as sdk:
+        # The breaker's clock, moved by hand: the breaker stays open however long the requests take.
+        now = [1000.0]
+        app.state.gateway.router.breaker.clock = lambda: now[0]
         upstreams.fal.faults.always("503", at="submit")
         for _ in range(2):  # two failures open fal's breaker; bfl serves
             assert meta(sdk.images.generate(model="flux.1-kontext-pro", prompt="x"))["provider"] == "bfl"
@@ -153,7 +158,7 @@ def test_circuit_breaker_opens_and_recovers(upstreams: Upstreams, tmp_path: Path
         }
         assert upstreams.submits("fal") == 2  # out of rotation: not called
         upstreams.fal.faults.clear()  # fal recovers; after the reset time one probe goes through
-        time.sleep(1.1)
+        now[0] += 30
         assert meta(sdk.images.generate(model="flux.1-kontext-pro", prompt="x"))["provider"] == "fal"
         assert meta(sdk.images.generate(model="flux.1-kontext-pro", prompt="x"))["provider"] == "fal"
 
@@ -177,8 +182,7 @@ def test_200_requests_under_random_faults_all_succeed(upstreams: Upstreams, tmp_
     upstreams.bfl.faults.randomly(0.5, kinds, seed=2)
     upstreams.fireworks.faults.randomly(0.5, kinds, seed=3)
     settings = upstreams.settings(tmp_path, provider_priority=PRIORITY)
-    with running_server(settings) as url:
-        sdk = OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+    with running_server(settings) as url, sdk_for(url) as sdk:
 
         def one(i: int) -> tuple[str, int]:
             resp = sdk.images.generate(

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from sqlalchemy import update
 
-from conftest import png_bytes, running_server
+from conftest import PATIENCE_S, png_bytes, running_server
 from kontext_gateway.config import Settings
 from kontext_gateway.retention import cutoff as retention_cutoff
 from kontext_gateway.store.db import Database
@@ -317,7 +317,7 @@ def test_metadata_retention_purges_after_the_links_expire(tmp_path: Path) -> Non
         blob = resp.json()["data"][0]["url"].split("/v1/blobs/")[1].split("?")[0]
         item = httpx.get(f"{base}/v1/requests/{rid}").json()
         assert item["prompt"] is None  # metadata-only: prompts are never shown
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + PATIENCE_S
         while not (item := httpx.get(f"{base}/v1/requests/{rid}").json())["purged"]:
             assert time.monotonic() < deadline, "the sweep did not purge the request"
             time.sleep(0.2)

@@ -10,7 +10,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import png_bytes, running_server
+from conftest import png_bytes, running_server, sdk_for
 from fakes.common import serve
 from fakes.replicate import FakeReplicate
 from kontext_gateway.config import Settings
@@ -36,9 +36,10 @@ def gateway(fake: tuple[FakeReplicate, str], tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture
-def sdk(gateway: str, fake: tuple[FakeReplicate, str]) -> OpenAI:
+def sdk(gateway: str, fake: tuple[FakeReplicate, str]) -> Iterator[OpenAI]:
     fake[0].requests.clear()
-    return OpenAI(base_url=gateway + "/v1", api_key="x", max_retries=0, timeout=60)
+    with sdk_for(gateway) as client:
+        yield client
 
 
 def test_a_retry_joins_the_original(sdk: OpenAI, fake: tuple[FakeReplicate, str]) -> None:

@@ -218,3 +218,4 @@ def test_acceleration_through_the_openai_sdk(lean_base: str) -> None:
     schema = client.get("/models/kontext-tiny?schema=true", cast_to=object)["schema"]
     accel = schema["modes"]["text-to-image"]["properties"]["acceleration"]
     assert accel["enum"] == ["high", "none", "regular"] and "local/kontext-tiny" in accel["x-providers"]
+    client.close()

@@ -111,25 +111,26 @@ def test_server_logs_are_json_with_request_ids_and_no_secrets(tmp_path: Path) ->
     }
     env.pop("KONTEXT_LOG_FORMAT", None)
     # Debug: uvicorn's access log is on, so request lines (query strings included) are logged too.
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kontext_gateway",
-            "serve",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(tmp_path),
-            "--log-format",
-            "json",
-            "--log-level",
-            "debug",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "stderr", "wb"),
-    )
+    with open(tmp_path / "stderr", "wb") as stderr:  # the server keeps its own copy
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kontext_gateway",
+                "serve",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(tmp_path),
+                "--log-format",
+                "json",
+                "--log-level",
+                "debug",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     ids = []
     try:
         wait_healthy(url, proc, tmp_path / "stderr")

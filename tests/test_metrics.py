@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from conftest import png_bytes, running_server, stop, wait_healthy
+from conftest import PATIENCE_S, png_bytes, running_server, stop, wait_healthy
 from fakes.common import free_port, serve
 from kontext_gateway.config import Settings
 
@@ -95,6 +95,7 @@ def test_scripted_run_shows_in_metrics(server: str, receiver: tuple[Receiver, st
         response_format="b64_json",
         extra_body={"size": "64x48"},
     )
+    client.close()
     pred = httpx.post(
         f"{server}/v1/models/kontext-gateway/kontext-tiny/predictions",
         timeout=60,
@@ -109,7 +110,7 @@ def test_scripted_run_shows_in_metrics(server: str, receiver: tuple[Receiver, st
     rid = pred.json()["id"]
     assert httpx.get(f"{server}/v1/predictions/{rid}").status_code == 200
     assert httpx.get(f"{server}/nowhere").status_code == 404
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + PATIENCE_S
     while True:  # the delivery's outcome is recorded just after the receiver answers
         after = scrape(server)
         if delta(before, after, "kontext_webhook_deliveries_total", event="completed", outcome="delivered"):
@@ -173,12 +174,13 @@ def test_unknown_models_share_one_label(server: str) -> None:
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "kontext_gateway", *args],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=open(log, "wb"),
-    )
+    with open(log, "wb") as stderr:  # the process keeps its own copy
+        return subprocess.Popen(
+            [sys.executable, "-m", "kontext_gateway", *args],
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
 
 
 def test_multiprocess_api_and_worker_export_one_view(tmp_path: Path) -> None:
@@ -199,6 +201,7 @@ def test_multiprocess_api_and_worker_export_one_view(tmp_path: Path) -> None:
             client.images.generate(model="kontext-tiny", prompt="x", size="64x64", response_format="b64_json")
         with pytest.raises(openai.BadRequestError):
             client.images.generate(model="kontext-tiny", prompt="x", n=0)
+        client.close()
         after = scrape(url)
     finally:
         for proc in (worker, api):

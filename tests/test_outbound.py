@@ -23,7 +23,7 @@ import httpcore
 import httpx
 import pytest
 
-from conftest import png_bytes
+from conftest import PATIENCE_S, png_bytes
 from kontext_gateway.config import Settings
 from kontext_gateway.errors import GatewayError
 from kontext_gateway.gateway import Gateway
@@ -207,7 +207,7 @@ async def test_webhook_name_rebound_to_loopback_is_not_reached(
             record = await gw.db.get_request(rid)
             assert record is not None
             await gw.webhooks.emit(record, "completed")
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + PATIENCE_S
             while (row := (await gw.db.list_deliveries(rid))[0]).state in ("pending", "sending"):
                 assert time.monotonic() < deadline, row
                 await asyncio.sleep(0.02)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,10 +18,14 @@ TINY = "kontext-gateway/kontext-tiny"
 
 
 @pytest.fixture(scope="module")
-def rc(base_url: str) -> replicate.Client:
-    client = replicate.Client(api_token="not-needed", base_url=base_url)
-    client.poll_interval = 0.05
-    return client
+def rc(base_url: str) -> Iterator[replicate.Client]:
+    # The client has no close(): its connections are closed through the transport given it.
+    with httpx.HTTPTransport() as transport:
+        client = replicate.Client(
+            api_token="not-needed", base_url=base_url, timeout=httpx.Timeout(120), transport=transport
+        )
+        client.poll_interval = 0.05
+        yield client
 
 
 def image_at(url: str):

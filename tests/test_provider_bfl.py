@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,65 +16,21 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from conftest import open_image, png_bytes, running_server
-from fakes.bfl import FakeBFL, output_size
-from fakes.common import serve
-from kontext_gateway.config import Settings
+from conftest import open_image, png_bytes, running_server, upstream_fixtures
+from fakes.bfl import FakeBFL
+from fakes.common import output_size, serve
+from fakes.upstreams import solo_settings
 from kontext_gateway.providers.bfl import BFLProvider
 
 SCALE = FakeBFL().results.scale
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "gif": "GIF", "webp": "WEBP", "avif": "AVIF"}
 
 
-def settings_for(data_dir: Path, fake_url: str, **overrides: Any) -> Settings:
-    return Settings(
-        **{
-            "data_dir": data_dir,
-            "database_url": f"sqlite:///{data_dir / 'gateway.db'}",
-            "bfl_api_key": "bfl_test",
-            "bfl_base_url": fake_url,
-            "replicate_api_token": None,
-            "fireworks_api_key": None,
-            "fal_key": None,  # BFL is the only upstream
-            "upstream_poll_interval_s": 0.01,
-            "upstream_backoff_s": 0.01,
-            "upstream_backoff_max_s": 0.05,
-            "provider_concurrency": {"bfl": 2},
-            **overrides,
-        }
-    )
-
-
-@pytest.fixture(scope="module")
-def fake() -> FakeBFL:
-    return FakeBFL()
-
-
-@pytest.fixture(scope="module")
-def fake_url(fake: FakeBFL) -> Iterator[str]:
-    with serve(fake.app) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def gateway(fake_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with running_server(settings_for(tmp_path_factory.mktemp("bfl-gateway"), fake_url)) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(gateway: str) -> OpenAI:
-    return OpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0, timeout=60)
-
-
-@pytest.fixture(autouse=True)
-def _reset(fake: FakeBFL) -> Iterator[None]:
-    fake.faults.clear()
-    fake.requests.clear()
-    fake.peak.clear()
-    fake.tasks.clear()  # tasks a failed attempt left behind would count as active for a while
-    yield
-    fake.pending_polls, fake.states = 2, ("Pending",)
+# Tasks nobody polls end after 10 minutes here, not the fake's 2 s: however slow the polls, no task
+# ends before the gateway has seen it through.
+fake, fake_url, gateway, client, _reset = upstream_fixtures(
+    "bfl", lambda: FakeBFL(run_s=600), provider_concurrency={"bfl": 2}
+)
 
 
 def decode(item: Any) -> Image.Image:
@@ -316,7 +271,7 @@ def test_bad_key_is_reported_without_the_key(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     secret = "bfl_WRONG_d0n0tleak_42"
-    with running_server(settings_for(tmp_path, fake_url, bfl_api_key=secret)) as url:
+    with running_server(solo_settings("bfl", tmp_path, fake_url, key=secret)) as url:
         resp = httpx.post(
             f"{url}/v1/images/generations", json={"model": "flux.1-kontext-max", "prompt": "x"}, timeout=60
         )
@@ -341,7 +296,8 @@ def test_bad_key_is_reported_without_the_key(
 def test_active_tasks_stay_under_the_limit(
     client: OpenAI, fake: FakeBFL, model: str, requests: int, limit: int
 ) -> None:
-    fake.pending_polls = 8  # tasks stay active for a while, so requests overlap
+    fake.pending_polls = 8  # tasks stay active for a while, so the limit is pressed
+    fake.overlap = 2  # and pending until two are active at once: requests do overlap, however slow
     with ThreadPoolExecutor(requests) as pool:
         results = list(
             pool.map(

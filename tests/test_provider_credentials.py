@@ -18,7 +18,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from conftest import open_image, running_server
+from conftest import open_image, running_server, sdk_for
 from fakes.common import Elsewhere, serve
 from fakes.upstreams import Upstreams
 from kontext_gateway.catalog import Catalog
@@ -71,8 +71,9 @@ def _reset(upstreams: Upstreams, elsewhere: tuple[Elsewhere, str], cdn: tuple[El
 
 
 @pytest.fixture
-def sdk(gateway: str) -> OpenAI:
-    return OpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0, timeout=60)
+def sdk(gateway: str) -> Iterator[OpenAI]:
+    with sdk_for(gateway) as client:
+        yield client
 
 
 def meta(resp: Any) -> dict[str, Any]:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,62 +15,17 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from conftest import open_image, png_bytes, running_server
-from fakes.common import serve
-from fakes.fal import FakeFal, output_size
-from kontext_gateway.config import Settings
+from conftest import open_image, png_bytes, post_and_hang_up, running_server, upstream_fixtures, wait_until
+from fakes.common import output_size
+from fakes.fal import FakeFal
+from fakes.upstreams import solo_settings
 from kontext_gateway.providers.fal import FalProvider
 
 SCALE = FakeFal().results.scale
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "gif": "GIF", "webp": "WEBP", "avif": "AVIF"}
 
 
-def settings_for(data_dir: Path, fake_url: str, **overrides: Any) -> Settings:
-    return Settings(
-        **{
-            "data_dir": data_dir,
-            "database_url": f"sqlite:///{data_dir / 'gateway.db'}",
-            "fal_key": "fal_test",
-            "fal_base_url": fake_url,
-            "replicate_api_token": None,
-            "fireworks_api_key": None,
-            "bfl_api_key": None,  # fal is the only upstream
-            "upstream_poll_interval_s": 0.01,
-            "upstream_backoff_s": 0.01,
-            "upstream_backoff_max_s": 0.05,
-            **overrides,
-        }
-    )
-
-
-@pytest.fixture(scope="module")
-def fake() -> FakeFal:
-    return FakeFal()
-
-
-@pytest.fixture(scope="module")
-def fake_url(fake: FakeFal) -> Iterator[str]:
-    with serve(fake.app) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def gateway(fake_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with running_server(settings_for(tmp_path_factory.mktemp("fal-gateway"), fake_url)) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(gateway: str) -> OpenAI:
-    return OpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0, timeout=60)
-
-
-@pytest.fixture(autouse=True)
-def _reset(fake: FakeFal) -> Iterator[None]:
-    fake.faults.clear()
-    fake.requests.clear()
-    yield
-    fake.pending_polls = 2
+fake, fake_url, gateway, client, _reset = upstream_fixtures("fal", FakeFal)
 
 
 def decode(item: Any) -> Image.Image:
@@ -421,7 +374,7 @@ def test_bad_key_is_reported_without_the_key(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     secret = "fal_WRONG_d0n0tleak_42"
-    with running_server(settings_for(tmp_path, fake_url, fal_key=secret)) as url:
+    with running_server(solo_settings("fal", tmp_path, fake_url, key=secret)) as url:
         resp = httpx.post(
             f"{url}/v1/images/generations", json={"model": "flux.1-kontext-pro", "prompt": "x"}, timeout=60
         )
@@ -435,16 +388,20 @@ def test_bad_key_is_reported_without_the_key(
 
 def test_abandoned_request_cancels_the_fal_task(fake: FakeFal, gateway: str) -> None:
     fake.pending_polls = 10**6  # the task stays in the queue
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{gateway}/v1/images/generations", json={"model": "flux.1-kontext-pro", "prompt": "x"}, timeout=1.0)
-    cancels: list[tuple[str, dict[str, str]]] = []
-    deadline = time.monotonic() + 5
-    while not cancels and time.monotonic() < deadline:
-        time.sleep(0.05)
-        cancels = [(p, h) for method, p, h, _ in fake.requests if method == "PUT"]
-    assert len(cancels) == 1, "the gateway did not cancel the fal task when the client went away"
+    post_and_hang_up(  # once the gateway polls the task
+        gateway,
+        "/v1/images/generations",
+        {"model": "flux.1-kontext-pro", "prompt": "x"},
+        once=lambda: any(method == "GET" and p.endswith("/status") for method, p, _, _ in fake.requests),
+    )
+
+    def cancels() -> list[tuple[str, dict[str, str]]]:
+        return [(p, h) for method, p, h, _ in fake.requests if method == "PUT"]
+
+    wait_until(cancels)
+    assert len(cancels()) == 1, "the gateway did not cancel the fal task when the client went away"
     rid = list(fake.tasks)[-1]
-    path, headers = cancels[0]
+    path, headers = cancels()[0]
     assert path == f"/fal-ai/flux-pro/requests/{rid}/cancel"  # the returned cancel_url, at the app root
     assert headers["authorization"] == "Key fal_test" and fake.tasks[rid].cancelled
 

@@ -7,7 +7,6 @@ user got back (decoded image format and size, metadata), with faults injected in
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,68 +16,26 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from conftest import open_image, png_bytes, running_server
-from fakes.common import bucket, serve
+from conftest import open_image, png_bytes, running_server, upstream_fixtures
+from fakes.common import output_size
 from fakes.fireworks import FakeFireworks
+from fakes.upstreams import solo_settings
 from kontext_gateway.catalog import Catalog
-from kontext_gateway.config import Settings
 from kontext_gateway.providers.fireworks import FireworksProvider
 from kontext_gateway.providers.remote import Task, TaskFailed
 
 KEY = "fw_test"
 PIL_NAMES = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "avif": "AVIF"}
 MODELS = "/inference/v1/workflows/accounts/fireworks/models"
+SCALE = FakeFireworks().results.scale
 
 
-def out_size(ratio: str, scale: float = 0.25) -> tuple[int, int]:
-    """The size the fake draws for a ratio: the ~1 MP Kontext bucket, scaled (see ResultStore)."""
-    w, h = bucket(ratio)
-    return max(16, int(w * scale) // 16 * 16), max(16, int(h * scale) // 16 * 16)
-
-
-def gateway_settings(tmp: Path, base_url: str, key: str = KEY, **kw: Any) -> Settings:
-    return Settings(
-        data_dir=tmp,
-        database_url=f"sqlite:///{tmp / 'gateway.db'}",
-        dev_weights_dir=None,
-        fireworks_api_key=key,
-        fireworks_base_url=base_url,
-        fal_key=None,
-        replicate_api_token=None,
-        bfl_api_key=None,  # Fireworks is the only upstream
-        upstream_poll_interval_s=0.01,
-        upstream_backoff_s=0.01,
-        upstream_backoff_max_s=0.05,
-        **kw,
-    )
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[tuple[FakeFireworks, str]]:
-    fw = FakeFireworks(key=KEY)
-    with serve(fw.app) as url:
-        yield fw, url
-
-
-@pytest.fixture(scope="module")
-def gateway(fake: tuple[FakeFireworks, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with running_server(gateway_settings(tmp_path_factory.mktemp("fireworks"), fake[1])) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def sdk(gateway: str) -> OpenAI:
-    return OpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0, timeout=60)
+fake, fake_url, gateway, sdk, _reset = upstream_fixtures("fireworks", lambda: FakeFireworks(key=KEY))
 
 
 @pytest.fixture
-def fw(fake: tuple[FakeFireworks, str]) -> Iterator[FakeFireworks]:
-    fw = fake[0]
-    fw.faults.clear()
-    fw.requests.clear()
-    fw.pending_polls = 2
-    yield fw
-    fw.faults.clear()
+def fw(fake: FakeFireworks) -> FakeFireworks:
+    return fake
 
 
 def image_of(item: Any) -> Image.Image:
@@ -118,7 +75,7 @@ def edit(sdk: OpenAI, model: str = "flux.1-kontext-pro", images: list[bytes] | N
 def test_generate(sdk: OpenAI, fw: FakeFireworks, variant: str, price: float) -> None:
     resp = generate(sdk, f"flux.1-kontext-{variant}", prompt="a lighthouse at dusk")
     img = image_of(resp.data[0])
-    assert img.format == "PNG" and img.size == out_size("1:1")
+    assert img.format == "PNG" and img.size == output_size("1:1", SCALE)
     meta = resp.model_extra["metadata"]
     assert meta["provider"] == "fireworks" and meta["executed_model"] == f"fireworks/flux.1-kontext-{variant}"
     assert meta["provider_model_id"] == f"accounts/fireworks/models/flux-kontext-{variant}"
@@ -143,7 +100,7 @@ def test_generate(sdk: OpenAI, fw: FakeFireworks, variant: str, price: float) ->
 def test_edit_keeps_the_input_shape(sdk: OpenAI, fw: FakeFireworks, variant: str) -> None:
     resp = edit(sdk, f"flux.1-kontext-{variant}", [png_bytes(300, 400)])
     img = image_of(resp.data[0])
-    assert img.format == "PNG" and img.size == out_size("3:4")  # the fake kept the 3:4 input's shape
+    assert img.format == "PNG" and img.size == output_size("3:4", SCALE)  # the fake kept the 3:4 input's shape
     body = sent(fw)
     assert "aspect_ratio" not in body and body["prompt"] == "make it night"  # left out: the input's shape
     assert data_uri_image(body["input_image"]).size == (300, 400)
@@ -168,12 +125,12 @@ def test_edit_keeps_the_input_shape(sdk: OpenAI, fw: FakeFireworks, variant: str
 def test_aspect_ratio(sdk: OpenAI, fw: FakeFireworks, asked: dict[str, Any], upstream: str) -> None:
     resp = generate(sdk, **asked)
     assert sent(fw)["aspect_ratio"] == upstream
-    assert image_of(resp.data[0]).size == out_size(upstream)
+    assert image_of(resp.data[0]).size == output_size(upstream, SCALE)
 
 
 def test_edit_with_a_size(sdk: OpenAI, fw: FakeFireworks) -> None:
     resp = edit(sdk, size="16:9")
-    assert sent(fw)["aspect_ratio"] == "16:9" and image_of(resp.data[0]).size == out_size("16:9")
+    assert sent(fw)["aspect_ratio"] == "16:9" and image_of(resp.data[0]).size == output_size("16:9", SCALE)
 
 
 @pytest.mark.parametrize("asked,upstream", [("png", "png"), ("jpeg", "jpeg"), ("webp", "png"), ("avif", "png")])
@@ -210,7 +167,7 @@ def test_safety_tolerance_is_capped_at_2_for_image_to_image(sdk: OpenAI, fw: Fak
 def test_n_fans_out_into_tasks(sdk: OpenAI, fw: FakeFireworks) -> None:
     resp = generate(sdk, "flux.1-kontext-max", n=3)
     assert len(resp.data) == 3 and len(fw.submits()) == 3
-    assert all(image_of(d).size == out_size("1:1") for d in resp.data)
+    assert all(image_of(d).size == output_size("1:1", SCALE) for d in resp.data)
     assert resp.model_extra["metadata"]["cost"] == pytest.approx(3 * 0.08)
 
 
@@ -270,20 +227,16 @@ def test_transient_failures_are_retried(
 ) -> None:
     fw.faults.add(kind, at=at, retry_after=1 if kind == "429" else None)
     resp = generate(sdk)
-    assert image_of(resp.data[0]).size == out_size("1:1")
+    assert image_of(resp.data[0]).size == output_size("1:1", SCALE)
     first, second = resp.model_extra["metadata"]["attempts"]
     assert first["outcome"] == "failed" and first["error_class"] == error_class
     assert first.get("status_code") == status and second["outcome"] == "succeeded"
     assert (kind, at) in fw.faults.fired
 
 
-def test_a_rejected_key_fails_without_leaking_it(
-    fake: tuple[FakeFireworks, str], tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    fw, url = fake
-    fw.requests.clear()
+def test_a_rejected_key_fails_without_leaking_it(fw: FakeFireworks, fake_url: str, tmp_path: Path) -> None:
     secret = "fw_wrong_s3cret_value"
-    with running_server(gateway_settings(tmp_path_factory.mktemp("fw401"), url, key=secret)) as gw:
+    with running_server(solo_settings("fireworks", tmp_path, fake_url, key=secret)) as gw:
         resp = httpx.post(
             f"{gw}/v1/images/generations", json={"model": "flux.1-kontext-pro", "prompt": "x"}, timeout=60
         )
@@ -299,7 +252,7 @@ def test_a_rejected_key_fails_without_leaking_it(
 
 
 def test_schema_shows_the_handling(gateway: str) -> None:
-    body = httpx.get(f"{gateway}/v1/models/flux.1-kontext-max", params={"schema": "true"}).json()
+    body = httpx.get(f"{gateway}/v1/models/flux.1-kontext-max", params={"schema": "true"}, timeout=30).json()
     modes = body["schema"]["modes"]
     for name, handling in FireworksProvider.HANDLING.items():
         mode = "edit" if name == "image" else "text-to-image"
@@ -308,9 +261,9 @@ def test_schema_shows_the_handling(gateway: str) -> None:
         assert "fireworks/flux.1-kontext-max" not in modes["text-to-image"]["properties"][absent]["x-providers"]
 
 
-async def test_an_unknown_task_is_a_failed_task(fake: tuple[FakeFireworks, str], tmp_path: Path) -> None:
+async def test_an_unknown_task_is_a_failed_task(fake_url: str, tmp_path: Path) -> None:
     """`Task not found` (an id the upstream does not know) ends the task, to be retried."""
-    provider = FireworksProvider(gateway_settings(tmp_path, fake[1]))
+    provider = FireworksProvider(solo_settings("fireworks", tmp_path, fake_url))
     entry = Catalog.load().resolve("fireworks/flux.1-kontext-pro")[1]
     try:
         with pytest.raises(TaskFailed, match="Task not found"):
@@ -322,8 +275,8 @@ async def test_an_unknown_task_is_a_failed_task(fake: tuple[FakeFireworks, str],
 # -- the fake itself answers like Fireworks ------------------------------------------------------------
 
 
-def test_fake_validates_like_fireworks(fake: tuple[FakeFireworks, str]) -> None:
-    _, url = fake
+def test_fake_validates_like_fireworks(fake_url: str) -> None:
+    url = fake_url
     auth = {"Authorization": f"Bearer {KEY}"}
     image = "data:image/png;base64," + base64.b64encode(png_bytes(32, 32)).decode()
 

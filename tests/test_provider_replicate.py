@@ -7,8 +7,6 @@ user got back (decoded image format and size, metadata), with faults injected in
 from __future__ import annotations
 
 import base64
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,67 +16,24 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from conftest import open_image, png_bytes, running_server
-from fakes.common import bucket, serve
+from conftest import open_image, png_bytes, post_and_hang_up, running_server, upstream_fixtures, wait_until
+from fakes.common import output_size
 from fakes.replicate import FakeReplicate
-from kontext_gateway.config import Settings
+from fakes.upstreams import solo_settings
 from kontext_gateway.providers.remote import Moderated, TaskFailed
 from kontext_gateway.providers.replicate import ReplicateProvider, _outcome
 
 TOKEN = "r8_test"
 PIL_NAMES = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "avif": "AVIF"}
+SCALE = FakeReplicate().results.scale
 
 
-def out_size(ratio: str, scale: float = 0.25) -> tuple[int, int]:
-    """The size the fake draws for a ratio: the ~1 MP Kontext bucket, scaled (see ResultStore)."""
-    w, h = bucket(ratio)
-    return max(16, int(w * scale) // 16 * 16), max(16, int(h * scale) // 16 * 16)
-
-
-def gateway_settings(tmp: Path, base_url: str, token: str = TOKEN, **kw: Any) -> Settings:
-    return Settings(
-        data_dir=tmp,
-        database_url=f"sqlite:///{tmp / 'gateway.db'}",
-        dev_weights_dir=None,
-        replicate_api_token=token,
-        replicate_base_url=base_url,
-        fal_key=None,
-        fireworks_api_key=None,
-        bfl_api_key=None,  # Replicate is the only upstream
-        upstream_poll_interval_s=0.01,
-        upstream_backoff_s=0.01,
-        upstream_backoff_max_s=0.05,
-        **kw,
-    )
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[tuple[FakeReplicate, str]]:
-    rep = FakeReplicate(token=TOKEN)
-    with serve(rep.app) as url:
-        yield rep, url
-
-
-@pytest.fixture(scope="module")
-def gateway(fake: tuple[FakeReplicate, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with running_server(gateway_settings(tmp_path_factory.mktemp("replicate"), fake[1])) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def sdk(gateway: str) -> OpenAI:
-    return OpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0, timeout=60)
+fake, fake_url, gateway, sdk, _reset = upstream_fixtures("replicate", lambda: FakeReplicate(token=TOKEN))
 
 
 @pytest.fixture
-def rep(fake: tuple[FakeReplicate, str]) -> Iterator[FakeReplicate]:
-    rep = fake[0]
-    rep.faults.clear()
-    rep.requests.clear()
-    rep.pending_polls = 2
-    yield rep
-    rep.faults.clear()
-    rep.pending_polls = 2
+def rep(fake: FakeReplicate) -> FakeReplicate:
+    return fake
 
 
 def image_of(item: Any) -> Image.Image:
@@ -118,7 +73,7 @@ def edit(sdk: OpenAI, model: str = "flux.1-kontext-pro", images: list[bytes] | N
 def test_generate(sdk: OpenAI, rep: FakeReplicate, variant: str, price: float) -> None:
     resp = generate(sdk, f"flux.1-kontext-{variant}", prompt="a lighthouse at dusk")
     img = image_of(resp.data[0])
-    assert img.format == "PNG" and img.size == out_size("1:1") and resp.size == "256x256"
+    assert img.format == "PNG" and img.size == output_size("1:1", SCALE) and resp.size == "256x256"
     meta = resp.model_extra["metadata"]
     assert meta["provider"] == "replicate" and meta["executed_model"] == f"replicate/flux.1-kontext-{variant}"
     assert meta["cost"] == price and [a["outcome"] for a in meta["attempts"]] == ["succeeded"]
@@ -142,7 +97,7 @@ def test_generate(sdk: OpenAI, rep: FakeReplicate, variant: str, price: float) -
 def test_edit_keeps_the_input_shape(sdk: OpenAI, rep: FakeReplicate, variant: str) -> None:
     resp = edit(sdk, f"flux.1-kontext-{variant}", [png_bytes(400, 300)])
     img = image_of(resp.data[0])
-    assert img.format == "PNG" and img.size == out_size("4:3")  # the fake matched the 4:3 input
+    assert img.format == "PNG" and img.size == output_size("4:3", SCALE)  # the fake matched the 4:3 input
     sent = sent_input(rep)
     assert rep.submits()[0][1] == f"/v1/models/black-forest-labs/flux-kontext-{variant}/predictions"
     assert sent["aspect_ratio"] == "match_input_image" and sent["prompt"] == "make it night"
@@ -152,7 +107,7 @@ def test_edit_keeps_the_input_shape(sdk: OpenAI, rep: FakeReplicate, variant: st
 def test_prefer_wait_answers_with_the_finished_prediction(sdk: OpenAI, rep: FakeReplicate) -> None:
     rep.pending_polls = 0  # done at once: the create call returns it succeeded, nothing to poll
     resp = generate(sdk)
-    assert image_of(resp.data[0]).size == out_size("1:1")
+    assert image_of(resp.data[0]).size == output_size("1:1", SCALE)
     assert len(rep.submits()) == 1
     assert not [r for r in rep.requests if r[1].startswith("/v1/predictions/")]
 
@@ -173,7 +128,7 @@ def test_dev_edit_maps_guidance_steps_and_quality(sdk: OpenAI, rep: FakeReplicat
         },
     )
     img = image_of(resp.data[0])
-    assert img.format == "WEBP" and img.size == out_size("3:4")
+    assert img.format == "WEBP" and img.size == output_size("3:4", SCALE)
     assert rep.submits()[0][1] == "/v1/models/black-forest-labs/flux-kontext-dev/predictions"
     sent = sent_input(rep)
     assert data_uri_image(sent.pop("input_image")).size == (300, 400)
@@ -193,7 +148,7 @@ def test_dev_edit_maps_guidance_steps_and_quality(sdk: OpenAI, rep: FakeReplicat
 
 def test_dev_sends_the_catalog_defaults(sdk: OpenAI, rep: FakeReplicate) -> None:
     resp = edit(sdk, "flux.1-kontext-dev", output_format="jpeg", size="16:9")
-    assert image_of(resp.data[0]).format == "JPEG" and image_of(resp.data[0]).size == out_size("16:9")
+    assert image_of(resp.data[0]).format == "JPEG" and image_of(resp.data[0]).size == output_size("16:9", SCALE)
     sent = sent_input(rep)
     assert sent["num_inference_steps"] == 28 and sent["guidance"] == 2.5
     assert sent["output_format"] == "jpg" and sent["aspect_ratio"] == "16:9" and "output_quality" not in sent
@@ -225,7 +180,7 @@ def test_dev_has_no_text_to_image_on_replicate(sdk: OpenAI, rep: FakeReplicate) 
 def test_aspect_ratio_snaps_to_the_enum(sdk: OpenAI, rep: FakeReplicate, asked: dict[str, Any], upstream: str) -> None:
     resp = generate(sdk, **asked)
     assert sent_input(rep)["aspect_ratio"] == upstream
-    assert image_of(resp.data[0]).size == out_size(upstream)
+    assert image_of(resp.data[0]).size == output_size(upstream, SCALE)
 
 
 @pytest.mark.parametrize(
@@ -279,7 +234,7 @@ def test_safety_tolerance_is_capped_at_2_with_an_image(sdk: OpenAI, rep: FakeRep
 def test_n_fans_out_into_predictions(sdk: OpenAI, rep: FakeReplicate) -> None:
     resp = generate(sdk, n=3, extra_body={"seed": 5})
     assert len(resp.data) == 3 and len(rep.submits()) == 3
-    assert all(image_of(d).size == out_size("1:1") for d in resp.data)
+    assert all(image_of(d).size == output_size("1:1", SCALE) for d in resp.data)
     meta = resp.model_extra["metadata"]
     assert meta["cost"] == pytest.approx(3 * 0.04)
     assert [a["outcome"] for a in meta["attempts"]] == ["succeeded"] * 3
@@ -290,7 +245,7 @@ def test_two_images_use_the_multi_image_model(sdk: OpenAI, rep: FakeReplicate, v
     resp = edit(
         sdk, f"flux.1-kontext-{variant}", [png_bytes(400, 300), png_bytes(200, 200)], extra_body={"safety_tolerance": 4}
     )
-    assert image_of(resp.data[0]).size == out_size("4:3")  # match_input_image: the first image's shape
+    assert image_of(resp.data[0]).size == output_size("4:3", SCALE)  # match_input_image: the first image's shape
     assert rep.submits()[0][1] == f"/v1/models/flux-kontext-apps/multi-image-kontext-{variant}/predictions"
     sent = sent_input(rep)
     assert "input_image" not in sent and sent["safety_tolerance"] == 2
@@ -354,7 +309,7 @@ def test_transient_failures_are_retried(
 ) -> None:
     rep.faults.add(kind, at=at, retry_after=1 if kind == "429" else None)
     resp = generate(sdk)
-    assert image_of(resp.data[0]).size == out_size("1:1")
+    assert image_of(resp.data[0]).size == output_size("1:1", SCALE)
     first, second = resp.model_extra["metadata"]["attempts"]
     assert first["outcome"] == "failed" and first["error_class"] == error_class
     assert first.get("status_code") == status and second["outcome"] == "succeeded"
@@ -371,13 +326,9 @@ def test_payment_required_is_not_retried(sdk: OpenAI, rep: FakeReplicate) -> Non
     assert "insufficient credit" in exc.value.message and len(rep.submits()) == 1
 
 
-def test_a_rejected_token_fails_without_leaking_it(
-    fake: tuple[FakeReplicate, str], tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    rep, url = fake
-    rep.requests.clear()
+def test_a_rejected_token_fails_without_leaking_it(rep: FakeReplicate, fake_url: str, tmp_path: Path) -> None:
     secret = "r8_wrong_s3cret_value"
-    with running_server(gateway_settings(tmp_path_factory.mktemp("rep401"), url, token=secret)) as gw:
+    with running_server(solo_settings("replicate", tmp_path, fake_url, key=secret)) as gw:
         resp = httpx.post(
             f"{gw}/v1/images/generations", json={"model": "flux.1-kontext-pro", "prompt": "x"}, timeout=60
         )
@@ -392,13 +343,13 @@ def test_a_rejected_token_fails_without_leaking_it(
 
 def test_cancel_when_the_client_goes_away(gateway: str, rep: FakeReplicate) -> None:
     rep.pending_polls = 10**9  # never finishes on its own
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(
-            f"{gateway}/v1/images/generations", json={"model": "flux.1-kontext-pro", "prompt": "slow"}, timeout=1.5
-        )
-    deadline = time.monotonic() + 5
-    while not rep.canceled and time.monotonic() < deadline:
-        time.sleep(0.05)
+    post_and_hang_up(  # once the gateway polls the prediction
+        gateway,
+        "/v1/images/generations",
+        {"model": "flux.1-kontext-pro", "prompt": "slow"},
+        once=lambda: any(r[0] == "GET" and r[1].startswith("/v1/predictions/") for r in rep.requests),
+    )
+    wait_until(lambda: rep.canceled)
     assert len(rep.canceled) == 1, "the gateway did not cancel the prediction after the client left"
     (pid,) = rep.canceled
     cancel = [r for r in rep.requests if r[0] == "POST" and r[1] == f"/v1/predictions/{pid}/cancel"]
@@ -410,14 +361,14 @@ def test_cancel_when_the_client_goes_away(gateway: str, rep: FakeReplicate) -> N
 
 
 def test_schema_shows_the_handling(gateway: str) -> None:
-    body = httpx.get(f"{gateway}/v1/models/flux.1-kontext-pro", params={"schema": "true"}).json()
+    body = httpx.get(f"{gateway}/v1/models/flux.1-kontext-pro", params={"schema": "true"}, timeout=30).json()
     modes = body["schema"]["modes"]
     for name, handling in ReplicateProvider.HANDLING.items():
         mode = "edit" if name == "image" else "text-to-image"
         shown = modes[mode]["properties"][name]["x-providers"].get("replicate/flux.1-kontext-pro")
         # guidance and steps exist on Replicate's [dev] model only: pro does not claim them
         assert shown == (None if name in ReplicateProvider.DEV_ONLY else handling), name
-    dev = httpx.get(f"{gateway}/v1/models/flux.1-kontext-dev", params={"schema": "true"}).json()["schema"]
+    dev = httpx.get(f"{gateway}/v1/models/flux.1-kontext-dev", params={"schema": "true"}, timeout=30).json()["schema"]
     dev_steps = dev["modes"]["edit"]["properties"]["num_inference_steps"]["x-providers"]
     assert dev_steps["replicate/flux.1-kontext-dev"] == ReplicateProvider.HANDLING["num_inference_steps"]
     assert "resolution" not in ReplicateProvider.HANDLING  # Replicate's size is fixed at ~1 MP
@@ -440,8 +391,8 @@ def test_prediction_outcomes() -> None:
 # -- the fake itself answers like Replicate ------------------------------------------------------------
 
 
-def test_fake_validates_like_replicate(fake: tuple[FakeReplicate, str]) -> None:
-    rep, url = fake
+def test_fake_validates_like_replicate(rep: FakeReplicate, fake_url: str) -> None:
+    url = fake_url
     auth = {"Authorization": f"Bearer {TOKEN}"}
     image = "data:image/png;base64," + base64.b64encode(png_bytes(32, 32)).decode()
 

@@ -8,14 +8,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from conftest import throwaway_postgres_database
+from conftest import PATIENCE_S, throwaway_postgres_database
 from fakes.common import serve
 from fakes.replicate import FakeReplicate
 from kontext_gateway.config import Settings
@@ -33,8 +35,15 @@ def pg_database() -> Iterator[str]:
 
 
 def test_three_workers_run_each_job_exactly_once(pg_database: str, tmp_path: Path) -> None:
-    fake = FakeReplicate(pending_polls=0)  # answers at once (Prefer: wait)
-    with serve(fake.app) as fake_url:
+    fake = FakeReplicate(pending_polls=0)  # answers at once (Prefer: wait)...
+    gate = threading.Event()  # ...once every worker has claimed a job: the first up cannot run them all
+
+    async def held(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await asyncio.to_thread(gate.wait)
+        await fake.app(scope, receive, send)
+
+    with serve(held) as fake_url:
         env = {
             "DATABASE_URL": pg_database,
             "KONTEXT_DATA_DIR": str(tmp_path),
@@ -77,6 +86,12 @@ def test_three_workers_run_each_job_exactly_once(pg_database: str, tmp_path: Pat
                 gw = Gateway(settings)
                 await gw.start(workers=False)
                 try:
+                    deadline = time.monotonic() + PATIENCE_S
+                    while len({r.claimed_by for r in await gw.db.list_requests(limit=JOBS)} - {None}) < 3:
+                        assert time.monotonic() < deadline, "not every worker claimed a job"
+                        assert all(w.poll() is None for w in workers), "a worker died"
+                        await asyncio.sleep(0.1)
+                    gate.set()
                     deadline = time.monotonic() + 240
                     while True:
                         rows = [await gw.db.get_request(i) for i in ids]
@@ -90,6 +105,7 @@ def test_three_workers_run_each_job_exactly_once(pg_database: str, tmp_path: Pat
 
             rows = asyncio.run(finished())
         finally:
+            gate.set()
             for w in workers:
                 w.send_signal(signal.SIGTERM)
             for w in workers:

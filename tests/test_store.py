@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import json
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 
+from conftest import PATIENCE_S
 from kontext_gateway.store.db import Database
 from kontext_gateway.store.models import Base
 
@@ -45,7 +45,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterato
         yield Backend("sqlite", f"sqlite+aiosqlite:///{tmp_path / 'data' / 'kontext.db'}")
         return
     try:
-        admin = await asyncpg.connect(PG_DSN, timeout=2)
+        admin = await asyncpg.connect(PG_DSN, timeout=PATIENCE_S)  # refused at once when it is not there
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
         pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {e!r}")
     # A fresh schema per test, first (and only) on the search_path of every connection the store opens:
@@ -137,14 +137,16 @@ async def test_concurrent_starts_do_not_race(backend: Backend) -> None:
             await d.close()
 
 
-# Started in separate interpreters, which all call start() at the same wall-clock moment.
+# Started in separate interpreters, which all call start() together: each says it is ready (its imports
+# done) and waits for the word, given once all are ready, however long a busy machine takes to get there.
 _STARTER = """
-import asyncio, json, sys, time
+import asyncio, json, sys
 from kontext_gateway.store.db import Database
 
 async def main() -> None:
     db = Database(sys.argv[1], connect_args=json.loads(sys.argv[2]))
-    await asyncio.sleep(max(0.0, float(sys.argv[3]) - time.time()))
+    print("ready", flush=True)
+    sys.stdin.readline()
     await db.start()
     await db.close()
 
@@ -153,15 +155,22 @@ asyncio.run(main())
 
 
 async def test_concurrent_processes_do_not_race(backend: Backend) -> None:
-    at = str(time.time() + 2.0)  # past every interpreter's imports, so the migrations really overlap
-    args = (sys.executable, "-c", _STARTER, backend.url, json.dumps(backend.connect_args), at)
+    args = (sys.executable, "-c", _STARTER, backend.url, json.dumps(backend.connect_args))
     procs = [
-        await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
         for _ in range(3)
     ]
-    outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), timeout=60)
-    for proc, (out, _) in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, out.decode(errors="replace")
+    said = [b""] * len(procs)
+    for i, proc in enumerate(procs):  # all imported, so the migrations really overlap
+        assert proc.stdout is not None
+        while not said[i].endswith(b"ready\n") and not proc.stdout.at_eof():
+            said[i] += await asyncio.wait_for(proc.stdout.readline(), timeout=PATIENCE_S)
+    go = (p.communicate(b"go\n") for p in procs)
+    outputs = await asyncio.wait_for(asyncio.gather(*go), timeout=PATIENCE_S)
+    for proc, before, (out, _) in zip(procs, said, outputs, strict=True):
+        assert proc.returncode == 0, (before + out).decode(errors="replace")
     database = backend.database()
     await database.start()
     try:

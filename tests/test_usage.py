@@ -15,7 +15,7 @@ import httpx
 import pytest
 from sqlalchemy import update
 
-from conftest import running_server, throwaway_postgres_database
+from conftest import PATIENCE_S, running_server, throwaway_postgres_database
 from kontext_gateway import cli
 from kontext_gateway.config import Settings
 from kontext_gateway.store.db import Database
@@ -31,7 +31,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         import asyncpg
 
         async def off_utc() -> None:  # date(timestamptz) would now give New York days
-            conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres", timeout=5)
+            conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres", timeout=PATIENCE_S)
             try:
                 await conn.execute(f"ALTER DATABASE \"{url.rsplit('/', 1)[1]}\" SET timezone TO 'America/New_York'")
             finally:
@@ -46,9 +46,11 @@ def bearer(key: str) -> dict[str, str]:
 
 
 TODAY = datetime.now(UTC).date()
+# Every request is moved to a set time: a run that spans midnight UTC sees the same days.
 # 02:30 UTC: still the day before in New York, so a non-UTC day grouping would put it a day early.
 EARLY = datetime(TODAY.year, TODAY.month, TODAY.day, 2, 30, tzinfo=UTC) - timedelta(days=2)
 LATE = datetime(TODAY.year, TODAY.month, TODAY.day, 23, 45, tzinfo=UTC) - timedelta(days=1)
+MIDNIGHT = datetime(TODAY.year, TODAY.month, TODAY.day, tzinfo=UTC)  # the others: today, already begun
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +73,13 @@ def env(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             )
 
         a1, a2 = generate("team-a").headers["x-request-id"], generate("team-a", n=2).headers["x-request-id"]
-        assert generate("team-a", size="0x0").status_code == 400
+        rejected = generate("team-a", size="0x0")
+        assert rejected.status_code == 400
         b1 = generate("team-b").headers["x-request-id"]
-        assert generate("admin").status_code == 200
-        asyncio.run(_move(database_url, {a1: EARLY, b1: LATE}))
+        own = generate("admin")
+        assert own.status_code == 200
+        today = dict.fromkeys([a2, rejected.headers["x-request-id"], own.headers["x-request-id"]], MIDNIGHT)
+        asyncio.run(_move(database_url, {a1: EARLY, b1: LATE, **today}))
         yield {"base": base, "keys": keys, "data_dir": data_dir, "database_url": database_url, "a2": a2}
 
 
@@ -84,7 +89,10 @@ async def _move(url: str, when: dict[str, datetime]) -> None:
     try:
         async with db.session() as session, session.begin():
             for rid, at in when.items():
-                await session.execute(update(RequestRecord).where(RequestRecord.id == rid).values(created_at=at))
+                moved = await session.execute(
+                    update(RequestRecord).where(RequestRecord.id == rid).values(created_at=at)
+                )
+                assert moved.rowcount == 1, rid
     finally:
         await db.close()
 

@@ -258,7 +258,8 @@ def test_drop_and_paste_add_images_up_to_the_model_limit(server: str, page) -> N
     assert thumbs.count() == 2
     page.evaluate(DROP_AND_PASTE, ["drop", ["d.png", "e.png", "f.png"], b64])
     page.wait_for_function("() => document.querySelectorAll('[data-testid=input-thumb]').length === 4")
-    page.wait_for_timeout(200)
+    # Said as the drop is taken in, so nothing of it is still to come.
+    page.get_by_text(re.compile(r"takes at most 4 images; 1 left out\.")).wait_for(state="attached")
     assert thumbs.count() == 4  # the model's max_input_images
     assert "4 of 4 images" in page.get_by_test_id("input-dropzone").inner_text()
     # the chosen model's parameters: provider-only ones are marked with their providers

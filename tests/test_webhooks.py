@@ -5,6 +5,7 @@ private targets refused. Jobs run in-process through `Gateway`; the receiver is 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -18,6 +19,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
@@ -30,15 +32,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from conftest import running_server
+from conftest import PATIENCE_S, await_until, running_server
 from fakes.common import free_port, serve
 from kontext_gateway.api import webhooks as webhooks_api
 from kontext_gateway.config import Settings
 from kontext_gateway.errors import GatewayError
 from kontext_gateway.gateway import Gateway
+from kontext_gateway.jobs import webhooks as webhooks_jobs
 from kontext_gateway.jobs.webhooks import WebhookSecret, validate_webhook_url
+from kontext_gateway.protocol import image_call
 from kontext_gateway.store.db import Database
 from kontext_gateway.store.models import utcnow
+from kontext_gateway.store.records import DeliveryRow, JobStatus, RequestRow
 
 FAST: dict[str, Any] = {
     "webhook_retry_delays_s": [0.05, 0.1, 0.2],
@@ -49,6 +54,7 @@ FAST: dict[str, Any] = {
     "workers": 4,
 }
 JOB = {"model": "kontext-tiny", "prompt": "x", "size": "64x64"}
+HOLD_S = PATIENCE_S  # the longest a held receiver call waits for its gate
 
 
 # -- the receiver: records every call, verifies every signature, misbehaves on command ---------------------
@@ -72,12 +78,15 @@ class Receiver:
     delay: float = 0.0  # for calls past the plan
     inflight: dict[str, int] = field(default_factory=dict)
     max_inflight: dict[str, int] = field(default_factory=dict)
+    peak: int = 0  # the most calls in flight at once, across predictions
+    # When set: every call is held until it opens (or HOLD_S pass), so calls that can overlap do.
+    gate: threading.Event | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reset(self) -> None:
         with self.lock:
             self.calls.clear(), self.plan.clear(), self.inflight.clear(), self.max_inflight.clear()
-            self.delay, self.secret = 0.0, None
+            self.delay, self.secret, self.peak, self.gate = 0.0, None, 0, None
 
     def answer(self, *statuses: int, headers: dict[str, str] | None = None, delay: float = 0.0) -> None:
         with self.lock:
@@ -95,8 +104,12 @@ class Receiver:
             self.calls.append(Call(headers, body, payload, verified, time.monotonic()))
             self.inflight[pid] = self.inflight.get(pid, 0) + 1
             self.max_inflight[pid] = max(self.max_inflight.get(pid, 0), self.inflight[pid])
+            self.peak = max(self.peak, sum(self.inflight.values()))
             status, extra, delay = self.plan.pop(0) if self.plan else (200, {}, self.delay)
+            gate = self.gate
         try:
+            if gate is not None:
+                await asyncio.to_thread(gate.wait, HOLD_S)
             await asyncio.sleep(delay)
         finally:
             with self.lock:
@@ -138,26 +151,33 @@ async def gateway(
         await gw.close()
 
 
-async def run_job(gw: Gateway, url: str, events: list[str] | None = None, **fields: Any) -> dict[str, Any]:
+async def run_job(gw: Gateway, url: str, events: list[str] | None = None, **fields: Any) -> RequestRow:
+    """The job's final record, once its runner is done: every event it emits is queued by then."""
     rid = await gw.images.submit(
-        mode="text-to-image", fields={**JOB, **fields}, files=[], webhook=url, webhook_events=events
+        image_call("text-to-image", {**JOB, **fields}),
+        base_url="http://localhost/",
+        webhook=url,
+        webhook_events=events,
     )
-    return await gw.images.wait(rid)
+    record = await gw.images.wait(rid)
+    # wait() may read the final status before the runner has queued the completed event.
+    assert await await_until(lambda: rid not in gw.worker.running), f"the runner of {rid} did not finish"
+    return record
 
 
-async def settle(gw: Gateway, rid: str, count: int, timeout: float = 15.0) -> list[dict[str, Any]]:
+async def settle(gw: Gateway, rid: str, count: int, timeout: float = PATIENCE_S) -> list[DeliveryRow]:
     """The request's delivery log once it has `count` rows and none is still open."""
     deadline = time.monotonic() + timeout
     while True:
         rows = await gw.db.list_deliveries(rid)
-        if len(rows) >= count and all(r["state"] not in ("pending", "sending") for r in rows):
+        if len(rows) >= count and all(r.state not in ("pending", "sending") for r in rows):
             return rows
         assert time.monotonic() < deadline, rows
         await asyncio.sleep(0.02)
 
 
-def msg_id(row: dict[str, Any]) -> str:
-    return f"msg_{row['request_id']}_{row['id']}"
+def msg_id(row: DeliveryRow) -> str:
+    return f"msg_{row.request_id}_{row.id}"
 
 
 # -- events, order, signatures --------------------------------------------------------------------------
@@ -166,11 +186,11 @@ def msg_id(row: dict[str, Any]) -> str:
 async def test_start_output_completed_signed_in_order(tmp_path: Path, receiver: Receiver) -> None:
     async with gateway(tmp_path, receiver) as gw:
         record = await run_job(gw, receiver.url)
-        assert record["status"] == "succeeded"
-        rows = await settle(gw, record["id"], 3)
-    assert [r["event"] for r in rows] == ["start", "output", "completed"]
-    assert all(r["state"] == "delivered" and r["attempts"] == 1 and r["last_status"] == 200 for r in rows)
-    calls = receiver.for_prediction(record["id"])
+        assert record.status == "succeeded"
+        rows = await settle(gw, record.id, 3)
+    assert [r.event for r in rows] == ["start", "output", "completed"]
+    assert all(r.state == "delivered" and r.attempts == 1 and r.last_status == 200 for r in rows)
+    calls = receiver.for_prediction(record.id)
     assert len(calls) == 3 and all(c.verified for c in calls)
     assert [c.headers["webhook-id"] for c in calls] == [msg_id(r) for r in rows]  # in order, one each
     assert all(c.headers["content-type"] == "application/json" for c in calls)
@@ -180,8 +200,8 @@ async def test_start_output_completed_signed_in_order(tmp_path: Path, receiver: 
     assert completed["status"] == "succeeded" and completed["completed_at"] and completed["error"] is None
     assert isinstance(completed["output"], str) and "/v1/blobs/" in completed["output"]
     assert output["output"] == completed["output"]
-    assert completed["urls"]["get"].endswith(f"/v1/predictions/{record['id']}")
-    assert rows[-1]["payload"] == completed  # the delivery log keeps what was sent
+    assert completed["urls"]["get"].endswith(f"/v1/predictions/{record.id}")
+    assert rows[-1].payload == completed  # the delivery log keeps what was sent
 
 
 @pytest.mark.parametrize(
@@ -196,11 +216,10 @@ async def test_start_output_completed_signed_in_order(tmp_path: Path, receiver: 
 )
 async def test_filter_is_honoured(tmp_path: Path, receiver: Receiver, events: list[str], expected: list[str]) -> None:
     async with gateway(tmp_path, receiver) as gw:
-        record = await run_job(gw, receiver.url, events)
-        await asyncio.sleep(0.2)
-        rows = await settle(gw, record["id"], len(expected))
-    assert [r["event"] for r in rows] == expected
-    assert len(receiver.for_prediction(record["id"])) == len(expected)
+        record = await run_job(gw, receiver.url, events)  # every event the filter let through is queued
+        rows = await settle(gw, record.id, len(expected))
+    assert [r.event for r in rows] == expected
+    assert len(receiver.for_prediction(record.id)) == len(expected)
 
 
 async def test_failed_prediction_completes_once_without_output(tmp_path: Path) -> None:
@@ -215,13 +234,11 @@ async def test_failed_prediction_completes_once_without_output(tmp_path: Path) -
             webhook="http://127.0.0.1:9/hook",
         )
         await gw.db.mark_failed(rid, error={"message": "no"}, attempts=[], duration_ms=1)
-        record = await gw.db.get_request(rid) or {}
+        record = await record_of(gw, rid)
         await gw.webhooks.emit(record, "completed")
         await gw.webhooks.emit(record, "completed")  # e.g. a second cancel: announced once
         rows = await gw.db.list_deliveries(rid)
-    assert [(r["event"], r["payload"]["status"], r["payload"]["output"]) for r in rows] == [
-        ("completed", "failed", None)
-    ]
+    assert [(r.event, r.payload["status"], r.payload["output"]) for r in rows] == [("completed", "failed", None)]
 
 
 # -- retries ----------------------------------------------------------------------------------------------
@@ -231,11 +248,11 @@ async def test_terminal_event_retried_until_delivered(tmp_path: Path, receiver: 
     receiver.answer(500, 503, 502)
     async with gateway(tmp_path, receiver) as gw:
         record = await run_job(gw, receiver.url, ["completed"])
-        rows = await settle(gw, record["id"], 1)
+        rows = await settle(gw, record.id, 1)
     (row,) = rows
-    assert row["state"] == "delivered" and row["attempts"] == 4 and row["last_status"] == 200
-    assert row["last_error"] is None and row["delivered_at"] is not None
-    calls = receiver.for_prediction(record["id"])
+    assert row.state == "delivered" and row.attempts == 4 and row.last_status == 200
+    assert row.last_error is None and row.delivered_at is not None
+    calls = receiver.for_prediction(record.id)
     assert len(calls) == 4 and all(c.verified for c in calls)
     assert {c.headers["webhook-id"] for c in calls} == {msg_id(row)}  # the same message every time
     assert len({c.body for c in calls}) == 1
@@ -247,32 +264,32 @@ async def test_terminal_event_fails_after_the_last_attempt(tmp_path: Path, recei
     receiver.answer(500, 500, 500, 500, 500)
     async with gateway(tmp_path, receiver) as gw:
         record = await run_job(gw, receiver.url, ["completed"])
-        (row,) = await settle(gw, record["id"], 1)
-    assert row["state"] == "failed" and row["attempts"] == 4 and row["last_status"] == 500
-    assert row["last_error"] == "HTTP 500"
-    assert len(receiver.for_prediction(record["id"])) == 4  # 1 + len(webhook_retry_delays_s)
+        (row,) = await settle(gw, record.id, 1)
+    assert row.state == "failed" and row.attempts == 4 and row.last_status == 500
+    assert row.last_error == "HTTP 500"
+    assert len(receiver.for_prediction(record.id)) == 4  # 1 + len(webhook_retry_delays_s)
 
 
 async def test_non_terminal_failure_is_dropped_not_retried(tmp_path: Path, receiver: Receiver) -> None:
     receiver.answer(500)  # the start event
     async with gateway(tmp_path, receiver) as gw:
         record = await run_job(gw, receiver.url, ["start", "completed"])
-        rows = await settle(gw, record["id"], 2)
-    assert [(r["event"], r["state"], r["attempts"]) for r in rows] == [
+        rows = await settle(gw, record.id, 2)
+    assert [(r.event, r.state, r.attempts) for r in rows] == [
         ("start", "dropped", 1),
         ("completed", "delivered", 1),
     ]
-    assert rows[0]["last_status"] == 500
-    assert len(receiver.for_prediction(record["id"])) == 2
+    assert rows[0].last_status == 500
+    assert len(receiver.for_prediction(record.id)) == 2
 
 
 async def test_429_retry_after_is_honoured(tmp_path: Path, receiver: Receiver) -> None:
     receiver.answer(429, headers={"retry-after": "1"})
     async with gateway(tmp_path, receiver) as gw:
         record = await run_job(gw, receiver.url, ["completed"])
-        (row,) = await settle(gw, record["id"], 1)
-    assert row["state"] == "delivered" and row["attempts"] == 2
-    first, second = receiver.for_prediction(record["id"])
+        (row,) = await settle(gw, record.id, 1)
+    assert row.state == "delivered" and row.attempts == 2
+    first, second = receiver.for_prediction(record.id)
     assert second.at - first.at >= 0.9  # not the 0.05 s of the schedule
 
 
@@ -280,41 +297,47 @@ async def test_unreachable_receiver_is_retried_and_logged_without_the_url(tmp_pa
     url = f"http://127.0.0.1:{free_port()}/hook?token=receiver-own-token"  # nothing listens there
     async with gateway(tmp_path) as gw:
         record = await run_job(gw, url, ["completed"])
-        (row,) = await settle(gw, record["id"], 1)
-    assert row["state"] == "failed" and row["attempts"] == 4 and row["last_status"] is None
-    assert row["last_error"].startswith("ConnectError") and "receiver-own-token" not in row["last_error"]
+        (row,) = await settle(gw, record.id, 1)
+    assert row.state == "failed" and row.attempts == 4 and row.last_status is None
+    assert row.last_error.startswith("ConnectError") and "receiver-own-token" not in row.last_error
 
 
 # -- one delivery in flight per prediction; 410 -----------------------------------------------------------
 
 
 async def test_never_two_deliveries_in_flight_per_prediction(tmp_path: Path, receiver: Receiver) -> None:
-    receiver.delay = 0.3
+    # The receiver holds every call until deliveries of all three predictions are in flight at once: the
+    # predictions' later events queue meanwhile, and none of them may go out beside its own first one.
+    receiver.gate = threading.Event()
     async with gateway(tmp_path, receiver, webhook_concurrency=8) as gw:
-        records = await asyncio.gather(*(run_job(gw, receiver.url, seed=i) for i in range(3)))
+        runs = [asyncio.create_task(run_job(gw, receiver.url, seed=i)) for i in range(3)]
+        try:
+            await await_until(lambda: receiver.peak >= 3)
+        finally:
+            receiver.gate.set()
+        records = await asyncio.gather(*runs)
         for r in records:
-            await settle(gw, r["id"], 3)
+            await settle(gw, r.id, 3)
     for r in records:
-        calls = receiver.for_prediction(r["id"])
-        assert len(calls) == 3 and receiver.max_inflight[r["id"]] == 1
+        calls = receiver.for_prediction(r.id)
+        assert len(calls) == 3 and receiver.max_inflight[r.id] == 1
         assert [c.payload["status"] for c in calls] == ["processing", "succeeded", "succeeded"]
-    # Different predictions do go out side by side.
-    starts = sorted(c.at for c in receiver.calls)
-    assert max(receiver.inflight.values()) == 0 and starts[1] - starts[0] < 0.3
+    # Different predictions do go out side by side: one delivery of each was held at the same time.
+    assert max(receiver.inflight.values()) == 0 and receiver.peak == 3
 
 
 async def test_410_stops_the_predictions_deliveries(tmp_path: Path, receiver: Receiver) -> None:
     receiver.answer(410)  # to the start event
     async with gateway(tmp_path, receiver) as gw:
         record = await run_job(gw, receiver.url)
-        rows = await settle(gw, record["id"], 3)
-    assert [(r["event"], r["state"]) for r in rows] == [
+        rows = await settle(gw, record.id, 3)
+    assert [(r.event, r.state) for r in rows] == [
         ("start", "dropped"),
         ("output", "dropped"),
         ("completed", "dropped"),
     ]
-    assert rows[0]["last_status"] == 410 and rows[2]["attempts"] in (0, 1) and rows[2]["last_status"] is None
-    assert len(receiver.for_prediction(record["id"])) == 1
+    assert rows[0].last_status == 410 and rows[2].attempts in (0, 1) and rows[2].last_status is None
+    assert len(receiver.for_prediction(record.id)) == 1
 
 
 async def test_deliveries_outlive_the_process(tmp_path: Path, receiver: Receiver) -> None:
@@ -324,17 +347,20 @@ async def test_deliveries_outlive_the_process(tmp_path: Path, receiver: Receiver
             id=rid, endpoint="predictions", model="kontext-tiny", mode="text-to-image", params={}, webhook=receiver.url
         )
         await gw.db.mark_failed(rid, error={"message": "boom"}, attempts=[], duration_ms=1)
-        await gw.webhooks.emit(await gw.db.get_request(rid) or {}, "completed")
+        await gw.webhooks.emit(await record_of(gw, rid), "completed")
         (row,) = await gw.db.list_deliveries(rid)
-        assert row["state"] == "pending"
+        assert row.state == "pending"
     async with gateway(tmp_path, receiver) as gw:  # the next process sends it
         (row,) = await settle(gw, rid, 1)
-    assert row["state"] == "delivered"
+    assert row.state == "delivered"
     (call,) = receiver.for_prediction(rid)
     assert call.verified and call.payload["status"] == "failed" and call.payload["error"] == "boom"
 
 
-async def test_non_terminal_events_throttled(tmp_path: Path) -> None:
+async def test_non_terminal_events_throttled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The throttle's clock, moved by hand: how long the emits themselves take does not matter.
+    now = [1000.0]
+    monkeypatch.setattr(webhooks_jobs, "time", SimpleNamespace(monotonic=lambda: now[0]))
     async with gateway(tmp_path, workers=False) as gw:
         rid = "req_" + uuid.uuid4().hex
         await gw.db.create_request(
@@ -345,22 +371,24 @@ async def test_non_terminal_events_throttled(tmp_path: Path) -> None:
             params={},
             webhook="http://127.0.0.1:9/hook",
         )
-        record = await gw.db.get_request(rid) or {}
+        record = await record_of(gw, rid)
         for _ in range(5):
             await gw.webhooks.emit(record, "logs")
-        await asyncio.sleep(0.55)
+        now[0] += 0.55
         await gw.webhooks.emit(record, "logs")
         # Terminal: never throttled; its output event, within 500 ms of the last logs one, is.
-        await gw.webhooks.emit({**record, "status": "succeeded"}, "completed")
-        await gw.webhooks.emit({**record, "webhook": None}, "start")  # no webhook: nothing
+        await gw.webhooks.emit(dataclasses.replace(record, status=JobStatus.SUCCEEDED), "completed")
+        await gw.webhooks.emit(dataclasses.replace(record, webhook=None), "start")  # no webhook: nothing
         rows = await gw.db.list_deliveries(rid)
-    assert [r["event"] for r in rows] == ["logs", "logs", "completed"]
+    assert [r.event for r in rows] == ["logs", "logs", "completed"]
 
 
-async def test_default_render_is_a_replicate_prediction(tmp_path: Path) -> None:
+async def test_webhook_body_is_the_prediction_object(tmp_path: Path) -> None:
+    """Deliveries carry the prediction exactly as the predictions API renders it, links on the public URL."""
     async with gateway(tmp_path, workers=False, public_url="https://gw.example") as gw:
         record = await run_job_record(gw)
-        body = gw.webhooks.default_render(record)
+        body = gw.webhooks.render(record, gw.webhooks.base_url())
+        assert body == gw.predictions.render(record, "https://gw.example/")
     assert set(body) >= {
         "id",
         "model",
@@ -376,13 +404,19 @@ async def test_default_render_is_a_replicate_prediction(tmp_path: Path) -> None:
         "urls",
         "metrics",
     }
-    assert body["urls"]["get"] == f"https://gw.example/v1/predictions/{record['id']}"
+    assert body["urls"]["get"] == f"https://gw.example/v1/predictions/{record.id}"
     assert body["status"] == "failed" and body["error"] == "no" and body["output"] is None
-    assert body["created_at"].endswith("Z") and body["metrics"]["predict_time"] == 0.001
+    assert body["created_at"].endswith("Z") and body["metrics"]["total_time"] >= 0
     json.dumps(body)  # JSON-ready as it is
 
 
-async def run_job_record(gw: Gateway) -> dict[str, Any]:
+async def record_of(gw: Gateway, rid: str) -> RequestRow:
+    record = await gw.db.get_request(rid)
+    assert record is not None
+    return record
+
+
+async def run_job_record(gw: Gateway) -> RequestRow:
     rid = "req_" + uuid.uuid4().hex
     await gw.db.create_request(
         id=rid,
@@ -393,7 +427,7 @@ async def run_job_record(gw: Gateway) -> dict[str, Any]:
         webhook="http://127.0.0.1:9/hook",
     )
     await gw.db.mark_failed(rid, error={"message": "no"}, attempts=[], duration_ms=1)
-    return await gw.db.get_request(rid) or {}
+    return await record_of(gw, rid)
 
 
 # -- the secret ---------------------------------------------------------------------------------------------
@@ -411,8 +445,8 @@ async def test_secret_endpoint_verifies_the_signatures(tmp_path: Path, receiver:
         assert key.startswith("whsec_") and len(Webhook(key)._whsecret) == 32
         receiver.secret = key  # the receiver knows only what the endpoint said
         record = await run_job(gw, receiver.url, ["completed"])
-        await settle(gw, record["id"], 1)
-    (call,) = receiver.for_prediction(record["id"])
+        await settle(gw, record.id, 1)
+    (call,) = receiver.for_prediction(record.id)
     assert call.verified
     with pytest.raises(WebhookVerificationError):  # and a different key would not verify it
         Webhook(WebhookSecret.load(Settings(data_dir=tmp_path / "other")).key).verify(call.body, call.headers)
@@ -428,8 +462,8 @@ async def test_configured_secret(tmp_path: Path, receiver: Receiver) -> None:
     async with gateway(tmp_path, receiver, webhook_secret=key) as gw:
         assert gw.webhooks.secret.key == key and key not in repr(gw.webhooks.secret)
         record = await run_job(gw, receiver.url, ["completed"])
-        await settle(gw, record["id"], 1)
-    assert receiver.for_prediction(record["id"])[0].verified
+        await settle(gw, record.id, 1)
+    assert receiver.for_prediction(record.id)[0].verified
     assert not (tmp_path / "webhook_secret").exists()
     with pytest.raises(ValueError, match="base64"):
         WebhookSecret("whsec_not*base64")
@@ -444,14 +478,14 @@ async def test_secret_never_logged(tmp_path: Path, receiver: Receiver, caplog: p
     async with gateway(tmp_path, receiver) as gw:
         key = gw.webhooks.secret.key
         record = await run_job(gw, url, ["start", "completed"])
-        rows = await settle(gw, record["id"], 2)
-    assert [r["state"] for r in rows] == ["dropped", "dropped"]
+        rows = await settle(gw, record.id, 2)
+    assert [r.state for r in rows] == ["dropped", "dropped"]
     ours = [r for r in caplog.records if r.name.startswith("kontext_gateway")]
     assert any("webhook" in r.getMessage() for r in ours)  # it did log the deliveries
     text = caplog.text + "".join(r.getMessage() for r in caplog.records)
     assert key not in text and key.removeprefix("whsec_") not in text
     assert not any("receiver-own-token" in r.getMessage() for r in ours)
-    assert all(key not in (r["last_error"] or "") for r in rows)
+    assert all(key not in (r.last_error or "") for r in rows)
 
 
 def test_each_key_reads_its_own_secret_and_its_webhooks_are_signed_with_it(
@@ -498,7 +532,7 @@ def test_each_key_reads_its_own_secret_and_its_webhooks_are_signed_with_it(
 
         receiver.secret = secrets["a"]  # it records every call; which secret verifies which is checked below
         ids = {"a": predict(a["key"]), "b": predict(b["key"]), "admin": predict(admin)}
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + PATIENCE_S
         while not all(receiver.for_prediction(pid) for pid in ids.values()):
             assert time.monotonic() < deadline, receiver.calls
             time.sleep(0.05)
@@ -558,10 +592,10 @@ async def test_private_target_dropped_at_send_time(tmp_path: Path, receiver: Rec
     # Accepted earlier (say, when its name resolved elsewhere): the check before each send stops it.
     async with gateway(tmp_path, receiver, allow_private_urls=False) as gw:
         record = await run_job(gw, receiver.url, ["start", "completed"])
-        rows = await settle(gw, record["id"], 2)
-    assert [r["state"] for r in rows] == ["dropped", "dropped"]
-    assert all(r["last_error"].startswith("url_not_allowed") and r["last_status"] is None for r in rows)
-    assert receiver.for_prediction(record["id"]) == []
+        rows = await settle(gw, record.id, 2)
+    assert [r.state for r in rows] == ["dropped", "dropped"]
+    assert all(r.last_error.startswith("url_not_allowed") and r.last_status is None for r in rows)
+    assert receiver.for_prediction(record.id) == []
 
 
 # -- the claim, on SQLite and the real PostgreSQL ----------------------------------------------------------
@@ -576,7 +610,8 @@ async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Da
         await database.close()
         return
     try:
-        admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test", timeout=2)
+        # Refused at once when it is not there; a busy server is only slow to answer.
+        admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test", timeout=PATIENCE_S)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
         pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {e!r}")
     schema = f"test_{uuid.uuid4().hex[:16]}"
@@ -607,28 +642,30 @@ async def test_claim_one_in_flight_per_request_in_order(db: Database) -> None:
     id_b = await db.add_delivery(b, event="start", url="http://x/", payload={})
     # Concurrent claims: each delivery is taken once, and `a`'s second waits for its first.
     claimed = await asyncio.gather(*(db.claim_delivery(30) for _ in range(6)))
-    taken = sorted(c["id"] for c in claimed if c is not None)
+    taken = sorted(c.id for c in claimed if c is not None)
     assert taken == sorted([ids_a[0], id_b])
-    first = next(c for c in claimed if c is not None and c["id"] == ids_a[0])
-    assert first["state"] == "sending" and first["attempts"] == 1
+    first = next(c for c in claimed if c is not None and c.id == ids_a[0])
+    assert first.state == "sending" and first.attempts == 1
     assert await db.claim_delivery(30) is None
     await db.retry_delivery(ids_a[0], at=utcnow() + timedelta(seconds=60), status=500, error="HTTP 500")
     assert await db.claim_delivery(30) is None  # still a's oldest open one, not due yet: a waits
     await db.finish_delivery(ids_a[0], state="delivered", status=200)
     nxt = await db.claim_delivery(30)
-    assert nxt is not None and nxt["id"] == ids_a[1]
+    assert nxt is not None and nxt.id == ids_a[1]
 
 
 async def test_expired_sending_lease_is_claimed_again(db: Database) -> None:
     rid = await _request(db)
     did = await db.add_delivery(rid, event="completed", url="http://x/", payload={})
-    assert (await db.claim_delivery(0.05))["id"] == did  # type: ignore[index]
-    assert await db.claim_delivery(30) is None
-    await asyncio.sleep(0.1)  # the sender died: its lease runs out
+    claimed = await db.claim_delivery(3600)
+    assert claimed is not None and claimed.id == did
+    assert await db.claim_delivery(30) is None  # its sender holds the lease
+    # The sender died and its lease ran out: moved into the past in the row, not waited for.
+    await db._update_delivery(did, lease_until=utcnow() - timedelta(seconds=1))
     again = await db.claim_delivery(30)
-    assert again is not None and again["id"] == did and again["attempts"] == 2
+    assert again is not None and again.id == did and again.attempts == 2
     await db.release_delivery(did)  # a shutdown hands it back, the attempt not counted
     (row,) = await db.list_deliveries(rid)
-    assert row["state"] == "pending" and row["attempts"] == 1
+    assert row.state == "pending" and row.attempts == 1
     await db.drop_deliveries(rid, error="gone")
-    assert (await db.list_deliveries(rid))[0]["state"] == "dropped" and await db.claim_delivery(30) is None
+    assert (await db.list_deliveries(rid))[0].state == "dropped" and await db.claim_delivery(30) is None

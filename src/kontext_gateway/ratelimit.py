@@ -6,7 +6,9 @@ long until it would be. The storage decides who shares the allowance:
 
 * ``None`` / ``"memory"``: this process only. GCRA state (one timestamp per key) in memory.
 * ``"redis://host:port/db"``: every process on that Redis. The same GCRA, applied atomically
-  by pyrate's Lua script, so concurrent gateways never over-admit.
+  by pyrate's Lua script, so concurrent gateways never over-admit. The script reads the time from
+  Redis itself (`ServerTimeRedisStore`): hits stamped by the callers' clocks could reach Redis out
+  of order (or from hosts whose clocks differ), and GCRA then refuses a hit it should admit.
 * ``"postgresql://..."``: every process on that database. pyrate's PostgresBucket keeps a
   sliding-window log per key in its own table; it is synchronous (psycopg3), so it runs in a
   worker thread to keep the event loop free.
@@ -46,6 +48,24 @@ _PG_LEAK_EVERY_S = 60.0
 # PostgresBucket locks its table with NOWAIT and reports a busy lock as a plain denial (no
 # retry-after). That is contention, not a spent allowance, so we retry briefly before giving up.
 _PG_BUSY_RETRIES = 10
+
+
+class ServerTimeRedisStore(RedisStateStore):
+    """pyrate's Redis store, with its script's `now` taken from Redis's TIME inside the same atomic
+    step: every hit is judged at the moment Redis applies it, in the order it applies them."""
+
+    _NOW = (
+        "local server = redis.call('TIME')\n"
+        # ARGV[1] is the caller's time in ms: replaced by Redis's own, to the microsecond.
+        "ARGV[1] = tonumber(server[1]) * 1000 + tonumber(server[2]) / 1000\n"
+    )
+
+    def _script(self, algorithm: Any) -> Any:
+        lua = self._NOW + algorithm.redis_script()
+        script = self._scripts.get(lua)
+        if script is None:
+            script = self._scripts[lua] = self.redis.register_script(lua)
+        return script
 
 
 @dataclass(frozen=True)
@@ -102,7 +122,7 @@ class RateLimiter:
             return StateBucket(rates, GCRA(), InMemoryStateStore())
         if self._kind == "redis":
             # Redis keys are binary-safe, so the name is used verbatim (readable in redis-cli).
-            return StateBucket(rates, GCRA(), RedisStateStore(self._redis, REDIS_PREFIX + name))
+            return StateBucket(rates, GCRA(), ServerTimeRedisStore(self._redis, REDIS_PREFIX + name))
         # Table names must be short identifiers (pyrate adds "ratelimit___" and an index name
         # "timestampindex_..." within PostgreSQL's 63 bytes): a hash of the name does that.
         table = "kx_" + hashlib.sha256(name.encode()).hexdigest()[:24]

@@ -8,11 +8,12 @@ Auth is `x-key` on every call. Inputs are validated like BFL's FastAPI models (4
 `{"detail": [{"loc", "msg", "type"}]}`); `input_image` must be bare base64 or a URL (a `data:` prefix is
 refused), `aspect_ratio` must lie between 21:9 and 9:21. A task is `Pending` for `pending_polls` polls
 (or `states`, cycled), then `Ready`; one nobody polls finishes after `run_s` seconds, as a real one
-does. At most 24 active tasks, 6 of them kontext-max: more answer 429; `peak` keeps the highest counts
-seen. Provider fault kinds: "moderation" (at submit: `Request Moderated`; later: `Content Moderated`,
-with `details["Moderation Reasons"]`), "moderation_503" (the same, answered with HTTP 503),
-"task_error" (status `Error`), "not_found" (the poll answers 404 `Task not found`), "foreign_url" (at
-submit: the polling_url names `location`, another host, as if another cluster took the task).
+does; with `overlap` set, tasks stay pending until that many were active at once. At most 24 active
+tasks, 6 of them kontext-max: more answer 429; `peak` keeps the highest counts seen. Provider fault
+kinds: "moderation" (at submit: `Request Moderated`; later: `Content Moderated`, with
+`details["Moderation Reasons"]`), "moderation_503" (the same, answered with HTTP 503), "task_error"
+(status `Error`), "not_found" (the poll answers 404 `Task not found`), "foreign_url" (at submit: the
+polling_url names `location`, another host, as if another cluster took the task).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .common import Faults, ResultStore, bucket, http_fault, make_image, record
+from .common import Faults, ResultStore, http_fault, make_image, output_size, record
 
 MODELS = {"flux-kontext-pro": 4.0, "flux-kontext-max": 8.0}  # credits per image
 ACCOUNT_LIMIT = 24
@@ -47,12 +48,6 @@ ERRORS = {
 }
 _RATIO = re.compile(r"^(\d+):(\d+)$")
 TERMINAL = ("Ready", "Request Moderated", "Content Moderated", "Error")
-
-
-def output_size(ratio: str | None, scale: float) -> tuple[int, int]:
-    """The size the fake draws for a ratio: Kontext's ~1 MP bucket, scaled down (as ResultStore does)."""
-    w, h = bucket(ratio)
-    return max(16, int(w * scale) // 16 * 16), max(16, int(h * scale) // 16 * 16)
 
 
 @dataclass
@@ -73,9 +68,14 @@ class FakeBFL:
         self, *, key: str = "bfl_test", pending_polls: int = 2, run_s: float = 2.0, results: ResultStore | None = None
     ) -> None:
         self.key = key
+        self._made = (pending_polls, run_s)
         self.pending_polls = pending_polls
         self.run_s = run_s
         self.states: tuple[str, ...] = ("Pending",)  # in-progress statuses, cycled while pending
+        # Tasks stay pending until this many were active at once (or `hold_s` passed): tasks that may
+        # overlap then do, however far apart a busy machine sends them.
+        self.overlap = 0
+        self.hold_s = 60.0
         self.results = results or ResultStore()
         self.faults = Faults()
         self.requests: list[tuple[str, str, dict[str, str], Any]] = []  # (method, path?query, headers, json)
@@ -89,6 +89,16 @@ class FakeBFL:
             ]
         )
 
+    def reset(self) -> None:
+        """As made: no faults, nothing logged, no tasks (a failed attempt's would count as active), the
+        knobs tests turn back where they were."""
+        self.faults.clear()
+        self.requests.clear()
+        self.peak.clear()
+        self.tasks.clear()
+        self.pending_polls, self.run_s = self._made
+        self.states, self.overlap = ("Pending",), 0
+
     def submits(self) -> list[tuple[str, dict[str, Any]]]:
         return [(path, body) for method, path, _, body in self.requests if method == "POST"]
 
@@ -97,6 +107,9 @@ class FakeBFL:
 
     def _done(self, task: BFLTask) -> bool:
         return task.status in TERMINAL or time.monotonic() - task.created > self.run_s
+
+    def _held(self, task: BFLTask) -> bool:
+        return self.peak.get("total", 0) < self.overlap and time.monotonic() - task.created < self.hold_s
 
     async def _record(self, request: Request) -> Any:
         return await record(self.requests, request, with_query=True)
@@ -191,9 +204,10 @@ class FakeBFL:
         }
         if task.status not in ("Pending", "Ready"):
             return JSONResponse({**body, "status": task.status}, status_code=status_code)
-        if task.polls <= self.pending_polls and not self._done(task):
+        if (task.polls <= self.pending_polls and not self._done(task)) or self._held(task):
             state = self.states[(task.polls - 1) % len(self.states)]
-            return JSONResponse({**body, "status": state, "progress": round(task.polls / (self.pending_polls + 1), 2)})
+            progress = round(min(task.polls, self.pending_polls) / (self.pending_polls + 1), 2)
+            return JSONResponse({**body, "status": state, "progress": progress})
         if task.result is None:
             task.status = "Ready"
             task.result = self._make_result(str(request.base_url).rstrip("/"), task)

@@ -180,6 +180,12 @@ def bucket(ratio: str | None, default: tuple[int, int] = (1024, 1024)) -> tuple[
     return int(h * r) // 16 * 16, h
 
 
+def output_size(ratio: str | None, scale: float, default: tuple[int, int] = (1024, 1024)) -> tuple[int, int]:
+    """The size a fake draws for a ratio: Kontext's ~1 MP bucket, scaled down (as ResultStore does)."""
+    w, h = bucket(ratio, default)
+    return max(16, int(w * scale) // 16 * 16), max(16, int(h * scale) // 16 * 16)
+
+
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 
 
@@ -213,8 +219,7 @@ class ResultStore:
     def image_url(
         self, base_url: str, ratio: str | None, fmt: str, seed: int = 0, default: tuple[int, int] = (1024, 1024)
     ) -> tuple[str, tuple[int, int]]:
-        w, h = bucket(ratio, default)
-        w, h = max(16, int(w * self.scale) // 16 * 16), max(16, int(h * self.scale) // 16 * 16)
+        w, h = output_size(ratio, self.scale, default)
         ext = "jpg" if fmt in ("jpeg", "jpg") else fmt
         data = make_image(w, h, fmt, seed)
         return self.add(base_url, data, f"image/{'jpeg' if ext == 'jpg' else ext}", ext), (w, h)

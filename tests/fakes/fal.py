@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .common import Fault, Faults, ResultStore, bucket, http_fault, make_image, record
+from .common import Fault, Faults, ResultStore, http_fault, make_image, output_size, record
 
 # Route -> input type, from the fal-js endpoint types.
 ROUTES = {
@@ -72,12 +72,6 @@ ERRORS = {
 }
 
 
-def output_size(ratio: str | None, scale: float, default: tuple[int, int] = (1024, 1024)) -> tuple[int, int]:
-    """The size the fake draws for a ratio: Kontext's ~1 MP bucket, scaled down (as ResultStore does)."""
-    w, h = bucket(ratio, default)
-    return max(16, int(w * scale) // 16 * 16), max(16, int(h * scale) // 16 * 16)
-
-
 @dataclass
 class FalTask:
     id: str
@@ -99,6 +93,7 @@ class FakeFal:
     def __init__(self, *, key: str = "fal_test", pending_polls: int = 2, results: ResultStore | None = None) -> None:
         self.key = key
         self.pending_polls = pending_polls  # polls answered IN_QUEUE / IN_PROGRESS before COMPLETED
+        self._made = pending_polls
         self.results = results or ResultStore()
         self.faults = Faults()
         self.requests: list[tuple[str, str, dict[str, str], Any]] = []  # (method, path, headers, json)
@@ -114,6 +109,12 @@ class FakeFal:
         )
 
     # -- helpers -----------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """As made: no faults, nothing logged, `pending_polls` back where it was."""
+        self.faults.clear()
+        self.requests.clear()
+        self.pending_polls = self._made
 
     def submits(self) -> list[tuple[str, dict[str, Any]]]:
         """(path, body) of every submit received."""

@@ -54,6 +54,7 @@ class FakeFireworks:
     def __init__(self, *, key: str = "fw_test", pending_polls: int = 2, results: ResultStore | None = None) -> None:
         self.key = key
         self.pending_polls = pending_polls  # polls answered Pending before Ready
+        self._made = pending_polls
         self.results = results or ResultStore()
         self.faults = Faults()
         self.requests: list[tuple[str, str, dict[str, str], Any]] = []  # (method, path, headers, json)
@@ -65,6 +66,12 @@ class FakeFireworks:
                 Route("/results/{name}", self.result, methods=["GET"]),
             ]
         )
+
+    def reset(self) -> None:
+        """As made: no faults, nothing logged, `pending_polls` back where it was."""
+        self.faults.clear()
+        self.requests.clear()
+        self.pending_polls = self._made
 
     def submits(self) -> list[tuple[str, str, dict[str, str], Any]]:
         return [r for r in self.requests if r[0] == "POST" and not r[1].endswith("/get_result")]

@@ -135,6 +135,7 @@ class FakeReplicate:
     def __init__(self, *, token: str = "r8_test", pending_polls: int = 2, results: ResultStore | None = None) -> None:
         self.token = token
         self.pending_polls = pending_polls  # polls answered starting/processing before the end
+        self._made = pending_polls
         self.results = results or ResultStore()
         self.faults = Faults()
         self.requests: list[tuple[str, str, dict[str, str], Any]] = []  # (method, path, headers, json)
@@ -150,6 +151,13 @@ class FakeReplicate:
         )
 
     # -- helpers ---------------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """As made: no faults, nothing logged, `pending_polls` back where it was."""
+        self.faults.clear()
+        self.requests.clear()
+        self.canceled.clear()
+        self.pending_polls = self._made
 
     def submits(self) -> list[tuple[str, str, dict[str, str], Any]]:
         return [r for r in self.requests if r[0] == "POST" and r[1].endswith("/predictions")]

@@ -1,4 +1,5 @@
-"""All four upstream fakes together, and gateway settings pointing at them (for routing tests)."""
+"""All four upstream fakes together, and gateway settings pointing at them (for routing tests), or at
+one of them alone (for a provider's own tests)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,33 @@ from fakes.fireworks import FakeFireworks
 from fakes.replicate import FakeReplicate
 from kontext_gateway.config import Settings
 
-FAST = dict(upstream_poll_interval_s=0.01, upstream_backoff_s=0.01, upstream_backoff_max_s=0.05, upstream_timeout_s=10)
+# Quick polls and backoffs against fakes on loopback; the upstream timeout is only a backstop against a
+# hang (no test waits for it), so generous: a busy machine is slow, not broken.
+FAST = dict(upstream_poll_interval_s=0.01, upstream_backoff_s=0.01, upstream_backoff_max_s=0.05, upstream_timeout_s=120)
+# Each provider's settings for its key and base URL, and the key its fake takes by default.
+KEYS = {
+    "replicate": ("replicate_api_token", "r8_test"),
+    "fal": ("fal_key", "fal_test"),
+    "fireworks": ("fireworks_api_key", "fw_test"),
+    "bfl": ("bfl_api_key", "bfl_test"),
+}
+BASE_URLS = {name: f"{name}_base_url" for name in KEYS}
+
+
+def solo_settings(
+    provider: str, data_dir: Path, base_url: str, *, key: str | None = None, **overrides: Any
+) -> Settings:
+    """A gateway whose only upstream is `provider` at `base_url`, with its fake's key (or `key`): no other
+    provider's key, no local weights, quick polls."""
+    setting, default_key = KEYS[provider]
+    return Settings(
+        data_dir=data_dir,
+        database_url=f"sqlite:///{data_dir / 'gateway.db'}",
+        dev_weights_dir=None,
+        **{KEYS[other][0]: None for other in KEYS if other != provider},
+        **{setting: key or default_key, BASE_URLS[provider]: base_url},
+        **{**FAST, **overrides},
+    )
 
 
 class Upstreams:
@@ -28,8 +55,7 @@ class Upstreams:
 
     def reset(self) -> None:
         for fake in self.all.values():
-            fake.faults.clear()
-            fake.requests.clear()
+            fake.reset()
 
     def submits(self, name: str) -> int:
         return len(self.all[name].submits())
@@ -37,13 +63,7 @@ class Upstreams:
     def settings(self, data_dir: Path, **overrides: Any) -> Settings:
         return Settings(
             data_dir=data_dir,
-            replicate_api_token="r8_test",
-            replicate_base_url=self.urls["replicate"],
-            fal_key="fal_test",
-            fal_base_url=self.urls["fal"],
-            fireworks_api_key="fw_test",
-            fireworks_base_url=self.urls["fireworks"],
-            bfl_api_key="bfl_test",
-            bfl_base_url=self.urls["bfl"],
+            **dict(KEYS.values()),
+            **{BASE_URLS[name]: url for name, url in self.urls.items()},
             **{**FAST, **overrides},
         )

@@ -53,33 +53,34 @@ async def create_file(request: Request) -> JSONResponse:
     gw = gateway(request)
     if media_type(request) != "multipart/form-data":
         raise unsupported_media_type("multipart/form-data with the file as 'content'")
-    form = await request.form(max_files=1, max_fields=16)
-    upload = form.get("content")
-    if not isinstance(upload, UploadFile):
-        raise invalid(
-            "Upload the file as the multipart field 'content'.", param="content", code="missing_required_parameter"
+    async with request.form(max_files=1, max_fields=16) as form:  # its spooled file closed on every way out
+        upload = form.get("content")
+        if not isinstance(upload, UploadFile):
+            raise invalid(
+                "Upload the file as the multipart field 'content'.", param="content", code="missing_required_parameter"
+            )
+        if upload.size is not None and upload.size > gw.settings.max_file_bytes:
+            raise too_large(
+                f"The file is over {gw.settings.max_file_bytes} bytes.", param="content", code="file_too_large"
+            )
+        if upload.filename is not None and "\x00" in upload.filename:  # PostgreSQL cannot store it
+            raise invalid(
+                "The file name holds a NUL character, which is not accepted.", param="content", code="invalid_value"
+            )
+        data = await upload.read()
+        fmt = sniff_format(data)
+        if fmt not in ("png", "jpeg", "gif", "webp"):
+            raise invalid(
+                "Only images are accepted: PNG, JPEG, WebP or GIF.", param="content", code="unsupported_image_format"
+            )
+        raw_metadata = form.get("metadata")
+        metadata = (
+            safejson.loads(raw_metadata, what="'metadata'", param="metadata")
+            if isinstance(raw_metadata, str) and raw_metadata
+            else {}
         )
-    if upload.size is not None and upload.size > gw.settings.max_file_bytes:
-        raise too_large(f"The file is over {gw.settings.max_file_bytes} bytes.", param="content", code="file_too_large")
-    if upload.filename is not None and "\x00" in upload.filename:  # PostgreSQL cannot store it
-        raise invalid(
-            "The file name holds a NUL character, which is not accepted.", param="content", code="invalid_value"
-        )
-    data = await upload.read()
-    fmt = sniff_format(data)
-    if fmt not in ("png", "jpeg", "gif", "webp"):
-        raise invalid(
-            "Only images are accepted: PNG, JPEG, WebP or GIF.", param="content", code="unsupported_image_format"
-        )
-    raw_metadata = form.get("metadata")
-    metadata = (
-        safejson.loads(raw_metadata, what="'metadata'", param="metadata")
-        if isinstance(raw_metadata, str) and raw_metadata
-        else {}
-    )
-    if not isinstance(metadata, dict):
-        raise invalid("'metadata' must be a JSON object.", param="metadata", code="invalid_json")
-    await form.close()
+        if not isinstance(metadata, dict):
+            raise invalid("'metadata' must be a JSON object.", param="metadata", code="invalid_json")
     now = utcnow()
     record = await gw.db.create_file(
         id=uuid.uuid4().hex[:26],

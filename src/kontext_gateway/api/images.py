@@ -48,33 +48,32 @@ async def edits(request: Request) -> Response:
         raise unsupported_media_type(
             "multipart/form-data (with 'image' files), or application/json with 'images': [{'image_url': ...}]"
         )
-    form = await request.form(max_files=64, max_fields=256)
     fields: dict[str, Any] = {}
     files: list[ImageSource] = []
-    for name, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            if name == "mask":
-                files.append(ImageSource("mask", data=await value.read()))
-                continue
-            if not _IMAGE_FIELD.match(name):
-                raise invalid(
-                    f"Unexpected file field '{name}': send images as 'image' or 'image[]'.",
-                    param=name,
-                    code="unexpected_file",
-                )
-            if value.size is not None and value.size > gw.settings.max_file_bytes:
-                raise too_large(
-                    f"'image' file '{value.filename}' is {value.size} bytes; the limit is "
-                    f"{gw.settings.max_file_bytes} bytes (50 MB).",
-                    param="image",
-                    code="file_too_large",
-                )
-            files.append(ImageSource("image", data=await value.read()))
-        elif _IMAGE_FIELD.match(name):
-            raise invalid("'image' must be an uploaded file.", param="image", code="invalid_type")
-        else:
-            fields[name] = value
-    await form.close()
+    async with request.form(max_files=64, max_fields=256) as form:  # its spooled files closed on every way out
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if name == "mask":
+                    files.append(ImageSource("mask", data=await value.read()))
+                    continue
+                if not _IMAGE_FIELD.match(name):
+                    raise invalid(
+                        f"Unexpected file field '{name}': send images as 'image' or 'image[]'.",
+                        param=name,
+                        code="unexpected_file",
+                    )
+                if value.size is not None and value.size > gw.settings.max_file_bytes:
+                    raise too_large(
+                        f"'image' file '{value.filename}' is {value.size} bytes; the limit is "
+                        f"{gw.settings.max_file_bytes} bytes (50 MB).",
+                        param="image",
+                        code="file_too_large",
+                    )
+                files.append(ImageSource("image", data=await value.read()))
+            elif _IMAGE_FIELD.match(name):
+                raise invalid("'image' must be an uploaded file.", param="image", code="invalid_type")
+            else:
+                fields[name] = value
     safejson.check(fields, what="The form", code="invalid_value")  # the same string rules as a JSON body's
     return await _run(request, image_call("edit", fields, files))
 
