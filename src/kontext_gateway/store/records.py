@@ -8,6 +8,7 @@ of a job's states and of which of them are still running or ended.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -46,14 +47,18 @@ class _FromRow:
         return result
 
 
-def _from_row(cls: type[Any], row: DeclarativeBase, overrides: dict[str, Any]) -> Any:
-    values = {
-        f.name: getattr(row, f.name)
-        for f in dataclasses.fields(cls)
-        # A field with a default that is not a column (a claimed delivery's key_id) keeps its default.
-        if f.name not in overrides and (f.default is dataclasses.MISSING or hasattr(row, f.name))
-    }
+def _from_row(cls: type, row: DeclarativeBase, overrides: dict[str, Any]) -> Any:
+    values = {name: getattr(row, name) for name in _columns(cls, type(row)) if name not in overrides}
     return cls(**values, **overrides)
+
+
+@functools.cache
+def _columns(cls: type, row_type: type) -> tuple[str, ...]:
+    """The fields read from a row of `row_type`: all but those with a default that the row lacks (a
+    claimed delivery's key_id, which the claim adds)."""
+    return tuple(
+        f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING or hasattr(row_type, f.name)
+    )
 
 
 @dataclass(frozen=True, slots=True)
