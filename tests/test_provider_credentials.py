@@ -275,3 +275,21 @@ async def test_the_key_goes_nowhere_else(tmp_path: Path, name: str, url: str, wh
     assert seen == []  # refused before anything was sent
     assert not err.value.retryable and err.value.kind == "malformed_response"
     assert KEYS[name][1].split()[-1] not in err.value.message
+
+
+def test_the_operator_can_add_origins_for_a_providers_key() -> None:
+    from kontext_gateway.config import Settings
+    from kontext_gateway.providers.bfl import BFLProvider
+    from kontext_gateway.providers.remote import UntrustedURL
+
+    settings = Settings(
+        bfl_api_key="k", bfl_base_url="http://127.0.0.1:1", provider_hosts={"bfl": ["http://localhost:2"]}
+    )
+    provider = BFLProvider(settings)
+    provider.check_credential_url("GET", "http://localhost:2/v1/get_result?id=1")  # added: allowed
+    with pytest.raises(UntrustedURL):
+        provider.check_credential_url("GET", "http://localhost:3/v1/get_result?id=1")  # another port
+    with pytest.raises(UntrustedURL):
+        BFLProvider(Settings(bfl_api_key="k", bfl_base_url="http://127.0.0.1:1")).check_credential_url(
+            "GET", "http://localhost:2/v1/get_result?id=1"
+        )

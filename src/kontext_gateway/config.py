@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     provider_weights: dict[str, float] = Field(default_factory=dict)
     # Active upstream tasks per provider (or provider/model id); above it requests queue.
     provider_concurrency: dict[str, int] = Field(default_factory=dict)
+    # Origins besides a provider's own that may receive its key (a regional mirror, an egress proxy, a
+    # test double): JSON, e.g. '{"bfl": ["https://bfl-mirror.internal"]}'. Exact scheme, host and port.
+    provider_hosts: dict[str, list[str]] = Field(default_factory=dict)
 
     # Jobs: every request is a row that workers claim (see jobs/). Claim loops per process (0: this
     # process only serves the API and other processes, e.g. `kontext worker`, run the jobs).

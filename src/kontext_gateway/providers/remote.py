@@ -179,6 +179,7 @@ class RemoteProvider:
         self._key: str | None = secret.get_secret_value() if secret is not None else None
         self.base_url = str(getattr(settings, self.base_url_field)).rstrip("/")
         self._base_origin = _origin(httpx.URL(self.base_url))
+        self._extra_origins = {_origin(httpx.URL(o)) for o in settings.provider_hosts.get(self.name, [])}
         # Redirects are chosen per call (see `request`); none is followed unless a call says so.
         self.client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(60.0, connect=10.0),
@@ -436,7 +437,8 @@ class RemoteProvider:
 
     def check_credential_url(self, method: str, url: str) -> None:
         """Raise UntrustedURL unless `url` may get the key: the configured base URL's origin (scheme,
-        host and port), or https on one of `credential_hosts`. A returned URL naming any other host
+        host and port), an origin the operator added (`provider_hosts`), or https on one of
+        `credential_hosts`. A returned URL naming any other host
         (or plain http where the provider documents https) never sees the key."""
         try:
             target = httpx.URL(url)
@@ -448,7 +450,7 @@ class RemoteProvider:
             raise UntrustedURL(
                 f"{method} {_path(str(url))[:80]!r}: refused, not an absolute URL; {self.credential_env} was not sent"
             )
-        if origin == self._base_origin:
+        if origin == self._base_origin or origin in self._extra_origins:
             return
         documented = any(_host_matches(pattern, host) for pattern in self.credential_hosts)
         if documented and scheme == "https" and port == 443:
