@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import io
 import json
+import os
 import socket
 import subprocess
 import time
@@ -207,8 +208,9 @@ def upstream_fixtures(provider: str, make_fake: Callable[[], Any], **overrides: 
         fake, fake_url, gateway, client, _reset = upstream_fixtures("bfl", FakeBFL, provider_concurrency=...)
 
     `fake` (made once by `make_fake`), `fake_url` (it, served on loopback), `gateway` (the URL of a gateway
-    whose only upstream it is: fakes.upstreams.solo_settings with `overrides`), the SDK pointed at that
-    gateway (any name), and `_reset`, autouse: the fake as made again before and after every test."""
+    whose only upstream it is: fakes.upstreams.solo_settings with `overrides`, the fake's other hosts,
+    e.g. BFL's polling cluster, in `provider_hosts`), the SDK pointed at that gateway (any name), and
+    `_reset`, autouse: the fake as made again before and after every test."""
 
     @pytest.fixture(scope="module")
     def fake() -> Any:
@@ -220,11 +222,13 @@ def upstream_fixtures(provider: str, make_fake: Callable[[], Any], **overrides: 
             yield url
 
     @pytest.fixture(scope="module")
-    def gateway(fake_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    def gateway(fake: Any, fake_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         from fakes.upstreams import solo_settings
 
         data_dir = tmp_path_factory.mktemp(f"{provider}-gateway")
-        with running_server(solo_settings(provider, data_dir, fake_url, **overrides)) as url:
+        storage = {"fal_storage_url": fake.storage_url} if getattr(fake, "storage_url", None) else {}
+        settings = solo_settings(provider, data_dir, fake_url, hosts=fake.other_origins, **{**storage, **overrides})
+        with running_server(settings) as url:
             yield url
 
     @pytest.fixture(scope="module")
@@ -277,6 +281,13 @@ def png_bytes(width: int, height: int, color: tuple[int, int, int] = (200, 30, 3
             img.putpixel((x, y), (x * 255 // max(1, width), y * 255 // max(1, height), 128))
     buf = io.BytesIO()
     img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def noise_png(width: int, height: int) -> bytes:
+    """A PNG that does not compress (random pixels, about 3 bytes each): a large input of a known size."""
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (width, height), os.urandom(width * height * 3)).save(buf, "PNG")
     return buf.getvalue()
 
 

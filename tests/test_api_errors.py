@@ -89,6 +89,9 @@ def test_model_without_provider_is_503_with_reason(http: httpx.Client) -> None:
     assert resp.headers["x-should-retry"] == "false"  # configuration does not change between retries
     err = assert_error(gen(http, prompt="x", model="flux.1-kontext-dev"), 503, "provider_unavailable")
     assert "KONTEXT_DEV_WEIGHTS_DIR" in err["message"]
+    # Every route of the model is named with its reason: the hosted [dev] routes only edit.
+    assert "replicate/flux.1-kontext-dev: edits only" in err["message"]
+    assert "fal/flux.1-kontext-dev-lora: edits only" in err["message"]
 
 
 def test_unknown_forced_provider(http: httpx.Client) -> None:

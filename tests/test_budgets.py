@@ -209,6 +209,84 @@ def test_dry_run_estimates_equal_settled_costs(server: tuple[str, dict[str, Any]
     assert error_of(bad, 400)["param"] == "dryRun"
 
 
+def test_dry_run_prices_hosted_models_without_keys(server: tuple[str, dict[str, Any]]) -> None:
+    """No provider key is set: a real request is a 503, but the catalog knows the prices, so the
+    dry run answers with the providers that would serve once configured, and the size they make."""
+    base, admin = server
+    auth = bearer(admin)
+    body = {"model": "flux.1-kontext-pro", "prompt": "x", "size": "2048x2048", "n": 2}
+    real = httpx.post(base + "/v1/images/generations", headers=auth, json=body, timeout=60)
+    assert error_of(real, 503)["code"] == "provider_unavailable"
+    dry = httpx.post(base + "/v1/images/generations?dryRun=true", headers=auth, json=body, timeout=60)
+    assert dry.status_code == 200, dry.text
+    est = dry.json()
+    assert est["configured"] is False and "once configured" in est["message"]
+    assert est["total_cost_micros"] == est["max_cost_micros"] == 2 * 40_000 and est["n"] == 2
+    routes = {p["config_key"]: p for p in est["providers"]}
+    assert set(routes) == {f"{p}/flux.1-kontext-pro" for p in ("replicate", "fireworks", "fal", "bfl")}
+    assert est["provider"] == est["providers"][0]["config_key"]  # the one tried first
+    bfl = routes["bfl/flux.1-kontext-pro"]
+    assert bfl["configured"] is False and bfl["price_per_image"] == 0.04 and bfl["currency"] == "USD"
+    assert "BFL_API_KEY" in bfl["unavailable_reason"] and "BFL_API_KEY" in est["message"]
+    # Hosted routes make about a megapixel at the ratio they are sent, whatever WxH was asked.
+    assert est["size"] == "1024x1024" and est["requested_size"] == "2048x2048"
+    # fal's routes take 9 ratios (no 4:5): 4:5 goes to fal as 3:4, so it makes 3:4's size.
+    asked = {"model": "flux.1-kontext-pro", "prompt": "x", "aspect_ratio": "4:5"}
+    fal = httpx.post(
+        base + "/v1/images/generations?dryRun=true", headers={**auth, "x-provider": "fal"}, json=asked, timeout=60
+    ).json()
+    assert [p["config_key"] for p in fal["providers"]] == ["fal/flux.1-kontext-pro"]
+    assert fal["size"] == "887x1182" and fal["requested_size"] == "916x1145"
+    # Predictions and edits price the same way; [dev] edits are priced from its cheapest route first.
+    image = base64.b64encode(png_bytes(40, 30)).decode()
+    pred = httpx.post(
+        base + "/v1/predictions?dryRun=true",
+        headers=auth,
+        json={"model": "black-forest-labs/flux-kontext-max", "input": {"prompt": "x"}},
+        timeout=60,
+    )
+    assert pred.status_code == 200 and pred.json()["total_cost_micros"] == 80_000, pred.text
+    edit = httpx.post(
+        base + "/v1/images/edits?dryRun=true",
+        headers=auth,
+        json={
+            "model": "flux.1-kontext-dev",
+            "prompt": "x",
+            "images": [{"image_url": f"data:image/png;base64,{image}"}],
+        },
+        timeout=60,
+    ).json()
+    assert edit["providers"][0]["config_key"] == "local/flux.1-kontext-dev" and edit["configured"] is False
+    assert edit["size"] == "1184x880"  # the preferred Kontext resolution for a 4:3 input
+
+
+def test_dry_run_reports_the_size_the_local_engine_produces(server: tuple[str, dict[str, Any]]) -> None:
+    base, admin = server
+    auth = bearer(admin)
+    dry = httpx.post(
+        base + "/v1/images/generations?dryRun=true", headers=auth, json={**TINY, "size": "1183x887"}, timeout=60
+    ).json()
+    assert dry["size"] == "1184x880" and dry["requested_size"] == "1183x887"  # multiples of 16
+    assert dry["configured"] is True and "message" not in dry
+    assert dry["providers"] == [
+        {
+            "config_key": "local/kontext-tiny",
+            "provider": "local",
+            "configured": True,
+            "price_per_image": 0.001,
+            "currency": "USD",
+            "size": "1184x880",
+        }
+    ]
+    # What the dry run says is what a real request reports.
+    small = {**TINY, "size": "33x47"}
+    dry = httpx.post(base + "/v1/images/generations?dryRun=true", headers=auth, json=small, timeout=60).json()
+    real = httpx.post(base + "/v1/images/generations", headers=auth, json=small, timeout=60).json()
+    assert dry["size"] == real["size"] == "32x48" and dry["requested_size"] == "33x47"
+    exact = httpx.post(base + "/v1/images/generations?dryRun=true", headers=auth, json=TINY, timeout=60).json()
+    assert exact["size"] == "32x32" and "requested_size" not in exact
+
+
 # -- the ledger after a mixed run against the upstream fakes -------------------------------------------------
 
 
@@ -266,9 +344,10 @@ def test_ledger_totals_equal_request_costs_after_a_mixed_run(upstreams: Upstream
     for view in views:
         assert per_key_ledger[view["id"]] == per_key_requests[view["id"]] == round(view["total_spent_usd"] * 1e6)
     assert all(sum(line["total_cost"] for line in json.loads(lines)) == actual for lines, actual in line_totals)
-    # 0.04 + 0.08 + 0.002 for team-0; BFL's three images and the failed-over one for team-1.
+    # 0.04 + 0.08 + 0.002 for team-0; for team-1 BFL's three images, the failed-over one, and the image
+    # fal moderated: fal documents that it may bill a 422 (the catalog's billed_failures).
     assert per_key_ledger[keys[0]["id"]] == 40_000 + 80_000 + 2_000
-    assert per_key_ledger[keys[1]["id"]] == 120_000 + 40_000
+    assert per_key_ledger[keys[1]["id"]] == 120_000 + 40_000 + 40_000
 
 
 def test_two_gateway_processes_share_rate_limits_through_redis(tmp_path: Path) -> None:

@@ -107,7 +107,12 @@ def test_max_facts_from_the_seed_page() -> None:
         "bfl/flux.1-kontext-max",
     ]
     params = {p.name: p for p in mx.params}
-    assert params["safety_tolerance"].enum == ("1", "2", "3", "4", "5", "6")
+    # An integer 0-6 in the unified request; fal's route alone takes the string "1"-"6".
+    tolerance = params["safety_tolerance"]
+    assert (tolerance.type, tolerance.minimum, tolerance.maximum, tolerance.enum) == ("integer", 0, 6, None)
+    fal = tolerance.route("fal", "edit")
+    assert fal is not None and fal.type == "string" and fal.enum == ("1", "2", "3", "4", "5", "6")
+    assert tolerance.string_form
     assert params["prompt_upsampling"].providers == ("replicate", "fireworks", "bfl")
     assert params["enhance_prompt"].providers == ("fal",) and params["sync_mode"].providers == ("fal",)
 

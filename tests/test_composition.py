@@ -43,7 +43,6 @@ class Painter:
     """A provider that serves kontext-tiny with a red picture of the size asked."""
 
     name = "local"
-    records_attempts = False
     jobs: list[ImageJob] = field(default_factory=list)
 
     def handling(self, entry: Any) -> dict[str, dict[str, str]]:
@@ -55,7 +54,7 @@ class Painter:
     def unavailable_reason(self, entry: Any) -> str:
         return ""
 
-    def unsupported(self, entry: Any, job: ImageJob) -> str | None:
+    def unsupported(self, entry: Any, job: ImageJob) -> None:
         return None
 
     async def generate(self, entry: Any, job: ImageJob) -> ProviderResult:

@@ -329,8 +329,10 @@ def test_provider_handles_the_new_parameters(tmp_path: Path, engine: KontextEngi
     assert entry.max_input_images == 4
     imgs = [picture(64, 64, i) for i in range(5)]
     assert provider.unsupported(entry, _job(imgs[:4])) is None
-    assert "at most 4" in (provider.unsupported(entry, _job(imgs)) or "")
-    assert "mask" in (provider.unsupported(entry, _job([], mask=Image.new("L", (64, 64)))) or "")
+    too_many = provider.unsupported(entry, _job(imgs))
+    assert too_many is not None and "at most 4" in too_many.reason and too_many.param == "image"
+    lone_mask = provider.unsupported(entry, _job([], mask=Image.new("L", (64, 64))))
+    assert lone_mask is not None and "mask" in lone_mask.reason and lone_mask.param == "mask"
 
     provider._engines[entry.config_key] = engine  # the module's engine: no second build
     previews: list[int] = []

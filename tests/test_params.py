@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from kontext_gateway.catalog import Catalog
 from kontext_gateway.engine.resolution import context_size, output_size, preferred_for, to_multiple
 from kontext_gateway.errors import GatewayError
-from kontext_gateway.params import Size, nearest_ratio, resolve_size, size_for
+from kontext_gateway.params import RESOLUTION_PATTERN, Size, nearest_ratio, resolve_size, size_for, tier_area
 
 CATALOG = Catalog.load()
 DEV = CATALOG.get("flux.1-kontext-dev")
@@ -196,3 +198,30 @@ def test_context_image_scales_with_the_output() -> None:
     small = context_size(Size(1024, 768), Size(256, 256))
     assert small.width % 16 == 0 and small.height % 16 == 0
     assert abs(small.area - 256 * 256) / (256 * 256) < 0.15 and small.width > small.height
+
+
+# -- what the schema says `resolution` accepts ----------------------------------------------------------
+
+
+ACCEPTED = ["auto", "AUTO", " 1K ", "0.5k", "4K", "3 k", "1", "0.25", "4MP", "1.5 mp", "0.0001"]
+REFUSED = ["0K", "0", "0.0k", "0mp", "", "8X", "-1", "1KK", "k", "mp", "1e3", "1,5", "auto1", "1K2"]
+
+
+@pytest.mark.parametrize("text", [*ACCEPTED, *REFUSED])
+def test_the_schemas_resolution_pattern_is_what_resolve_size_takes(text: str) -> None:
+    takes = True
+    try:
+        tier_area(text)
+    except ValueError:
+        takes = False
+    assert bool(re.match(RESOLUTION_PATTERN, text)) == takes == (text in ACCEPTED), text
+
+
+@pytest.mark.parametrize("tier", ["0K", "0.0k", "0.00000001"])
+def test_zero_or_tiny_tiers_are_a_400_or_the_smallest_tier(tier: str) -> None:
+    try:
+        req = resolve_size(TINY, size=None, aspect_ratio=None, resolution=tier)
+    except GatewayError as err:
+        assert err.status == 400 and err.code == "invalid_resolution"
+    else:
+        assert req.tier == "0.5K"  # a tiny scale maps to the smallest tier

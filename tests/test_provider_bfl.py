@@ -20,7 +20,7 @@ from conftest import open_image, png_bytes, running_server, upstream_fixtures
 from fakes.bfl import FakeBFL
 from fakes.common import output_size, serve
 from fakes.upstreams import solo_settings
-from kontext_gateway.providers.bfl import BFLProvider
+from kontext_gateway.providers.bfl import BFL
 
 SCALE = FakeBFL().results.scale
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "gif": "GIF", "webp": "WEBP", "avif": "AVIF"}
@@ -157,16 +157,26 @@ def test_output_format_is_explicit_and_converted(client: OpenAI, fake: FakeBFL, 
         response_format="b64_json",
     )
     assert decode(resp.data[0]).format == FORMATS[fmt] and resp.output_format == fmt
-    assert one_submit(fake)[1]["output_format"] == (fmt if fmt in ("png", "jpeg") else "png")
+    assert one_submit(fake)[1]["output_format"] == (fmt if fmt in ("png", "jpeg", "webp") else "png")  # BFL's own
 
 
-@pytest.mark.parametrize("given,sent", [("5", 5), (0, 0), ("1", 1), (9, 6)])
+@pytest.mark.parametrize("given,sent", [("5", 5), (0, 0), ("1", 1), (6, 6)])
 def test_safety_tolerance_is_an_int(client: OpenAI, fake: FakeBFL, given: Any, sent: int) -> None:
     client.images.generate(
         model="flux.1-kontext-pro", prompt="x", response_format="b64_json", extra_body={"safety_tolerance": given}
     )
     value = one_submit(fake)[1]["safety_tolerance"]
     assert value == sent and type(value) is int
+
+
+@pytest.mark.parametrize("given", [9, -1, "high"])
+def test_safety_tolerance_out_of_range_is_a_400_naming_the_range(client: OpenAI, fake: FakeBFL, given: Any) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.images.generate(model="flux.1-kontext-pro", prompt="x", extra_body={"safety_tolerance": given})
+    err = exc.value.body
+    assert err["param"] == "safety_tolerance" and err["code"] == "unsupported_by_providers"
+    assert "an integer from 0 to 6" in err["message"]
+    assert fake.submits() == []  # refused here, not by BFL
 
 
 def test_prompt_upsampling_extras_and_params_bfl_lacks(client: OpenAI, fake: FakeBFL) -> None:
@@ -184,10 +194,16 @@ def test_prompt_upsampling_extras_and_params_bfl_lacks(client: OpenAI, fake: Fak
         },
     )
     _, body = one_submit(fake)
-    assert body["prompt_upsampling"] is True and body["bfl_new_knob"] == 3  # unknown extras pass through
-    for absent in ("enhance_prompt", "sync_mode", "guidance", "guidance_scale", "num_inference_steps", "steps"):
-        assert absent not in body
-    assert meta(resp)["ignored_params"] == ["enhance_prompt", "sync_mode"]  # fal's, not sent
+    assert body["prompt_upsampling"] is True
+    for absent in ("bfl_new_knob", "enhance_prompt", "sync_mode", "guidance", "guidance_scale", "num_inference_steps"):
+        assert absent not in body  # not in BFL's published schema: never sent
+    assert meta(resp)["ignored_params"] == [
+        "bfl_new_knob",
+        "cfg_scale",
+        "enhance_prompt",
+        "num_inference_steps",
+        "sync_mode",
+    ]
 
 
 def test_n3_is_three_tasks(client: OpenAI, fake: FakeBFL) -> None:
@@ -228,36 +244,96 @@ def test_moderation(client: OpenAI, fake: FakeBFL, kind: str, at: str, status: s
     assert len(fake.submits()) == 1
 
 
-# -- failures that are retried ---------------------------------------------------------------------------
+def test_moderation_reasons_as_seen_in_the_wild(client: OpenAI, fake: FakeBFL) -> None:
+    fake.faults.add("moderation", at="poll", reasons=["Safety Filter"])
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.images.generate(model="flux.1-kontext-pro", prompt="something flagged")
+    assert exc.value.body["code"] == "content_policy_violation" and "Safety Filter" in exc.value.body["message"]
+    assert len(fake.submits()) == 1
+
+
+def test_polls_the_returned_polling_url_on_its_own_host(client: OpenAI, fake: FakeBFL) -> None:
+    """The task lives on the cluster its polling_url names: another host and port than the submit's."""
+    client.images.generate(model="flux.1-kontext-pro", prompt="x", response_format="b64_json")
+    assert fake.polling.url is not None
+    polls = {r.host for r in fake.received if r.path.startswith("/v1/get_result")}
+    assert polls == {httpx.URL(fake.polling.url).netloc.decode()} and fake.misrouted == []
+
+
+# -- failures: what is tried again, and what is not --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind,error_class,status",
+    [
+        ("429", "rate_limited", 429),
+        ("500", "server_error", 500),
+        ("drop", "connection_error", None),
+        ("malformed", "malformed_response", 200),
+    ],
+)
+def test_a_failed_submit_is_tried_again(
+    client: OpenAI, fake: FakeBFL, kind: str, error_class: str, status: int | None
+) -> None:
+    """Before a task exists nothing was made or paid: the submit is simply tried again."""
+    fake.faults.add(kind, at="submit", retry_after=0.1 if kind == "429" else None)
+    resp = client.images.generate(model="flux.1-kontext-pro", prompt="x", response_format="b64_json")
+    assert decode(resp.data[0]).format == "PNG"
+    first, second = meta(resp)["attempts"]
+    assert first["outcome"] == "failed" and first["error_class"] == error_class
+    assert first.get("status_code") == status
+    assert second["outcome"] == "succeeded"
+
+
+@pytest.mark.parametrize("kind", ["503", "drop", "malformed"])
+def test_a_failed_poll_polls_again(client: OpenAI, fake: FakeBFL, kind: str) -> None:
+    """The task is still there: one task, one attempt, nothing paid twice."""
+    fake.faults.add(kind, at="poll")
+    resp = client.images.generate(model="flux.1-kontext-pro", prompt="x", response_format="b64_json")
+    assert decode(resp.data[0]).format == "PNG"
+    assert [a["outcome"] for a in meta(resp)["attempts"]] == ["succeeded"]
+    assert len(fake.submits()) == 1 and (kind, "poll") in fake.faults.fired
 
 
 @pytest.mark.parametrize(
     "kind,at,error_class,status",
     [
-        ("429", "submit", "rate_limited", 429),
-        ("500", "submit", "server_error", 500),
-        ("503", "poll", "server_error", 503),
-        ("drop", "submit", "connection_error", None),
-        ("drop", "poll", "connection_error", None),
-        ("malformed", "submit", "malformed_response", None),
-        ("malformed", "poll", "malformed_response", None),
-        ("task_error", "poll", "task_failed", None),
-        ("not_found", "poll", "task_failed", 404),
+        ("not_found", "poll", "task_lost", 404),
         ("not_image", "download", "bad_result", None),
         ("result_404", "download", "bad_result", 404),
     ],
 )
-def test_transient_fault_is_retried(
+def test_a_lost_task_is_resubmitted_once(
     client: OpenAI, fake: FakeBFL, kind: str, at: str, error_class: str, status: int | None
 ) -> None:
-    fake.faults.add(kind, at=at, retry_after=0.1 if kind == "429" else None)
+    fake.faults.add(kind, at=at)
     resp = client.images.generate(model="flux.1-kontext-pro", prompt="x", response_format="b64_json")
     assert decode(resp.data[0]).format == "PNG"
     first, second = meta(resp)["attempts"]
     assert first["outcome"] == "failed" and first["error_class"] == error_class
-    assert first.get("status_code") == status if status else True
+    assert first.get("status_code") == status
+    # A result made upstream and lost on the way here was billed: the ledger counts it.
+    assert first.get("billed_images") == (1 if at == "download" else None)
     assert second["outcome"] == "succeeded"
-    assert len(fake.submits()) == 2  # the failed task, then a fresh one
+    assert len(fake.submits()) == 2  # the lost task, then a fresh one
+
+
+def test_a_task_is_resubmitted_at_most_once(client: OpenAI, fake: FakeBFL) -> None:
+    fake.faults.add("not_found", at="poll", times=2)
+    with pytest.raises(openai.InternalServerError) as exc:  # BFL is the only provider here
+        client.images.generate(model="flux.1-kontext-pro", prompt="x")
+    assert exc.value.body["code"] == "all_providers_exhausted"
+    assert exc.value.body["message"].count("task_lost") == 2
+    assert len(fake.submits()) == 2
+
+
+def test_a_failed_task_is_not_resubmitted(client: OpenAI, fake: FakeBFL) -> None:
+    """BFL ran it and says `Error`: it would likely fail again, and every submit is paid."""
+    fake.faults.add("task_error", at="poll")
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.images.generate(model="flux.1-kontext-pro", prompt="x")
+    assert exc.value.body["code"] == "all_providers_exhausted" and "task_failed" in exc.value.body["message"]
+    assert len(fake.submits()) == 1
 
 
 def test_newer_progress_states_are_pending(client: OpenAI, fake: FakeBFL) -> None:
@@ -330,7 +406,7 @@ def test_schema_shows_bfl_handling(gateway: str, model: str) -> None:
             for name, prop in spec["properties"].items()
             if prop["x-providers"].get(key, {}).get("handling") not in (None, "passthrough")
         }
-        assert shown == {name: h for name, h in BFLProvider.HANDLING.items() if name in spec["properties"]}
+        assert shown == {name: h for name, h in BFL.HANDLING.items() if name in spec["properties"]}
     n = schema["modes"]["text-to-image"]["properties"]["n"]["x-providers"][key]
     assert n["handling"] == "emulated"
 
@@ -350,14 +426,30 @@ def _b64_png() -> str:
         ({"prompt": "x", "input_image_2": "not base64!"}, "input_image_2"),
         ({"prompt": "x", "aspect_ratio": "4:1"}, "aspect_ratio"),
         ({"prompt": "x", "aspect_ratio": "wide"}, "aspect_ratio"),
-        ({"prompt": "x", "output_format": "webp"}, "output_format"),
+        ({"prompt": "x", "output_format": "gif"}, "output_format"),
         ({"prompt": "x", "safety_tolerance": 7}, "safety_tolerance"),
+        ({"prompt": "x", "safety_tolerance": "2"}, "safety_tolerance"),  # an integer in the OpenAPI
+        ({"prompt": "x", "enhance_prompt": True}, "enhance_prompt"),  # not a field of the route
     ],
 )
-def test_fake_validates_like_bfl(fake_url: str, body: dict[str, Any], field: str) -> None:
+def test_fake_validates_like_bfl(fake: FakeBFL, fake_url: str, body: dict[str, Any], field: str) -> None:
     resp = httpx.post(f"{fake_url}/v1/flux-kontext-pro", json=body, headers={"x-key": "bfl_test"})
     assert resp.status_code == 422
     assert [d["loc"] for d in resp.json()["detail"]] == [["body", field]]
+    [refusal] = fake.refused
+    assert refusal.route == "bfl.flux-kontext-pro" and refusal.problems[0].startswith(f"{field}: ")
+
+
+def test_fake_makes_webp(fake: FakeBFL, fake_url: str) -> None:
+    """webp is in the route's output_format enum: taken, and made."""
+    auth = {"x-key": "bfl_test"}
+    task = httpx.post(f"{fake_url}/v1/flux-kontext-pro", json={"prompt": "x", "output_format": "webp"}, headers=auth)
+    assert task.status_code == 200, task.text
+    for _ in range(10):
+        answer = httpx.get(task.json()["polling_url"], headers=auth).json()
+        if answer["status"] == "Ready":
+            break
+    assert open_image(httpx.get(answer["result"]["sample"]).content).format == "WEBP"
 
 
 def test_fake_checks_auth_and_limits_active_tasks() -> None:
@@ -374,7 +466,18 @@ def test_fake_checks_auth_and_limits_active_tasks() -> None:
         task = httpx.post(
             f"{url}/v1/flux-kontext-pro", json={"prompt": "x", "input_image": _b64_png()}, headers={"x-key": "bfl_test"}
         ).json()
-        assert task["polling_url"] == f"{url}/v1/get_result?id={task['id']}"
+        # The polling_url names the cluster that took the task: another host and port than the submit's.
+        assert fake.polling.url is not None and fake.other_origins == [fake.polling.url]
+        assert task["polling_url"] == f"{fake.polling.url}/v1/get_result?id={task['id']}"
+        submit_host, poll_host = httpx.URL(url), httpx.URL(task["polling_url"])
+        assert (poll_host.host, poll_host.port) != (submit_host.host, submit_host.port)
+        assert poll_host.host != submit_host.host
         assert httpx.get(task["polling_url"], headers={"x-key": "no"}).status_code == 401
-        lost = httpx.get(f"{url}/v1/get_result?id=nope", headers={"x-key": "bfl_test"})
+        assert httpx.get(task["polling_url"], headers={"x-key": "bfl_test"}).json()["status"] == "Pending"
+        lost = httpx.get(f"{fake.polling.url}/v1/get_result?id=nope", headers={"x-key": "bfl_test"})
         assert lost.status_code == 404 and lost.json()["status"] == "Task not found"
+        # A URL rebuilt from the submit host finds nothing there.
+        rebuilt = httpx.get(f"{url}/v1/get_result?id={task['id']}", headers={"x-key": "bfl_test"})
+        assert rebuilt.status_code == 404 and rebuilt.json()["status"] == "Task not found"
+        assert fake.misrouted == [f"{url}/v1/get_result?id={task['id']}"]
+    assert fake.polling.url is None  # stopped with the fake

@@ -23,11 +23,13 @@ from fakes.common import Elsewhere, serve
 from fakes.upstreams import Upstreams
 from kontext_gateway.catalog import Catalog
 from kontext_gateway.config import Settings
-from kontext_gateway.providers.bfl import BFLProvider
-from kontext_gateway.providers.fal import FalProvider
-from kontext_gateway.providers.fireworks import FireworksProvider
-from kontext_gateway.providers.remote import RemoteProvider, Task, UntrustedURL
-from kontext_gateway.providers.replicate import ReplicateProvider
+from kontext_gateway.providers.bfl import BFL
+from kontext_gateway.providers.calls import Pending, Task
+from kontext_gateway.providers.errors import UntrustedURL
+from kontext_gateway.providers.fal import Fal
+from kontext_gateway.providers.fireworks import Fireworks
+from kontext_gateway.providers.hosted import HostedProvider
+from kontext_gateway.providers.replicate import Replicate
 
 PRIORITY = {"bfl": 0, "fal": 1, "replicate": 2, "fireworks": 3}  # bfl first, then fal
 # What each fake checks as its credential (header, value).
@@ -186,7 +188,7 @@ def test_a_result_that_redirects_forever_is_a_bad_result(sdk: OpenAI, upstreams:
 
 # -- the host rule, with the providers' real base URLs ------------------------------------------------------
 
-REAL = {"bfl": BFLProvider, "fal": FalProvider, "replicate": ReplicateProvider, "fireworks": FireworksProvider}
+REAL = {"bfl": BFL, "fal": Fal, "replicate": Replicate, "fireworks": Fireworks}
 PENDING = {
     "bfl": {"id": "1", "status": "Pending"},
     "fal": {"status": "IN_QUEUE", "request_id": "1"},
@@ -220,7 +222,7 @@ REFUSED = [
 ]
 
 
-def real_provider(name: str, tmp_path: Path) -> tuple[RemoteProvider, list[httpx.Request]]:
+def real_provider(name: str, tmp_path: Path) -> tuple[HostedProvider, list[httpx.Request]]:
     """The adapter with its default (real) base URL, over a transport that records each request and
     answers that the task is still pending."""
     seen: list[httpx.Request] = []
@@ -237,10 +239,10 @@ def real_provider(name: str, tmp_path: Path) -> tuple[RemoteProvider, list[httpx
         fireworks_api_key="fw_test",
     )
     client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
-    return REAL[name](settings, client=client), seen
+    return HostedProvider(REAL[name], settings, client=client), seen
 
 
-async def poll_at(provider: RemoteProvider, name: str, url: str) -> None:
+async def poll_at(provider: HostedProvider, name: str, url: str) -> None:
     """The adapter polls a task whose provider response named `url` (Fireworks: its own poll URL)."""
     data = {
         "bfl": {"polling_url": url},
@@ -249,7 +251,9 @@ async def poll_at(provider: RemoteProvider, name: str, url: str) -> None:
         "fireworks": {},
     }[name]
     entry = Catalog.load().resolve(f"{name}/flux.1-kontext-pro")[1]
-    assert not (await provider.poll(entry, Task(id="1", data=data))).done
+    task = Task(id="1", data=data)
+    answer = await provider.send(provider.dialect.poll(entry, task))
+    assert isinstance(provider.dialect.polled(entry, task, answer), Pending)
 
 
 @pytest.mark.parametrize(("name", "url"), ALLOWED)
@@ -278,18 +282,14 @@ async def test_the_key_goes_nowhere_else(tmp_path: Path, name: str, url: str, wh
 
 
 def test_the_operator_can_add_origins_for_a_providers_key() -> None:
-    from kontext_gateway.config import Settings
-    from kontext_gateway.providers.bfl import BFLProvider
-    from kontext_gateway.providers.remote import UntrustedURL
-
     settings = Settings(
         bfl_api_key="k", bfl_base_url="http://127.0.0.1:1", provider_hosts={"bfl": ["http://localhost:2"]}
     )
-    provider = BFLProvider(settings)
+    provider = HostedProvider(BFL, settings)
     provider.check_credential_url("GET", "http://localhost:2/v1/get_result?id=1")  # added: allowed
     with pytest.raises(UntrustedURL):
         provider.check_credential_url("GET", "http://localhost:3/v1/get_result?id=1")  # another port
     with pytest.raises(UntrustedURL):
-        BFLProvider(Settings(bfl_api_key="k", bfl_base_url="http://127.0.0.1:1")).check_credential_url(
+        HostedProvider(BFL, Settings(bfl_api_key="k", bfl_base_url="http://127.0.0.1:1")).check_credential_url(
             "GET", "http://localhost:2/v1/get_result?id=1"
         )

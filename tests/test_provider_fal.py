@@ -5,6 +5,7 @@ transient faults, bad credentials, cancel on abandon, and the schema's handling 
 from __future__ import annotations
 
 import base64
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,20 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from conftest import open_image, png_bytes, post_and_hang_up, running_server, upstream_fixtures, wait_until
+from conftest import (
+    noise_png,
+    open_image,
+    png_bytes,
+    post_and_hang_up,
+    running_server,
+    upstream_fixtures,
+    wait_until,
+)
 from fakes.common import output_size
 from fakes.fal import FakeFal
 from fakes.upstreams import solo_settings
-from kontext_gateway.providers.fal import FalProvider
+from kontext_gateway.providers import contracts
+from kontext_gateway.providers.fal import Fal
 
 SCALE = FakeFal().results.scale
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "gif": "GIF", "webp": "WEBP", "avif": "AVIF"}
@@ -43,7 +53,7 @@ def one_submit(fake: FakeFal) -> tuple[str, dict[str, Any]]:
 
 def data_uri_image(uri: str) -> Image.Image:
     head, _, payload = uri.partition(",")
-    assert head == "data:image/png;base64"
+    assert head in ("data:image/png;base64", "data:image/jpeg;base64")  # compacted: the smaller of the two
     return open_image(base64.b64decode(payload))
 
 
@@ -236,12 +246,31 @@ def test_output_format_is_explicit_and_converted(client: OpenAI, fake: FakeFal, 
     assert body["output_format"] == (fmt if fmt in ("png", "jpeg") else "png")  # the gateway converts the rest
 
 
-@pytest.mark.parametrize("given,sent", [(0, "1"), (3, "3"), ("5", "5"), (9, "6")])
+@pytest.mark.parametrize("given,sent", [(0, "1"), (3, "3"), ("5", "5"), (6, "6")])
 def test_safety_tolerance_is_a_string(client: OpenAI, fake: FakeFal, given: Any, sent: str) -> None:
-    client.images.generate(
+    resp = client.images.generate(
         model="flux.1-kontext-pro", prompt="x", response_format="b64_json", extra_body={"safety_tolerance": given}
     )
     assert one_submit(fake)[1]["safety_tolerance"] == sent
+    # fal's strictest level is "1": a 0 is sent as "1", and says so.
+    assert ("safety_tolerance" in meta(resp)["adjusted_params"]) == (given == 0)
+
+
+def test_safety_tolerance_past_fals_range_is_a_400(client: OpenAI, fake: FakeFal) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.images.generate(model="flux.1-kontext-pro", prompt="x", extra_body={"safety_tolerance": 9})
+    assert exc.value.body["param"] == "safety_tolerance" and "one of 1, 2, 3, 4, 5, 6" in exc.value.message
+    assert fake.submits() == []
+
+
+@pytest.mark.parametrize("guidance", [0, 0.5])
+def test_guidance_outside_fals_range_is_a_400_naming_it(client: OpenAI, fake: FakeFal, guidance: float) -> None:
+    """fal's pro/max take guidance_scale 1-20: refused here, naming the caller's parameter, not a 502."""
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.images.generate(model="flux.1-kontext-pro", prompt="x", extra_body={"cfg_scale": guidance})
+    err = exc.value.body
+    assert err["param"] == "cfg_scale" and "guidance_scale" in err["message"] and "from 1 to 20" in err["message"]
+    assert fake.submits() == []
 
 
 def test_guidance_enhance_prompt_and_unknown_extras(client: OpenAI, fake: FakeFal) -> None:
@@ -252,9 +281,9 @@ def test_guidance_enhance_prompt_and_unknown_extras(client: OpenAI, fake: FakeFa
         extra_body={"guidance": 4.5, "enhance_prompt": True, "fal_new_knob": "on", "num_inference_steps": 12},
     )
     _, body = one_submit(fake)
-    assert body["guidance_scale"] == 4.5 and body["enhance_prompt"] is True and body["fal_new_knob"] == "on"
-    assert "num_inference_steps" not in body  # pro/max have no steps
-    assert meta(resp)["ignored_params"] == []
+    assert body["guidance_scale"] == 4.5 and body["enhance_prompt"] is True
+    assert "num_inference_steps" not in body and "fal_new_knob" not in body  # not in the route's schema
+    assert meta(resp)["ignored_params"] == ["fal_new_knob", "num_inference_steps"]
 
 
 def test_prompt_upsampling_is_sent_as_enhance_prompt(client: OpenAI, fake: FakeFal) -> None:
@@ -277,6 +306,20 @@ def test_replicate_only_params_are_not_sent(client: OpenAI, fake: FakeFal) -> No
     assert "disable_safety_checker" not in body and "output_quality" not in body
     assert body["resolution_mode"] == "auto"  # a fal parameter, passed through
     assert meta(resp)["ignored_params"] == ["disable_safety_checker", "output_quality"]
+
+
+def test_dev_gets_none_of_pro_s_fields(client: OpenAI, fake: FakeFal) -> None:
+    """fal's [dev] route has no enhance_prompt and no safety_tolerance (its checker is a boolean): asked
+    for, they are not sent there."""
+    edit(
+        client,
+        "flux.1-kontext-dev",
+        (64, 64),
+        extra_body={"prompt_upsampling": True, "enhance_prompt": True, "safety_tolerance": 3},
+    )
+    _, body = one_submit(fake)
+    assert fake.refused == []
+    assert not {"prompt_upsampling", "enhance_prompt", "safety_tolerance"} & set(body)
 
 
 def test_sync_mode_results_come_back_as_data_uris(client: OpenAI, fake: FakeFal) -> None:
@@ -337,36 +380,70 @@ def test_dev_moderation_nsfw_flag(client: OpenAI, fake: FakeFal) -> None:
     assert len(fake.submits()) == 1
 
 
-# -- transient faults: retried once, then success ------------------------------------------------------
+@pytest.mark.parametrize("variant", ["content_policy", "nsfw_concepts"])
+def test_every_documented_moderation_signal_is_a_400(client: OpenAI, fake: FakeFal, variant: str) -> None:
+    """fal flags content two ways: a 422 `content_policy_violation` at the result (with `categories`), or
+    `has_nsfw_concepts: [true]` in a 200 result."""
+    fake.faults.add("moderation", at="submit", variant=variant, reasons=["violence"])
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.images.generate(model="flux.1-kontext-pro", prompt="something flagged")
+    assert exc.value.body["code"] == "content_policy_violation"
+    assert len(fake.submits()) == 1
+
+
+# -- failures: what is tried again, and what is not --------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "kind,at,error_class,status",
+    "kind,error_class,status",
     [
-        ("429", "submit", "rate_limited", 429),
-        ("500", "submit", "server_error", 500),
-        ("503", "poll", "server_error", 503),
-        ("502", "result", "server_error", 502),
-        ("drop", "submit", "connection_error", None),
-        ("drop", "poll", "connection_error", None),
-        ("malformed", "poll", "malformed_response", None),
-        ("malformed", "result", "malformed_response", None),
-        ("task_error", "result", "server_error", 500),
-        ("not_image", "download", "bad_result", None),
-        ("result_404", "download", "bad_result", 404),
+        ("429", "rate_limited", 429),
+        ("500", "server_error", 500),
+        ("drop", "connection_error", None),
     ],
 )
-def test_transient_fault_is_retried(
-    client: OpenAI, fake: FakeFal, kind: str, at: str, error_class: str, status: int | None
+def test_a_failed_submit_is_tried_again(
+    client: OpenAI, fake: FakeFal, kind: str, error_class: str, status: int | None
 ) -> None:
-    fake.faults.add(kind, at=at, retry_after=0.1 if kind == "429" else None)
+    fake.faults.add(kind, at="submit", retry_after=0.1 if kind == "429" else None)
     resp = client.images.generate(model="flux.1-kontext-pro", prompt="x", response_format="b64_json")
     assert decode(resp.data[0]).format == "PNG"
     first, second = meta(resp)["attempts"]
     assert first["outcome"] == "failed" and first["error_class"] == error_class
-    assert first.get("status_code") == status if status else True
-    assert second["outcome"] == "succeeded"
-    assert len(fake.submits()) == 2  # the failed task, then a fresh one
+    assert first.get("status_code") == status and second["outcome"] == "succeeded"
+
+
+@pytest.mark.parametrize(
+    "kind,at",
+    [("503", "poll"), ("drop", "poll"), ("malformed", "poll"), ("502", "result"), ("malformed", "result")],
+)
+def test_a_failed_poll_polls_again(client: OpenAI, fake: FakeFal, kind: str, at: str) -> None:
+    """The request is still in fal's queue: looked at again, not paid for twice."""
+    fake.faults.add(kind, at=at)
+    resp = client.images.generate(model="flux.1-kontext-pro", prompt="x", response_format="b64_json")
+    assert decode(resp.data[0]).format == "PNG"
+    assert [a["outcome"] for a in meta(resp)["attempts"]] == ["succeeded"]
+    assert len(fake.submits()) == 1 and (kind, at) in fake.faults.fired
+
+
+def test_a_failed_run_is_resubmitted_once(client: OpenAI, fake: FakeFal) -> None:
+    """A run that failed on fal's side (its result URL answers 500 however often it is asked) is a
+    transient failure: resubmitted once (5xx are never billed), then given up."""
+    fake.faults.add("task_error", at="result", times=10)
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.images.generate(model="flux.1-kontext-pro", prompt="x")
+    assert exc.value.body["message"].count("server_error 500") == 2
+    assert len(fake.submits()) == 2
+
+
+@pytest.mark.parametrize("kind,status", [("not_image", None), ("result_404", 404)])
+def test_a_lost_result_is_resubmitted_once(client: OpenAI, fake: FakeFal, kind: str, status: int | None) -> None:
+    fake.faults.add(kind, at="download")
+    resp = client.images.generate(model="flux.1-kontext-pro", prompt="x", response_format="b64_json")
+    first, second = meta(resp)["attempts"]
+    assert first["outcome"] == "failed" and first["error_class"] == "bad_result"
+    assert first.get("status_code") == status and first["billed_images"] == 1  # made, billed, lost
+    assert second["outcome"] == "succeeded" and len(fake.submits()) == 2
 
 
 def test_bad_key_is_reported_without_the_key(
@@ -409,21 +486,22 @@ def test_abandoned_request_cancels_the_fal_task(fake: FakeFal, gateway: str) -> 
 @pytest.mark.parametrize(
     "model,key,table",
     [
-        ("flux.1-kontext-max", "fal/flux.1-kontext-max", FalProvider.HANDLING),
-        ("flux.1-kontext-max", "fal/flux.1-kontext-max-edit", FalProvider.HANDLING),
-        ("flux.1-kontext-dev", "fal/flux.1-kontext-dev", FalProvider.DEV_HANDLING),
+        ("flux.1-kontext-max", "fal/flux.1-kontext-max", Fal.HANDLING),
+        ("flux.1-kontext-max", "fal/flux.1-kontext-max-edit", Fal.HANDLING),
+        ("flux.1-kontext-dev", "fal/flux.1-kontext-dev", Fal.DEV_HANDLING),
     ],
 )
 def test_schema_shows_fal_handling(gateway: str, model: str, key: str, table: dict[str, Any]) -> None:
-    schema = httpx.get(f"{gateway}/v1/models/{model}", params={"schema": "true"}, timeout=30).json()["schema"]
-    for spec in schema["modes"].values():
+    body = httpx.get(f"{gateway}/v1/models/{model}", params={"schema": "true"}, timeout=30).json()
+    serves = next(p["modes"] for p in body["providers"] if p["config_key"] == key)  # a mode lists its own routes
+    for spec in (body["schema"]["modes"][mode] for mode in serves):
         shown = {
             name: prop["x-providers"][key]
             for name, prop in spec["properties"].items()
             if prop["x-providers"].get(key, {}).get("handling") not in (None, "passthrough")
         }
         assert shown == {name: h for name, h in table.items() if name in spec["properties"]}
-    assert "num_inference_steps" not in FalProvider.HANDLING  # pro/max have no steps; [dev] does
+    assert "num_inference_steps" not in Fal.HANDLING  # pro/max have no steps; [dev] does
 
 
 # -- the fake itself answers like fal ------------------------------------------------------------------
@@ -437,16 +515,34 @@ def test_schema_shows_fal_handling(gateway: str, model: str, key: str, table: di
         ("fal-ai/flux-pro/kontext/text-to-image", {"prompt": "x", "num_images": 5}, "num_images"),
         ("fal-ai/flux-pro/kontext/text-to-image", {"prompt": "x", "aspect_ratio": "5:4"}, "aspect_ratio"),
         ("fal-ai/flux-pro/kontext", {"prompt": "x"}, "image_url"),
-        ("fal-ai/flux-pro/kontext/multi", {"prompt": "x", "image_url": "https://example.com/a.png"}, "image_urls"),
+        # The route's image field is image_urls, and image_url is not one of its fields.
+        (
+            "fal-ai/flux-pro/kontext/multi",
+            {"prompt": "x", "image_url": "https://example.com/a.png"},
+            ["image_url", "image_urls"],
+        ),
         ("fal-ai/flux-kontext/dev", {"prompt": "x", "image_url": "data:image/png;base64,AAAA"}, "image_url"),
         (
             "fal-ai/flux-kontext/dev",
             {"prompt": "x", "image_url": "https://e.com/a.png", "resolution_mode": "7:1"},
             "resolution_mode",
         ),
+        # [dev] has neither pro's enhance_prompt nor its safety_tolerance.
+        (
+            "fal-ai/flux-kontext/dev",
+            {"prompt": "x", "image_url": "https://e.com/a.png", "enhance_prompt": True},
+            "enhance_prompt",
+        ),
+        (
+            "fal-ai/flux-kontext/dev",
+            {"prompt": "x", "image_url": "https://e.com/a.png", "safety_tolerance": "2"},
+            "safety_tolerance",
+        ),
     ],
 )
-def test_fake_validates_like_fal(fake_url: str, route: str, body: dict[str, Any], field: str) -> None:
+def test_fake_validates_like_fal(
+    fake: FakeFal, fake_url: str, route: str, body: dict[str, Any], field: str | list[str]
+) -> None:
     auth = {"Authorization": "Key fal_test"}
     sub = httpx.post(f"{fake_url}/{route}", json=body, headers=auth)
     assert sub.status_code == 200  # the queue takes anything...
@@ -455,16 +551,19 @@ def test_fake_validates_like_fal(fake_url: str, route: str, body: dict[str, Any]
             break
     resp = httpx.get(sub.json()["response_url"], headers=auth)  # ...and the result is the validation error
     assert resp.status_code == 422
-    assert [d["loc"] for d in resp.json()["detail"]] == [["body", field]]
+    fields = [field] if isinstance(field, str) else field
+    assert [d["loc"] for d in resp.json()["detail"]] == [["body", f] for f in fields]
+    [refusal] = fake.refused  # kept as it arrived
+    assert refusal.route == contracts.request_key("fal", route) and len(refusal.problems) == len(fields)
 
 
-def test_validation_error_at_the_result_is_not_retried(client: OpenAI, fake: FakeFal) -> None:
-    with pytest.raises(openai.InternalServerError) as exc:  # fal is the only provider: nothing to fail over to
+def test_a_value_the_route_refuses_is_a_400_before_anything_is_sent(client: OpenAI, fake: FakeFal) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:  # fal's schema wants a boolean
         client.images.generate(model="flux.1-kontext-pro", prompt="x", extra_body={"enhance_prompt": "maybe"})
     err = exc.value.body
-    assert exc.value.status_code == 502 and err["code"] == "all_providers_exhausted"
-    assert "invalid_request 422" in err["message"] and "enhance_prompt" in err["message"]
-    assert len(fake.submits()) == 1
+    assert err["code"] == "unsupported_by_providers" and err["param"] == "enhance_prompt"
+    assert "true or false" in err["message"]
+    assert fake.submits() == []
 
 
 def test_fake_checks_auth_and_app_root(fake_url: str) -> None:
@@ -477,3 +576,38 @@ def test_fake_checks_auth_and_app_root(fake_url: str) -> None:
     assert sub["status_url"] == f"{fake_url}/fal-ai/flux-pro/requests/{sub['request_id']}/status"
     rebuilt = f"{fake_url}/{route}/requests/{sub['request_id']}/status"  # with the subpath: not found
     assert httpx.get(rebuilt, headers={"Authorization": "Key fal_test"}).status_code in (404, 405)
+
+
+# -- input images: compact, inline up to 1 MiB, else through fal's storage ---------------------------------
+
+
+def test_a_large_input_goes_through_fals_storage(client: OpenAI, fake: FakeFal) -> None:
+    """A noisy 1 MP input stays over 1 MiB even as JPEG: uploaded to fal's storage (the key on the REST
+    host only, never on the signed upload URL), then sent by its file URL; the output keeps its shape."""
+    big = noise_png(1500, 1000)
+    resp = client.images.edit(
+        model="flux.1-kontext-pro",
+        image=("noise.png", big, "image/png"),
+        prompt="make it night",
+        response_format="b64_json",
+    )
+    assert decode(resp.data[0]).size == output_size("3:2", SCALE)
+    [upload] = fake.uploads
+    assert upload.uploaded and upload.content_type == "image/jpeg" and "authorization" not in upload.headers
+    assert Image.open(io.BytesIO(upload.data)).size == (1254, 836)  # scaled to about 1 MP, shape kept
+    [(_, body)] = fake.submits()
+    assert body["image_url"] == upload.url and fake.refused == []
+
+
+def test_a_small_input_goes_inline_compactly(client: OpenAI, fake: FakeFal) -> None:
+    photo = Image.effect_mandelbrot((1600, 1200), (-2.0, -1.0, 1.0, 1.0), 50).convert("RGB")
+    buf = io.BytesIO()
+    photo.save(buf, "PNG")
+    client.images.edit(
+        model="flux.1-kontext-pro", image=("p.png", buf.getvalue(), "image/png"), prompt="x", response_format="b64_json"
+    )
+    [(_, body)] = fake.submits()
+    sent = body["image_url"]
+    assert sent.startswith("data:image/jpeg;base64,") and len(sent) < 1024 * 1024
+    assert data_uri_image(sent).size == (1182, 886)  # 1600x1200 scaled to at most 1 MP
+    assert fake.uploads == []

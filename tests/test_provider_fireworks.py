@@ -21,8 +21,10 @@ from fakes.common import output_size
 from fakes.fireworks import FakeFireworks
 from fakes.upstreams import solo_settings
 from kontext_gateway.catalog import Catalog
-from kontext_gateway.providers.fireworks import FireworksProvider
-from kontext_gateway.providers.remote import Task, TaskFailed
+from kontext_gateway.providers.calls import Task
+from kontext_gateway.providers.errors import TaskLost
+from kontext_gateway.providers.fireworks import Fireworks
+from kontext_gateway.providers.hosted import HostedProvider
 
 KEY = "fw_test"
 PIL_NAMES = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "avif": "AVIF"}
@@ -154,14 +156,16 @@ def test_seed_passthrough_and_fal_only_params(sdk: OpenAI, fw: FakeFireworks) ->
     )
     body = sent(fw)
     assert body["seed"] == 99 and body["prompt_upsampling"] is True and body["safety_tolerance"] == 5
-    assert body["my_new_knob"] == "x" and "enhance_prompt" not in body and "sync_mode" not in body
-    assert resp.model_extra["metadata"]["ignored_params"] == ["enhance_prompt", "sync_mode"]
+    assert "my_new_knob" not in body and "enhance_prompt" not in body and "sync_mode" not in body
+    assert resp.model_extra["metadata"]["ignored_params"] == ["enhance_prompt", "my_new_knob", "sync_mode"]
 
 
 def test_safety_tolerance_is_capped_at_2_for_image_to_image(sdk: OpenAI, fw: FakeFireworks) -> None:
-    edit(sdk, extra_body={"safety_tolerance": 6, "prompt_upsampling": "true"})
+    resp = edit(sdk, extra_body={"safety_tolerance": 6, "prompt_upsampling": "true"})
     body = sent(fw)
     assert body["safety_tolerance"] == 2 and body["prompt_upsampling"] is True
+    adjusted = resp.model_extra["metadata"]["adjusted_params"]
+    assert "sent 2" in adjusted["safety_tolerance"]  # the cap is reported, not silent
 
 
 def test_n_fans_out_into_tasks(sdk: OpenAI, fw: FakeFireworks) -> None:
@@ -199,39 +203,72 @@ def test_moderation_is_a_400_and_not_retried(sdk: OpenAI, fw: FakeFireworks, at:
     assert len(fw.submits()) == 1
 
 
-def test_a_task_error_is_retried(sdk: OpenAI, fw: FakeFireworks) -> None:
-    fw.faults.add("task_error", at="poll")
+def test_moderation_reasons_as_seen_in_the_wild(sdk: OpenAI, fw: FakeFireworks) -> None:
+    fw.faults.add("moderation", at="poll", reasons=["Safety Filter"])
+    with pytest.raises(openai.BadRequestError) as exc:
+        generate(sdk)
+    assert exc.value.code == "content_policy_violation" and "Safety Filter" in exc.value.message
+    assert len(fw.submits()) == 1
+
+
+def test_newer_progress_states_are_pending(sdk: OpenAI, fw: FakeFireworks) -> None:
+    fw.pending_polls, fw.states = 3, ("Pending", "Reasoning", "Generating")
     resp = generate(sdk)
-    first, second = resp.model_extra["metadata"]["attempts"]
-    assert first["error_class"] == "task_failed" and "'Error'" in first["message"]
-    assert second["outcome"] == "succeeded" and len(fw.submits()) == 2
+    assert len(resp.model_extra["metadata"]["attempts"]) == 1 and len(fw.submits()) == 1
 
 
-TRANSIENT = [
-    ("429", "submit", "rate_limited", 429),
-    ("500", "submit", "server_error", 500),
-    ("503", "poll", "server_error", 503),
-    ("drop", "submit", "connection_error", None),
-    ("drop", "poll", "connection_error", None),
-    ("malformed", "submit", "malformed_response", 200),
-    ("malformed", "poll", "malformed_response", 200),
-    ("502", "download", "server_error", 502),
-    ("not_image", "download", "bad_result", None),
-    ("result_404", "download", "bad_result", 404),
-]
+def test_a_failed_task_is_not_resubmitted(sdk: OpenAI, fw: FakeFireworks) -> None:
+    """Fireworks ran it and says `Error`: it would likely fail again, and every submit is paid."""
+    fw.faults.add("task_error", at="poll")
+    with pytest.raises(openai.InternalServerError) as exc:
+        generate(sdk)
+    assert exc.value.code == "all_providers_exhausted" and "'Error'" in exc.value.message
+    assert len(fw.submits()) == 1
 
 
-@pytest.mark.parametrize("kind,at,error_class,status", TRANSIENT)
-def test_transient_failures_are_retried(
-    sdk: OpenAI, fw: FakeFireworks, kind: str, at: str, error_class: str, status: int | None
+@pytest.mark.parametrize(
+    "kind,error_class,status",
+    [
+        ("429", "rate_limited", 429),
+        ("500", "server_error", 500),
+        ("drop", "connection_error", None),
+        ("malformed", "malformed_response", 200),
+    ],
+)
+def test_a_failed_submit_is_tried_again(
+    sdk: OpenAI, fw: FakeFireworks, kind: str, error_class: str, status: int | None
 ) -> None:
-    fw.faults.add(kind, at=at, retry_after=1 if kind == "429" else None)
+    fw.faults.add(kind, at="submit", retry_after=1 if kind == "429" else None)
     resp = generate(sdk)
     assert image_of(resp.data[0]).size == output_size("1:1", SCALE)
     first, second = resp.model_extra["metadata"]["attempts"]
     assert first["outcome"] == "failed" and first["error_class"] == error_class
     assert first.get("status_code") == status and second["outcome"] == "succeeded"
-    assert (kind, at) in fw.faults.fired
+
+
+@pytest.mark.parametrize("kind", ["503", "drop", "malformed"])
+def test_a_failed_poll_polls_again(sdk: OpenAI, fw: FakeFireworks, kind: str) -> None:
+    fw.faults.add(kind, at="poll")
+    resp = generate(sdk)
+    assert image_of(resp.data[0]).size == output_size("1:1", SCALE)
+    assert [a["outcome"] for a in resp.model_extra["metadata"]["attempts"]] == ["succeeded"]
+    assert len(fw.submits()) == 1 and (kind, "poll") in fw.faults.fired
+
+
+@pytest.mark.parametrize(
+    "kind,error_class,status",
+    [("502", "server_error", 502), ("not_image", "bad_result", None), ("result_404", "bad_result", 404)],
+)
+def test_a_lost_result_is_resubmitted_once(
+    sdk: OpenAI, fw: FakeFireworks, kind: str, error_class: str, status: int | None
+) -> None:
+    fw.faults.add(kind, at="download")
+    resp = generate(sdk)
+    first, second = resp.model_extra["metadata"]["attempts"]
+    assert first["outcome"] == "failed" and first["error_class"] == error_class
+    assert first.get("status_code") == status and first["billed_images"] == 1  # made, billed, lost
+    assert second["outcome"] == "succeeded" and len(fw.submits()) == 2
+    assert resp.model_extra["metadata"]["cost"] == pytest.approx(2 * 0.04)  # both tasks were paid
 
 
 def test_a_rejected_key_fails_without_leaking_it(fw: FakeFireworks, fake_url: str, tmp_path: Path) -> None:
@@ -254,20 +291,23 @@ def test_a_rejected_key_fails_without_leaking_it(fw: FakeFireworks, fake_url: st
 def test_schema_shows_the_handling(gateway: str) -> None:
     body = httpx.get(f"{gateway}/v1/models/flux.1-kontext-max", params={"schema": "true"}, timeout=30).json()
     modes = body["schema"]["modes"]
-    for name, handling in FireworksProvider.HANDLING.items():
+    for name, handling in Fireworks.HANDLING.items():
         mode = "edit" if name == "image" else "text-to-image"
         assert modes[mode]["properties"][name]["x-providers"]["fireworks/flux.1-kontext-max"] == handling
     for absent in ("cfg_scale", "num_inference_steps", "resolution"):  # Fireworks has no such inputs
-        assert "fireworks/flux.1-kontext-max" not in modes["text-to-image"]["properties"][absent]["x-providers"]
+        # (a parameter nothing serving the mode honours is not listed at all: [max] has no steps)
+        shown = modes["text-to-image"]["properties"].get(absent, {}).get("x-providers", {})
+        assert "fireworks/flux.1-kontext-max" not in shown
 
 
-async def test_an_unknown_task_is_a_failed_task(fake_url: str, tmp_path: Path) -> None:
-    """`Task not found` (an id the upstream does not know) ends the task, to be retried."""
-    provider = FireworksProvider(solo_settings("fireworks", tmp_path, fake_url))
+async def test_an_unknown_task_is_a_lost_task(fake_url: str, tmp_path: Path) -> None:
+    """`Task not found` (an id the upstream does not know) is a lost task: resubmitted, not re-polled."""
+    provider = HostedProvider(Fireworks, solo_settings("fireworks", tmp_path, fake_url))
     entry = Catalog.load().resolve("fireworks/flux.1-kontext-pro")[1]
+    task = Task(id="no-such-task")
     try:
-        with pytest.raises(TaskFailed, match="Task not found"):
-            await provider.poll(entry, Task(id="no-such-task"))
+        with pytest.raises(TaskLost, match="Task not found"):
+            provider.dialect.polled(entry, task, await provider.send(provider.dialect.poll(entry, task)))
     finally:
         await provider.aclose()
 

@@ -16,12 +16,21 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from conftest import open_image, png_bytes, post_and_hang_up, running_server, upstream_fixtures, wait_until
+from conftest import (
+    noise_png,
+    open_image,
+    png_bytes,
+    post_and_hang_up,
+    running_server,
+    upstream_fixtures,
+    wait_until,
+)
 from fakes.common import output_size
-from fakes.replicate import FakeReplicate
+from fakes.replicate import DATA_URL_LIMIT, FakeReplicate
 from fakes.upstreams import solo_settings
-from kontext_gateway.providers.remote import Moderated, TaskFailed
-from kontext_gateway.providers.replicate import ReplicateProvider, _outcome
+from kontext_gateway.providers.calls import Done, Pending
+from kontext_gateway.providers.errors import Moderated, ServerError, TaskFailed
+from kontext_gateway.providers.replicate import Replicate, outcome
 
 TOKEN = "r8_test"
 PIL_NAMES = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "avif": "AVIF"}
@@ -121,7 +130,7 @@ def test_dev_edit_maps_guidance_steps_and_quality(sdk: OpenAI, rep: FakeReplicat
         output_compression=70,
         extra_body={
             "guidance": 4.5,
-            "num_inference_steps": 60,
+            "num_inference_steps": 40,
             "disable_safety_checker": True,
             "seed": 7,
             "enhance_prompt": True,
@@ -137,7 +146,7 @@ def test_dev_edit_maps_guidance_steps_and_quality(sdk: OpenAI, rep: FakeReplicat
         "seed": 7,
         "aspect_ratio": "match_input_image",
         "output_format": "webp",
-        "num_inference_steps": 50,  # clamped to Replicate's 4-50
+        "num_inference_steps": 40,
         "guidance": 4.5,
         "output_quality": 70,
         "disable_safety_checker": True,
@@ -205,6 +214,18 @@ def test_output_format(sdk: OpenAI, rep: FakeReplicate, asked: str, upstream: st
     assert image_of(resp.data[0]).format == PIL_NAMES[asked] and resp.output_format == asked
 
 
+@pytest.mark.parametrize("param,value,limits", [("num_inference_steps", 60, "4 to 50"), ("cfg_scale", 12, "0 to 10")])
+def test_dev_values_out_of_range_are_a_400_naming_the_range(
+    sdk: OpenAI, rep: FakeReplicate, param: str, value: float, limits: str
+) -> None:
+    """Not clamped silently: the caller learns what the route takes (or another route serves it)."""
+    with pytest.raises(openai.BadRequestError) as exc:
+        edit(sdk, "flux.1-kontext-dev", [png_bytes(64, 64)], extra_body={param: value})
+    err = exc.value.body
+    assert err["param"] == param and limits in err["message"] and "flux-kontext-dev" in err["message"]
+    assert rep.submits() == []
+
+
 def test_seed_passthrough_and_fal_only_params(sdk: OpenAI, rep: FakeReplicate) -> None:
     resp = generate(
         sdk,
@@ -220,15 +241,16 @@ def test_seed_passthrough_and_fal_only_params(sdk: OpenAI, rep: FakeReplicate) -
     sent = sent_input(rep)
     assert sent["seed"] == 1234 and resp.model_extra["metadata"]["seed"] == 1234
     assert sent["prompt_upsampling"] is True and sent["safety_tolerance"] == 5  # catalog "5" -> the API's int
-    assert sent["my_new_knob"] == 7  # unknown: passed through as it is
+    assert "my_new_knob" not in sent  # not in the model's published input schema: never sent
     assert "enhance_prompt" not in sent and "sync_mode" not in sent
-    assert resp.model_extra["metadata"]["ignored_params"] == ["enhance_prompt", "sync_mode"]
+    assert resp.model_extra["metadata"]["ignored_params"] == ["enhance_prompt", "my_new_knob", "sync_mode"]
 
 
 def test_safety_tolerance_is_capped_at_2_with_an_image(sdk: OpenAI, rep: FakeReplicate) -> None:
-    edit(sdk, extra_body={"safety_tolerance": 6, "prompt_upsampling": "true"})
+    resp = edit(sdk, extra_body={"safety_tolerance": 6, "prompt_upsampling": "true"})
     sent = sent_input(rep)
     assert sent["safety_tolerance"] == 2 and sent["prompt_upsampling"] is True
+    assert "sent 2" in resp.model_extra["metadata"]["adjusted_params"]["safety_tolerance"]
 
 
 def test_n_fans_out_into_predictions(sdk: OpenAI, rep: FakeReplicate) -> None:
@@ -251,6 +273,13 @@ def test_two_images_use_the_multi_image_model(sdk: OpenAI, rep: FakeReplicate, v
     assert "input_image" not in sent and sent["safety_tolerance"] == 2
     assert data_uri_image(sent["input_image_1"]).size == (400, 300)
     assert data_uri_image(sent["input_image_2"]).size == (200, 200)
+
+
+def test_the_multi_image_app_gets_only_its_own_fields(sdk: OpenAI, rep: FakeReplicate) -> None:
+    """multi-image-kontext-pro has no prompt_upsampling (pro has): asked for, it is not sent there."""
+    edit(sdk, images=[png_bytes(400, 300), png_bytes(200, 200)], extra_body={"prompt_upsampling": True})
+    assert rep.refused == [] and rep.submits()[0][1].endswith("/multi-image-kontext-pro/predictions")
+    assert "prompt_upsampling" not in sent_input(rep)
 
 
 def test_three_images_are_more_than_replicate_takes(sdk: OpenAI, rep: FakeReplicate) -> None:
@@ -280,34 +309,60 @@ def test_moderation_is_a_400_and_not_retried(sdk: OpenAI, rep: FakeReplicate, at
     assert len(rep.submits()) == 1
 
 
-def test_a_failed_prediction_is_retried(sdk: OpenAI, rep: FakeReplicate) -> None:
+@pytest.mark.parametrize("variant", ["e005", "e005_tagged", "e005_prefixed", "safety_system"])
+def test_every_documented_moderation_wording_is_a_400(sdk: OpenAI, rep: FakeReplicate, variant: str) -> None:
+    """Replicate has no moderation status: a `failed` prediction whose error is one of these wordings."""
+    rep.faults.add("moderation", at="poll", variant=variant)
+    with pytest.raises(openai.BadRequestError) as exc:
+        generate(sdk)
+    assert exc.value.code == "content_policy_violation"
+    assert len(rep.submits()) == 1  # not retried
+
+
+def test_dev_safety_checker_is_a_400(sdk: OpenAI, rep: FakeReplicate) -> None:
+    """[dev]'s predictor raises its own NSFW error, with no "(E005)" in it."""
+    rep.faults.add("moderation", at="poll")  # flux-kontext-dev's own wording
+    with pytest.raises(openai.BadRequestError) as exc:
+        edit(sdk, "flux.1-kontext-dev")
+    assert exc.value.code == "content_policy_violation"
+    assert len(rep.submits()) == 1
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_large_inputs_are_not_sent_as_data_urls_over_256_kb(sdk: OpenAI, rep: FakeReplicate, count: int) -> None:
+    """Replicate takes data URLs for files up to 256 KB only; a larger input goes as an HTTP URL (its
+    files API gives one). The output keeps the first input's 3:2 shape: the picture itself got there."""
+    big = noise_png(600, 400)
+    assert len(big) > DATA_URL_LIMIT
+    resp = edit(sdk, images=[big] * count)
+    assert image_of(resp.data[0]).size == output_size("3:2", SCALE)
+    assert rep.refused == [] and len(rep.submits()) == 1
+    for name in ("input_image",) if count == 1 else ("input_image_1", "input_image_2"):
+        assert not sent_input(rep)[name].startswith("data:")
+
+
+def test_a_failed_prediction_is_not_resubmitted(sdk: OpenAI, rep: FakeReplicate) -> None:
+    """Replicate ran it and says `failed`: it would likely fail again, and every prediction is paid."""
     rep.faults.add("task_error", at="poll")
-    resp = generate(sdk)
-    attempts = resp.model_extra["metadata"]["attempts"]
-    assert [a["outcome"] for a in attempts] == ["failed", "succeeded"]
-    assert attempts[0]["error_class"] == "task_failed" and "CUDA error" in attempts[0]["message"]
-    assert len(rep.submits()) == 2
+    with pytest.raises(openai.InternalServerError) as exc:
+        generate(sdk)
+    assert exc.value.code == "all_providers_exhausted" and "CUDA error" in exc.value.message
+    assert len(rep.submits()) == 1
 
 
-TRANSIENT = [
-    ("429", "submit", "rate_limited", 429),
-    ("500", "submit", "server_error", 500),
-    ("503", "poll", "server_error", 503),
-    ("drop", "submit", "connection_error", None),
-    ("drop", "poll", "connection_error", None),
-    ("malformed", "submit", "malformed_response", 200),
-    ("malformed", "poll", "malformed_response", 200),
-    ("502", "download", "server_error", 502),
-    ("not_image", "download", "bad_result", None),
-    ("result_404", "download", "bad_result", 404),
-]
-
-
-@pytest.mark.parametrize("kind,at,error_class,status", TRANSIENT)
-def test_transient_failures_are_retried(
-    sdk: OpenAI, rep: FakeReplicate, kind: str, at: str, error_class: str, status: int | None
+@pytest.mark.parametrize(
+    "kind,error_class,status",
+    [
+        ("429", "rate_limited", 429),
+        ("500", "server_error", 500),
+        ("drop", "connection_error", None),
+        ("malformed", "malformed_response", 200),
+    ],
+)
+def test_a_failed_create_is_tried_again(
+    sdk: OpenAI, rep: FakeReplicate, kind: str, error_class: str, status: int | None
 ) -> None:
-    rep.faults.add(kind, at=at, retry_after=1 if kind == "429" else None)
+    rep.faults.add(kind, at="submit", retry_after=1 if kind == "429" else None)
     resp = generate(sdk)
     assert image_of(resp.data[0]).size == output_size("1:1", SCALE)
     first, second = resp.model_extra["metadata"]["attempts"]
@@ -315,7 +370,30 @@ def test_transient_failures_are_retried(
     assert first.get("status_code") == status and second["outcome"] == "succeeded"
     if kind == "429":
         assert "throttled" in first["message"]  # Replicate's own 429 detail
-    assert (kind, at) in rep.faults.fired
+
+
+@pytest.mark.parametrize("kind", ["503", "drop", "malformed"])
+def test_a_failed_poll_polls_again(sdk: OpenAI, rep: FakeReplicate, kind: str) -> None:
+    rep.faults.add(kind, at="poll")
+    resp = generate(sdk)
+    assert image_of(resp.data[0]).size == output_size("1:1", SCALE)
+    assert [a["outcome"] for a in resp.model_extra["metadata"]["attempts"]] == ["succeeded"]
+    assert len(rep.submits()) == 1 and (kind, "poll") in rep.faults.fired
+
+
+@pytest.mark.parametrize(
+    "kind,error_class,status",
+    [("502", "server_error", 502), ("not_image", "bad_result", None), ("result_404", "bad_result", 404)],
+)
+def test_a_lost_result_is_resubmitted_once(
+    sdk: OpenAI, rep: FakeReplicate, kind: str, error_class: str, status: int | None
+) -> None:
+    rep.faults.add(kind, at="download")
+    resp = generate(sdk)
+    first, second = resp.model_extra["metadata"]["attempts"]
+    assert first["outcome"] == "failed" and first["error_class"] == error_class
+    assert first.get("status_code") == status and first["billed_images"] == 1  # made, billed, lost
+    assert second["outcome"] == "succeeded" and len(rep.submits()) == 2
 
 
 def test_payment_required_is_not_retried(sdk: OpenAI, rep: FakeReplicate) -> None:
@@ -363,15 +441,19 @@ def test_cancel_when_the_client_goes_away(gateway: str, rep: FakeReplicate) -> N
 def test_schema_shows_the_handling(gateway: str) -> None:
     body = httpx.get(f"{gateway}/v1/models/flux.1-kontext-pro", params={"schema": "true"}, timeout=30).json()
     modes = body["schema"]["modes"]
-    for name, handling in ReplicateProvider.HANDLING.items():
+    for name, handling in Replicate.HANDLING.items():
         mode = "edit" if name == "image" else "text-to-image"
-        shown = modes[mode]["properties"][name]["x-providers"].get("replicate/flux.1-kontext-pro")
-        # guidance and steps exist on Replicate's [dev] model only: pro does not claim them
-        assert shown == (None if name in ReplicateProvider.DEV_ONLY else handling), name
+        # (a parameter nothing serving the mode honours is not listed at all: [pro] has no steps)
+        shown = modes[mode]["properties"].get(name, {}).get("x-providers", {}).get("replicate/flux.1-kontext-pro")
+        assert shown == handling, name
+    # guidance and steps exist on Replicate's [dev] model only: pro does not claim them
+    for name in ("cfg_scale", "num_inference_steps"):
+        prop = modes["text-to-image"]["properties"].get(name, {"x-providers": {}})
+        assert "replicate/flux.1-kontext-pro" not in prop["x-providers"]
     dev = httpx.get(f"{gateway}/v1/models/flux.1-kontext-dev", params={"schema": "true"}, timeout=30).json()["schema"]
     dev_steps = dev["modes"]["edit"]["properties"]["num_inference_steps"]["x-providers"]
-    assert dev_steps["replicate/flux.1-kontext-dev"] == ReplicateProvider.HANDLING["num_inference_steps"]
-    assert "resolution" not in ReplicateProvider.HANDLING  # Replicate's size is fixed at ~1 MP
+    assert dev_steps["replicate/flux.1-kontext-dev"] == Replicate.DEV_HANDLING["num_inference_steps"]
+    assert "resolution" not in Replicate.HANDLING  # Replicate's size is fixed at ~1 MP
     rep = next(p for p in body["providers"] if p["config_key"] == "replicate/flux.1-kontext-pro")
     assert rep["available"] is True
     upsampling = modes["text-to-image"]["properties"]["prompt_upsampling"]["x-providers"]
@@ -379,13 +461,29 @@ def test_schema_shows_the_handling(gateway: str) -> None:
 
 
 def test_prediction_outcomes() -> None:
-    assert _outcome({"id": "a", "status": "processing"}).done is False
-    assert _outcome({"id": "a", "status": "succeeded", "output": ["https://x/1.png"]}).outputs == ["https://x/1.png"]
+    assert isinstance(outcome({"id": "a", "status": "processing"}), Pending)
+    assert outcome({"id": "a", "status": "succeeded", "output": ["https://x/1.png"]}) == Done(["https://x/1.png"])
+    assert outcome({"id": "a", "status": "succeeded", "output": "https://x/1.png"}) == Done(["https://x/1.png"])
+    with pytest.raises(TaskFailed, match="CUDA out of memory"):
+        outcome({"id": "a", "status": "failed", "error": "CUDA out of memory"})
+    with pytest.raises(TaskFailed):
+        outcome({"id": "a", "status": "canceled"})  # stopped from outside: not ours to resubmit
+    with pytest.raises(ServerError):
+        outcome({"id": "a", "status": "aborted"})  # its deadline passed before it started: nothing ran
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        "The input or output was flagged as sensitive. Please try again with different inputs. (E005)",
+        "Prediction failed: ModelError: The input or output was flagged as sensitive. (E005) (uIJ6l3ruRD)",
+        "The generated output was flagged as potentially sensitive by the safety system.",
+        "Generated image contained NSFW content. Try running it again with a different prompt.",
+    ],
+)
+def test_every_moderation_wording_is_moderation(error: str) -> None:
     with pytest.raises(Moderated):
-        _outcome({"id": "a", "status": "failed", "error": "The input or output was flagged as sensitive."})
-    for status in ("canceled", "aborted"):
-        with pytest.raises(TaskFailed):
-            _outcome({"id": "a", "status": status})
+        outcome({"id": "a", "status": "failed", "error": error})
 
 
 # -- the fake itself answers like Replicate ------------------------------------------------------------

@@ -12,11 +12,12 @@ from kontext_gateway.catalog import Catalog
 from kontext_gateway.config import Settings
 from kontext_gateway.errors import GatewayError
 from kontext_gateway.params import Size, SizeRequest
-from kontext_gateway.providers.base import Attempt, ImageJob, ProviderImage, ProviderResult
-from kontext_gateway.providers.remote import Misconfigured, Moderated, RateLimited, ServerError
+from kontext_gateway.providers.base import Attempt, ImageJob, ProviderImage, ProviderResult, Refusal
+from kontext_gateway.providers.errors import Misconfigured, Moderated, RateLimited, ServerError
 from kontext_gateway.routing import Router
 
 PRO = Catalog.load().get("flux.1-kontext-pro")
+DEV = Catalog.load().get("flux.1-kontext-dev")
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Scripted:
     outcomes: list[Exception | None] = field(default_factory=list)
     calls: int = 0
     configured: bool = True
-    records_attempts: bool = True
+    records: bool = True  # record its own attempt (as hosted providers do, one per upstream task)
 
     def handling(self, entry) -> dict:
         return {}
@@ -38,21 +39,24 @@ class Scripted:
     def unavailable_reason(self, entry) -> str:
         return "not configured"
 
-    def unsupported(self, entry, job) -> str | None:
-        return "takes at most 1 input image(s)" if len(job.images) > entry.max_input_images else None
+    def unsupported(self, entry, job) -> Refusal | None:
+        if len(job.images) > entry.max_input_images:
+            return Refusal("takes at most 1 input image(s)", param="image")
+        return None
 
     async def generate(self, entry, job: ImageJob) -> ProviderResult:
         self.calls += 1
         outcome = self.outcomes.pop(0) if self.outcomes else None
-        job.attempts.append(
-            Attempt(
-                self.name,
-                entry.config_key,
-                "failed" if outcome else "succeeded",
-                1,
-                error_class=getattr(outcome, "kind", None),
+        if self.records:
+            job.attempts.append(
+                Attempt(
+                    self.name,
+                    entry.config_key,
+                    "failed" if outcome else "succeeded",
+                    1,
+                    error_class=getattr(outcome, "kind", None),
+                )
             )
-        )
         if outcome is not None:
             raise outcome
         return ProviderResult(images=[ProviderImage(data=b"x", format="png")], size=Size(8, 8))
@@ -61,10 +65,10 @@ class Scripted:
         pass
 
 
-def job(images: int = 0) -> ImageJob:
+def job(images: int = 0, model=PRO) -> ImageJob:
     return ImageJob(
         request_id="req_t",
-        model=PRO,
+        model=model,
         mode="edit" if images else "text-to-image",
         prompt="p",
         images=[Image.new("RGB", (8, 8))] * images,
@@ -94,6 +98,92 @@ def test_candidates_need_credentials_and_capacity() -> None:
     # Replicate takes 2 images, Fireworks 1: three images leave only fal and BFL.
     r = router(**{n: Scripted(n) for n in ("replicate", "fireworks", "fal", "bfl")})
     assert set(order(r, job(images=3))) == {"fal/flux.1-kontext-pro", "bfl/flux.1-kontext-pro"}
+
+
+def test_dev_text_to_image_names_every_route_and_why() -> None:
+    """Replicate's and fal's [dev] routes only edit: with their keys set, text-to-image still needs
+    the local weights, and the 503 says so of every route, not only of the local one."""
+    r = router(replicate=Scripted("replicate"), fal=Scripted("fal"), local=Scripted("local", configured=False))
+    with pytest.raises(GatewayError) as err:
+        r.candidates(DEV, "text-to-image", job(model=DEV))
+    e = err.value
+    assert e.status == 503 and e.code == "provider_unavailable"
+    for key in ("replicate/flux.1-kontext-dev", "fal/flux.1-kontext-dev", "fal/flux.1-kontext-dev-lora"):
+        assert f"{key}: edits only" in e.message
+    assert "local/flux.1-kontext-dev: not configured" in e.message
+    # Edits have routes: the configured hosted ones serve them.
+    edit = job(images=1, model=DEV)
+    assert {entry.provider for entry, _ in r.candidates(DEV, "edit", edit)} == {"replicate", "fal"}
+
+
+def test_no_route_for_the_mode_is_a_400_configured_or_not() -> None:
+    """Without the local engine, nothing could ever make [dev] text-to-image: not an outage (503)
+    but a request this gateway cannot serve (400 unsupported_mode), naming each route."""
+    r = router(replicate=Scripted("replicate"), fal=Scripted("fal", configured=False))
+    with pytest.raises(GatewayError) as err:
+        r.candidates(DEV, "text-to-image", job(model=DEV))
+    e = err.value
+    assert e.status == 400 and e.code == "unsupported_mode" and e.param == "model"
+    assert "replicate/flux.1-kontext-dev: edits only" in e.message
+    assert "fal/flux.1-kontext-dev: edits only" in e.message
+    assert "local/flux.1-kontext-dev: the gateway has no local adapter" in e.message
+    # Naming one provider of the model that does not do the mode: the same answer.
+    with pytest.raises(GatewayError) as err:
+        r.candidates(DEV, "text-to-image", job(model=DEV), provider="replicate")
+    assert err.value.code == "unsupported_mode" and "edits only" in err.value.message
+
+
+def test_a_request_no_route_could_take_is_a_400_even_unconfigured() -> None:
+    # Three images: Replicate takes 2, Fireworks 1. Configuring either would not help.
+    r = router(replicate=Scripted("replicate", configured=False), fireworks=Scripted("fireworks", configured=False))
+    with pytest.raises(GatewayError) as err:
+        r.candidates(PRO, "edit", job(images=3))
+    e = err.value
+    assert e.status == 400 and e.code == "unsupported_by_providers"
+    # (the scripted providers word their refusal alike)
+    assert "replicate/flux.1-kontext-pro: takes at most 1 input image(s) (and not configured)" in e.message
+    assert e.param == "image"  # every route refuses for the same parameter: the error names it
+
+
+def test_a_value_one_route_refuses_goes_to_another() -> None:
+    class Picky(Scripted):
+        def unsupported(self, entry, job) -> Refusal | None:
+            return Refusal("cfg_scale=0.5 is outside what it takes: 1 to 20", param="cfg_scale")
+
+    r = router(fal=Picky("fal"), bfl=Scripted("bfl"))
+    assert order(r) == ["bfl/flux.1-kontext-pro"]
+    with pytest.raises(GatewayError) as err:
+        router(fal=Picky("fal")).candidates(PRO, "text-to-image", job())
+    e = err.value
+    assert e.status == 400 and e.param == "cfg_scale" and "1 to 20" in e.message
+
+
+async def test_the_router_records_a_run_that_recorded_nothing() -> None:
+    """The local engine (and a hosted run that failed before any task) records no attempt itself."""
+    quiet = Scripted("fal", [ServerError("boom", status=503)], records=False)
+    r = router(Settings(provider_priority={"fal": -1}), fal=quiet, bfl=Scripted("bfl", records=False))
+    j = job()
+    await r.run(r.candidates(PRO, "text-to-image", j), j)
+    assert [(a.provider, a.outcome, a.error_class) for a in j.attempts] == [
+        ("fal", "failed", "server_error"),
+        ("bfl", "succeeded", None),
+    ]
+
+
+def test_prospective_candidates_are_those_that_would_serve_once_configured() -> None:
+    names = ("replicate", "fireworks", "fal", "bfl")
+    r = router(**{n: Scripted(n, configured=False) for n in names})
+    with pytest.raises(GatewayError) as err:
+        r.candidates(PRO, "edit", job(images=2))
+    assert err.value.status == 503
+    would = {e.config_key for e, _ in r.candidates(PRO, "edit", job(images=2), prospective=True)}
+    assert would == {"replicate/flux.1-kontext-pro", "fal/flux.1-kontext-pro", "bfl/flux.1-kontext-pro"}
+    # Once one is configured, only the configured ones are candidates, prospective or not.
+    r.providers["bfl"].configured = True  # type: ignore[attr-defined]
+    assert order(r, job(images=2)) == ["bfl/flux.1-kontext-pro"]
+    assert [e.config_key for e, _ in r.candidates(PRO, "edit", job(images=2), prospective=True)] == [
+        "bfl/flux.1-kontext-pro"
+    ]
 
 
 def test_order_priority_then_latency_then_weights() -> None:

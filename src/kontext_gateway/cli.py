@@ -91,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     models = sub.add_parser("models", help="list the models in the catalog")
     models.add_argument("--json", action="store_true", help="print the catalog as JSON")
 
+    sub.add_parser(
+        "providers",
+        help="how each request parameter reaches each hosted route (a markdown table)",
+        description="For every hosted route, the body field each request parameter becomes and the range the "
+        "provider publishes for it, found by building requests with the gateway's own code.",
+    )
+
     usage = sub.add_parser(
         "usage",
         help="requests, images and cost by day, key, model and provider",
@@ -149,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "models":
         return _models(args)
+    if args.command == "providers":
+        from .providers.table import markdown
+
+        print(markdown(), end="")
+        return 0
     if args.command == "usage":
         return asyncio.run(_usage(args))
     if args.command == "keys":

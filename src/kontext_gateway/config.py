@@ -93,6 +93,8 @@ class Settings(BaseSettings):
     fal_base_url: str = Field(default="https://queue.fal.run", validation_alias=_env("FAL_BASE_URL"))
     fireworks_base_url: str = Field(default="https://api.fireworks.ai", validation_alias=_env("FIREWORKS_BASE_URL"))
     bfl_base_url: str = Field(default="https://api.bfl.ai", validation_alias=_env("BFL_BASE_URL"))
+    # fal's file storage, where input images too large to inline are uploaded (with FAL_KEY).
+    fal_storage_url: str = Field(default="https://rest.fal.ai", validation_alias=_env("FAL_STORAGE_URL"))
 
     # Routing and resilience.
     upstream_timeout_s: float = 300.0  # one upstream task: submit, polls and download

@@ -24,8 +24,9 @@ from .keys import Authenticator, KeyStore
 from .links import OwnLinks, URLSigner
 from .prediction_view import PredictionView
 from .predictions import PredictionService
-from .providers import remote_adapters
+from .providers import DIALECTS
 from .providers.base import Provider
+from .providers.hosted import HostedProvider
 from .providers.local import LocalProvider
 from .ratelimit import RateLimiter
 from .retention import RetentionSweeper
@@ -45,8 +46,8 @@ class Gateway:
         self.settings = settings
         self.catalog = Catalog.load(settings.catalog_path)
         self.providers: dict[str, Provider] = {"local": LocalProvider(settings)}
-        for adapter in remote_adapters():
-            self.providers[adapter.name] = adapter(settings)
+        for dialect in DIALECTS:
+            self.providers[dialect.name] = HostedProvider(dialect, settings)
         self.router = Router(self.providers, settings)
 
         # The store.

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .catalog import MODES, ModelSpec
+from .catalog import MODES, ExtraParam, Mode, ModelSpec
 from .errors import invalid
 
 MAX_SIDE = 14142  # the product pages' custom-size limit per side
@@ -30,6 +30,9 @@ _WXH = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
 _RATIO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)\s*$")
 _MEGAPIXELS = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:mp)?\s*$", re.IGNORECASE)
 _KTIER = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*k\s*$", re.IGNORECASE)
+# What `tier_area` takes, as the schema's pattern (ECMA-262, no flags): "auto", "NK" or megapixels
+# ("0.25", "4MP"), not zero.
+RESOLUTION_PATTERN = r"^\s*(?:[Aa][Uu][Tt][Oo]|(?=[0-9.]*[1-9])[0-9]+(?:\.[0-9]+)?\s*(?:[Kk]|[Mm][Pp])?)\s*$"
 
 
 @dataclass(frozen=True)
@@ -80,12 +83,11 @@ def tier_area(tier: str) -> int | None:
     for name, area in TIER_AREAS.items():
         if t.lower() == name.lower():
             return area
-    if m := _KTIER.match(t):
-        return round((float(m.group(1)) * 1024) ** 2)
-    if m := _MEGAPIXELS.match(t):
-        mp = float(m.group(1))
-        if mp > 0:
-            return round(mp * 1024 * 1024)
+    # Zero is no scale; a tiny positive one is at least a pixel (the nearest tier is then the smallest).
+    if (m := _KTIER.match(t)) and (k := float(m.group(1))) > 0:
+        return max(1, round((k * 1024) ** 2))
+    if (m := _MEGAPIXELS.match(t)) and (mp := float(m.group(1))) > 0:
+        return max(1, round(mp * 1024 * 1024))
     raise ValueError(tier)
 
 
@@ -193,6 +195,14 @@ def resolve_size(
 
 # ---------------------------------------------------------------------------------------------------
 # Parameter definitions and the compiled schema.
+#
+# A mode's schema lists a parameter only when something honours it in that mode: the gateway itself
+# (`gateway=True`: it resolves sizes, encodes formats, fans out `n`, reads earlier outputs), or a
+# provider that serves the mode (its adapter's handling table, or a catalog parameter naming it). So
+# [dev] text-to-image, served by the local engine alone, does not list fal's or Replicate's edit-only
+# parameters, and [pro] lists no `num_inference_steps`. Per provider, `x-providers` says how it takes
+# the parameter; for the catalog's provider-only parameters also the type, range and default of the
+# provider's own route in that mode.
 
 Handling = Literal["passthrough", "renamed", "converted", "emulated", "native"]
 
@@ -205,8 +215,8 @@ class ParamDef:
     description: str
     modes: tuple[str, ...] = MODES
     required_in: tuple[str, ...] = ()
-    # Shown only for models with a provider that honours it (the local engine's features).
-    only_if_handled: bool = False
+    # Honoured by the gateway whatever the provider: listed even where no provider declares it.
+    gateway: bool = False
 
 
 UNIFIED_PARAMS: tuple[ParamDef, ...] = (
@@ -216,6 +226,7 @@ UNIFIED_PARAMS: tuple[ParamDef, ...] = (
         {"type": "string", "minLength": 1, "maxLength": 32000},
         "Required. The text prompt, or the edit instruction for the image.",
         required_in=MODES,
+        gateway=True,
     ),
     ParamDef(
         "seed",
@@ -230,6 +241,7 @@ UNIFIED_PARAMS: tuple[ParamDef, ...] = (
         'Image dimensions as WxH pixels (e.g. "1024x1024"), an aspect ratio (e.g. "16:9") or "auto". '
         "WxH determines both shape and scale (aspect_ratio and resolution are ignored when size is given). "
         "W:H is equivalent to aspect_ratio.",
+        gateway=True,
     ),
     ParamDef(
         "aspect_ratio",
@@ -237,13 +249,17 @@ UNIFIED_PARAMS: tuple[ParamDef, ...] = (
         {"type": "string"},
         'Aspect ratio of the output image (e.g. "16:9", "1:1"). Controls shape independently of scale. '
         "Any ratio is accepted and mapped to the nearest supported value.",
+        gateway=True,
     ),
     ParamDef(
         "resolution",
         "Size & Layout",
-        {"type": "string"},
-        'Output resolution tier (e.g. "1K", "4K") or megapixels ("0.25", "1"). Controls scale independently '
-        "of shape. Any tier is accepted and mapped to the nearest supported value.",
+        {"type": "string", "pattern": RESOLUTION_PATTERN, "default": "auto"},
+        'Output scale: "auto", a tier "NK" ("0.5K", "1K", "2K", "4K": the area of a square N x 1024 pixels '
+        'on a side) or megapixels ("0.25", "1", "4MP"). Controls scale independently of shape. '
+        "Any value is accepted and mapped to the supported tier nearest in pixel area (in log space: "
+        '"4K" on a model with only "1K" gives 1K); `examples` lists the supported tiers.',
+        gateway=True,
     ),
     ParamDef(
         "image",
@@ -252,24 +268,29 @@ UNIFIED_PARAMS: tuple[ParamDef, ...] = (
         "Input image(s) to edit. Supports PNG, JPEG, WebP (and the first frame of a GIF), up to 50 MB each.",
         modes=("edit",),
         required_in=("edit",),
+        gateway=True,
     ),
     ParamDef(
         "response_format",
         "Output & Format",
         {"type": "string", "enum": list(RESPONSE_FORMATS), "default": "url"},
         "How to return the image: a signed URL on this gateway (valid for an hour) or inline base64.",
+        gateway=True,
     ),
     ParamDef(
         "output_format",
         "Output & Format",
         {"type": "string", "enum": list(OUTPUT_FORMATS), "default": "png"},
-        "Output image format. The gateway converts to the requested format if the provider doesn't produce it.",
+        "Output image format. The gateway converts to the requested format if the provider doesn't produce it "
+        "(`x-native-formats`: what each provider's routes make).",
+        gateway=True,
     ),
     ParamDef(
         "output_compression",
         "Output & Format",
         {"type": "integer", "minimum": 0, "maximum": 100},
         "Compression level for lossy formats (JPEG, WebP, AVIF): the codec quality, 100 is best.",
+        gateway=True,
     ),
     ParamDef(
         "n",
@@ -277,6 +298,7 @@ UNIFIED_PARAMS: tuple[ParamDef, ...] = (
         {"type": "integer", "minimum": 1, "maximum": 10, "default": 1},
         "Number of images to generate. The gateway generates several in parallel even if the provider makes one. "
         "n x width x height must fit the provider's budget of pixels per request (`x-max-request-pixels`).",
+        gateway=True,
     ),
     ParamDef(
         "cfg_scale",
@@ -298,7 +320,6 @@ UNIFIED_PARAMS: tuple[ParamDef, ...] = (
         "An image the size of the (first) input whose fully transparent areas are edited (OpenAI's "
         "semantics); without an alpha channel, its white areas are.",
         modes=("edit",),
-        only_if_handled=True,
     ),
     ParamDef(
         "negative_prompt",
@@ -306,14 +327,12 @@ UNIFIED_PARAMS: tuple[ParamDef, ...] = (
         {"type": "string"},
         "What the image should not show. Used with true_cfg_scale above 1: a second transformer pass per "
         "step, so twice the work.",
-        only_if_handled=True,
     ),
     ParamDef(
         "true_cfg_scale",
         "Additional Parameters",
         {"type": "number", "minimum": 1, "maximum": 20, "default": 1},
         "True classifier-free guidance with the negative prompt (diffusers' semantics); 1 turns it off.",
-        only_if_handled=True,
     ),
     ParamDef(
         "loras",
@@ -329,14 +348,12 @@ UNIFIED_PARAMS: tuple[ParamDef, ...] = (
         },
         'LoRA adapters (fal\'s shape): [{"path": "style.safetensors", "scale": 0.8}], files under the '
         "gateway's adapters directory.",
-        only_if_handled=True,
     ),
     ParamDef(
         "partial_images",
         "Output & Format",
         {"type": "integer", "minimum": 0, "maximum": 3, "default": 0},
         "With stream=true: previews sent while the image is made (server-sent events).",
-        only_if_handled=True,
     ),
     ParamDef(
         "previous_response_id",
@@ -344,6 +361,7 @@ UNIFIED_PARAMS: tuple[ParamDef, ...] = (
         {"type": "string"},
         "Edit the output of an earlier request, by its id, instead of uploading it again.",
         modes=("edit",),
+        gateway=True,
     ),
 )
 
@@ -362,22 +380,26 @@ def compile_schema(
 
     `handlings` maps provider config_key -> parameter -> {"handling", "as"} for the providers that
     can serve this model; provider-only catalog parameters are passthrough for the providers listed.
+    Each mode counts only the providers that serve it.
     `pixel_budgets`: provider config_key -> output pixels (n x width x height) one request may ask.
     """
     pixel_budgets = pixel_budgets or {}
     modes: dict[str, Any] = {}
     for mode in model.modes:
+        serving = [e for e in model.providers_for(mode) if e.config_key in handlings]
         props: dict[str, Any] = {}
         required: list[str] = []
         for p in UNIFIED_PARAMS:
             if mode not in p.modes:
                 continue
+            providers = {e.config_key: h[p.name] for e in serving if p.name in (h := handlings[e.config_key])}
+            if not providers and not p.gateway:
+                continue  # nothing that serves this mode honours it
             schema = dict(p.schema)
             if p.name == "aspect_ratio":
                 schema["examples"] = list(model.aspect_ratios)
             if p.name == "resolution":
-                schema["enum"] = ["auto", *model.resolutions]
-                schema["default"] = "auto"
+                schema["examples"] = ["auto", *model.resolutions]
             if p.name == "image":
                 schema["maxItems"] = model.max_input_images
                 schema["minItems"] = 1
@@ -387,29 +409,24 @@ def compile_schema(
                 schema["default"] = model.default_guidance
             if p.name == "n" and pixel_budgets:
                 schema["x-max-request-pixels"] = pixel_budgets
-            providers = {key: h[p.name] for key, h in handlings.items() if p.name in h}
-            if p.only_if_handled and not providers:
-                continue
+            if p.name == "output_format":
+                schema["x-native-formats"] = {e.config_key: list(e.output_formats) for e in serving if e.output_formats}
             props[p.name] = {**schema, "description": p.description, "x-group": p.group, "x-providers": providers}
             if mode in p.required_in:
                 required.append(p.name)
         for extra in model.params:
-            schema = {"type": extra.type}
-            if extra.enum:
-                schema["enum"] = list(extra.enum)
-            if extra.minimum is not None:
-                schema["minimum"] = extra.minimum
-            if extra.maximum is not None:
-                schema["maximum"] = extra.maximum
+            routes = {
+                e.config_key: {"handling": "passthrough", "as": extra.name, **_route_facts(extra, e.provider, mode)}
+                for e in serving
+                if e.provider in extra.providers
+            }
+            if not routes:
+                continue  # none of its providers serves this mode
             props[extra.name] = {
-                **schema,
+                **_unified_facts(extra),
                 "description": extra.description,
                 "x-group": "Additional Parameters",
-                "x-providers": {
-                    e.config_key: {"handling": "passthrough", "as": extra.name}
-                    for e in model.providers_for(mode)
-                    if e.provider in extra.providers
-                },
+                "x-providers": routes,
                 "x-provider-only": list(extra.providers),
             }
         modes[mode] = {
@@ -433,10 +450,47 @@ def compile_schema(
             "max_request_pixels": pixel_budgets,
         },
         "handling": {
-            "passthrough": "Sent as-is to the provider",
+            "passthrough": "Sent to the provider under its own name, as the type its route takes (shown per provider)",
             "native": "The provider takes it under the same name and meaning",
             "renamed": "Same value, mapped to the field name the provider expects",
             "converted": "Transformed to the provider's native format",
             "emulated": "Works even if the provider has no concept of it",
         },
     }
+
+
+def _facts(type_: str, enum: tuple[str, ...] | None, minimum: float | None, maximum: float | None) -> dict[str, Any]:
+    """JSON Schema keywords for a type, its values and its range."""
+    out: dict[str, Any] = {"type": type_}
+    if enum:
+        out["enum"] = list(enum)
+    for key, bound in (("minimum", minimum), ("maximum", maximum)):
+        if bound is not None:
+            out[key] = int(bound) if type_ == "integer" and bound.is_integer() else bound
+    return out
+
+
+def _unified_facts(extra: ExtraParam) -> dict[str, Any]:
+    """What the unified request accepts for a provider-only parameter: its declared type, and for an
+    integer some route takes as a string, the string form too ("2" as well as 2)."""
+    out = _facts(extra.type, extra.enum, extra.minimum, extra.maximum)
+    if extra.string_form:
+        out["type"] = ["integer", "string"]
+        if extra.minimum is not None and extra.maximum is not None and extra.maximum - extra.minimum <= 100:
+            forms = "|".join(str(v) for v in range(int(extra.minimum), int(extra.maximum) + 1))
+            out["pattern"] = f"^(?:{forms})$"  # applies to the string form only
+        else:
+            out["pattern"] = "^-?[0-9]+$"
+    return out
+
+
+def _route_facts(extra: ExtraParam, provider: str, mode: Mode) -> dict[str, Any]:
+    """The type, range and default the provider's route takes in this mode: the catalog's
+    route facts where it states them, else the unified declaration (sent as it is)."""
+    route = extra.route(provider, mode)
+    if route is None:
+        return _facts(extra.type, extra.enum, extra.minimum, extra.maximum)
+    out = _facts(route.type, route.enum, route.minimum, route.maximum)
+    if route.default is not None:
+        out["default"] = route.default
+    return out

@@ -21,7 +21,7 @@ from pathlib import Path
 from .catalog import ProviderEntry
 from .config import Settings
 from .params import DEFAULT_AREA
-from .providers.base import ImageJob
+from .providers.base import ImageJob, Refusal
 
 MEGAPIXEL = 1024 * 1024
 LOCAL_CPU_DEFAULT = 4 * MEGAPIXEL
@@ -50,15 +50,16 @@ def requested_pixels(job: ImageJob) -> int:
     return job.n * area
 
 
-def over_budget(settings: Settings, entry: ProviderEntry, job: ImageJob) -> str | None:
+def over_budget(settings: Settings, entry: ProviderEntry, job: ImageJob) -> Refusal | None:
     """Why this entry will not take the job (a reason for the router), or None."""
     limit, asked = budget(settings, entry), requested_pixels(job)
     if asked <= limit:
         return None
     setting = "KONTEXT_LOCAL_MAX_REQUEST_PIXELS" if entry.provider == "local" else "KONTEXT_MAX_REQUEST_PIXELS"
-    return (
+    return Refusal(
         f"n={job.n} images of {asked // job.n} pixels is {asked} pixels, over its budget of {limit} pixels "
-        f"per request (fewer or smaller images; the operator sets {setting})"
+        f"per request (fewer or smaller images; the operator sets {setting})",
+        param="n",
     )
 
 

@@ -1,13 +1,21 @@
 """Provider choice and failover: ordered attempts over the providers that can serve a job.
 
-Candidates are the model's providers for the mode that are configured (credentials, weights) and can
-take the job (number of input images...). A forced provider (a config key such as
+Candidates are the model's routes (provider entries) that do the mode, are configured (credentials,
+weights) and can take the job (number of input images...). A forced provider (a config key such as
 `replicate/flux.1-kontext-pro` as the model, or the `x-provider` header) allows only that one.
 Order: `provider_priority` (lower first), then price per image, then observed latency, with
 `provider_weights` sharing load between otherwise equal providers. A circuit breaker per
 (provider, model) skips providers that keep failing and probes them back in.
 
-Failover: transient failures are retried inside the provider (see providers/remote.py); what is
+When no route can serve, the error names every route and why (edits only, no key, no weights, too
+many images...), and its status says who must act:
+- 400 `unsupported_mode`: no route of the model does the mode at all, configured or not;
+- 400 `unsupported_by_providers`: the request asks what no route could do even once configured, or
+  what the configured ones cannot (the request must change);
+- 503 `provider_unavailable`: a route would serve it once configured (the operator must act).
+A dry run prices the routes that would serve once configured (`prospective`), without keys.
+
+Failover: transient failures are retried inside the provider (see providers/hosted.py); what is
 left moves on to the next candidate. Moderation ends the request at once (400
 `content_policy_violation`). When every candidate failed: 502 `all_providers_exhausted`, listing each
 attempt.
@@ -18,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from . import metrics
@@ -26,11 +35,37 @@ from .catalog import Mode, ModelSpec, ProviderEntry
 from .config import Settings
 from .errors import GatewayError, unavailable
 from .pixel_budget import budget, over_budget
-from .providers.base import Attempt, ImageJob, Provider, ProviderResult
-from .providers.remote import Moderated, RateLimited, UpstreamError
+from .providers.base import Attempt, ImageJob, Provider, ProviderResult, Refusal
+from .providers.errors import Moderated, RateLimited, UpstreamError
 from .timing import ms_since
 
 Candidate = tuple[ProviderEntry, Provider]
+_MODE_ONLY = {"edit": "edits", "text-to-image": "text-to-image"}
+
+
+@dataclass(frozen=True)
+class RouteCheck:
+    """One route of a model judged for one request: why it cannot do the mode at all, why it is not
+    configured, why it cannot take this request even configured (each None when it is not so)."""
+
+    entry: ProviderEntry
+    impl: Provider | None
+    mode_reason: str | None = None
+    config_reason: str | None = None
+    refusal: Refusal | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.mode_reason is None and self.config_reason is None and self.refusal is None
+
+    @property
+    def reason(self) -> str:
+        """Why it cannot serve this request ("" when it can)."""
+        if self.mode_reason:
+            return self.mode_reason
+        if self.refusal and self.config_reason:
+            return f"{self.refusal.reason} (and {self.config_reason})"
+        return self.refusal.reason if self.refusal else self.config_reason or ""
 
 
 class Router:
@@ -60,11 +95,54 @@ class Router:
         *,
         forced: ProviderEntry | None = None,
         provider: str | None = None,
+        prospective: bool = False,
     ) -> list[Candidate]:
-        """The entries that can serve the job now, in order. Raises a clear error when none can."""
-        entries = model.providers_for(mode)
+        """The entries that can serve the job now, in order. Raises a clear error when none can.
+        `prospective` (a dry run): when none is configured, those that would serve once configured."""
+        # The configured routes first: judging a request (building its body) for the others only
+        # matters when none of those serves it, to say why.
+        checks = self.routes(model, mode, job, forced=forced, provider=provider, configured_only=True)
+        usable = [(c.entry, c.impl) for c in checks if c.impl is not None and c.usable]
+        if usable:
+            return self._order(usable, model)
+        checks = self.routes(model, mode, job, forced=forced, provider=provider)
+        capable = [c for c in checks if c.mode_reason is None]
+        would_serve = [(c.entry, c.impl) for c in capable if c.impl is not None and c.refusal is None]
+        if prospective and would_serve:
+            return self._order(would_serve, model)
+        why = "; ".join(f"{c.entry.config_key}: {c.reason}" for c in checks)
+        if not capable:
+            raise GatewayError(
+                f"Model '{model.id}' has no route here that does {_mode_words(mode)}: {why}.",
+                param="model",
+                code="unsupported_mode",
+            )
+        if not would_serve or any(c.refusal and c.config_reason is None for c in capable):
+            # The request asks for something no route (or no configured route) does: it must change (400),
+            # naming the parameter when one is why they refuse.
+            params = {c.refusal.param for c in capable if c.refusal is not None}
+            raise GatewayError(
+                f"No provider of model '{model.id}' can do what this request asks: {why}.",
+                param=params.pop() if len(params) == 1 else None,
+                code="unsupported_by_providers",
+            )
+        raise unavailable(f"No provider can serve model '{model.id}' ({mode}) right now: {why}.")
+
+    def routes(
+        self,
+        model: ModelSpec,
+        mode: Mode,
+        job: ImageJob,
+        *,
+        forced: ProviderEntry | None = None,
+        provider: str | None = None,
+        configured_only: bool = False,
+    ) -> list[RouteCheck]:
+        """Every route of the model (only the forced one, or the `x-provider` ones) judged for this job
+        (`configured_only`: whether each would take it is judged for the configured routes only)."""
+        entries = list(model.providers)
         if forced is not None:
-            if forced not in entries:
+            if forced not in model.providers_for(mode):
                 raise GatewayError(
                     f"Provider '{forced.config_key}' does not support {mode} for model '{model.id}'.",
                     param="model",
@@ -80,33 +158,19 @@ class Router:
                     param="x-provider",
                     code="provider_not_found",
                 )
-        usable: list[Candidate] = []
-        reasons: list[str] = []
-        refused: list[str] = []  # available, but not for this request
-        for entry in entries:
-            impl = self.providers.get(entry.provider)
-            if impl is None:
-                reasons.append(f"{entry.config_key}: no {entry.provider} adapter")
-            elif not impl.available(entry):
-                reasons.append(f"{entry.config_key}: {impl.unavailable_reason(entry)}")
-            elif why := over_budget(self.settings, entry, job) or impl.unsupported(entry, job):
-                refused.append(f"{entry.config_key}: {why}")
-            else:
-                usable.append((entry, impl))
-        if not usable and refused:
-            # The request asks for something no available provider does: the request must change (400).
-            raise GatewayError(
-                f"No available provider of model '{model.id}' can do what this request asks. "
-                + "; ".join(refused)
-                + (". Not available: " + "; ".join(reasons) if reasons else "")
-                + ".",
-                code="unsupported_by_providers",
-            )
-        if not usable:
-            raise unavailable(
-                f"No provider can serve model '{model.id}' ({mode}) right now. " + "; ".join(reasons) + "."
-            )
-        return self._order(usable, model)
+        return [self._check(entry, mode, job, configured_only) for entry in entries]
+
+    def _check(self, entry: ProviderEntry, mode: Mode, job: ImageJob, configured_only: bool) -> RouteCheck:
+        impl = self.providers.get(entry.provider)
+        if entry.modes is not None and mode not in entry.modes:
+            return RouteCheck(entry, impl, mode_reason=" and ".join(_MODE_ONLY[m] for m in entry.modes) + " only")
+        if impl is None:
+            return RouteCheck(entry, None, mode_reason=f"the gateway has no {entry.provider} adapter")
+        config_reason = None if impl.available(entry) else impl.unavailable_reason(entry)
+        if config_reason is not None and configured_only:
+            return RouteCheck(entry, impl, config_reason=config_reason)
+        refusal = over_budget(self.settings, entry, job) or impl.unsupported(entry, job)
+        return RouteCheck(entry, impl, config_reason=config_reason, refusal=refusal)
 
     def _order(self, usable: list[Candidate], model: ModelSpec) -> list[Candidate]:
         prio, weights = self.settings.provider_priority, self.settings.provider_weights
@@ -159,10 +223,11 @@ class Router:
                     )
                 )
                 continue
-            t0 = time.perf_counter()
+            t0, seen = time.perf_counter(), len(job.attempts)
             try:
                 result = await impl.generate(entry, job)
             except UpstreamError as exc:
+                _record(job, seen, entry, impl, t0, error=exc)
                 if isinstance(exc, Moderated):
                     self.breaker.release(breaker_key)
                     raise GatewayError(
@@ -180,26 +245,13 @@ class Router:
                 last = exc
                 continue
             except GatewayError as exc:  # the local engine
-                if not impl.records_attempts:
-                    job.attempts.append(
-                        Attempt(
-                            impl.name,
-                            entry.config_key,
-                            "failed",
-                            ms_since(t0),
-                            error_class=exc.code or "error",
-                            message=exc.message[:300],
-                        )
-                    )
+                _record(job, seen, entry, impl, t0, error=exc)
                 if exc.status < 500:
                     raise
                 self.breaker.failure(breaker_key)
                 last = exc
                 continue
-            if not impl.records_attempts:
-                job.attempts.append(
-                    Attempt(impl.name, entry.config_key, "succeeded", ms_since(t0), images=len(result.images))
-                )
+            _record(job, seen, entry, impl, t0, images=len(result.images))
             self.breaker.success(breaker_key)
             self.observe(entry.config_key, time.perf_counter() - t0)
             return entry, result
@@ -218,6 +270,37 @@ class Router:
         )
 
 
+def _record(
+    job: ImageJob,
+    seen: int,
+    entry: ProviderEntry,
+    impl: Provider,
+    t0: float,
+    *,
+    images: int = 0,
+    error: UpstreamError | GatewayError | None = None,
+) -> None:
+    """Every provider run shows in the attempts: hosted providers record one per upstream task as they
+    go; a run that recorded none (the local engine, a failure before any task) gets one here."""
+    if len(job.attempts) > seen:
+        return
+    if error is None:
+        job.attempts.append(Attempt(impl.name, entry.config_key, "succeeded", ms_since(t0), images=images))
+        return
+    kind, status = (error.kind, error.status) if isinstance(error, UpstreamError) else (error.code or "error", None)
+    job.attempts.append(
+        Attempt(
+            impl.name,
+            entry.config_key,
+            "failed",
+            ms_since(t0),
+            error_class=kind,
+            status_code=status,
+            message=error.message[:300],
+        )
+    )
+
+
 def _summary(attempts: list[Attempt]) -> str:
     if not attempts:
         return "No attempt was made."
@@ -228,3 +311,7 @@ def _summary(attempts: list[Attempt]) -> str:
         msg = f": {a.message}" if a.message else ""
         parts.append(f"{i}. {a.config_key} {a.outcome} ({what}{status}){msg}")
     return "Attempts: " + " | ".join(parts)
+
+
+def _mode_words(mode: Mode) -> str:
+    return "image editing" if mode == "edit" else "text-to-image generation"

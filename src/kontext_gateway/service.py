@@ -30,6 +30,7 @@ from .jobs.spec import to_params
 from .keys import OPEN, KeyStore, Principal, forbidden
 from .links import BLOB_ROUTE, OwnLinks
 from .params import CONTROL_FIELDS, PARAM_NAMES, Size, resolve_size
+from .produced import produced_size
 from .protocol import ImageCall, ImageRequest, ImageSource
 from .providers.base import ImageJob, ProgressFn
 from .ratelimit import RateLimiter
@@ -204,12 +205,29 @@ class ImageService:
     async def estimate(
         self, call: ImageCall, *, base_url: str, provider: str | None = None, principal: Principal = OPEN
     ) -> dict[str, Any]:
-        """`dryRun`: validate as a real request would be, and price it; nothing runs or is stored."""
-        prepared = await self._prepare(new_request_id(), call, provider, principal, base_url)
+        """`dryRun`: validate as a real request would be, and price it; nothing runs or is stored.
+
+        Priced from the catalog: when no configured provider of the model can serve the request, for
+        those that would once configured (`configured: false`, and each one's reason).
+        `size` is what the first provider would produce (`requested_size` when that differs)."""
+        prepared = await self._prepare(new_request_id(), call, provider, principal, base_url, prospective=True)
         job = prepared.job
         est = pricing.estimate(prepared.entries, job.n)
         body = est.body(job.model.id)
-        body.update(n=job.n, size=str(job.size.size) if job.size.size else "auto")
+        routes = [self._prospect(entry, job) for entry in prepared.entries]
+        requested = str(job.size.size) if job.size.size else "auto"
+        body.update(n=job.n, size=routes[0]["size"])
+        if routes[0]["size"] != requested:
+            body["requested_size"] = requested
+        body["configured"] = any(r["configured"] for r in routes)
+        body["providers"] = routes
+        if not body["configured"]:
+            body["message"] = (
+                f"No configured provider of model '{job.model.id}' can serve this request; the estimate is for "
+                "those that would once configured: "
+                + "; ".join(f"{r['config_key']}: {r['unavailable_reason']}" for r in routes)
+                + "."
+            )
         if principal.stored:
             key = await self.keys.get(principal.key_id or "")
             remaining = key["remaining_usd"]
@@ -219,6 +237,20 @@ class ImageService:
                 "fits": remaining is None or est.max_micros <= pricing.micros(remaining),
             }
         return body
+
+    def _prospect(self, entry: ProviderEntry, job: ImageJob) -> dict[str, Any]:
+        """One provider the dry run priced: whether it is configured, its price and the size it makes."""
+        impl = self.router.providers[entry.provider]
+        configured = impl.available(entry)
+        return {
+            "config_key": entry.config_key,
+            "provider": entry.provider,
+            "configured": configured,
+            "price_per_image": entry.pricing.price_per_image(),
+            "currency": entry.pricing.currency,
+            "size": str(produced_size(entry, job)),
+            **({} if configured else {"unavailable_reason": impl.unavailable_reason(entry)}),
+        }
 
     async def _reject(self, exc: GatewayError, request_id: str, call: ImageCall, key_id: str | None, t0: float) -> None:
         """A rejected request is recorded too: the history shows what was asked and why it failed."""
@@ -361,6 +393,8 @@ class ImageService:
                 "attempts": record.attempts,
                 "seed": params.get("seed"),
                 "ignored_params": params.get("ignored_params", []),
+                # Parameters sent otherwise than asked (a value the route caps): what was sent, and why.
+                "adjusted_params": params.get("adjusted_params", {}),
                 **({"engine": params["engine"]} if params.get("engine") else {}),
             },
         }
@@ -377,7 +411,14 @@ class ImageService:
     # -- validation and normalisation --------------------------------------------------------------
 
     async def _prepare(
-        self, request_id: str, call: ImageCall, provider: str | None, principal: Principal, base_url: str
+        self,
+        request_id: str,
+        call: ImageCall,
+        provider: str | None,
+        principal: Principal,
+        base_url: str,
+        *,
+        prospective: bool = False,
     ) -> _Prepared:
         if call.invalid is not None or call.params is None:
             raise call.invalid or invalid("The request could not be read.")
@@ -456,9 +497,10 @@ class ImageService:
             loras=[lora.model_dump() for lora in req.loras or []],
             partial_images=(req.partial_images or 0) if req.stream else 0,
         )
-        # Checked now so that a request nothing can serve fails at once (503), not in the queue; the
-        # candidates, in the order they would be tried, also price it.
-        candidates = self.router.candidates(model, mode, job, forced=forced, provider=provider)
+        # Checked now so that a request nothing can serve fails at once (400 / 503), not in the queue;
+        # the candidates, in the order they would be tried, also price it. A dry run (`prospective`)
+        # prices those that would serve once configured when none is yet.
+        candidates = self.router.candidates(model, mode, job, forced=forced, provider=provider, prospective=prospective)
         return _Prepared(job, forced, req, [data for _, data in files], [entry for entry, _ in candidates])
 
     def _decode_inputs(self, files: list[tuple[str, bytes]]) -> list[Image]:

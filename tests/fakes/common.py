@@ -19,12 +19,26 @@ Fault kinds: "401", "402", "429", "500", "502", "503" (HTTP errors with the prov
 and query on `location`, another host), "foreign_url" (at submit: the URLs the provider returns for
 the task, BFL's polling_url, fal's status/response/cancel URLs, Replicate's urls, name `location`
 instead of the fake). Points (`at=`): "submit", "poll", "result" (fal's response_url), "download", or
-"any". `Elsewhere` is that other host: it records what reaches it, headers included.
+"any". `Elsewhere` is that other host: it records what reaches it, headers included. Moderation can be
+told which documented signal to give: `variant=` (Replicate's error wording, fal's 422 or
+has_nsfw_concepts, BFL's status) and `reasons=` (BFL's "Moderation Reasons", fal's `categories`); each
+fake's docstring lists its variants.
+
+Strictness, shared by all four: every request body is checked against its route's published schema
+(kontext_gateway.providers.contracts, closed: an unknown field is refused) and answered with the
+provider's own error body; each refusal is kept in `fake.refused` (`Refusal`: route key, status, the
+problems). Every request's body size is kept in `fake.received` (`Received`: method, path, host, bytes),
+and files uploaded to a provider's storage in `fake.uploads` (`Upload`). A fake whose API spans more
+than one host (BFL's polling cluster, fal's storage) serves the others as `Annex`es on other loopback
+hosts and ports, started and stopped with its app; `fake.other_origins` are the ones that take the key,
+for the gateway's `provider_hosts`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import io
 import json
 import random
@@ -32,7 +46,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +57,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
+
+from kontext_gateway.providers.contracts import Problem
 
 HTTP_FAULTS = {"401", "402", "429", "500", "502", "503"}
 
@@ -55,6 +71,8 @@ class Fault:
     retry_after: float | None = None
     delay: float = 5.0
     location: str | None = None  # "redirect" / "foreign_url": the other host's base URL
+    variant: str | None = None  # "moderation": which documented signal (each fake lists its own)
+    reasons: list[str] | None = None  # "moderation": BFL's / Fireworks' Moderation Reasons, fal's categories
 
 
 @dataclass
@@ -104,8 +122,49 @@ class Faults:
         return None
 
 
-async def record(requests: list, request: Request, *, with_query: bool = False) -> Any:
-    """Append (method, path, headers, JSON body or raw bytes) to a fake's log; return the body."""
+@dataclass(frozen=True)
+class Received:
+    """One request a fake received, measured: what a benchmark or a size limit cares about."""
+
+    method: str
+    path: str  # with the query
+    host: str  # the Host it was sent to: which of the fake's servers
+    size: int  # bytes of the request body
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request body a fake refused because it breaks the route's published schema (or a documented
+    limit the schema cannot say, e.g. Replicate's 256 KB for data URLs)."""
+
+    route: str  # the contract's key, e.g. "replicate.flux-kontext-apps__multi-image-kontext-pro"
+    status: int  # what the fake answered (fal: at the result URL)
+    problems: list[str]  # "path: message", e.g. "input.prompt_upsampling: not a field of this route"
+
+
+@dataclass
+class Upload:
+    """A file put in a provider's storage: Replicate's files API, fal's storage upload."""
+
+    id: str
+    filename: str
+    content_type: str
+    url: str  # what the provider hands back for use as an input: Replicate's urls.get, fal's file_url
+    data: bytes = b""
+    uploaded: bool = True  # fal: False until the PUT to the upload URL arrives
+    metadata: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)  # of the request that carried the bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+async def record(
+    requests: list, request: Request, *, with_query: bool = False, received: list[Received] | None = None
+) -> Any:
+    """Append (method, path, headers, JSON body or raw bytes) to a fake's log, and the body's size to
+    `received`; return the body."""
     body: Any = None
     raw = await request.body()
     if raw:
@@ -115,7 +174,107 @@ async def record(requests: list, request: Request, *, with_query: bool = False) 
             body = raw
     path = request.url.path + (f"?{request.url.query}" if with_query and request.url.query else "")
     requests.append((request.method, path, dict(request.headers), body))
+    if received is not None:
+        query = f"?{request.url.query}" if request.url.query else ""
+        received.append(Received(request.method, request.url.path + query, request.headers.get("host", ""), len(raw)))
     return body
+
+
+# -- the published contracts, answered in FastAPI/pydantic's words -------------------------------------------
+
+# pydantic v2's error type and message per JSON Schema keyword (BFL and fal are FastAPI/pydantic apps).
+_PYDANTIC = {
+    "required": ("missing", "Field required"),
+    "additionalProperties": ("extra_forbidden", "Extra inputs are not permitted"),
+    "minimum": ("greater_than_equal", "Input should be greater than or equal to {}"),
+    "maximum": ("less_than_equal", "Input should be less than or equal to {}"),
+    "minLength": ("string_too_short", "String should have at least {} characters"),
+    "maxLength": ("string_too_long", "String should have at most {} characters"),
+}
+_PYDANTIC_TYPES = {
+    "string": ("string_type", "Input should be a valid string"),
+    "integer": ("int_type", "Input should be a valid integer"),
+    "number": ("float_type", "Input should be a valid number"),
+    "boolean": ("bool_type", "Input should be a valid boolean"),
+    "array": ("list_type", "Input should be a valid list"),
+    "object": ("dict_type", "Input should be a valid dictionary"),
+}
+
+
+def pydantic_detail(problems: Sequence[Problem], schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """422 `detail` items ({loc, msg, type}) for schema problems, as a FastAPI app words them."""
+    items = []
+    for p in problems:
+        rule = subschema(schema, p.path)
+        if p.keyword == "type":
+            kind, msg = _PYDANTIC_TYPES.get(_first_type(rule), ("value_error", p.message))
+        elif p.keyword in ("enum", "const"):
+            allowed = _keyword(rule, "enum") or [_keyword(rule, "const")]
+            words = [repr(a) for a in allowed]
+            listed = words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+            kind, msg = "literal_error", f"Input should be {listed}"
+        elif p.keyword in _PYDANTIC:
+            kind, template = _PYDANTIC[p.keyword]
+            bound = _keyword(rule, p.keyword)
+            if p.conditional:  # the cap lives in a then-branch, not on the property itself
+                bound = conditional_bound(schema, p)
+            msg = template.format(bound)
+        else:
+            kind, msg = "value_error", p.message
+        items.append({"loc": ["body", *p.path], "msg": msg, "type": kind})
+    return items
+
+
+def detail_lines(items: Sequence[dict[str, Any]]) -> list[str]:
+    """pydantic-style detail items as "path: msg" lines (for `Refusal.problems`)."""
+    return [f"{'.'.join(str(x) for x in item['loc'][1:]) or '(body)'}: {item['msg']}" for item in items]
+
+
+def subschema(schema: dict[str, Any], path: tuple[str | int, ...]) -> dict[str, Any]:
+    """The subschema that describes the value at `path` of a body (following properties, items and
+    local $refs)."""
+    node: Any = schema
+    for part in path:
+        node = _deref(schema, node)
+        if isinstance(part, int):
+            node = node.get("items", {}) if isinstance(node, dict) else {}
+        else:
+            node = node.get("properties", {}).get(part, {}) if isinstance(node, dict) else {}
+    node = _deref(schema, node)
+    return node if isinstance(node, dict) else {}
+
+
+def _deref(schema: dict[str, Any], node: Any) -> Any:
+    while isinstance(node, dict) and isinstance(node.get("$ref"), str) and node["$ref"].startswith("#/"):
+        target: Any = schema
+        for part in node["$ref"][2:].split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
+def _first_type(rule: dict[str, Any]) -> str:
+    kind = rule.get("type")
+    if isinstance(kind, list):
+        return next((k for k in kind if k != "null"), "null")
+    if kind is None:
+        return next((_first_type(b) for b in rule.get("anyOf", []) if _first_type(b) != "null"), "")
+    return str(kind)
+
+
+def _keyword(rule: dict[str, Any], keyword: str) -> Any:
+    """A keyword's value on a field's schema, or on the first anyOf branch that has it (a nullable enum
+    is `anyOf: [{enum}, {type: null}]`)."""
+    if keyword in rule:
+        return rule[keyword]
+    return next((b[keyword] for b in rule.get("anyOf", []) if isinstance(b, dict) and keyword in b), None)
+
+
+def conditional_bound(schema: dict[str, Any], problem: Problem) -> Any:
+    """The bound a then-branch puts on a field (safety_tolerance <= 2 with an input image)."""
+    owner = subschema(schema, problem.path[:-1])
+    then = owner.get("then", {}) if isinstance(owner, dict) else {}
+    return then.get("properties", {}).get(problem.path[-1], {}).get(problem.keyword)
 
 
 class DropConnection(Exception):
@@ -272,18 +431,77 @@ class Elsewhere:
 # -- serving an ASGI app on loopback ------------------------------------------------------------------------
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
+@functools.cache
+def other_loopback_host() -> str:
+    """A loopback host that is not 127.0.0.1, for a fake's second server: 127.0.0.2 where the system
+    routes all of 127/8 to loopback (Linux), else the name "localhost" (another host to a URL, the
+    same interface)."""
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.2", 0))
+        return "127.0.0.2"
+    except OSError:
+        return "localhost"
+
+
+class Annex:
+    """A second server of a fake, on another loopback host and port than the fake's own: BFL's polling
+    cluster, fal's storage. It runs on the fake app's event loop, started and stopped by the app's
+    lifespan (`Starlette(..., lifespan=annexes(...))`), so whatever serves the fake (`serve`, a
+    benchmark's uvicorn) serves it too. `url` is its base URL while it runs, else None."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.url: str | None = None
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[str]:
+        host = other_loopback_host()
+        sock = socket.socket()
+        sock.bind((host, 0))
+        server = uvicorn.Server(uvicorn.Config(self.app, log_level="critical", access_log=False, lifespan="off"))
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if task.done() or time.monotonic() > deadline:
+                sock.close()
+                raise RuntimeError("a fake's second server did not start")
+            await asyncio.sleep(0.005)
+        self.url = f"http://{host}:{sock.getsockname()[1]}"
+        try:
+            yield self.url
+        finally:
+            self.url = None
+            server.should_exit = True
+            await task
+            sock.close()
+
+
+def annexes(*extra: Annex) -> Any:
+    """A Starlette lifespan that runs these second servers while the app runs."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            for annex in extra:
+                await stack.enter_async_context(annex.running())
+            yield
+
+    return lifespan
+
+
 @contextmanager
-def serve(app: Any) -> Iterator[str]:
+def serve(app: Any, host: str = "127.0.0.1") -> Iterator[str]:
     """Run an ASGI app under uvicorn on a free loopback port in a thread; yield its base URL."""
-    port = free_port()
+    port = free_port(host)
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", access_log=False, lifespan="on")
+        uvicorn.Config(app, host=host, port=port, log_level="critical", access_log=False, lifespan="on")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -293,7 +511,7 @@ def serve(app: Any) -> Iterator[str]:
             raise RuntimeError("the server did not start")
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://{host}:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)

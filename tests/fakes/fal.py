@@ -1,4 +1,4 @@
-"""A fake fal.ai queue API for the Kontext routes.
+"""A fake fal.ai queue API for the Kontext routes, with fal's storage upload.
 
     POST /{model route}                      -> {request_id, response_url, status_url, cancel_url, queue_position}
     GET  /{app}/requests/{id}/status          -> IN_QUEUE, IN_PROGRESS (for `pending_polls` polls), COMPLETED
@@ -8,12 +8,31 @@
 
 `{app}` is the first two segments of the route (`fal-ai/flux-pro`), as on fal: the status, response
 and cancel URLs drop the route's subpath, so only a client using the returned URLs finds them.
-Auth is `Authorization: Key <key>`. The queue accepts any input; like fal's pydantic models, the fake
-then rejects bad fields at the response URL, after COMPLETED (422 `{"detail": [{"loc", "msg", "type"}]}`),
-as fal does. Provider fault kinds: "moderation" (pro/max: the response URL
-answers 422 content_policy_violation; [dev]: `has_nsfw_concepts: [true]`), "task_error" (the
-response URL answers 500 with an infrastructure error body) and "foreign_url" (at submit: the status,
-response and cancel URLs name `location`, another host).
+Auth is `Authorization: Key <key>`. The queue accepts any input; like fal's apps, the fake then checks
+it at the response URL, after COMPLETED: against the route's published schema (closed, so a field the
+route lacks, e.g. enhance_prompt or safety_tolerance on [dev], is refused; safety_tolerance is a string
+on pro/max), then each image must be an http(s) URL or a data URI that loads. A refusal is the 422
+`{"detail": [{"loc", "msg", "type", "url"}]}` fal answers, kept in `fake.refused` when the body arrives.
+
+Storage, as fal-js uploads (two more hosts, `Annex`es on other loopback hosts and ports):
+
+    POST {fake.storage_url}/storage/upload/initiate?storage_type=fal-cdn-v3  {content_type, file_name}
+         -> {upload_url, file_url}                     (the REST host, like rest.fal.ai: takes the key)
+    PUT  {upload_url}  the bytes                       (a signed URL on the CDN host: no key needed)
+    GET  {file_url}    the bytes                       (the CDN host, like v3.fal.media)
+
+A `file_url` is a valid image input once its bytes were PUT (before, the image fails to load). Uploads
+are kept in `fake.uploads` (with the headers the PUT carried: never the key), both storage hosts'
+requests in `fake.storage_requests`, every body's size in `fake.received`. `fake.other_origins` is the
+REST host, for the gateway's `provider_hosts`; the CDN host is not one of fal's key hosts. HTTP faults
+at "upload" answer the initiate call.
+
+Provider fault kinds: "moderation", `variant=` "content_policy" (the response URL answers 422
+`type: content_policy_violation`, msg "The content was flagged by a content checker.", `categories`:
+`reasons=`, ["sexual"] by default; what pro/max do) or "nsfw_concepts" (the result says
+`has_nsfw_concepts: [true, ...]`; what [dev] / lora do, unless `enable_safety_checker` is false), each
+route's own by default; "task_error" (the response URL answers 500 with an infrastructure error body)
+and "foreign_url" (at submit: the status, response and cancel URLs name `location`, another host).
 """
 
 from __future__ import annotations
@@ -22,6 +41,7 @@ import base64
 import binascii
 import io
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +51,24 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .common import Fault, Faults, ResultStore, http_fault, make_image, output_size, record
+from kontext_gateway.providers import contracts
+
+from .common import (
+    Annex,
+    Fault,
+    Faults,
+    Received,
+    Refusal,
+    ResultStore,
+    Upload,
+    annexes,
+    detail_lines,
+    http_fault,
+    make_image,
+    output_size,
+    pydantic_detail,
+    record,
+)
 
 # Route -> input type, from the fal-js endpoint types.
 ROUTES = {
@@ -44,24 +81,8 @@ ROUTES = {
     "fal-ai/flux-kontext/dev": "dev",
     "fal-ai/flux-kontext-lora": "dev",  # the dev fields plus `loras`
 }
-RATIOS = ("21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21")
-RESOLUTION_MODES = (
-    "auto",
-    "match_input",
-    "1:1",
-    "16:9",
-    "21:9",
-    "3:2",
-    "2:3",
-    "4:5",
-    "5:4",
-    "3:4",
-    "4:3",
-    "9:16",
-    "9:21",
-)
-TOLERANCES = ("1", "2", "3", "4", "5", "6")
-MODERATION_MSG = "The content could not be processed because it contained material flagged by a content checker."
+MODERATION_MSG = "The content was flagged by a content checker."
+ERRORS_URL = "https://docs.fal.ai/errors"
 ERRORS = {
     401: "Unauthorized: invalid or missing key",
     402: "Insufficient balance",
@@ -83,7 +104,7 @@ class FalTask:
     errors: list[dict[str, Any]]  # what fal's input model rejects, answered as a 422
     polls: int = 0
     completed: bool = False  # COMPLETED once, COMPLETED for good
-    moderated: bool = False
+    moderated: Fault | None = None  # the "moderation" fault that flags it
     failed: bool = False
     cancelled: bool = False
     result: dict[str, Any] | None = None
@@ -97,7 +118,20 @@ class FakeFal:
         self.results = results or ResultStore()
         self.faults = Faults()
         self.requests: list[tuple[str, str, dict[str, str], Any]] = []  # (method, path, headers, json)
+        self.storage_requests: list[tuple[str, str, dict[str, str], Any]] = []  # the REST and CDN hosts'
+        self.received: list[Received] = []
+        self.refused: list[Refusal] = []
+        self.uploads: list[Upload] = []
         self.tasks: dict[str, FalTask] = {}
+        self.rest = Annex(Starlette(routes=[Route("/storage/upload/initiate", self._initiate, methods=["POST"])]))
+        self.cdn = Annex(
+            Starlette(
+                routes=[
+                    Route("/upload/{token}", self._upload, methods=["PUT"]),
+                    Route("/files/{token}/{name}", self._file, methods=["GET"]),
+                ]
+            )
+        )
         self.app = Starlette(
             routes=[
                 Route("/results/{name}", self._download, methods=["GET"]),
@@ -105,15 +139,28 @@ class FakeFal:
                 Route("/{owner}/{app}/requests/{rid}/cancel", self._cancel, methods=["PUT"]),
                 Route("/{owner}/{app}/requests/{rid}", self._response, methods=["GET"]),
                 Route("/{route:path}", self._submit, methods=["POST"]),
-            ]
+            ],
+            lifespan=annexes(self.rest, self.cdn),
         )
 
-    # -- helpers -----------------------------------------------------------------------------------
+    @property
+    def storage_url(self) -> str | None:
+        """The storage REST host's base URL (rest.fal.ai's part), while the fake runs."""
+        return self.rest.url
+
+    @property
+    def other_origins(self) -> list[str]:
+        """Origins besides its own that take the key: the storage REST host (not the CDN's)."""
+        return [self.rest.url] if self.rest.url else []
 
     def reset(self) -> None:
-        """As made: no faults, nothing logged, `pending_polls` back where it was."""
+        """As made: no faults, nothing logged or uploaded, `pending_polls` back where it was."""
         self.faults.clear()
         self.requests.clear()
+        self.storage_requests.clear()
+        self.received.clear()
+        self.refused.clear()
+        self.uploads.clear()
         self.pending_polls = self._made
 
     def submits(self) -> list[tuple[str, dict[str, Any]]]:
@@ -121,7 +168,7 @@ class FakeFal:
         return [(path, body) for method, path, _, body in self.requests if method == "POST"]
 
     async def _record(self, request: Request) -> Any:
-        return await record(self.requests, request)
+        return await record(self.requests, request, received=self.received)
 
     def _authorized(self, request: Request) -> bool:
         return request.headers.get("authorization") == f"Key {self.key}"
@@ -149,7 +196,7 @@ class FakeFal:
     @staticmethod
     def _flag(task: FalTask | None, flag: Fault | None) -> None:
         if task is not None and flag is not None:
-            task.moderated |= flag.kind == "moderation"
+            task.moderated = flag if flag.kind == "moderation" else task.moderated
             task.failed |= flag.kind == "task_error"
 
     def _task(self, request: Request) -> FalTask | None:
@@ -180,8 +227,12 @@ class FakeFal:
                 {"detail": [{"loc": ["body"], "msg": "Input should be a valid dictionary", "type": "dict_type"}]},
                 status_code=422,
             )
-        # The queue takes any input: a validation error surfaces at the response URL once COMPLETED.
-        errors, input_ratio = validate(kind, body)
+        # The queue takes any object: a validation error surfaces at the response URL once COMPLETED.
+        key = contracts.request_key("fal", route)
+        assert key is not None, route  # every route the fake serves has a published schema
+        errors, input_ratio = validate(key, body, self._stored)
+        if errors:
+            self.refused.append(Refusal(key, 422, detail_lines(errors)))
         task = FalTask(
             uuid.uuid4().hex,
             "/".join(route.split("/")[:2]),
@@ -190,7 +241,7 @@ class FakeFal:
             body,
             input_ratio,
             errors,
-            moderated=flag is not None and flag.kind == "moderation",
+            moderated=flag if flag is not None and flag.kind == "moderation" else None,
             failed=flag is not None and flag.kind == "task_error",
         )
         self.tasks[task.id] = task
@@ -239,15 +290,16 @@ class FakeFal:
         if task.cancelled:
             return JSONResponse({"detail": "Request was cancelled"}, status_code=400)
         if task.errors:
-            return JSONResponse({"detail": task.errors}, status_code=422)
+            return JSONResponse({"detail": task.errors}, status_code=422, headers={"x-fal-retryable": "false"})
         if task.failed:
             return JSONResponse(
                 {"detail": "Unexpected error while running the model", "error_type": "internal_server_error"},
                 status_code=500,
                 headers={"x-fal-error-type": "internal_server_error"},
             )
-        if task.moderated and task.kind != "dev":
+        if self._variant(task) == "content_policy":
             # pro/max forward BFL's moderation as a 422 content_policy_violation.
+            assert task.moderated is not None
             return JSONResponse(
                 {
                     "detail": [
@@ -255,8 +307,10 @@ class FakeFal:
                             "loc": ["body", "prompt"],
                             "msg": MODERATION_MSG,
                             "type": "content_policy_violation",
-                            "url": "https://docs.fal.ai/errors#content_policy_violation",
+                            "url": f"{ERRORS_URL}#content_policy_violation",
                             "ctx": {},
+                            "input": task.body.get("prompt"),
+                            "categories": task.moderated.reasons or ["sexual"],
                         }
                     ]
                 },
@@ -283,6 +337,60 @@ class FakeFal:
         self.requests.append((request.method, request.url.path, dict(request.headers), None))
         return await self.results.serve(request, self.faults)
 
+    @staticmethod
+    def _variant(task: FalTask) -> str | None:
+        """Which moderation signal a flagged task gives, or None (not flagged, or the checker is off)."""
+        if task.moderated is None:
+            return None
+        variant = task.moderated.variant or ("nsfw_concepts" if task.kind == "dev" else "content_policy")
+        if variant == "nsfw_concepts" and task.body.get("enable_safety_checker") is False:
+            return None
+        return variant
+
+    # -- storage: fal-js's upload ------------------------------------------------------------------------
+
+    def _stored(self, url: str) -> Upload | None:
+        """The upload a file_url names, if it is one of this fake's."""
+        return next((u for u in self.uploads if u.url == url), None)
+
+    async def _initiate(self, request: Request) -> Response:
+        body = await record(self.storage_requests, request, with_query=True, received=self.received)
+        if not self._authorized(request):
+            return self._error(401)
+        replacement, _ = await self._fault("upload", request)
+        if replacement is not None:
+            return replacement
+        problems = [
+            {"loc": ["body", name], "msg": "Field required", "type": "missing"}
+            for name in ("content_type", "file_name")
+            if not isinstance(body, dict) or not isinstance(body.get(name), str)
+        ]
+        if problems:
+            self.refused.append(Refusal("fal.storage.upload.initiate", 422, detail_lines(problems)))
+            return JSONResponse({"detail": problems}, status_code=422)
+        token = uuid.uuid4().hex
+        cdn = self.cdn.url or str(request.base_url).rstrip("/")
+        name = body["file_name"].rsplit("/", 1)[-1] or "file"
+        upload = Upload(token, body["file_name"], body["content_type"], f"{cdn}/files/{token}/{name}", uploaded=False)
+        self.uploads.append(upload)
+        return JSONResponse({"upload_url": f"{cdn}/upload/{token}?signature=fake", "file_url": upload.url})
+
+    async def _upload(self, request: Request) -> Response:
+        """The PUT to a signed upload URL: its signature is the credential, no key is wanted."""
+        await record(self.storage_requests, request, with_query=True, received=self.received)
+        upload = next((u for u in self.uploads if u.id == request.path_params["token"]), None)
+        if upload is None or request.query_params.get("signature") != "fake":
+            return Response(b"<Error><Code>AccessDenied</Code></Error>", status_code=403, media_type="application/xml")
+        upload.data, upload.uploaded, upload.headers = await request.body(), True, dict(request.headers)
+        return Response(status_code=200)
+
+    async def _file(self, request: Request) -> Response:
+        await record(self.storage_requests, request, received=self.received)
+        upload = next((u for u in self.uploads if u.id == request.path_params["token"]), None)
+        if upload is None or not upload.uploaded:
+            return Response(b"Not Found", status_code=404)
+        return Response(upload.data, media_type=upload.content_type)
+
     # -- results ---------------------------------------------------------------------------------------
 
     def _make_result(self, base: str, task: FalTask) -> dict[str, Any]:
@@ -299,7 +407,7 @@ class FakeFal:
         for i in range(int(body.get("num_images", 1))):
             data = make_image(w, h, fmt, seed + i)
             ext = "jpg" if fmt == "jpeg" else fmt
-            if _bool(body.get("sync_mode")):  # a data URI, kept out of the request history
+            if body.get("sync_mode") is True:  # a data URI, kept out of the request history
                 url = f"data:image/{fmt};base64,{base64.b64encode(data).decode()}"
             else:
                 url = self.results.add(base, data, f"image/{fmt}", ext)
@@ -317,117 +425,69 @@ class FakeFal:
             "images": images,
             "seed": seed,
             "prompt": body["prompt"],
-            "has_nsfw_concepts": [task.moderated] * len(images),
+            "has_nsfw_concepts": [self._variant(task) == "nsfw_concepts"] * len(images),
             "timings": {"inference": 1.7},
         }
 
 
-# -- validation, like fal's pydantic input models --------------------------------------------------------
+# -- validation: the published schema, then what fal's apps check beyond it ------------------------------
 
 
-def validate(kind: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
-    """422 detail items for what fal would reject, and the first input image's ratio ("W:H")."""
-    errors: list[dict[str, Any]] = []
-
-    def err(loc: str, msg: str, type_: str) -> None:
-        errors.append({"loc": ["body", loc], "msg": msg, "type": type_})
-
-    if not isinstance(body.get("prompt"), str) or not body["prompt"]:
-        err("prompt", "Field required", "missing")
-    images: list[Any] = []
-    if kind in ("edit", "dev"):
-        if "image_url" not in body:
-            err("image_url", "Field required", "missing")
-        else:
-            images = [body["image_url"]]
-    elif kind == "multi":
-        urls = body.get("image_urls")
-        if not isinstance(urls, list) or not urls:
-            err("image_urls", "Field required" if urls is None else "Input should be a non-empty list", "missing")
-        else:
-            images = urls
+def validate(
+    key: str, body: Any, stored: Callable[[str], Upload | None] | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """422 detail items for what fal would reject, and the first input image's ratio ("W:H").
+    `stored(url)`: the fake's upload a file_url names, if any."""
+    problems = contracts.request_problems(key, body)
+    errors = [
+        {**item, "url": f"{ERRORS_URL}#{item['type']}"}
+        for item in pydantic_detail(problems, contracts.route_schema(key))
+    ]
+    if not isinstance(body, dict):
+        return errors, None
+    flagged = {p.path[0] for p in problems if p.path}
+    images: list[tuple[list[str | int], Any]] = []
+    if "image_url" in body and "image_url" not in flagged:
+        images = [(["image_url"], body["image_url"])]
+    elif isinstance(body.get("image_urls"), list) and "image_urls" not in flagged:
+        images = [(["image_urls", i], url) for i, url in enumerate(body["image_urls"])]
     ratio = None
-    for i, url in enumerate(images):
-        size = _image_size(url)
+    for i, (loc, url) in enumerate(images):
+        size = _image_size(url, stored)
         if size is None:
-            err(
-                "image_url" if kind != "multi" else f"image_urls.{i}",
-                "Failed to load the image. Please ensure the image file is not corrupted and is in a supported format.",
-                "image_load_error",
+            errors.append(
+                {
+                    "loc": ["body", *loc],
+                    "msg": "Failed to load the image. Please ensure the image file is not corrupted and is in a "
+                    "supported format.",
+                    "type": "image_load_error",
+                    "url": f"{ERRORS_URL}#image_load_error",
+                }
             )
         elif i == 0 and size != (0, 0):
             ratio = f"{size[0]}:{size[1]}"
-    if "num_images" in body and not _int_in(body["num_images"], 1, 4):
-        err("num_images", "Input should be between 1 and 4", "less_than_equal")
-    if "output_format" in body and body["output_format"] not in ("jpeg", "png"):
-        err("output_format", "Input should be 'jpeg' or 'png'", "literal_error")
-    if "seed" in body and body["seed"] is not None and not _int_in(body["seed"], 0, 2**63):
-        err("seed", "Input should be a valid integer", "int_type")
-    if "guidance_scale" in body and not _number_in(body["guidance_scale"], 1, 20):
-        err("guidance_scale", "Input should be between 1 and 20", "greater_than_equal")
-    for name in ("sync_mode", "enhance_prompt", "enable_safety_checker"):
-        if name in body and _bool(body[name]) is None:
-            err(name, "Input should be a valid boolean", "bool_type")
-    if "loras" in body:
-        loras = body["loras"]
-        if not isinstance(loras, list) or not all(
-            isinstance(x, dict) and isinstance(x.get("path"), str) for x in loras
-        ):
-            err("loras", "Input should be a list of {path, scale}", "list_type")
-    if kind == "dev":
-        if "resolution_mode" in body and body["resolution_mode"] not in RESOLUTION_MODES:
-            err("resolution_mode", f"Input should be one of {', '.join(RESOLUTION_MODES)}", "literal_error")
-        if "acceleration" in body and body["acceleration"] not in ("none", "regular", "high"):
-            err("acceleration", "Input should be 'none', 'regular' or 'high'", "literal_error")
-        if "num_inference_steps" in body and not _int_in(body["num_inference_steps"], 1, 50):
-            err("num_inference_steps", "Input should be between 1 and 50", "less_than_equal")
-    else:
-        if "aspect_ratio" in body and body["aspect_ratio"] not in RATIOS:
-            err("aspect_ratio", f"Input should be one of {', '.join(RATIOS)}", "literal_error")
-        # A string enum: pydantic does not coerce 2 to "2" for a Literal.
-        if "safety_tolerance" in body and body["safety_tolerance"] not in TOLERANCES:
-            err("safety_tolerance", "Input should be '1', '2', '3', '4', '5' or '6'", "literal_error")
     return errors, ratio
 
 
-def _image_size(url: Any) -> tuple[int, int] | None:
-    """(w, h) of a data URI's image, (0, 0) for an http(s) URL (not fetched), None when unusable."""
+def _image_size(url: Any, stored: Callable[[str], Upload | None] | None = None) -> tuple[int, int] | None:
+    """(w, h) of a data URI's or an uploaded file's image, (0, 0) for another http(s) URL (not fetched),
+    None when unusable (a file_url whose bytes never arrived included)."""
     if not isinstance(url, str):
         return None
-    if url.startswith(("http://", "https://")):
+    upload = stored(url) if stored is not None else None
+    if upload is not None:
+        data = upload.data if upload.uploaded else b""
+    elif url.startswith(("http://", "https://")):
         return (0, 0)
-    if not url.startswith("data:") or "," not in url:
+    elif not url.startswith("data:") or "," not in url:
         return None
+    else:
+        try:
+            data = base64.b64decode(url.split(",", 1)[1], validate=True)
+        except (binascii.Error, ValueError):
+            return None
     try:
-        data = base64.b64decode(url.split(",", 1)[1], validate=True)
         with Image.open(io.BytesIO(data)) as im:
             return im.size
-    except (binascii.Error, ValueError, OSError):
+    except (ValueError, OSError):
         return None
-
-
-def _bool(value: Any) -> bool | None:
-    """pydantic's lax bool: bools, 0/1 and the usual strings (multipart forms send strings)."""
-    if isinstance(value, bool):
-        return value
-    if value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-        return value.lower() in ("true", "1", "yes", "on")
-    return None
-
-
-def _int_in(value: Any, lo: int, hi: int) -> bool:
-    try:
-        n = int(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
-    except ValueError:
-        return False
-    return n is not None and lo <= n <= hi
-
-
-def _number_in(value: Any, lo: float, hi: float) -> bool:
-    try:
-        x = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
-    except ValueError:
-        return False
-    return x is not None and lo <= x <= hi

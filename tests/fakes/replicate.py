@@ -1,12 +1,34 @@
 """A fake Replicate predictions API for FLUX.1 Kontext.
 
-Faithful where the gateway depends on it: Bearer auth (401 body as Replicate sends it), per-model input
-validation (422 `Input validation failed` with `detail`), `Prefer: wait`, stateful predictions
-(`starting`, then `processing` for `pending_polls` polls, then `succeeded`), absolute `urls.get` /
-`urls.cancel`, cancel, and outputs served as real images from expiring URLs on the fake itself.
+    POST   /v1/models/{owner}/{name}/predictions  -> the prediction (201; finished with Prefer: wait)
+    GET    {urls.get} = /v1/predictions/{id}      -> the prediction: starting, processing, then terminal
+    POST   {urls.cancel}                          -> the prediction, canceled
+    POST   /v1/files (multipart)                  -> a file object (201); its urls.get is an image input
+    GET    /v1/files/{id}[/download], DELETE      -> the file object, its bytes; 204
+    GET    /results/{name}                        -> an output image (expiring)
 
-Faults (tests/fakes/common.py): HTTP kinds at "submit" / "poll" / "download"; "moderation" ends the
-prediction `failed` with the E005 error; "task_error" ends it `failed` with a model error;
+Faithful where the gateway depends on it: Bearer auth (401 body as Replicate sends it), `Prefer: wait`,
+stateful predictions (`starting`, then `processing` for `pending_polls` polls, then `succeeded`),
+absolute `urls.get` / `urls.cancel`, cancel, and outputs served as real images.
+
+Strict, as the published contracts say: the body is checked against the model's route schema
+(replicate.<owner>__<name>: closed, `input` included, so a field the model does not declare is refused,
+e.g. prompt_upsampling on the multi-image apps; multi-image-kontext-max publishes no input, so it is
+held to -pro's, the names clients send), then each image input must be an http(s) URL, a file's
+`urls.get` from this fake's files API, or a data URL of at most 256 KB (256 x 1024 bytes of the file it
+carries): the API reference documents data URLs for files up to 256 KB and HTTP URLs above, so a larger
+one is refused. A refusal is a 422 in Replicate's problem-details shape (`title` "Input validation
+failed", `detail` one "- field: why" line per problem, `status`, `invalid_fields`), kept in
+`fake.refused`. Uploads are kept in `fake.uploads` (files must be smaller than `file_limit`, 100 MB: 413
+otherwise), every body's size in `fake.received`.
+
+Faults (tests/fakes/common.py): HTTP kinds at "submit" / "poll" / "upload" / "download"; "moderation"
+ends the prediction `failed` with a documented moderation wording, chosen by `variant=` (MODERATION):
+"e005" (the default, "... (E005)"), "e005_tagged" (with a "(uIJ6l3ruRD)" tag), "e005_prefixed" (inside
+"Prediction failed: ... ModelError: ..."), "safety_system" ("The generated output was flagged as
+potentially sensitive by the safety system.") or "dev_nsfw" ([dev]'s own checker: "Generated image
+contained NSFW content. ...", the default on flux-kontext-dev, where `disable_safety_checker: true`
+turns it off, as in the Cog predictor); "task_error" ends it `failed` with a model error;
 "foreign_url" (at submit) puts `urls.get` / `urls.cancel` on `location`, another host.
 """
 
@@ -15,37 +37,49 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import hashlib
 import io
+import json
 import uuid
 from fractions import Fraction
 from typing import Any
 
 from PIL import Image
 from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .common import Fault, Faults, ResultStore, http_fault, record
+from kontext_gateway.providers import contracts
+from kontext_gateway.providers.contracts import Problem
 
-RATIOS = [
-    "match_input_image",
-    "1:1",
-    "16:9",
-    "9:16",
-    "4:3",
-    "3:4",
-    "3:2",
-    "2:3",
-    "4:5",
-    "5:4",
-    "21:9",
-    "9:21",
-    "2:1",
-    "1:2",
-]
+from .common import (
+    Fault,
+    Faults,
+    Received,
+    Refusal,
+    ResultStore,
+    Upload,
+    conditional_bound,
+    http_fault,
+    record,
+    subschema,
+)
+
 E005 = "The input or output was flagged as sensitive. Please try again with different inputs. (E005)"
+MODERATION = {
+    "e005": E005,
+    "e005_tagged": f"{E005} (uIJ6l3ruRD)",
+    "e005_prefixed": f"Prediction failed: Async prediction failed: ModelError: {E005} (uIJ6l3ruRD)",
+    "safety_system": "The generated output was flagged as potentially sensitive by the safety system.",
+    "dev_nsfw": "Generated image contained NSFW content. Try running it again with a different prompt.",
+}
 TASK_ERROR = "Prediction failed: CUDA error: an illegal memory access was encountered"
+DATA_URL_LIMIT = 256 * 1024  # bytes of the file a data URL carries; above, an HTTP URL is needed
+FILE_LIMIT = 100 * 1024 * 1024  # "Files must be less than 100MB in size"
+FILE_TTL = dt.timedelta(hours=1)  # API files are deleted after an hour
+IMAGE_FIELDS = ("input_image", "input_image_1", "input_image_2")
 ERRORS = {
     401: ("Unauthenticated", "You did not pass a valid authentication token"),
     402: (
@@ -60,50 +94,19 @@ ERRORS = {
     502: ("Bad Gateway", "Bad gateway"),
     503: ("Service Unavailable", "Service temporarily unavailable"),
 }
-
-# Input schemas, one per model: field -> (JSON type, enum or (min, max) or None). Required fields apart.
-_PRO = {
-    "prompt": ("string", None),
-    "input_image": ("uri", None),
-    "aspect_ratio": ("string", RATIOS),
-    "output_format": ("string", ["jpg", "png"]),
-    "seed": ("integer", None),
-    "safety_tolerance": ("integer", (0, 6)),
-    "prompt_upsampling": ("boolean", None),
-}
-_MULTI = {
-    "prompt": ("string", None),
-    "input_image_1": ("uri", None),
-    "input_image_2": ("uri", None),
-    "aspect_ratio": ("string", RATIOS),
-    "output_format": ("string", ["jpg", "png"]),
-    "seed": ("integer", None),
-    "safety_tolerance": ("integer", (0, 2)),
-}
-_DEV = {
-    "prompt": ("string", None),
-    "input_image": ("uri", None),
-    "aspect_ratio": ("string", RATIOS),
-    "num_inference_steps": ("integer", (4, 50)),
-    "guidance": ("number", (0, 10)),
-    "seed": ("integer", None),
-    "output_format": ("string", ["webp", "jpg", "png"]),
-    "output_quality": ("integer", (0, 100)),
-    "disable_safety_checker": ("boolean", None),
-    "go_fast": ("boolean", None),
-}
-MODELS: dict[str, tuple[dict[str, tuple[str, Any]], tuple[str, ...], str]] = {
-    # owner/name -> (schema, required fields, default output_format)
-    "black-forest-labs/flux-kontext-pro": (_PRO, ("prompt",), "png"),
-    "black-forest-labs/flux-kontext-max": (_PRO, ("prompt",), "png"),
-    "black-forest-labs/flux-kontext-dev": (_DEV, ("prompt", "input_image"), "webp"),
-    "flux-kontext-apps/multi-image-kontext-pro": (_MULTI, ("prompt", "input_image_1", "input_image_2"), "png"),
-    "flux-kontext-apps/multi-image-kontext-max": (_MULTI, ("prompt", "input_image_1", "input_image_2"), "png"),
+# owner/name -> (the route schema it is held to, default output_format)
+MODELS = {
+    "black-forest-labs/flux-kontext-pro": ("replicate.black-forest-labs__flux-kontext-pro", "png"),
+    "black-forest-labs/flux-kontext-max": ("replicate.black-forest-labs__flux-kontext-max", "png"),
+    "black-forest-labs/flux-kontext-dev": ("replicate.black-forest-labs__flux-kontext-dev", "webp"),
+    "flux-kontext-apps/multi-image-kontext-pro": ("replicate.flux-kontext-apps__multi-image-kontext-pro", "png"),
+    # No published input: the -pro app's, whose field names every client sends.
+    "flux-kontext-apps/multi-image-kontext-max": ("replicate.flux-kontext-apps__multi-image-kontext-pro", "png"),
 }
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+def _now(delta: dt.timedelta = dt.timedelta()) -> str:
+    return (dt.datetime.now(dt.UTC) + delta).isoformat().replace("+00:00", "Z")
 
 
 def error_body(status: int, detail: str | None = None, **more: Any) -> dict[str, Any]:
@@ -114,15 +117,31 @@ def error_body(status: int, detail: str | None = None, **more: Any) -> dict[str,
     return {**body, **more}
 
 
+def problem(status: int, detail: str | None = None, **more: Any) -> JSONResponse:
+    """Replicate's error answer: problem details (RFC 9457), as its OpenAPI has them for 404 and 413."""
+    return JSONResponse(error_body(status, detail, **more), status, media_type="application/problem+json")
+
+
 def decode_data_uri(value: str) -> Image.Image | None:
     """The image in a data URI, or None when it is not one that decodes."""
+    data = data_uri_bytes(value)
+    if data is None:
+        return None
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()
+        return im
+    except (OSError, ValueError):
+        return None
+
+
+def data_uri_bytes(value: str) -> bytes | None:
+    """The file a base64 data URI carries, or None when it is not one."""
     if not value.startswith("data:") or "," not in value:
         return None
     try:
-        im = Image.open(io.BytesIO(base64.b64decode(value.split(",", 1)[1], validate=True)))
-        im.load()
-        return im
-    except (binascii.Error, OSError, ValueError):
+        return base64.b64decode(value.split(",", 1)[1], validate=True)
+    except (binascii.Error, ValueError):
         return None
 
 
@@ -137,8 +156,14 @@ class FakeReplicate:
         self.pending_polls = pending_polls  # polls answered starting/processing before the end
         self._made = pending_polls
         self.results = results or ResultStore()
+        self.file_limit = FILE_LIMIT
         self.faults = Faults()
         self.requests: list[tuple[str, str, dict[str, str], Any]] = []  # (method, path, headers, json)
+        self.received: list[Received] = []
+        self.refused: list[Refusal] = []
+        self.uploads: list[Upload] = []  # files created through the files API, deleted ones included
+        self.other_origins: list[str] = []  # one host: the files API lives beside the predictions
+        self.files: dict[str, Upload] = {}  # id -> the live ones
         self.predictions: dict[str, dict[str, Any]] = {}
         self.canceled: list[str] = []  # ids whose cancel was requested
         self.app = Starlette(
@@ -146,6 +171,9 @@ class FakeReplicate:
                 Route("/v1/models/{owner}/{name}/predictions", self.create, methods=["POST"]),
                 Route("/v1/predictions/{id}", self.get, methods=["GET"]),
                 Route("/v1/predictions/{id}/cancel", self.cancel, methods=["POST"]),
+                Route("/v1/files", self.create_file, methods=["POST"]),
+                Route("/v1/files/{id}", self.file, methods=["GET", "DELETE"]),
+                Route("/v1/files/{id}/download", self.download_file, methods=["GET"]),
                 Route("/results/{name}", self.result, methods=["GET"]),
             ]
         )
@@ -153,17 +181,21 @@ class FakeReplicate:
     # -- helpers ---------------------------------------------------------------------------------------
 
     def reset(self) -> None:
-        """As made: no faults, nothing logged, `pending_polls` back where it was."""
+        """As made: no faults, nothing logged or uploaded, `pending_polls` and `file_limit` back."""
         self.faults.clear()
         self.requests.clear()
+        self.received.clear()
+        self.refused.clear()
+        self.uploads.clear()
+        self.files.clear()
         self.canceled.clear()
-        self.pending_polls = self._made
+        self.pending_polls, self.file_limit = self._made, FILE_LIMIT
 
     def submits(self) -> list[tuple[str, str, dict[str, str], Any]]:
         return [r for r in self.requests if r[0] == "POST" and r[1].endswith("/predictions")]
 
     async def _record(self, request: Request) -> Any:
-        return await record(self.requests, request)
+        return await record(self.requests, request, received=self.received)
 
     def _authorized(self, request: Request) -> bool:
         return request.headers.get("authorization") == f"Bearer {self.token}"
@@ -182,95 +214,89 @@ class FakeReplicate:
             return None, fault
         return await http_fault(fault, self._error, request), None
 
-    def _view(self, p: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in p.items() if not k.startswith("_")}
+    @staticmethod
+    def _view(p: dict[str, Any]) -> dict[str, Any]:
+        # Timestamps not reached yet are left out: the contract types them as strings, not null.
+        return {k: v for k, v in p.items() if not k.startswith("_") and not (k.endswith("_at") and v is None)}
 
     def _finish(self, p: dict[str, Any]) -> None:
         """Move a prediction to its terminal state, making its output when it succeeds."""
         p["completed_at"] = _now()
         p["started_at"] = p["started_at"] or p["created_at"]
-        fate = p["_fate"]
-        if fate == "moderation":
-            p.update(status="failed", error=E005)
-            return
-        if fate == "task_error":
+        fate: Fault | None = p["_fate"]
+        inputs = p["input"]
+        if fate is not None and fate.kind == "moderation":
+            variant = fate.variant or ("dev_nsfw" if p["model"].endswith("-dev") else "e005")
+            # [dev]'s checker is the predictor's own: off when asked, and nothing is flagged.
+            if not (variant == "dev_nsfw" and inputs.get("disable_safety_checker") is True):
+                p.update(status="failed", error=MODERATION[variant])
+                return
+        if fate is not None and fate.kind == "task_error":
             p.update(status="failed", error=TASK_ERROR)
             return
-        inputs = p["input"]
         ratio = inputs.get("aspect_ratio", "match_input_image")
         if ratio == "match_input_image":
             source = inputs.get("input_image") or inputs.get("input_image_1") or ""
-            im = decode_data_uri(source)
+            im = self._image(source)
             ratio = ratio_of(im) if im is not None else "1:1"
         fmt = inputs.get("output_format", p["_default_format"])
         url, _ = self.results.image_url(p["_base"], ratio, fmt, seed=int(inputs.get("seed") or 0))
-        p.update(status="succeeded", output=url, metrics={"predict_time": 0.01})
+        p.update(status="succeeded", output=url, metrics={"predict_time": 0.01, "total_time": 0.02})
+
+    def _image(self, value: str) -> Image.Image | None:
+        """An image input as a picture: a data URL's, or an uploaded file's (an http URL is not fetched)."""
+        upload = self._file_at(value)
+        data = upload.data if upload is not None else data_uri_bytes(value)
+        if data is None:
+            return None
+        try:
+            im = Image.open(io.BytesIO(data))
+            im.load()
+            return im
+        except (OSError, ValueError):
+            return None
+
+    def _file_at(self, url: str) -> Upload | None:
+        return next((f for f in self.files.values() if f.url == url), None)
 
     # -- validation ------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _invalid(model: str, inputs: Any) -> list[dict[str, str]]:
-        schema, required, _ = MODELS[model]
+    def _invalid(self, key: str, body: Any) -> list[dict[str, str]]:
+        """Replicate's `invalid_fields` for a prediction body: the route schema's problems, then the image
+        inputs' (what they must be beyond a string)."""
+        problems = contracts.request_problems(key, body)
+        fields = [_invalid_field(p, contracts.route_schema(key)) for p in problems]
+        inputs = body.get("input") if isinstance(body, dict) else None
         if not isinstance(inputs, dict):
-            return [{"type": "invalid_type", "field": "input", "description": "input must be an object"}]
-        problems = [
-            {"type": "required", "field": "input", "description": f"{f} is required"}
-            for f in required
-            if f not in inputs
-        ]
-        for field, value in inputs.items():
-            if field not in schema:
-                continue  # Replicate ignores inputs the model does not declare
-            kind, rule = schema[field]
-            ok = {
-                "string": isinstance(value, str),
-                "uri": isinstance(value, str)
-                and (decode_data_uri(value) is not None or value.startswith(("http://", "https://"))),
-                "integer": isinstance(value, int) and not isinstance(value, bool),
-                "number": isinstance(value, (int, float)) and not isinstance(value, bool),
-                "boolean": isinstance(value, bool),
-            }[kind]
-            if not ok:
-                problems.append(
-                    {
-                        "type": "invalid_type",
-                        "field": f"input.{field}",
-                        "description": f"Invalid type. Expected: {kind}, given: {type(value).__name__}",
-                    }
-                )
-            elif isinstance(rule, list) and value not in rule:
-                allowed = ", ".join(f'"{r}"' for r in rule)
-                problems.append(
-                    {
-                        "type": "enum",
-                        "field": f"input.{field}",
-                        "description": f"{field} must be one of the following: {allowed}",
-                    }
-                )
-            elif isinstance(rule, tuple) and not rule[0] <= value <= rule[1]:
-                problems.append(
-                    {
-                        "type": "number_range",
-                        "field": f"input.{field}",
-                        "description": f"{field} must be between {rule[0]} and {rule[1]}",
-                    }
-                )
-        if (
-            schema is _PRO
-            and "input_image" in inputs
-            and isinstance(inputs.get("safety_tolerance"), int)
-            and inputs["safety_tolerance"] > 2
-        ):
-            problems.append(
-                {
-                    "type": "number_range",
-                    "field": "input.safety_tolerance",
-                    "description": "2 is currently the maximum allowed when input images are used",
-                }
-            )
-        return problems
+            return fields
+        flagged = {p.path[1] for p in problems if len(p.path) > 1 and p.path[0] == "input"}
+        for name in IMAGE_FIELDS:
+            value = inputs.get(name)
+            if name in flagged or not isinstance(value, str):
+                continue
+            why = self._image_problem(value)
+            if why is not None:
+                fields.append({"type": "format", "field": f"input.{name}", "description": why})
+        return fields
 
-    # -- routes ----------------------------------------------------------------------------------------
+    def _image_problem(self, value: str) -> str | None:
+        if value.startswith("data:"):
+            data = data_uri_bytes(value)
+            if data is None or decode_data_uri(value) is None:
+                return "Does not match format 'uri': not a data URL of an image"
+            if len(data) > DATA_URL_LIMIT:
+                return (
+                    f"a data URL carries {len(data)} bytes: data URLs are for files up to 256 KB; "
+                    "pass a larger file as an HTTP URL (the files API gives one)"
+                )
+            return None
+        if "/v1/files/" in value and self._file_at(value) is None:
+            return "File not found"  # one of this API's file URLs, deleted or never made
+        if not value.startswith(("http://", "https://")):
+            return "Does not match format 'uri'"
+        return None
+
+    # -- predictions -----------------------------------------------------------------------------------
 
     async def create(self, request: Request) -> Response:
         body = await self._record(request)
@@ -279,22 +305,17 @@ class FakeReplicate:
         replacement, fault = await self._fault("submit", request)
         if replacement is not None:
             return replacement
-        fate = fault.kind if fault is not None and fault.kind != "foreign_url" else None
+        fate = fault if fault is not None and fault.kind != "foreign_url" else None
         model = f"{request.path_params['owner']}/{request.path_params['name']}"
         if model not in MODELS:
-            return JSONResponse(
-                error_body(404, "The requested resource could not be found.", title="Not found"), status_code=404
-            )
-        if not isinstance(body, dict) or "input" not in body:
-            return JSONResponse(
-                error_body(422, "- input: input is required\n", title="Input validation failed"), status_code=422
-            )
-        problems = self._invalid(model, body["input"])
-        if problems:
-            detail = "".join(f"- {p['field']}: {p['description']}\n" for p in problems)
-            return JSONResponse(
-                error_body(422, detail, title="Input validation failed", invalid_fields=problems), status_code=422
-            )
+            return problem(404, "The requested resource could not be found.", title="Not found")
+        key, default_format = MODELS[model]
+        invalid = self._invalid(key, body)
+        if invalid:
+            lines = [f"{p['field']}: {p['description']}" for p in invalid]
+            self.refused.append(Refusal(key, 422, lines))
+            detail = "".join(f"- {line}\n" for line in lines)
+            return problem(422, detail, title="Input validation failed", invalid_fields=invalid)
         pid = uuid.uuid4().hex[:26]
         base = str(request.base_url).rstrip("/")
         api = fault.location if fault is not None and fault.kind == "foreign_url" and fault.location else base
@@ -308,6 +329,7 @@ class FakeReplicate:
             "data_removed": False,
             "error": None,
             "status": "starting",
+            "source": "api",
             "created_at": _now(),
             "started_at": None,
             "completed_at": None,
@@ -321,7 +343,7 @@ class FakeReplicate:
             "_fate": fate,
             "_polls_left": 0 if fate else self.pending_polls,
             "_base": base,
-            "_default_format": MODELS[model][2],
+            "_default_format": default_format,
         }
         self.predictions[pid] = p
         # Prefer: wait holds the request until the prediction is done; this fake's predictions take
@@ -337,10 +359,10 @@ class FakeReplicate:
         replacement, fault = await self._fault("poll", request)
         if replacement is not None:
             return replacement
-        fate = fault.kind if fault is not None and fault.kind != "foreign_url" else None
+        fate = fault if fault is not None and fault.kind != "foreign_url" else None
         p = self.predictions.get(request.path_params["id"])
         if p is None:
-            return JSONResponse(error_body(404, "Not found."), status_code=404)
+            return problem(404, "Not found.")
         if p["status"] in ("starting", "processing"):
             if fate:
                 p["_fate"], p["_polls_left"] = fate, 0
@@ -357,7 +379,7 @@ class FakeReplicate:
             return self._error(401)
         p = self.predictions.get(request.path_params["id"])
         if p is None:
-            return JSONResponse(error_body(404, "Not found."), status_code=404)
+            return problem(404, "Not found.")
         self.canceled.append(p["id"])
         if p["status"] in ("starting", "processing"):
             p.update(status="canceled", completed_at=_now())
@@ -366,3 +388,112 @@ class FakeReplicate:
     async def result(self, request: Request) -> Response:
         await self._record(request)
         return await self.results.serve(request, self.faults)
+
+    # -- files -----------------------------------------------------------------------------------------
+
+    async def create_file(self, request: Request) -> Response:
+        await self._record(request)
+        if not self._authorized(request):
+            return self._error(401)
+        replacement, _ = await self._fault("upload", request)
+        if replacement is not None:
+            return replacement
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return self._refuse_file("content: a multipart/form-data body is required")
+        async with request.form() as form:
+            content = form.get("content")
+            if not isinstance(content, UploadFile):
+                return self._refuse_file("content: required, a file part")
+            data = await content.read()
+            filename = form.get("filename") or content.filename or "file"
+            ctype = form.get("type") or content.content_type or "application/octet-stream"
+            raw_metadata = form.get("metadata")
+        if len(data) >= self.file_limit:
+            return problem(413, "Files must be less than 100MB in size")
+        if not isinstance(filename, str) or len(filename.encode()) > 255:
+            return self._refuse_file("filename: at most 255 bytes of UTF-8")
+        try:
+            metadata = json.loads(raw_metadata) if isinstance(raw_metadata, str) else {}
+        except ValueError:
+            metadata = None
+        if not isinstance(metadata, dict):
+            return self._refuse_file("metadata: must be a JSON object")
+        fid = uuid.uuid4().hex[:26]
+        upload = Upload(
+            fid,
+            filename,
+            str(ctype),
+            f"{str(request.base_url).rstrip('/')}/v1/files/{fid}",
+            data,
+            metadata=metadata,
+            headers=dict(request.headers),
+        )
+        self.files[fid] = upload
+        self.uploads.append(upload)
+        return JSONResponse(self._file_object(upload), status_code=201)
+
+    def _refuse_file(self, why: str) -> Response:
+        self.refused.append(Refusal("replicate.files", 422, [why]))
+        return problem(422, why, title="Invalid request")
+
+    @staticmethod
+    def _file_object(upload: Upload) -> dict[str, Any]:
+        return {
+            "id": upload.id,
+            "content_type": upload.content_type,
+            "size": upload.size,
+            "checksums": {"sha256": hashlib.sha256(upload.data).hexdigest()},
+            "metadata": upload.metadata,
+            "created_at": _now(),
+            "expires_at": _now(FILE_TTL),
+            "urls": {"get": upload.url},
+        }
+
+    async def file(self, request: Request) -> Response:
+        await self._record(request)
+        if not self._authorized(request):
+            return self._error(401)
+        upload = self.files.get(request.path_params["id"])
+        if upload is None:
+            return problem(404, "File not found")
+        if request.method == "DELETE":
+            del self.files[upload.id]
+            return Response(status_code=204)
+        return JSONResponse(self._file_object(upload))
+
+    async def download_file(self, request: Request) -> Response:
+        await self._record(request)
+        if not self._authorized(request):
+            return self._error(401)
+        upload = self.files.get(request.path_params["id"])
+        if upload is None:
+            return problem(404, "File not found")
+        return Response(upload.data, media_type=upload.content_type)
+
+
+def _invalid_field(p: Problem, schema: dict[str, Any]) -> dict[str, str]:
+    """One of Replicate's `invalid_fields` ({type, field, description}), worded as its validator words it."""
+    name = str(p.path[-1]) if p.path else "input"
+    parent = ".".join(str(x) for x in p.path[:-1]) or "(root)"
+    field = ".".join(str(x) for x in p.path) or "(root)"
+    if p.keyword == "required":
+        return {"type": "required", "field": parent, "description": f"{name} is required"}
+    if p.keyword == "additionalProperties":
+        return {
+            "type": "additional_property_not_allowed",
+            "field": parent,
+            "description": f"Additional property {name} is not allowed",
+        }
+    rule = subschema(schema, p.path)
+    if p.keyword == "enum":
+        allowed = ", ".join(json.dumps(v) for v in rule.get("enum", []))
+        return {"type": "enum", "field": field, "description": f"{name} must be one of the following: {allowed}"}
+    if p.keyword in ("minimum", "maximum"):
+        # A conditional cap is the then-branch's; the property's description says when it holds.
+        bound = conditional_bound(schema, p) if p.conditional else rule.get(p.keyword)
+        words = "greater than or equal to" if p.keyword == "minimum" else "less than or equal to"
+        why = f"Must be {words} {bound}"
+        if p.conditional and rule.get("description"):
+            why += f" ({rule['description']})"
+        return {"type": "number_" + ("gte" if p.keyword == "minimum" else "lte"), "field": field, "description": why}
+    return {"type": "invalid_type" if p.keyword == "type" else p.keyword, "field": field, "description": p.message}

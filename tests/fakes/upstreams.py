@@ -1,8 +1,13 @@
 """All four upstream fakes together, and gateway settings pointing at them (for routing tests), or at
-one of them alone (for a provider's own tests)."""
+one of them alone (for a provider's own tests).
+
+A fake may answer from more than one host (BFL's polling cluster, fal's storage): the settings name
+those origins in `provider_hosts`, as an operator would for a regional mirror, so the gateway sends the
+provider's key there too, and nowhere else."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +31,26 @@ BASE_URLS = {name: f"{name}_base_url" for name in KEYS}
 
 
 def solo_settings(
-    provider: str, data_dir: Path, base_url: str, *, key: str | None = None, **overrides: Any
+    provider: str,
+    data_dir: Path,
+    base_url: str,
+    *,
+    key: str | None = None,
+    hosts: Sequence[str] = (),
+    **overrides: Any,
 ) -> Settings:
     """A gateway whose only upstream is `provider` at `base_url`, with its fake's key (or `key`): no other
-    provider's key, no local weights, quick polls."""
+    provider's key, no local weights, quick polls. `hosts`: the fake's other origins that take the key
+    (`fake.other_origins`)."""
     setting, default_key = KEYS[provider]
+    provider_hosts = dict(overrides.pop("provider_hosts", {}))
+    if hosts:
+        provider_hosts[provider] = [*provider_hosts.get(provider, []), *hosts]
     return Settings(
         data_dir=data_dir,
         database_url=f"sqlite:///{data_dir / 'gateway.db'}",
         dev_weights_dir=None,
+        provider_hosts=provider_hosts,
         **{KEYS[other][0]: None for other in KEYS if other != provider},
         **{setting: key or default_key, BASE_URLS[provider]: base_url},
         **{**FAST, **overrides},
@@ -60,9 +76,17 @@ class Upstreams:
     def submits(self, name: str) -> int:
         return len(self.all[name].submits())
 
+    def hosts(self) -> dict[str, list[str]]:
+        """`provider_hosts` for the fakes as they run now: each one's other origins that take its key."""
+        return {name: fake.other_origins for name, fake in self.all.items() if fake.other_origins}
+
     def settings(self, data_dir: Path, **overrides: Any) -> Settings:
+        provider_hosts = {**self.hosts(), **overrides.pop("provider_hosts", {})}
+        storage = {"fal_storage_url": self.fal.storage_url} if self.fal.storage_url else {}
         return Settings(
             data_dir=data_dir,
+            provider_hosts=provider_hosts,
+            **storage,
             **dict(KEYS.values()),
             **{BASE_URLS[name]: url for name, url in self.urls.items()},
             **{**FAST, **overrides},

@@ -30,6 +30,10 @@ def model_object(gw: Gateway, m: ModelSpec) -> dict[str, Any]:
                 "provider_model_id": e.provider_model_id,
                 "modes": list(e.modes or m.modes),
                 "max_input_images": e.max_input_images,
+                # The ratios its routes take and the formats they make natively (absent: the model's
+                # ratios, and any format).
+                **({"aspect_ratios": list(e.aspect_ratios)} if e.aspect_ratios else {}),
+                **({"output_formats": list(e.output_formats)} if e.output_formats else {}),
                 "max_request_pixels": budget(gw.settings, e),
                 "available": bool(impl and impl.available(e)),
                 "pricing": e.pricing.model_dump(mode="json", exclude_none=True),

@@ -285,14 +285,34 @@ class ImagesResponse(_Open):
     data: list[ImageData]
 
 
+class EstimatedProvider(_Open):
+    """A provider the estimate is for, in the order they would be tried."""
+
+    config_key: str
+    provider: str
+    configured: bool
+    price_per_image: float
+    currency: str
+    size: str = Field(description="The size it would produce (`WxH`).")
+    unavailable_reason: str | None = Field(default=None, description="What to configure, when it is not.")
+
+
 class CostEstimate(_Open):
-    """`dryRun=true`: the request validated and priced, nothing run."""
+    """`dryRun=true`: the request validated and priced, nothing run. Priced from the catalog, so
+    without provider keys too: then for the providers that would serve once configured."""
 
     object: Literal["cost_estimate"]
     model: str
+    provider: str
+    n: int
     total_cost_micros: int
     max_cost_micros: int
     currency: str
+    size: str = Field(description="The size the first provider would produce (`WxH`).")
+    requested_size: str | None = Field(default=None, description="The size asked for, when it differs.")
+    configured: bool = Field(description="False when no provider is configured yet.")
+    providers: list[EstimatedProvider]
+    message: str | None = None
 
 
 class Prediction(_Open):

@@ -1,4 +1,12 @@
-"""The model catalog: models.toml, validated at load, with id / alias / provider-key resolution."""
+"""The model catalog: models.toml, validated at load, with id / alias / provider-key resolution.
+
+A provider entry states what its routes take and make where it is narrower than the model: input
+images (`max_input_images`), aspect ratios (`aspect_ratios`: a requested ratio goes to the nearest
+one) and natively made formats (`output_formats`: others are made as png and converted by the
+gateway). A provider-only parameter (`[[models.params]]`) states its unified type, and per provider
+route (`[[models.params.routes]]`, optionally per mode) the type, range and default the route itself
+takes, where they differ: the compiled schema shows both.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +25,8 @@ DEFAULT_CATALOG = Path(__file__).with_name("models.toml")
 
 Mode = Literal["text-to-image", "edit"]
 MODES: tuple[Mode, ...] = ("text-to-image", "edit")
+ImageFormat = Literal["png", "jpeg", "gif", "webp", "avif"]
+ParamType = Literal["string", "integer", "number", "boolean"]
 
 
 class _Strict(BaseModel):
@@ -35,9 +45,20 @@ class Pricing(_Strict):
     components: tuple[PriceComponent, ...]
     source_url: str | None = None
     effective_at: dt.date | None = None
+    # Failures the provider documents it may still bill (an attempt's error class, e.g. fal's 422s:
+    # "content_policy_violation", "invalid_request"): a failed task of these kinds is priced as made.
+    billed_failures: tuple[str, ...] = ()
 
     def price_per_image(self) -> float:
         return sum(c.unit_price for c in self.components if c.metric == "image")
+
+
+def _check_ratios(ratios: tuple[str, ...]) -> tuple[str, ...]:
+    for r in ratios:
+        a, _, b = r.partition(":")
+        if not (a.isdigit() and b.isdigit() and int(a) > 0 and int(b) > 0):
+            raise ValueError(f"aspect ratio must be W:H, got {r!r}")
+    return ratios
 
 
 class ProviderEntry(_Strict):
@@ -46,7 +67,16 @@ class ProviderEntry(_Strict):
     provider_model_id: str
     modes: tuple[Mode, ...] | None = None  # None: every mode of the model
     max_input_images: int = Field(default=1, ge=0, le=16)  # what this provider's routes accept
+    # The ratios its routes take (None: the model's); the upstream makes its own size for the ratio.
+    aspect_ratios: tuple[str, ...] | None = None
+    # The formats its routes make natively (None: any, as for the local engine, whose pixels the gateway encodes).
+    output_formats: tuple[ImageFormat, ...] | None = None
     pricing: Pricing
+
+    @field_validator("aspect_ratios")
+    @classmethod
+    def _ratios(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if v is None else _check_ratios(v)
 
     @model_validator(mode="after")
     def _key_names_provider(self) -> ProviderEntry:
@@ -55,16 +85,54 @@ class ProviderEntry(_Strict):
         return self
 
 
+class RouteParam(_Strict):
+    """How some providers' routes take a provider-only parameter, where it is not the unified type and
+    range: e.g. fal's `safety_tolerance` is a string "1"-"6"; Replicate's is an integer 0-6, at most 2
+    with an input image (so its edit mode says 0-2). `default` is the route's, where it states one."""
+
+    providers: tuple[str, ...]
+    modes: tuple[Mode, ...] | None = None  # None: every mode
+    type: ParamType
+    enum: tuple[str, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    default: bool | int | float | str | None = None
+
+
 class ExtraParam(_Strict):
-    """A provider-only parameter: passed through to the providers that honour it."""
+    """A provider-only parameter: passed through to the providers that honour it.
+
+    `type`, `enum`, `minimum`, `maximum` are what the unified request accepts; `routes` say what each
+    provider's routes take where that differs (the adapters convert). An integer that some route
+    takes as a string is accepted in its string form too."""
 
     name: str
-    type: Literal["string", "integer", "number", "boolean"]
+    type: ParamType
     description: str
     providers: tuple[str, ...]
     enum: tuple[str, ...] | None = None
     minimum: float | None = None
     maximum: float | None = None
+    routes: tuple[RouteParam, ...] = ()
+
+    @model_validator(mode="after")
+    def _routes_name_its_providers(self) -> ExtraParam:
+        for r in self.routes:
+            if unknown := set(r.providers) - set(self.providers):
+                raise ValueError(f"{self.name}: routes name {sorted(unknown)}, not among its providers")
+        return self
+
+    def route(self, provider: str, mode: Mode) -> RouteParam | None:
+        """What this provider's routes take in this mode, when the catalog states it."""
+        for r in self.routes:
+            if provider in r.providers and (r.modes is None or mode in r.modes):
+                return r
+        return None
+
+    @property
+    def string_form(self) -> bool:
+        """Whether the unified request also takes the integer's string form (a route wants a string)."""
+        return self.type == "integer" and any(r.type == "string" for r in self.routes)
 
 
 class ModelSpec(_Strict):
@@ -107,11 +175,7 @@ class ModelSpec(_Strict):
     @field_validator("aspect_ratios")
     @classmethod
     def _ratios(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for r in v:
-            a, _, b = r.partition(":")
-            if not (a.isdigit() and b.isdigit() and int(a) > 0 and int(b) > 0):
-                raise ValueError(f"aspect ratio must be W:H, got {r!r}")
-        return v
+        return _check_ratios(v)
 
     @property
     def max_pixels(self) -> int:

@@ -7,7 +7,7 @@ import dataclasses
 from ..imaging import EXTENSIONS, decode_image, sniff_format
 from ..params import Size
 from ..providers.base import ProviderImage
-from ..providers.remote import Task
+from ..providers.calls import Task
 from ..store.blobs import LocalBlobStore
 from ..store.db import Database
 from ..store.records import TaskRow

@@ -17,7 +17,7 @@ from ..config import Settings
 from ..errors import GatewayError
 from ..imaging import EXTENSIONS, decode_image, encode_image
 from ..providers.base import ImageJob, Provider, ProviderImage
-from ..providers.remote import RemoteProvider
+from ..providers.hosted import HostedProvider
 from ..routing import Router
 from ..store.blobs import LocalBlobStore
 from ..store.db import Database
@@ -153,6 +153,7 @@ class JobRunner:
                 params={
                     **record.params,
                     "ignored_params": sorted(set(result.ignored_params)),
+                    "adjusted_params": dict(result.adjusted_params),
                     **({"engine": result.engine} if result.engine else {}),
                 },
                 logs=_logs(
@@ -176,7 +177,7 @@ class JobRunner:
             for config_key, task in journal.submitted_tasks():
                 entry = self.catalog.resolve(config_key)[1]
                 impl = self.providers.get(entry.provider) if entry else None
-                if entry is not None and isinstance(impl, RemoteProvider):
+                if entry is not None and isinstance(impl, HostedProvider):
                     await impl.cancel_quietly(entry, task)
         await self.db.mark_canceled(
             record.id,

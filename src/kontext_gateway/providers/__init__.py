@@ -1,14 +1,13 @@
-"""Providers: the local engine and one adapter file per hosted upstream."""
+"""Providers: the local engine, and the hosted upstreams, each one dialect (what to send, what an
+answer means) spoken by the one executor, `HostedProvider`."""
 
 from __future__ import annotations
 
-from .bfl import BFLProvider
-from .fal import FalProvider
-from .fireworks import FireworksProvider
-from .remote import RemoteProvider
-from .replicate import ReplicateProvider
+from .bfl import BFL
+from .dialect import Dialect
+from .fal import Fal
+from .fireworks import Fireworks
+from .replicate import Replicate
 
-
-def remote_adapters() -> list[type[RemoteProvider]]:
-    """Every hosted upstream the gateway can route to; a new one is one more file and one line here."""
-    return [ReplicateProvider, FalProvider, FireworksProvider, BFLProvider]
+# Every hosted upstream the gateway can route to; a new one is one more dialect file and one entry here.
+DIALECTS: tuple[type[Dialect], ...] = (Replicate, Fal, Fireworks, BFL)

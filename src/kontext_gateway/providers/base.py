@@ -11,13 +11,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..catalog import Mode, ModelSpec, ProviderEntry
 from ..params import Size, SizeRequest
 
 if TYPE_CHECKING:
     from PIL.Image import Image
+
+    from .calls import Encoded
 
 ProgressFn = Callable[[int, int], None]  # (step, total)
 
@@ -39,7 +41,7 @@ class ImageJob:
     extra: dict[str, Any] = field(default_factory=dict)  # unknown / provider-only: passed through
     progress: ProgressFn | None = None
     attempts: list[Attempt] = field(default_factory=list)  # every try, across providers, in order
-    input_png: list[bytes] | None = None  # inputs encoded once for upstreams (see remote.py)
+    encoded_inputs: list[Encoded] | None = None  # inputs compacted once for upstreams (see inputs.py)
     # Set when the request is abandoned: work on other threads (the local engine) checks it per step.
     cancelled: threading.Event = field(default_factory=threading.Event)
     journal: TaskJournal | None = None  # durable jobs record their upstream tasks here
@@ -107,13 +109,26 @@ class ProviderResult:
     size: Size
     seed: int | None = None
     ignored_params: list[str] = field(default_factory=list)
+    # Parameters sent otherwise than asked (a value the route caps), with what was sent and why.
+    adjusted_params: dict[str, str] = field(default_factory=dict)
     engine: dict[str, Any] | None = None  # the local engine's account of the run (transformer, acceleration)
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why a provider route cannot serve a job. `param`: the request parameter it cannot take (as
+    asked), when that is why: the router then prefers another route, or answers 400 naming it."""
+
+    reason: str
+    param: str | None = None
+
+    def __str__(self) -> str:
+        return self.reason
+
+
 class Provider(Protocol):
-    name: ClassVar[str]
-    # True when the provider appends its own Attempts to job.attempts (remote ones: one per task).
-    records_attempts: ClassVar[bool]
+    @property
+    def name(self) -> str: ...
 
     def handling(self, entry: ProviderEntry) -> dict[str, dict[str, str]]:
         """For this catalog entry: unified parameter -> {"handling": native|renamed|converted|emulated,
@@ -126,8 +141,8 @@ class Provider(Protocol):
 
     def unavailable_reason(self, entry: ProviderEntry) -> str: ...
 
-    def unsupported(self, entry: ProviderEntry, job: ImageJob) -> str | None:
-        """Why this entry cannot serve this job (too many images, a parameter it lacks...), or None."""
+    def unsupported(self, entry: ProviderEntry, job: ImageJob) -> Refusal | None:
+        """Why this entry cannot serve this job (too many images, a value out of range...), or None."""
         ...
 
     async def generate(self, entry: ProviderEntry, job: ImageJob) -> ProviderResult: ...

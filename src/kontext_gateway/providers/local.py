@@ -27,7 +27,7 @@ from ..config import Settings
 from ..engine.lean import ACCELERATIONS
 from ..errors import GatewayError, invalid, unavailable
 from ..params import Size
-from .base import ImageJob, ProviderImage, ProviderResult
+from .base import ImageJob, ProviderImage, ProviderResult, Refusal
 
 if TYPE_CHECKING:
     from ..engine.lora import LoraSpec
@@ -69,7 +69,6 @@ def engine_installed() -> bool:
 
 class LocalProvider:
     name: ClassVar[str] = "local"
-    records_attempts: ClassVar[bool] = False  # one run per request: the router records it
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -103,11 +102,11 @@ class LocalProvider:
             return "no weights directory configured (set KONTEXT_DEV_WEIGHTS_DIR to a diffusers-layout folder)"
         return f"no diffusers-layout weights at {weights} (model_index.json not found)"
 
-    def unsupported(self, entry: ProviderEntry, job: ImageJob) -> str | None:
+    def unsupported(self, entry: ProviderEntry, job: ImageJob) -> Refusal | None:
         if len(job.images) > entry.max_input_images:
-            return f"takes at most {entry.max_input_images} input image(s)"
+            return Refusal(f"takes at most {entry.max_input_images} input image(s)", param="image")
         if job.mask is not None and not job.images:
-            return "a mask needs an input image to repaint"
+            return Refusal("a mask needs an input image to repaint", param="mask")
         return None
 
     def engine(self, entry: ProviderEntry) -> KontextEngine:

@@ -141,7 +141,8 @@ function paramsTable(m) {
     }
   }
   const handling = m.schema?.handling || {};
-  const typeOf = (p) => (p.type === "array" ? `array of ${p.items?.format === "binary" ? "images" : p.items?.type || "values"}` : p.type || "any");
+  const typeOf = (p) => (p.type === "array" ? `array of ${p.items?.format === "binary" ? "images" : p.items?.type || "values"}`
+    : Array.isArray(p.type) ? p.type.join(" or ") : p.type || "any");
   const allowed = (p) => {
     if (p.enum) return p.enum.map((v) => h("code", { class: "listed" }, String(v)));
     if (p.minimum != null || p.maximum != null) return `${p.minimum ?? "…"} to ${p.maximum ?? "…"}`;
@@ -149,6 +150,12 @@ function paramsTable(m) {
     if (p.examples) return ["e.g. ", p.examples.slice(0, 6).join(", ")];
     if (p.maxLength != null) return `${p.minLength ?? 0} to ${p.maxLength} characters`;
     return "—";
+  };
+  // What a provider's own route takes, where the schema says (provider-only parameters).
+  const routeFacts = (how) => {
+    if (!how.type) return "";
+    const values = how.enum ? ` ${how.enum.join(" | ")}` : how.minimum != null ? ` ${how.minimum}–${how.maximum ?? "…"}` : "";
+    return ` (${how.type}${values}${how.default != null ? `, default ${how.default}` : ""})`;
   };
   const legend = Object.entries(handling).map(([k, v]) => [h("dt", {}, h("code", {}, k)), h("dd", {}, v)]);
   return [
@@ -165,7 +172,7 @@ function paramsTable(m) {
         h("td", {}, ms.length === Object.keys(modes).length ? "all" : ms.map((x) => MODE_NAMES[x] || x).join(", ")),
         h("td", {}, Object.keys(providers).length
           ? h("ul", { class: "how" }, Object.entries(providers).map(([key, how]) => h("li", {},
-            h("code", {}, key), ": ", h("span", { title: handling[how.handling] || "" }, how.handling), how.as ? ` as ${how.as}` : "")))
+            h("code", {}, key), ": ", h("span", { title: handling[how.handling] || "" }, how.handling), how.as ? ` as ${how.as}` : "", routeFacts(how))))
           : h("span", { class: "muted" }, "no provider of this gateway takes it"))))))),
     legend.length ? h("details", {}, h("summary", {}, "What the handling words mean"), h("dl", { class: "meta small" }, legend)) : null,
   ];

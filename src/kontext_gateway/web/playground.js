@@ -69,6 +69,11 @@ function applyHandoff(d) {
 }
 
 /** "Image dimensions as WxH pixels (e.g. "1024x1024"), ... or "auto". WxH determines ..." -> up to "auto". */
+/** A parameter's type; for one that takes several (an integer or its string form), the first. */
+function kindOf(prop) {
+  return Array.isArray(prop.type) ? prop.type[0] : prop.type;
+}
+
 function firstSentence(text = "") {
   const m = /^.*?[.!?](?=\s+[A-Z]|$)/s.exec(text);
   return m ? m[0] : text;
@@ -281,6 +286,7 @@ class Playground {
       onchange: (e) => { state.values[name] = e.target.value; },
     };
     const dflt = prop.default != null ? `Default (${prop.default})` : "Default";
+    const kind = kindOf(prop);
     let input;
     let extra = null;
     if (name === "size") {
@@ -289,14 +295,14 @@ class Playground {
       extra = h("datalist", { id: listId }, SIZE_SUGGESTIONS.map((s) => h("option", { value: s })));
     } else if (prop.enum) {
       input = h("select", { ...common, value }, h("option", { value: "" }, dflt), prop.enum.map((v) => h("option", { value: String(v) }, String(v))));
-    } else if (prop.type === "string" && prop.examples) {
+    } else if (kind === "string" && prop.examples) {
       input = h("select", { ...common, value }, h("option", { value: "" }, dflt), prop.examples.map((v) => h("option", { value: String(v) }, String(v))));
-    } else if (prop.type === "boolean") {
+    } else if (kind === "boolean") {
       input = h("select", { ...common, value }, h("option", { value: "" }, dflt), h("option", { value: "true" }, "On"), h("option", { value: "false" }, "Off"));
-    } else if (prop.type === "integer" || prop.type === "number") {
+    } else if (kind === "integer" || kind === "number") {
       input = h("input", {
-        ...common, type: "number", value, inputmode: prop.type === "integer" ? "numeric" : "decimal",
-        min: prop.minimum, max: prop.maximum, step: prop.type === "integer" ? 1 : "any",
+        ...common, type: "number", value, inputmode: kind === "integer" ? "numeric" : "decimal",
+        min: prop.minimum, max: prop.maximum, step: kind === "integer" ? 1 : "any",
         placeholder: prop.default != null ? `${prop.default}` : name === "seed" ? "random" : "",
       });
     } else if (prop.type === "array") {
@@ -338,11 +344,12 @@ class Playground {
       const raw = (state.values[name] ?? "").trim();
       if (raw === "") continue;
       let v = raw;
-      if (prop.type === "integer" || prop.type === "number") {
+      const kind = kindOf(prop);
+      if (kind === "integer" || kind === "number") {
         const num = Number(raw);
         v = Number.isFinite(num) ? num : raw; // the gateway says what is wrong with it
-      } else if (prop.type === "boolean") v = raw === "true";
-      else if (prop.type === "array") {
+      } else if (kind === "boolean") v = raw === "true";
+      else if (kind === "array") {
         try { v = JSON.parse(raw); } catch { v = raw; } // not JSON: the gateway's 400 says so
       }
       params[name] = v;
