@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from kontext_gateway.service import ImageService
 from kontext_gateway.store.blobs import LocalBlobStore
 from kontext_gateway.store.db import Database
 from kontext_gateway.store.keys import KeyRows
-from kontext_gateway.store.records import JobStatus, RequestRow
+from kontext_gateway.store.records import JobStatus, Lane, RequestRow
 
 
 def red_png(size: Size) -> bytes:
@@ -43,6 +44,7 @@ class Painter:
     """A provider that serves kontext-tiny with a red picture of the size asked."""
 
     name = "local"
+    lane = Lane.LOCAL
     jobs: list[ImageJob] = field(default_factory=list)
 
     def handling(self, entry: Any) -> dict[str, dict[str, str]]:
@@ -113,6 +115,18 @@ class Queue:
     def cancel(self, request_id: str) -> bool:
         return False
 
+    def runs(self, request_id: str) -> bool:
+        return False
+
+    async def reserve(self, lane: Lane) -> str | None:
+        return None  # no slot here: every job is queued for a worker to claim
+
+    def unreserve(self, lane: Lane) -> None:
+        raise AssertionError("nothing was reserved")
+
+    def hand(self, record: RequestRow) -> None:
+        raise AssertionError("nothing was reserved")
+
 
 def image_service(p: Parts, queue: Queue) -> ImageService:
     links = OwnLinks(URLSigner(b"s" * 32), p.blobs, p.db, public_url=None, ttl_s=60)
@@ -148,8 +162,9 @@ async def test_the_runner_alone_runs_a_job_to_its_end(parts: Parts) -> None:
         image_call("text-to-image", {"model": "kontext-tiny", "prompt": "a red square", "size": "24x16"}),
         base_url="http://gw.test/",
     )
-    claimed = await parts.db.claim_next("test-worker", 30)
-    assert claimed is not None and claimed.id == rid
+    assert await parts.db.claim_next("test-worker", 30, Lane.HOSTED) is None  # an engine job: not that lane
+    claimed = await parts.db.claim_next("test-worker", 30, Lane.LOCAL)
+    assert claimed is not None and claimed.id == rid and claimed.lane == Lane.LOCAL
     runner = JobRunner(
         db=parts.db,
         blobs=parts.blobs,
@@ -196,3 +211,110 @@ async def test_a_worker_alone_claims_and_hands_over_each_job_once(parts: Parts) 
     finally:
         await worker.stop()
     assert [r.id for r in recorder.ran] == [rid] and recorder.ran[0].runs == 1
+
+
+@dataclass
+class Holder:
+    """Stands in for the runner: holds every job it is handed until released, counting how many at once."""
+
+    running: dict[str, RequestRow] = field(default_factory=dict)
+    seen: list[RequestRow] = field(default_factory=list)
+    peak: int = 0
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def run(self, record: RequestRow) -> tuple[str, str | None]:
+        async with self.changed:
+            self.running[record.id] = record
+            self.seen.append(record)
+            self.peak = max(self.peak, len(self.running))
+            self.changed.notify_all()
+        await self.release.wait()
+        self.running.pop(record.id)
+        return JobStatus.SUCCEEDED, None
+
+    def stopping(self, request_id: str, reason: str) -> None:
+        pass
+
+    async def until(self, test: Any) -> None:
+        async with asyncio.timeout(60), self.changed:
+            await self.changed.wait_for(lambda: test(self))
+
+
+async def enqueue(db: Database, lane: Lane, count: int = 1) -> list[str]:
+    ids = [f"req_{lane}_{i}_{uuid.uuid4().hex[:8]}" for i in range(count)]
+    for rid in ids:
+        await db.create_request(
+            id=rid, endpoint="images.generations", model="m", mode="text-to-image", params={}, lane=lane
+        )
+    return ids
+
+
+async def test_shipped_defaults_run_hundreds_of_hosted_jobs_at_once_and_keep_a_lane_for_the_engine(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'k.db'}")
+    assert (settings.workers, settings.local_workers) == (256, 1)  # the shipped defaults
+    db = Database(settings.resolved_database_url())
+    await db.start()
+    holder = Holder()
+    worker = Worker(db, holder, settings)  # type: ignore[arg-type]
+    try:
+        hosted = await enqueue(db, Lane.HOSTED, 300)
+        await worker.start()
+        await holder.until(lambda h: len(h.running) == 256)  # every hosted slot taken, 44 still queued
+        local = await enqueue(db, Lane.LOCAL, 2)
+        worker.wake()
+        await holder.until(lambda h: local[0] in h.running)  # the engine's job does not queue behind them
+        record = await db.get_request(local[1])
+        assert record is not None and record.status == JobStatus.STARTING  # its lane holds one at a time
+        assert holder.peak == 257 and sum(rid in holder.running for rid in hosted) == 256
+    finally:
+        holder.release.set()
+        await worker.stop()
+        await db.close()
+
+
+async def test_a_hosted_job_does_not_wait_for_a_busy_engine(parts: Parts) -> None:
+    holder = Holder()
+    worker = Worker(parts.db, holder, parts.settings)  # type: ignore[arg-type]
+    assert worker.lanes == {Lane.HOSTED: 1, Lane.LOCAL: 1}
+    try:
+        local = await enqueue(parts.db, Lane.LOCAL)
+        await worker.start()
+        await holder.until(lambda h: local[0] in h.running)
+        hosted = await enqueue(parts.db, Lane.HOSTED)
+        worker.wake()
+        await holder.until(lambda h: hosted[0] in h.running)
+    finally:
+        holder.release.set()
+        await worker.stop()
+
+
+def test_an_api_only_process_claims_from_neither_lane(parts: Parts) -> None:
+    worker = Worker(parts.db, Holder(), parts.settings, concurrency=0)  # type: ignore[arg-type]
+    assert worker.lanes == {Lane.HOSTED: 0, Lane.LOCAL: 0}
+
+
+async def test_a_job_enqueued_with_a_free_slot_is_handed_over_without_a_claim(parts: Parts) -> None:
+    holder = Holder()
+    # Two engine slots: a claim the loop may be trying holds one of them, the other is free.
+    parts.settings.local_workers = 2
+    worker = Worker(parts.db, holder, parts.settings)  # type: ignore[arg-type]
+    await worker.start()
+    service = image_service(parts, worker)  # type: ignore[arg-type]
+    call = image_call("text-to-image", {"model": "kontext-tiny", "prompt": "a red square"})
+    try:
+        rid = await service.submit(call, base_url="http://gw.test/")
+        record = await parts.db.get_request(rid)
+        # Written as this worker's, already running: no claim statement, no wait for the claim loop.
+        assert record is not None and (record.status, record.claimed_by, record.runs) == (
+            JobStatus.PROCESSING,
+            worker.id,
+            1,
+        )
+        assert rid in holder.running and worker.runs(rid)
+        assert holder.seen[0].id == rid and holder.seen[0].claimed_by == worker.id
+    finally:
+        holder.release.set()
+        await worker.stop()

@@ -18,6 +18,7 @@ from kontext_gateway.imaging import (
     OUTPUT_FORMATS,
     decode_image,
     encode_image,
+    inspect_image,
     parse_data_url,
     sniff_format,
 )
@@ -292,3 +293,60 @@ def test_parse_data_url_errors(url: str) -> None:
     with pytest.raises(GatewayError) as info:
         parse_data_url(url, param="image_url")
     assert (info.value.status, info.value.code, info.value.param) == (400, "invalid_image_url", "image_url")
+
+
+# -- inspect: results passed on as they are, checked whole without decoding ---------------------------
+
+
+def inspect_error(data: bytes, **kwargs: object) -> GatewayError:
+    with pytest.raises(GatewayError) as info:
+        inspect_image(data, max_pixels=LIMIT, **kwargs)  # type: ignore[arg-type]
+    return info.value
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF"])
+def test_inspect_gives_the_format_and_size_decode_gives(fmt: str) -> None:
+    data = saved(gradient((128, 96)), fmt)
+    assert inspect_image(data, max_pixels=LIMIT) == (sniff_format(data), decode_image(data, max_pixels=LIMIT).size)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_inspect_applies_exif_orientation_like_decode(fmt: str) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    data = saved(Image.new("RGB", (40, 20), "red"), fmt, exif=exif)
+    assert inspect_image(data, max_pixels=LIMIT)[1] == decode_image(data, max_pixels=LIMIT).size == (20, 40)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF"])
+@pytest.mark.parametrize("cut", ["half", "last-bytes"])
+def test_inspect_refuses_a_truncated_file(fmt: str, cut: str) -> None:
+    data = saved(gradient((128, 96)), fmt)
+    data = data[: len(data) // 2] if cut == "half" else data[:-3]
+    error = inspect_error(data, param="output")
+    assert (error.status, error.code, error.param) == (400, "invalid_image", "output")
+    if cut == "half":  # a PNG missing only its end chunk still decodes: inspect is the stricter
+        assert decode_error(data).code == "invalid_image"
+
+
+def test_inspect_refuses_a_png_whose_crc_does_not_match() -> None:
+    data = bytearray(saved(gradient(), "PNG"))
+    data[40] ^= 0xFF  # inside the IDAT payload
+    assert inspect_error(bytes(data)).code == "invalid_image"
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"\x89PNG\r\n\x1a\n" + random.Random(1).randbytes(64), "invalid_image"),
+        (saved(Image.new("RGB", (4, 4)), "BMP"), "unsupported_image_format"),
+        (encode_image(Image.new("RGB", (4, 4)), "avif"), "unsupported_image_format"),
+        (b"", "unsupported_image_format"),
+        (png_claiming(5000, 5000), "image_too_large"),
+        (png_claiming(20000, 20000), "image_too_large"),
+        (saved(Image.new("1", (20000, 20000)), "PNG"), "image_too_large"),
+    ],
+    ids=["magic-only", "bmp", "avif", "empty", "patched-5000", "patched-20000", "real-20000"],
+)
+def test_inspect_refuses_what_decode_refuses(data: bytes, code: str) -> None:
+    assert inspect_error(data).code == decode_error(data).code == code

@@ -5,6 +5,7 @@ statuses, transient faults, bad credentials, the active-task limits, and the sch
 from __future__ import annotations
 
 import base64
+import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +21,9 @@ from conftest import open_image, png_bytes, running_server, upstream_fixtures
 from fakes.bfl import FakeBFL
 from fakes.common import output_size, serve
 from fakes.upstreams import solo_settings
+from kontext_gateway.config import Settings
 from kontext_gateway.providers.bfl import BFL
+from kontext_gateway.providers.hosted import poll_schedule
 
 SCALE = FakeBFL().results.scale
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "gif": "GIF", "webp": "WEBP", "avif": "AVIF"}
@@ -283,6 +286,17 @@ def test_a_failed_submit_is_tried_again(
     assert first["outcome"] == "failed" and first["error_class"] == error_class
     assert first.get("status_code") == status
     assert second["outcome"] == "succeeded"
+
+
+def test_polling_starts_soon_and_backs_off_to_the_interval() -> None:
+    settings = Settings()
+    waits = list(itertools.islice(poll_schedule(settings.upstream_first_poll_s, settings.upstream_poll_interval_s), 14))
+    assert waits[0] == 0.05  # a task that is ready at once is seen within tens of milliseconds
+    assert all(later >= earlier for earlier, later in itertools.pairwise(waits))
+    assert (
+        sum(waits[:4]) < 0.5 and max(waits) == waits[-1] == 1.0
+    )  # four polls in the first half second, then one a second
+    assert list(itertools.islice(poll_schedule(0.5, 0.2), 2)) == [0.2, 0.2]  # the interval bounds the first
 
 
 @pytest.mark.parametrize("kind", ["503", "drop", "malformed"])

@@ -15,6 +15,7 @@ from kontext_gateway.params import Size, SizeRequest
 from kontext_gateway.providers.base import Attempt, ImageJob, ProviderImage, ProviderResult, Refusal
 from kontext_gateway.providers.errors import Misconfigured, Moderated, RateLimited, ServerError
 from kontext_gateway.routing import Router
+from kontext_gateway.store.records import Lane
 
 PRO = Catalog.load().get("flux.1-kontext-pro")
 DEV = Catalog.load().get("flux.1-kontext-dev")
@@ -29,6 +30,7 @@ class Scripted:
     calls: int = 0
     configured: bool = True
     records: bool = True  # record its own attempt (as hosted providers do, one per upstream task)
+    lane: Lane = Lane.HOSTED
 
     def handling(self, entry) -> dict:
         return {}

@@ -23,7 +23,7 @@ from conftest import PATIENCE_S
 from kontext_gateway.store.db import Database
 from kontext_gateway.store.models import Base
 
-HEAD = "0005"  # the newest migration
+HEAD = "0006"  # the newest migration
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 

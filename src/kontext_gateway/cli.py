@@ -18,7 +18,7 @@ examples:
   kontext serve --host 0.0.0.0 --port 9000 --data-dir /var/lib/kontext
   kontext models
   kontext usage --days 7 --group-by day,model     # requests, images and cost from the database
-  kontext serve --workers 0 & kontext worker --concurrency 16   # API and workers apart
+  kontext serve --workers 0 & kontext worker      # API and workers apart
   kontext generate "a red fox in the snow" -o fox.png --size 512x512 --seed 7
   kontext edit fox.png "make it night" -o night.webp --model kontext-tiny
   kontext keys create --name team-a --budget 25 --budget-period month --rpm 60 --json
@@ -73,8 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         "--workers",
         type=int,
         default=None,
-        help="jobs this process runs at once (default 8; 0: only serve the API and leave the "
-        "jobs to `kontext worker` processes on the same database)",
+        help="hosted jobs this process runs at once (default 256; 0: only serve the API and leave "
+        "the jobs to `kontext worker` processes on the same database)",
+    )
+    serve.add_argument(
+        "--local-workers",
+        type=int,
+        default=None,
+        help="local-engine jobs this process holds at once, in their own lane (default 1; 0: none)",
     )
 
     worker = sub.add_parser(
@@ -84,7 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         "database: several workers on one PostgreSQL database each claim a "
         "job exactly once. Stops on SIGINT / SIGTERM.",
     )
-    worker.add_argument("--concurrency", type=int, default=None, help="jobs run at once (default 8)")
+    worker.add_argument("--concurrency", type=int, default=None, help="hosted jobs run at once (default 256)")
+    worker.add_argument(
+        "--local-workers",
+        type=int,
+        default=None,
+        help="local-engine jobs held at once, in their own lane (default 1; 0: this worker runs none)",
+    )
     _log_format_arg(worker)
     _data_dir_arg(worker)
 
@@ -344,6 +356,8 @@ def _serve(args: argparse.Namespace) -> int:
     settings.host, settings.port = args.host, args.port
     if args.workers is not None:
         settings.workers = args.workers
+    if args.local_workers is not None:
+        settings.local_workers = args.local_workers
     _configure_logs(args, settings, args.log_level)
     logging.getLogger("kontext_gateway").info(
         "Kontext Gateway on http://%s:%s/v1 (data in %s)", args.host, args.port, settings.data_dir
@@ -372,6 +386,8 @@ async def _worker(args: argparse.Namespace) -> int:
     _configure_logs(args, settings, "info")
     if args.concurrency is not None:
         settings.workers = args.concurrency
+    if args.local_workers is not None:
+        settings.local_workers = args.local_workers
     if settings.workers < 1:
         print("error: --concurrency must be at least 1", file=sys.stderr)
         return 2
@@ -382,9 +398,10 @@ async def _worker(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     logging.getLogger("kontext_gateway").info(
-        "worker %s running up to %d jobs (database %s)",
+        "worker %s running up to %d hosted and %d local jobs (database %s)",
         gateway.worker.id,
         settings.workers,
+        settings.local_workers,
         settings.resolved_database_url().split("@")[-1],
     )
     await stop.wait()

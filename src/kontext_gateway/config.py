@@ -100,7 +100,11 @@ class Settings(BaseSettings):
     upstream_timeout_s: float = 300.0  # one upstream task: submit, polls and download
     request_timeout_s: float = 900.0  # a whole request, across retries and failover
     upstream_retries: int = Field(default=2, ge=0)  # retries on the same provider before failing over
-    upstream_poll_interval_s: float = 0.5
+    # Polling a submitted task: first after `upstream_first_poll_s`, then each wait 1.5x the last, up
+    # to `upstream_poll_interval_s` (0.05, 0.075, 0.11, ... 1.0 s: a fast task is seen within tens of
+    # milliseconds, a slow one costs about one poll a second).
+    upstream_first_poll_s: float = Field(default=0.05, ge=0)
+    upstream_poll_interval_s: float = Field(default=1.0, ge=0)
     upstream_backoff_s: float = 0.5  # first retry delay; doubles, with full jitter
     upstream_backoff_max_s: float = 8.0
     breaker_failures: int = Field(default=5, ge=1)  # consecutive failures that open a breaker
@@ -115,9 +119,13 @@ class Settings(BaseSettings):
     # test double): JSON, e.g. '{"bfl": ["https://bfl-mirror.internal"]}'. Exact scheme, host and port.
     provider_hosts: dict[str, list[str]] = Field(default_factory=dict)
 
-    # Jobs: every request is a row that workers claim (see jobs/). Claim loops per process (0: this
-    # process only serves the API and other processes, e.g. `kontext worker`, run the jobs).
-    workers: int = Field(default=8, ge=0)
+    # Jobs: every request is a row that workers claim (see jobs/), in two lanes. `workers`: hosted jobs
+    # one process runs at once (each mostly waits on its upstream, so hundreds cost little); 0: this
+    # process only serves the API and other processes, e.g. `kontext worker`, run the jobs of both
+    # lanes. `local_workers`: local-engine jobs it holds at once (the engine runs one at a time; 0:
+    # this process runs no local jobs, e.g. a worker without the weights).
+    workers: int = Field(default=256, ge=0)
+    local_workers: int = Field(default=1, ge=0)
     job_lease_s: float = 30.0  # a claimed job whose worker stops renewing is taken up again after this
     job_poll_interval_s: float = 0.5  # how often idle workers look for jobs enqueued by other processes
     idempotency_ttl_s: float = 86400.0  # how long an Idempotency-Key names its request

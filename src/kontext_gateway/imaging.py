@@ -12,6 +12,7 @@ import binascii
 import io
 import re
 import warnings
+import zlib
 from typing import Any
 
 from PIL import Image, ImageOps
@@ -100,6 +101,84 @@ def decode_image(data: bytes, *, param: str = "image", max_pixels: int, keep_alp
             param=param,
             code="invalid_image",
         ) from None
+
+
+def inspect_image(data: bytes, *, param: str = "image", max_pixels: int) -> tuple[str, tuple[int, int]]:
+    """(format, displayed size) of an encoded image, checked without decoding its pixels.
+
+    For bytes that are passed on as they are (an upstream's result in the format asked for): a full
+    decode of a 1024x1024 PNG costs about 30 ms of CPU, this about 1.5 ms. Checked: the format (by its
+    magic bytes), the size in the header against `max_pixels`, and that the file is whole: PNG chunk
+    CRCs up to a whole IEND chunk, JPEG's end-of-image marker, GIF's trailer, WebP's RIFF length.
+    The size is the displayed one (EXIF orientation applied), as `decode_image` would give. Raises
+    the same errors as `decode_image`."""
+    fmt = sniff_format(data)
+    if fmt not in _INPUT_FORMATS:
+        raise invalid(f"'{param}' must be a {_ACCEPTED} image.", param=param, code="unsupported_image_format")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=[_INPUT_FORMATS[fmt]]) as opened:
+                width, height = opened.size
+                if width * height > max_pixels:
+                    raise _too_large(param, f"{width}x{height} ({width * height} pixels)", max_pixels)
+                # A PNG's EXIF may follow its pixels, and Pillow decodes them all to look: only when
+                # the file has an eXIf chunk at all (rare in PNGs) is that paid.
+                has_exif = _png_chunks(data) if fmt == "png" else True
+                if has_exif and opened.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSED:
+                    width, height = height, width
+        if not _whole(fmt, data):
+            raise ValueError("no end marker")
+    except GatewayError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(param, f"{found[1]} pixels" if found else "too many pixels", max_pixels) from None
+    except Exception as exc:
+        raise invalid(
+            f"'{param}' could not be decoded as {fmt.upper()}: "
+            f"the file is truncated or corrupt ({type(exc).__name__}).",
+            param=param,
+            code="invalid_image",
+        ) from None
+    return fmt, (width, height)
+
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = {5, 6, 7, 8}  # orientations that swap width and height
+
+
+def _png_chunks(data: bytes) -> bool:
+    """Walk a PNG's chunks, checking each one's CRC, up to IEND; returns whether one is eXIf. Raises
+    ValueError for a damaged or truncated file (what Pillow's `verify` checks, without its file
+    object per chunk)."""
+    pos, end, view = 8, len(data), memoryview(data)
+    has_exif = False
+    while True:
+        if pos + 12 > end:
+            raise ValueError("truncated PNG chunk")
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        body_end = pos + 8 + length
+        if body_end + 4 > end:
+            raise ValueError("truncated PNG chunk")
+        if zlib.crc32(view[pos + 4 : body_end]) != int.from_bytes(data[body_end : body_end + 4], "big"):
+            raise ValueError(f"bad CRC in PNG chunk {kind!r}")
+        has_exif = has_exif or kind == b"eXIf"
+        if kind == b"IEND":
+            return has_exif
+        pos = body_end + 4
+
+
+def _whole(fmt: str, data: bytes) -> bool:
+    """Whether the file ends where its format says (a truncated download does not)."""
+    if fmt == "jpeg":
+        return b"\xff\xd9" in data[-64:]  # end of image (some encoders pad after it)
+    if fmt == "gif":
+        return data.rstrip(b"\0").endswith(b"\x3b")
+    if fmt == "webp":
+        return int.from_bytes(data[4:8], "little") + 8 <= len(data)
+    return True  # png: _png_chunks read every chunk up to a whole IEND
 
 
 def _too_large(param: str, size: str, max_pixels: int) -> GatewayError:

@@ -38,7 +38,7 @@ from .routing import Router
 from .store import ledger
 from .store.blobs import LocalBlobStore
 from .store.db import Database
-from .store.records import ENDED, JobStatus, RequestRow
+from .store.records import ENDED, JobStatus, Lane, RequestRow
 from .timing import ms_since
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_PASSTHROUGH_BYTES = 64 * 1024
+OWN_JOB_POLL_S = 30.0  # how often a waiter reads a job that this process runs (its end is signalled)
 
 
 class JobQueue(Protocol):
@@ -57,6 +58,21 @@ class JobQueue(Protocol):
     def wake(self) -> None: ...
 
     def cancel(self, request_id: str) -> bool: ...
+
+    def runs(self, request_id: str) -> bool:
+        """Whether this process runs the job now (its end then arrives as an in-process signal)."""
+        ...
+
+    async def reserve(self, lane: Lane) -> str | None:
+        """A free slot in this process for a job of `lane` about to be enqueued: the worker id to
+        write it claimed by, or None (it is queued for whichever worker claims it)."""
+        ...
+
+    def unreserve(self, lane: Lane) -> None: ...
+
+    def hand(self, record: RequestRow) -> None:
+        """Run a job enqueued already claimed, in the slot reserve() took."""
+        ...
 
 
 @dataclass
@@ -176,8 +192,10 @@ class ImageService:
             if principal.stored
             else None
         )
+        lane = self.router.providers[prepared.entries[0].provider].lane
+        worker = await self.jobs.reserve(lane)
         try:
-            await self.db.create_request(
+            record = await self.db.create_request(
                 id=request_id,
                 endpoint=_endpoint(call),
                 model=job.model.id,
@@ -189,8 +207,16 @@ class ImageService:
                 webhook=webhook,
                 webhook_events=webhook_events,
                 reservation=reservation,
+                lane=lane,
+                claimed_by=worker,
+                lease_s=self.settings.job_lease_s,
             )
-        except (ledger.BudgetExceeded, ledger.ConcurrencyExceeded, ledger.KeyRevoked) as refused:
+        except BaseException as exc:
+            if worker is not None:
+                self.jobs.unreserve(lane)
+            if not isinstance(exc, ledger.BudgetExceeded | ledger.ConcurrencyExceeded | ledger.KeyRevoked):
+                raise
+            refused = exc
             self.channels.forget(request_id)
             refusal = _refusal(refused, principal)
             if isinstance(refused, ledger.BudgetExceeded):
@@ -199,7 +225,10 @@ class ImageService:
                 metrics.rate_limited("concurrency")
             await self._reject(refusal, request_id, call, principal.key_id, t0)
             raise refusal from None
-        self.jobs.wake()
+        if worker is not None:
+            self.jobs.hand(record)  # no claim needed: written as this process's worker's
+        else:
+            self.jobs.wake()
         return request_id
 
     async def estimate(
@@ -314,17 +343,22 @@ class ImageService:
         """Until the job ends (or `timeout` passes: then the record as it is). Cancelling the
         waiter (the client hung up) cancels the job, unless it is a prediction that goes on."""
         event = self.channels.completion(request_id)
-        # In-process workers signal at once; a job run by another process is seen by polling.
-        poll = 1.0 if self.jobs.concurrency else 0.2
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
+                # A job this process runs signals its end; one run elsewhere (or not claimed yet) is
+                # seen by polling. The long look at our own is only a safety net.
+                if self.jobs.runs(request_id):
+                    poll = OWN_JOB_POLL_S
+                else:
+                    poll = 1.0 if self.jobs.concurrency else 0.2
                 left = poll if deadline is None else min(poll, deadline - time.monotonic())
                 if left > 0:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(left):
                             await event.wait()
-                record = await self.db.get_request(request_id)
+                record = self.channels.final(request_id) if event.is_set() else None
+                record = record or await self.db.get_request(request_id)
                 if record is None:
                     raise not_found(f"No request '{request_id}'.", code="request_not_found")
                 if record.status in ENDED or (deadline is not None and time.monotonic() >= deadline):

@@ -1,7 +1,9 @@
 """In-process channels between whoever waits on a job and the runner that runs it, keyed by request id.
 
 - completion: an event set when the job ends (registered before the job is enqueued, so its end
-  cannot be missed). Waiters in another process than the runner's poll the database instead.
+  cannot be missed), with the job's final record beside it (the runner has it from the statement
+  that ended the job: the waiter needs no second read). Waiters in another process than the
+  runner's poll the database instead.
 - progress: a listener told of each denoising step (the CLI's progress bar).
 - previews: where a streaming request wants the job's previews (`stream: true`).
 - steps: (step, total) of the jobs this process runs on the local engine (the playground shows it).
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..providers.base import ProgressFn
+from ..store.records import RequestRow
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -27,6 +30,7 @@ Preview = Callable[[int, "Image"], None]  # (index 0.., a decoded picture at out
 class JobChannels:
     def __init__(self) -> None:
         self._completions: dict[str, asyncio.Event] = {}
+        self._finals: dict[str, RequestRow] = {}
         self.progress: dict[str, ProgressFn] = {}
         self.previews: dict[str, Preview] = {}
         self.steps: dict[str, tuple[int, int]] = {}
@@ -35,16 +39,23 @@ class JobChannels:
         """The event set when the job ends (made on first ask)."""
         return self._completions.setdefault(request_id, asyncio.Event())
 
-    def done(self, request_id: str) -> None:
-        """The job ended. Only jobs someone waits on have an event, and the waiter holds it, so it can
-        go now."""
+    def done(self, request_id: str, final: RequestRow | None = None) -> None:
+        """The job ended (as `final`, when known). Only jobs someone waits on have an event, and the
+        waiter holds it, so it can go now."""
         event = self._completions.pop(request_id, None)
         if event is not None:
+            if final is not None:
+                self._finals[request_id] = final
             event.set()
 
+    def final(self, request_id: str) -> RequestRow | None:
+        """The ended job's record, handed over once (None: read it from the database)."""
+        return self._finals.pop(request_id, None)
+
     def forget(self, request_id: str) -> None:
-        """The waiter stopped waiting: drop its completion event and progress listener."""
+        """The waiter stopped waiting: drop its completion event, final record and progress listener."""
         self._completions.pop(request_id, None)
+        self._finals.pop(request_id, None)
         self.progress.pop(request_id, None)
 
     def step(self, request_id: str) -> ProgressFn:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
-from ..imaging import EXTENSIONS, decode_image, sniff_format
+from ..imaging import EXTENSIONS, inspect_image
 from ..params import Size
 from ..providers.base import ProviderImage
 from ..providers.calls import Task
@@ -49,8 +50,8 @@ class DurableJournal:
             data = self.blobs.get(blob_id)
             if data is None:
                 return None  # the stored result is gone: run the task again
-            decoded = decode_image(data, param="output", max_pixels=self.max_pixels)
-            images.append(ProviderImage(data=data, format=sniff_format(data), size=Size(*decoded.size)))
+            fmt, size = inspect_image(data, param="output", max_pixels=self.max_pixels)
+            images.append(ProviderImage(data=data, format=fmt, size=Size(*size), blob_id=blob_id))
         return images
 
     async def submitted(self, slot: int, config_key: str, task: Task) -> int:
@@ -69,15 +70,21 @@ class DurableJournal:
         return row
 
     async def finished(self, row: int, *, images: list[ProviderImage] | None) -> None:
-        blob_ids = []
-        for img in images or []:
-            if img.data is not None and img.format in EXTENSIONS:
-                blob_ids.append(self.blobs.put(img.data, ext=EXTENSIONS[img.format]))
+        kept = [img for img in images or [] if img.data is not None and img.format in EXTENSIONS]
+        if kept:  # hashing and writing (with its fsync) off the event loop
+            await asyncio.to_thread(self._keep, kept)
+        blob_ids = [img.blob_id for img in kept if img.blob_id is not None]
         state = "done" if images is not None else "failed"
         await self.db.finish_task(row, state=state, output_blob_ids=blob_ids)
         for key, latest in self._latest.items():
             if latest.id == row:
                 self._latest[key] = dataclasses.replace(latest, state=state, output_blob_ids=blob_ids)
+
+    def _keep(self, images: list[ProviderImage]) -> None:
+        """Store each result as it came, noting where: the runner passes it on without storing it again."""
+        for img in images:
+            assert img.data is not None and img.format is not None
+            img.blob_id = self.blobs.put(img.data, ext=EXTENSIONS[img.format])
 
 
 def _task(row: TaskRow) -> Task:

@@ -109,7 +109,7 @@ class JobRunner:
         except GatewayError as exc:
             # Status and headers (retry-after, x-should-retry) travel with the error to whoever waits.
             outcome = (JobStatus.FAILED, _last_provider(job))
-            await db.mark_failed(
+            final = await db.mark_failed(
                 rid,
                 error={**exc.body()["error"], "status": exc.status, "headers": exc.headers},
                 attempts=_attempts(job),
@@ -121,7 +121,7 @@ class JobRunner:
         except Exception as exc:
             log.exception("job %s failed unexpectedly", rid)
             outcome = (JobStatus.FAILED, _last_provider(job))
-            await db.mark_failed(
+            final = await db.mark_failed(
                 rid,
                 error={
                     "message": f"Internal error: {type(exc).__name__}",
@@ -138,7 +138,7 @@ class JobRunner:
         else:
             outcome = (JobStatus.SUCCEEDED, entry.config_key)
             cost_micros, cost_lines = self._charge(job)
-            await db.mark_succeeded(
+            final = await db.mark_succeeded(
                 rid,
                 provider=entry.config_key,
                 cost=cost_micros / pricing.MICROS,
@@ -166,7 +166,7 @@ class JobRunner:
             self._stop_reason.pop(rid, None)
             self._jobs.pop(rid, None)
             self.channels.steps.pop(rid, None)
-        await self._finish(rid, record)
+        await self._finish(record, final)
         return outcome
 
     async def _canceled(
@@ -179,21 +179,21 @@ class JobRunner:
                 impl = self.providers.get(entry.provider) if entry else None
                 if entry is not None and isinstance(impl, HostedProvider):
                     await impl.cancel_quietly(entry, task)
-        await self.db.mark_canceled(
+        final = await self.db.mark_canceled(
             record.id,
             attempts=_attempts(job),
             duration_ms=ms_since(t0),
             charge=self._charge(job),
             ledger=_has_ledger(record),
         )
-        await self._finish(record.id, record)
+        await self._finish(record, final)
 
-    async def _finish(self, rid: str, record: RequestRow) -> None:
-        if record.webhook:  # the final record is read only when someone is to be told
-            final = await self.db.get_request(rid)
-            if final is not None:
-                await self.events.emit(final, "completed")
-        self.channels.done(rid)
+    async def _finish(self, record: RequestRow, final: RequestRow) -> None:
+        """Tell whoever waits: the webhook receiver and, in this process, the waiter (with the record
+        the ending statement returned, so neither reads it again)."""
+        if record.webhook:
+            await self.events.emit(final, "completed")
+        self.channels.done(record.id, final)
 
     def _charge(self, job: ImageJob | None) -> tuple[int, list[dict[str, Any]]]:
         """The actual cost from the attempts: every image made and billed, wherever it was made."""
@@ -205,16 +205,21 @@ class JobRunner:
         return total, lines
 
     def _encode_and_store(self, images: list[ProviderImage], job: ImageJob) -> tuple[list[bytes], list[str]]:
-        encoded = []
+        encoded, blob_ids = [], []
+        ext = EXTENSIONS[job.output_format]
         for img in images:
             if img.data is not None and img.format == job.output_format and job.output_compression is None:
-                encoded.append(img.data)  # already what was asked for: keep the provider's bytes
+                # Already what was asked for: the provider's bytes, stored once (by the journal).
+                encoded.append(img.data)
+                blob_ids.append(img.blob_id or self.blobs.put(img.data, ext=ext))
                 continue
             pixels = img.image
             if pixels is None:
                 pixels = decode_image(img.data or b"", param="output", max_pixels=self.settings.max_input_pixels)
-            encoded.append(encode_image(pixels, job.output_format, compression=job.output_compression))
-        return encoded, [self.blobs.put(data, ext=EXTENSIONS[job.output_format]) for data in encoded]
+            data = encode_image(pixels, job.output_format, compression=job.output_compression)
+            encoded.append(data)
+            blob_ids.append(self.blobs.put(data, ext=ext))
+        return encoded, blob_ids
 
 
 def _logs(record: RequestRow, job: ImageJob | None, outcome: str) -> str:

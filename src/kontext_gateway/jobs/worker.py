@@ -1,9 +1,14 @@
 """Workers: claim jobs from the database, run them, keep their leases, honour cancels.
 
-Every gateway process runs `Settings.workers` claim loops by default (the embedded mode);
-`kontext worker` runs them without the HTTP API. Several processes on one PostgreSQL database each
-claim a job exactly once (SKIP LOCKED). A worker renews its leases while it runs jobs; a job whose
-worker died is claimed again once its lease runs out, and resumes from its journal.
+Every gateway process runs jobs by default (the embedded mode); `kontext worker` runs them without
+the HTTP API. Jobs come in two lanes, each with its own claim loop and limit: hosted jobs
+(`Settings.workers` at once: they mostly wait on an upstream, so hundreds cost little) and
+local-engine jobs (`Settings.local_workers`: the engine runs one at a time). A burst of hosted
+requests never makes a local job wait for a slot, nor the reverse.
+
+Several processes on one PostgreSQL database each claim a job exactly once (SKIP LOCKED). A worker
+renews its leases while it runs jobs; a job whose worker died is claimed again once its lease runs
+out, and resumes from its journal.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 from .. import logs, metrics
 from ..config import Settings
 from ..store.db import Database
-from ..store.records import RequestRow
+from ..store.records import Lane, RequestRow
 from .runner import JobRunner
 
 log = logging.getLogger(__name__)
@@ -31,19 +36,27 @@ class Worker:
         self.runner = runner
         self.settings = settings
         self.id = f"{socket.gethostname()[:24]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        # Hosted jobs at once; 0: this process claims no jobs at all (it only serves the API).
         self.concurrency = settings.workers if concurrency is None else concurrency
+        self.lanes = {Lane.HOSTED: self.concurrency, Lane.LOCAL: settings.local_workers if self.concurrency else 0}
         self.running: dict[str, asyncio.Task[Any]] = {}
-        self._wake = asyncio.Event()
+        self._slots = {lane: asyncio.Semaphore(n) for lane, n in self.lanes.items()}
+        self._wake = {lane: asyncio.Event() for lane in Lane}
         self._loops: list[asyncio.Task[Any]] = []
 
     def wake(self) -> None:
         """A job was just enqueued in this process: look now rather than at the next poll."""
-        self._wake.set()
+        for event in self._wake.values():
+            event.set()
 
     async def start(self) -> None:
         if self.concurrency:
             self._loops = [
-                asyncio.create_task(self._claim_loop(), name="claims"),
+                *(
+                    asyncio.create_task(self._claim_loop(lane), name=f"claims-{lane}")
+                    for lane, n in self.lanes.items()
+                    if n
+                ),
                 asyncio.create_task(self._lease_loop(), name="leases"),
             ]
 
@@ -58,6 +71,36 @@ class Worker:
                 await task
         self._loops = []
 
+    def runs(self, request_id: str) -> bool:
+        return request_id in self.running
+
+    # -- hand-off: a job enqueued in this process, with a slot free in its lane, is run at once ----------
+    # Its row is written already claimed by this worker (no claim statement, no wait for the claim
+    # loop); the claim loop only ever takes what is queued. A slot taken here is a slot the loop does
+    # not have, so the lane's limit holds either way.
+
+    def has_room(self, lane: Lane) -> bool:
+        """Whether a job of `lane` enqueued now would start at once in this process."""
+        return bool(self._loops) and self.lanes[lane] > 0 and not self._slots[lane].locked()
+
+    async def reserve(self, lane: Lane) -> str | None:
+        """Take a free slot of `lane` for a job about to be enqueued here: this worker's id (the row's
+        `claimed_by`), or None when the lane is full (or waited on), or not run in this process."""
+        if not self.has_room(lane):
+            return None
+        await self._slots[lane].acquire()  # at once: a semaphore that is not locked has a slot and no waiter
+        return self.id
+
+    def unreserve(self, lane: Lane) -> None:
+        """The job could not be enqueued after all: its slot goes back."""
+        self._slots[lane].release()
+
+    def hand(self, record: RequestRow) -> None:
+        """Run a job enqueued already claimed by this worker, in the slot reserve() took."""
+        metrics.queue_wait(0.0)
+        task = asyncio.create_task(self._run(record, self._slots[record.lane]), name=f"job-{record.id}")
+        self.running[record.id] = task
+
     def cancel(self, request_id: str) -> bool:
         """Cancel a job this process is running, at once. False when another process has it."""
         task = self.running.get(request_id)
@@ -67,24 +110,29 @@ class Worker:
         task.cancel()
         return True
 
-    async def _claim_loop(self) -> None:
-        """One loop claims, up to `concurrency` jobs run: one claim per job, and none while full
-        (several loops woken together would each run a claim for the same one job)."""
+    async def _claim_loop(self, lane: Lane) -> None:
+        """One loop per lane claims, up to the lane's limit of its jobs run (with those handed over):
+        one claim per job, and none while full (several loops woken together would each run a claim
+        for the same one job)."""
         settings = self.settings
-        slots = asyncio.Semaphore(self.concurrency)
+        slots = self._slots[lane]
+        wake = self._wake[lane]
         while True:
+            # A slot is held only while a claim is tried: an idle loop leaves every slot free for
+            # the jobs this process hands over itself (reserve()).
             await slots.acquire()
+            wake.clear()  # before the claim: a job enqueued during it is not missed
             record = None
-            while record is None:
-                try:
-                    record = await self.db.claim_next(self.id, settings.job_lease_s)
-                except Exception:
-                    log.exception("claiming a job failed")
-                if record is None:
-                    self._wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(settings.job_poll_interval_s):
-                            await self._wake.wait()
+            try:
+                record = await self.db.claim_next(self.id, settings.job_lease_s, lane)
+            except Exception:
+                log.exception("claiming a job failed")
+            if record is None:
+                slots.release()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(settings.job_poll_interval_s):
+                        await wake.wait()
+                continue
             if record.runs == 1 and record.started_at:  # not a resumed job
                 metrics.queue_wait((record.started_at - record.created_at).total_seconds())
             task = asyncio.create_task(self._run(record, slots), name=f"job-{record.id}")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..catalog import Mode, ModelSpec, ProviderEntry
 from ..params import Size, SizeRequest
+from ..store.records import Lane
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -82,6 +83,7 @@ class ProviderImage:
     data: bytes | None = None
     format: str | None = None
     size: Size | None = None
+    blob_id: str | None = None  # `data`, already in the blob store (the task journal keeps results)
 
 
 class TaskJournal(Protocol):
@@ -129,6 +131,11 @@ class Refusal:
 class Provider(Protocol):
     @property
     def name(self) -> str: ...
+
+    @property
+    def lane(self) -> Lane:
+        """The claim loop its jobs run in: hosted upstreams wait (many at once), an engine computes."""
+        ...
 
     def handling(self, entry: ProviderEntry) -> dict[str, dict[str, str]]:
         """For this catalog entry: unified parameter -> {"handling": native|renamed|converted|emulated,

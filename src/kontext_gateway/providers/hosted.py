@@ -32,16 +32,17 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, ClassVar
 
 import httpx
 
 from ..catalog import ProviderEntry
 from ..config import Settings
 from ..errors import GatewayError
-from ..imaging import decode_image, parse_data_url, sniff_format
+from ..imaging import inspect_image, parse_data_url
 from ..params import Size
+from ..store.records import Lane
 from ..timing import ms_since
 from .base import Attempt, ImageJob, ProviderImage, ProviderResult, Refusal
 from .calls import Answer, Call, Done, Encoded, Fetch, Pending, Task
@@ -63,11 +64,14 @@ log = logging.getLogger(__name__)
 # so a provider's support (or its logs) and ours can find the same request.
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("upstream_request_id", default=None)
 RESUBMITS = 1  # a task that failed transiently is submitted again at most this often (each one is paid)
+POLL_GROWTH = 1.5  # each wait between polls of a task is this much longer than the last, up to the cap
 MAX_RESULT_BYTES = 64 * 1024 * 1024  # a result larger than any image Kontext makes is not one
 
 
 class HostedProvider:
     """The Provider protocol for one hosted upstream, spoken in `dialect`."""
+
+    lane: ClassVar[Lane] = Lane.HOSTED
 
     def __init__(self, dialect: type[Dialect], settings: Settings, *, client: httpx.AsyncClient | None = None) -> None:
         self.settings = settings
@@ -233,8 +237,10 @@ class HostedProvider:
         try:
             async with asyncio.timeout(self.settings.upstream_timeout_s):
                 outputs = task.outputs
-                while outputs is None:
-                    await asyncio.sleep(self.settings.upstream_poll_interval_s)
+                for wait in self._poll_schedule():
+                    if outputs is not None:
+                        break
+                    await asyncio.sleep(wait)
                     outputs = await self._poll(entry, task)
                 if not outputs:
                     raise BadResult("the task finished without an image")
@@ -302,6 +308,9 @@ class HostedProvider:
             log.info("cancel of %s task %s failed: %r", self.name, task.id, exc)
 
     # -- limits and backoff ------------------------------------------------------------------------------
+
+    def _poll_schedule(self) -> Iterator[float]:
+        return poll_schedule(self.settings.upstream_first_poll_s, self.settings.upstream_poll_interval_s)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         cap = min(self.settings.upstream_backoff_max_s, self.settings.upstream_backoff_s * 2**attempt)
@@ -423,14 +432,11 @@ class HostedProvider:
                 raise BadResult(f"result data URI: {exc.message}") from None
         else:
             data = await self._fetch_result(url)
-        fmt = sniff_format(data)
-        try:
-            decoded = await asyncio.to_thread(
-                decode_image, data, param="output", max_pixels=self.settings.max_input_pixels
-            )
+        try:  # checked whole, not decoded: the runner decodes only what it converts
+            fmt, size = inspect_image(data, param="output", max_pixels=self.settings.max_input_pixels)
         except GatewayError as exc:
             raise BadResult(f"the result is not a usable image ({exc.code})") from None
-        return ProviderImage(data=data, format=fmt, size=Size(*decoded.size))
+        return ProviderImage(data=data, format=fmt, size=Size(*size))
 
     async def _fetch_result(self, url: str) -> bytes:
         headers = {"x-request-id": rid} if (rid := _request_id.get()) is not None else {}
@@ -454,6 +460,16 @@ class HostedProvider:
             raise BadResult(f"GET {_path(url)}: too many redirects") from None
         except (httpx.TransportError, httpx.DecodingError) as exc:
             raise ConnectionFailed(f"GET {_path(url)}: {type(exc).__name__}") from None
+
+
+def poll_schedule(first: float, cap: float) -> Iterator[float]:
+    """Waits before each poll of a task: soon at first (a fast task is seen within tens of
+    milliseconds), then POLL_GROWTH times longer each time, up to `cap` (a slow task costs about one
+    poll per `cap`). Endless: the task's timeout ends the polling."""
+    wait = min(first, cap)
+    while True:
+        yield wait
+        wait = min(wait * POLL_GROWTH, cap)
 
 
 def _json_or_none(resp: httpx.Response) -> Any:

@@ -27,6 +27,7 @@ from ..config import Settings
 from ..engine.lean import ACCELERATIONS
 from ..errors import GatewayError, invalid, unavailable
 from ..params import Size
+from ..store.records import Lane
 from .base import ImageJob, ProviderImage, ProviderResult, Refusal
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ def engine_installed() -> bool:
 
 class LocalProvider:
     name: ClassVar[str] = "local"
+    lane: ClassVar[Lane] = Lane.LOCAL
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -26,7 +26,7 @@ from kontext_gateway.store import ledger
 from kontext_gateway.store.engine import make_engine
 from kontext_gateway.store.migrate import upgrade_to_head
 from kontext_gateway.store.models import FileRecord, RequestRecord, UpstreamTask, WebhookDelivery, utcnow
-from kontext_gateway.store.records import ENDED, DeliveryRow, FileRow, JobStatus, RequestRow, TaskRow
+from kontext_gateway.store.records import ENDED, DeliveryRow, FileRow, JobStatus, Lane, RequestRow, TaskRow
 
 __all__ = ["Database", "RequestRecord", "make_private"]
 
@@ -125,16 +125,20 @@ class Database:
             raise RuntimeError("Database.start() has not been called")
         return self._sessions()
 
-    async def _update(self, id: str, *, charge: Charge | None = None, **values: Any) -> None:
-        """Update the request; `charge` (micros, line items) also settles its ledger entry, in the
-        same transaction, so a request's end and its cost are never recorded one without the other.
-        None: the request has no ledger entry (no API key held a reservation): one statement fewer."""
+    async def _update(self, id: str, *, charge: Charge | None = None, **values: Any) -> RequestRow:
+        """Update the request and return it as updated (one statement: UPDATE ... RETURNING); `charge`
+        (micros, line items) also settles its ledger entry, in the same transaction, so a request's
+        end and its cost are never recorded one without the other. None: the request has no ledger
+        entry (no API key held a reservation): one statement fewer."""
+        stmt = update(RequestRecord).where(RequestRecord.id == id).values(**values).returning(RequestRecord)
         async with self.session() as session, session.begin():
-            result = await session.execute(update(RequestRecord).where(RequestRecord.id == id).values(**values))
-            if result.rowcount == 0:  # type: ignore[attr-defined]
+            updated = (await session.execute(stmt)).scalar_one_or_none()
+            if updated is None:
                 raise KeyError(f"no request {id!r}")
+            row = RequestRow.from_row(updated)  # read before the commit expires the instance
             if charge is not None:
                 await ledger.settle(session, id, charge[0], charge[1], values.get("completed_at") or utcnow())
+        return row
 
     async def create_request(
         self,
@@ -151,10 +155,15 @@ class Database:
         webhook_events: list[str] | None = None,
         reservation: ledger.Reservation | None = None,
         rejected: dict[str, Any] | None = None,
-    ) -> None:
+        lane: Lane = Lane.HOSTED,
+        claimed_by: str | None = None,
+        lease_s: float = 0.0,
+    ) -> RequestRow:
         """A new job, status `starting`: committed before anyone waits on it, so it survives a crash.
         With a `reservation`, its estimated cost is held against the key's budget in the same
-        transaction (raising ledger.BudgetExceeded / ConcurrencyExceeded / KeyRevoked, nothing stored)."""
+        transaction (raising ledger.BudgetExceeded / ConcurrencyExceeded / KeyRevoked, nothing stored).
+        With `claimed_by`, it is written already claimed by that worker for `lease_s` (`processing`,
+        run 1), as claim_next would leave it: the worker in this process that reserved a slot runs it."""
         now = utcnow()
         record = RequestRecord(
             id=id,
@@ -174,11 +183,17 @@ class Database:
             logs="",
             cancel_requested=False,
             runs=0,
+            lane=lane,
+            currency="USD",
         )
         if rejected is not None:
             # Refused before it could run: stored as failed at once, never claimable by a worker.
             record.status, record.error, record.completed_at = JobStatus.FAILED, rejected["error"], now
             record.duration_ms = rejected.get("duration_ms")
+        elif claimed_by is not None:
+            record.status, record.claimed_by, record.started_at, record.runs = JobStatus.PROCESSING, claimed_by, now, 1
+            record.lease_until = now + timedelta(seconds=lease_s)
+        row = RequestRow.from_row(record)
         async with self.session() as session, session.begin():
             if reservation is not None:
                 await ledger.hold(session, reservation, now)
@@ -186,6 +201,7 @@ class Database:
             if reservation is not None:
                 await session.flush()  # the ledger row references the request
                 session.add(ledger.entry(id, reservation, now))
+        return row
 
     async def mark_running(self, id: str, *, provider: str) -> None:
         await self._update(id, status=JobStatus.PROCESSING, provider=provider, started_at=utcnow())
@@ -206,13 +222,13 @@ class Database:
         logs: str | None = None,
         cost_lines: list[dict[str, Any]] | None = None,
         ledger: bool = True,
-    ) -> None:
+    ) -> RequestRow:
         """`cost` in USD; `cost_lines`, the ledger's line items (micros), settle its entry (`ledger`:
         whether it has one)."""
         extra: dict[str, Any] = {"params": params} if params is not None else {}
         if logs:
             extra["logs"] = RequestRecord.logs + logs
-        await self._update(
+        return await self._update(
             id,
             charge=(round((cost or 0) * 1_000_000), cost_lines or []) if ledger else None,
             **extra,
@@ -241,7 +257,7 @@ class Database:
         logs: str | None = None,
         charge: Charge = (0, []),
         ledger: bool = True,
-    ) -> None:
+    ) -> RequestRow:
         """`charge`: what attempts that failed were still billed for (micros, line items)."""
         values: dict[str, Any] = dict(
             status=JobStatus.FAILED,
@@ -257,7 +273,7 @@ class Database:
             values["logs"] = RequestRecord.logs + logs
         if charge[0]:
             values["cost"] = charge[0] / 1_000_000
-        await self._update(id, charge=charge if ledger else None, **values)
+        return await self._update(id, charge=charge if ledger else None, **values)
 
     async def mark_canceled(
         self,
@@ -267,9 +283,9 @@ class Database:
         duration_ms: int | None,
         charge: Charge = (0, []),
         ledger: bool = True,
-    ) -> None:
+    ) -> RequestRow:
         values: dict[str, Any] = {"cost": charge[0] / 1_000_000} if charge[0] else {}
-        await self._update(
+        return await self._update(
             id,
             charge=charge if ledger else None,
             status=JobStatus.CANCELED,
@@ -282,8 +298,8 @@ class Database:
 
     # -- the job queue: claims with leases, so a crashed worker's jobs are taken up again ------------
 
-    async def claim_next(self, worker: str, lease_s: float) -> RequestRow | None:
-        """Atomically take the oldest job that is waiting, or whose worker's lease ran out.
+    async def claim_next(self, worker: str, lease_s: float, lane: Lane = Lane.HOSTED) -> RequestRow | None:
+        """Atomically take the oldest job of `lane` that is waiting, or whose worker's lease ran out.
 
         PostgreSQL: `FOR UPDATE SKIP LOCKED`, so several processes each claim a job exactly once.
         SQLite: one writer at a time, so the UPDATE with its subquery is atomic as it stands."""
@@ -291,10 +307,11 @@ class Database:
         waiting = (
             select(RequestRecord.id)
             .where(
+                RequestRecord.lane == lane,
                 or_(
                     RequestRecord.status == JobStatus.STARTING,
                     and_(RequestRecord.status == JobStatus.PROCESSING, RequestRecord.lease_until < now),
-                )
+                ),
             )
             .order_by(RequestRecord.created_at, RequestRecord.id)
             .limit(1)
@@ -311,14 +328,11 @@ class Database:
                 started_at=func.coalesce(RequestRecord.started_at, now),
                 runs=RequestRecord.runs + 1,
             )
-            .returning(RequestRecord.id)
+            .returning(RequestRecord)
         )
         async with self.session() as session, session.begin():
             claimed = (await session.execute(stmt)).scalar_one_or_none()
-            if claimed is None:
-                return None
-            record = await session.get(RequestRecord, claimed)
-            return None if record is None else RequestRow.from_row(record)
+            return None if claimed is None else RequestRow.from_row(claimed)
 
     async def renew_leases(self, worker: str, ids: list[str], lease_s: float) -> dict[str, bool]:
         """Extend this worker's leases; returns {id: cancel_requested} for the jobs it still holds."""

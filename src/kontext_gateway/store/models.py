@@ -94,8 +94,15 @@ class RequestRecord(Base):
     runs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # -- accounts (migration 0004) --
     purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # prompts and images removed
+    # -- lanes (migration 0006) --
+    # Which claim loop runs it: "hosted" (many at once, waiting on upstreams) or "local" (the engine's
+    # own few), so neither kind of job ever queues behind the other.
+    lane: Mapped[str] = mapped_column(String(8), default="hosted", server_default="hosted")
 
-    __table_args__ = (Index("ix_requests_claim", "status", "created_at"),)
+    __table_args__ = (
+        Index("ix_requests_claim", "status", "created_at"),
+        Index("ix_requests_claim_lane", "lane", "status", "created_at"),
+    )
 
 
 class UpstreamTask(Base):

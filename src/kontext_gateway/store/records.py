@@ -17,6 +17,14 @@ from typing import Any, Self
 from sqlalchemy.orm import DeclarativeBase
 
 
+class Lane(StrEnum):
+    """Which claim loop runs a job. Hosted jobs mostly wait on an upstream, so a process runs hundreds;
+    local-engine jobs hold the engine, so it claims only a few: neither kind queues behind the other."""
+
+    HOSTED = "hosted"
+    LOCAL = "local"
+
+
 class JobStatus(StrEnum):
     """A request's (a job's) state, in Replicate's vocabulary. A str: it compares equal to, and
     serialises as, its value."""
@@ -94,10 +102,15 @@ class RequestRow(_FromRow):
     lease_until: datetime | None
     runs: int
     purged_at: datetime | None
+    lane: Lane = Lane.HOSTED
 
     @classmethod
     def from_row(cls, row: DeclarativeBase, **overrides: Any) -> Self:
-        result: Self = _from_row(cls, row, {"status": JobStatus(row.status), **overrides})  # type: ignore[attr-defined]
+        result: Self = _from_row(
+            cls,
+            row,
+            {"status": JobStatus(row.status), "lane": Lane(row.lane), **overrides},  # type: ignore[attr-defined]
+        )
         return result
 
 
