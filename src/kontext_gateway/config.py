@@ -100,9 +100,9 @@ class Settings(BaseSettings):
     upstream_timeout_s: float = 300.0  # one upstream task: submit, polls and download
     request_timeout_s: float = 900.0  # a whole request, across retries and failover
     upstream_retries: int = Field(default=2, ge=0)  # retries on the same provider before failing over
-    # Polling a submitted task: first after `upstream_first_poll_s`, then each wait 1.5x the last, up
-    # to `upstream_poll_interval_s` (0.05, 0.075, 0.11, ... 1.0 s: a fast task is seen within tens of
-    # milliseconds, a slow one costs about one poll a second).
+    # Polling a submitted task: at once, then after `upstream_first_poll_s`, then each wait 1.5x the
+    # last, up to `upstream_poll_interval_s` (0, 0.05, 0.075, 0.11, ... 1.0 s: a task done at once is
+    # seen at once, a fast one within tens of milliseconds, a slow one costs about one poll a second).
     upstream_first_poll_s: float = Field(default=0.05, ge=0)
     upstream_poll_interval_s: float = Field(default=1.0, ge=0)
     upstream_backoff_s: float = 0.5  # first retry delay; doubles, with full jitter

@@ -463,9 +463,10 @@ class HostedProvider:
 
 
 def poll_schedule(first: float, cap: float) -> Iterator[float]:
-    """Waits before each poll of a task: soon at first (a fast task is seen within tens of
-    milliseconds), then POLL_GROWTH times longer each time, up to `cap` (a slow task costs about one
-    poll per `cap`). Endless: the task's timeout ends the polling."""
+    """Waits before each poll of a task: none before the first (a fast upstream may be done by the
+    time its submit is answered), `first` before the second, then POLL_GROWTH times longer each time,
+    up to `cap` (a slow task costs about one poll per `cap`). Endless: the task's timeout ends it."""
+    yield 0.0
     wait = min(first, cap)
     while True:
         yield wait
