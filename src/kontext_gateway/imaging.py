@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import re
 import warnings
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 from PIL import Image, ImageOps
@@ -71,6 +73,42 @@ def decode_mask(data: bytes, *, size: tuple[int, int], param: str = "mask", max_
 def decode_image(data: bytes, *, param: str = "image", max_pixels: int, keep_alpha: bool = False) -> Image.Image:
     """Decode an upload to a fully loaded RGB image (EXIF orientation applied, transparency over white;
     `keep_alpha`: RGBA when the image has any transparency)."""
+    with _opened(data, param=param, max_pixels=max_pixels) as (_, opened):
+        opened.load()  # first frame only for GIF / animated WebP
+        upright = ImageOps.exif_transpose(opened)  # a detached copy, safe after the file closes
+        if keep_alpha and (upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info):
+            decoded = upright.convert("RGBA")
+        else:
+            decoded = _to_rgb(upright)
+    return decoded
+
+
+def inspect_image(data: bytes, *, param: str = "image", max_pixels: int) -> tuple[str, tuple[int, int]]:
+    """(format, displayed size) of an encoded image, checked without decoding its pixels.
+
+    For bytes that are passed on as they are (an upstream's result in the format asked for): a full
+    decode of a 1024x1024 PNG costs about 30 ms of CPU, this about 1.5 ms. Checked: the format (by its
+    magic bytes), the size in the header against `max_pixels`, and that the file is whole: PNG chunk
+    CRCs up to a whole IEND chunk, JPEG's end-of-image marker, GIF's trailer, WebP's RIFF length.
+    The size is the displayed one (EXIF orientation applied), as `decode_image` would give. Raises
+    the same errors as `decode_image`."""
+    with _opened(data, param=param, max_pixels=max_pixels) as (fmt, opened):
+        width, height = opened.size
+        # A PNG's EXIF may follow its pixels, and Pillow decodes them all to look: only when the file
+        # has an eXIf chunk at all (rare in PNGs) is that paid.
+        has_exif = _png_chunks(data) if fmt == "png" else True
+        if has_exif and opened.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSED:
+            width, height = height, width
+        if not _whole(fmt, data):
+            raise ValueError("no end marker")
+    return fmt, (width, height)
+
+
+@contextlib.contextmanager
+def _opened(data: bytes, *, param: str, max_pixels: int) -> Iterator[tuple[str, Image.Image]]:
+    """The image's format and the image opened from its header (no pixel decoded yet), its size
+    checked against `max_pixels`. Whatever Pillow raises inside (here or in the caller's block)
+    becomes the client's 400: `image_too_large` or `invalid_image`."""
     fmt = sniff_format(data)
     if fmt not in _INPUT_FORMATS:
         raise invalid(f"'{param}' must be a {_ACCEPTED} image.", param=param, code="unsupported_image_format")
@@ -79,14 +117,10 @@ def decode_image(data: bytes, *, param: str = "image", max_pixels: int, keep_alp
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=[_INPUT_FORMATS[fmt]]) as opened:
-                width, height = opened.size  # from the header; no pixel decoded yet
+                width, height = opened.size  # from the header
                 if width * height > max_pixels:
                     raise _too_large(param, f"{width}x{height} ({width * height} pixels)", max_pixels)
-                opened.load()  # first frame only for GIF / animated WebP
-                upright = ImageOps.exif_transpose(opened)  # a detached copy, safe after the file closes
-        if keep_alpha and (upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info):
-            return upright.convert("RGBA")
-        return _to_rgb(upright)
+                yield fmt, opened
     except GatewayError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -101,47 +135,6 @@ def decode_image(data: bytes, *, param: str = "image", max_pixels: int, keep_alp
             param=param,
             code="invalid_image",
         ) from None
-
-
-def inspect_image(data: bytes, *, param: str = "image", max_pixels: int) -> tuple[str, tuple[int, int]]:
-    """(format, displayed size) of an encoded image, checked without decoding its pixels.
-
-    For bytes that are passed on as they are (an upstream's result in the format asked for): a full
-    decode of a 1024x1024 PNG costs about 30 ms of CPU, this about 1.5 ms. Checked: the format (by its
-    magic bytes), the size in the header against `max_pixels`, and that the file is whole: PNG chunk
-    CRCs up to a whole IEND chunk, JPEG's end-of-image marker, GIF's trailer, WebP's RIFF length.
-    The size is the displayed one (EXIF orientation applied), as `decode_image` would give. Raises
-    the same errors as `decode_image`."""
-    fmt = sniff_format(data)
-    if fmt not in _INPUT_FORMATS:
-        raise invalid(f"'{param}' must be a {_ACCEPTED} image.", param=param, code="unsupported_image_format")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=[_INPUT_FORMATS[fmt]]) as opened:
-                width, height = opened.size
-                if width * height > max_pixels:
-                    raise _too_large(param, f"{width}x{height} ({width * height} pixels)", max_pixels)
-                # A PNG's EXIF may follow its pixels, and Pillow decodes them all to look: only when
-                # the file has an eXIf chunk at all (rare in PNGs) is that paid.
-                has_exif = _png_chunks(data) if fmt == "png" else True
-                if has_exif and opened.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSED:
-                    width, height = height, width
-        if not _whole(fmt, data):
-            raise ValueError("no end marker")
-    except GatewayError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        found = re.search(r"\((\d+) pixels\)", str(exc))
-        raise _too_large(param, f"{found[1]} pixels" if found else "too many pixels", max_pixels) from None
-    except Exception as exc:
-        raise invalid(
-            f"'{param}' could not be decoded as {fmt.upper()}: "
-            f"the file is truncated or corrupt ({type(exc).__name__}).",
-            param=param,
-            code="invalid_image",
-        ) from None
-    return fmt, (width, height)
 
 
 _EXIF_ORIENTATION = 0x0112

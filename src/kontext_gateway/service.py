@@ -211,12 +211,9 @@ class ImageService:
                 claimed_by=worker,
                 lease_s=self.settings.job_lease_s,
             )
-        except BaseException as exc:
+        except (ledger.BudgetExceeded, ledger.ConcurrencyExceeded, ledger.KeyRevoked) as refused:
             if worker is not None:
                 self.jobs.unreserve(lane)
-            if not isinstance(exc, ledger.BudgetExceeded | ledger.ConcurrencyExceeded | ledger.KeyRevoked):
-                raise
-            refused = exc
             self.channels.forget(request_id)
             refusal = _refusal(refused, principal)
             if isinstance(refused, ledger.BudgetExceeded):
@@ -225,6 +222,10 @@ class ImageService:
                 metrics.rate_limited("concurrency")
             await self._reject(refusal, request_id, call, principal.key_id, t0)
             raise refusal from None
+        except BaseException:
+            if worker is not None:
+                self.jobs.unreserve(lane)
+            raise
         if worker is not None:
             self.jobs.hand(record)  # no claim needed: written as this process's worker's
         else:

@@ -237,10 +237,9 @@ class HostedProvider:
         try:
             async with asyncio.timeout(self.settings.upstream_timeout_s):
                 outputs = task.outputs
-                for wait in self._poll_schedule():
-                    if outputs is not None:
-                        break
-                    await asyncio.sleep(wait)
+                waits = poll_schedule(self.settings.upstream_first_poll_s, self.settings.upstream_poll_interval_s)
+                while outputs is None:
+                    await asyncio.sleep(next(waits))
                     outputs = await self._poll(entry, task)
                 if not outputs:
                     raise BadResult("the task finished without an image")
@@ -308,9 +307,6 @@ class HostedProvider:
             log.info("cancel of %s task %s failed: %r", self.name, task.id, exc)
 
     # -- limits and backoff ------------------------------------------------------------------------------
-
-    def _poll_schedule(self) -> Iterator[float]:
-        return poll_schedule(self.settings.upstream_first_poll_s, self.settings.upstream_poll_interval_s)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         cap = min(self.settings.upstream_backoff_max_s, self.settings.upstream_backoff_s * 2**attempt)
