@@ -292,7 +292,7 @@ async def _parts(fake_url: str, data_dir: Path, n: int) -> list[tuple[str, float
             await gw.router.run(gw.router.candidates(p.job.model, p.job.mode, p.job, forced=p.forced), p.job)
 
         async def blob() -> None:
-            gw.blobs.put(next(pngs), ext="png")
+            await gw.blobs.put(next(pngs), ext="png")
 
         async def db_writes() -> None:
             rid = "req_" + os.urandom(16).hex()

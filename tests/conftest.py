@@ -37,6 +37,7 @@ from kontext_gateway.config import Settings
 if TYPE_CHECKING:
     from openai import OpenAI
 
+    from fakes.s3 import MotoS3
     from fakes.upstreams import Upstreams
     from kontext_gateway.engine.pipeline import KontextEngine
 
@@ -295,3 +296,33 @@ def open_image(data: bytes) -> Image.Image:
     im = Image.open(io.BytesIO(data))
     im.load()
     return im
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[MotoS3]:
+    """moto's S3 server (fakes/s3.py) for the session; the tests that use it skip, saying why, when it
+    cannot start."""
+    from contextlib import ExitStack
+
+    from fakes.s3 import MotoUnavailable, moto_s3
+
+    with ExitStack() as stack:
+        try:
+            server = stack.enter_context(moto_s3())
+        except MotoUnavailable as exc:
+            pytest.skip(str(exc))
+        yield server
+
+
+@contextmanager
+def aws_env(s3: MotoS3, endpoint: str | None = None) -> Iterator[None]:
+    """The process environment a gateway reads to reach `s3` (or `endpoint`), as an operator would set
+    it; restored afterwards. Variables that would shadow these are removed meanwhile."""
+    from fakes.s3 import SHADOWING
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in SHADOWING:
+            mp.delenv(name, raising=False)
+        for name, value in s3.env(endpoint).items():
+            mp.setenv(name, value)
+        yield

@@ -178,7 +178,7 @@ async def test_the_runner_alone_runs_a_job_to_its_end(parts: Parts) -> None:
     assert (status, provider) == (JobStatus.SUCCEEDED, "local/kontext-tiny")
     record = await parts.db.get_request(rid)
     assert record is not None and record.output_size == "24x16"
-    stored = parts.blobs.get(record.output_blob_ids[0])
+    stored = await parts.blobs.get(record.output_blob_ids[0])
     assert stored is not None and Image.open(io.BytesIO(stored)).size == (24, 16)
 
 
@@ -293,7 +293,13 @@ async def test_a_hosted_job_does_not_wait_for_a_busy_engine(parts: Parts) -> Non
 
 def test_an_api_only_process_claims_from_neither_lane(parts: Parts) -> None:
     worker = Worker(parts.db, Holder(), parts.settings, concurrency=0)  # type: ignore[arg-type]
-    assert worker.lanes == {Lane.HOSTED: 0, Lane.LOCAL: 0}
+    assert worker.lanes == {Lane.HOSTED: 0, Lane.LOCAL: 0} and worker.concurrency == 0
+
+
+def test_a_worker_for_the_engine_alone_claims_only_local_jobs(parts: Parts) -> None:
+    parts.settings.workers, parts.settings.local_workers = 0, 1  # set explicitly: one per GPU
+    worker = Worker(parts.db, Holder(), parts.settings)  # type: ignore[arg-type]
+    assert worker.lanes == {Lane.HOSTED: 0, Lane.LOCAL: 1} and worker.concurrency == 1
 
 
 async def test_a_job_enqueued_with_a_free_slot_is_handed_over_without_a_claim(parts: Parts) -> None:
@@ -318,3 +324,90 @@ async def test_a_job_enqueued_with_a_free_slot_is_handed_over_without_a_claim(pa
     finally:
         holder.release.set()
         await worker.stop()
+
+
+@dataclass
+class Gates:
+    """Stands in for the runner: each job runs until its own gate opens; a cancelled one says why."""
+
+    gates: dict[str, asyncio.Event] = field(default_factory=dict)
+    running: set[str] = field(default_factory=set)
+    finished: list[str] = field(default_factory=list)
+    stopped: dict[str, str] = field(default_factory=dict)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def run(self, record: RequestRow) -> tuple[str, str | None]:
+        gate = self.gates.setdefault(record.id, asyncio.Event())
+        async with self.changed:
+            self.running.add(record.id)
+            self.changed.notify_all()
+        try:
+            await gate.wait()
+        finally:
+            self.running.discard(record.id)
+        async with self.changed:
+            self.finished.append(record.id)
+            self.changed.notify_all()
+        return JobStatus.SUCCEEDED, None
+
+    def stopping(self, request_id: str, reason: str) -> None:
+        self.stopped[request_id] = reason
+
+    async def until(self, test: Any) -> None:
+        async with asyncio.timeout(60), self.changed:
+            await self.changed.wait_for(lambda: test(self))
+
+
+async def test_a_draining_worker_takes_no_more_jobs_lets_running_ones_finish_and_hands_back_the_rest(
+    parts: Parts,
+) -> None:
+    parts.settings.workers = 2
+    gates = Gates()
+    worker = Worker(parts.db, gates, parts.settings)  # type: ignore[arg-type]
+    first, second = await enqueue(parts.db, Lane.HOSTED, 2)
+    await worker.start()
+    stopping: asyncio.Task[None] | None = None
+    try:
+        await gates.until(lambda g: g.running == {first, second})
+        worker.drain(3600)  # SIGTERM, with all the time in the world
+        assert not worker.claiming and not worker.has_room(Lane.HOSTED)
+        (third,) = await enqueue(parts.db, Lane.HOSTED)
+        worker.wake()
+        stopping = asyncio.create_task(worker.stop())
+        gates.gates[first].set()  # ends within the drain: finished here
+        await gates.until(lambda g: first in g.finished)
+        assert not stopping.done()  # still waiting for the second
+        worker.hand_back_now()  # a second SIGTERM
+        await asyncio.wait_for(stopping, 60)
+    finally:
+        for gate in gates.gates.values():
+            gate.set()
+        if stopping is None:
+            await worker.stop()
+    assert gates.finished == [first] and gates.stopped == {second: "shutdown"}
+    handed_back, never_taken = await parts.db.get_request(second), await parts.db.get_request(third)
+    assert handed_back is not None and handed_back.status == JobStatus.PROCESSING
+    assert never_taken is not None and never_taken.status == JobStatus.STARTING
+    # Released: the next worker takes it up at once, not when its lease would have run out.
+    successor = Worker(parts.db, gates, parts.settings)  # type: ignore[arg-type]
+    resumed = await parts.db.claim_next(successor.id, parts.settings.job_lease_s)
+    assert resumed is not None and resumed.id == second and resumed.runs == 2
+
+
+async def test_a_drain_past_its_deadline_hands_the_running_jobs_back_at_once(parts: Parts) -> None:
+    gates = Gates()
+    worker = Worker(parts.db, gates, parts.settings)  # type: ignore[arg-type]
+    (rid,) = await enqueue(parts.db, Lane.HOSTED)
+    await worker.start()
+    try:
+        await gates.until(lambda g: rid in g.running)
+        worker.drain(0)
+        await asyncio.wait_for(worker.stop(), 60)
+    finally:
+        for gate in gates.gates.values():
+            gate.set()
+    assert gates.stopped == {rid: "shutdown"} and not gates.finished
+    record = await parts.db.get_request(rid)
+    assert record is not None and record.claimed_by == worker.id
+    resumed = await parts.db.claim_next("another-worker", parts.settings.job_lease_s)
+    assert resumed is not None and resumed.id == rid

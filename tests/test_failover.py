@@ -145,7 +145,7 @@ def test_circuit_breaker_opens_and_recovers(upstreams: Upstreams, tmp_path: Path
     with serve(app) as url, sdk_for(url) as sdk:
         # The breaker's clock, moved by hand: the breaker stays open however long the requests take.
         now = [1000.0]
-        app.state.gateway.router.breaker.clock = lambda: now[0]
+        app.state.gateway.router.health.breaker.clock = lambda: now[0]
         upstreams.fal.faults.always("503", at="submit")
         for _ in range(2):  # two failures open fal's breaker; bfl serves
             assert meta(sdk.images.generate(model="flux.1-kontext-pro", prompt="x"))["provider"] == "bfl"

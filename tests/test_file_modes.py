@@ -84,7 +84,7 @@ async def test_an_open_data_dir_is_tightened_at_start_and_nothing_is_lost(
     await gw.db.create_request(
         id=rid, endpoint="predictions", model="kontext-tiny", mode="text-to-image", params={"prompt": "kept"}
     )
-    blob = gw.blobs.put(png_bytes(8, 8), ext="png")
+    blob = await gw.blobs.put(png_bytes(8, 8), ext="png")
     await gw.close()
     # As an older version (or a careless copy) left them.
     os.chmod(data, 0o755)
@@ -100,7 +100,7 @@ async def test_an_open_data_dir_is_tightened_at_start_and_nothing_is_lost(
         assert record is not None and record.params == {"prompt": "kept"}
         assert mode(data) == 0o700
         assert {name: mode(data / name) for name in PRIVATE_FILES} == dict.fromkeys(PRIVATE_FILES, 0o600)
-        assert gw.blobs.get(blob) == before[Path("blobs", blob[:2], blob[2:4], blob)]
+        assert await gw.blobs.get(blob) == before[Path("blobs", blob[:2], blob[2:4], blob)]
     finally:
         await gw.close()
     # Nothing moved or lost: every file is where it was, the same bytes (the database: its rows, above).
@@ -127,11 +127,11 @@ async def test_a_shared_sticky_data_dir_is_left_alone(
     assert any("sticky" in r.getMessage() for r in caplog.records)
 
 
-def test_new_blob_folders_are_never_writable_by_others(tmp_path: Path) -> None:
+async def test_new_blob_folders_are_never_writable_by_others(tmp_path: Path) -> None:
     old = os.umask(0)  # the worst case: mkdir's default would be 0777
     try:
         store = LocalBlobStore(tmp_path / "blobs")
-        blob = store.put(png_bytes(8, 8), ext="png")
+        blob = await store.put(png_bytes(8, 8), ext="png")
     finally:
         os.umask(old)
     path = store.path(blob)

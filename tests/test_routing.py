@@ -248,18 +248,18 @@ async def test_breaker_opens_and_probes_back_in() -> None:
     fal = Scripted("fal", [ServerError("down")] * 2)
     bfl = Scripted("bfl")
     r = router(Settings(provider_priority={"fal": -1}, breaker_failures=2, breaker_reset_s=30), fal=fal, bfl=bfl)
-    r.breaker.clock = lambda: now[0]
+    r.health.breaker.clock = lambda: now[0]
     for _ in range(2):  # two failures open fal's breaker; bfl serves
         j = job()
         assert (await r.run(r.candidates(PRO, "text-to-image", j), j))[0].provider == "bfl"
-    assert r.breaker.state("fal/flux.1-kontext-pro") == "open"
+    assert r.health.state("fal/flux.1-kontext-pro") == "open"
     j = job()
     await r.run(r.candidates(PRO, "text-to-image", j), j)
     assert fal.calls == 2 and j.attempts[0].error_class == "circuit_open"  # skipped while open
     now[0] = 31.0  # half-open: one probe goes through, succeeds, closes the breaker
     j = job()
     assert (await r.run(r.candidates(PRO, "text-to-image", j), j))[0].provider == "fal"
-    assert r.breaker.state("fal/flux.1-kontext-pro") == "closed" and fal.calls == 3
+    assert r.health.state("fal/flux.1-kontext-pro") == "closed" and fal.calls == 3
 
 
 def test_breaker_half_open_allows_one_probe_and_reopens_on_failure() -> None:

@@ -23,7 +23,7 @@ from conftest import PATIENCE_S
 from kontext_gateway.store.db import Database
 from kontext_gateway.store.models import Base
 
-HEAD = "0006"  # the newest migration
+HEAD = "0007"  # the newest migration
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 
@@ -99,6 +99,7 @@ async def test_migration_creates_table_matching_models(db: Database) -> None:
         "files",
         "api_keys",
         "ledger",
+        "provider_health",
         "alembic_version",
     } <= state["tables"]
     assert {

@@ -3,7 +3,8 @@
 Closed: requests flow; `failures` consecutive failures open it. Open: the provider is skipped for
 `reset_s`. Then half-open: one request goes through as a probe; success closes the breaker, failure
 opens it again for another `reset_s`. State is in memory, per process; each change of a key's state
-is published as the `kontext_circuit_state` gauge (see metrics.py).
+is published as the `kontext_circuit_state` gauge (see metrics.py), unless `publish` is off: a
+breaker kept as the fallback of a shared one (provider_health/shared.py) leaves the gauge to that.
 """
 
 from __future__ import annotations
@@ -23,16 +24,21 @@ class _State:
 
 
 class CircuitBreaker:
-    def __init__(self, failures: int, reset_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, failures: int, reset_s: float, clock: Callable[[], float] = time.monotonic, *, publish: bool = True
+    ) -> None:
         self.threshold = failures
         self.reset_s = reset_s
         self.clock = clock
+        self.publish = publish
         self._states: dict[str, _State] = {}
         self._published: dict[str, str] = {}  # key -> state last set on the gauge
 
     def _publish(self, key: str) -> None:
         """Set the gauge when the key's state changed (open -> half-open happens with time, so it is
         seen at the next allow())."""
+        if not self.publish:
+            return
         state = self.state(key)
         if self._published.get(key) != state:
             self._published[key] = state

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -27,6 +29,9 @@ examples:
 environment:
   KONTEXT_DATA_DIR          data directory (database, images, URL-signing key); default ./data
   DATABASE_URL              postgresql://... to use PostgreSQL instead of SQLite
+  KONTEXT_BLOB_URL          s3://bucket/prefix: images and uploads in S3-compatible storage (AWS_* variables:
+                            credentials, AWS_REGION, AWS_ENDPOINT_URL); default: the data directory
+  KONTEXT_BLOB_LINKS        gateway (default: signed links served by the gateway) or presigned (the store's)
   KONTEXT_DEV_WEIGHTS_DIR   FLUX.1 Kontext [dev] weights in diffusers layout, served by the local engine
   KONTEXT_DEFAULT_MODEL     model used when a request names none (default kontext-tiny)
   KONTEXT_ADMIN_KEY         an admin API key without a database row (setting it makes every /v1 call need a key)
@@ -46,6 +51,18 @@ environment:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`kontext`. A configuration it cannot start with (errors.StartupError: a blob store it cannot use,
+    say) is one line on stderr and exit status 1, not a traceback."""
+    from .errors import StartupError
+
+    try:
+        return _main(argv)
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="kontext",
         description="Kontext Gateway: an OpenAI-compatible image API for FLUX.1 Kontext [dev], [pro] and [max].",
@@ -58,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser(
         "serve",
         help="run the HTTP API server",
-        description="Run the OpenAI-compatible HTTP API (base URL http://HOST:PORT/v1).",
+        description="Run the OpenAI-compatible HTTP API (base URL http://HOST:PORT/v1). On SIGTERM it "
+        "drains: takes no more jobs, gives running jobs and open requests KONTEXT_DRAIN_TIMEOUT_S "
+        "(default 30) to finish, hands the rest back to the queue and exits 0.",
     )
     serve.add_argument(
         "--host", default=os.environ.get("KONTEXT_HOST", "127.0.0.1"), help="address to bind (default 127.0.0.1)"
@@ -88,9 +107,18 @@ def main(argv: list[str] | None = None) -> int:
         help="run jobs from the database, without the HTTP API",
         description="Claim and run jobs (image requests and predictions) from the "
         "database: several workers on one PostgreSQL database each claim a "
-        "job exactly once. Stops on SIGINT / SIGTERM.",
+        "job exactly once. On SIGINT / SIGTERM it drains: no more claims, running jobs get "
+        "KONTEXT_DRAIN_TIMEOUT_S (default 30) to finish, the rest go back to the queue (another "
+        "worker resumes them without submitting them upstream again); a second signal hands them "
+        "back at once. Exits 0.",
     )
-    worker.add_argument("--concurrency", type=int, default=None, help="hosted jobs run at once (default 256)")
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="hosted jobs run at once (default 256; 0 with --local-workers N: the local engine's jobs only, "
+        "one such worker per GPU)",
+    )
     worker.add_argument(
         "--local-workers",
         type=int,
@@ -351,6 +379,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from . import metrics
     from .api.app import create_app
+    from .store.blob_url import open_blob_store
 
     settings = _settings(args)
     settings.host, settings.port = args.host, args.port
@@ -359,18 +388,39 @@ def _serve(args: argparse.Namespace) -> int:
     if args.local_workers is not None:
         settings.local_workers = args.local_workers
     _configure_logs(args, settings, args.log_level)
+    # Checked before uvicorn starts: a blob store it cannot use is then one line (StartupError, see
+    # main), where the app's own start-up (Gateway.start, which checks it again) would log a traceback.
+    # The data directory's own folder is left to Gateway.start, which makes the directory private first.
+    store = open_blob_store(settings)
+    if settings.blob_url:
+        asyncio.run(store.writable())
     logging.getLogger("kontext_gateway").info(
         "Kontext Gateway on http://%s:%s/v1 (data in %s)", args.host, args.port, settings.data_dir
     )
+    app = create_app(settings)
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM (or Ctrl-C) the gateway takes no more jobs at once; uvicorn then stops listening
+        and gives requests still open the drain timeout to be answered, the running jobs as long."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            gateway = getattr(app.state, "gateway", None)
+            if gateway is not None and not self.should_exit:
+                with contextlib.suppress(RuntimeError):  # no loop running: nothing to drain
+                    asyncio.get_running_loop().call_soon_threadsafe(gateway.begin_drain)
+            super().handle_exit(sig, frame)
+
     # log_config=None: uvicorn's loggers keep the handler installed above (JSON, redacted).
-    uvicorn.run(
-        create_app(settings),
+    config = uvicorn.Config(
+        app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
         access_log=args.log_level == "debug",
         log_config=None,
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
     )
+    DrainingServer(config).run()
     metrics.process_exit()
     return 0
 
@@ -388,15 +438,24 @@ async def _worker(args: argparse.Namespace) -> int:
         settings.workers = args.concurrency
     if args.local_workers is not None:
         settings.local_workers = args.local_workers
-    if settings.workers < 1:
-        print("error: --concurrency must be at least 1", file=sys.stderr)
+    if settings.workers < 1 and settings.local_lane(settings.workers) < 1:
+        print(
+            "error: a worker runs hosted jobs (--concurrency N) or local ones (--local-workers N), or both",
+            file=sys.stderr,
+        )
         return 2
     gateway = Gateway(settings)
     await gateway.start()
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():  # a second signal: hand the running jobs back now
+            gateway.worker.hand_back_now()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     logging.getLogger("kontext_gateway").info(
         "worker %s running up to %d hosted and %d local jobs (database %s)",
         gateway.worker.id,
@@ -405,7 +464,9 @@ async def _worker(args: argparse.Namespace) -> int:
         settings.resolved_database_url().split("@")[-1],
     )
     await stop.wait()
-    await gateway.close()  # running jobs are left to the next worker: their leases run out
+    # Drain: no more claims; running jobs get drain_timeout_s to end, the rest go back to the queue.
+    gateway.begin_drain()
+    await gateway.close()
     metrics.process_exit()
     return 0
 

@@ -60,6 +60,14 @@ class Settings(BaseSettings):
     # Secret for signing blob URLs; generated once and kept in data_dir/secret.key when unset.
     url_secret: str | None = None
     url_ttl_seconds: int = 3600
+    # Where images and uploaded files are kept: unset, the folder data_dir/blobs; "s3://bucket/prefix",
+    # S3-compatible object storage (credentials and endpoint: the standard AWS_* variables, see
+    # store/s3blobs.py).
+    blob_url: str | None = None
+    # The image links responses carry, valid url_ttl_seconds: "gateway", this gateway's signed
+    # /v1/blobs/ links (it serves them from the store); "presigned", the object store's presigned
+    # URLs (clients fetch from the store itself; needs blob_url).
+    blob_links: Literal["gateway", "presigned"] = "gateway"
 
     # Local engine. [dev] weights in diffusers layout; unset means [dev] is not served locally.
     dev_weights_dir: Path | None = None
@@ -109,6 +117,10 @@ class Settings(BaseSettings):
     upstream_backoff_max_s: float = 8.0
     breaker_failures: int = Field(default=5, ge=1)  # consecutive failures that open a breaker
     breaker_reset_s: float = 30.0  # how long an open breaker waits before letting a probe through
+    # Where breakers and the latencies that order routes are kept: "memory" (each process learns on its
+    # own), "redis://..." or "postgresql://..." (a database the gateway has migrated, normally its own)
+    # so that every process opens and closes a breaker together. See provider_health/shared.py.
+    provider_health_url: str | None = None
     # Lower priority first (default 0); within a priority, cheapest, then fastest observed; weights
     # share load between otherwise equal providers. JSON in the environment, e.g. '{"fal": -1}'.
     provider_priority: dict[str, int] = Field(default_factory=dict)
@@ -128,6 +140,9 @@ class Settings(BaseSettings):
     local_workers: int = Field(default=1, ge=0)
     job_lease_s: float = 30.0  # a claimed job whose worker stops renewing is taken up again after this
     job_poll_interval_s: float = 0.5  # how often idle workers look for jobs enqueued by other processes
+    # On SIGTERM a process stops taking jobs, gives the running ones this long to finish, then hands
+    # the rest back to the queue (leases released: another worker resumes them, nothing resubmitted).
+    drain_timeout_s: float = Field(default=30.0, ge=0)
     idempotency_ttl_s: float = 86400.0  # how long an Idempotency-Key names its request
     webhook_sweep_interval_s: float = 30.0  # how often ended jobs are checked for a lost completed webhook
 
@@ -218,6 +233,14 @@ class Settings(BaseSettings):
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False  # a host name: may be reachable from elsewhere
+
+    def local_lane(self, hosted: int) -> int:
+        """Local-engine jobs a process with `hosted` hosted slots holds at once. No hosted slots means
+        an API-only process, unless local_workers was set explicitly: a worker for the engine alone
+        (`kontext worker --concurrency 0 --local-workers 1`, one per GPU)."""
+        if hosted or "local_workers" in self.model_fields_set:
+            return self.local_workers
+        return 0
 
     def resolved_database_url(self) -> str:
         url = self.database_url or f"sqlite:///{self.data_dir / 'kontext.db'}"

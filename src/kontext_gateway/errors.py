@@ -65,3 +65,9 @@ def unavailable(message: str, *, code: str = "provider_unavailable") -> GatewayE
 
 def upstream(message: str, *, code: str = "upstream_error", status: int = 502) -> GatewayError:
     return GatewayError(message, status=status, type="server_error", code=code)
+
+
+class StartupError(Exception):
+    """A configuration the gateway cannot run with (a blob store it cannot write to, say), found at
+    start-up: never an API error. Its message is one line naming what is wrong and where; the CLI
+    prints it as `error: <message>` and exits 1."""

@@ -7,9 +7,11 @@ the parts know only their collaborators, which arrive in their constructors.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import stat
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from .catalog import Catalog
@@ -24,6 +26,7 @@ from .keys import Authenticator, KeyStore
 from .links import OwnLinks, URLSigner
 from .prediction_view import PredictionView
 from .predictions import PredictionService
+from .provider_health.backends import open_provider_health
 from .providers import DIALECTS
 from .providers.base import Provider
 from .providers.hosted import HostedProvider
@@ -32,7 +35,7 @@ from .ratelimit import RateLimiter
 from .retention import RetentionSweeper
 from .routing import Router
 from .service import ImageService
-from .store.blobs import LocalBlobStore
+from .store.blob_url import open_blob_store
 from .store.db import Database, make_private
 from .store.history import HistoryRows
 from .store.idempotency import IdempotencyKeys
@@ -48,11 +51,13 @@ class Gateway:
         self.providers: dict[str, Provider] = {"local": LocalProvider(settings)}
         for dialect in DIALECTS:
             self.providers[dialect.name] = HostedProvider(dialect, settings)
-        self.router = Router(self.providers, settings)
+        # Breakers and route latencies: this process's own, or shared through Redis / PostgreSQL.
+        self.health = open_provider_health(settings)
+        self.router = Router(self.providers, settings, self.health)
 
         # The store.
         self.db = Database(settings.resolved_database_url())
-        self.blobs = LocalBlobStore(settings.data_dir / "blobs")
+        self.blobs = open_blob_store(settings)  # KONTEXT_BLOB_URL: a bucket, else data_dir/blobs
         history_rows = HistoryRows(self.db)
         self.links = OwnLinks(
             URLSigner(settings.resolved_url_secret()),
@@ -60,6 +65,7 @@ class Gateway:
             self.db,
             public_url=settings.public_url,
             ttl_s=settings.url_ttl_seconds,
+            presigned=settings.blob_links == "presigned",
         )
 
         # Accounts.
@@ -108,6 +114,8 @@ class Gateway:
 
     async def start(self, *, workers: bool = True) -> None:
         _private_data_dir(self.settings.data_dir)
+        # A missing bucket, an endpoint out of reach or a refused key fails here, in one line.
+        await self.blobs.writable()
         await self.db.start()  # the SQLite file and its journals: 0600 (Database.start)
         if workers:
             await self.worker.start()
@@ -115,13 +123,49 @@ class Gateway:
                 await self.webhooks.start()
                 await self.retention.start()  # so does the retention sweep
 
+    async def readiness(self, *, timeout_s: float) -> dict[str, str]:
+        """Each readiness check's answer: "ok", or what is wrong (see api/health.py)."""
+
+        async def database() -> str | None:
+            return await self.db.schema_problem()
+
+        async def blob_store() -> str | None:
+            await self.blobs.writable()
+            return None
+
+        async def workers() -> str | None:
+            if not self.worker.concurrency:
+                return None  # this process only serves the API: jobs run in `kontext worker` processes
+            if self.worker.draining:
+                return "draining: taking no more jobs"
+            return None if self.worker.claiming else "the claim loops are not running"
+
+        async def answer(check: Callable[[], Awaitable[str | None]]) -> str:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    return await check() or "ok"
+            except TimeoutError:
+                return f"no answer within {timeout_s:g} s"
+            except Exception as exc:
+                return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+        names = ("database", "blob_store", "workers")
+        results = await asyncio.gather(*(answer(c) for c in (database, blob_store, workers)))
+        return dict(zip(names, results, strict=True))
+
+    def begin_drain(self) -> None:
+        """SIGTERM: take no more jobs; the running ones have `drain_timeout_s` to end before close()
+        hands them back."""
+        self.worker.drain(self.settings.drain_timeout_s)
+
     async def close(self) -> None:
-        await self.worker.stop()
+        await self.worker.stop()  # after begin_drain(): waits out the drain's deadline
         await self.webhooks.stop()
         await self.retention.stop()
         for provider in self.providers.values():
             await provider.aclose()
         await self.limits.aclose()
+        await self.health.aclose()
         await self.db.close()
 
 

@@ -8,7 +8,6 @@ caller may ask and how the answers look.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta
@@ -20,7 +19,7 @@ from .cursors import decode_cursor, encode_cursor
 from .errors import GatewayError, invalid, not_found
 from .keys import OPEN, Principal
 from .links import OwnLinks
-from .store.blobs import LocalBlobStore
+from .store.blobs import BlobStore
 from .store.db import Database
 from .store.history import GROUPS, HistoryRows, RequestFilter
 from .store.models import utcnow
@@ -49,7 +48,7 @@ class History:
         *,
         rows: HistoryRows,
         db: Database,
-        blobs: LocalBlobStore,
+        blobs: BlobStore,
         catalog: Catalog,
         links: OwnLinks,
         settings: Settings,
@@ -150,26 +149,20 @@ class History:
 
     async def purge_payloads(self, ids: list[str]) -> list[str]:
         """Purge finished requests' payloads; returns the ids purged now (running or purged ones are
-        skipped). After the store's transaction commits, each image file is deleted unless a request,
-        an upstream task or an uploaded file still names it: blobs are content-addressed, so identical
-        images share one file. Committing first means a failure never leaves a record pointing at a
-        deleted file (at worst a file is left over). Known gap: a new request storing the very same
-        bytes in the instant between the reference check and the delete would lose that file (`put`
-        skips writing a file that exists)."""
+        skipped). After the store's transaction commits, each image blob is deleted from the blob store
+        unless a request, an upstream task or an uploaded file still names it: blobs are
+        content-addressed, so identical images share one blob. Committing first means a failure never
+        leaves a record pointing at a deleted blob (at worst a blob is left over). Known gap: a new
+        request storing the very same bytes in the instant between the reference check and the delete
+        would lose that blob (the local store's `put` skips writing a file that exists)."""
         if not ids:
             return []
         purged = await self.rows.purge(ids, utcnow())
         if not purged.request_ids:
             return []
         unused = purged.blob_ids - await self.rows.referenced_blobs(purged.blob_ids)
-        await asyncio.to_thread(self._delete_files, unused)
+        await self.blobs.delete(*sorted(unused))  # malformed ids and blobs already gone are skipped
         return purged.request_ids
-
-    def _delete_files(self, blob_ids: Iterable[str]) -> None:
-        for blob_id in blob_ids:
-            path = self.blobs.path(blob_id)  # None for a malformed id or a file already gone
-            if path is not None:
-                path.unlink(missing_ok=True)
 
     async def _visible(self, rid: str, principal: Principal) -> RequestRow:
         """Another key's request is not found, not forbidden: its existence is not disclosed."""

@@ -5,6 +5,10 @@ the link is its own credential (an `<img src>` cannot send a header), valid unti
 `KONTEXT_PUBLIC_URL` when set, else the URL the request came in on (whose Host is one of the allowed
 hosts: api/trusted.py). A link of this gateway given back as an input (an earlier output, an uploaded
 file's URL) is read from the store directly, never fetched over HTTP.
+
+With `KONTEXT_BLOB_LINKS=presigned`, image links are the object store's own presigned URLs instead
+(same lifetime): clients fetch the bytes from the store, not through the gateway. Links signed by the
+gateway stay valid until they expire.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Protocol
 from urllib.parse import SplitResult, urlsplit
 
 from .keys import Principal
-from .store.blobs import LocalBlobStore
+from .store.blobs import BlobStore
 from .store.records import FileRow
 
 BLOB_ROUTE = "/v1/blobs/"
@@ -57,8 +61,18 @@ class FileLookup(Protocol):
 
 class OwnLinks:
     def __init__(
-        self, signer: URLSigner, blobs: LocalBlobStore, files: FileLookup, *, public_url: str | None, ttl_s: int
+        self,
+        signer: URLSigner,
+        blobs: BlobStore,
+        files: FileLookup,
+        *,
+        public_url: str | None,
+        ttl_s: int,
+        presigned: bool = False,
     ) -> None:
+        if presigned and not blobs.presigns:
+            raise ValueError(f"{blobs!r} makes no presigned URLs")
+        self.presigned = presigned
         self.signer = signer
         self.blobs = blobs
         self.files = files
@@ -66,7 +80,9 @@ class OwnLinks:
         self.ttl_s = ttl_s
 
     def blob_url(self, base_url: str, blob_id: str) -> str:
-        """A signed link to a stored image, valid `ttl_s` from now."""
+        """A signed link to a stored image, valid `ttl_s` from now: the store's own when presigned."""
+        if self.presigned:
+            return self.blobs.presigned_url(blob_id, self.ttl_s)
         path = BLOB_ROUTE + blob_id
         base = (self.public_url or base_url).rstrip("/")
         return f"{base}{path}?{self.signer.sign(path, self.ttl_s)}"
@@ -74,13 +90,13 @@ class OwnLinks:
     def verify_blob(self, blob_id: str, exp: str, sig: str) -> bool:
         return self.signer.verify(BLOB_ROUTE + blob_id, exp, sig)
 
-    def signed_blob(self, path: str, query: str) -> bytes | None:
+    async def signed_blob(self, path: str, query: str) -> bytes | None:
         """The bytes behind one of this gateway's image links (`/v1/blobs/<id>?exp=..&sig=..`), when its
         signature holds and it has not expired; else None."""
         args = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
         if not self.signer.verify(path, args.get("exp", ""), args.get("sig", "")):
             return None
-        return self.blobs.get(path[len(BLOB_ROUTE) :])
+        return await self.blobs.get(path[len(BLOB_ROUTE) :])
 
     def is_own(self, url: SplitResult, base_url: str) -> bool:
         """Whether `url` points at this gateway (the host it was reached on, or its public URL)."""
@@ -94,9 +110,9 @@ class OwnLinks:
         stored image by its signed link; None when it names nothing (or its link has expired)."""
         if url.path.startswith(FILES_ROUTE):
             record = await self.files.get_file(url.path[len(FILES_ROUTE) :].removesuffix("/download"))
-            data = self.blobs.get(record.blob_id) if record is not None and principal.owns(record) else None
+            data = await self.blobs.get(record.blob_id) if record is not None and principal.owns(record) else None
             if data is not None:
                 return data
         if url.path.startswith(BLOB_ROUTE):
-            return self.signed_blob(url.path, url.query)
+            return await self.signed_blob(url.path, url.query)
         return None

@@ -52,7 +52,8 @@ PROVIDER_DURATION = Histogram(
 PROVIDER_ERRORS = Counter(
     "kontext_provider_errors_total", "Failed or skipped provider attempts, by error class.", ["provider", "error_class"]
 )
-# Breakers are per process: across processes, the worst state any live process has.
+# Each process sets the state it acts on (its own breakers, or its view of shared ones): across
+# processes, the worst state any live process has.
 CIRCUIT_STATE = Gauge(
     "kontext_circuit_state",
     "Circuit breaker per provider config key: 0 closed, 1 half-open, 2 open.",

@@ -5,7 +5,8 @@ weights) and can take the job (number of input images...). A forced provider (a 
 `replicate/flux.1-kontext-pro` as the model, or the `x-provider` header) allows only that one.
 Order: `provider_priority` (lower first), then price per image, then observed latency, with
 `provider_weights` sharing load between otherwise equal providers. A circuit breaker per
-(provider, model) skips providers that keep failing and probes them back in.
+(provider, model) skips providers that keep failing and probes them back in. Breakers and latencies
+are the `ProviderHealth` given (provider_health/): this process's own, or shared by every process.
 
 When no route can serve, the error names every route and why (edits only, no key, no weights, too
 many images...), and its status says who must act:
@@ -30,11 +31,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import metrics
-from .breaker import CircuitBreaker
 from .catalog import Mode, ModelSpec, ProviderEntry
 from .config import Settings
 from .errors import GatewayError, unavailable
 from .pixel_budget import budget, over_budget
+from .provider_health.local import ProviderHealth
 from .providers.base import Attempt, ImageJob, Provider, ProviderResult, Refusal
 from .providers.errors import Moderated, RateLimited, UpstreamError
 from .timing import ms_since
@@ -69,11 +70,13 @@ class RouteCheck:
 
 
 class Router:
-    def __init__(self, providers: dict[str, Provider], settings: Settings | None = None) -> None:
+    def __init__(
+        self, providers: dict[str, Provider], settings: Settings | None = None, health: ProviderHealth | None = None
+    ) -> None:
         self.providers = providers
         self.settings = settings or Settings()
-        self.breaker = CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_reset_s)
-        self._latency: dict[str, float] = {}  # config_key -> EWMA of successful durations, seconds
+        # Breakers per config key and the EWMA of successful durations; this process's own by default.
+        self.health = health or ProviderHealth(self.settings.breaker_failures, self.settings.breaker_reset_s)
 
     def handlings(self, model: ModelSpec) -> dict[str, dict[str, dict[str, str]]]:
         """config_key -> parameter handling, for every provider implementation the gateway has."""
@@ -181,13 +184,13 @@ class Router:
             weight = weights.get(entry.config_key, weights.get(entry.provider, 1.0))
             # Weighted random tie-break (Efraimidis-Spirakis keys): higher weight, earlier on average.
             tie = -(random.random() ** (1.0 / weight)) if weight > 0 else 0.0
-            return (priority, entry.pricing.price_per_image(), round(self._latency.get(entry.config_key, 0.0), 1), tie)
+            latency = self.health.latency(entry.config_key) or 0.0
+            return (priority, entry.pricing.price_per_image(), round(latency, 1), tie)
 
         return sorted(usable, key=key)
 
     def observe(self, config_key: str, seconds: float) -> None:
-        old = self._latency.get(config_key)
-        self._latency[config_key] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        self.health.observe(config_key, seconds)
 
     async def run(self, candidates: list[Candidate], job: ImageJob) -> tuple[ProviderEntry, ProviderResult]:
         seen = len(job.attempts)
@@ -211,7 +214,7 @@ class Router:
         retry_after: list[float] = []
         for entry, impl in candidates:
             breaker_key = entry.config_key  # one breaker per (provider, model)
-            if not self.breaker.allow(breaker_key) and len(candidates) > 1:
+            if not await self.health.allow(breaker_key) and len(candidates) > 1:
                 job.attempts.append(
                     Attempt(
                         impl.name,
@@ -229,7 +232,7 @@ class Router:
             except UpstreamError as exc:
                 _record(job, seen, entry, impl, t0, error=exc)
                 if isinstance(exc, Moderated):
-                    self.breaker.release(breaker_key)
+                    await self.health.release(breaker_key)
                     raise GatewayError(
                         f"The request was rejected by {entry.provider}'s content moderation: {exc.message}",
                         status=400,
@@ -237,9 +240,9 @@ class Router:
                         param="prompt",
                     ) from None
                 if exc.kind == "invalid_request":  # the request, not the provider's health
-                    self.breaker.release(breaker_key)
+                    await self.health.release(breaker_key)
                 else:
-                    self.breaker.failure(breaker_key)
+                    await self.health.failure(breaker_key)
                 if isinstance(exc, RateLimited) and exc.retry_after is not None:
                     retry_after.append(exc.retry_after)
                 last = exc
@@ -247,12 +250,18 @@ class Router:
             except GatewayError as exc:  # the local engine
                 _record(job, seen, entry, impl, t0, error=exc)
                 if exc.status < 500:
+                    await self.health.release(breaker_key)
                     raise
-                self.breaker.failure(breaker_key)
+                await self.health.failure(breaker_key)
                 last = exc
                 continue
+            except BaseException:
+                # Cancelled (the request's deadline, its client gone) or a bug: no verdict on the
+                # provider, but a probe this request was must not stay taken.
+                await self.health.release(breaker_key)
+                raise
             _record(job, seen, entry, impl, t0, images=len(result.images))
-            self.breaker.success(breaker_key)
+            await self.health.success(breaker_key)
             self.observe(entry.config_key, time.perf_counter() - t0)
             return entry, result
         headers = {"x-should-retry": "true"}

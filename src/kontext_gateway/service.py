@@ -36,7 +36,7 @@ from .providers.base import ImageJob, ProgressFn
 from .ratelimit import RateLimiter
 from .routing import Router
 from .store import ledger
-from .store.blobs import LocalBlobStore
+from .store.blobs import BlobStore
 from .store.db import Database
 from .store.records import ENDED, JobStatus, Lane, RequestRow
 from .timing import ms_since
@@ -103,7 +103,7 @@ class ImageService:
         catalog: Catalog,
         router: Router,
         db: Database,
-        blobs: LocalBlobStore,
+        blobs: BlobStore,
         links: OwnLinks,
         channels: JobChannels,
         jobs: JobQueue,
@@ -142,7 +142,7 @@ class ImageService:
             request_id=request_id,
             waiter=True,
         )
-        return self.render(await self.wait(request_id), base_url)
+        return await self.render(await self.wait(request_id), base_url)
 
     async def submit(
         self,
@@ -170,8 +170,8 @@ class ImageService:
         except GatewayError as exc:
             await self._reject(exc, request_id, call, principal.key_id, t0)
             raise
-        input_blob_ids = await asyncio.to_thread(self._store_inputs, prepared.inputs)
-        mask_blob_id = await asyncio.to_thread(self._store_mask, job.mask) if job.mask is not None else None
+        input_blob_ids = await self._store_inputs(prepared.inputs)
+        mask_blob_id = await self._store_mask(job.mask) if job.mask is not None else None
         params = to_params(
             job,
             input_blob_ids=input_blob_ids,
@@ -380,7 +380,7 @@ class ImageService:
             await self.events.emit(record, "completed")
         return record
 
-    def render(self, record: RequestRow, base_url: str) -> ImageOutcome:
+    async def render(self, record: RequestRow, base_url: str) -> ImageOutcome:
         """The OpenAI ImagesResponse for a finished job, or its error."""
         rid = record.id
         if record.status == JobStatus.FAILED:
@@ -403,7 +403,7 @@ class ImageService:
         entry = self.catalog.resolve(record.provider)[1] if record.provider else None
         inline = params.get("response_format") == "b64_json"
         # The bytes are read only when they go into the response: a URL response links to them.
-        blobs = [self.blobs.get(b) or b"" for b in record.output_blob_ids] if inline else []
+        blobs = [b or b"" for b in await asyncio.gather(*map(self.blobs.get, record.output_blob_ids))] if inline else []
         data = []
         for i, blob_id in enumerate(record.output_blob_ids):
             item: dict[str, Any] = {"revised_prompt": params["prompt"]}
@@ -436,12 +436,13 @@ class ImageService:
         headers = {"x-request-id": rid, "x-kontext-provider": record.provider or "", "x-kontext-model": record.model}
         return ImageOutcome(body=body, headers=headers, blobs=blobs)
 
-    def _store_inputs(self, raw: list[bytes]) -> list[str]:
+    async def _store_inputs(self, raw: list[bytes]) -> list[str]:
         """Input images as blobs (as uploaded): a job run again after a crash needs them."""
-        return [self.blobs.put(data, ext=EXTENSIONS[sniff_format(data) or "png"]) for data in raw]
+        puts = (self.blobs.put(data, ext=EXTENSIONS[sniff_format(data) or "png"]) for data in raw)
+        return list(await asyncio.gather(*puts))
 
-    def _store_mask(self, mask: Image) -> str:
-        return self.blobs.put(encode_image(mask, "png"), ext="png")
+    async def _store_mask(self, mask: Image) -> str:
+        return await self.blobs.put(await asyncio.to_thread(encode_image, mask, "png"), ext="png")
 
     # -- validation and normalisation --------------------------------------------------------------
 
@@ -570,7 +571,7 @@ class ImageService:
         if not call.fetch_urls:
             # The Images API reads this gateway's own image links, and fetches nothing else.
             if parts.path.startswith(BLOB_ROUTE):
-                data = self.links.signed_blob(parts.path, parts.query)
+                data = await self.links.signed_blob(parts.path, parts.query)
                 if data is not None:
                     return kind, data
                 raise invalid(
@@ -614,7 +615,7 @@ class ImageService:
             raise GatewayError(
                 f"No request '{rid}'.", status=404, param="previous_response_id", code="request_not_found"
             )
-        data = self.blobs.get(record.output_blob_ids[0]) if record.output_blob_ids else None
+        data = await self.blobs.get(record.output_blob_ids[0]) if record.output_blob_ids else None
         if record.status != JobStatus.SUCCEEDED or data is None:
             raise invalid(
                 f"Request '{rid}' has no output to edit (it is {record.status}"

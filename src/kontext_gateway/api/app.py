@@ -19,6 +19,7 @@ from . import (
     docs,
     errors,
     files,
+    health,
     history,
     images,
     metrics_route,
@@ -70,16 +71,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(history.router)
     app.include_router(admin.router, dependencies=[Depends(auth.require_admin)])
     app.include_router(metrics_route.router)
+    app.include_router(health.router)
     app.include_router(web.router)
     app.mount("/static", web.static, name="static")
     app.include_router(docs.router)
     app.mount("/docs/assets", docs.assets, name="docs-assets")
     # The bodies the routes read themselves, the errors they answer, and none of FastAPI's guessed 422s.
     app.openapi = openapi.build(app)  # type: ignore[method-assign]
-
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     # Every /v1 route needs a key once the gateway is keyed, except blob links; admin routes an admin key.

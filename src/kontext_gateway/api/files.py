@@ -82,9 +82,10 @@ async def create_file(request: Request) -> JSONResponse:
         if not isinstance(metadata, dict):
             raise invalid("'metadata' must be a JSON object.", param="metadata", code="invalid_json")
     now = utcnow()
+    blob_id = await gw.blobs.put(data, ext=EXTENSIONS[fmt])
     record = await gw.db.create_file(
         id=uuid.uuid4().hex[:26],
-        blob_id=gw.blobs.put(data, ext=EXTENSIONS[fmt]),
+        blob_id=blob_id,
         name=(upload.filename or f"file.{EXTENSIONS[fmt]}")[:255],
         content_type=MIME_TYPES[fmt],
         size=len(data),
@@ -110,7 +111,7 @@ async def get_file(request: Request, file_id: str) -> JSONResponse:
 async def download_file(request: Request, file_id: str) -> Response:
     gw = gateway(request)
     record = await gw.db.get_file(file_id)
-    data = gw.blobs.get(record.blob_id) if record is not None and principal(request).owns(record) else None
+    data = await gw.blobs.get(record.blob_id) if record is not None and principal(request).owns(record) else None
     if record is None or data is None:
         raise not_found(f"No file '{file_id}'.", code="file_not_found")
     return Response(data, media_type=record.content_type)

@@ -104,7 +104,7 @@ async def _run(request: Request, call: ImageCall) -> Response:
         existing = await gw.idempotency.claim(who.scope, key, fp, request_id)
         if existing is not None:  # a retry: the same job's response; this waiter never cancels it
             record = await gw.images.wait(existing, cancel_on_abandon=False)
-            outcome = gw.images.render(record, base_url)
+            outcome = await gw.images.render(record, base_url)
             return JSONResponse(outcome.body, headers={**outcome.headers, "idempotent-replayed": "true"})
     work = asyncio.ensure_future(
         gw.images.create(call, base_url=base_url, provider=provider, request_id=request_id, principal=who)

@@ -87,7 +87,7 @@ def stream_response(gw: Gateway, request_id: str, mode: str, previews: PreviewQu
                 yield _sse("error", {"type": "error", "error": error})
                 return
             for blob_id in record.output_blob_ids:
-                data = await asyncio.to_thread(gw.blobs.get, blob_id) or b""
+                data = await gw.blobs.get(blob_id) or b""
                 yield _sse(
                     f"{kind}.completed",
                     {

@@ -9,15 +9,13 @@ from ..imaging import EXTENSIONS, inspect_image
 from ..params import Size
 from ..providers.base import ProviderImage
 from ..providers.calls import Task
-from ..store.blobs import LocalBlobStore
+from ..store.blobs import BlobStore
 from ..store.db import Database
 from ..store.records import TaskRow
 
 
 class DurableJournal:
-    def __init__(
-        self, db: Database, blobs: LocalBlobStore, request_id: str, rows: list[TaskRow], max_pixels: int
-    ) -> None:
+    def __init__(self, db: Database, blobs: BlobStore, request_id: str, rows: list[TaskRow], max_pixels: int) -> None:
         self.db = db
         self.blobs = blobs
         self.request_id = request_id
@@ -28,7 +26,7 @@ class DurableJournal:
             self._latest[(row.slot, row.config_key)] = row
 
     @classmethod
-    async def load(cls, db: Database, blobs: LocalBlobStore, request_id: str, max_pixels: int) -> DurableJournal:
+    async def load(cls, db: Database, blobs: BlobStore, request_id: str, max_pixels: int) -> DurableJournal:
         return cls(db, blobs, request_id, await db.tasks_for(request_id), max_pixels)
 
     def submitted_tasks(self) -> list[tuple[str, Task]]:
@@ -41,13 +39,14 @@ class DurableJournal:
             return None
         return row.id, _task(row)
 
-    def finished_images(self, slot: int, config_key: str) -> list[ProviderImage] | None:
+    async def finished_images(self, slot: int, config_key: str) -> list[ProviderImage] | None:
         row = self._latest.get((slot, config_key))
         if row is None or row.state != "done" or not row.output_blob_ids:
             return None
         images = []
-        for blob_id in row.output_blob_ids:
-            data = self.blobs.get(blob_id)
+        for blob_id, data in zip(
+            row.output_blob_ids, await asyncio.gather(*map(self.blobs.get, row.output_blob_ids)), strict=True
+        ):
             if data is None:
                 return None  # the stored result is gone: run the task again
             fmt, size = inspect_image(data, param="output", max_pixels=self.max_pixels)
@@ -71,8 +70,7 @@ class DurableJournal:
 
     async def finished(self, row: int, *, images: list[ProviderImage] | None) -> None:
         kept = [img for img in images or [] if img.data is not None and img.format in EXTENSIONS]
-        if kept:  # hashing and writing (with its fsync) off the event loop
-            await asyncio.to_thread(self._keep, kept)
+        await asyncio.gather(*map(self._keep, kept))
         blob_ids = [img.blob_id for img in kept if img.blob_id is not None]
         state = "done" if images is not None else "failed"
         await self.db.finish_task(row, state=state, output_blob_ids=blob_ids)
@@ -80,11 +78,10 @@ class DurableJournal:
             if latest.id == row:
                 self._latest[key] = dataclasses.replace(latest, state=state, output_blob_ids=blob_ids)
 
-    def _keep(self, images: list[ProviderImage]) -> None:
-        """Store each result as it came, noting where: the runner passes it on without storing it again."""
-        for img in images:
-            assert img.data is not None and img.format is not None
-            img.blob_id = self.blobs.put(img.data, ext=EXTENSIONS[img.format])
+    async def _keep(self, img: ProviderImage) -> None:
+        """Store a result as it came, noting where: the runner passes it on without storing it again."""
+        assert img.data is not None and img.format is not None
+        img.blob_id = await self.blobs.put(img.data, ext=EXTENSIONS[img.format])
 
 
 def _task(row: TaskRow) -> Task:

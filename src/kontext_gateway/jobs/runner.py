@@ -19,13 +19,13 @@ from ..imaging import EXTENSIONS, decode_image, encode_image
 from ..providers.base import ImageJob, Provider, ProviderImage
 from ..providers.hosted import HostedProvider
 from ..routing import Router
-from ..store.blobs import LocalBlobStore
+from ..store.blobs import BlobStore
 from ..store.db import Database
 from ..store.records import JobStatus, RequestRow
 from ..timing import ms_since
 from .channels import JobChannels
 from .journal import DurableJournal
-from .spec import from_record
+from .spec import from_record, read_inputs
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class JobRunner:
         self,
         *,
         db: Database,
-        blobs: LocalBlobStore,
+        blobs: BlobStore,
         catalog: Catalog,
         router: Router,
         providers: dict[str, Provider],
@@ -86,7 +86,10 @@ class JobRunner:
             journal = DurableJournal(db, self.blobs, rid, rows, self.settings.max_input_pixels)
             if record.cancel_requested:
                 raise asyncio.CancelledError  # cancelled while no worker held it (e.g. after a crash)
-            job = await asyncio.to_thread(from_record, record, self.catalog, self.blobs, self.settings)
+            inputs, mask = await read_inputs(record, self.blobs)
+            job = await asyncio.to_thread(
+                from_record, record, self.catalog, self.settings, inputs=inputs, mask_bytes=mask
+            )
             job.journal = journal
             job.progress = self.channels.step(rid)
             job.preview = self.channels.previews.get(rid) if job.partial_images else None
@@ -99,7 +102,7 @@ class JobRunner:
                 job.model, job.mode, job, forced=forced, provider=params.get("provider")
             )
             entry, result = await self.router.run(candidates, job)
-            encoded, blob_ids = await asyncio.to_thread(self._encode_and_store, result.images, job)
+            encoded, blob_ids = await self._encode_and_store(result.images, job)
         except asyncio.CancelledError:
             reason = self._stop_reason.pop(rid, "requested")
             if reason != "requested":
@@ -204,22 +207,28 @@ class JobRunner:
             metrics.cost(job.model.id, line["provider"], line["total_cost"] / pricing.MICROS)
         return total, lines
 
-    def _encode_and_store(self, images: list[ProviderImage], job: ImageJob) -> tuple[list[bytes], list[str]]:
-        encoded, blob_ids = [], []
+    async def _encode_and_store(self, images: list[ProviderImage], job: ImageJob) -> tuple[list[bytes], list[str]]:
+        """The images as asked for (encoded in a thread), and their blob ids (stored, at once)."""
+        encoded = await asyncio.to_thread(self._encode, images, job)
         ext = EXTENSIONS[job.output_format]
+
+        async def store(img: ProviderImage, data: bytes) -> str:
+            # The provider's bytes as they came are stored by the journal already: not again.
+            return img.blob_id if img.blob_id and data is img.data else await self.blobs.put(data, ext=ext)
+
+        return encoded, list(await asyncio.gather(*map(store, images, encoded)))
+
+    def _encode(self, images: list[ProviderImage], job: ImageJob) -> list[bytes]:
+        encoded = []
         for img in images:
             if img.data is not None and img.format == job.output_format and job.output_compression is None:
-                # Already what was asked for: the provider's bytes, stored once (by the journal).
-                encoded.append(img.data)
-                blob_ids.append(img.blob_id or self.blobs.put(img.data, ext=ext))
+                encoded.append(img.data)  # already what was asked for: the provider's bytes
                 continue
             pixels = img.image
             if pixels is None:
                 pixels = decode_image(img.data or b"", param="output", max_pixels=self.settings.max_input_pixels)
-            data = encode_image(pixels, job.output_format, compression=job.output_compression)
-            encoded.append(data)
-            blob_ids.append(self.blobs.put(data, ext=ext))
-        return encoded, blob_ids
+            encoded.append(encode_image(pixels, job.output_format, compression=job.output_compression))
+        return encoded
 
 
 def _logs(record: RequestRow, job: ImageJob | None, outcome: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from typing import TYPE_CHECKING, Any, cast
 
@@ -12,7 +13,7 @@ from ..providers.base import ImageJob
 
 if TYPE_CHECKING:
     from ..config import Settings
-    from ..store.blobs import LocalBlobStore
+    from ..store.blobs import BlobStore
     from ..store.records import RequestRow
 
 
@@ -54,23 +55,35 @@ def to_params(
     }
 
 
-def from_record(record: RequestRow, catalog: Catalog, blobs: LocalBlobStore, settings: Settings) -> ImageJob:
-    """Rebuild the job a record describes; input images are decoded again from the blob store."""
+async def read_inputs(record: RequestRow, blobs: BlobStore) -> tuple[list[bytes], bytes | None]:
+    """The stored bytes of a record's input images and of its mask (None without one), read at once;
+    LookupError when one of them is gone."""
     p = record.params
-    images = []
-    for blob_id in p.get("input_blob_ids", []):
-        data = blobs.get(blob_id)
-        if data is None:
-            raise LookupError(f"input image {blob_id} is missing from the blob store")
-        images.append(decode_image(data, param="image", max_pixels=settings.max_input_pixels))
-    mask = None
+    named = [(f"input image {blob_id}", blob_id) for blob_id in p.get("input_blob_ids", [])]
     if p.get("mask_blob_id"):
-        data = blobs.get(p["mask_blob_id"])
+        named.append((f"mask {p['mask_blob_id']}", p["mask_blob_id"]))
+    stored: list[bytes] = []
+    for (what, _), data in zip(named, await asyncio.gather(*(blobs.get(b) for _, b in named)), strict=True):
         if data is None:
-            raise LookupError(f"mask {p['mask_blob_id']} is missing from the blob store")
+            raise LookupError(f"{what} is missing from the blob store")
+        stored.append(data)
+    if p.get("mask_blob_id"):
+        return stored[:-1], stored[-1]
+    return stored, None
+
+
+def from_record(
+    record: RequestRow, catalog: Catalog, settings: Settings, *, inputs: list[bytes], mask_bytes: bytes | None
+) -> ImageJob:
+    """Rebuild the job a record describes, its input images (and mask) decoded again from their stored
+    bytes (`read_inputs`)."""
+    p = record.params
+    images = [decode_image(data, param="image", max_pixels=settings.max_input_pixels) for data in inputs]
+    mask = None
+    if mask_bytes is not None:
         from PIL import Image
 
-        mask = Image.open(io.BytesIO(data)).convert("L")
+        mask = Image.open(io.BytesIO(mask_bytes)).convert("L")
     size = None
     if p.get("size") and p["size"] != "auto":
         w, _, h = p["size"].partition("x")

@@ -36,13 +36,18 @@ class Worker:
         self.runner = runner
         self.settings = settings
         self.id = f"{socket.gethostname()[:24]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        # Hosted jobs at once; 0: this process claims no jobs at all (it only serves the API).
-        self.concurrency = settings.workers if concurrency is None else concurrency
-        self.lanes = {Lane.HOSTED: self.concurrency, Lane.LOCAL: settings.local_workers if self.concurrency else 0}
+        hosted = settings.workers if concurrency is None else concurrency
+        self.lanes = {Lane.HOSTED: hosted, Lane.LOCAL: settings.local_lane(hosted)}
+        # Jobs this process holds at once, both lanes; 0: it claims none (it only serves the API).
+        self.concurrency = sum(self.lanes.values())
         self.running: dict[str, asyncio.Task[Any]] = {}
         self._slots = {lane: asyncio.Semaphore(n) for lane, n in self.lanes.items()}
         self._wake = {lane: asyncio.Event() for lane in Lane}
-        self._loops: list[asyncio.Task[Any]] = []
+        self._claims: list[asyncio.Task[Any]] = []  # one claim loop per lane
+        self._leases: asyncio.Task[Any] | None = None  # renews the running jobs' leases
+        self.draining = False
+        self._drain_deadline = 0.0  # loop time by which running jobs are handed back
+        self._handed_back: set[str] = set()  # jobs stopped for another worker: leases to release
 
     def wake(self) -> None:
         """A job was just enqueued in this process: look now rather than at the next poll."""
@@ -51,25 +56,69 @@ class Worker:
 
     async def start(self) -> None:
         if self.concurrency:
-            self._loops = [
-                *(
-                    asyncio.create_task(self._claim_loop(lane), name=f"claims-{lane}")
-                    for lane, n in self.lanes.items()
-                    if n
-                ),
-                asyncio.create_task(self._lease_loop(), name="leases"),
+            self._claims = [
+                asyncio.create_task(self._claim_loop(lane), name=f"claims-{lane}")
+                for lane, n in self.lanes.items()
+                if n
             ]
+            self._leases = asyncio.create_task(self._lease_loop(), name="leases")
+            self.draining = False
 
-    async def stop(self) -> None:
-        for loop in self._loops:
+    @property
+    def claiming(self) -> bool:
+        """Whether this process takes jobs now: its claim loops run and it is not draining."""
+        return bool(self._claims) and not self.draining and not any(t.done() for t in self._claims)
+
+    def drain(self, timeout_s: float) -> None:
+        """Stop taking jobs now; those running have until `timeout_s` from now to finish (stop()).
+        Called on SIGTERM, before the HTTP server stops: requests still waiting on a job keep being
+        answered while it runs, and no new job starts here."""
+        if self.draining:
+            return
+        self.draining = True
+        self._drain_deadline = asyncio.get_running_loop().time() + timeout_s
+        for loop in self._claims:
             loop.cancel()
+        if self.running:
+            log.info("draining: %d running jobs have %.0f s to finish", len(self.running), timeout_s)
+
+    def hand_back_now(self) -> None:
+        """Stop the running jobs at once for another worker to take up (a second SIGTERM while
+        draining); their leases are released when stop() has seen them end."""
         for rid, task in list(self.running.items()):
             self.runner.stopping(rid, "shutdown")
+            self._handed_back.add(rid)
             task.cancel()
-        for task in [*self._loops, *self.running.values()]:
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Stop: no more claims; running jobs finish within the drain's deadline (or `grace_s` from now
+        when not draining yet); the rest are handed back: cancelled here, their leases released, so
+        another worker takes them up at once and resumes them from their journal (an upstream task
+        already submitted is polled, not submitted again)."""
+        self.drain(grace_s)
+        for loop in self._claims:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await loop
+        self._claims = []
+        left = self._drain_deadline - asyncio.get_running_loop().time()
+        if self.running and left > 0:
+            await asyncio.wait(list(self.running.values()), timeout=left)
+        self.hand_back_now()
+        for task in list(self.running.values()):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        self._loops = []
+        if self._leases is not None:
+            self._leases.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._leases
+            self._leases = None
+        handed_back, self._handed_back = list(self._handed_back), set()
+        if handed_back:
+            try:
+                await self.db.release_leases(self.id, handed_back)
+            except Exception:  # the leases then run out as after a crash
+                log.exception("releasing the leases of %d jobs failed", len(handed_back))
+            log.info("handed %d unfinished jobs back to the queue", len(handed_back))
 
     def runs(self, request_id: str) -> bool:
         return request_id in self.running
@@ -81,7 +130,7 @@ class Worker:
 
     def has_room(self, lane: Lane) -> bool:
         """Whether a job of `lane` enqueued now would start at once in this process."""
-        return bool(self._loops) and self.lanes[lane] > 0 and not self._slots[lane].locked()
+        return self.claiming and self.lanes[lane] > 0 and not self._slots[lane].locked()
 
     async def reserve(self, lane: Lane) -> str | None:
         """Take a free slot of `lane` for a job about to be enqueued here: this worker's id (the row's

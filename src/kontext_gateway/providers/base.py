@@ -94,7 +94,7 @@ class TaskJournal(Protocol):
         """(row, Task) of a task submitted for this slot and entry and not finished, if any."""
         ...
 
-    def finished_images(self, slot: int, config_key: str) -> list[ProviderImage] | None:
+    async def finished_images(self, slot: int, config_key: str) -> list[ProviderImage] | None:
         """The images of a task for this slot and entry that already finished, if any."""
         ...
 

@@ -174,7 +174,7 @@ class HostedProvider:
     async def _task(self, entry: ProviderEntry, job: ImageJob, plan: Submission, slot: int) -> list[ProviderImage]:
         """One task's images: submitted (again only where that is worth paying for), polled, downloaded.
         Every try is recorded on the job as an Attempt."""
-        if job.journal is not None and (done := job.journal.finished_images(slot, entry.config_key)):
+        if job.journal is not None and (done := await job.journal.finished_images(slot, entry.config_key)):
             return done  # finished before a restart: its images are stored
         before_task = 0  # failures before a task existed upstream (nothing was made, nothing paid)
         resubmits = 0

@@ -14,9 +14,9 @@ import os
 import stat
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Table, and_, func, insert, or_, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -24,13 +24,18 @@ from sqlalchemy.orm import aliased
 
 from kontext_gateway.store import ledger
 from kontext_gateway.store.engine import make_engine
-from kontext_gateway.store.migrate import upgrade_to_head
+from kontext_gateway.store.migrate import code_heads, database_heads, upgrade_to_head
 from kontext_gateway.store.models import FileRecord, RequestRecord, UpstreamTask, WebhookDelivery, utcnow
 from kontext_gateway.store.records import ENDED, DeliveryRow, FileRow, JobStatus, Lane, RequestRow, TaskRow
 
 __all__ = ["Database", "RequestRecord", "make_private"]
 
 log = logging.getLogger(__name__)
+
+# The hot path's statements go through a connection as Core statements on these tables: no Session, no
+# unit of work, no identity map (each ORM session cost more CPU than the SQL it ran).
+REQUESTS = cast(Table, RequestRecord.__table__)
+TASKS = cast(Table, UpstreamTask.__table__)
 
 OPEN_DELIVERY = ("pending", "sending")  # not yet delivered, failed or dropped
 Charge = tuple[int, list[dict[str, Any]]]  # (micros of USD, ledger line items)
@@ -118,6 +123,18 @@ class Database:
             await self._engine.dispose()
         self._engine = self._sessions = None
 
+    async def schema_problem(self) -> str | None:
+        """None when the database answers and its schema is this code's; else what is wrong, in words
+        (a readiness probe's answer: another process may have migrated it past this code)."""
+        try:
+            found = await database_heads(self.engine)
+        except Exception as exc:
+            return f"database unreachable: {type(exc).__name__}: {str(exc)[:200]}"
+        wanted = code_heads()
+        if found != wanted:
+            return f"database schema at {', '.join(found) or 'nothing'}, this code needs {', '.join(wanted)}"
+        return None
+
     def session(self) -> AsyncSession:
         """A new session: for the store package's own repositories (keys.py, history.py...); everything
         outside the package goes through their methods."""
@@ -130,15 +147,14 @@ class Database:
         (micros, line items) also settles its ledger entry, in the same transaction, so a request's
         end and its cost are never recorded one without the other. None: the request has no ledger
         entry (no API key held a reservation): one statement fewer."""
-        stmt = update(RequestRecord).where(RequestRecord.id == id).values(**values).returning(RequestRecord)
-        async with self.session() as session, session.begin():
-            updated = (await session.execute(stmt)).scalar_one_or_none()
+        stmt = update(REQUESTS).where(REQUESTS.c.id == id).values(**values).returning(*REQUESTS.c)
+        async with self.engine.begin() as conn:
+            updated = (await conn.execute(stmt)).first()
             if updated is None:
                 raise KeyError(f"no request {id!r}")
-            row = RequestRow.from_row(updated)  # read before the commit expires the instance
             if charge is not None:
-                await ledger.settle(session, id, charge[0], charge[1], values.get("completed_at") or utcnow())
-        return row
+                await ledger.settle(conn, id, charge[0], charge[1], values.get("completed_at") or utcnow())
+        return RequestRow.from_row(updated)
 
     async def create_request(
         self,
@@ -165,43 +181,52 @@ class Database:
         With `claimed_by`, it is written already claimed by that worker for `lease_s` (`processing`,
         run 1), as claim_next would leave it: the worker in this process that reserved a slot runs it."""
         now = utcnow()
-        record = RequestRecord(
+        values: dict[str, Any] = dict(
             id=id,
             created_at=now,
+            started_at=None,
+            completed_at=None,
             key_id=key_id,
             endpoint=endpoint,
             model=model,
+            provider=None,
             mode=mode,
             params=params,
             status=JobStatus.STARTING,
+            duration_ms=None,
+            cost=None,
+            currency="USD",
             output_blob_ids=[],
             attempts=[],
+            error=None,
+            output_size=None,
+            output_format=None,
             input=input,
             version=version,
+            logs="",
             webhook=webhook,
             webhook_events=webhook_events,
-            logs="",
             cancel_requested=False,
+            claimed_by=None,
+            lease_until=None,
             runs=0,
+            purged_at=None,
             lane=lane,
-            currency="USD",
         )
         if rejected is not None:
             # Refused before it could run: stored as failed at once, never claimable by a worker.
-            record.status, record.error, record.completed_at = JobStatus.FAILED, rejected["error"], now
-            record.duration_ms = rejected.get("duration_ms")
+            values.update(status=JobStatus.FAILED, error=rejected["error"], completed_at=now)
+            values["duration_ms"] = rejected.get("duration_ms")
         elif claimed_by is not None:
-            record.status, record.claimed_by, record.started_at, record.runs = JobStatus.PROCESSING, claimed_by, now, 1
-            record.lease_until = now + timedelta(seconds=lease_s)
-        row = RequestRow.from_row(record)
-        async with self.session() as session, session.begin():
+            values.update(status=JobStatus.PROCESSING, claimed_by=claimed_by, started_at=now, runs=1)
+            values["lease_until"] = now + timedelta(seconds=lease_s)
+        async with self.engine.begin() as conn:
             if reservation is not None:
-                await ledger.hold(session, reservation, now)
-            session.add(record)
-            if reservation is not None:
-                await session.flush()  # the ledger row references the request
-                session.add(ledger.entry(id, reservation, now))
-        return row
+                await ledger.hold(conn, reservation, now)
+            await conn.execute(insert(REQUESTS).values(values))
+            if reservation is not None:  # after the request's row, which it references
+                await conn.execute(insert(ledger.ENTRIES).values(ledger.entry(id, reservation, now)))
+        return RequestRow(**values)
 
     async def mark_running(self, id: str, *, provider: str) -> None:
         await self._update(id, status=JobStatus.PROCESSING, provider=provider, started_at=utcnow())
@@ -358,6 +383,25 @@ class Database:
             )
             return {row.id: bool(row.cancel_requested) for row in rows}
 
+    async def release_leases(self, worker: str, ids: list[str]) -> int:
+        """Hand this worker's running jobs back (it is shutting down): their leases end now, so the
+        next claim takes them up without waiting for them to run out. Returns how many it held."""
+        if not ids:
+            return 0
+        async with self.session() as session, session.begin():
+            result = await session.execute(
+                update(RequestRecord)
+                .where(
+                    RequestRecord.id.in_(ids),
+                    RequestRecord.claimed_by == worker,
+                    RequestRecord.status == JobStatus.PROCESSING,
+                )
+                # In the past, as every claimer's clock sees it (processes on other machines included).
+                .values(lease_until=utcnow() - timedelta(minutes=10))
+                .returning(RequestRecord.id)
+            )
+            return len(result.all())
+
     async def request_cancel(self, id: str) -> RequestRow | None:
         """Cancel a job: at once if no worker has it yet, else flag it for its worker. Returns the record."""
         now = utcnow()
@@ -411,29 +455,33 @@ class Database:
         self, request_id: str, *, slot: int, config_key: str, task_id: str, data: dict[str, Any]
     ) -> int:
         now = utcnow()
-        row = UpstreamTask(
-            request_id=request_id,
-            slot=slot,
-            config_key=config_key,
-            task_id=task_id,
-            data=data,
-            state="submitted",
-            output_blob_ids=[],
-            created_at=now,
-            updated_at=now,
+        stmt = (
+            insert(TASKS)
+            .values(
+                request_id=request_id,
+                slot=slot,
+                config_key=config_key,
+                task_id=task_id,
+                data=data,
+                state="submitted",
+                output_blob_ids=[],
+                created_at=now,
+                updated_at=now,
+            )
+            .returning(TASKS.c.id)
         )
-        async with self.session() as session, session.begin():
-            session.add(row)
-            await session.flush()
-            return row.id
+        async with self.engine.begin() as conn:
+            task_row: int = (await conn.execute(stmt)).scalar_one()
+        return task_row
 
     async def finish_task(self, task_row: int, *, state: str, output_blob_ids: list[str] | None = None) -> None:
-        async with self.session() as session, session.begin():
-            await session.execute(
-                update(UpstreamTask)
-                .where(UpstreamTask.id == task_row)
-                .values(state=state, output_blob_ids=list(output_blob_ids or []), updated_at=utcnow())
-            )
+        stmt = (
+            update(TASKS)
+            .where(TASKS.c.id == task_row)
+            .values(state=state, output_blob_ids=list(output_blob_ids or []), updated_at=utcnow())
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt)
 
     async def tasks_for(self, request_id: str) -> list[TaskRow]:
         query = select(UpstreamTask).where(UpstreamTask.request_id == request_id).order_by(UpstreamTask.id)
@@ -585,9 +633,9 @@ class Database:
             await session.execute(update(WebhookDelivery).where(WebhookDelivery.id == id).values(**values))
 
     async def get_request(self, id: str) -> RequestRow | None:
-        async with self.session() as session:
-            record = await session.get(RequestRecord, id)
-            return None if record is None else RequestRow.from_row(record)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(*REQUESTS.c).where(REQUESTS.c.id == id))).first()
+        return None if row is None else RequestRow.from_row(row)
 
     async def list_requests(
         self,

@@ -24,11 +24,19 @@ _SQLITE_PRAGMAS = (
 def make_engine(url: str, *, connect_args: dict[str, Any] | None = None) -> AsyncEngine:
     parsed = make_url(url)
     is_sqlite = parsed.get_backend_name() == "sqlite"
-    if is_sqlite and parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    sqlite_file = bool(
+        is_sqlite and parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:")
+    )
+    if sqlite_file:
+        Path(str(parsed.database)).expanduser().parent.mkdir(parents=True, exist_ok=True)
     # PostgreSQL: a pool big enough for a busy process, so connections are reused rather than
     # opened per request (the default 5 reopened ~1 in 4: benchmarks/RESULTS.md, section 7).
-    pool = {} if is_sqlite else {"pool_size": 20, "max_overflow": 20}
+    # SQLite: one connection. It has one writer anyway; more connections only contend for its lock
+    # (busy waits, BEGIN IMMEDIATE retries) and each brings its own aiosqlite thread to hop to.
+    # (A memory database keeps SQLAlchemy's own single-connection pool.)
+    pool: dict[str, Any] = {"pool_size": 20, "max_overflow": 20}
+    if is_sqlite:
+        pool = {"pool_size": 1, "max_overflow": 0} if sqlite_file else {}
     engine = create_async_engine(url, connect_args=connect_args or {}, pool_pre_ping=not is_sqlite, **pool)
     if is_sqlite:
         _configure_sqlite(engine)

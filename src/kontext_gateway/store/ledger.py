@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import case, func, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Table, case, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from .models import ApiKey, LedgerEntry, RequestRecord
 from .records import RUNNING
@@ -65,7 +65,13 @@ class KeyRevoked(Exception):
     pass
 
 
-async def hold(session: AsyncSession, r: Reservation, now: datetime) -> None:
+ENTRIES = cast(Table, LedgerEntry.__table__)
+
+# The ledger's statements run inside the caller's transaction, a session's or a bare connection's.
+Transaction = AsyncSession | AsyncConnection
+
+
+async def hold(session: Transaction, r: Reservation, now: datetime) -> None:
     """Before the request's insert: reserve against the key (or raise). No-op without a key."""
     if r.key_id is None:
         return
@@ -89,7 +95,7 @@ async def hold(session: AsyncSession, r: Reservation, now: datetime) -> None:
         )
     )
     if result.rowcount == 0:  # type: ignore[attr-defined]
-        key = await session.get(ApiKey, r.key_id)
+        key = (await session.execute(select(*ApiKey.__table__.c).where(ApiKey.id == r.key_id))).first()
         if key is None or key.revoked_at is not None:
             raise KeyRevoked()
         spent = key.spent_micros if key.period_start == ps else 0
@@ -106,9 +112,9 @@ async def hold(session: AsyncSession, r: Reservation, now: datetime) -> None:
             raise ConcurrencyExceeded(r.max_concurrent)  # the caller rolls back, releasing the hold
 
 
-def entry(request_id: str, r: Reservation, now: datetime) -> LedgerEntry:
-    """The ledger row, added after the request's insert (it references it)."""
-    return LedgerEntry(
+def entry(request_id: str, r: Reservation, now: datetime) -> dict[str, Any]:
+    """The ledger row's values, inserted after the request's row (it references it)."""
+    return dict(
         request_id=request_id,
         key_id=r.key_id,
         state="reserved",
@@ -119,7 +125,7 @@ def entry(request_id: str, r: Reservation, now: datetime) -> LedgerEntry:
 
 
 async def settle(
-    session: AsyncSession, request_id: str, actual_micros: int, lines: list[dict[str, Any]], now: datetime
+    session: Transaction, request_id: str, actual_micros: int, lines: list[dict[str, Any]], now: datetime
 ) -> None:
     """Release the reservation and charge the actual cost, exactly once (a no-op the second time,
     and for requests that never held one, such as rejected ones)."""

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -61,3 +63,24 @@ async def upgrade_to_head(engine: AsyncEngine) -> None:
     # The locks are taken before alembic reads alembic_version, so the second migrator sees the first's work.
     async with _in_process_lock(), migration_transaction(engine) as conn:
         await conn.run_sync(_upgrade)
+
+
+_heads: tuple[str, ...] | None = None
+
+
+def code_heads() -> tuple[str, ...]:
+    """The revisions this code's migrations end at (read once: the files do not change at run time)."""
+    global _heads
+    if _heads is None:
+        _heads = tuple(sorted(ScriptDirectory.from_config(alembic_config()).get_heads()))
+    return _heads
+
+
+async def database_heads(engine: AsyncEngine) -> tuple[str, ...]:
+    """The revisions the database says it is at (empty for a database never migrated)."""
+
+    def read(connection: Connection) -> tuple[str, ...]:
+        return tuple(sorted(MigrationContext.configure(connection).get_current_heads()))
+
+    async with engine.connect() as conn:
+        return await conn.run_sync(read)

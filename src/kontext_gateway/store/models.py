@@ -1,6 +1,6 @@
 """The tables: `requests` (one row per image request or prediction: the durable job), the upstream
-tasks it submitted, its webhook deliveries, idempotency keys, uploaded files, API keys and the cost
-ledger (one reservation per request, settled when it ends)."""
+tasks it submitted, its webhook deliveries, idempotency keys, uploaded files, API keys, the cost
+ledger (one reservation per request, settled when it ends) and the providers' shared health."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -223,3 +224,17 @@ class LedgerEntry(Base):
     lines: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)  # what the actual cost is made of
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     settled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class ProviderHealthRecord(Base):
+    """One provider config key's circuit breaker and latency EWMA, shared by every gateway process whose
+    `provider_health_url` names this database (store/provider_health.py). Times are the database's."""
+
+    __tablename__ = "provider_health"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)  # config key, e.g. "fal/flux.1-kontext-pro"
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # consecutive, all processes
+    opened_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # None: closed
+    probe_until: Mapped[datetime | None] = mapped_column(UTCDateTime())  # the half-open probe's lease
+    probe_token: Mapped[str | None] = mapped_column(String(40))  # who holds that lease
+    latency_s: Mapped[float | None] = mapped_column(Float)  # EWMA of successful durations

@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Self
 
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.engine import Row
 
 
 class Lane(StrEnum):
@@ -50,23 +50,27 @@ class _FromRow:
     __slots__ = ()
 
     @classmethod
-    def from_row(cls, row: DeclarativeBase, **overrides: Any) -> Self:
+    def from_row(cls, row: Any, **overrides: Any) -> Self:
         result: Self = _from_row(cls, row, overrides)
         return result
 
 
-def _from_row(cls: type, row: DeclarativeBase, overrides: dict[str, Any]) -> Any:
-    values = {name: getattr(row, name) for name in _columns(cls, type(row)) if name not in overrides}
+def _from_row(cls: type, row: Any, overrides: dict[str, Any]) -> Any:
+    # `row`: an ORM object, or a Core row (the hot path's statements), read by attribute alike.
+    source: tuple[str, ...] | type = tuple(row._fields) if isinstance(row, Row) else type(row)
+    values = {name: getattr(row, name) for name in _columns(cls, source) if name not in overrides}
     return cls(**values, **overrides)
 
 
 @functools.cache
-def _columns(cls: type, row_type: type) -> tuple[str, ...]:
-    """The fields read from a row of `row_type`: all but those with a default that the row lacks (a
-    claimed delivery's key_id, which the claim adds)."""
-    return tuple(
-        f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING or hasattr(row_type, f.name)
-    )
+def _columns(cls: type, source: tuple[str, ...] | type) -> tuple[str, ...]:
+    """The fields read from a row (its type, or a Core row's column names): all but those with a
+    default that the row lacks (a claimed delivery's key_id, which the claim adds)."""
+
+    def has(name: str) -> bool:
+        return name in source if isinstance(source, tuple) else hasattr(source, name)
+
+    return tuple(f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING or has(f.name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,11 +109,11 @@ class RequestRow(_FromRow):
     lane: Lane = Lane.HOSTED
 
     @classmethod
-    def from_row(cls, row: DeclarativeBase, **overrides: Any) -> Self:
+    def from_row(cls, row: Any, **overrides: Any) -> Self:
         result: Self = _from_row(
             cls,
             row,
-            {"status": JobStatus(row.status), "lane": Lane(row.lane), **overrides},  # type: ignore[attr-defined]
+            {"status": JobStatus(row.status), "lane": Lane(row.lane), **overrides},
         )
         return result
 
@@ -200,3 +204,32 @@ class LedgerRow(_FromRow):
     lines: list[dict[str, Any]]
     created_at: datetime
     settled_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthRow:
+    """One provider config key's shared health, as a shared health store (table `provider_health`, or
+    Redis) holds it. Times are that store's clock, in seconds since the epoch."""
+
+    failures: int = 0  # consecutive failures, counted across processes
+    opened_at: float | None = None  # when the breaker last opened; None: closed
+    probe_until: float | None = None  # a half-open probe's lease runs until then
+    latency_s: float | None = None  # EWMA of successful durations; None: none seen yet
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSnapshot:
+    """Rows read in one step, with the store's clock at that moment (to judge them by)."""
+
+    now: float
+    rows: dict[str, HealthRow]
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyBatch:
+    """Latency samples of one key folded into one update: an EWMA `e` becomes `scale * e + offset`;
+    with no EWMA yet it becomes `first` (the samples' own EWMA)."""
+
+    first: float
+    scale: float
+    offset: float
