@@ -158,3 +158,37 @@ def test_killed_and_drained_workers_leave_every_job_done_once_and_every_image_re
         finally:
             for proc in procs:
                 stop(proc)
+
+
+def test_sigterm_drains_an_embedded_server_and_hands_its_running_job_back(tmp_path: Path) -> None:
+    fake = FakeReplicate(pending_polls=10**9)  # the upstream task never finishes while the server runs
+    with serve(fake.app) as fake_url:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        database_url = f"sqlite+aiosqlite:///{tmp_path / 'data' / 'kontext.db'}"
+        env = {
+            "KONTEXT_DATA_DIR": str(tmp_path / "data"),
+            "REPLICATE_API_TOKEN": "r8_test",
+            "REPLICATE_BASE_URL": fake_url,
+            "KONTEXT_DRAIN_TIMEOUT_S": "1",
+        }
+        server = start(["serve", "--port", str(port)], env, tmp_path / "serve.log")
+        try:
+            wait_healthy(url, server, tmp_path / "serve.log")
+            created = httpx.post(
+                f"{url}/v1/models/black-forest-labs/flux-kontext-pro/predictions",
+                json={"input": {"prompt": "a lighthouse"}},
+                timeout=PATIENCE_S,
+            )
+            assert created.status_code == 201, created.text
+            rid = created.json()["id"]
+            assert wait_until(lambda: len(fake.submits()) == 1)
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=PATIENCE_S) == 0
+        finally:
+            stop(server)
+    (row,) = rows(database_url, [rid])
+    # Handed back, not failed: the next process resumes it at once from its journal.
+    assert row.status == JobStatus.PROCESSING and row.lease_until is not None
+    assert row.lease_until < datetime.now(UTC)
+    assert "handed 1 unfinished jobs back to the queue" in (tmp_path / "serve.log").read_text()

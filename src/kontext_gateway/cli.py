@@ -374,6 +374,7 @@ def _settings(args: argparse.Namespace) -> Any:
 
 def _serve(args: argparse.Namespace) -> int:
     import logging
+    import signal
 
     import uvicorn
 
@@ -409,6 +410,10 @@ def _serve(args: argparse.Namespace) -> int:
                 with contextlib.suppress(RuntimeError):  # no loop running: nothing to drain
                     asyncio.get_running_loop().call_soon_threadsafe(gateway.begin_drain)
             super().handle_exit(sig, frame)
+            # Drained, the process exits 0 as a deploy expects (uvicorn would raise SIGTERM again
+            # once shut down, ending the process by the signal).
+            with contextlib.suppress(ValueError):
+                self._captured_signals.remove(signal.SIGTERM)
 
     # log_config=None: uvicorn's loggers keep the handler installed above (JSON, redacted).
     config = uvicorn.Config(
