@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import pathlib
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -279,3 +280,24 @@ async def test_sqlite_pragmas(tmp_path: Any) -> None:
         assert values == ["wal", 1, 15000, 1]  # synchronous=NORMAL is 1
     finally:
         await database.close()
+
+
+async def test_close_waits_for_a_statement_still_under_way(tmp_path: pathlib.Path) -> None:
+    """A statement shielded from its task's cancel can still hold the connection when the process
+    closes; close() lets it finish, so no connection is left open past the event loop."""
+    from sqlalchemy import text
+
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'k.db'}")
+    await db.start()
+    holding = asyncio.Event()
+
+    async def late_statement() -> int:
+        async with db.engine.connect() as conn:
+            holding.set()
+            await asyncio.sleep(0.2)  # still under way when close() is called
+            return int((await conn.execute(text("SELECT 1"))).scalar_one())
+
+    statement = asyncio.ensure_future(late_statement())
+    await holding.wait()
+    await db.close()
+    assert statement.done() and statement.result() == 1

@@ -8,6 +8,7 @@ tightens files an older version left readable by others (`make_private`, with a 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -16,7 +17,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, func, insert, or_, select, update
+from sqlalchemy import Table, and_, event, func, insert, or_, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 REQUESTS = cast(Table, RequestRecord.__table__)
 TASKS = cast(Table, UpstreamTask.__table__)
 
-OPEN_DELIVERY = ("pending", "sending")  # not yet delivered, failed or dropped
+OPEN_DELIVERY = ("pending", "sending")
+CLOSE_WAIT_S = 10.0  # the longest close() waits for statements still under way  # not yet delivered, failed or dropped
 Charge = tuple[int, list[dict[str, Any]]]  # (micros of USD, ledger line items)
 
 
@@ -89,6 +91,30 @@ def _private_sqlite_file(url: str) -> None:
         make_private(path.with_name(path.name + suffix), 0o600)
 
 
+async def _connections_returned(engine: AsyncEngine) -> None:
+    """Until every connection of the pool is handed back (at most CLOSE_WAIT_S). A statement shielded
+    from its task's cancel (an upstream task being recorded, a webhook delivery released) may still
+    hold one when the process closes, and the pool closes only the connections handed back: one left
+    out would outlive its event loop."""
+    pool = engine.pool
+    checked_out = getattr(pool, "checkedout", None)
+    if checked_out is None or not checked_out():
+        return
+    loop = asyncio.get_running_loop()
+    returned = asyncio.Event()
+
+    def on_checkin(*_: Any) -> None:  # before the pool counts it back: look once it has
+        loop.call_soon(lambda: None if checked_out() else returned.set())
+
+    event.listen(pool, "checkin", on_checkin)
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_WAIT_S):
+                await returned.wait()
+    finally:
+        event.remove(pool, "checkin", on_checkin)
+
+
 class Database:
     """Owns the engine; every method is one short transaction, so no session outlives a call."""
 
@@ -119,8 +145,10 @@ class Database:
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
 
     async def close(self) -> None:
-        if self._engine is not None:
-            await self._engine.dispose()
+        engine = self._engine
+        if engine is not None:
+            await _connections_returned(engine)
+            await engine.dispose()
         self._engine = self._sessions = None
 
     async def schema_problem(self) -> str | None:
