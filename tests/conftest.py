@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -104,16 +105,19 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path | None = Non
         time.sleep(0.1)
 
 
-def stop(proc: subprocess.Popen[bytes] | None) -> None:
-    """SIGTERM, then SIGKILL after 20 s."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def start_kontext(
+    args: list[str], env: dict[str, str], log: Path, *, unset: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """`kontext ARGS` in the background with this environment plus `env` (less the `unset` names), its
+    output in `log`: a file, not a pipe nobody reads (it could fill). Stop it with fakes.common.stop."""
+    machine = {k: v for k, v in os.environ.items() if k not in unset}
+    with open(log, "ab") as stderr:  # the process keeps its own copy
+        return subprocess.Popen(
+            [sys.executable, "-m", "kontext_gateway", *args],
+            env={**machine, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
 
 
 @contextmanager

@@ -23,8 +23,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from conftest import PATIENCE_S, stop, wait_healthy, wait_until
-from fakes.common import free_port, serve
+from conftest import PATIENCE_S, wait_healthy, wait_until
+from fakes.common import free_port, serve, stop
 from fakes.replicate import FakeReplicate
 
 

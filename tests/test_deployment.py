@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import signal
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -24,8 +22,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import PATIENCE_S, stop, throwaway_postgres_database, wait_healthy, wait_until
-from fakes.common import free_port, output_size, serve
+from conftest import PATIENCE_S, start_kontext, throwaway_postgres_database, wait_healthy, wait_until
+from fakes.common import free_port, output_size, serve, stop
 from fakes.replicate import FakeReplicate
 from fakes.s3 import SHADOWING, MotoS3
 from kontext_gateway.store.db import Database
@@ -39,17 +37,6 @@ PER_WORKER = 3  # two workers hold every job between them
 def pg_database() -> Iterator[str]:
     with throwaway_postgres_database("kontext_deploy") as url:
         yield url
-
-
-def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    machine = {k: v for k, v in os.environ.items() if k not in SHADOWING}
-    with open(log, "ab") as stderr:  # a file, not a pipe nobody reads; the process keeps its own copy
-        return subprocess.Popen(
-            [sys.executable, "-m", "kontext_gateway", *args],
-            env={**machine, **env},
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
 
 
 def rows(database_url: str, ids: list[str]) -> list[RequestRow]:
@@ -90,12 +77,19 @@ def test_killed_and_drained_workers_leave_every_job_done_once_and_every_image_re
 
         procs: list[subprocess.Popen[bytes]] = []
         try:
-            api = start(["serve", "--port", str(port), "--workers", "0"], machine("api"), tmp_path / "api.log")
+            api = start_kontext(
+                ["serve", "--port", str(port), "--workers", "0"], machine("api"), tmp_path / "api.log", unset=SHADOWING
+            )
             procs.append(api)
             wait_healthy(url, api, tmp_path / "api.log")
             assert httpx.get(f"{url}/health/ready").status_code == 200
             first, second = (
-                start(["worker", "--concurrency", str(PER_WORKER)], machine(name), tmp_path / f"{name}.log")
+                start_kontext(
+                    ["worker", "--concurrency", str(PER_WORKER)],
+                    machine(name),
+                    tmp_path / f"{name}.log",
+                    unset=SHADOWING,
+                )
                 for name in ("worker-a", "worker-b")
             )
             procs += [first, second]
@@ -128,7 +122,12 @@ def test_killed_and_drained_workers_leave_every_job_done_once_and_every_image_re
                 released = [r for r in rows(pg_database, ids) if r.lease_until is not None and r.lease_until < now]
                 assert len(released) >= PER_WORKER  # the drained worker's, at once (the killed one's may follow)
 
-                third = start(["worker", "--concurrency", str(JOBS)], machine("worker-c"), tmp_path / "worker-c.log")
+                third = start_kontext(
+                    ["worker", "--concurrency", str(JOBS)],
+                    machine("worker-c"),
+                    tmp_path / "worker-c.log",
+                    unset=SHADOWING,
+                )
                 procs.append(third)
                 for prediction in list(fake.predictions.values()):
                     prediction["_polls_left"] = 0  # the upstream tasks finish now
@@ -172,7 +171,7 @@ def test_sigterm_drains_an_embedded_server_and_hands_its_running_job_back(tmp_pa
             "REPLICATE_BASE_URL": fake_url,
             "KONTEXT_DRAIN_TIMEOUT_S": "1",
         }
-        server = start(["serve", "--port", str(port)], env, tmp_path / "serve.log")
+        server = start_kontext(["serve", "--port", str(port)], env, tmp_path / "serve.log")
         try:
             wait_healthy(url, server, tmp_path / "serve.log")
             created = httpx.post(

@@ -4,9 +4,6 @@ and a worker process in multiprocess mode (PROMETHEUS_MULTIPROC_DIR)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from conftest import PATIENCE_S, png_bytes, running_server, stop, wait_healthy
-from fakes.common import free_port, serve
+from conftest import PATIENCE_S, png_bytes, running_server, start_kontext, wait_healthy
+from fakes.common import free_port, serve, stop
 from kontext_gateway.config import Settings
 
 GEN = "/v1/images/generations"
@@ -173,16 +170,6 @@ def test_unknown_models_share_one_label(server: str) -> None:
 # -- multiprocess: an API process and a worker process, one view -------------------------------------------
 
 
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "wb") as stderr:  # the process keeps its own copy
-        return subprocess.Popen(
-            [sys.executable, "-m", "kontext_gateway", *args],
-            env={**os.environ, **env},
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-
-
 def test_multiprocess_api_and_worker_export_one_view(tmp_path: Path) -> None:
     prom = tmp_path / "prom"
     prom.mkdir()
@@ -190,12 +177,12 @@ def test_multiprocess_api_and_worker_export_one_view(tmp_path: Path) -> None:
     data = str(tmp_path / "data")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    api = _start(["serve", "--port", str(port), "--data-dir", data, "--workers", "0"], env, tmp_path / "api.log")
+    api = start_kontext(["serve", "--port", str(port), "--data-dir", data, "--workers", "0"], env, tmp_path / "api.log")
     worker = None
     try:
         wait_healthy(url, api, tmp_path / "api.log")
         # The API process has created the database; the worker shares it (and the metrics directory).
-        worker = _start(["worker", "--concurrency", "2", "--data-dir", data], env, tmp_path / "worker.log")
+        worker = start_kontext(["worker", "--concurrency", "2", "--data-dir", data], env, tmp_path / "worker.log")
         client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
         for _ in range(2):
             client.images.generate(model="kontext-tiny", prompt="x", size="64x64", response_format="b64_json")

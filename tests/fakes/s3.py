@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from fakes.common import free_port
+from fakes.common import free_port, stop
 
 ACCESS_KEY = "AKIDEXAMPLETESTING01"
 SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
@@ -104,9 +104,4 @@ def moto_s3(*, timeout_s: float = 60.0, require_auth: bool = False) -> Iterator[
                 time.sleep(0.1)
             yield MotoS3(url)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
