@@ -27,6 +27,12 @@ def _env(name: str) -> AliasChoices:
     return AliasChoices(name.lower(), name)
 
 
+# What `rate_limit_url` and `provider_health_url` take: state kept per process ("memory"), or shared by
+# every gateway process through Redis or PostgreSQL (these schemes).
+POSTGRES_SCHEMES = ("postgresql://", "postgres://", "postgresql+asyncpg://")
+SHARED_STATE_URLS = "'memory', 'redis://', 'postgresql://' (or 'postgres://', 'postgresql+asyncpg://')"
+
+
 def default_data_dir() -> Path:
     return Path(os.environ.get("KONTEXT_DATA_DIR") or Path.cwd() / "data")
 

@@ -38,9 +38,9 @@ from pyrate_limiter import (
     StateBucket,
 )
 
+from .config import POSTGRES_SCHEMES, SHARED_STATE_URLS
+
 REDIS_PREFIX = "kontext:rl:"
-_SCHEMES = "'memory', 'redis://', 'postgresql://' (or 'postgres://', 'postgresql+asyncpg://')"
-_PG_SCHEMES = ("postgresql://", "postgres://", "postgresql+asyncpg://")
 _MINUTE_MS = Duration.MINUTE.value
 # PostgresBucket only removes expired log rows when leaked; without pyrate's Limiter (whose
 # background Leaker would do it) we leak each table ourselves, at most this often.
@@ -95,7 +95,7 @@ class RateLimiter:
 
             self._kind = "redis"
             self._redis = Redis.from_url(url)
-        elif url.startswith(_PG_SCHEMES):
+        elif url.startswith(POSTGRES_SCHEMES):
             from psycopg_pool import ConnectionPool
 
             self._kind = "postgres"
@@ -104,7 +104,7 @@ class RateLimiter:
             # open=True starts background workers that connect; it does not block here.
             self._pool = ConnectionPool(conninfo, min_size=1, max_size=4, timeout=10, open=True)
         else:
-            raise ValueError(f"unsupported rate-limit storage URL {url!r}: use {_SCHEMES}")
+            raise ValueError(f"unsupported rate-limit storage URL {url!r}: use {SHARED_STATE_URLS}")
 
     def _bucket(self, name: str, limit: int) -> _Entry:
         """The cached bucket for (name, limit). A changed limit replaces the bucket; the stored

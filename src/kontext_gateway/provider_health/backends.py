@@ -3,14 +3,12 @@ through Redis or PostgreSQL (`provider_health_url`), as the rate limits are (`ra
 
 from __future__ import annotations
 
-from ..config import Settings
-from ..store.provider_health import PG_SCHEMES, PostgresHealthStore
+from ..config import POSTGRES_SCHEMES, SHARED_STATE_URLS, Settings
+from ..store.provider_health import PostgresHealthStore
 from .local import ProviderHealth
 from .redis_store import RedisHealthStore
 from .shared import SharedProviderHealth
 from .state import HealthStore
-
-_SCHEMES = "'memory', 'redis://', 'postgresql://' (or 'postgres://', 'postgresql+asyncpg://')"
 
 
 def open_health_store(url: str | None) -> HealthStore | None:
@@ -19,9 +17,9 @@ def open_health_store(url: str | None) -> HealthStore | None:
         return None
     if url.startswith("redis://"):
         return RedisHealthStore(url)
-    if url.startswith(PG_SCHEMES):
+    if url.startswith(POSTGRES_SCHEMES):
         return PostgresHealthStore(url)
-    raise ValueError(f"unsupported provider health URL {url!r}: use {_SCHEMES}")
+    raise ValueError(f"unsupported provider health URL {url!r}: use {SHARED_STATE_URLS}")
 
 
 def open_provider_health(settings: Settings) -> ProviderHealth:

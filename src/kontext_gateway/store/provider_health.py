@@ -16,9 +16,8 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from ..config import POSTGRES_SCHEMES
 from .records import HealthRow, HealthSnapshot, LatencyBatch
-
-PG_SCHEMES = ("postgresql://", "postgres://", "postgresql+asyncpg://")
 
 # The columns a step hands back: the row, as epoch seconds, and the database's clock.
 _RETURNING = """extract(epoch FROM now())::float8 AS now, failures,
@@ -71,7 +70,7 @@ _UNDEFINED_TABLE = "42P01"
 
 class PostgresHealthStore:
     def __init__(self, url: str, *, timeout_s: float = 1.0) -> None:
-        if not url.startswith(PG_SCHEMES):
+        if not url.startswith(POSTGRES_SCHEMES):
             raise ValueError(f"not a PostgreSQL URL: {url!r}")
         self._engine = create_async_engine(
             "postgresql+asyncpg://" + url.split("://", 1)[1],
