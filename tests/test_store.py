@@ -301,3 +301,40 @@ async def test_close_waits_for_a_statement_still_under_way(tmp_path: pathlib.Pat
     await holding.wait()
     await db.close()
     assert statement.done() and statement.result() == 1
+
+
+async def test_job_statements_keep_foreign_keys(db: Database) -> None:
+    """The job's transactions (on SQLite, their own connection on their own thread) enforce the same
+    constraints: a task of no request is refused and nothing is left behind."""
+    from sqlalchemy.exc import IntegrityError
+
+    with pytest.raises(IntegrityError):
+        await db.record_task("req_missing", slot=0, config_key="bfl/flux-kontext-pro", task_id="t1", data={})
+    rid = _new_id()
+    await db.create_request(id=rid, endpoint="images.generate", model="m", mode="generate", params={})
+    row = await db.record_task(rid, slot=0, config_key="bfl/flux-kontext-pro", task_id="t1", data={"a": 1})
+    assert [(t.id, t.task_id, t.data) for t in await db.tasks_for(rid)] == [(row, "t1", {"a": 1})]
+
+
+async def test_close_lets_the_job_transactions_already_handed_over_commit(tmp_path: pathlib.Path) -> None:
+    """On a SQLite file the job's transactions queue for the database's thread; close() waits for the
+    ones already queued (a drain hands back jobs whose last writes are still in that queue)."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'k.db'}"
+    db = Database(url)
+    await db.start()
+    ids = [_new_id() for _ in range(40)]
+    creating = [
+        asyncio.ensure_future(
+            db.create_request(id=i, endpoint="images.generate", model="m", mode="generate", params={})
+        )
+        for i in ids
+    ]
+    await asyncio.sleep(0)  # every one has handed its transaction over
+    await db.close()
+    assert all(t.done() and t.exception() is None for t in creating)
+    again = Database(url)
+    await again.start()
+    try:
+        assert [(await again.get_request(i)) is not None for i in ids] == [True] * len(ids)
+    finally:
+        await again.close()

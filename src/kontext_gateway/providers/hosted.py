@@ -58,6 +58,7 @@ from .errors import (
     UpstreamError,
 )
 from .inputs import compact, inline_size
+from .transport import upstream_client
 
 log = logging.getLogger(__name__)
 # The gateway's request id while a job's upstream calls run: every call sends it as `x-request-id`,
@@ -83,11 +84,7 @@ class HostedProvider:
         configured = [*self.dialect.configured_urls(), *settings.provider_hosts.get(self.name, [])]
         self._own_origins = {_origin(httpx.URL(url)) for url in configured}
         # Redirects are never followed on calls (see `send`); downloads choose their own.
-        self.client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(60.0, connect=10.0),
-            follow_redirects=False,
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-        )
+        self.client = client or upstream_client(timeout=httpx.Timeout(60.0, connect=10.0), max_connections=256)
         self._semaphores: dict[str, asyncio.Semaphore] = {}
 
     # -- the Provider protocol -------------------------------------------------------------------------

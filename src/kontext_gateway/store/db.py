@@ -13,18 +13,20 @@ import contextlib
 import logging
 import os
 import stat
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Table, and_, event, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, Table, and_, event, func, insert, or_, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
 from kontext_gateway.store import ledger
-from kontext_gateway.store.engine import make_engine
+from kontext_gateway.store.engine import make_engine, make_sqlite_thread_engine, sqlite_file
 from kontext_gateway.store.migrate import code_heads, database_heads, upgrade_to_head
 from kontext_gateway.store.models import FileRecord, RequestRecord, UpstreamTask, WebhookDelivery, utcnow
 from kontext_gateway.store.records import ENDED, DeliveryRow, FileRow, JobStatus, Lane, RequestRow, TaskRow
@@ -41,6 +43,7 @@ TASKS = cast(Table, UpstreamTask.__table__)
 OPEN_DELIVERY = ("pending", "sending")
 CLOSE_WAIT_S = 10.0  # the longest close() waits for statements still under way  # not yet delivered, failed or dropped
 Charge = tuple[int, list[dict[str, Any]]]  # (micros of USD, ledger line items)
+T = TypeVar("T")
 
 
 def _short(text: str | None) -> str | None:
@@ -115,8 +118,20 @@ async def _connections_returned(engine: AsyncEngine) -> None:
         event.remove(pool, "checkin", on_checkin)
 
 
+def _in_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
+    with engine.begin() as conn:
+        return work(conn)
+
+
 class Database:
-    """Owns the engine; every method is one short transaction, so no session outlives a call."""
+    """Owns the engines; every method is one short transaction, so no session outlives a call.
+
+    The job's own statements (a request's insert and updates, its upstream tasks, a claim, a read) are
+    blocking functions of a connection run as one transaction by `_run`. On a SQLite file the whole
+    transaction runs on the database's own thread, one hop from the event loop: the async driver
+    hops to its thread several times per statement, which cost more CPU than the SQL. Elsewhere
+    (PostgreSQL, a memory database) they run on the async engine's connection. The rest (keys, history,
+    files, webhooks) goes through the async engine's sessions."""
 
     def __init__(self, url: str, *, connect_args: dict[str, Any] | None = None) -> None:
         # connect_args goes to the driver as is (e.g. asyncpg `server_settings` for a search_path).
@@ -124,6 +139,8 @@ class Database:
         self._connect_args = connect_args
         self._engine: AsyncEngine | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
+        self._thread: ThreadPoolExecutor | None = None  # a SQLite file's: where `_run` runs transactions
+        self._thread_engine: Engine | None = None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -143,13 +160,31 @@ class Database:
             raise
         self._engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        if sqlite_file(self.url):
+            self._thread_engine = make_sqlite_thread_engine(self.url)
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kontext-sqlite")
 
     async def close(self) -> None:
-        engine = self._engine
+        engine, thread, thread_engine = self._engine, self._thread, self._thread_engine
+        if thread is not None and thread_engine is not None:
+            # Queued behind every transaction already handed to the thread: their connection closes
+            # on the thread that used it, once they are done.
+            await asyncio.get_running_loop().run_in_executor(thread, thread_engine.dispose)
+            thread.shutdown(wait=True)
         if engine is not None:
             await _connections_returned(engine)
             await engine.dispose()
         self._engine = self._sessions = None
+        self._thread = self._thread_engine = None
+
+    async def _run(self, work: Callable[[Connection], T]) -> T:
+        """`work(connection)` as one transaction: committed when it returns, rolled back if it raises."""
+        if self._thread is not None and self._thread_engine is not None:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._thread, _in_transaction, self._thread_engine, work
+            )
+        async with self.engine.begin() as conn:
+            return await conn.run_sync(work)
 
     async def schema_problem(self) -> str | None:
         """None when the database answers and its schema is this code's; else what is wrong, in words
@@ -176,13 +211,16 @@ class Database:
         end and its cost are never recorded one without the other. None: the request has no ledger
         entry (no API key held a reservation): one statement fewer."""
         stmt = update(REQUESTS).where(REQUESTS.c.id == id).values(**values).returning(*REQUESTS.c)
-        async with self.engine.begin() as conn:
-            updated = (await conn.execute(stmt)).first()
+
+        def work(conn: Connection) -> RequestRow:
+            updated = conn.execute(stmt).first()
             if updated is None:
                 raise KeyError(f"no request {id!r}")
             if charge is not None:
-                await ledger.settle(conn, id, charge[0], charge[1], values.get("completed_at") or utcnow())
-        return RequestRow.from_row(updated)
+                ledger.settle(conn, id, charge[0], charge[1], values.get("completed_at") or utcnow())
+            return RequestRow.from_row(updated)
+
+        return await self._run(work)
 
     async def create_request(
         self,
@@ -248,12 +286,15 @@ class Database:
         elif claimed_by is not None:
             values.update(status=JobStatus.PROCESSING, claimed_by=claimed_by, started_at=now, runs=1)
             values["lease_until"] = now + timedelta(seconds=lease_s)
-        async with self.engine.begin() as conn:
+
+        def work(conn: Connection) -> None:
             if reservation is not None:
-                await ledger.hold(conn, reservation, now)
-            await conn.execute(insert(REQUESTS).values(values))
+                ledger.hold(conn, reservation, now)
+            conn.execute(insert(REQUESTS).values(values))
             if reservation is not None:  # after the request's row, which it references
-                await conn.execute(insert(ledger.ENTRIES).values(ledger.entry(id, reservation, now)))
+                conn.execute(insert(ledger.ENTRIES).values(ledger.entry(id, reservation, now)))
+
+        await self._run(work)
         return RequestRow(**values)
 
     async def mark_running(self, id: str, *, provider: str) -> None:
@@ -381,11 +422,14 @@ class Database:
                 started_at=func.coalesce(RequestRecord.started_at, now),
                 runs=RequestRecord.runs + 1,
             )
-            .returning(RequestRecord)
+            .returning(*REQUESTS.c)
         )
-        async with self.session() as session, session.begin():
-            claimed = (await session.execute(stmt)).scalar_one_or_none()
+
+        def work(conn: Connection) -> RequestRow | None:
+            claimed = conn.execute(stmt).first()
             return None if claimed is None else RequestRow.from_row(claimed)
+
+        return await self._run(work)
 
     async def renew_leases(self, worker: str, ids: list[str], lease_s: float) -> dict[str, bool]:
         """Extend this worker's leases; returns {id: cancel_requested} for the jobs it still holds."""
@@ -433,21 +477,24 @@ class Database:
     async def request_cancel(self, id: str) -> RequestRow | None:
         """Cancel a job: at once if no worker has it yet, else flag it for its worker. Returns the record."""
         now = utcnow()
-        async with self.session() as session, session.begin():
-            result = await session.execute(
-                update(RequestRecord)
-                .where(RequestRecord.id == id, RequestRecord.status == JobStatus.STARTING)
+
+        def work(conn: Connection) -> RequestRow | None:
+            result = conn.execute(
+                update(REQUESTS)
+                .where(REQUESTS.c.id == id, REQUESTS.c.status == JobStatus.STARTING)
                 .values(status=JobStatus.CANCELED, completed_at=now, cancel_requested=True)
             )
-            if result.rowcount:  # type: ignore[attr-defined]
-                await ledger.settle(session, id, 0, [], now)  # never ran: the reservation is released
-            await session.execute(
-                update(RequestRecord)
-                .where(RequestRecord.id == id, RequestRecord.status == JobStatus.PROCESSING)
+            if result.rowcount:
+                ledger.settle(conn, id, 0, [], now)  # never ran: the reservation is released
+            conn.execute(
+                update(REQUESTS)
+                .where(REQUESTS.c.id == id, REQUESTS.c.status == JobStatus.PROCESSING)
                 .values(cancel_requested=True)
             )
-            record = await session.get(RequestRecord, id)
-            return None if record is None else RequestRow.from_row(record)
+            row = conn.execute(select(*REQUESTS.c).where(REQUESTS.c.id == id)).first()
+            return None if row is None else RequestRow.from_row(row)
+
+        return await self._run(work)
 
     async def ended_without_completed_webhook(self, since: datetime, until: datetime | None = None) -> list[RequestRow]:
         """Jobs that ended between `since` and `until` with a webhook but no `completed` delivery
@@ -498,8 +545,7 @@ class Database:
             )
             .returning(TASKS.c.id)
         )
-        async with self.engine.begin() as conn:
-            task_row: int = (await conn.execute(stmt)).scalar_one()
+        task_row: int = await self._run(lambda conn: conn.execute(stmt).scalar_one())
         return task_row
 
     async def finish_task(self, task_row: int, *, state: str, output_blob_ids: list[str] | None = None) -> None:
@@ -508,8 +554,7 @@ class Database:
             .where(TASKS.c.id == task_row)
             .values(state=state, output_blob_ids=list(output_blob_ids or []), updated_at=utcnow())
         )
-        async with self.engine.begin() as conn:
-            await conn.execute(stmt)
+        await self._run(lambda conn: conn.execute(stmt))
 
     async def tasks_for(self, request_id: str) -> list[TaskRow]:
         query = select(UpstreamTask).where(UpstreamTask.request_id == request_id).order_by(UpstreamTask.id)
@@ -661,8 +706,8 @@ class Database:
             await session.execute(update(WebhookDelivery).where(WebhookDelivery.id == id).values(**values))
 
     async def get_request(self, id: str) -> RequestRow | None:
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(select(*REQUESTS.c).where(REQUESTS.c.id == id))).first()
+        query = select(*REQUESTS.c).where(REQUESTS.c.id == id)
+        row = await self._run(lambda conn: conn.execute(query).first())
         return None if row is None else RequestRow.from_row(row)
 
     async def list_requests(

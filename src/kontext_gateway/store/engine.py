@@ -1,11 +1,11 @@
-"""Async engine factory: the per-backend settings every connection needs, in one place."""
+"""Engine factories: the per-backend settings every connection needs, in one place."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -24,10 +24,8 @@ _SQLITE_PRAGMAS = (
 def make_engine(url: str, *, connect_args: dict[str, Any] | None = None) -> AsyncEngine:
     parsed = make_url(url)
     is_sqlite = parsed.get_backend_name() == "sqlite"
-    sqlite_file = bool(
-        is_sqlite and parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:")
-    )
-    if sqlite_file:
+    in_file = sqlite_file(url)
+    if in_file:
         Path(str(parsed.database)).expanduser().parent.mkdir(parents=True, exist_ok=True)
     # PostgreSQL: a pool big enough for a busy process, so connections are reused rather than
     # opened per request (the default 5 reopened ~1 in 4: benchmarks/RESULTS.md, section 7).
@@ -36,15 +34,33 @@ def make_engine(url: str, *, connect_args: dict[str, Any] | None = None) -> Asyn
     # (A memory database keeps SQLAlchemy's own single-connection pool.)
     pool: dict[str, Any] = {"pool_size": 20, "max_overflow": 20}
     if is_sqlite:
-        pool = {"pool_size": 1, "max_overflow": 0} if sqlite_file else {}
+        pool = {"pool_size": 1, "max_overflow": 0} if in_file else {}
     engine = create_async_engine(url, connect_args=connect_args or {}, pool_pre_ping=not is_sqlite, **pool)
     if is_sqlite:
-        _configure_sqlite(engine)
+        _configure_sqlite(engine.sync_engine)
     return engine
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def sqlite_file(url: str) -> bool:
+    """Whether `url` names a SQLite database in a file (not in memory: one such is per connection)."""
+    parsed = make_url(url)
+    name = str(parsed.database or "")
+    return parsed.get_backend_name() == "sqlite" and name not in ("", ":memory:") and not name.startswith("file:")
+
+
+def make_sqlite_thread_engine(url: str) -> Engine:
+    """A blocking engine (the sqlite3 module) on the same SQLite file as `url`, with one connection and
+    the same settings, for transactions run whole on one thread (`Database`'s SQLite thread)."""
+    sync_url = make_url(url).set(drivername="sqlite")
+    # The connection is opened, used and closed on that one thread; check_same_thread only guards
+    # against a use from elsewhere, which the pool of one on one thread rules out.
+    engine = create_engine(sync_url, pool_size=1, max_overflow=0, connect_args={"check_same_thread": False})
+    _configure_sqlite(engine)
+    return engine
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         # sqlite3's legacy mode never BEGINs before DDL or SELECT, so a migration would not be one
         # transaction; switch that off and BEGIN ourselves (SQLAlchemy's documented recipe).
@@ -54,7 +70,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
             cursor.execute(pragma)
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def on_begin(conn: Connection) -> None:
         immediate = conn.get_execution_options().get(SQLITE_BEGIN_IMMEDIATE, False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

@@ -8,6 +8,8 @@ limit is counted under that same lock.
 
 Settle (with the request's terminal status): the reservation is released and the actual cost
 charged, once (the entry moves from `reserved` to `settled` in the same statement that checks it).
+
+Both run on the caller's connection, inside its transaction, as blocking calls (see `Database._run`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, case, func, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy import Connection, Table, case, func, or_, select, update
 
 from .models import ApiKey, LedgerEntry, RequestRecord
 from .records import RUNNING
@@ -67,17 +68,14 @@ class KeyRevoked(Exception):
 
 ENTRIES = cast(Table, LedgerEntry.__table__)
 
-# The ledger's statements run inside the caller's transaction, a session's or a bare connection's.
-Transaction = AsyncSession | AsyncConnection
 
-
-async def hold(session: Transaction, r: Reservation, now: datetime) -> None:
+def hold(conn: Connection, r: Reservation, now: datetime) -> None:
     """Before the request's insert: reserve against the key (or raise). No-op without a key."""
     if r.key_id is None:
         return
     ps = period_start(r.budget_period, now)
     spent_now = case((ApiKey.period_start == ps, ApiKey.spent_micros), else_=0)
-    result = await session.execute(
+    result = conn.execute(
         update(ApiKey)
         .where(
             ApiKey.id == r.key_id,
@@ -94,19 +92,17 @@ async def hold(session: Transaction, r: Reservation, now: datetime) -> None:
             last_used_at=now,
         )
     )
-    if result.rowcount == 0:  # type: ignore[attr-defined]
-        key = (await session.execute(select(*ApiKey.__table__.c).where(ApiKey.id == r.key_id))).first()
+    if result.rowcount == 0:
+        key = conn.execute(select(*ApiKey.__table__.c).where(ApiKey.id == r.key_id)).first()
         if key is None or key.revoked_at is not None:
             raise KeyRevoked()
         spent = key.spent_micros if key.period_start == ps else 0
         raise BudgetExceeded(key.budget_micros or 0, spent, key.reserved_micros, r.estimate_micros, key.budget_period)
     if r.max_concurrent is not None:
-        running = (
-            await session.execute(
-                select(func.count())
-                .select_from(RequestRecord)
-                .where(RequestRecord.key_id == r.key_id, RequestRecord.status.in_(RUNNING))
-            )
+        running = conn.execute(
+            select(func.count())
+            .select_from(RequestRecord)
+            .where(RequestRecord.key_id == r.key_id, RequestRecord.status.in_(RUNNING))
         ).scalar_one()
         if running >= r.max_concurrent:
             raise ConcurrencyExceeded(r.max_concurrent)  # the caller rolls back, releasing the hold
@@ -124,28 +120,24 @@ def entry(request_id: str, r: Reservation, now: datetime) -> dict[str, Any]:
     )
 
 
-async def settle(
-    session: Transaction, request_id: str, actual_micros: int, lines: list[dict[str, Any]], now: datetime
-) -> None:
+def settle(conn: Connection, request_id: str, actual_micros: int, lines: list[dict[str, Any]], now: datetime) -> None:
     """Release the reservation and charge the actual cost, exactly once (a no-op the second time,
     and for requests that never held one, such as rejected ones)."""
-    row = (
-        await session.execute(
-            update(LedgerEntry)
-            .where(LedgerEntry.request_id == request_id, LedgerEntry.state == "reserved")
-            .values(state="settled", actual_micros=actual_micros, lines=lines, settled_at=now)
-            .returning(LedgerEntry.key_id, LedgerEntry.estimate_micros)
-        )
+    row = conn.execute(
+        update(LedgerEntry)
+        .where(LedgerEntry.request_id == request_id, LedgerEntry.state == "reserved")
+        .values(state="settled", actual_micros=actual_micros, lines=lines, settled_at=now)
+        .returning(LedgerEntry.key_id, LedgerEntry.estimate_micros)
     ).first()
     if row is None or row.key_id is None:
         return
-    period = (await session.execute(select(ApiKey.budget_period).where(ApiKey.id == row.key_id))).first()
+    period = conn.execute(select(ApiKey.budget_period).where(ApiKey.id == row.key_id)).first()
     if period is None:
         return
     # Charged to the period the request ends in (a new period starts from zero).
     ps = period_start(period.budget_period, now)
     spent_now = case((ApiKey.period_start == ps, ApiKey.spent_micros), else_=0)
-    await session.execute(
+    conn.execute(
         update(ApiKey)
         .where(ApiKey.id == row.key_id)
         .values(

@@ -1,0 +1,257 @@
+"""The upstream client (httpx over aiohttp's connections): what a provider's code sees for each way an
+upstream can answer or fail, exactly as with httpx's own transport.
+
+The upstream is a scripted HTTP/1.1 server on loopback (asyncio streams), so it can misbehave at the
+byte level: close without answering, cut a body short, send a broken status line, never answer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from conftest import noise_png, png_bytes
+from kontext_gateway.imaging import inspect_image
+from kontext_gateway.providers.transport import AiohttpTransport, upstream_client
+
+Script = Callable[["Seen", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class Seen:
+    """What the scripted upstream saw: one entry per connection, the requests on each."""
+
+    connections: int = 0
+    requests: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
+
+
+async def read_request(seen: Seen, reader: asyncio.StreamReader) -> tuple[str, dict[str, str], bytes] | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return None  # the client closed an idle connection
+    line, *fields = head.decode("latin-1").split("\r\n")[:-2]
+    headers = {k.strip().lower(): v.strip() for k, v in (f.split(":", 1) for f in fields)}
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    seen.requests.append((line, headers, body))
+    return line, headers, body
+
+
+def answer(status: str, body: bytes, *headers: str) -> bytes:
+    head = [f"HTTP/1.1 {status}", f"content-length: {len(body)}", *headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+@contextlib.asynccontextmanager
+async def upstream(script: Script) -> AsyncIterator[tuple[str, Seen]]:
+    seen = Seen()
+
+    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.connections += 1
+        try:
+            await script(seen, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(connection, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", seen
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def serving(respond: Callable[[str, dict[str, str], bytes], bytes]) -> Script:
+    """A keep-alive upstream answering each request with `respond(request line, headers, body)`."""
+
+    async def script(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (request := await read_request(seen, reader)) is not None:
+            writer.write(respond(*request))
+            await writer.drain()
+
+    return script
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    c = upstream_client(timeout=httpx.Timeout(5.0, connect=2.0))
+    try:
+        yield c
+    finally:
+        await c.aclose()
+
+
+async def test_json_calls_reuse_one_connection_and_send_what_httpx_builds(client: httpx.AsyncClient) -> None:
+    def respond(line: str, headers: dict[str, str], body: bytes) -> bytes:
+        return answer("200 OK", json.dumps({"line": line, "got": json.loads(body or b"null")}).encode())
+
+    async with upstream(serving(respond)) as (url, seen):
+        first = await client.post(f"{url}/v1/flux-kontext-pro?x=1", json={"prompt": "ü"}, headers={"x-key": "k"})
+        second = await client.get(f"{url}/v1/get_result?id=abc")
+    assert first.status_code == 200 and first.json() == {
+        "line": "POST /v1/flux-kontext-pro?x=1 HTTP/1.1",
+        "got": {"prompt": "ü"},
+    }
+    assert second.json()["line"] == "GET /v1/get_result?id=abc HTTP/1.1"
+    assert seen.connections == 1  # kept alive between calls
+    _, headers, body = seen.requests[0]
+    assert headers["x-key"] == "k" and headers["content-type"] == "application/json"
+    assert headers["content-length"] == str(len(body)) and "transfer-encoding" not in headers
+    assert headers["host"] == url.removeprefix("http://")
+
+
+async def test_a_multipart_upload_arrives_whole_with_its_length(client: httpx.AsyncClient) -> None:
+    image = png_bytes(64, 48)
+    async with upstream(serving(lambda *_: answer("201 Created", b"{}"))) as (url, seen):
+        resp = await client.post(
+            f"{url}/v1/files", files={"content": ("a.png", image, "image/png")}, data={"type": "image/png"}
+        )
+    assert resp.status_code == 201
+    _, headers, body = seen.requests[0]
+    assert headers["content-type"].startswith("multipart/form-data; boundary=")
+    assert int(headers["content-length"]) == len(body) and image in body
+
+
+async def test_a_large_result_streams_back_byte_for_byte(client: httpx.AsyncClient) -> None:
+    image = noise_png(1024, 1024)
+    script = serving(lambda *_: answer("200 OK", image, "content-type: image/png"))
+    async with upstream(script) as (url, _), client.stream("GET", f"{url}/results/a/sample.png") as resp:
+        data = b"".join([chunk async for chunk in resp.aiter_bytes()])
+    assert data == image
+    assert inspect_image(data, param="output", max_pixels=2**24) == ("png", (1024, 1024))
+
+
+async def test_content_encoding_is_decoded_once(client: httpx.AsyncClient) -> None:
+    body = json.dumps({"status": "Ready"}).encode()
+    zipped = gzip.compress(body)
+    async with upstream(serving(lambda *_: answer("200 OK", zipped, "content-encoding: gzip"))) as (url, _):
+        resp = await client.get(f"{url}/v1/get_result?id=a")
+    assert resp.json() == {"status": "Ready"}
+
+
+async def test_redirects_are_answers_unless_the_call_follows_them(client: httpx.AsyncClient) -> None:
+    def respond(line: str, headers: dict[str, str], body: bytes) -> bytes:
+        if line.startswith("GET /old"):
+            return answer("302 Found", b"", "location: /new?" + "s" * 20_000)  # a long signed URL
+        return answer("200 OK", b"here")
+
+    async with upstream(serving(respond)) as (url, seen):
+        unfollowed = await client.get(f"{url}/old")
+        followed = await client.get(f"{url}/old", follow_redirects=True)
+    assert unfollowed.status_code == 302 and unfollowed.headers["location"].startswith("/new?sss")
+    assert followed.status_code == 200 and followed.content == b"here"
+    assert [line.split("?")[0] for line, _, _ in seen.requests] == ["GET /old HTTP/1.1"] * 2 + ["GET /new"]
+
+
+async def test_a_refused_connection_is_a_connect_error(client: httpx.AsyncClient) -> None:
+    async with upstream(serving(lambda *_: b"")) as (url, _):
+        pass  # closed: nothing listens on its port any more
+    with pytest.raises(httpx.ConnectError):
+        await client.get(f"{url}/v1/get_result")
+
+
+async def test_a_close_without_an_answer_is_a_protocol_error(client: httpx.AsyncClient) -> None:
+    async def hang_up(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(seen, reader)
+
+    async with upstream(hang_up) as (url, _):
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.post(f"{url}/v1/flux-kontext-pro", json={})
+
+
+async def test_a_body_cut_short_is_a_read_error(client: httpx.AsyncClient) -> None:
+    async def cut(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(seen, reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5000\r\n\r\n" + b"x" * 100)
+        await writer.drain()
+
+    async with upstream(cut) as (url, _):
+        with pytest.raises(httpx.ReadError):
+            await client.get(f"{url}/results/a/sample.png")
+
+
+async def test_a_broken_status_line_is_a_protocol_error(client: httpx.AsyncClient) -> None:
+    async def garbage(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(seen, reader)
+        writer.write(b"SMTP ready\r\n\r\n")
+        await writer.drain()
+
+    async with upstream(garbage) as (url, _):
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.get(f"{url}/v1/get_result")
+
+
+async def test_an_upstream_that_never_answers_is_a_read_timeout() -> None:
+    async def silent(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(seen, reader)
+        await asyncio.sleep(30)
+
+    quick = upstream_client(timeout=httpx.Timeout(0.3, connect=2.0))
+    try:
+        async with upstream(silent) as (url, _):
+            with pytest.raises(httpx.ReadTimeout):
+                await quick.get(f"{url}/v1/get_result")
+    finally:
+        await quick.aclose()
+
+
+async def test_a_url_that_is_not_http_is_unsupported(client: httpx.AsyncClient) -> None:
+    with pytest.raises(httpx.UnsupportedProtocol):
+        await client.get("ftp://127.0.0.1/sample.png")
+
+
+async def test_the_environment_proxy_carries_plain_http_calls_unless_no_proxy_names_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with upstream(serving(lambda *_: answer("200 OK", b"via proxy"))) as (proxy, seen):
+        monkeypatch.setenv("HTTP_PROXY", proxy)
+        monkeypatch.setenv("NO_PROXY", "direct.invalid")
+        transport = AiohttpTransport(max_connections=4)
+        async with httpx.AsyncClient(transport=transport) as proxied:
+            resp = await proxied.get("http://api.upstream.invalid/v1/get_result?id=1")
+            with pytest.raises(httpx.ConnectError):  # not proxied: the name does not resolve
+                await proxied.get("http://direct.invalid/v1/get_result")
+    assert resp.content == b"via proxy"
+    assert [line for line, _, _ in seen.requests] == ["GET http://api.upstream.invalid/v1/get_result?id=1 HTTP/1.1"]
+
+
+async def test_connections_are_capped_and_freed_for_the_next_caller() -> None:
+    async def slow(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(seen, reader) is not None:
+            await asyncio.sleep(0.05)
+            writer.write(answer("200 OK", b"{}"))
+            await writer.drain()
+
+    capped = upstream_client(timeout=httpx.Timeout(10.0), max_connections=2)
+    try:
+        async with upstream(slow) as (url, seen):
+            answers = await asyncio.gather(*(capped.get(f"{url}/v1/get_result?id={i}") for i in range(8)))
+    finally:
+        await capped.aclose()
+    assert [r.status_code for r in answers] == [200] * 8
+    assert seen.connections == 2
+
+
+async def test_closing_the_client_closes_its_connections() -> None:
+    closed = asyncio.Event()
+
+    async def watch(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(seen, reader) is not None:
+            writer.write(answer("200 OK", b"{}"))
+            await writer.drain()
+        closed.set()
+
+    c = upstream_client(timeout=httpx.Timeout(5.0))
+    async with upstream(watch) as (url, _):
+        await c.get(f"{url}/v1/get_result")
+        await c.aclose()
+        await asyncio.wait_for(closed.wait(), 10)
