@@ -19,11 +19,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Connection, Engine, Table, and_, event, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, Table, and_, bindparam, event, func, insert, or_, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
+from sqlalchemy.sql.expression import ColumnElement, Executable
 
 from kontext_gateway.store import ledger
 from kontext_gateway.store.engine import make_engine, make_sqlite_thread_engine, sqlite_file
@@ -39,6 +40,15 @@ log = logging.getLogger(__name__)
 # unit of work, no identity map (each ORM session cost more CPU than the SQL it ran).
 REQUESTS = cast(Table, RequestRecord.__table__)
 TASKS = cast(Table, UpstreamTask.__table__)
+# The hottest of them built once, their values passed as parameters: building a statement (a bound
+# parameter per value, its cache key) cost more than running it. An UPDATE without .values() sets the
+# columns its parameters name; ROW_ID names the row and is no column.
+ROW_ID = "row_id"
+INSERT_REQUEST = insert(REQUESTS)
+UPDATE_REQUEST = update(REQUESTS).where(REQUESTS.c.id == bindparam(ROW_ID)).returning(*REQUESTS.c)
+SELECT_REQUEST = select(*REQUESTS.c).where(REQUESTS.c.id == bindparam(ROW_ID))
+INSERT_TASK = insert(TASKS).returning(TASKS.c.id)
+UPDATE_TASK = update(TASKS).where(TASKS.c.id == bindparam(ROW_ID))
 
 OPEN_DELIVERY = ("pending", "sending")
 CLOSE_WAIT_S = 10.0  # the longest close() waits for statements still under way  # not yet delivered, failed or dropped
@@ -210,10 +220,13 @@ class Database:
         (micros, line items) also settles its ledger entry, in the same transaction, so a request's
         end and its cost are never recorded one without the other. None: the request has no ledger
         entry (no API key held a reservation): one statement fewer."""
-        stmt = update(REQUESTS).where(REQUESTS.c.id == id).values(**values).returning(*REQUESTS.c)
+        stmt: Executable = UPDATE_REQUEST
+        params: dict[str, Any] | None = {ROW_ID: id, **values}
+        if any(isinstance(v, ColumnElement) for v in values.values()):  # an SQL expression (logs appended)
+            stmt, params = update(REQUESTS).where(REQUESTS.c.id == id).values(**values).returning(*REQUESTS.c), None
 
         def work(conn: Connection) -> RequestRow:
-            updated = conn.execute(stmt).first()
+            updated = conn.execute(stmt, params).first()
             if updated is None:
                 raise KeyError(f"no request {id!r}")
             if charge is not None:
@@ -290,7 +303,7 @@ class Database:
         def work(conn: Connection) -> None:
             if reservation is not None:
                 ledger.hold(conn, reservation, now)
-            conn.execute(insert(REQUESTS).values(values))
+            conn.execute(INSERT_REQUEST, values)
             if reservation is not None:  # after the request's row, which it references
                 conn.execute(insert(ledger.ENTRIES).values(ledger.entry(id, reservation, now)))
 
@@ -530,31 +543,28 @@ class Database:
         self, request_id: str, *, slot: int, config_key: str, task_id: str, data: dict[str, Any]
     ) -> int:
         now = utcnow()
-        stmt = (
-            insert(TASKS)
-            .values(
-                request_id=request_id,
-                slot=slot,
-                config_key=config_key,
-                task_id=task_id,
-                data=data,
-                state="submitted",
-                output_blob_ids=[],
-                created_at=now,
-                updated_at=now,
-            )
-            .returning(TASKS.c.id)
+        values = dict(
+            request_id=request_id,
+            slot=slot,
+            config_key=config_key,
+            task_id=task_id,
+            data=data,
+            state="submitted",
+            output_blob_ids=[],
+            created_at=now,
+            updated_at=now,
         )
-        task_row: int = await self._run(lambda conn: conn.execute(stmt).scalar_one())
+        task_row: int = await self._run(lambda conn: conn.execute(INSERT_TASK, values).scalar_one())
         return task_row
 
     async def finish_task(self, task_row: int, *, state: str, output_blob_ids: list[str] | None = None) -> None:
-        stmt = (
-            update(TASKS)
-            .where(TASKS.c.id == task_row)
-            .values(state=state, output_blob_ids=list(output_blob_ids or []), updated_at=utcnow())
-        )
-        await self._run(lambda conn: conn.execute(stmt))
+        values = {
+            ROW_ID: task_row,
+            "state": state,
+            "output_blob_ids": list(output_blob_ids or []),
+            "updated_at": utcnow(),
+        }
+        await self._run(lambda conn: conn.execute(UPDATE_TASK, values))
 
     async def tasks_for(self, request_id: str) -> list[TaskRow]:
         query = select(UpstreamTask).where(UpstreamTask.request_id == request_id).order_by(UpstreamTask.id)
@@ -706,8 +716,7 @@ class Database:
             await session.execute(update(WebhookDelivery).where(WebhookDelivery.id == id).values(**values))
 
     async def get_request(self, id: str) -> RequestRow | None:
-        query = select(*REQUESTS.c).where(REQUESTS.c.id == id)
-        row = await self._run(lambda conn: conn.execute(query).first())
+        row = await self._run(lambda conn: conn.execute(SELECT_REQUEST, {ROW_ID: id}).first())
         return None if row is None else RequestRow.from_row(row)
 
     async def list_requests(
