@@ -338,3 +338,29 @@ async def test_close_lets_the_job_transactions_already_handed_over_commit(tmp_pa
         assert [(await again.get_request(i)) is not None for i in ids] == [True] * len(ids)
     finally:
         await again.close()
+
+
+async def test_an_ending_appends_its_logs_to_those_already_written(db: Database) -> None:
+    rid = _new_id()
+    await db.create_request(id=rid, endpoint="predictions", model="m", mode="generate", params={})
+    await db.append_log(rid, "attempt 1: bfl timed out\n")
+    ended = await db.mark_failed(
+        rid, error={"message": "x"}, attempts=[], duration_ms=5, logs="attempt 2: fal refused\n"
+    )
+    assert ended.logs == "attempt 1: bfl timed out\nattempt 2: fal refused\n"
+    quiet = _new_id()
+    await db.create_request(id=quiet, endpoint="predictions", model="m", mode="generate", params={})
+    await db.append_log(quiet, "only line\n")
+    done = await db.mark_succeeded(
+        quiet,
+        provider="bfl",
+        cost=0.04,
+        currency="USD",
+        output_blob_ids=["b"],
+        attempts=[],
+        output_size="1024x1024",
+        output_format="png",
+        duration_ms=9,
+    )
+    assert (done.logs, done.status, done.output_blob_ids) == ("only line\n", "succeeded", ["b"])
+    assert (await db.get_request(quiet)) == done

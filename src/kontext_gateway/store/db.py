@@ -24,7 +24,6 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
-from sqlalchemy.sql.expression import ColumnElement, Executable
 
 from kontext_gateway.store import ledger
 from kontext_gateway.store.engine import make_engine, make_sqlite_thread_engine, sqlite_file
@@ -46,6 +45,13 @@ TASKS = cast(Table, UpstreamTask.__table__)
 ROW_ID = "row_id"
 INSERT_REQUEST = insert(REQUESTS)
 UPDATE_REQUEST = update(REQUESTS).where(REQUESTS.c.id == bindparam(ROW_ID)).returning(*REQUESTS.c)
+MORE_LOGS = "more_logs"  # the text UPDATE_REQUEST_WITH_LOGS appends to the request's logs
+UPDATE_REQUEST_WITH_LOGS = (
+    update(REQUESTS)
+    .where(REQUESTS.c.id == bindparam(ROW_ID))
+    .values(logs=REQUESTS.c.logs + bindparam(MORE_LOGS))
+    .returning(*REQUESTS.c)
+)
 SELECT_REQUEST = select(*REQUESTS.c).where(REQUESTS.c.id == bindparam(ROW_ID))
 INSERT_TASK = insert(TASKS).returning(TASKS.c.id)
 UPDATE_TASK = update(TASKS).where(TASKS.c.id == bindparam(ROW_ID))
@@ -215,15 +221,16 @@ class Database:
             raise RuntimeError("Database.start() has not been called")
         return self._sessions()
 
-    async def _update(self, id: str, *, charge: Charge | None = None, **values: Any) -> RequestRow:
+    async def _update(
+        self, id: str, *, charge: Charge | None = None, more_logs: str | None = None, **values: Any
+    ) -> RequestRow:
         """Update the request and return it as updated (one statement: UPDATE ... RETURNING); `charge`
         (micros, line items) also settles its ledger entry, in the same transaction, so a request's
         end and its cost are never recorded one without the other. None: the request has no ledger
-        entry (no API key held a reservation): one statement fewer."""
-        stmt: Executable = UPDATE_REQUEST
-        params: dict[str, Any] | None = {ROW_ID: id, **values}
-        if any(isinstance(v, ColumnElement) for v in values.values()):  # an SQL expression (logs appended)
-            stmt, params = update(REQUESTS).where(REQUESTS.c.id == id).values(**values).returning(*REQUESTS.c), None
+        entry (no API key held a reservation): one statement fewer. `more_logs` is appended to its logs."""
+        stmt, params = UPDATE_REQUEST, {ROW_ID: id, **values}
+        if more_logs:
+            stmt, params[MORE_LOGS] = UPDATE_REQUEST_WITH_LOGS, more_logs
 
         def work(conn: Connection) -> RequestRow:
             updated = conn.execute(stmt, params).first()
@@ -333,10 +340,9 @@ class Database:
         """`cost` in USD; `cost_lines`, the ledger's line items (micros), settle its entry (`ledger`:
         whether it has one)."""
         extra: dict[str, Any] = {"params": params} if params is not None else {}
-        if logs:
-            extra["logs"] = RequestRecord.logs + logs
         return await self._update(
             id,
+            more_logs=logs,
             charge=(round((cost or 0) * 1_000_000), cost_lines or []) if ledger else None,
             **extra,
             status=JobStatus.SUCCEEDED,
@@ -376,11 +382,9 @@ class Database:
         )
         if provider is not None:  # None keeps the provider mark_running recorded, if any
             values["provider"] = provider
-        if logs:
-            values["logs"] = RequestRecord.logs + logs
         if charge[0]:
             values["cost"] = charge[0] / 1_000_000
-        return await self._update(id, charge=charge if ledger else None, **values)
+        return await self._update(id, charge=charge if ledger else None, more_logs=logs, **values)
 
     async def mark_canceled(
         self,
