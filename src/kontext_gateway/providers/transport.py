@@ -26,7 +26,6 @@ import httpx
 # Longest status line and header field accepted from an upstream (aiohttp's default is 8 KiB; httpx
 # took up to 100 KiB, and signed result URLs can make long Location headers).
 MAX_HEADER_BYTES = 64 * 1024
-READ_BUFFER_BYTES = 256 * 1024  # fewer, larger chunks for multi-megabyte results
 
 
 @contextlib.contextmanager
@@ -96,7 +95,6 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 auto_decompress=False,  # httpx decodes the content-encoding
                 max_line_size=MAX_HEADER_BYTES,
                 max_field_size=MAX_HEADER_BYTES,
-                read_bufsize=READ_BUFFER_BYTES,
             )
         return self._session
 
