@@ -1,0 +1,138 @@
+"""What one of the job's SQLite transactions costs, by how it reaches the database: CPU-ms per transaction.
+
+The transaction is the one that ends a request: UPDATE requests SET (12 columns) WHERE id = ... RETURNING
+every column, then COMMIT, on a migrated database in a temp dir (WAL, synchronous=NORMAL, as the gateway
+opens it). Four ways, one at a time in this process (uvloop), `--n` transactions each, `--repeats`
+rounds interleaved, medians:
+
+  aiosqlite, built per call   the async engine (SQLAlchemy over aiosqlite): hops to aiosqlite's thread
+                              for each cursor operation of each statement
+  one hop, built per call     `Database._run`: the whole transaction on the database's own thread,
+                              a blocking engine on the sqlite3 module, the statement built per call
+  one hop, prebuilt           the same with the statement built once (`UPDATE_REQUEST`), values as
+                              parameters: what the gateway runs
+  sqlite3 alone, one hop      the same SQL through the sqlite3 module on that thread (the floor)
+
+    .venv/bin/python benchmarks/sqlite_transaction.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import uvloop
+from sqlalchemy import Connection, update
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from kontext_gateway.store.db import REQUESTS, ROW_ID, UPDATE_REQUEST, Database
+from kontext_gateway.store.models import utcnow
+from kontext_gateway.store.records import JobStatus
+
+
+def ending() -> dict[str, Any]:
+    return dict(
+        status=JobStatus.SUCCEEDED,
+        completed_at=utcnow(),
+        provider="bfl",
+        cost=0.04,
+        currency="USD",
+        output_blob_ids=["ab" * 32 + ".png"],
+        attempts=[{"provider": "bfl", "ok": True, "ms": 12}],
+        output_size="1024x1024",
+        output_format="png",
+        duration_ms=12,
+        error=None,
+        lease_until=None,
+    )
+
+
+async def run(n: int, repeats: int) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="kontext-sqlite-bench-"))
+    db = Database(f"sqlite+aiosqlite:///{tmp / 'kontext.db'}")
+    await db.start()
+    ids = [f"req_{uuid.uuid4().hex}" for _ in range(n)]
+    for rid in ids:
+        await db.create_request(id=rid, endpoint="images.generate", model="m", mode="generate", params={"p": 1})
+    raw = sqlite3.connect(tmp / "kontext.db", isolation_level=None, check_same_thread=False)
+    raw.execute("PRAGMA synchronous=NORMAL")
+    raw_thread = ThreadPoolExecutor(1)
+    loop = asyncio.get_running_loop()
+
+    async def via_aiosqlite(rid: str) -> None:
+        stmt = update(REQUESTS).where(REQUESTS.c.id == rid).values(**ending()).returning(*REQUESTS.c)
+        async with db.engine.begin() as conn:
+            (await conn.execute(stmt)).first()
+
+    async def one_hop_built(rid: str) -> None:
+        stmt = update(REQUESTS).where(REQUESTS.c.id == rid).values(**ending()).returning(*REQUESTS.c)
+        await db._run(lambda conn: conn.execute(stmt).first())
+
+    async def one_hop_prebuilt(rid: str) -> None:
+        params = {ROW_ID: rid, **ending()}
+
+        def work(conn: Connection) -> Any:
+            return conn.execute(UPDATE_REQUEST, params).first()
+
+        await db._run(work)
+
+    def raw_transaction(rid: str) -> None:
+        raw.execute("BEGIN")
+        values = ("succeeded", "2026-01-01 00:00:00.000000", "bfl", 0.04, "USD", '["x"]', "[]", "1024x1024", "png")
+        raw.execute(
+            "UPDATE requests SET status=?, completed_at=?, provider=?, cost=?, currency=?, output_blob_ids=?,"
+            " attempts=?, output_size=?, output_format=?, duration_ms=?, error=?, lease_until=? WHERE id=?"
+            " RETURNING *",
+            [*values, 12, None, None, rid],
+        ).fetchone()
+        raw.execute("COMMIT")
+
+    async def sqlite3_alone(rid: str) -> None:
+        await loop.run_in_executor(raw_thread, raw_transaction, rid)
+
+    ways: dict[str, Callable[[str], Awaitable[None]]] = {
+        "aiosqlite, built per call": via_aiosqlite,
+        "one hop, built per call": one_hop_built,
+        "one hop, prebuilt (the gateway)": one_hop_prebuilt,
+        "sqlite3 alone, one hop": sqlite3_alone,
+    }
+    cpu: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(repeats):
+        for name, way in ways.items():
+            for rid in ids[:20]:  # warm the caches
+                await way(rid)
+            t0 = time.process_time()
+            for rid in ids:
+                await way(rid)
+            cpu[name].append((time.process_time() - t0) / n * 1000)
+    await db.close()
+    raw.close()
+    raw_thread.shutdown()
+    print(f"{n} transactions per way and round, {repeats} rounds, medians\n")
+    print("| way | CPU-ms per transaction | rounds |")
+    print("|---|---:|---|")
+    for name, values in cpu.items():
+        print(f"| {name} | {statistics.median(values):.3f} | {', '.join(f'{v:.3f}' for v in values)} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=500, help="transactions per way and round (default 500)")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds, interleaved (default 5)")
+    args = ap.parse_args()
+    uvloop.run(run(args.n, args.repeats))
+
+
+if __name__ == "__main__":
+    main()
