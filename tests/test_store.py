@@ -364,3 +364,32 @@ async def test_an_ending_appends_its_logs_to_those_already_written(db: Database)
     )
     assert (done.logs, done.status, done.output_blob_ids) == ("only line\n", "succeeded", ["b"])
     assert (await db.get_request(quiet)) == done
+
+
+async def test_a_write_session_holds_the_write_lock_from_its_first_read(tmp_path: pathlib.Path) -> None:
+    """On a SQLite file the job's transactions use a connection of their own. A session that reads and
+    then writes must not let one of them commit in between: SQLite cannot then upgrade the session's
+    read to a write ("database is locked", at once). A write session takes the lock at BEGIN, so the
+    job's transaction waits for it instead."""
+    from sqlalchemy import select, update
+
+    from kontext_gateway.store.models import RequestRecord
+
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'k.db'}")
+    await db.start()
+    try:
+        first, racing_id = _new_id(), _new_id()
+        await db.create_request(id=first, endpoint="images.generate", model="m", mode="generate", params={})
+        async with db.session(write=True) as session, session.begin():
+            await session.execute(select(RequestRecord.id))  # a read first
+            racing = asyncio.ensure_future(
+                db.create_request(id=racing_id, endpoint="images.generate", model="m", mode="generate", params={})
+            )
+            await asyncio.wait({racing}, timeout=2)  # it would commit within this without the lock
+            assert not racing.done()
+            await session.execute(update(RequestRecord).where(RequestRecord.id == first).values(logs="x"))
+        await racing
+        assert (await db.get_request(first)).logs == "x"  # type: ignore[union-attr]
+        assert await db.get_request(racing_id) is not None
+    finally:
+        await db.close()

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
 from kontext_gateway.store import ledger
-from kontext_gateway.store.engine import make_engine, make_sqlite_thread_engine, sqlite_file
+from kontext_gateway.store.engine import SQLITE_BEGIN_IMMEDIATE, make_engine, make_sqlite_thread_engine, sqlite_file
 from kontext_gateway.store.migrate import code_heads, database_heads, upgrade_to_head
 from kontext_gateway.store.models import FileRecord, RequestRecord, UpstreamTask, WebhookDelivery, utcnow
 from kontext_gateway.store.records import ENDED, DeliveryRow, FileRow, JobStatus, Lane, RequestRow, TaskRow
@@ -155,6 +155,7 @@ class Database:
         self._connect_args = connect_args
         self._engine: AsyncEngine | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
+        self._write_sessions: async_sessionmaker[AsyncSession] | None = None
         self._thread: ThreadPoolExecutor | None = None  # a SQLite file's: where `_run` runs transactions
         self._thread_engine: Engine | None = None
 
@@ -176,12 +177,15 @@ class Database:
             raise
         self._engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        immediate = engine.execution_options(**{SQLITE_BEGIN_IMMEDIATE: True})  # ignored but by SQLite
+        self._write_sessions = async_sessionmaker(immediate, expire_on_commit=False)
         if sqlite_file(self.url):
             self._thread_engine = make_sqlite_thread_engine(self.url)
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kontext-sqlite")
 
     async def close(self) -> None:
         engine, thread, thread_engine = self._engine, self._thread, self._thread_engine
+        self._thread = self._thread_engine = None  # from here on, a late transaction takes the async engine
         if thread is not None and thread_engine is not None:
             # Queued behind every transaction already handed to the thread: their connection closes
             # on the thread that used it, once they are done.
@@ -190,8 +194,7 @@ class Database:
         if engine is not None:
             await _connections_returned(engine)
             await engine.dispose()
-        self._engine = self._sessions = None
-        self._thread = self._thread_engine = None
+        self._engine = self._sessions = self._write_sessions = None
 
     async def _run(self, work: Callable[[Connection], T]) -> T:
         """`work(connection)` as one transaction: committed when it returns, rolled back if it raises."""
@@ -214,12 +217,18 @@ class Database:
             return f"database schema at {', '.join(found) or 'nothing'}, this code needs {', '.join(wanted)}"
         return None
 
-    def session(self) -> AsyncSession:
+    def session(self, *, write: bool = False) -> AsyncSession:
         """A new session: for the store package's own repositories (keys.py, history.py...); everything
-        outside the package goes through their methods."""
-        if self._sessions is None:
+        outside the package goes through their methods.
+
+        `write`: its transaction writes. On SQLite it then takes the write lock at BEGIN (BEGIN
+        IMMEDIATE), waiting for the other connection's transaction if need be: a transaction that read
+        first and writes later cannot take the lock once the job thread's connection has committed
+        since its read (SQLite answers "database is locked" at once, without waiting)."""
+        sessions = self._write_sessions if write else self._sessions
+        if sessions is None:
             raise RuntimeError("Database.start() has not been called")
-        return self._sessions()
+        return sessions()
 
     async def _update(
         self, id: str, *, charge: Charge | None = None, more_logs: str | None = None, **values: Any
@@ -453,7 +462,7 @@ class Database:
         if not ids:
             return {}
         until = utcnow() + timedelta(seconds=lease_s)
-        async with self.session() as session, session.begin():
+        async with self.session(write=True) as session, session.begin():
             await session.execute(
                 update(RequestRecord)
                 .where(
@@ -477,7 +486,7 @@ class Database:
         next claim takes them up without waiting for them to run out. Returns how many it held."""
         if not ids:
             return 0
-        async with self.session() as session, session.begin():
+        async with self.session(write=True) as session, session.begin():
             result = await session.execute(
                 update(RequestRecord)
                 .where(
@@ -536,7 +545,7 @@ class Database:
             return [RequestRow.from_row(r) for r in (await session.scalars(query)).all()]
 
     async def append_log(self, id: str, text: str) -> None:
-        async with self.session() as session, session.begin():
+        async with self.session(write=True) as session, session.begin():
             await session.execute(
                 update(RequestRecord).where(RequestRecord.id == id).values(logs=RequestRecord.logs + text)
             )
@@ -579,7 +588,7 @@ class Database:
 
     async def create_file(self, **values: Any) -> FileRow:
         record = FileRecord(**values)
-        async with self.session() as session, session.begin():
+        async with self.session(write=True) as session, session.begin():
             session.add(record)
         return FileRow.from_row(record)
 
@@ -605,7 +614,7 @@ class Database:
             created_at=now,
         )
         try:
-            async with self.session() as session, session.begin():
+            async with self.session(write=True) as session, session.begin():
                 session.add(row)
                 await session.flush()
                 return row.id
@@ -652,7 +661,7 @@ class Database:
             )
             .returning(WebhookDelivery.id)
         )
-        async with self.session() as session, session.begin():
+        async with self.session(write=True) as session, session.begin():
             claimed = (await session.execute(stmt)).scalar_one_or_none()
             if claimed is None:
                 return None
@@ -692,7 +701,7 @@ class Database:
 
     async def drop_deliveries(self, request_id: str, *, error: str) -> None:
         """Drop a request's open deliveries (its receiver answered 410 Gone)."""
-        async with self.session() as session, session.begin():
+        async with self.session(write=True) as session, session.begin():
             await session.execute(
                 update(WebhookDelivery)
                 .where(WebhookDelivery.request_id == request_id, WebhookDelivery.state.in_(OPEN_DELIVERY))
@@ -716,7 +725,7 @@ class Database:
             return [DeliveryRow.from_row(d) for d in (await session.scalars(query)).all()]
 
     async def _update_delivery(self, id: int, **values: Any) -> None:
-        async with self.session() as session, session.begin():
+        async with self.session(write=True) as session, session.begin():
             await session.execute(update(WebhookDelivery).where(WebhookDelivery.id == id).values(**values))
 
     async def get_request(self, id: str) -> RequestRow | None:

@@ -29,9 +29,10 @@ def make_engine(url: str, *, connect_args: dict[str, Any] | None = None) -> Asyn
         Path(str(parsed.database)).expanduser().parent.mkdir(parents=True, exist_ok=True)
     # PostgreSQL: a pool big enough for a busy process, so connections are reused rather than
     # opened per request (the default 5 reopened ~1 in 4: benchmarks/RESULTS.md, section 7).
-    # SQLite: one connection. It has one writer anyway; more connections only contend for its lock
-    # (busy waits, BEGIN IMMEDIATE retries) and each brings its own aiosqlite thread to hop to.
-    # (A memory database keeps SQLAlchemy's own single-connection pool.)
+    # SQLite: one connection here. It has one writer anyway; more connections only contend for its
+    # lock (busy waits) and each brings its own aiosqlite thread to hop to. The job's own transactions
+    # take a second one, `make_sqlite_thread_engine`'s; transactions here that write begin IMMEDIATE
+    # (`Database.session(write=True)`). A memory database keeps SQLAlchemy's single-connection pool.
     pool: dict[str, Any] = {"pool_size": 20, "max_overflow": 20}
     if is_sqlite:
         pool = {"pool_size": 1, "max_overflow": 0} if in_file else {}

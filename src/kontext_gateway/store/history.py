@@ -156,7 +156,7 @@ class HistoryRows:
         payload, and `purged_at` is set. Running or purged requests are skipped."""
         blobs: set[str] = set()
         purged: list[str] = []
-        async with self.db.session() as session, session.begin():
+        async with self.db.session(write=True) as session, session.begin():
             query = (
                 select(RequestRecord)
                 .where(RequestRecord.id.in_(ids), RequestRecord.status.in_(ENDED), RequestRecord.purged_at.is_(None))

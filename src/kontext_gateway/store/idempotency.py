@@ -25,7 +25,7 @@ class IdempotencyKeys:
     async def insert(self, scope: str, key: str, fingerprint: str, request_id: str, at: datetime) -> bool:
         """Bind the key; False when it is bound already (by this request's twin, or an older one)."""
         try:
-            async with self.db.session() as session, session.begin():
+            async with self.db.session(write=True) as session, session.begin():
                 session.add(
                     IdempotencyKey(scope=scope, key=key, fingerprint=fingerprint, request_id=request_id, created_at=at)
                 )
@@ -37,7 +37,7 @@ class IdempotencyKeys:
         """What the key names now; None when nothing, or only a binding made before `made_after`
         (expired: removed in the same transaction, so the key can be bound afresh)."""
         where = (IdempotencyKey.scope == scope, IdempotencyKey.key == key)
-        async with self.db.session() as session, session.begin():
+        async with self.db.session(write=True) as session, session.begin():
             row = (await session.execute(select(IdempotencyKey).where(*where))).scalar_one_or_none()
             if row is None:
                 return None

@@ -30,13 +30,13 @@ class KeyRows:
             total_spent_micros=0,
             **limits,
         )
-        async with self.db.session() as session, session.begin():
+        async with self.db.session(write=True) as session, session.begin():
             session.add(row)
         return KeyRow.from_row(row)
 
     async def update(self, key_id: str, values: dict[str, Any]) -> KeyRow | None:
         """Set `values` (column -> value) on the key; None when there is no such key."""
-        async with self.db.session() as session, session.begin():
+        async with self.db.session(write=True) as session, session.begin():
             if values:
                 await session.execute(update(ApiKey).where(ApiKey.id == key_id).values(**values))
             row = await session.get(ApiKey, key_id)
@@ -44,7 +44,7 @@ class KeyRows:
 
     async def revoke(self, key_id: str, at: datetime) -> KeyRow | None:
         """Revoked at `at`, unless it already was (its first revocation stays); None: no such key."""
-        async with self.db.session() as session, session.begin():
+        async with self.db.session(write=True) as session, session.begin():
             await session.execute(
                 update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=at)
             )
