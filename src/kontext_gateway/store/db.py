@@ -56,8 +56,8 @@ SELECT_REQUEST = select(*REQUESTS.c).where(REQUESTS.c.id == bindparam(ROW_ID))
 INSERT_TASK = insert(TASKS).returning(TASKS.c.id)
 UPDATE_TASK = update(TASKS).where(TASKS.c.id == bindparam(ROW_ID))
 
-OPEN_DELIVERY = ("pending", "sending")
-CLOSE_WAIT_S = 10.0  # the longest close() waits for statements still under way  # not yet delivered, failed or dropped
+OPEN_DELIVERY = ("pending", "sending")  # not yet delivered, failed or dropped
+CLOSE_WAIT_S = 10.0  # the longest close() waits for statements still under way
 Charge = tuple[int, list[dict[str, Any]]]  # (micros of USD, ledger line items)
 T = TypeVar("T")
 
@@ -177,7 +177,7 @@ class Database:
             raise
         self._engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
-        immediate = engine.execution_options(**{SQLITE_BEGIN_IMMEDIATE: True})  # ignored but by SQLite
+        immediate = engine.execution_options(**{SQLITE_BEGIN_IMMEDIATE: True})  # only SQLite's BEGIN reads it
         self._write_sessions = async_sessionmaker(immediate, expire_on_commit=False)
         if sqlite_file(self.url):
             self._thread_engine = make_sqlite_thread_engine(self.url)
