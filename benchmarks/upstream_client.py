@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import ssl
 import statistics
 import sys
 import tempfile
@@ -100,8 +102,6 @@ async def run(base: str, ca: Path, fmt: str, jobs: int, at_once: list[int], repe
         return httpx_job(client, base, fmt), client.aclose
 
     async def plain_aiohttp() -> tuple[Job, Callable[[], Awaitable[None]]]:
-        import ssl
-
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=ca)))
         return aiohttp_job(session, base, fmt), session.close
 
@@ -137,8 +137,6 @@ def main() -> None:
         fake = Process("fake upstream", [*fake_cmd, *tls, *creds], base_env(), tmp / "fake.log")
         fake.start(lambda: tls_ready(port, ca), timeout=60)
         try:
-            import os
-
             os.environ["SSL_CERT_FILE"] = str(ca)  # what the gateway's client trusts, as in production
             exec(HOOK.format(hosts=HOSTS), {})  # the providers' host names -> 127.0.0.1, in this process
             base = "https://api.bfl.ai" + ("" if port == 443 else f":{port}")

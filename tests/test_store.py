@@ -17,12 +17,13 @@ import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, select, text, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
 from conftest import PATIENCE_S
 from kontext_gateway.store.db import Database
-from kontext_gateway.store.models import Base
+from kontext_gateway.store.models import Base, RequestRecord
 
 HEAD = "0007"  # the newest migration
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -285,8 +286,6 @@ async def test_sqlite_pragmas(tmp_path: Any) -> None:
 async def test_close_waits_for_a_statement_still_under_way(tmp_path: pathlib.Path) -> None:
     """A statement shielded from its task's cancel can still hold the connection when the process
     closes; close() lets it finish, so no connection is left open past the event loop."""
-    from sqlalchemy import text
-
     db = Database(f"sqlite+aiosqlite:///{tmp_path / 'k.db'}")
     await db.start()
     holding = asyncio.Event()
@@ -306,8 +305,6 @@ async def test_close_waits_for_a_statement_still_under_way(tmp_path: pathlib.Pat
 async def test_job_statements_keep_foreign_keys(db: Database) -> None:
     """The job's transactions (on SQLite, their own connection on their own thread) enforce the same
     constraints: a task of no request is refused and nothing is left behind."""
-    from sqlalchemy.exc import IntegrityError
-
     with pytest.raises(IntegrityError):
         await db.record_task("req_missing", slot=0, config_key="bfl/flux-kontext-pro", task_id="t1", data={})
     rid = _new_id()
@@ -371,10 +368,6 @@ async def test_a_write_session_holds_the_write_lock_from_its_first_read(tmp_path
     then writes must not let one of them commit in between: SQLite cannot then upgrade the session's
     read to a write ("database is locked", at once). A write session takes the lock at BEGIN, so the
     job's transaction waits for it instead."""
-    from sqlalchemy import select, update
-
-    from kontext_gateway.store.models import RequestRecord
-
     db = Database(f"sqlite+aiosqlite:///{tmp_path / 'k.db'}")
     await db.start()
     try:

@@ -90,14 +90,8 @@ def _private_sqlite_file(url: str) -> None:
     """Make a SQLite database file 0600 (new: created empty, which SQLite takes as an empty database;
     old: tightened), with its journal files. Memory databases, URIs and other backends: nothing."""
     parsed = make_url(url)
-    database = parsed.database
-    if (
-        parsed.get_backend_name() != "sqlite"
-        or not database
-        or database == ":memory:"
-        or database.startswith("file:")
-        or parsed.query.get("uri")
-    ):
+    database = str(parsed.database)
+    if not sqlite_file(url) or parsed.query.get("uri"):
         return
     # The folder store.engine.make_engine would make, made private.
     Path(database).expanduser().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -156,8 +150,8 @@ class Database:
         self._engine: AsyncEngine | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
         self._write_sessions: async_sessionmaker[AsyncSession] | None = None
-        self._thread: ThreadPoolExecutor | None = None  # a SQLite file's: where `_run` runs transactions
-        self._thread_engine: Engine | None = None
+        # A SQLite file's thread, where `_run` runs transactions, and the engine it runs them on.
+        self._sqlite_thread: tuple[ThreadPoolExecutor, Engine] | None = None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -180,13 +174,14 @@ class Database:
         immediate = engine.execution_options(**{SQLITE_BEGIN_IMMEDIATE: True})  # only SQLite's BEGIN reads it
         self._write_sessions = async_sessionmaker(immediate, expire_on_commit=False)
         if sqlite_file(self.url):
-            self._thread_engine = make_sqlite_thread_engine(self.url)
-            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kontext-sqlite")
+            thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kontext-sqlite")
+            self._sqlite_thread = (thread, make_sqlite_thread_engine(self.url))
 
     async def close(self) -> None:
-        engine, thread, thread_engine = self._engine, self._thread, self._thread_engine
-        self._thread = self._thread_engine = None  # from here on, a late transaction takes the async engine
-        if thread is not None and thread_engine is not None:
+        engine, sqlite_thread = self._engine, self._sqlite_thread
+        self._sqlite_thread = None  # from here on, a late transaction takes the async engine
+        if sqlite_thread is not None:
+            thread, thread_engine = sqlite_thread
             # Queued behind every transaction already handed to the thread: their connection closes
             # on the thread that used it, once they are done.
             await asyncio.get_running_loop().run_in_executor(thread, thread_engine.dispose)
@@ -198,10 +193,9 @@ class Database:
 
     async def _run(self, work: Callable[[Connection], T]) -> T:
         """`work(connection)` as one transaction: committed when it returns, rolled back if it raises."""
-        if self._thread is not None and self._thread_engine is not None:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._thread, _in_transaction, self._thread_engine, work
-            )
+        if self._sqlite_thread is not None:
+            thread, thread_engine = self._sqlite_thread
+            return await asyncio.get_running_loop().run_in_executor(thread, _in_transaction, thread_engine, work)
         async with self.engine.begin() as conn:
             return await conn.run_sync(work)
 
