@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import pathlib
+import sqlite3
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -279,6 +280,27 @@ async def test_sqlite_pragmas(tmp_path: Any) -> None:
                 for name in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys")
             ]
         assert values == ["wal", 1, 15000, 1]  # synchronous=NORMAL is 1
+    finally:
+        await database.close()
+
+
+async def test_start_waits_for_another_opener_holding_a_new_files_write_lock(tmp_path: pathlib.Path) -> None:
+    """Switching a new file to WAL while another process holds its write lock makes SQLite answer
+    "database is locked" at once, busy_timeout or not; start() waits for the lock instead."""
+    path = tmp_path / "k.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # rollback mode, as new
+    other.execute("CREATE TABLE other_process (x)")
+    other.execute("BEGIN IMMEDIATE")
+    database = Database(f"sqlite+aiosqlite:///{path}")
+    starting = asyncio.ensure_future(database.start())
+    await asyncio.sleep(0.2)  # the start is waiting (or would have failed already without the wait)
+    other.execute("COMMIT")
+    other.close()
+    await asyncio.wait_for(starting, timeout=PATIENCE_S)
+    try:
+        async with database.engine.connect() as conn:
+            assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
+        assert (await _state(database))["versions"] == [HEAD]
     finally:
         await database.close()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 # Execution option asking for `BEGIN IMMEDIATE` on SQLite: take the write lock up front.
 SQLITE_BEGIN_IMMEDIATE = "kontext_sqlite_begin_immediate"
 
-# busy_timeout first, so that switching to WAL waits for a concurrent opener instead of failing.
+_SQLITE_BUSY_TIMEOUT_S = 15.0
 _SQLITE_PRAGMAS = (
-    "PRAGMA busy_timeout=15000",
-    "PRAGMA journal_mode=WAL",  # readers don't block the writer
     "PRAGMA synchronous=NORMAL",  # safe with WAL, far fewer fsyncs
     "PRAGMA foreign_keys=ON",
 )
@@ -67,6 +67,8 @@ def _configure_sqlite(engine: Engine) -> None:
         # transaction; switch that off and BEGIN ourselves (SQLAlchemy's documented recipe).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={int(_SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        _switch_to_wal(cursor)
         for pragma in _SQLITE_PRAGMAS:
             cursor.execute(pragma)
         cursor.close()
@@ -75,3 +77,24 @@ def _configure_sqlite(engine: Engine) -> None:
     def on_begin(conn: Connection) -> None:
         immediate = conn.get_execution_options().get(SQLITE_BEGIN_IMMEDIATE, False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """`PRAGMA journal_mode=WAL` (readers don't block the writer), waiting out a concurrent opener.
+
+    On a new file (still in rollback mode) the switch reads the header, then writes it; when another
+    process already holds the write lock, SQLite answers "database is locked" at once instead of calling
+    the busy handler (it will not make a reader wait for a writer that may wait for it). So several
+    processes starting on one new file retry here, for as long as busy_timeout would have waited.
+    """
+    deadline = time.monotonic() + _SQLITE_BUSY_TIMEOUT_S
+    pause = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
