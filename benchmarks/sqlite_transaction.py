@@ -2,15 +2,18 @@
 
 The transaction is the one that ends a request: UPDATE requests SET (12 columns) WHERE id = ... RETURNING
 every column, then COMMIT, on a migrated database in a temp dir (WAL, synchronous=NORMAL, as the gateway
-opens it). Four ways, one at a time in this process (uvloop), `--n` transactions each, `--repeats`
+opens it). Five ways, one at a time in this process (uvloop), `--n` transactions each, `--repeats`
 rounds interleaved, medians:
 
   aiosqlite, built per call   the async engine (SQLAlchemy over aiosqlite): hops to aiosqlite's thread
                               for each cursor operation of each statement
   one hop, built per call     `Database._run`: the whole transaction on the database's own thread,
                               a blocking engine on the sqlite3 module, the statement built per call
-  one hop, prebuilt           the same with the statement built once (`UPDATE_REQUEST`), values as
-                              parameters: what the gateway runs
+  one hop, prebuilt, pooled   the same with the statement built once (`UPDATE_REQUEST`), values as
+                              parameters, the connection checked out of a pool of one per transaction
+                              (and reset with a ROLLBACK when checked back in)
+  one hop, prebuilt           the same on the connection the thread keeps (`SQLiteThread`): what the
+                              gateway runs
   sqlite3 alone, one hop      the same SQL through the sqlite3 module on that thread (the floor)
 
     .venv/bin/python benchmarks/sqlite_transaction.py
@@ -37,6 +40,7 @@ from sqlalchemy import Connection, update
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from kontext_gateway.store.db import REQUESTS, ROW_ID, UPDATE_REQUEST, Database
+from kontext_gateway.store.engine import make_sqlite_thread_engine
 from kontext_gateway.store.models import utcnow
 from kontext_gateway.store.records import JobStatus
 
@@ -68,6 +72,7 @@ async def run(n: int, repeats: int) -> None:
     raw = sqlite3.connect(tmp / "kontext.db", isolation_level=None, check_same_thread=False)
     raw.execute("PRAGMA synchronous=NORMAL")
     raw_thread = ThreadPoolExecutor(1)
+    pooled = make_sqlite_thread_engine(f"sqlite:///{tmp / 'kontext.db'}")
     loop = asyncio.get_running_loop()
 
     async def via_aiosqlite(rid: str) -> None:
@@ -87,6 +92,13 @@ async def run(n: int, repeats: int) -> None:
 
         await db._run(work)
 
+    def pooled_transaction(rid: str) -> None:
+        with pooled.begin() as conn:
+            conn.execute(UPDATE_REQUEST, {ROW_ID: rid, **ending()}).first()
+
+    async def one_hop_pooled(rid: str) -> None:
+        await loop.run_in_executor(raw_thread, pooled_transaction, rid)
+
     def raw_transaction(rid: str) -> None:
         raw.execute("BEGIN")
         values = ("succeeded", "2026-01-01 00:00:00.000000", "bfl", 0.04, "USD", '["x"]', "[]", "1024x1024", "png")
@@ -104,6 +116,7 @@ async def run(n: int, repeats: int) -> None:
     ways: dict[str, Callable[[str], Awaitable[None]]] = {
         "aiosqlite, built per call": via_aiosqlite,
         "one hop, built per call": one_hop_built,
+        "one hop, prebuilt, pooled": one_hop_pooled,
         "one hop, prebuilt (the gateway)": one_hop_prebuilt,
         "sqlite3 alone, one hop": sqlite3_alone,
     }
@@ -118,6 +131,7 @@ async def run(n: int, repeats: int) -> None:
             cpu[name].append((time.process_time() - t0) / n * 1000)
     await db.close()
     raw.close()
+    await loop.run_in_executor(raw_thread, pooled.dispose)
     raw_thread.shutdown()
     print(f"{n} transactions per way and round, {repeats} rounds, medians\n")
     print("| way | CPU-ms per transaction | rounds |")

@@ -359,6 +359,28 @@ async def test_close_lets_the_job_transactions_already_handed_over_commit(tmp_pa
         await again.close()
 
 
+async def test_the_sqlite_thread_reconnects_after_its_connection_is_lost(tmp_path: pathlib.Path) -> None:
+    """The SQLite thread keeps one connection; when one is lost (invalidated by a connection-level
+    error), the failing transaction fails alone and the next one gets a new connection."""
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'k.db'}")
+    await db.start()
+    try:
+        kept = await db._run(lambda conn: conn.connection.dbapi_connection)
+
+        def lose_it(conn: Connection) -> None:
+            conn.invalidate()
+            raise OSError("disk gone")
+
+        with pytest.raises(OSError, match="disk gone"):
+            await db._run(lose_it)
+        rid = _new_id()
+        await db.create_request(id=rid, endpoint="images.generate", model="m", mode="generate", params={})
+        assert (await db.get_request(rid)) is not None
+        assert await db._run(lambda conn: conn.connection.dbapi_connection) is not kept
+    finally:
+        await db.close()
+
+
 async def test_an_ending_appends_its_logs_to_those_already_written(db: Database) -> None:
     rid = _new_id()
     await db.create_request(id=rid, endpoint="predictions", model="m", mode="generate", params={})

@@ -14,22 +14,22 @@ import logging
 import os
 import stat
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Connection, Engine, Table, and_, bindparam, event, func, insert, or_, select, update
+from sqlalchemy import Connection, Table, and_, bindparam, event, func, insert, or_, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
 from kontext_gateway.store import ledger
-from kontext_gateway.store.engine import SQLITE_BEGIN_IMMEDIATE, make_engine, make_sqlite_thread_engine, sqlite_file
+from kontext_gateway.store.engine import SQLITE_BEGIN_IMMEDIATE, make_engine, sqlite_file
 from kontext_gateway.store.migrate import code_heads, database_heads, upgrade_to_head
 from kontext_gateway.store.models import FileRecord, RequestRecord, UpstreamTask, WebhookDelivery, utcnow
 from kontext_gateway.store.records import ENDED, DeliveryRow, FileRow, JobStatus, Lane, RequestRow, TaskRow
+from kontext_gateway.store.sqlite_thread import SQLiteThread
 
 __all__ = ["Database", "RequestRecord", "make_private"]
 
@@ -128,11 +128,6 @@ async def _connections_returned(engine: AsyncEngine) -> None:
         event.remove(pool, "checkin", on_checkin)
 
 
-def _in_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
-    with engine.begin() as conn:
-        return work(conn)
-
-
 class Database:
     """Owns the engines; every method is one short transaction, so no session outlives a call.
 
@@ -150,8 +145,7 @@ class Database:
         self._engine: AsyncEngine | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
         self._write_sessions: async_sessionmaker[AsyncSession] | None = None
-        # A SQLite file's thread, where `_run` runs transactions, and the engine it runs them on.
-        self._sqlite_thread: tuple[ThreadPoolExecutor, Engine] | None = None
+        self._sqlite_thread: SQLiteThread | None = None  # where `_run` runs transactions, on a SQLite file
 
     @property
     def engine(self) -> AsyncEngine:
@@ -174,18 +168,13 @@ class Database:
         immediate = engine.execution_options(**{SQLITE_BEGIN_IMMEDIATE: True})  # only SQLite's BEGIN reads it
         self._write_sessions = async_sessionmaker(immediate, expire_on_commit=False)
         if sqlite_file(self.url):
-            thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kontext-sqlite")
-            self._sqlite_thread = (thread, make_sqlite_thread_engine(self.url))
+            self._sqlite_thread = SQLiteThread(self.url)
 
     async def close(self) -> None:
         engine, sqlite_thread = self._engine, self._sqlite_thread
         self._sqlite_thread = None  # from here on, a late transaction takes the async engine
         if sqlite_thread is not None:
-            thread, thread_engine = sqlite_thread
-            # Queued behind every transaction already handed to the thread: their connection closes
-            # on the thread that used it, once they are done.
-            await asyncio.get_running_loop().run_in_executor(thread, thread_engine.dispose)
-            thread.shutdown(wait=True)
+            await sqlite_thread.close()  # after the transactions already handed to it
         if engine is not None:
             await _connections_returned(engine)
             await engine.dispose()
@@ -194,8 +183,7 @@ class Database:
     async def _run(self, work: Callable[[Connection], T]) -> T:
         """`work(connection)` as one transaction: committed when it returns, rolled back if it raises."""
         if self._sqlite_thread is not None:
-            thread, thread_engine = self._sqlite_thread
-            return await asyncio.get_running_loop().run_in_executor(thread, _in_transaction, thread_engine, work)
+            return await self._sqlite_thread.run(work)
         async with self.engine.begin() as conn:
             return await conn.run_sync(work)
 
