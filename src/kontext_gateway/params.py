@@ -9,6 +9,7 @@ h = round(sqrt(A / r)), w = round-half-up(h * r): 4:3 at 1K is 1183x887, 3:4 is 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ class SizeRequest:
     exact: bool = False  # True when the user gave WxH
 
 
+@functools.lru_cache(maxsize=256)  # the same few ratios, parsed several times per request
 def parse_ratio(text: str) -> float | None:
     m = _RATIO.match(text)
     if not m:

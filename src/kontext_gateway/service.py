@@ -503,7 +503,7 @@ class ImageService:
                 param="image",
                 code="too_many_images",
             )
-        images = await asyncio.to_thread(self._decode_inputs, files)  # large decodes stay off the event loop
+        images = await asyncio.to_thread(self._decode_inputs, files) if files else []  # large decodes off the loop
         mask = None
         if masks:
             mask = await asyncio.to_thread(

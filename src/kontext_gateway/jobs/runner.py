@@ -7,6 +7,7 @@ A job run again after a crash resumes its upstream tasks from the journal (see j
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any, Protocol
@@ -87,9 +88,11 @@ class JobRunner:
             if record.cancel_requested:
                 raise asyncio.CancelledError  # cancelled while no worker held it (e.g. after a crash)
             inputs, mask = await read_inputs(record, self.blobs)
-            job = await asyncio.to_thread(
-                from_record, record, self.catalog, self.settings, inputs=inputs, mask_bytes=mask
-            )
+            settings = self.settings
+            rebuild = functools.partial(from_record, record, self.catalog, settings, inputs=inputs, mask_bytes=mask)
+            # Decoding input images is heavy work for a thread; without any, the job is its parameters
+            # (a hop to a thread would cost more than the rebuild).
+            job = await asyncio.to_thread(rebuild) if inputs or mask is not None else rebuild()
             job.journal = journal
             job.progress = self.channels.step(rid)
             job.preview = self.channels.previews.get(rid) if job.partial_images else None
@@ -209,7 +212,10 @@ class JobRunner:
 
     async def _encode_and_store(self, images: list[ProviderImage], job: ImageJob) -> tuple[list[bytes], list[str]]:
         """The images as asked for (encoded in a thread), and their blob ids (stored, at once)."""
-        encoded = await asyncio.to_thread(self._encode, images, job)
+        if all(_passes_through(img, job) for img in images):
+            encoded = self._encode(images, job)  # nothing to convert: no hop to a thread
+        else:
+            encoded = await asyncio.to_thread(self._encode, images, job)
         ext = EXTENSIONS[job.output_format]
 
         async def store(img: ProviderImage, data: bytes) -> str:
@@ -221,7 +227,8 @@ class JobRunner:
     def _encode(self, images: list[ProviderImage], job: ImageJob) -> list[bytes]:
         encoded = []
         for img in images:
-            if img.data is not None and img.format == job.output_format and job.output_compression is None:
+            if _passes_through(img, job):
+                assert img.data is not None
                 encoded.append(img.data)  # already what was asked for: the provider's bytes
                 continue
             pixels = img.image
@@ -229,6 +236,11 @@ class JobRunner:
                 pixels = decode_image(img.data or b"", param="output", max_pixels=self.settings.max_input_pixels)
             encoded.append(encode_image(pixels, job.output_format, compression=job.output_compression))
         return encoded
+
+
+def _passes_through(img: ProviderImage, job: ImageJob) -> bool:
+    """Whether the provider's bytes are already what was asked for (format, no recompression)."""
+    return img.data is not None and img.format == job.output_format and job.output_compression is None
 
 
 def _logs(record: RequestRow, job: ImageJob | None, outcome: str) -> str:
