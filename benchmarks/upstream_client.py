@@ -92,7 +92,7 @@ async def measure(job: Job, jobs: int, at_once: int) -> tuple[float, float, floa
     return cpu / jobs * 1000, jobs / wall, statistics.median(latencies) * 1000
 
 
-async def run(base: str, ca: Path, fmt: str, jobs: int, at_once: list[int], repeats: int) -> None:
+async def run(base: str, ca: Path, fmt: str, jobs: int, at_once: list[int], repeats: int, only: list[str]) -> None:
     async def gateway_client() -> tuple[Job, Callable[[], Awaitable[None]]]:
         client = upstream_client(timeout=httpx.Timeout(60.0, connect=10.0))
         return httpx_job(client, base, fmt), client.aclose
@@ -106,8 +106,11 @@ async def run(base: str, ca: Path, fmt: str, jobs: int, at_once: list[int], repe
         return aiohttp_job(session, base, fmt), session.close
 
     variants = {"gateway's client": gateway_client, "httpx (httpcore)": plain_httpx, "aiohttp": plain_aiohttp}
+    chosen = {"gateway": "gateway's client", "httpx": "httpx (httpcore)", "aiohttp": "aiohttp"}
     for n in at_once:
         for name, make in variants.items():
+            if name not in {chosen[c] for c in only}:
+                continue
             rows = []
             for _ in range(repeats):
                 job, close = await make()
@@ -125,6 +128,9 @@ def main() -> None:
     ap.add_argument("--at-once", type=int, nargs="+", default=[1, 16], help="jobs in flight (default 1 16)")
     ap.add_argument("--format", nargs="+", default=["png", "jpeg"], choices=["png", "jpeg"])
     ap.add_argument("--repeats", type=int, default=3, help="medians of this many runs per row (default 3)")
+    ap.add_argument(
+        "--client", nargs="+", default=["gateway", "httpx", "aiohttp"], choices=["gateway", "httpx", "aiohttp"]
+    )
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -143,7 +149,7 @@ def main() -> None:
             print("| result | jobs at once | client | CPU-ms / job | jobs/s | p50 ms |")
             print("|---|---:|---|---:|---:|---:|")
             for fmt in args.format:
-                uvloop.run(run(base, ca, fmt, args.jobs, args.at_once, args.repeats))
+                uvloop.run(run(base, ca, fmt, args.jobs, args.at_once, args.repeats, args.client))
         finally:
             fake.stop()
 

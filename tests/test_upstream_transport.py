@@ -255,3 +255,14 @@ async def test_closing_the_client_closes_its_connections() -> None:
         await c.get(f"{url}/v1/get_result")
         await c.aclose()
         await asyncio.wait_for(closed.wait(), 10)
+
+
+async def test_cookies_are_neither_kept_nor_sent(client: httpx.AsyncClient) -> None:
+    """The providers authenticate by header: a cookie one answer sets is not sent with the next call
+    (one client serves every user's calls)."""
+    async with upstream(serving(lambda *_: answer("200 OK", b"{}", "set-cookie: session=abc; Path=/"))) as (url, seen):
+        first = await client.get(f"{url}/v1/get_result?id=a")
+        await client.get(f"{url}/v1/get_result?id=b")
+    assert first.headers["set-cookie"].startswith("session=abc")  # the answer itself is untouched
+    assert [h.get("cookie") for _, h, _ in seen.requests] == [None, None]
+    assert not client.cookies

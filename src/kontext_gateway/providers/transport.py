@@ -4,9 +4,13 @@ The provider code speaks httpx (requests, responses, multipart, its exception tr
 httpx transports. Underneath, httpx's own transport (httpcore on anyio) costs several times the CPU
 of aiohttp's for the same calls: a cancel scope per socket read, pool bookkeeping per request that
 grows with the number of connections. `benchmarks/upstream_client.py` measures one job's submit,
-poll and 1.7 MB download both ways. `AiohttpTransport` keeps httpx on top (cookies, redirects,
-content decoding, timeouts per request) and hands the wire to an aiohttp session, translating its
-errors into httpx's so callers classify failures exactly as before.
+poll and 1.7 MB download both ways. `AiohttpTransport` keeps httpx on top (redirects, content
+decoding, timeouts per request) and hands the wire to an aiohttp session, translating its errors into
+httpx's so callers classify failures exactly as before.
+
+No cookies (`UpstreamClient`): the providers authenticate by header, and one jar shared by every
+user's calls is state nobody wants; httpx would parse each answer for cookies (about a sixth of the
+client's CPU per call, beside aiohttp's own work).
 
 Only what upstream calls need: HTTP/1.1, the CA bundle httpx would trust (certifi's, or
 `SSL_CERT_FILE` / `SSL_CERT_DIR`), and the environment's proxies (`HTTPS_PROXY`, `HTTP_PROXY`,
@@ -19,6 +23,7 @@ import contextlib
 import ssl
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import aiohttp
 import httpx
@@ -91,7 +96,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
-                cookie_jar=aiohttp.DummyCookieJar(),  # httpx keeps the cookies
+                cookie_jar=aiohttp.DummyCookieJar(),  # no cookies at all: see the module
                 auto_decompress=False,  # httpx decodes the content-encoding
                 max_line_size=MAX_HEADER_BYTES,
                 max_field_size=MAX_HEADER_BYTES,
@@ -134,9 +139,36 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             await session.close()
 
 
+class _NoCookies(httpx.Cookies):
+    """A jar that stays empty: answers' cookies are not read, requests get none."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        pass
+
+    def set_cookie_header(self, request: httpx.Request) -> None:
+        pass
+
+
+class UpstreamClient(httpx.AsyncClient):
+    """httpx's client without cookies (see the module)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._no_cookies = _NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, cookies: Any) -> None:
+        raise AttributeError("the upstream client keeps no cookies")
+
+
 def upstream_client(*, timeout: httpx.Timeout, max_connections: int = 256) -> httpx.AsyncClient:
-    """The client a hosted provider calls its upstream with: redirects never followed unless a call asks."""
-    return httpx.AsyncClient(
+    """The client a hosted provider calls its upstream with: redirects never followed unless a call
+    asks, no cookies kept or sent."""
+    return UpstreamClient(
         transport=AiohttpTransport(max_connections=max_connections),
         timeout=timeout,
         follow_redirects=False,
