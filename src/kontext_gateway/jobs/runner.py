@@ -88,8 +88,9 @@ class JobRunner:
             if record.cancel_requested:
                 raise asyncio.CancelledError  # cancelled while no worker held it (e.g. after a crash)
             inputs, mask = await read_inputs(record, self.blobs)
-            settings = self.settings
-            rebuild = functools.partial(from_record, record, self.catalog, settings, inputs=inputs, mask_bytes=mask)
+            rebuild = functools.partial(
+                from_record, record, self.catalog, self.settings, inputs=inputs, mask_bytes=mask
+            )
             # Decoding input images is heavy work for a thread; without any, the job is its parameters
             # (a hop to a thread would cost more than the rebuild).
             job = await asyncio.to_thread(rebuild) if inputs or mask is not None else rebuild()
@@ -211,7 +212,8 @@ class JobRunner:
         return total, lines
 
     async def _encode_and_store(self, images: list[ProviderImage], job: ImageJob) -> tuple[list[bytes], list[str]]:
-        """The images as asked for (encoded in a thread), and their blob ids (stored, at once)."""
+        """The images as asked for (encoded in a thread, where any needs encoding), and their blob ids
+        (stored, at once)."""
         if all(_passes_through(img, job) for img in images):
             encoded = self._encode(images, job)  # nothing to convert: no hop to a thread
         else:
