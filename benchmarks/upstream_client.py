@@ -105,12 +105,14 @@ async def run(base: str, ca: Path, fmt: str, jobs: int, at_once: list[int], repe
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=ca)))
         return aiohttp_job(session, base, fmt), session.close
 
-    variants = {"gateway's client": gateway_client, "httpx (httpcore)": plain_httpx, "aiohttp": plain_aiohttp}
-    chosen = {"gateway": "gateway's client", "httpx": "httpx (httpcore)", "aiohttp": "aiohttp"}
+    # --client name -> (the row's label, how to make that client)
+    clients = {
+        "gateway": ("gateway's client", gateway_client),
+        "httpx": ("httpx (httpcore)", plain_httpx),
+        "aiohttp": ("aiohttp", plain_aiohttp),
+    }
     for n in at_once:
-        for name, make in variants.items():
-            if name not in {chosen[c] for c in only}:
-                continue
+        for name, make in (clients[c] for c in clients if c in only):
             rows = []
             for _ in range(repeats):
                 job, close = await make()
@@ -129,7 +131,11 @@ def main() -> None:
     ap.add_argument("--format", nargs="+", default=["png", "jpeg"], choices=["png", "jpeg"])
     ap.add_argument("--repeats", type=int, default=3, help="medians of this many runs per row (default 3)")
     ap.add_argument(
-        "--client", nargs="+", default=["gateway", "httpx", "aiohttp"], choices=["gateway", "httpx", "aiohttp"]
+        "--client",
+        nargs="+",
+        default=["gateway", "httpx", "aiohttp"],
+        choices=["gateway", "httpx", "aiohttp"],
+        help="the clients measured (default all three)",
     )
     args = ap.parse_args()
 
