@@ -41,7 +41,8 @@ The fake is Ready at once, so a gateway's wait before its first poll is part of 
 closed loop, of its req/s; CPU-ms per request and peak RSS compare the work each does.
 
 Load: for each client count (default 1 8 64), a closed loop (each client sends its next request when
-the previous one answers) on one shared httpx.AsyncClient (pool = clients), `--warmup` seconds, then
+the previous one answers; every prompt numbered, so no two requests are the same) on one shared
+httpx.AsyncClient (pool = clients), `--warmup` seconds, then
 `--duration` seconds measured, without a pause between them: what completes inside the measured window
 counts (its latency may have started before), and CPU and peak RSS are read at the window's ends.
 For each repeat, for each upstream, for each client count: kontext then litellm, the order swapped
@@ -58,6 +59,7 @@ import argparse
 import asyncio
 import contextlib
 import http.client
+import itertools
 import json
 import os
 import resource
@@ -372,13 +374,16 @@ async def load(target: Target, clients: int, duration: float, warmup: float, fak
     t_end = t_start + duration
 
     async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+        sent = itertools.count()
 
         async def worker() -> None:
             while time.perf_counter() < t_end:
+                # Each prompt its own, as users' are: nothing keyed on the body is reused across requests.
+                body = {**target.body, "prompt": f"{target.body['prompt']} #{next(sent)}"}
                 t0 = time.perf_counter()
                 why: str | None
                 try:
-                    why = check_answer(await client.post(target.url, json=target.body, headers=target.headers))
+                    why = check_answer(await client.post(target.url, json=body, headers=target.headers))
                 except httpx.HTTPError as exc:
                     why = f"{type(exc).__name__}: {exc}"
                 t1 = time.perf_counter()

@@ -10,7 +10,7 @@ from importlib import resources
 import pytest
 from jsonschema import Draft202012Validator
 
-from kontext_gateway.providers import contracts
+from kontext_gateway.providers import contracts, routes
 from kontext_gateway.providers.contracts import Problem
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -151,3 +151,32 @@ def test_unknown_keys_and_copies() -> None:
     schema["properties"].clear()  # a caller's copy: the vendored schema stays as published
     assert "prompt" in contracts.route_schema("bfl.flux-kontext-pro")["properties"]
     assert contracts.request_errors("bfl.flux-kontext-pro", {"prompt": "x"}) == []
+
+
+def test_a_routes_verdict_is_the_schemas_and_a_small_body_is_validated_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A request's body is judged when it is accepted and again when its job runs: the second time is
+    # remembered, and what it answers is what the schema says, every time.
+    route = routes.route("bfl", "flux-kontext-pro")
+    validated: list[object] = []
+
+    def counting(key: str, body: object) -> list[Problem]:
+        validated.append(body)
+        return contracts.request_problems(key, body)
+
+    monkeypatch.setattr(routes, "request_problems", counting)
+    routes._problems_of.cache_clear()
+    good = {"prompt": "a fox #1", "aspect_ratio": "1:1", "output_format": "jpeg"}
+    bad = {"prompt": "a fox #2", "output_format": "gif"}
+    assert route.problems(good) == [] and route.problems(dict(good)) == []
+    first = route.problems(bad)
+    assert [p.where for p in first] == ["output_format"] and first == contracts.request_problems(route.key, bad)
+    first.clear()  # the caller's own list: the verdict kept is not changed through it
+    assert route.problems(bad) == contracts.request_problems(route.key, bad)
+    assert len(validated) == 2
+    # Same fields, another value: a verdict of its own.
+    assert [p.where for p in route.problems({**good, "output_format": "bmp"})] == ["output_format"]
+    assert len(validated) == 3
+    # A body carrying an inline image is not kept (it would hold megabytes): validated every time.
+    inline = {"prompt": "x", "input_image": "data:image/png;base64," + "A" * 20_000}
+    assert route.problems(inline) == route.problems(inline) == []
+    assert len(validated) == 5
