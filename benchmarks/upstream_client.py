@@ -3,8 +3,9 @@
 One job against BFL is three calls: the submit (POST, JSON), the poll (GET, JSON) and the result's
 download (GET, a 1024x1024 photo-like PNG of ~1.7 MB, or BFL's default JPEG of ~0.15 MB), all over TLS.
 This runs exactly those calls, in this process, against benchmarks/fast_upstream.py (its own process,
-TLS on the providers' host names, resolved to 127.0.0.1 here), with the client the gateway builds
-(`kontext_gateway.providers.transport.upstream_client`) and, beside it, plain httpx and plain aiohttp.
+TLS on the providers' host names, resolved to 127.0.0.1 here), the way the gateway's providers make
+them (`kontext_gateway.providers.transport.upstream_http`: httpx requests straight to aiohttp's
+connections) and, beside it, plain httpx and plain aiohttp.
 It measures this process's CPU time per job (the fake's is not counted) at 1 and 16 jobs at once.
 
     .venv/bin/python benchmarks/upstream_client.py                  # all transports, png and jpeg
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from gateway_vs_litellm import BFL_KEY, HOOK, HOSTS, REPLICATE_TOKEN, Process, base_env, make_tls, pick_port, tls_ready
-from kontext_gateway.providers.transport import upstream_client
+from kontext_gateway.providers.transport import UpstreamHTTP, upstream_http
 
 Job = Callable[[], Awaitable[int]]
 
@@ -48,6 +49,24 @@ def httpx_job(client: httpx.AsyncClient, base: str, fmt: str) -> Job:
         poll = await client.get(sub.json()["polling_url"], headers=headers)
         poll.raise_for_status()
         async with client.stream("GET", poll.json()["result"]["sample"]) as resp:
+            resp.raise_for_status()
+            chunks = [chunk async for chunk in resp.aiter_bytes()]
+        return len(b"".join(chunks))
+
+    return job
+
+
+def gateway_job(http: UpstreamHTTP, base: str, fmt: str) -> Job:
+    """The calls as the gateway's providers make them (providers/hosted.py): the download without the key."""
+    headers = {"x-key": BFL_KEY}
+
+    async def job() -> int:
+        body = {"prompt": "a lighthouse", "output_format": fmt}
+        sub = await http.send("POST", f"{base}/v1/flux-kontext-pro", headers=headers, json=body)
+        sub.raise_for_status()
+        poll = await http.send("GET", sub.json()["polling_url"], headers=headers)
+        poll.raise_for_status()
+        async with http.stream(poll.json()["result"]["sample"], headers={}) as resp:
             resp.raise_for_status()
             chunks = [chunk async for chunk in resp.aiter_bytes()]
         return len(b"".join(chunks))
@@ -94,8 +113,8 @@ async def measure(job: Job, jobs: int, at_once: int) -> tuple[float, float, floa
 
 async def run(base: str, ca: Path, fmt: str, jobs: int, at_once: list[int], repeats: int, only: list[str]) -> None:
     async def gateway_client() -> tuple[Job, Callable[[], Awaitable[None]]]:
-        client = upstream_client(timeout=httpx.Timeout(60.0, connect=10.0))
-        return httpx_job(client, base, fmt), client.aclose
+        http = upstream_http(timeout=httpx.Timeout(60.0, connect=10.0))
+        return gateway_job(http, base, fmt), http.aclose
 
     async def plain_httpx() -> tuple[Job, Callable[[], Awaitable[None]]]:
         client = httpx.AsyncClient(verify=str(ca), limits=httpx.Limits(max_connections=256))

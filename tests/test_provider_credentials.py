@@ -238,8 +238,7 @@ def real_provider(name: str, tmp_path: Path) -> tuple[HostedProvider, list[httpx
         replicate_api_token="r8_test",
         fireworks_api_key="fw_test",
     )
-    client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
-    return HostedProvider(REAL[name], settings, client=client), seen
+    return HostedProvider(REAL[name], settings, transport=httpx.MockTransport(answer)), seen
 
 
 async def poll_at(provider: HostedProvider, name: str, url: str) -> None:

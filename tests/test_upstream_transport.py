@@ -1,5 +1,5 @@
-"""The upstream client (httpx over aiohttp's connections): what a provider's code sees for each way an
-upstream can answer or fail, exactly as with httpx's own transport.
+"""The upstream calls (httpx requests over aiohttp's connections, `UpstreamHTTP`): what a provider's code
+sees for each way an upstream can answer or fail, exactly as with httpx's own client and transport.
 
 The upstream is a scripted HTTP/1.1 server on loopback (asyncio streams), so it can misbehave at the
 byte level: close without answering, cut a body short, send a broken status line, never answer."""
@@ -18,7 +18,7 @@ import pytest
 
 from conftest import noise_png, png_bytes
 from kontext_gateway.imaging import inspect_image
-from kontext_gateway.providers.transport import AiohttpTransport, upstream_client
+from kontext_gateway.providers.transport import AiohttpTransport, UpstreamHTTP, upstream_http
 
 Script = Callable[["Seen", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -82,21 +82,23 @@ def serving(respond: Callable[[str, dict[str, str], bytes], bytes]) -> Script:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    c = upstream_client(timeout=httpx.Timeout(5.0, connect=2.0))
+async def client() -> AsyncIterator[UpstreamHTTP]:
+    c = upstream_http(timeout=httpx.Timeout(5.0, connect=2.0))
     try:
         yield c
     finally:
         await c.aclose()
 
 
-async def test_json_calls_reuse_one_connection_and_send_what_httpx_builds(client: httpx.AsyncClient) -> None:
+async def test_json_calls_reuse_one_connection_and_send_what_httpx_builds(client: UpstreamHTTP) -> None:
     def respond(line: str, headers: dict[str, str], body: bytes) -> bytes:
         return answer("200 OK", json.dumps({"line": line, "got": json.loads(body or b"null")}).encode())
 
     async with upstream(serving(respond)) as (url, seen):
-        first = await client.post(f"{url}/v1/flux-kontext-pro?x=1", json={"prompt": "ü"}, headers={"x-key": "k"})
-        second = await client.get(f"{url}/v1/get_result?id=abc")
+        first = await client.send(
+            "POST", f"{url}/v1/flux-kontext-pro?x=1", json={"prompt": "ü"}, headers={"x-key": "k"}
+        )
+        second = await client.send("GET", f"{url}/v1/get_result?id=abc", headers={})
     assert first.status_code == 200 and first.json() == {
         "line": "POST /v1/flux-kontext-pro?x=1 HTTP/1.1",
         "got": {"prompt": "ü"},
@@ -109,11 +111,15 @@ async def test_json_calls_reuse_one_connection_and_send_what_httpx_builds(client
     assert headers["host"] == url.removeprefix("http://")
 
 
-async def test_a_multipart_upload_arrives_whole_with_its_length(client: httpx.AsyncClient) -> None:
+async def test_a_multipart_upload_arrives_whole_with_its_length(client: UpstreamHTTP) -> None:
     image = png_bytes(64, 48)
     async with upstream(serving(lambda *_: answer("201 Created", b"{}"))) as (url, seen):
-        resp = await client.post(
-            f"{url}/v1/files", files={"content": ("a.png", image, "image/png")}, data={"type": "image/png"}
+        resp = await client.send(
+            "POST",
+            f"{url}/v1/files",
+            headers={},
+            files={"content": ("a.png", image, "image/png")},
+            data={"type": "image/png"},
         )
     assert resp.status_code == 201
     _, headers, body = seen.requests[0]
@@ -121,54 +127,80 @@ async def test_a_multipart_upload_arrives_whole_with_its_length(client: httpx.As
     assert int(headers["content-length"]) == len(body) and image in body
 
 
-async def test_a_large_result_streams_back_byte_for_byte(client: httpx.AsyncClient) -> None:
+async def test_a_large_result_streams_back_byte_for_byte(client: UpstreamHTTP) -> None:
     image = noise_png(1024, 1024)
     script = serving(lambda *_: answer("200 OK", image, "content-type: image/png"))
-    async with upstream(script) as (url, _), client.stream("GET", f"{url}/results/a/sample.png") as resp:
+    async with upstream(script) as (url, _), client.stream(f"{url}/results/a/sample.png", headers={}) as resp:
         data = b"".join([chunk async for chunk in resp.aiter_bytes()])
     assert data == image
     assert inspect_image(data, param="output", max_pixels=2**24) == ("png", (1024, 1024))
 
 
-async def test_content_encoding_is_decoded_once(client: httpx.AsyncClient) -> None:
+async def test_content_encoding_is_decoded_once(client: UpstreamHTTP) -> None:
     body = json.dumps({"status": "Ready"}).encode()
     zipped = gzip.compress(body)
     async with upstream(serving(lambda *_: answer("200 OK", zipped, "content-encoding: gzip"))) as (url, _):
-        resp = await client.get(f"{url}/v1/get_result?id=a")
+        resp = await client.send("GET", f"{url}/v1/get_result?id=a", headers={})
     assert resp.json() == {"status": "Ready"}
 
 
-async def test_redirects_are_answers_unless_the_call_follows_them(client: httpx.AsyncClient) -> None:
+async def test_redirects_are_answers_to_calls_and_followed_by_downloads(client: UpstreamHTTP) -> None:
     def respond(line: str, headers: dict[str, str], body: bytes) -> bytes:
         if line.startswith("GET /old"):
             return answer("302 Found", b"", "location: /new?" + "s" * 20_000)  # a long signed URL
+        if line.startswith("GET /new"):
+            return answer("303 See Other", b"", "location: http://" + headers["host"] + "/final")
         return answer("200 OK", b"here")
 
     async with upstream(serving(respond)) as (url, seen):
-        unfollowed = await client.get(f"{url}/old")
-        followed = await client.get(f"{url}/old", follow_redirects=True)
+        unfollowed = await client.send("GET", f"{url}/old", headers={"x-request-id": "r1"})
+        async with client.stream(f"{url}/old", headers={"x-request-id": "r2"}) as followed:
+            data = b"".join([chunk async for chunk in followed.aiter_bytes()])
     assert unfollowed.status_code == 302 and unfollowed.headers["location"].startswith("/new?sss")
-    assert followed.status_code == 200 and followed.content == b"here"
-    assert [line.split("?")[0] for line, _, _ in seen.requests] == ["GET /old HTTP/1.1"] * 2 + ["GET /new"]
+    assert followed.status_code == 200 and data == b"here" and followed.url == f"{url}/final"
+    assert [line.split("?")[0] for line, _, _ in seen.requests] == ["GET /old HTTP/1.1"] * 2 + [
+        "GET /new",
+        "GET /final HTTP/1.1",
+    ]
+    assert [h["x-request-id"] for _, h, _ in seen.requests] == ["r1", "r2", "r2", "r2"]
+    assert seen.connections == 1  # each redirect's answer was read off the connection, which was reused
 
 
-async def test_a_refused_connection_is_a_connect_error(client: httpx.AsyncClient) -> None:
+async def test_a_download_that_redirects_forever_stops(client: UpstreamHTTP) -> None:
+    loop = serving(lambda *_: answer("307 Temporary Redirect", b"", "location: /again"))
+    async with upstream(loop) as (url, seen):
+        with pytest.raises(httpx.TooManyRedirects):
+            async with client.stream(f"{url}/start", headers={}):
+                pass
+    assert len(seen.requests) == client.max_redirects + 1
+
+
+async def test_every_call_says_who_calls_unless_it_says_otherwise(client: UpstreamHTTP) -> None:
+    async with upstream(serving(lambda *_: answer("200 OK", b"{}"))) as (url, seen):
+        await client.send("GET", f"{url}/v1/get_result", headers={})
+        await client.send("GET", f"{url}/v1/get_result", headers={"user-agent": "mine", "accept": "image/*"})
+    (_, plain, _), (_, own, _) = seen.requests
+    assert plain["user-agent"].startswith("kontext-gateway/") and plain["accept-encoding"] == "gzip, deflate"
+    assert own["user-agent"] == "mine" and own["accept"] == "image/*"
+
+
+async def test_a_refused_connection_is_a_connect_error(client: UpstreamHTTP) -> None:
     async with upstream(serving(lambda *_: b"")) as (url, _):
         pass  # closed: nothing listens on its port any more
     with pytest.raises(httpx.ConnectError):
-        await client.get(f"{url}/v1/get_result")
+        await client.send("GET", f"{url}/v1/get_result", headers={})
 
 
-async def test_a_close_without_an_answer_is_a_protocol_error(client: httpx.AsyncClient) -> None:
+async def test_a_close_without_an_answer_is_a_protocol_error(client: UpstreamHTTP) -> None:
     async def hang_up(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(seen, reader)
 
     async with upstream(hang_up) as (url, _):
         with pytest.raises(httpx.RemoteProtocolError):
-            await client.post(f"{url}/v1/flux-kontext-pro", json={})
+            await client.send("POST", f"{url}/v1/flux-kontext-pro", headers={}, json={})
 
 
-async def test_a_body_cut_short_is_a_read_error(client: httpx.AsyncClient) -> None:
+async def test_a_body_cut_short_is_a_read_error(client: UpstreamHTTP) -> None:
     async def cut(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(seen, reader)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5000\r\n\r\n" + b"x" * 100)
@@ -176,10 +208,10 @@ async def test_a_body_cut_short_is_a_read_error(client: httpx.AsyncClient) -> No
 
     async with upstream(cut) as (url, _):
         with pytest.raises(httpx.ReadError):
-            await client.get(f"{url}/results/a/sample.png")
+            await client.send("GET", f"{url}/results/a/sample.png", headers={})
 
 
-async def test_a_broken_status_line_is_a_protocol_error(client: httpx.AsyncClient) -> None:
+async def test_a_broken_status_line_is_a_protocol_error(client: UpstreamHTTP) -> None:
     async def garbage(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(seen, reader)
         writer.write(b"SMTP ready\r\n\r\n")
@@ -187,7 +219,7 @@ async def test_a_broken_status_line_is_a_protocol_error(client: httpx.AsyncClien
 
     async with upstream(garbage) as (url, _):
         with pytest.raises(httpx.RemoteProtocolError):
-            await client.get(f"{url}/v1/get_result")
+            await client.send("GET", f"{url}/v1/get_result", headers={})
 
 
 async def test_an_upstream_that_never_answers_is_a_read_timeout() -> None:
@@ -195,18 +227,18 @@ async def test_an_upstream_that_never_answers_is_a_read_timeout() -> None:
         await read_request(seen, reader)
         await asyncio.sleep(30)
 
-    quick = upstream_client(timeout=httpx.Timeout(0.3, connect=2.0))
+    quick = upstream_http(timeout=httpx.Timeout(0.3, connect=2.0))
     try:
         async with upstream(silent) as (url, _):
             with pytest.raises(httpx.ReadTimeout):
-                await quick.get(f"{url}/v1/get_result")
+                await quick.send("GET", f"{url}/v1/get_result", headers={})
     finally:
         await quick.aclose()
 
 
-async def test_a_url_that_is_not_http_is_unsupported(client: httpx.AsyncClient) -> None:
+async def test_a_url_that_is_not_http_is_unsupported(client: UpstreamHTTP) -> None:
     with pytest.raises(httpx.UnsupportedProtocol):
-        await client.get("ftp://127.0.0.1/sample.png")
+        await client.send("GET", "ftp://127.0.0.1/sample.png", headers={})
 
 
 async def test_the_environment_proxy_carries_plain_http_calls_unless_no_proxy_names_the_host(
@@ -216,10 +248,13 @@ async def test_the_environment_proxy_carries_plain_http_calls_unless_no_proxy_na
         monkeypatch.setenv("HTTP_PROXY", proxy)
         monkeypatch.setenv("NO_PROXY", "direct.invalid")
         transport = AiohttpTransport(max_connections=4)
-        async with httpx.AsyncClient(transport=transport) as proxied:
-            resp = await proxied.get("http://api.upstream.invalid/v1/get_result?id=1")
+        proxied = UpstreamHTTP(transport, timeout=httpx.Timeout(5.0))
+        try:
+            resp = await proxied.send("GET", "http://api.upstream.invalid/v1/get_result?id=1", headers={})
             with pytest.raises(httpx.ConnectError):  # not proxied: the name does not resolve
-                await proxied.get("http://direct.invalid/v1/get_result")
+                await proxied.send("GET", "http://direct.invalid/v1/get_result", headers={})
+        finally:
+            await proxied.aclose()
     assert resp.content == b"via proxy"
     assert [line for line, _, _ in seen.requests] == ["GET http://api.upstream.invalid/v1/get_result?id=1 HTTP/1.1"]
 
@@ -231,10 +266,12 @@ async def test_connections_are_capped_and_freed_for_the_next_caller() -> None:
             writer.write(answer("200 OK", b"{}"))
             await writer.drain()
 
-    capped = upstream_client(timeout=httpx.Timeout(10.0), max_connections=2)
+    capped = upstream_http(timeout=httpx.Timeout(10.0), max_connections=2)
     try:
         async with upstream(slow) as (url, seen):
-            answers = await asyncio.gather(*(capped.get(f"{url}/v1/get_result?id={i}") for i in range(8)))
+            answers = await asyncio.gather(
+                *(capped.send("GET", f"{url}/v1/get_result?id={i}", headers={}) for i in range(8))
+            )
     finally:
         await capped.aclose()
     assert [r.status_code for r in answers] == [200] * 8
@@ -250,19 +287,18 @@ async def test_closing_the_client_closes_its_connections() -> None:
             await writer.drain()
         closed.set()
 
-    c = upstream_client(timeout=httpx.Timeout(5.0))
+    c = upstream_http(timeout=httpx.Timeout(5.0))
     async with upstream(watch) as (url, _):
-        await c.get(f"{url}/v1/get_result")
+        await c.send("GET", f"{url}/v1/get_result", headers={})
         await c.aclose()
         await asyncio.wait_for(closed.wait(), 10)
 
 
-async def test_cookies_are_neither_kept_nor_sent(client: httpx.AsyncClient) -> None:
+async def test_cookies_are_neither_kept_nor_sent(client: UpstreamHTTP) -> None:
     """The providers authenticate by header: a cookie one answer sets is not sent with the next call
-    (one client serves every user's calls)."""
+    (one connection pool serves every user's calls)."""
     async with upstream(serving(lambda *_: answer("200 OK", b"{}", "set-cookie: session=abc; Path=/"))) as (url, seen):
-        first = await client.get(f"{url}/v1/get_result?id=a")
-        await client.get(f"{url}/v1/get_result?id=b")
+        first = await client.send("GET", f"{url}/v1/get_result?id=a", headers={})
+        await client.send("GET", f"{url}/v1/get_result?id=b", headers={})
     assert first.headers["set-cookie"].startswith("session=abc")  # the answer itself is untouched
     assert [h.get("cookie") for _, h, _ in seen.requests] == [None, None]
-    assert not client.cookies

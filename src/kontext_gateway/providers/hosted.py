@@ -58,7 +58,7 @@ from .errors import (
     UpstreamError,
 )
 from .inputs import compact, inline_size
-from .transport import upstream_client
+from .transport import UpstreamHTTP, upstream_http
 
 log = logging.getLogger(__name__)
 # The gateway's request id while a job's upstream calls run: every call sends it as `x-request-id`,
@@ -74,7 +74,10 @@ class HostedProvider:
 
     lane: ClassVar[Lane] = Lane.HOSTED
 
-    def __init__(self, dialect: type[Dialect], settings: Settings, *, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self, dialect: type[Dialect], settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        """`transport`: where the calls go (default: aiohttp's connections; tests pass httpx's mock)."""
         self.settings = settings
         self.dialect = dialect(settings)
         self.name = dialect.name
@@ -83,8 +86,13 @@ class HostedProvider:
         # The configured URLs' origins, and those the operator adds (`provider_hosts`).
         configured = [*self.dialect.configured_urls(), *settings.provider_hosts.get(self.name, [])]
         self._own_origins = {_origin(httpx.URL(url)) for url in configured}
-        # Redirects are never followed on calls (see `send`); downloads choose their own.
-        self.client = client or upstream_client(timeout=httpx.Timeout(60.0, connect=10.0), max_connections=256)
+        # Redirects are never followed on calls (see `send`); result downloads follow them.
+        timeout = httpx.Timeout(60.0, connect=10.0)
+        self.http = (
+            upstream_http(timeout=timeout, max_connections=256)
+            if transport is None
+            else UpstreamHTTP(transport, timeout=timeout)
+        )
         self._semaphores: dict[str, asyncio.Semaphore] = {}
 
     # -- the Provider protocol -------------------------------------------------------------------------
@@ -102,7 +110,7 @@ class HostedProvider:
         return self.dialect.unsupported(entry, job)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.http.aclose()
 
     async def generate(self, entry: ProviderEntry, job: ImageJob) -> ProviderResult:
         """All `job.n` images, in parallel tasks of at most `batch_limit`.
@@ -357,21 +365,21 @@ class HostedProvider:
         A call with `credentials` gets the provider's key only once `check_credential_url` accepts its
         URL. No call follows a redirect: whatever an answer says, the key goes nowhere else."""
         headers = dict(call.headers)
+        url: str | httpx.URL = call.url
         if call.credentials:
-            self.check_credential_url(call.method, call.url)
+            url = self.check_credential_url(call.method, call.url)  # parsed once, sent as checked
             headers.update(self.dialect.credentials(self._key or ""))
         if (rid := _request_id.get()) is not None:
             headers["x-request-id"] = rid
         try:
-            resp = await self.client.request(
+            resp = await self.http.send(
                 call.method,
-                call.url,
+                url,
+                headers=headers,
                 json=call.json,
                 content=call.content,
                 files=call.files,
                 data=call.data,
-                headers=headers,
-                follow_redirects=False,
             )
         except httpx.TimeoutException as exc:
             raise Timeout(f"{call.method} {_path(call.url)} timed out ({type(exc).__name__})") from None
@@ -388,11 +396,11 @@ class HostedProvider:
             raise error
         return answer
 
-    def check_credential_url(self, method: str, url: str) -> None:
-        """Raise UntrustedURL unless `url` may get the key: the configured base URL's origin (scheme,
-        host and port), an origin the operator added (`provider_hosts`), or https on one of the
-        dialect's `credential_hosts`. A returned URL naming any other host (or plain http where the
-        provider documents https) never sees the key."""
+    def check_credential_url(self, method: str, url: str) -> httpx.URL:
+        """`url` parsed, once it may get the key: the configured base URL's origin (scheme, host and
+        port), an origin the operator added (`provider_hosts`), or https on one of the dialect's
+        `credential_hosts`; UntrustedURL otherwise. A returned URL naming any other host (or plain http
+        where the provider documents https) never sees the key."""
         try:
             target = httpx.URL(url)
             origin = _origin(target)
@@ -403,10 +411,10 @@ class HostedProvider:
         if not host:
             raise UntrustedURL(f"{method} {_path(str(url))[:80]!r}: refused, not an absolute URL; {env} was not sent")
         if origin in self._own_origins:
-            return
+            return target
         documented = any(_host_matches(pattern, host) for pattern in self.dialect.credential_hosts)
         if documented and scheme == "https" and port == 443:
-            return
+            return target
         why = (
             f"not one of {self.name}'s hosts"
             if not documented
@@ -434,7 +442,7 @@ class HostedProvider:
     async def _fetch_result(self, url: str) -> bytes:
         headers = {"x-request-id": rid} if (rid := _request_id.get()) is not None else {}
         try:
-            async with self.client.stream("GET", url, headers=headers, follow_redirects=True) as resp:
+            async with self.http.stream(url, headers=headers) as resp:
                 if resp.status_code >= 500:
                     raise ServerError(f"GET {_path(url)} -> {resp.status_code}", status=resp.status_code)
                 if resp.status_code >= 400:

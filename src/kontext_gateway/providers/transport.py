@@ -1,20 +1,23 @@
-"""The HTTP client for calls to the hosted providers: httpx's interface over aiohttp's connections.
+"""The HTTP calls to the hosted providers: httpx requests and responses, aiohttp's connections.
 
 The provider code speaks httpx (requests, responses, multipart, its exception tree) and tests inject
-httpx transports. Underneath, httpx's own transport (httpcore on anyio) costs several times the CPU
-of aiohttp's for the same calls: a cancel scope per socket read, pool bookkeeping per request that
-grows with the number of connections. `benchmarks/upstream_client.py` measures one job's submit,
-poll and 1.7 MB download both ways. `AiohttpTransport` keeps httpx on top (redirects, content
-decoding, timeouts per request) and hands the wire to an aiohttp session, translating its errors into
-httpx's so callers classify failures exactly as before.
+httpx transports. Two layers of httpx are left out, each for the CPU it costs per call:
 
-No cookies (`UpstreamClient`): the providers authenticate by header, and one jar shared by every
-user's calls is state nobody wants; httpx would parse each answer for cookies (about a sixth of the
-client's CPU per call, beside aiohttp's own work).
+- its transport (httpcore on anyio) costs several times the CPU of aiohttp's for the same calls: a
+  cancel scope per socket read, pool bookkeeping per request that grows with the number of
+  connections. `AiohttpTransport` hands the wire to an aiohttp session and translates its errors into
+  httpx's, so callers classify failures exactly as before;
+- its client (`httpx.AsyncClient`) wraps every call in machinery these calls never use: an auth flow,
+  a redirect loop (a call that carries a key follows no redirect), a cookie jar (the providers
+  authenticate by header, and one jar shared by every user's calls is state nobody wants), a base URL
+  and default headers merged per call, event hooks. `UpstreamHTTP` builds one `httpx.Request` per
+  call and hands it to the transport; a result download follows redirects itself.
+
+`benchmarks/upstream_client.py` measures one job's submit, poll and 1.7 MB download each way.
 
 Only what upstream calls need: HTTP/1.1, the CA bundle httpx would trust (certifi's, or
 `SSL_CERT_FILE` / `SSL_CERT_DIR`), and the environment's proxies (`HTTPS_PROXY`, `HTTP_PROXY`,
-`NO_PROXY`), read when the client is made.
+`NO_PROXY`), read when the transport is made.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from typing import Any
 
 import aiohttp
 import httpx
+
+from .. import __version__
 
 # Longest status line and header field accepted from an upstream (aiohttp's default is 8 KiB; httpx
 # took up to 100 KiB, and signed result URLs can make long Location headers).
@@ -139,37 +144,77 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             await session.close()
 
 
-class _NoCookies(httpx.Cookies):
-    """A jar that stays empty: answers' cookies are not read, requests get none."""
-
-    def extract_cookies(self, response: httpx.Response) -> None:
-        pass
-
-    def set_cookie_header(self, request: httpx.Request) -> None:
-        pass
+# Sent with every call unless the call sets its own: who calls, and only the content encodings httpx
+# decodes (aiohttp's defaults could name one it does not).
+DEFAULT_HEADERS = {"accept": "*/*", "accept-encoding": "gzip, deflate", "user-agent": f"kontext-gateway/{__version__}"}
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
-class UpstreamClient(httpx.AsyncClient):
-    """httpx's client without cookies (see the module)."""
+class UpstreamHTTP:
+    """Calls to a hosted provider: each one `httpx.Request` handed to `transport` (see the module).
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._no_cookies = _NoCookies()
+    `send` reads the answer whole and never follows a redirect (a 3xx comes back as it is); `stream`
+    is a GET whose body is read as it arrives, following up to `max_redirects` redirects. No cookies
+    are kept or sent. Failures are httpx's exceptions, as from `httpx.AsyncClient`."""
 
-    @property
-    def cookies(self) -> httpx.Cookies:
-        return self._no_cookies
+    def __init__(self, transport: httpx.AsyncBaseTransport, *, timeout: httpx.Timeout, max_redirects: int = 10) -> None:
+        self._transport = transport
+        self._timeout = timeout.as_dict()
+        self.max_redirects = max_redirects
 
-    @cookies.setter
-    def cookies(self, cookies: Any) -> None:
-        raise AttributeError("the upstream client keeps no cookies")
+    def _request(self, method: str, url: str | httpx.URL, headers: dict[str, str], **body: Any) -> httpx.Request:
+        return httpx.Request(
+            method, url, headers={**DEFAULT_HEADERS, **headers}, extensions={"timeout": self._timeout}, **body
+        )
+
+    async def _handle(self, request: httpx.Request) -> httpx.Response:
+        response = await self._transport.handle_async_request(request)
+        response.request = request
+        return response
+
+    async def send(
+        self,
+        method: str,
+        url: str | httpx.URL,
+        *,
+        headers: dict[str, str],
+        json: Any = None,
+        content: bytes | None = None,
+        files: Any = None,
+        data: Any = None,
+    ) -> httpx.Response:
+        """One call, its answer read whole (content-encoding decoded)."""
+        request = self._request(method, url, headers, json=json, content=content, files=files, data=data)
+        response = await self._handle(request)
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        return response
+
+    @contextlib.asynccontextmanager
+    async def stream(self, url: str, *, headers: dict[str, str]) -> AsyncIterator[httpx.Response]:
+        """A GET of `url`, redirects followed; the answer's body is read from it (`aiter_bytes`)."""
+        target: str | httpx.URL = url
+        for _ in range(self.max_redirects + 1):
+            request = self._request("GET", target, headers)
+            response = await self._handle(request)
+            location = response.headers.get("location") if response.status_code in REDIRECT_STATUSES else None
+            if location is None:
+                break
+            await response.aclose()
+            target = request.url.join(location)
+        else:
+            raise httpx.TooManyRedirects(f"more than {self.max_redirects} redirects", request=request)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
 
 
-def upstream_client(*, timeout: httpx.Timeout, max_connections: int = 256) -> httpx.AsyncClient:
-    """The client a hosted provider calls its upstream with: redirects never followed unless a call
-    asks, no cookies kept or sent."""
-    return UpstreamClient(
-        transport=AiohttpTransport(max_connections=max_connections),
-        timeout=timeout,
-        follow_redirects=False,
-    )
+def upstream_http(*, timeout: httpx.Timeout, max_connections: int = 256) -> UpstreamHTTP:
+    """What a hosted provider calls its upstream with: aiohttp's connections, up to `max_connections`."""
+    return UpstreamHTTP(AiohttpTransport(max_connections=max_connections), timeout=timeout)
