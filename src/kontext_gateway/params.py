@@ -74,6 +74,11 @@ def parse_ratio(text: str) -> float | None:
 
 def nearest_ratio(ratio: float, supported: tuple[str, ...] | list[str]) -> str:
     """The supported ratio closest to `ratio` in log space (scale-symmetric: 2:1 and 1:2 are alike)."""
+    return _nearest_ratio(ratio, tuple(supported))
+
+
+@functools.lru_cache(maxsize=1024)  # a request asks it for each route it is judged for, the same answer
+def _nearest_ratio(ratio: float, supported: tuple[str, ...]) -> str:
     return min(supported, key=lambda s: (abs(math.log(parse_ratio(s) / ratio)), s))  # type: ignore[operator]
 
 
