@@ -175,6 +175,14 @@ async def test_a_download_that_redirects_forever_stops(client: UpstreamHTTP) -> 
     assert len(seen.requests) == client.max_redirects + 1
 
 
+async def test_a_download_redirected_to_a_broken_location_is_a_protocol_error(client: UpstreamHTTP) -> None:
+    broken = serving(lambda *_: answer("302 Found", b"", "location: http://[::1"))
+    async with upstream(broken) as (url, _):
+        with pytest.raises(httpx.RemoteProtocolError, match="location"):
+            async with client.stream(f"{url}/start", headers={}):
+                pass
+
+
 async def test_every_call_says_who_calls_unless_it_says_otherwise(client: UpstreamHTTP) -> None:
     async with upstream(serving(lambda *_: answer("200 OK", b"{}"))) as (url, seen):
         await client.send("GET", f"{url}/v1/get_result", headers={})

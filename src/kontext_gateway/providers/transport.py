@@ -203,7 +203,10 @@ class UpstreamHTTP:
             if location is None:
                 break
             await response.aclose()
-            target = request.url.join(location)
+            try:
+                target = request.url.join(location)
+            except httpx.InvalidURL as exc:  # as httpx's client says it
+                raise httpx.RemoteProtocolError(f"Invalid URL in location header: {exc}.", request=request) from None
         else:
             raise httpx.TooManyRedirects(f"more than {self.max_redirects} redirects", request=request)
         try:
