@@ -263,7 +263,7 @@ async def _parts(fake_url: str, data_dir: Path, n: int) -> list[tuple[str, float
             forced=prepared.forced.config_key if prepared.forced else None,
             provider=None,
         )
-        client = gw.providers["replicate"].client
+        http = gw.providers["replicate"].http
 
         async def prepare() -> None:
             await gw.images._prepare("req_x", image_call("text-to-image", fields), None, OPEN, base)
@@ -277,12 +277,14 @@ async def _parts(fake_url: str, data_dir: Path, n: int) -> list[tuple[str, float
                     "output_format": "png",
                 }
             }
-            r = await client.post(
+            r = await http.send(
+                "POST",
                 f"{fake_url}/v1/models/{UPSTREAM_MODEL}/predictions",
                 json=body,
                 headers={"Authorization": f"Bearer {TOKEN}", "Prefer": "wait=5"},
             )
-            await client.get(r.json()["output"])
+            async with http.stream(r.json()["output"], headers={}) as result:
+                await result.aread()
 
         async def decode() -> None:
             decode_image(png, param="output", max_pixels=gw.settings.max_input_pixels)
@@ -339,7 +341,7 @@ async def _parts(fake_url: str, data_dir: Path, n: int) -> list[tuple[str, float
             await gw.images.create(image_call("text-to-image", dict(fields)), base_url=base)
 
         await timed("image_call + ImageService._prepare: parse, validate, resolve the model, order providers", prepare)
-        await timed("the 2 upstream calls (POST prediction, GET output), adapter's httpx client", upstream_calls)
+        await timed("the 2 upstream calls (POST prediction, GET output), as the provider makes them", upstream_calls)
         await timed("decode_image of the 256x256 result (once per request)", decode)
         await timed("_prepare + Router.run: upstream calls, decode, attempt bookkeeping", route)
         await timed("LocalBlobStore.put: sha256, mkdir, temp file, write, fsync, rename", blob)
