@@ -147,7 +147,6 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 # Sent with every call unless the call sets its own: who calls, and only the content encodings httpx
 # decodes (aiohttp's defaults could name one it does not).
 DEFAULT_HEADERS = {"accept": "*/*", "accept-encoding": "gzip, deflate", "user-agent": f"kontext-gateway/{__version__}"}
-REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
 class UpstreamHTTP:
@@ -199,12 +198,11 @@ class UpstreamHTTP:
         for _ in range(self.max_redirects + 1):
             request = self._request("GET", target, headers)
             response = await self._handle(request)
-            location = response.headers.get("location") if response.status_code in REDIRECT_STATUSES else None
-            if location is None:
+            if not response.has_redirect_location:  # a 301, 302, 303, 307 or 308 with a Location
                 break
             await response.aclose()
             try:
-                target = request.url.join(location)
+                target = request.url.join(response.headers["location"])
             except httpx.InvalidURL as exc:  # as httpx's client says it
                 raise httpx.RemoteProtocolError(f"Invalid URL in location header: {exc}.", request=request) from None
         else:
