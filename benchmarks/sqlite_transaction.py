@@ -16,6 +16,10 @@ rounds interleaved, medians:
                               gateway runs
   sqlite3 alone, one hop      the same SQL through the sqlite3 module on that thread (the floor)
 
+Then a hosted job's writes after its creation, through `Database` (CPU-ms per job): its upstream task
+recorded, then the task's end and the job's end, either as two transactions (the task's end on its
+own, then the job's) or as one (the task's end committed with the job's ending).
+
     .venv/bin/python benchmarks/sqlite_transaction.py
 """
 
@@ -42,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from kontext_gateway.store.db import REQUESTS, ROW_ID, UPDATE_REQUEST, Database
 from kontext_gateway.store.engine import make_sqlite_thread_engine
 from kontext_gateway.store.models import utcnow
-from kontext_gateway.store.records import JobStatus
+from kontext_gateway.store.records import JobStatus, TaskEnd
 
 
 def ending() -> dict[str, Any]:
@@ -129,6 +133,7 @@ async def run(n: int, repeats: int) -> None:
             for rid in ids:
                 await way(rid)
             cpu[name].append((time.process_time() - t0) / n * 1000)
+    jobs = await job_writes(db, n, repeats)
     await db.close()
     raw.close()
     await loop.run_in_executor(raw_thread, pooled.dispose)
@@ -138,6 +143,50 @@ async def run(n: int, repeats: int) -> None:
     print("|---|---:|---|")
     for name, values in cpu.items():
         print(f"| {name} | {statistics.median(values):.3f} | {', '.join(f'{v:.3f}' for v in values)} |")
+    print(f"\nA hosted job's writes after its creation ({n} jobs per way and round)\n")
+    print("| way | CPU-ms per job | rounds |")
+    print("|---|---:|---|")
+    for name, values in jobs.items():
+        print(f"| {name} | {statistics.median(values):.3f} | {', '.join(f'{v:.3f}' for v in values)} |")
+
+
+async def job_writes(db: Database, n: int, repeats: int) -> dict[str, list[float]]:
+    """The task recorded, then the task's end and the job's end: as two transactions or as one."""
+
+    async def job(rid: str, together: bool) -> None:
+        row = await db.record_task(rid, slot=0, config_key="bfl/flux-kontext-pro", task_id="t", data={"id": "t"})
+        ended = [TaskEnd(row, "done", ["ab" * 32 + ".png"])]
+        if not together:
+            await db.finish_tasks(ended)
+        end = ending()
+        await db.mark_succeeded(
+            rid,
+            provider="bfl/flux-kontext-pro",
+            cost=0.04,
+            currency="USD",
+            output_blob_ids=end["output_blob_ids"],
+            attempts=end["attempts"],
+            output_size="1024x1024",
+            output_format="png",
+            duration_ms=12,
+            ledger=False,
+            ended_tasks=ended if together else (),
+        )
+
+    ways = {"task's end on its own, then the job's": False, "task's end with the job's ending": True}
+    cpu: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(repeats):
+        for name, together in ways.items():
+            ids = [f"req_{uuid.uuid4().hex}" for _ in range(n + 20)]
+            for rid in ids:
+                await db.create_request(id=rid, endpoint="images.generate", model="m", mode="generate", params={})
+            for rid in ids[:20]:  # warm the caches
+                await job(rid, together)
+            t0 = time.process_time()
+            for rid in ids[20:]:
+                await job(rid, together)
+            cpu[name].append((time.process_time() - t0) / n * 1000)
+    return cpu
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from kontext_gateway.links import OwnLinks, URLSigner
 from kontext_gateway.params import Size
 from kontext_gateway.protocol import image_call
 from kontext_gateway.providers.base import Attempt, ImageJob, ProviderImage, ProviderResult
+from kontext_gateway.providers.calls import Task
 from kontext_gateway.ratelimit import RateLimiter
 from kontext_gateway.routing import Router
 from kontext_gateway.service import ImageService
@@ -411,3 +412,83 @@ async def test_a_drain_past_its_deadline_hands_the_running_jobs_back_at_once(par
     assert record is not None and record.claimed_by == worker.id
     resumed = await parts.db.claim_next("another-worker", parts.settings.job_lease_s)
     assert resumed is not None and resumed.id == rid
+
+
+@dataclass
+class Journaling(Painter):
+    """A hosted-like provider: one upstream task per job, in the job's journal; its images are stored
+    when it ends. With `hold`, the job then waits (as if converting its images) until cancelled."""
+
+    name = "local"
+    hold: asyncio.Event | None = None
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def generate(self, entry: Any, job: ImageJob) -> ProviderResult:
+        assert job.journal is not None
+        row = await job.journal.submitted(0, entry.config_key, Task("upstream-1"))
+        size = job.size.size or Size(16, 16)
+        image = ProviderImage(data=red_png(size), format="png", size=size)
+        await job.journal.finished(row, images=[image])
+        self.ended.set()
+        if self.hold is not None:
+            await self.hold.wait()
+        job.attempts.append(Attempt("local", entry.config_key, "succeeded", 1, images=1))
+        return ProviderResult(images=[image], size=size)
+
+
+def journaling_runner(parts: Parts, provider: Journaling) -> JobRunner:
+    return JobRunner(
+        db=parts.db,
+        blobs=parts.blobs,
+        catalog=parts.catalog,
+        router=Router({"local": provider}, parts.settings),
+        providers={"local": provider},
+        settings=parts.settings,
+        channels=parts.channels,
+    )
+
+
+async def claimed_job(parts: Parts) -> RequestRow:
+    await image_service(parts, Queue()).submit(
+        image_call("text-to-image", {"model": "kontext-tiny", "prompt": "a red square", "size": "24x16"}),
+        base_url="http://gw.test/",
+    )
+    claimed = await parts.db.claim_next("test-worker", 30, Lane.LOCAL)
+    assert claimed is not None
+    return claimed
+
+
+async def test_a_jobs_task_end_is_recorded_by_its_ending_transaction(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    separately: list[Any] = []
+
+    async def finish_tasks(ended: Any) -> None:
+        separately.append(ended)
+
+    monkeypatch.setattr(parts.db, "finish_tasks", finish_tasks)
+    claimed = await claimed_job(parts)
+    status, _ = await journaling_runner(parts, Journaling()).run(claimed)
+    assert status == JobStatus.SUCCEEDED and separately == []  # no transaction of its own
+    record = await parts.db.get_request(claimed.id)
+    (task,) = await parts.db.tasks_for(claimed.id)
+    assert record is not None and (task.task_id, task.state) == ("upstream-1", "done")
+    assert task.output_blob_ids == record.output_blob_ids  # the stored result is the answer, stored once
+
+
+async def test_a_job_handed_back_at_shutdown_records_its_ended_tasks_first(parts: Parts) -> None:
+    provider = Journaling(hold=asyncio.Event())
+    runner = journaling_runner(parts, provider)
+    claimed = await claimed_job(parts)
+    running = asyncio.create_task(runner.run(claimed))
+    await asyncio.wait_for(provider.ended.wait(), 60)
+    (task,) = await parts.db.tasks_for(claimed.id)
+    assert task.state == "submitted"  # ended, to be recorded with the job's end
+    runner.stopping(claimed.id, "shutdown")
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    (task,) = await parts.db.tasks_for(claimed.id)
+    record = await parts.db.get_request(claimed.id)
+    assert task.state == "done" and len(task.output_blob_ids) == 1  # the next run takes its image from here
+    assert record is not None and record.status == JobStatus.PROCESSING  # handed back, not ended

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import json
 import pathlib
 import sqlite3
@@ -18,11 +19,17 @@ import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from PIL import Image
 from sqlalchemy import inspect, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from conftest import PATIENCE_S
+from kontext_gateway.jobs.journal import DurableJournal
+from kontext_gateway.params import Size
+from kontext_gateway.providers.base import ProviderImage
+from kontext_gateway.providers.calls import Task
+from kontext_gateway.store.blobs import LocalBlobStore
 from kontext_gateway.store.db import Database
 from kontext_gateway.store.models import Base, RequestRecord
 
@@ -430,3 +437,93 @@ async def test_a_write_session_holds_the_write_lock_from_its_first_read(tmp_path
         assert await db.get_request(racing_id) is not None
     finally:
         await db.close()
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), (0, 120, 200)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+async def _journal(db: Database, tmp_path: pathlib.Path) -> tuple[str, DurableJournal]:
+    rid = _new_id()
+    await db.create_request(id=rid, endpoint="images.generate", model="m", mode="generate", params={})
+    return rid, DurableJournal(db, LocalBlobStore(tmp_path / "blobs"), rid, [], max_pixels=10**6)
+
+
+async def _states(db: Database, rid: str) -> list[tuple[str, str, list[str]]]:
+    return [(t.task_id, t.state, t.output_blob_ids) for t in await db.tasks_for(rid)]
+
+
+async def test_a_tasks_end_is_committed_with_the_jobs_ending(db: Database, tmp_path: pathlib.Path) -> None:
+    """The usual job: one task ends and the job ends at once. The end is recorded in the job's ending
+    transaction, and a run after a crash finds the task done with its stored image."""
+    rid, journal = await _journal(db, tmp_path)
+    row = await journal.submitted(0, "bfl/flux-kontext-pro", Task("t1", {"polling_url": "https://api.bfl.ai/x"}))
+    await journal.finished(row, images=[ProviderImage(data=_png(), format="png", size=Size(8, 6))])
+    assert await _states(db, rid) == [("t1", "submitted", [])]  # not yet: it goes with the job's end
+    ended = journal.take_unrecorded()
+    assert [(e.row, e.state) for e in ended] == [(row, "done")] and journal.take_unrecorded() == []
+
+    final = await db.mark_succeeded(
+        rid,
+        provider="bfl/flux-kontext-pro",
+        cost=0.04,
+        currency="USD",
+        output_blob_ids=ended[0].output_blob_ids,
+        attempts=[],
+        output_size="8x6",
+        output_format="png",
+        duration_ms=5,
+        ended_tasks=ended,
+    )
+    assert final.status == "succeeded"
+    assert await _states(db, rid) == [("t1", "done", ended[0].output_blob_ids)]
+    rerun = await DurableJournal.load(db, LocalBlobStore(tmp_path / "blobs"), rid, max_pixels=10**6)
+    (image,) = await rerun.finished_images(0, "bfl/flux-kontext-pro") or []
+    assert (image.format, image.size, image.data) == ("png", Size(8, 6), _png())
+
+
+async def test_a_jobs_ending_that_fails_records_no_task_end(db: Database, tmp_path: pathlib.Path) -> None:
+    """The ending and the task ends are one transaction: either both are recorded or neither is."""
+    rid, journal = await _journal(db, tmp_path)
+    row = await journal.submitted(0, "bfl/flux-kontext-pro", Task("t1"))
+    await journal.finished(row, images=None)
+    with pytest.raises(KeyError):
+        await db.mark_failed(
+            "req_missing", error={"message": "x"}, attempts=[], duration_ms=1, ended_tasks=journal.take_unrecorded()
+        )
+    assert await _states(db, rid) == [("t1", "submitted", [])]
+
+
+async def test_a_tasks_end_is_recorded_at_once_while_another_task_is_upstream(
+    db: Database, tmp_path: pathlib.Path
+) -> None:
+    """Several tasks of one job: an end is recorded at once while another task is still upstream (that
+    wait may be long); the last one waits for the job's next write, here the next task's submit."""
+    rid, journal = await _journal(db, tmp_path)
+    first = await journal.submitted(0, "bfl/flux-kontext-pro", Task("t1"))
+    second = await journal.submitted(1, "bfl/flux-kontext-pro", Task("t2"))
+    await journal.finished(first, images=[ProviderImage(data=_png(), format="png", size=Size(8, 6))])
+    (done,) = [t for t in await db.tasks_for(rid) if t.task_id == "t1"]
+    assert done.state == "done" and len(done.output_blob_ids) == 1
+    await journal.finished(second, images=None)
+    assert ("t2", "submitted", []) in await _states(db, rid)
+    await journal.submitted(1, "fal/flux-kontext-pro", Task("t3"))  # failed over: the end goes with it
+    assert await _states(db, rid) == [
+        ("t1", "done", done.output_blob_ids),
+        ("t2", "failed", []),
+        ("t3", "submitted", []),
+    ]
+    assert journal.take_unrecorded() == []
+
+
+async def test_unrecorded_task_ends_can_be_recorded_on_their_own(db: Database, tmp_path: pathlib.Path) -> None:
+    """A job handed back without ending (a shutdown) records its tasks' ends first."""
+    rid, journal = await _journal(db, tmp_path)
+    row = await journal.submitted(0, "bfl/flux-kontext-pro", Task("t1"))
+    await journal.finished(row, images=None)
+    await journal.record_unrecorded()
+    assert await _states(db, rid) == [("t1", "failed", [])]
+    await journal.record_unrecorded()  # nothing left: nothing written
+    assert journal.take_unrecorded() == []

@@ -1,4 +1,12 @@
-"""The durable TaskJournal: upstream tasks in the `upstream_tasks` table, their images as blobs."""
+"""The durable TaskJournal: upstream tasks in the `upstream_tasks` table, their images as blobs.
+
+A task is committed when it is submitted, before anyone waits on it: a job run again after a crash
+polls it instead of paying for it twice. How it ended is recorded with the job's next write, in the
+same transaction: its end (the usual case: the last task of a job ends, and the job ends at once), or
+the next task's submit. While another task of the job is still upstream, an end is recorded at once:
+that wait may be long. A crash before an end is recorded costs a poll and a download again, never a
+new task, and its stored images (content-addressed) are found under the same blob ids.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,7 @@ from ..providers.base import ProviderImage
 from ..providers.calls import Task
 from ..store.blobs import BlobStore
 from ..store.db import Database
-from ..store.records import TaskRow
+from ..store.records import TaskEnd, TaskRow
 
 
 class DurableJournal:
@@ -24,6 +32,8 @@ class DurableJournal:
         self._latest: dict[tuple[int, str], TaskRow] = {}
         for row in rows:
             self._latest[(row.slot, row.config_key)] = row
+        self._unrecorded: list[TaskEnd] = []  # ends that go with the job's next write
+        self._recording = 0  # submits being recorded: tasks upstream that _latest does not show yet
 
     @classmethod
     async def load(cls, db: Database, blobs: BlobStore, request_id: str, max_pixels: int) -> DurableJournal:
@@ -55,7 +65,17 @@ class DurableJournal:
 
     async def submitted(self, slot: int, config_key: str, task: Task) -> int:
         data = {"data": task.data, "outputs": task.outputs}
-        row = await self.db.record_task(self.request_id, slot=slot, config_key=config_key, task_id=task.id, data=data)
+        ended = self.take_unrecorded()
+        self._recording += 1
+        try:
+            row = await self.db.record_task(
+                self.request_id, slot=slot, config_key=config_key, task_id=task.id, data=data, ended_tasks=ended
+            )
+        except BaseException:
+            self._unrecorded[:0] = ended  # not written: still for the job's next write
+            raise
+        finally:
+            self._recording -= 1
         self._latest[(slot, config_key)] = TaskRow(
             id=row,
             request_id=self.request_id,
@@ -66,17 +86,40 @@ class DurableJournal:
             state="submitted",
             output_blob_ids=[],
         )
+        if self._unrecorded:  # ended while this submit was being recorded, and this task is upstream now
+            await self.record_unrecorded()
         return row
 
     async def finished(self, row: int, *, images: list[ProviderImage] | None) -> None:
+        """The task ended (`images` None: it failed); its images are stored now, its end is recorded
+        with the job's next write, or now if another of its tasks is still upstream."""
         kept = [img for img in images or [] if img.data is not None and img.format in EXTENSIONS]
         await asyncio.gather(*map(self._keep, kept))
         blob_ids = [img.blob_id for img in kept if img.blob_id is not None]
         state = "done" if images is not None else "failed"
-        await self.db.finish_task(row, state=state, output_blob_ids=blob_ids)
         for key, latest in self._latest.items():
             if latest.id == row:
                 self._latest[key] = dataclasses.replace(latest, state=state, output_blob_ids=blob_ids)
+        self._unrecorded.append(TaskEnd(row, state, blob_ids))
+        if self._recording or any(latest.state == "submitted" for latest in self._latest.values()):
+            await self.record_unrecorded()
+
+    def take_unrecorded(self) -> list[TaskEnd]:
+        """The task ends not recorded yet, for the job's next write to commit with its own (once
+        taken, they are the caller's to write)."""
+        ended, self._unrecorded = self._unrecorded, []
+        return ended
+
+    async def record_unrecorded(self) -> None:
+        """Record now the task ends not recorded yet (in a transaction of their own)."""
+        ended = self.take_unrecorded()
+        if not ended:
+            return
+        try:
+            await self.db.finish_tasks(ended)
+        except BaseException:
+            self._unrecorded[:0] = ended
+            raise
 
     async def _keep(self, img: ProviderImage) -> None:
         """Store a result as it came, noting where: the runner passes it on without storing it again."""

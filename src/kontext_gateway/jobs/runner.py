@@ -22,7 +22,7 @@ from ..providers.hosted import HostedProvider
 from ..routing import Router
 from ..store.blobs import BlobStore
 from ..store.db import Database
-from ..store.records import JobStatus, RequestRow
+from ..store.records import JobStatus, RequestRow, TaskEnd
 from ..timing import ms_since
 from .channels import JobChannels
 from .journal import DurableJournal
@@ -110,7 +110,11 @@ class JobRunner:
         except asyncio.CancelledError:
             reason = self._stop_reason.pop(rid, "requested")
             if reason != "requested":
-                raise  # shutting down: the lease runs out and another worker takes the job up
+                # Shutting down: the lease runs out and another worker takes the job up, with the
+                # tasks that ended here recorded (else it polls and downloads them again).
+                if journal is not None:
+                    await asyncio.shield(_record_quietly(journal, rid))
+                raise
             await asyncio.shield(self._canceled(record, job, journal, t0))
             return JobStatus.CANCELED, _last_provider(job)
         except GatewayError as exc:
@@ -124,6 +128,7 @@ class JobRunner:
                 logs=_logs(record, job, f"failed: {exc.message}"),
                 charge=self._charge(job),
                 ledger=_has_ledger(record),
+                ended_tasks=_unrecorded(journal),
             )
         except Exception as exc:
             log.exception("job %s failed unexpectedly", rid)
@@ -141,6 +146,7 @@ class JobRunner:
                 duration_ms=ms_since(t0),
                 charge=self._charge(job),
                 ledger=_has_ledger(record),
+                ended_tasks=_unrecorded(journal),
             )
         else:
             outcome = (JobStatus.SUCCEEDED, entry.config_key)
@@ -151,6 +157,7 @@ class JobRunner:
                 cost=cost_micros / pricing.MICROS,
                 cost_lines=cost_lines,
                 ledger=_has_ledger(record),
+                ended_tasks=_unrecorded(journal),
                 currency=entry.pricing.currency,
                 output_blob_ids=blob_ids,
                 attempts=_attempts(job),
@@ -192,6 +199,7 @@ class JobRunner:
             duration_ms=ms_since(t0),
             charge=self._charge(job),
             ledger=_has_ledger(record),
+            ended_tasks=_unrecorded(journal),
         )
         await self._finish(record, final)
 
@@ -253,6 +261,18 @@ def _logs(record: RequestRow, job: ImageJob | None, outcome: str) -> str:
         lines.append(f"  {a.config_key}: {a.outcome} {what} in {a.duration_ms} ms".replace("  in", " in"))
     lines.append(outcome)
     return "\n".join(lines) + "\n"
+
+
+def _unrecorded(journal: DurableJournal | None) -> list[TaskEnd]:
+    """The upstream tasks' ends the job's ending transaction records with it."""
+    return journal.take_unrecorded() if journal is not None else []
+
+
+async def _record_quietly(journal: DurableJournal, request_id: str) -> None:
+    try:
+        await journal.record_unrecorded()
+    except Exception:  # the next run polls those tasks again: slower, nothing lost
+        log.warning("job %s: could not record its ended upstream tasks before handing it back", request_id)
 
 
 def _has_ledger(record: RequestRow) -> bool:

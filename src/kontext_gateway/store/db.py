@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -28,7 +28,16 @@ from kontext_gateway.store import ledger
 from kontext_gateway.store.engine import SQLITE_BEGIN_IMMEDIATE, make_engine, sqlite_file
 from kontext_gateway.store.migrate import code_heads, database_heads, upgrade_to_head
 from kontext_gateway.store.models import FileRecord, RequestRecord, UpstreamTask, WebhookDelivery, utcnow
-from kontext_gateway.store.records import ENDED, DeliveryRow, FileRow, JobStatus, Lane, RequestRow, TaskRow
+from kontext_gateway.store.records import (
+    ENDED,
+    DeliveryRow,
+    FileRow,
+    JobStatus,
+    Lane,
+    RequestRow,
+    TaskEnd,
+    TaskRow,
+)
 from kontext_gateway.store.sqlite_thread import SQLiteThread
 
 __all__ = ["Database", "RequestRecord", "make_private"]
@@ -60,6 +69,16 @@ OPEN_DELIVERY = ("pending", "sending")  # not yet delivered, failed or dropped
 CLOSE_WAIT_S = 10.0  # the longest close() waits for statements still under way
 Charge = tuple[int, list[dict[str, Any]]]  # (micros of USD, ledger line items)
 T = TypeVar("T")
+
+
+def _record_task_ends(conn: Connection, ended: Sequence[TaskEnd], now: datetime | None = None) -> None:
+    if not ended:
+        return
+    now = now or utcnow()
+    rows = [
+        {ROW_ID: e.row, "state": e.state, "output_blob_ids": list(e.output_blob_ids), "updated_at": now} for e in ended
+    ]
+    conn.execute(UPDATE_TASK, rows[0] if len(rows) == 1 else rows)
 
 
 def _short(text: str | None) -> str | None:
@@ -213,12 +232,19 @@ class Database:
         return sessions()
 
     async def _update(
-        self, id: str, *, charge: Charge | None = None, more_logs: str | None = None, **values: Any
+        self,
+        id: str,
+        *,
+        charge: Charge | None = None,
+        more_logs: str | None = None,
+        ended_tasks: Sequence[TaskEnd] = (),
+        **values: Any,
     ) -> RequestRow:
         """Update the request and return it as updated (one statement: UPDATE ... RETURNING); `charge`
         (micros, line items) also settles its ledger entry, in the same transaction, so a request's
         end and its cost are never recorded one without the other. None: the request has no ledger
-        entry (no API key held a reservation): one statement fewer. `more_logs` is appended to its logs."""
+        entry (no API key held a reservation): one statement fewer. `more_logs` is appended to its logs.
+        `ended_tasks`: its upstream tasks' ends not yet recorded, committed with it."""
         stmt, params = UPDATE_REQUEST, {ROW_ID: id, **values}
         if more_logs:
             stmt, params[MORE_LOGS] = UPDATE_REQUEST_WITH_LOGS, more_logs
@@ -229,6 +255,7 @@ class Database:
                 raise KeyError(f"no request {id!r}")
             if charge is not None:
                 ledger.settle(conn, id, charge[0], charge[1], values.get("completed_at") or utcnow())
+            _record_task_ends(conn, ended_tasks)
             return RequestRow.from_row(updated)
 
         return await self._run(work)
@@ -327,13 +354,15 @@ class Database:
         logs: str | None = None,
         cost_lines: list[dict[str, Any]] | None = None,
         ledger: bool = True,
+        ended_tasks: Sequence[TaskEnd] = (),
     ) -> RequestRow:
         """`cost` in USD; `cost_lines`, the ledger's line items (micros), settle its entry (`ledger`:
-        whether it has one)."""
+        whether it has one). `ended_tasks`: the job's upstream task ends still to record."""
         extra: dict[str, Any] = {"params": params} if params is not None else {}
         return await self._update(
             id,
             more_logs=logs,
+            ended_tasks=ended_tasks,
             charge=(round((cost or 0) * 1_000_000), cost_lines or []) if ledger else None,
             **extra,
             status=JobStatus.SUCCEEDED,
@@ -361,6 +390,7 @@ class Database:
         logs: str | None = None,
         charge: Charge = (0, []),
         ledger: bool = True,
+        ended_tasks: Sequence[TaskEnd] = (),
     ) -> RequestRow:
         """`charge`: what attempts that failed were still billed for (micros, line items)."""
         values: dict[str, Any] = dict(
@@ -375,7 +405,9 @@ class Database:
             values["provider"] = provider
         if charge[0]:
             values["cost"] = charge[0] / 1_000_000
-        return await self._update(id, charge=charge if ledger else None, more_logs=logs, **values)
+        return await self._update(
+            id, charge=charge if ledger else None, more_logs=logs, ended_tasks=ended_tasks, **values
+        )
 
     async def mark_canceled(
         self,
@@ -385,11 +417,13 @@ class Database:
         duration_ms: int | None,
         charge: Charge = (0, []),
         ledger: bool = True,
+        ended_tasks: Sequence[TaskEnd] = (),
     ) -> RequestRow:
         values: dict[str, Any] = {"cost": charge[0] / 1_000_000} if charge[0] else {}
         return await self._update(
             id,
             charge=charge if ledger else None,
+            ended_tasks=ended_tasks,
             status=JobStatus.CANCELED,
             completed_at=utcnow(),
             attempts=list(attempts),
@@ -535,8 +569,16 @@ class Database:
     # -- upstream tasks: committed before the gateway waits on them -------------------------------------
 
     async def record_task(
-        self, request_id: str, *, slot: int, config_key: str, task_id: str, data: dict[str, Any]
+        self,
+        request_id: str,
+        *,
+        slot: int,
+        config_key: str,
+        task_id: str,
+        data: dict[str, Any],
+        ended_tasks: Sequence[TaskEnd] = (),
     ) -> int:
+        """The new task's row id. `ended_tasks`: the job's other task ends still to record, committed with it."""
         now = utcnow()
         values = dict(
             request_id=request_id,
@@ -549,17 +591,16 @@ class Database:
             created_at=now,
             updated_at=now,
         )
-        task_row: int = await self._run(lambda conn: conn.execute(INSERT_TASK, values).scalar_one())
-        return task_row
 
-    async def finish_task(self, task_row: int, *, state: str, output_blob_ids: list[str] | None = None) -> None:
-        values = {
-            ROW_ID: task_row,
-            "state": state,
-            "output_blob_ids": list(output_blob_ids or []),
-            "updated_at": utcnow(),
-        }
-        await self._run(lambda conn: conn.execute(UPDATE_TASK, values))
+        def work(conn: Connection) -> int:
+            _record_task_ends(conn, ended_tasks, now)
+            return int(conn.execute(INSERT_TASK, values).scalar_one())
+
+        return await self._run(work)
+
+    async def finish_tasks(self, ended: Sequence[TaskEnd]) -> None:
+        """Record upstream tasks' ends on their own (one transaction)."""
+        await self._run(lambda conn: _record_task_ends(conn, ended))
 
     async def tasks_for(self, request_id: str) -> list[TaskRow]:
         query = select(UpstreamTask).where(UpstreamTask.request_id == request_id).order_by(UpstreamTask.id)

@@ -133,6 +133,16 @@ class TaskRow(_FromRow):
 
 
 @dataclass(frozen=True, slots=True)
+class TaskEnd:
+    """How an upstream task ended, for its `upstream_tasks` row: "done" with the blobs its images were
+    stored as, or "failed"."""
+
+    row: int
+    state: str
+    output_blob_ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class FileRow(_FromRow):
     """A file uploaded through the files API (table `files`)."""
 
