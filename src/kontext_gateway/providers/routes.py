@@ -9,7 +9,6 @@ request parameter and the range, instead of coming back from the upstream as a 4
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,16 +27,8 @@ class Route:
         return field in self.fields
 
     def problems(self, body: Any) -> list[Problem]:
-        """How `body` breaks the route's published schema; [] when it validates. A small body's verdict
-        is remembered: a request is judged when it is accepted and again when its job runs (the
-        same body, built from the same parameters), and schema validation is the costly part."""
-        try:
-            text = json.dumps(body, sort_keys=True, separators=(",", ":"))
-        except (TypeError, ValueError):  # not JSON at all: the schema says how
-            return request_problems(self.key, body)
-        if len(text) > _REMEMBERED_BODY_CHARS:  # inline images: not worth keeping
-            return request_problems(self.key, body)
-        return list(_problems_of(self.key, text))
+        """How `body` breaks the route's published schema; [] when it validates."""
+        return request_problems(self.key, body)
 
     def allowed(self, field: str) -> str:
         """What the route takes for `field`, in words: "1 to 20", "one of 1:1, 16:9", "an integer"."""
@@ -64,16 +55,6 @@ def describe(schema: dict[str, Any]) -> str:
             text += f" of at most {high:g}"
         parts.append(text)
     return "; or ".join(parts) or "any value"
-
-
-# Bodies judged with stand-ins for their images are a few hundred characters; the schemas are fixed
-# for the life of the process, so a verdict never goes stale.
-_REMEMBERED_BODY_CHARS = 8192
-
-
-@functools.lru_cache(maxsize=2048)
-def _problems_of(key: str, body_json: str) -> tuple[Problem, ...]:
-    return tuple(request_problems(key, json.loads(body_json)))
 
 
 @functools.cache
