@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import io
 import json
 import pathlib
 import sqlite3
@@ -19,12 +18,11 @@ import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from PIL import Image
 from sqlalchemy import inspect, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from conftest import PATIENCE_S
+from conftest import PATIENCE_S, png_bytes
 from kontext_gateway.jobs.journal import DurableJournal
 from kontext_gateway.params import Size
 from kontext_gateway.providers.base import ProviderImage
@@ -439,12 +437,6 @@ async def test_a_write_session_holds_the_write_lock_from_its_first_read(tmp_path
         await db.close()
 
 
-def _png() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 6), (0, 120, 200)).save(buf, "PNG")
-    return buf.getvalue()
-
-
 async def _journal(db: Database, tmp_path: pathlib.Path) -> tuple[str, DurableJournal]:
     rid = _new_id()
     await db.create_request(id=rid, endpoint="images.generate", model="m", mode="generate", params={})
@@ -460,7 +452,7 @@ async def test_a_tasks_end_is_committed_with_the_jobs_ending(db: Database, tmp_p
     transaction, and a run after a crash finds the task done with its stored image."""
     rid, journal = await _journal(db, tmp_path)
     row = await journal.submitted(0, "bfl/flux-kontext-pro", Task("t1", {"polling_url": "https://api.bfl.ai/x"}))
-    await journal.finished(row, images=[ProviderImage(data=_png(), format="png", size=Size(8, 6))])
+    await journal.finished(row, images=[ProviderImage(data=png_bytes(8, 6), format="png", size=Size(8, 6))])
     assert await _states(db, rid) == [("t1", "submitted", [])]  # not yet: it goes with the job's end
     ended = journal.take_unrecorded()
     assert [(e.row, e.state) for e in ended] == [(row, "done")] and journal.take_unrecorded() == []
@@ -481,7 +473,7 @@ async def test_a_tasks_end_is_committed_with_the_jobs_ending(db: Database, tmp_p
     assert await _states(db, rid) == [("t1", "done", ended[0].output_blob_ids)]
     rerun = await DurableJournal.load(db, LocalBlobStore(tmp_path / "blobs"), rid, max_pixels=10**6)
     (image,) = await rerun.finished_images(0, "bfl/flux-kontext-pro") or []
-    assert (image.format, image.size, image.data) == ("png", Size(8, 6), _png())
+    assert (image.format, image.size, image.data) == ("png", Size(8, 6), png_bytes(8, 6))
 
 
 async def test_a_jobs_ending_that_fails_records_no_task_end(db: Database, tmp_path: pathlib.Path) -> None:
@@ -504,7 +496,7 @@ async def test_a_tasks_end_is_recorded_at_once_while_another_task_is_upstream(
     rid, journal = await _journal(db, tmp_path)
     first = await journal.submitted(0, "bfl/flux-kontext-pro", Task("t1"))
     second = await journal.submitted(1, "bfl/flux-kontext-pro", Task("t2"))
-    await journal.finished(first, images=[ProviderImage(data=_png(), format="png", size=Size(8, 6))])
+    await journal.finished(first, images=[ProviderImage(data=png_bytes(8, 6), format="png", size=Size(8, 6))])
     (done,) = [t for t in await db.tasks_for(rid) if t.task_id == "t1"]
     assert done.state == "done" and len(done.output_blob_ids) == 1
     await journal.finished(second, images=None)
