@@ -2,7 +2,7 @@
 
 The transaction is the one that ends a request: UPDATE requests SET (12 columns) WHERE id = ... RETURNING
 every column, then COMMIT, on a migrated database in a temp dir (WAL, synchronous=NORMAL, as the gateway
-opens it). Five ways, one at a time in this process (uvloop), `--n` transactions each, `--repeats`
+opens it). Six ways, one at a time in this process (uvloop), `--n` transactions each, `--repeats`
 rounds interleaved, medians:
 
   aiosqlite, built per call   the async engine (SQLAlchemy over aiosqlite): hops to aiosqlite's thread
@@ -12,8 +12,10 @@ rounds interleaved, medians:
   one hop, prebuilt, pooled   the same with the statement built once (`UPDATE_REQUEST`), values as
                               parameters, the connection checked out of a pool of one per transaction
                               (and reset with a ROLLBACK when checked back in)
-  one hop, prebuilt           the same on the connection the thread keeps (`SQLiteThread`): what the
-                              gateway runs
+  one hop, prebuilt, executor the same on the connection the SQLite thread keeps, the hop made by
+                              `loop.run_in_executor` (a one-thread executor)
+  one hop, prebuilt           the same through `SQLiteThread`'s own hop (a queue it reads, the
+                              caller's future settled from there): what the gateway runs
   sqlite3 alone, one hop      the same SQL through the sqlite3 module on that thread (the floor)
 
 Then a hosted job's writes after its creation, through `Database` (CPU-ms per job): its upstream task
@@ -78,6 +80,8 @@ async def run(n: int, repeats: int) -> None:
     raw_thread = ThreadPoolExecutor(1)
     pooled = make_sqlite_thread_engine(f"sqlite:///{tmp / 'kontext.db'}")
     loop = asyncio.get_running_loop()
+    sqlite_thread = db._sqlite_thread
+    assert sqlite_thread is not None, "a SQLite file has its thread"
 
     async def via_aiosqlite(rid: str) -> None:
         stmt = update(REQUESTS).where(REQUESTS.c.id == rid).values(**ending()).returning(*REQUESTS.c)
@@ -95,6 +99,15 @@ async def run(n: int, repeats: int) -> None:
             return conn.execute(UPDATE_REQUEST, params).first()
 
         await db._run(work)
+
+    async def one_hop_by_executor(rid: str) -> None:
+        params = {ROW_ID: rid, **ending()}
+
+        def work(conn: Connection) -> Any:
+            return conn.execute(UPDATE_REQUEST, params).first()
+
+        # The SQLite thread's kept connection, used from the executor's thread while nothing else runs.
+        await loop.run_in_executor(raw_thread, sqlite_thread._transaction, work)
 
     def pooled_transaction(rid: str) -> None:
         with pooled.begin() as conn:
@@ -121,6 +134,7 @@ async def run(n: int, repeats: int) -> None:
         "aiosqlite, built per call": via_aiosqlite,
         "one hop, built per call": one_hop_built,
         "one hop, prebuilt, pooled": one_hop_pooled,
+        "one hop, prebuilt, executor": one_hop_by_executor,
         "one hop, prebuilt (the gateway)": one_hop_prebuilt,
         "sqlite3 alone, one hop": sqlite3_alone,
     }

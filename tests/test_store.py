@@ -8,6 +8,7 @@ import json
 import pathlib
 import sqlite3
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -384,6 +385,51 @@ async def test_the_sqlite_thread_reconnects_after_its_connection_is_lost(tmp_pat
         assert await db._run(lambda conn: conn.connection.dbapi_connection) is not kept
     finally:
         await db.close()
+
+
+async def test_the_sqlite_thread_runs_transactions_in_order_and_skips_a_caller_that_stopped_waiting(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Transactions run one after another in the order handed over; one that raises fails alone; a
+    caller cancelled while its transaction still waits in the queue leaves it unrun; close() ends the
+    thread."""
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'k.db'}")
+    await db.start()
+    try:
+        release = threading.Event()
+        ran: list[str] = []
+
+        def holding(conn: Connection) -> str:
+            release.wait(PATIENCE_S)  # the thread is busy: the calls below queue behind this one
+            ran.append("holding")
+            return "held"
+
+        def failing(conn: Connection) -> None:
+            ran.append("failing")
+            raise LookupError("no such thing")
+
+        rid = _new_id()
+        first = asyncio.ensure_future(db._run(holding))
+        broken = asyncio.ensure_future(db._run(failing))
+        abandoned = asyncio.ensure_future(
+            db.create_request(id=rid, endpoint="images.generate", model="m", mode="generate", params={})
+        )
+        last = asyncio.ensure_future(db._run(lambda conn: ran.append("last") or "after"))
+        await asyncio.sleep(0)  # every one has handed its transaction over
+        abandoned.cancel()
+        release.set()
+        assert await first == "held"
+        with pytest.raises(LookupError, match="no such thing"):
+            await broken
+        assert await last == "after"
+        assert abandoned.cancelled()
+        assert ran == ["holding", "failing", "last"]
+        assert await db.get_request(rid) is None  # the cancelled caller's row was never written
+        thread = db._sqlite_thread._thread if db._sqlite_thread is not None else None
+        assert thread is not None and thread.is_alive()
+    finally:
+        await db.close()
+    assert not thread.is_alive()
 
 
 async def test_an_ending_appends_its_logs_to_those_already_written(db: Database) -> None:
