@@ -4,8 +4,8 @@ One job against BFL is three calls: the submit (POST, JSON), the poll (GET, JSON
 download (GET, a 1024x1024 photo-like PNG of ~1.7 MB, or BFL's default JPEG of ~0.15 MB), all over TLS.
 This runs exactly those calls, in this process, against benchmarks/fast_upstream.py (its own process,
 TLS on the providers' host names, resolved to 127.0.0.1 here), the way the gateway's providers make
-them (`kontext_gateway.providers.transport.upstream_http`: httpx requests straight to aiohttp's
-connections) and, beside it, plain httpx and plain aiohttp.
+them (`kontext_gateway.providers.transport.upstream_http`: straight onto aiohttp's connections,
+answers as plain data, failures as httpx's exceptions) and, beside it, plain httpx and plain aiohttp.
 It measures this process's CPU time per job (the fake's is not counted) at 1 and 16 jobs at once.
 
     .venv/bin/python benchmarks/upstream_client.py                  # all transports, png and jpeg
@@ -63,11 +63,11 @@ def gateway_job(http: UpstreamHTTP, base: str, fmt: str) -> Job:
     async def job() -> int:
         body = {"prompt": "a lighthouse", "output_format": fmt}
         sub = await http.send("POST", f"{base}/v1/flux-kontext-pro", headers=headers, json=body)
-        sub.raise_for_status()
+        assert sub.status_code == 200, sub.status_code
         poll = await http.send("GET", sub.json()["polling_url"], headers=headers)
-        poll.raise_for_status()
+        assert poll.status_code == 200, poll.status_code
         async with http.stream(poll.json()["result"]["sample"], headers={}) as resp:
-            resp.raise_for_status()
+            assert resp.status_code == 200, resp.status_code
             chunks = [chunk async for chunk in resp.aiter_bytes()]
         return len(b"".join(chunks))
 

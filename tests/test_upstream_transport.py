@@ -1,5 +1,5 @@
-"""The upstream calls (httpx requests over aiohttp's connections, `UpstreamHTTP`): what a provider's code
-sees for each way an upstream can answer or fail, exactly as with httpx's own client and transport.
+"""The upstream calls (`UpstreamHTTP`): what a provider's code sees for each way an upstream can answer or
+fail, the same from the gateway's client on aiohttp's connections as from httpx's own transport.
 
 The upstream is a scripted HTTP/1.1 server on loopback (asyncio streams), so it can misbehave at the
 byte level: close without answering, cut a body short, send a broken status line, never answer."""
@@ -18,7 +18,7 @@ import pytest
 
 from conftest import noise_png, png_bytes
 from kontext_gateway.imaging import inspect_image
-from kontext_gateway.providers.transport import AiohttpTransport, UpstreamHTTP, upstream_http
+from kontext_gateway.providers.transport import AiohttpUpstream, HttpxUpstream, UpstreamHTTP, upstream_http
 
 Script = Callable[["Seen", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -81,9 +81,15 @@ def serving(respond: Callable[[str, dict[str, str], bytes], bytes]) -> Script:
     return script
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[UpstreamHTTP]:
-    c = upstream_http(timeout=httpx.Timeout(5.0, connect=2.0))
+@pytest.fixture(params=["aiohttp", "httpx"])
+async def client(request: pytest.FixtureRequest) -> AsyncIterator[UpstreamHTTP]:
+    """The gateway's client, and the same calls through httpx's own transport (the reference)."""
+    timeout = httpx.Timeout(5.0, connect=2.0)
+    c: UpstreamHTTP = (
+        upstream_http(timeout=timeout)
+        if request.param == "aiohttp"
+        else HttpxUpstream(httpx.AsyncHTTPTransport(), timeout=timeout)
+    )
     try:
         yield c
     finally:
@@ -186,7 +192,7 @@ async def test_a_download_redirected_to_a_broken_location_is_a_protocol_error(cl
 async def test_every_call_says_who_calls_unless_it_says_otherwise(client: UpstreamHTTP) -> None:
     async with upstream(serving(lambda *_: answer("200 OK", b"{}"))) as (url, seen):
         await client.send("GET", f"{url}/v1/get_result", headers={})
-        await client.send("GET", f"{url}/v1/get_result", headers={"user-agent": "mine", "accept": "image/*"})
+        await client.send("GET", f"{url}/v1/get_result", headers={"User-Agent": "mine", "accept": "image/*"})
     (_, plain, _), (_, own, _) = seen.requests
     assert plain["user-agent"].startswith("kontext-gateway/") and plain["accept-encoding"] == "gzip, deflate"
     assert own["user-agent"] == "mine" and own["accept"] == "image/*"
@@ -208,15 +214,30 @@ async def test_a_close_without_an_answer_is_a_protocol_error(client: UpstreamHTT
             await client.send("POST", f"{url}/v1/flux-kontext-pro", headers={}, json={})
 
 
-async def test_a_body_cut_short_is_a_read_error(client: UpstreamHTTP) -> None:
+async def test_a_body_cut_short_is_a_protocol_error(client: UpstreamHTTP) -> None:
     async def cut(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(seen, reader)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5000\r\n\r\n" + b"x" * 100)
         await writer.drain()
 
     async with upstream(cut) as (url, _):
-        with pytest.raises(httpx.ReadError):
+        with pytest.raises(httpx.RemoteProtocolError, match=r"5000|content length|complete"):
             await client.send("GET", f"{url}/results/a/sample.png", headers={})
+
+
+async def test_a_download_cut_short_is_a_protocol_error(client: UpstreamHTTP) -> None:
+    async def cut(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(seen, reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 500000\r\n\r\n" + b"x" * 100_000)
+        await writer.drain()
+
+    async with upstream(cut) as (url, _):
+        received = []
+        with pytest.raises(httpx.RemoteProtocolError):
+            async with client.stream(f"{url}/results/a/sample.png", headers={}) as resp:
+                async for chunk in resp.aiter_bytes():
+                    received.append(chunk)
+    assert sum(map(len, received)) <= 100_000  # what arrived, never more, never passed off as whole
 
 
 async def test_a_broken_status_line_is_a_protocol_error(client: UpstreamHTTP) -> None:
@@ -255,8 +276,7 @@ async def test_the_environment_proxy_carries_plain_http_calls_unless_no_proxy_na
     async with upstream(serving(lambda *_: answer("200 OK", b"via proxy"))) as (proxy, seen):
         monkeypatch.setenv("HTTP_PROXY", proxy)
         monkeypatch.setenv("NO_PROXY", "direct.invalid")
-        transport = AiohttpTransport(max_connections=4)
-        proxied = UpstreamHTTP(transport, timeout=httpx.Timeout(5.0))
+        proxied = AiohttpUpstream(timeout=httpx.Timeout(5.0), max_connections=4)
         try:
             resp = await proxied.send("GET", "http://api.upstream.invalid/v1/get_result?id=1", headers={})
             with pytest.raises(httpx.ConnectError):  # not proxied: the name does not resolve

@@ -58,7 +58,7 @@ from .errors import (
     UpstreamError,
 )
 from .inputs import compact, inline_size
-from .transport import UpstreamHTTP, upstream_http
+from .transport import HttpxUpstream, UpstreamAnswer, UpstreamHTTP, upstream_http
 
 log = logging.getLogger(__name__)
 # The gateway's request id while a job's upstream calls run: every call sends it as `x-request-id`,
@@ -88,10 +88,10 @@ class HostedProvider:
         self._own_origins = {_origin(httpx.URL(url)) for url in configured}
         # Redirects are never followed on calls (see `send`); result downloads follow them.
         timeout = httpx.Timeout(60.0, connect=10.0)
-        self.http = (
+        self.http: UpstreamHTTP = (
             upstream_http(timeout=timeout, max_connections=256)
             if transport is None
-            else UpstreamHTTP(transport, timeout=timeout)
+            else HttpxUpstream(transport, timeout=timeout)
         )
         self._semaphores: dict[str, asyncio.Semaphore] = {}
 
@@ -474,10 +474,10 @@ def poll_schedule(first: float, cap: float) -> Iterator[float]:
         wait = min(wait * POLL_GROWTH, cap)
 
 
-def _json_or_none(resp: httpx.Response) -> Any:
+def _json_or_none(resp: UpstreamAnswer) -> Any:
     try:
         return resp.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past what the parser takes
         return None
 
 
@@ -492,9 +492,9 @@ def _site(url: httpx.URL) -> str:
     return f"{url.scheme}://{url.host}" + (f":{url.port}" if url.port else "")
 
 
-def _location(resp: httpx.Response) -> str:
+def _location(resp: UpstreamAnswer) -> str:
     try:
-        return _site(resp.url.join(resp.headers["location"]))
+        return _site(httpx.URL(resp.url).join(resp.headers["location"]))
     except (KeyError, httpx.InvalidURL):
         return "nowhere given"
 

@@ -1,35 +1,38 @@
-"""The HTTP calls to the hosted providers: httpx requests and responses, aiohttp's connections.
+"""The HTTP calls to the hosted providers: one small interface, on aiohttp's connections or any httpx transport.
 
-The provider code speaks httpx (requests, responses, multipart, its exception tree) and tests inject
-httpx transports. Two layers of httpx are left out, each for the CPU it costs per call:
+A hosted provider needs two kinds of call (`UpstreamHTTP`): `send`, whose answer is read whole and
+never follows a redirect (a call that carries a key sends it nowhere else), and `stream`, a GET of a
+result whose body is read as it arrives, following redirects. Answers are plain data
+(`UpstreamAnswer`, `UpstreamStream`); failures are httpx's exceptions (`httpx.TimeoutException`,
+`httpx.TransportError`, ...), whichever client made the call, so a provider classifies them once.
 
-- its transport (httpcore on anyio) costs several times the CPU of aiohttp's for the same calls: a
-  cancel scope per socket read, pool bookkeeping per request that grows with the number of
-  connections. `AiohttpTransport` hands the wire to an aiohttp session and translates its errors into
-  httpx's, so callers classify failures exactly as before;
-- its client (`httpx.AsyncClient`) wraps every call in machinery these calls never use: an auth flow,
-  a redirect loop (a call that carries a key follows no redirect), a cookie jar (the providers
-  authenticate by header, and one jar shared by every user's calls is state nobody wants), a base URL
-  and default headers merged per call, event hooks. `UpstreamHTTP` builds one `httpx.Request` per
-  call and hands it to the transport; a result download follows redirects itself.
+- `AiohttpUpstream` is what the gateway runs: straight onto an aiohttp session. httpx's own stack
+  costs several times the CPU per call: its transport (httpcore on anyio) a cancel scope per socket
+  read and pool bookkeeping that grows with the connections, its request and response models a URL
+  parse, header lists and a chain of body wrappers per call (`benchmarks/upstream_client.py`).
+- `HttpxUpstream` makes the same calls through any httpx transport: tests pass httpx's
+  `MockTransport`, and its real one shows both behave alike.
 
-`benchmarks/upstream_client.py` measures one job's submit, poll and 1.7 MB download each way.
-
-Only what upstream calls need: HTTP/1.1, the CA bundle httpx would trust (certifi's, or
-`SSL_CERT_FILE` / `SSL_CERT_DIR`), and the environment's proxies (`HTTPS_PROXY`, `HTTP_PROXY`,
-`NO_PROXY`), read when the transport is made.
+Either way: HTTP/1.1, no cookies kept or sent (the providers authenticate by header, and one jar for
+every user's calls is state nobody wants), the CA bundle httpx would trust (certifi's, or
+`SSL_CERT_FILE` / `SSL_CERT_DIR`), the environment's proxies (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`,
+read when the client is made), and the content-encodings of `DEFAULT_HEADERS` decoded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json as jsonlib
 import ssl
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import aiohttp
 import httpx
+from multidict import CIMultiDict
+from yarl import URL
 
 from .. import __version__
 
@@ -37,62 +40,132 @@ from .. import __version__
 # took up to 100 KiB, and signed result URLs can make long Location headers).
 MAX_HEADER_BYTES = 64 * 1024
 
+# Sent with every call unless the call sets its own: who calls, and only the content-encodings both
+# clients decode.
+DEFAULT_HEADERS = {"accept": "*/*", "accept-encoding": "gzip, deflate", "user-agent": f"kontext-gateway/{__version__}"}
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamAnswer:
+    """An answer read whole: its status, headers (case-insensitive), body (content-encoding decoded)
+    and the URL it came from."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    content: bytes
+    url: str
+
+    def json(self) -> Any:
+        """The body as JSON; ValueError when it is not."""
+        return jsonlib.loads(self.content)
+
+
+class UpstreamStream(Protocol):
+    """An answer whose body is read as it arrives; `url` is where the last redirect led."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    url: str
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]: ...
+
+
+class UpstreamHTTP(Protocol):
+    max_redirects: int
+
+    async def send(
+        self,
+        method: str,
+        url: str | httpx.URL,
+        *,
+        headers: Mapping[str, str],
+        json: Any = None,
+        content: bytes | None = None,
+        files: Any = None,
+        data: Any = None,
+    ) -> UpstreamAnswer:
+        """One call, its answer read whole; a redirect comes back as it is."""
+        ...
+
+    def stream(self, url: str, *, headers: Mapping[str, str]) -> contextlib.AbstractAsyncContextManager[UpstreamStream]:
+        """A GET of `url`, up to `max_redirects` redirects followed; the body read from the answer."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def upstream_http(*, timeout: httpx.Timeout, max_connections: int = 256) -> AiohttpUpstream:
+    """What a hosted provider calls its upstream with: aiohttp's connections, up to `max_connections`."""
+    return AiohttpUpstream(timeout=timeout, max_connections=max_connections)
+
+
+# -- on aiohttp's connections ---------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
-def _as_httpx_errors(request: httpx.Request) -> Iterator[None]:
-    """aiohttp's exceptions raised as the httpx exceptions httpcore would have raised for the same failure."""
+def _as_httpx_errors() -> Iterator[None]:
+    """aiohttp's exceptions raised as the httpx exceptions httpx's own transport raises for the same failure."""
     try:
         yield
     except aiohttp.ConnectionTimeoutError as exc:
-        raise httpx.ConnectTimeout(str(exc) or "connect timed out", request=request) from exc
+        raise httpx.ConnectTimeout(str(exc) or "connect timed out") from exc
     except (aiohttp.SocketTimeoutError, TimeoutError) as exc:
-        raise httpx.ReadTimeout(str(exc) or "read timed out", request=request) from exc
+        raise httpx.ReadTimeout(str(exc) or "read timed out") from exc
     except aiohttp.ClientConnectorError as exc:  # refused, unreachable, DNS, TLS handshake and certificate
-        raise httpx.ConnectError(str(exc), request=request) from exc
+        raise httpx.ConnectError(str(exc)) from exc
     except aiohttp.ServerDisconnectedError as exc:
-        raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request) from exc
-    except aiohttp.ClientPayloadError as exc:  # the body ended early or its framing was broken
-        raise httpx.ReadError(str(exc), request=request) from exc
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.") from exc
+    except aiohttp.ClientPayloadError as exc:  # the body ended early, its framing or its encoding was broken
+        raise httpx.RemoteProtocolError(str(exc)) from exc
+    except aiohttp.TooManyRedirects as exc:
+        raise httpx.TooManyRedirects(f"more than {len(exc.history) - 1} redirects") from exc
+    except aiohttp.InvalidUrlRedirectClientError as exc:
+        raise httpx.RemoteProtocolError(f"Invalid URL in location header: {exc}.") from exc
     except aiohttp.ClientResponseError as exc:  # a malformed status line or header
-        raise httpx.RemoteProtocolError(exc.message or str(exc), request=request) from exc
+        raise httpx.RemoteProtocolError(exc.message or str(exc)) from exc
     except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:  # not http(s), or no host
-        raise httpx.UnsupportedProtocol(f"{type(exc).__name__}: {exc}", request=request) from exc
+        raise httpx.UnsupportedProtocol(f"{type(exc).__name__}: {exc}") from exc
     except aiohttp.ClientError as exc:  # the connection failed some other way (reset, closed)
-        raise httpx.ReadError(f"{type(exc).__name__}: {exc}", request=request) from exc
+        raise httpx.ReadError(f"{type(exc).__name__}: {exc}") from exc
 
 
-class _Body(httpx.AsyncByteStream):
-    """An aiohttp response's body, as httpx reads it; closing it frees the connection."""
-
-    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
+class _AiohttpStream:
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
-        self._request = request
+        self.status_code = response.status
+        self.headers: Mapping[str, str] = response.headers
+        self.url = str(response.url)
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        with _as_httpx_errors(self._request):
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        with _as_httpx_errors():
             async for chunk in self._response.content.iter_any():
                 yield chunk
 
-    async def aclose(self) -> None:
-        # Back to the pool when the body was read to its end; closed otherwise.
-        self._response.release()
 
+class AiohttpUpstream:
+    """`UpstreamHTTP` on an aiohttp session (made on first use, inside the running loop)."""
 
-class AiohttpTransport(httpx.AsyncBaseTransport):
-    """An httpx transport whose connections are an aiohttp session's (made on first use, inside the loop)."""
-
-    def __init__(self, *, max_connections: int, keepalive_s: float = 5.0, ssl_context: ssl.SSLContext | None = None):
+    def __init__(
+        self,
+        *,
+        timeout: httpx.Timeout,
+        max_connections: int,
+        max_redirects: int = 10,
+        keepalive_s: float = 5.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.max_redirects = max_redirects
         self._max_connections = max_connections
         self._keepalive_s = keepalive_s
         self._ssl = ssl_context if ssl_context is not None else httpx.create_ssl_context(trust_env=True)
-        self._proxies = urllib.request.getproxies_environment()  # read once, not per request
+        self._proxies = urllib.request.getproxies_environment()  # read once, not per call
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=timeout.pool,  # waiting for a free connection, and making it
+            sock_connect=timeout.connect,
+            sock_read=timeout.read,
+        )
         self._session: aiohttp.ClientSession | None = None
-
-    def _proxy_for(self, url: httpx.URL) -> str | None:
-        proxy = self._proxies.get(url.scheme) or self._proxies.get("all")
-        if proxy is None or urllib.request.proxy_bypass(url.host):
-            return None
-        return proxy
 
     def _session_now(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -102,41 +175,63 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 cookie_jar=aiohttp.DummyCookieJar(),  # no cookies at all: see the module
-                auto_decompress=False,  # httpx decodes the content-encoding
                 max_line_size=MAX_HEADER_BYTES,
                 max_field_size=MAX_HEADER_BYTES,
+                timeout=self._timeout,
             )
         return self._session
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        timeout = request.extensions.get("timeout", {})
-        body = await request.aread()  # upstream request bodies are bounded (inputs are capped before)
-        headers = request.headers.multi_items()
-        if "transfer-encoding" in request.headers:  # the body is sent whole, with its length
-            headers = [(k, v) for k, v in headers if k.lower() != "transfer-encoding"]
-        with _as_httpx_errors(request):
+    def _proxy_for(self, url: URL) -> str | None:
+        if not self._proxies:
+            return None
+        proxy = self._proxies.get(url.scheme) or self._proxies.get("all")
+        if proxy is None or urllib.request.proxy_bypass(url.host or ""):
+            return None
+        return proxy
+
+    async def send(
+        self,
+        method: str,
+        url: str | httpx.URL,
+        *,
+        headers: Mapping[str, str],
+        json: Any = None,
+        content: bytes | None = None,
+        files: Any = None,
+        data: Any = None,
+    ) -> UpstreamAnswer:
+        target = _url(url)
+        body, content_type = _body(json=json, content=content, files=files, data=data)
+        sent = _headers(headers)
+        if content_type is not None:
+            sent.setdefault("content-type", content_type)
+        with _as_httpx_errors():
+            async with self._session_now().request(
+                method,
+                target,
+                headers=sent,
+                data=body,
+                allow_redirects=False,
+                proxy=self._proxy_for(target),
+            ) as response:
+                return UpstreamAnswer(response.status, response.headers, await response.read(), str(response.url))
+
+    @contextlib.asynccontextmanager
+    async def stream(self, url: str, *, headers: Mapping[str, str]) -> AsyncIterator[UpstreamStream]:
+        target = _url(url)
+        with _as_httpx_errors():
             response = await self._session_now().request(
-                request.method,
-                str(request.url),
-                headers=headers,
-                data=body or None,
-                allow_redirects=False,  # httpx follows them, where the caller asked
-                proxy=self._proxy_for(request.url),
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    connect=timeout.get("pool"),  # waiting for a free connection, and making it
-                    sock_connect=timeout.get("connect"),
-                    sock_read=timeout.get("read"),
-                ),
+                "GET",
+                target,
+                headers=_headers(headers),
+                # aiohttp counts the answers: the one past the last redirect followed is its limit.
+                max_redirects=self.max_redirects + 1,
+                proxy=self._proxy_for(target),
             )
-        extensions = {"http_version": b"HTTP/1.1", "reason_phrase": (response.reason or "").encode()}
-        return httpx.Response(
-            response.status,
-            headers=response.raw_headers,
-            stream=_Body(response, request),
-            request=request,
-            extensions=extensions,
-        )
+        try:
+            yield _AiohttpStream(response)
+        finally:
+            response.release()  # back to the pool when the body was read to its end; closed otherwise
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -144,24 +239,55 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             await session.close()
 
 
-# Sent with every call unless the call sets its own: who calls, and only the content encodings httpx
-# decodes (aiohttp's defaults could name one it does not).
-DEFAULT_HEADERS = {"accept": "*/*", "accept-encoding": "gzip, deflate", "user-agent": f"kontext-gateway/{__version__}"}
+def _url(url: str | httpx.URL) -> URL:
+    try:
+        return URL(str(url))
+    except (ValueError, TypeError) as exc:
+        raise httpx.UnsupportedProtocol(f"not a URL: {exc}") from None
 
 
-class UpstreamHTTP:
-    """Calls to a hosted provider: each one `httpx.Request` handed to `transport` (see the module).
+def _headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    merged = CIMultiDict(DEFAULT_HEADERS)
+    merged.update(headers)  # case-insensitively: a call's own value replaces the default
+    return merged
 
-    `send` reads the answer whole and never follows a redirect (a 3xx comes back as it is); `stream`
-    is a GET whose body is read as it arrives, following up to `max_redirects` redirects. No cookies
-    are kept or sent. Failures are httpx's exceptions, as from `httpx.AsyncClient`."""
+
+def _body(*, json: Any, content: bytes | None, files: Any, data: Any) -> tuple[bytes | None, str | None]:
+    """A call's body as sent, and its content type: JSON as httpx writes it (compact, UTF-8, no NaN),
+    a multipart form by httpx's own encoder (its boundary in the type), or `content` as it is."""
+    if files is not None or data is not None:
+        form = httpx.Request("POST", "http://form.invalid/", files=files, data=data)
+        return form.read(), form.headers["content-type"]
+    if json is not None:
+        text = jsonlib.dumps(json, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return text.encode(), "application/json"
+    return content, None
+
+
+# -- through an httpx transport -------------------------------------------------------------------------
+
+
+class _HttpxStream:
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status_code = response.status_code
+        self.headers: Mapping[str, str] = response.headers
+        self.url = str(response.url)
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        return self._response.aiter_bytes()
+
+
+class HttpxUpstream:
+    """`UpstreamHTTP` through `transport`: one `httpx.Request` per call, handed to it as it is (no
+    client: its auth flow, cookie jar, base URL and event hooks are machinery these calls never use)."""
 
     def __init__(self, transport: httpx.AsyncBaseTransport, *, timeout: httpx.Timeout, max_redirects: int = 10) -> None:
         self._transport = transport
         self._timeout = timeout.as_dict()
         self.max_redirects = max_redirects
 
-    def _request(self, method: str, url: str | httpx.URL, headers: dict[str, str], **body: Any) -> httpx.Request:
+    def _request(self, method: str, url: str | httpx.URL, headers: Mapping[str, str], **body: Any) -> httpx.Request:
         return httpx.Request(
             method, url, headers={**DEFAULT_HEADERS, **headers}, extensions={"timeout": self._timeout}, **body
         )
@@ -176,31 +302,32 @@ class UpstreamHTTP:
         method: str,
         url: str | httpx.URL,
         *,
-        headers: dict[str, str],
+        headers: Mapping[str, str],
         json: Any = None,
         content: bytes | None = None,
         files: Any = None,
         data: Any = None,
-    ) -> httpx.Response:
-        """One call, its answer read whole (content-encoding decoded)."""
+    ) -> UpstreamAnswer:
         request = self._request(method, url, headers, json=json, content=content, files=files, data=data)
         response = await self._handle(request)
         try:
             await response.aread()
         finally:
             await response.aclose()
-        return response
+        return UpstreamAnswer(response.status_code, response.headers, response.content, str(request.url))
 
     @contextlib.asynccontextmanager
-    async def stream(self, url: str, *, headers: dict[str, str]) -> AsyncIterator[httpx.Response]:
-        """A GET of `url`, redirects followed; the answer's body is read from it (`aiter_bytes`)."""
+    async def stream(self, url: str, *, headers: Mapping[str, str]) -> AsyncIterator[UpstreamStream]:
         target: str | httpx.URL = url
         for _ in range(self.max_redirects + 1):
             request = self._request("GET", target, headers)
             response = await self._handle(request)
             if not response.has_redirect_location:  # a 301, 302, 303, 307 or 308 with a Location
                 break
-            await response.aclose()
+            try:
+                await response.aread()  # as httpx's client does: the connection then serves the next one
+            finally:
+                await response.aclose()
             try:
                 target = request.url.join(response.headers["location"])
             except httpx.InvalidURL as exc:  # as httpx's client says it
@@ -208,14 +335,9 @@ class UpstreamHTTP:
         else:
             raise httpx.TooManyRedirects(f"more than {self.max_redirects} redirects", request=request)
         try:
-            yield response
+            yield _HttpxStream(response)
         finally:
             await response.aclose()
 
     async def aclose(self) -> None:
         await self._transport.aclose()
-
-
-def upstream_http(*, timeout: httpx.Timeout, max_connections: int = 256) -> UpstreamHTTP:
-    """What a hosted provider calls its upstream with: aiohttp's connections, up to `max_connections`."""
-    return UpstreamHTTP(AiohttpTransport(max_connections=max_connections), timeout=timeout)
