@@ -76,7 +76,15 @@ def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def on_begin(conn: Connection) -> None:
         immediate = conn.get_execution_options().get(SQLITE_BEGIN_IMMEDIATE, False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        # On a cursor of the driver's own: SQLAlchemy's execution path (a context, a result) for this
+        # one fixed statement cost several times the statement, once per transaction.
+        dbapi_connection = conn.connection.dbapi_connection
+        assert dbapi_connection is not None, "a connection being begun is open"
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        finally:
+            cursor.close()
 
 
 def _switch_to_wal(cursor: Any) -> None:
