@@ -425,8 +425,8 @@ async def test_the_sqlite_thread_runs_transactions_in_order_and_skips_a_caller_t
         assert abandoned.cancelled()
         assert ran == ["holding", "failing", "last"]
         assert await db.get_request(rid) is None  # the cancelled caller's row was never written
-        thread = db._sqlite_thread._thread if db._sqlite_thread is not None else None
-        assert thread is not None and thread.is_alive()
+        assert db._sqlite_thread is not None
+        (thread,) = db._sqlite_thread.threads
     finally:
         await db.close()
     assert not thread.is_alive()

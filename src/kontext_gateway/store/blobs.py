@@ -11,7 +11,6 @@ who may read them at all is the private data directory's to say (0700, Gateway.s
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import StartupError
+from .thread_queue import ThreadQueue
 
 EXTENSIONS = ("png", "jpg", "gif", "webp", "avif")
 MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "gif": "image/gif", "webp": "image/webp", "avif": "image/avif"}
@@ -31,6 +31,7 @@ CACHE_CONTROL = "private, max-age=3600, immutable"
 # traversal guard. fullmatch, not `$`, which would let a trailing newline through.
 _BLOB_ID = re.compile(r"[0-9a-f]{64}\.(?:png|jpg|gif|webp|avif)")
 _CHUNK = 256 * 1024
+FILE_THREAD_IDLE_S = 30.0  # a file thread with nothing to do this long ends; the next call starts one
 
 
 class BlobStoreUnavailable(StartupError):
@@ -112,42 +113,45 @@ def fanned_out(blob_id: str) -> str:
 
 class LocalBlobStore:
     """Files at `root/ab/cd/<sha256>.<ext>`, written aside and renamed into place (a reader, or a crash,
-    never sees half an image). File I/O runs in a worker thread: an image can be tens of megabytes."""
+    never sees half an image). File I/O runs on threads of the store's own (an image can be tens of
+    megabytes): two, so that one image's hashing overlaps another's write and fsync; each ends after
+    `FILE_THREAD_IDLE_S` without work."""
 
     presigns = False
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._files = ThreadQueue("kontext-blobs", threads=2, idle_s=FILE_THREAD_IDLE_S)
 
     def __repr__(self) -> str:
         return f"LocalBlobStore({str(self.root)!r})"
 
     async def put(self, data: bytes, *, ext: str) -> str:
-        return await asyncio.to_thread(self._put, data, ext)
+        return await self._files.call(lambda: self._put(data, ext))
 
     async def get(self, blob_id: str) -> bytes | None:
-        return await asyncio.to_thread(self._read, blob_id)
+        return await self._files.call(lambda: self._read(blob_id))
 
     async def open(self, blob_id: str) -> Blob | None:
-        found = await asyncio.to_thread(self._size, blob_id)
+        found = await self._files.call(lambda: self._size(blob_id))
         if found is None:
             return None
         location, size = found
-        return Blob(blob_id, size, _file_chunks(location), location)
+        return Blob(blob_id, size, _file_chunks(self._files, location), location)
 
     async def exists(self, blob_id: str) -> bool:
-        return await asyncio.to_thread(self.path, blob_id) is not None
+        return await self._files.call(lambda: self.path(blob_id)) is not None
 
     async def delete(self, *blob_ids: str) -> None:
         if blob_ids:
-            await asyncio.to_thread(self._delete, blob_ids)
+            await self._files.call(lambda: self._delete(blob_ids))
 
     def presigned_url(self, blob_id: str, ttl_s: int) -> str:
         raise NotImplementedError("a local blob directory has no presigned URLs")
 
     async def writable(self) -> None:
         try:
-            await asyncio.to_thread(self._probe)
+            await self._files.call(self._probe)
         except OSError as exc:
             raise BlobStoreUnavailable(
                 f"the blob directory {self.root} cannot be written: {exc.strerror or exc}"
@@ -222,7 +226,7 @@ class LocalBlobStore:
             level.mkdir(mode=0o755, parents=True, exist_ok=True)
 
 
-async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
-    with await asyncio.to_thread(path.open, "rb") as f:
-        while chunk := await asyncio.to_thread(f.read, _CHUNK):
+async def _file_chunks(files: ThreadQueue, path: Path) -> AsyncIterator[bytes]:
+    with await files.call(lambda: path.open("rb")) as f:
+        while chunk := await files.call(lambda: f.read(_CHUNK)):
             yield chunk
