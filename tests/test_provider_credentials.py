@@ -210,6 +210,7 @@ REFUSED = [
     ("bfl", "https://api.bfl.ai:8443/v1/get_result?id=1", "not on the https port"),  # another service
     ("bfl", "https://api.bfl.ai.evil.example/v1/get_result?id=1", "not one of bfl's hosts"),
     ("bfl", "https://api.bfl.ai@evil.example/v1/get_result?id=1", "not one of bfl's hosts"),
+    ("bfl", "https://api.bfl.ai\\@evil.example/v1/get_result?id=1", "not an absolute URL"),  # read two ways
     ("bfl", "https://api.x.us1.bfl.ai/v1/get_result?id=1", "not one of bfl's hosts"),
     ("bfl", "https://delivery.eu.bfl.ai/v1/get_result?id=1", "not one of bfl's hosts"),  # downloads need no key
     ("bfl", "https://evil.example/v1/get_result?id=1", "not one of bfl's hosts"),

@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any, ClassVar
 
 import httpx
+from yarl import URL
 
 from ..catalog import ProviderEntry
 from ..config import Settings
@@ -85,7 +86,7 @@ class HostedProvider:
         self._key: str | None = secret.get_secret_value() if secret is not None else None
         # The configured URLs' origins, and those the operator adds (`provider_hosts`).
         configured = [*self.dialect.configured_urls(), *settings.provider_hosts.get(self.name, [])]
-        self._own_origins = {_origin(httpx.URL(url)) for url in configured}
+        self._own_origins = {_origin(URL(url)) for url in configured}
         # Redirects are never followed on calls (see `send`); result downloads follow them.
         timeout = httpx.Timeout(60.0, connect=10.0)
         self.http: UpstreamHTTP = (
@@ -365,7 +366,7 @@ class HostedProvider:
         A call with `credentials` gets the provider's key only once `check_credential_url` accepts its
         URL. No call follows a redirect: whatever an answer says, the key goes nowhere else."""
         headers = dict(call.headers)
-        url: str | httpx.URL = call.url
+        url: str | URL = call.url
         if call.credentials:
             url = self.check_credential_url(call.method, call.url)  # parsed once, sent as checked
             headers.update(self.dialect.credentials(self._key or ""))
@@ -396,16 +397,16 @@ class HostedProvider:
             raise error
         return answer
 
-    def check_credential_url(self, method: str, url: str) -> httpx.URL:
+    def check_credential_url(self, method: str, url: str) -> URL:
         """`url` parsed, once it may get the key: the configured base URL's origin (scheme, host and
         port), an origin the operator added (`provider_hosts`), or https on one of the dialect's
         `credential_hosts`; UntrustedURL otherwise. A returned URL naming any other host (or plain http
         where the provider documents https) never sees the key."""
-        try:
-            target = httpx.URL(url)
+        try:  # parsed as the client that sends it parses it (yarl: aiohttp's URLs)
+            target = URL(url)
             origin = _origin(target)
-        except (httpx.InvalidURL, TypeError):
-            target, origin = httpx.URL(), ("", "", None)
+        except (ValueError, TypeError):
+            target, origin = URL(), ("", "", None)
         scheme, host, port = origin
         env = self.dialect.credential_env
         if not host:
@@ -481,21 +482,20 @@ def _json_or_none(resp: UpstreamAnswer) -> Any:
         return None
 
 
-def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
-    """(scheme, host, port) with the scheme's default port filled in: what a key is bound to."""
-    default = {"https": 443, "http": 80}.get(url.scheme)
-    return url.scheme, url.host.lower(), url.port or default
+def _origin(url: URL) -> tuple[str, str, int | None]:
+    """(scheme, host, port), the scheme's default port filled in (by yarl): what a key is bound to."""
+    return url.scheme, (url.host or "").lower(), url.port
 
 
-def _site(url: httpx.URL) -> str:
+def _site(url: URL) -> str:
     """scheme://host[:port] of a URL, for messages: where, never its path or signed query."""
-    return f"{url.scheme}://{url.host}" + (f":{url.port}" if url.port else "")
+    return f"{url.scheme}://{url.host}" + (f":{url.explicit_port}" if url.explicit_port else "")
 
 
 def _location(resp: UpstreamAnswer) -> str:
     try:
-        return _site(httpx.URL(resp.url).join(resp.headers["location"]))
-    except (KeyError, httpx.InvalidURL):
+        return _site(URL(resp.url).join(URL(resp.headers["location"])))
+    except (KeyError, ValueError):
         return "nowhere given"
 
 

@@ -76,7 +76,7 @@ class UpstreamHTTP(Protocol):
     async def send(
         self,
         method: str,
-        url: str | httpx.URL,
+        url: str | URL,
         *,
         headers: Mapping[str, str],
         json: Any = None,
@@ -192,7 +192,7 @@ class AiohttpUpstream:
     async def send(
         self,
         method: str,
-        url: str | httpx.URL,
+        url: str | URL,
         *,
         headers: Mapping[str, str],
         json: Any = None,
@@ -239,9 +239,11 @@ class AiohttpUpstream:
             await session.close()
 
 
-def _url(url: str | httpx.URL) -> URL:
+def _url(url: str | URL) -> URL:
+    if isinstance(url, URL):
+        return url
     try:
-        return URL(str(url))
+        return URL(url)
     except (ValueError, TypeError) as exc:
         raise httpx.UnsupportedProtocol(f"not a URL: {exc}") from None
 
@@ -287,9 +289,15 @@ class HttpxUpstream:
         self._timeout = timeout.as_dict()
         self.max_redirects = max_redirects
 
-    def _request(self, method: str, url: str | httpx.URL, headers: Mapping[str, str], **body: Any) -> httpx.Request:
+    def _request(
+        self, method: str, url: str | URL | httpx.URL, headers: Mapping[str, str], **body: Any
+    ) -> httpx.Request:
         return httpx.Request(
-            method, url, headers={**DEFAULT_HEADERS, **headers}, extensions={"timeout": self._timeout}, **body
+            method,
+            url if isinstance(url, httpx.URL) else str(url),
+            headers={**DEFAULT_HEADERS, **headers},
+            extensions={"timeout": self._timeout},
+            **body,
         )
 
     async def _handle(self, request: httpx.Request) -> httpx.Response:
@@ -300,7 +308,7 @@ class HttpxUpstream:
     async def send(
         self,
         method: str,
-        url: str | httpx.URL,
+        url: str | URL,
         *,
         headers: Mapping[str, str],
         json: Any = None,
