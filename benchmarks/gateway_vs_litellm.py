@@ -23,6 +23,12 @@ Both gateway processes get SSL_CERT_FILE (the throwaway CA) and a sitecustomize.
 resolves those host names, and only those, to 127.0.0.1 (socket.getaddrinfo and uvloop's
 loop.getaddrinfo): the same hook for both.
 
+Unpinned (the default), the gateway under test, the fake and the clients share the machine's cores, so
+at 64 clients req/s is what the load leaves of the machine, for either gateway. `--pin` puts each
+gateway (its threads and child processes) on CPU 0 alone and the fake and this script's clients on the
+other CPUs: req/s is then what one core of each gateway serves, as long as the other cores keep up
+with the load (on a 2-core machine they do not at 64 clients: benchmarks/RESULTS.md, section 21).
+
 What each does per request (POST /v1/images/generations, aspect_ratio 1:1, output_format png or jpeg):
 
   kontext   validates the request and records it as a job (SQLite, durable), a worker claims it,
@@ -41,8 +47,10 @@ The fake is Ready at once, so a gateway's wait before its first poll is part of 
 closed loop, of its req/s; CPU-ms per request and peak RSS compare the work each does.
 
 Load: for each client count (default 1 8 64), a closed loop (each client sends its next request when
-the previous one answers; every prompt numbered, so no two requests are the same) on one shared
-httpx.AsyncClient (pool = clients), `--warmup` seconds, then
+the previous one answers; every prompt numbered, so no two requests are the same), each client an
+httpx.AsyncClient of its own with one keep-alive connection (one client shared by all, pool = clients,
+spent most of this process's CPU at 64 clients in httpcore's pool, matching waiting requests to
+connections: up to 5 CPU-ms per request), `--warmup` seconds, then
 `--duration` seconds measured, without a pause between them: what completes inside the measured window
 counts (its latency may have started before), and CPU and peak RSS are read at the window's ends.
 For each repeat, for each upstream, for each client count: kontext then litellm, the order swapped
@@ -210,8 +218,17 @@ def peak_rss_mb(pid: int) -> float:
 class Process:
     """A child process with its log in a file, started and waited for."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        env: dict[str, str],
+        log: Path,
+        cwd: Path | None = None,
+        cpus: set[int] | None = None,
+    ) -> None:
         self.name, self.cmd, self.env, self.log_path, self.cwd = name, cmd, env, log, cwd
+        self.cpus = cpus  # the CPUs it may run on (its threads and child processes too); None: any
         self.proc: subprocess.Popen[bytes] | None = None
         self.startup_s = float("nan")
         self.idle_rss_mb = float("nan")
@@ -225,6 +242,8 @@ class Process:
         t0 = time.perf_counter()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd)
+        if self.cpus is not None:  # before it starts any thread or child: they inherit it
+            os.sched_setaffinity(self.proc.pid, self.cpus)
         while True:
             with contextlib.suppress(OSError, http.client.HTTPException):
                 if ready():
@@ -365,7 +384,7 @@ def own_cpu() -> float:
 async def load(target: Target, clients: int, duration: float, warmup: float, fake_pid: int, run: Run) -> None:
     """`clients` closed loops for `warmup` + `duration` seconds, without a pause in between; what completes
     inside the measured window is counted, and the CPU and peak RSS are read at its two ends."""
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)  # each client its own connection
     timeout = httpx.Timeout(120.0, connect=10.0)
     done: list[tuple[float, float, str | None]] = []  # (completed at, seconds, why it failed or None)
     window = [0.0, 0.0]
@@ -373,10 +392,11 @@ async def load(target: Target, clients: int, duration: float, warmup: float, fak
     t_start = time.perf_counter() + warmup
     t_end = t_start + duration
 
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+    async with contextlib.AsyncExitStack() as stack:
         sent = itertools.count()
 
         async def worker() -> None:
+            client = await stack.enter_async_context(httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False))
             while time.perf_counter() < t_end:
                 # Each prompt its own, as users' are: nothing keyed on the body is reused across requests.
                 body = {**target.body, "prompt": f"{target.body['prompt']} #{next(sent)}"}
@@ -462,7 +482,9 @@ def started(args: argparse.Namespace, tmp: Path, want_litellm: bool) -> Iterator
         if suffix:  # off 443 the polling host is no documented origin: name it
             gw_env["KONTEXT_PROVIDER_HOSTS"] = json.dumps({"bfl": [f"https://api.us1.bfl.ai{suffix}"]})
         gw_port = free_port()
-        gateway = Process("kontext", server_command(gw_port, str(data_dir)), gw_env, tmp / "kontext.log")
+        gateway = Process(
+            "kontext", server_command(gw_port, str(data_dir)), gw_env, tmp / "kontext.log", cpus=args.gateway_cpus
+        )
         processes.append(gateway.start(http_ready(gw_port, "/health"), timeout=120))
 
         litellm: Process | None = None
@@ -494,7 +516,9 @@ def started(args: argparse.Namespace, tmp: Path, want_litellm: bool) -> Iterator
                 "LITELLM_LOG": "ERROR",
             }
             cmd = [str(args.litellm_exe), "--config", str(config), "--host", "127.0.0.1", "--port", str(ll_port)]
-            litellm = Process("litellm", [*cmd, "--num_workers", "1"], ll_env, tmp / "litellm.log", cwd=tmp)
+            litellm = Process(
+                "litellm", [*cmd, "--num_workers", "1"], ll_env, tmp / "litellm.log", cwd=tmp, cpus=args.gateway_cpus
+            )
             processes.append(litellm.start(http_ready(ll_port, "/health/liveliness"), timeout=300))
         yield {
             "port": port,
@@ -647,13 +671,28 @@ def main() -> None:
     ap.add_argument("--src", type=Path, default=None, help="run the gateway from this src directory (another checkout)")
     ap.add_argument("--port", type=int, default=None, help="the fake's port (default 443 when it can be bound)")
     ap.add_argument("--json", type=Path, default=None, help="write every run (raw) to this JSON file")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="each gateway on CPU 0 alone, the fake and this script's clients on the others: req/s is then "
+        "what one core of gateway serves, not what is left of a machine the load shares",
+    )
     args = ap.parse_args()
+    args.gateway_cpus = None
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        sys.exit("--pin needs two CPUs or more")
     if args.src is not None:
         args.src = args.src.resolve()
         if not (args.src / "kontext_gateway").is_dir():
             sys.exit(f"--src {args.src}: no kontext_gateway package there")
 
     print(f"machine: {machine()}")
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        args.gateway_cpus = {cpus[0]}
+        os.sched_setaffinity(0, set(cpus[1:]))  # this script, and the fake it starts
+        others = ", ".join(map(str, sorted(os.sched_getaffinity(0))))
+        print(f"pinned: each gateway on CPU {min(args.gateway_cpus)}; the fake and the clients on CPU {others}")
     watch = CpuWatch()
     upstreams = [UPSTREAMS[name] for name in args.upstream]
     want_litellm = any(up.provider == "bfl" for up in upstreams)
