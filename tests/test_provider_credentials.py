@@ -293,3 +293,18 @@ def test_the_operator_can_add_origins_for_a_providers_key() -> None:
         HostedProvider(BFL, Settings(bfl_api_key="k", bfl_base_url="http://127.0.0.1:1")).check_credential_url(
             "GET", "http://localhost:2/v1/get_result?id=1"
         )
+
+
+async def test_an_answer_nested_deeper_than_the_json_parser_goes_is_no_body(tmp_path: Path) -> None:
+    """A hostile upstream's answer nested past the JSON parser's depth reads as no body (the dialect
+    then finds nothing in it: a malformed answer), never as an exception nobody classifies."""
+    nested = b"[" * 200_000 + b"]" * 200_000
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=nested))
+    provider = HostedProvider(BFL, Settings(data_dir=tmp_path, bfl_api_key="bfl_test"), transport=transport)
+    entry = Catalog.load().resolve("bfl/flux.1-kontext-pro")[1]
+    task = Task(id="1", data={"polling_url": "https://api.bfl.ai/v1/get_result?id=1"})
+    try:
+        answer = await provider.send(provider.dialect.poll(entry, task))
+    finally:
+        await provider.aclose()
+    assert answer.status == 200 and answer.body is None
