@@ -287,6 +287,33 @@ async def test_the_environment_proxy_carries_plain_http_calls_unless_no_proxy_na
     assert [line for line, _, _ in seen.requests] == ["GET http://api.upstream.invalid/v1/get_result?id=1 HTTP/1.1"]
 
 
+async def test_each_hop_of_a_redirected_download_takes_its_own_urls_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A result URL reached through the proxy redirects to a host NO_PROXY names: that hop goes direct."""
+
+    def respond(line: str, headers: dict[str, str], body: bytes) -> bytes:
+        if line.startswith("GET http://results.upstream.invalid/"):  # the proxied hop (absolute form)
+            return answer("302 Found", b"", f"location: http://{headers['x-direct']}/cdn/sample.png")
+        return answer("200 OK", b"the image")
+
+    async with upstream(serving(respond)) as (url, seen):
+        direct = url.removeprefix("http://")
+        monkeypatch.setenv("HTTP_PROXY", url)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        client = AiohttpUpstream(timeout=httpx.Timeout(5.0), max_connections=4)
+        try:
+            async with client.stream(
+                "http://results.upstream.invalid/a/sample.png", headers={"x-direct": direct}
+            ) as resp:
+                data = b"".join([chunk async for chunk in resp.aiter_bytes()])
+        finally:
+            await client.aclose()
+    assert data == b"the image" and resp.url == f"{url}/cdn/sample.png"
+    assert [line for line, _, _ in seen.requests] == [
+        "GET http://results.upstream.invalid/a/sample.png HTTP/1.1",  # through the proxy
+        "GET /cdn/sample.png HTTP/1.1",  # straight to the host NO_PROXY names
+    ]
+
+
 async def test_connections_are_capped_and_freed_for_the_next_caller() -> None:
     async def slow(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while await read_request(seen, reader) is not None:

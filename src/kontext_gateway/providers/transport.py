@@ -101,6 +101,8 @@ def upstream_http(*, timeout: httpx.Timeout, max_connections: int = 256) -> Aioh
 
 # -- on aiohttp's connections ---------------------------------------------------------------------------
 
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})  # followed by a download when they name a Location
+
 
 @contextlib.contextmanager
 def _as_httpx_errors() -> Iterator[None]:
@@ -117,10 +119,6 @@ def _as_httpx_errors() -> Iterator[None]:
         raise httpx.RemoteProtocolError("Server disconnected without sending a response.") from exc
     except aiohttp.ClientPayloadError as exc:  # the body ended early, its framing or its encoding was broken
         raise httpx.RemoteProtocolError(str(exc)) from exc
-    except aiohttp.TooManyRedirects as exc:
-        raise httpx.TooManyRedirects(f"more than {len(exc.history) - 1} redirects") from exc
-    except aiohttp.InvalidUrlRedirectClientError as exc:
-        raise httpx.RemoteProtocolError(f"Invalid URL in location header: {exc}.") from exc
     except aiohttp.ClientResponseError as exc:  # a malformed status line or header
         raise httpx.RemoteProtocolError(exc.message or str(exc)) from exc
     except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:  # not http(s), or no host
@@ -218,16 +216,23 @@ class AiohttpUpstream:
 
     @contextlib.asynccontextmanager
     async def stream(self, url: str, *, headers: Mapping[str, str]) -> AsyncIterator[UpstreamStream]:
-        target = _url(url)
-        with _as_httpx_errors():
-            response = await self._session_now().request(
-                "GET",
-                target,
-                headers=_headers(headers),
-                # aiohttp counts the answers: the one past the last redirect followed is its limit.
-                max_redirects=self.max_redirects + 1,
-                proxy=self._proxy_for(target),
-            )
+        # Redirects followed here, not by aiohttp: each hop's proxy is its own URL's (NO_PROXY).
+        target, sent = _url(url), _headers(headers)
+        for _ in range(self.max_redirects + 1):
+            with _as_httpx_errors():
+                response = await self._session_now().request(
+                    "GET", target, headers=sent, allow_redirects=False, proxy=self._proxy_for(target)
+                )
+            location = response.headers.get("location")
+            if response.status not in _REDIRECT_STATUSES or location is None:
+                break
+            response.release()
+            try:
+                target = response.url.join(URL(location))
+            except ValueError as exc:  # as httpx's client says it
+                raise httpx.RemoteProtocolError(f"Invalid URL in location header: {exc}.") from None
+        else:
+            raise httpx.TooManyRedirects(f"more than {self.max_redirects} redirects")
         try:
             yield _AiohttpStream(response)
         finally:
