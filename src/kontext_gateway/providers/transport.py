@@ -60,14 +60,18 @@ class UpstreamAnswer:
         return jsonlib.loads(self.content)
 
 
-class UpstreamStream(Protocol):
-    """An answer whose body is read as it arrives; `url` is where the last redirect led."""
+@dataclass(frozen=True, slots=True)
+class UpstreamStream:
+    """An answer whose body is read as it arrives (`aiter_bytes`, once); `url` is where the last
+    redirect led."""
 
     status_code: int
     headers: Mapping[str, str]
     url: str
+    chunks: AsyncIterator[bytes]
 
-    def aiter_bytes(self) -> AsyncIterator[bytes]: ...
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        return self.chunks
 
 
 class UpstreamHTTP(Protocol):
@@ -127,17 +131,10 @@ def _as_httpx_errors() -> Iterator[None]:
         raise httpx.ReadError(f"{type(exc).__name__}: {exc}") from exc
 
 
-class _AiohttpStream:
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-        self.status_code = response.status
-        self.headers: Mapping[str, str] = response.headers
-        self.url = str(response.url)
-
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        with _as_httpx_errors():
-            async for chunk in self._response.content.iter_any():
-                yield chunk
+async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    with _as_httpx_errors():
+        async for chunk in response.content.iter_any():
+            yield chunk
 
 
 class AiohttpUpstream:
@@ -234,7 +231,7 @@ class AiohttpUpstream:
         else:
             raise httpx.TooManyRedirects(f"more than {self.max_redirects} redirects")
         try:
-            yield _AiohttpStream(response)
+            yield UpstreamStream(response.status, response.headers, str(response.url), _chunks(response))
         finally:
             response.release()  # back to the pool when the body was read to its end; closed otherwise
 
@@ -272,17 +269,6 @@ def _body(*, json: Any, content: bytes | None, files: Any, data: Any) -> tuple[b
 
 
 # -- through an httpx transport -------------------------------------------------------------------------
-
-
-class _HttpxStream:
-    def __init__(self, response: httpx.Response) -> None:
-        self._response = response
-        self.status_code = response.status_code
-        self.headers: Mapping[str, str] = response.headers
-        self.url = str(response.url)
-
-    def aiter_bytes(self) -> AsyncIterator[bytes]:
-        return self._response.aiter_bytes()
 
 
 class HttpxUpstream:
@@ -348,7 +334,7 @@ class HttpxUpstream:
         else:
             raise httpx.TooManyRedirects(f"more than {self.max_redirects} redirects", request=request)
         try:
-            yield _HttpxStream(response)
+            yield UpstreamStream(response.status_code, response.headers, str(response.url), response.aiter_bytes())
         finally:
             await response.aclose()
 
