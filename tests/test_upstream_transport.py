@@ -214,24 +214,25 @@ async def test_a_close_without_an_answer_is_a_protocol_error(client: UpstreamHTT
             await client.send("POST", f"{url}/v1/flux-kontext-pro", headers={}, json={})
 
 
-async def test_a_body_cut_short_is_a_protocol_error(client: UpstreamHTTP) -> None:
-    async def cut(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+def cut_short(declared: int, sent: int) -> Script:
+    """An upstream that answers `declared` bytes of body, sends `sent` of them and closes."""
+
+    async def script(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(seen, reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5000\r\n\r\n" + b"x" * 100)
+        writer.write(f"HTTP/1.1 200 OK\r\ncontent-length: {declared}\r\n\r\n".encode() + b"x" * sent)
         await writer.drain()
 
-    async with upstream(cut) as (url, _):
+    return script
+
+
+async def test_a_body_cut_short_is_a_protocol_error(client: UpstreamHTTP) -> None:
+    async with upstream(cut_short(5000, 100)) as (url, _):
         with pytest.raises(httpx.RemoteProtocolError, match=r"5000|content length|complete"):
             await client.send("GET", f"{url}/results/a/sample.png", headers={})
 
 
 async def test_a_download_cut_short_is_a_protocol_error(client: UpstreamHTTP) -> None:
-    async def cut(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(seen, reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 500000\r\n\r\n" + b"x" * 100_000)
-        await writer.drain()
-
-    async with upstream(cut) as (url, _):
+    async with upstream(cut_short(500_000, 100_000)) as (url, _):
         received = []
         with pytest.raises(httpx.RemoteProtocolError):
             async with client.stream(f"{url}/results/a/sample.png", headers={}) as resp:
