@@ -741,7 +741,7 @@ def main() -> None:
                 smoke(ts, setup)
             print(
                 f"\n{args.duration:g} s measured after {args.warmup:g} s of warm-up per run, closed loop, "
-                f"one shared httpx pool; {args.repeats} repeat(s)",
+                f"each client its own connection; {args.repeats} repeat(s)",
                 flush=True,
             )
             for rep in range(args.repeats):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -199,6 +200,32 @@ async def test_presigned_urls(store: BlobStore) -> None:
     assert "X-Amz-Expires=604800&" in store.presigned_url(blob_id, 30 * 24 * 3600)
     with pytest.raises(ValueError):
         store.presigned_url("../" + blob_id, 60)
+
+
+async def test_close_finishes_a_write_already_begun(stored: Stored) -> None:
+    """Shutting down while a result is being written: the caller has stopped waiting (its job was
+    cancelled), yet close() returns only once the blob is whole in the store, with nothing left aside."""
+    store = stored.store
+    data = png_bytes(64, 48)
+    begun, release = threading.Event(), threading.Event()
+    write = store._put  # type: ignore[attr-defined]
+
+    def held_write(data: bytes, ext: str) -> str:
+        begun.set()
+        release.wait(30)
+        return write(data, ext)
+
+    store._put = held_write  # type: ignore[attr-defined]
+    put = asyncio.ensure_future(store.put(data, ext="png"))
+    assert await asyncio.to_thread(begun.wait, 30)
+    put.cancel()
+    closing = asyncio.ensure_future(store.close())
+    await asyncio.sleep(0.05)
+    assert not closing.done()  # the write is still held: close waits for it
+    release.set()
+    await closing
+    blob_id = hashlib.sha256(data).hexdigest() + ".png"
+    assert stored.names() == {fanned_out(blob_id)}  # the whole blob, no temporary file beside it
 
 
 # -- the local directory's own ----------------------------------------------------------------------------

@@ -166,6 +166,7 @@ class Gateway:
             await provider.aclose()
         await self.limits.aclose()
         await self.health.aclose()
+        await self.blobs.close()  # after the workers: a result being written is finished, not left aside
         await self.db.close()
 
 

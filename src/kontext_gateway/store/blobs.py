@@ -92,6 +92,11 @@ class BlobStore(Protocol):
         probe may call it too (it costs a few small requests to the store)."""
         ...
 
+    async def close(self) -> None:
+        """Returns once the writes already begun are done (none is left half-written beside the
+        blobs); the store is not used after it."""
+        ...
+
 
 def valid_id(blob_id: object) -> bool:
     return isinstance(blob_id, str) and _BLOB_ID.fullmatch(blob_id) is not None
@@ -156,6 +161,9 @@ class LocalBlobStore:
             raise BlobStoreUnavailable(
                 f"the blob directory {self.root} cannot be written: {exc.strerror or exc}"
             ) from exc
+
+    async def close(self) -> None:
+        await self._files.close()
 
     def path(self, blob_id: str) -> Path | None:
         """The blob's file, or None when there is none (or the id is malformed). Blocking: a thread's."""

@@ -133,6 +133,9 @@ class S3BlobStore:
             where = f" at {self.endpoint}" if self.endpoint else ""
             raise BlobStoreUnavailable(f"blob store {self.url}{where}: {_reason(exc, self.endpoint)}") from exc
 
+    async def close(self) -> None:
+        await asyncio.to_thread(self._threads.shutdown, wait=True)
+
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
 
