@@ -288,6 +288,15 @@ def test_a_failed_submit_is_tried_again(
     assert second["outcome"] == "succeeded"
 
 
+def test_an_answer_too_long_to_hold_is_refused_unread_and_tried_again(client: OpenAI, fake: FakeBFL) -> None:
+    fake.faults.add("huge", at="submit")  # 17 MiB of JSON, past the 16 MiB an answer may hold
+    resp = client.images.generate(model="flux.1-kontext-pro", prompt="x", response_format="b64_json")
+    assert decode(resp.data[0]).format == "PNG"
+    first, second = meta(resp)["attempts"]
+    assert first["error_class"] == "malformed_response" and "the answer is over 16 MiB" in first["message"]
+    assert second["outcome"] == "succeeded"
+
+
 def test_polling_starts_soon_and_backs_off_to_the_interval() -> None:
     settings = Settings()
     waits = list(itertools.islice(poll_schedule(settings.upstream_first_poll_s, settings.upstream_poll_interval_s), 14))

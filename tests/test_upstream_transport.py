@@ -18,7 +18,13 @@ import pytest
 
 from conftest import noise_png, png_bytes
 from kontext_gateway.imaging import inspect_image
-from kontext_gateway.providers.transport import AiohttpUpstream, HttpxUpstream, UpstreamHTTP, upstream_http
+from kontext_gateway.providers.transport import (
+    AiohttpUpstream,
+    AnswerTooLarge,
+    HttpxUpstream,
+    UpstreamHTTP,
+    upstream_http,
+)
 
 Script = Callable[["Seen", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -148,6 +154,59 @@ async def test_content_encoding_is_decoded_once(client: UpstreamHTTP) -> None:
     async with upstream(serving(lambda *_: answer("200 OK", zipped, "content-encoding: gzip"))) as (url, _):
         resp = await client.send("GET", f"{url}/v1/get_result?id=a", headers={})
     assert resp.json() == {"status": "Ready"}
+
+
+CAP = 64 * 1024  # a small answer cap for the tests below (the shipped one is 16 MiB)
+
+
+@pytest.fixture(params=["aiohttp", "httpx"])
+async def capped(request: pytest.FixtureRequest) -> AsyncIterator[UpstreamHTTP]:
+    """Both clients, their answers capped at CAP bytes."""
+    timeout = httpx.Timeout(5.0, connect=2.0)
+    c: UpstreamHTTP = (
+        AiohttpUpstream(timeout=timeout, max_connections=8, max_answer_bytes=CAP)
+        if request.param == "aiohttp"
+        else HttpxUpstream(httpx.AsyncHTTPTransport(), timeout=timeout, max_answer_bytes=CAP)
+    )
+    try:
+        yield c
+    finally:
+        await c.aclose()
+
+
+def chunked(body: bytes, *headers: str) -> bytes:
+    """An answer without a declared length: its body in chunks of 16 KiB."""
+    head = ["HTTP/1.1 200 OK", "transfer-encoding: chunked", *headers]
+    parts = [body[i : i + 16384] for i in range(0, len(body), 16384)]
+    framed = b"".join(f"{len(p):x}\r\n".encode() + p + b"\r\n" for p in parts) + b"0\r\n\r\n"
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + framed
+
+
+async def test_an_answer_declared_over_the_cap_is_refused_before_its_body(capped: UpstreamHTTP) -> None:
+    async def script(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(seen, reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000\r\n\r\n{")
+        await writer.drain()
+        await asyncio.sleep(30)  # the rest never comes: a client that waited for it would time out
+
+    async with upstream(script) as (url, _):
+        with pytest.raises(AnswerTooLarge, match="over 64 KiB"):
+            await capped.send("GET", f"{url}/v1/get_result?id=a", headers={})
+
+
+async def test_an_answer_that_grows_past_the_cap_is_refused(capped: UpstreamHTTP) -> None:
+    fits, over = b"x" * CAP, b"x" * (CAP + 1)
+    async with upstream(serving(lambda line, *_: chunked(over if "over" in line else fits))) as (url, _):
+        assert (await capped.send("GET", f"{url}/fits", headers={})).content == fits
+        with pytest.raises(AnswerTooLarge):
+            await capped.send("GET", f"{url}/over", headers={})
+
+
+async def test_the_cap_counts_an_answer_as_decoded(capped: UpstreamHTTP) -> None:
+    bomb = gzip.compress(b"{" + b" " * (4 * CAP) + b"}")  # a few hundred bytes on the wire
+    async with upstream(serving(lambda *_: answer("200 OK", bomb, "content-encoding: gzip"))) as (url, _):
+        with pytest.raises(AnswerTooLarge):
+            await capped.send("GET", f"{url}/v1/get_result?id=a", headers={})
 
 
 async def test_redirects_are_answers_to_calls_and_followed_by_downloads(client: UpstreamHTTP) -> None:

@@ -13,7 +13,8 @@ through `fake.faults`:
 
 Fault kinds: "401", "402", "429", "500", "502", "503" (HTTP errors with the provider's error body),
 "slow" (sleep `delay` seconds first), "drop" (start the response, then cut the connection),
-"malformed" (200 with a body that is not JSON), "moderation" (the provider's own moderation signal),
+"malformed" (200 with a body that is not JSON), "huge" (200 with a JSON body of 17 MiB, over
+what the gateway reads of an answer), "moderation" (the provider's own moderation signal),
 "task_error" (the task ends in the provider's failed state), "result_404" (the result URL 404s),
 "not_image" (the result URL serves bytes that are not an image), "redirect" (a 302 to the same path
 and query on `location`, another host), "foreign_url" (at submit: the URLs the provider returns for
@@ -295,6 +296,9 @@ async def http_fault(fault: Fault, send_error: Any, request: Request | None = No
         return send_error(int(fault.kind), headers)
     if fault.kind == "malformed":
         return Response(b'{"status": "Ready", "result": {"sample": ', status_code=200, media_type="application/json")
+    if fault.kind == "huge":
+        padding = "x" * (17 * 1024 * 1024)
+        return Response(f'{{"status": "Ready", "padding": "{padding}"}}'.encode(), media_type="application/json")
     if fault.kind == "drop":
         return _DroppingResponse()
     return None

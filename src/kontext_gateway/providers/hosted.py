@@ -51,6 +51,7 @@ from .dialect import Dialect, Submission
 from .errors import (
     BadResult,
     ConnectionFailed,
+    Malformed,
     Moderated,
     ServerError,
     TaskLost,
@@ -59,7 +60,7 @@ from .errors import (
     UpstreamError,
 )
 from .inputs import compact, inline_size
-from .transport import HttpxUpstream, UpstreamAnswer, UpstreamHTTP, upstream_http
+from .transport import AnswerTooLarge, HttpxUpstream, UpstreamAnswer, UpstreamHTTP, upstream_http
 
 log = logging.getLogger(__name__)
 # The gateway's request id while a job's upstream calls run: every call sends it as `x-request-id`,
@@ -386,6 +387,8 @@ class HostedProvider:
             raise Timeout(f"{call.method} {_path(call.url)} timed out ({type(exc).__name__})") from None
         except (httpx.TransportError, httpx.DecodingError) as exc:
             raise ConnectionFailed(f"{call.method} {_path(call.url)}: {type(exc).__name__}") from None
+        except AnswerTooLarge as exc:  # not read into memory: no provider documents an answer that long
+            raise Malformed(f"{call.method} {_path(call.url)}: {exc}") from None
         if 300 <= resp.status_code < 400:
             raise UntrustedURL(
                 f"{call.method} {_path(call.url)} -> {resp.status_code}: a redirect to {_location(resp)}, not "

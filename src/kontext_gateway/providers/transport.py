@@ -4,7 +4,9 @@ A hosted provider needs two kinds of call (`UpstreamHTTP`): `send`, whose answer
 never follows a redirect (a call that carries a key sends it nowhere else), and `stream`, a GET of a
 result whose body is read as it arrives, following redirects. Answers are plain data
 (`UpstreamAnswer`, `UpstreamStream`); failures are httpx's exceptions (`httpx.TimeoutException`,
-`httpx.TransportError`, ...), whichever client made the call, so a provider classifies them once.
+`httpx.TransportError`, ...), whichever client made the call, so a provider classifies them once, and
+`AnswerTooLarge`: an answer read whole holds at most `max_answer_bytes` (a result download is capped
+by its reader as it streams).
 
 - `AiohttpUpstream` is what the gateway runs: straight onto an aiohttp session. httpx's own stack
   costs several times the CPU per call: its transport (httpcore on anyio) a cancel scope per socket
@@ -40,9 +42,28 @@ from .. import __version__
 # took up to 100 KiB, and signed result URLs can make long Location headers).
 MAX_HEADER_BYTES = 64 * 1024
 
+# The most an answer read whole may hold, content-encoding decoded. The providers' answers are JSON
+# documents of a few KiB (an echoed input at most a few MiB); a larger one is refused, not held.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+
 # Sent with every call unless the call sets its own: who calls, and only the content-encodings both
 # clients decode.
 DEFAULT_HEADERS = {"accept": "*/*", "accept-encoding": "gzip, deflate", "user-agent": f"kontext-gateway/{__version__}"}
+
+
+class AnswerTooLarge(Exception):
+    """An answer to `send` longer than the client's `max_answer_bytes` (declared, or as it arrived)."""
+
+    def __init__(self, limit: int) -> None:
+        size = (
+            f"{limit >> 20} MiB"
+            if limit % (1 << 20) == 0
+            else f"{limit >> 10} KiB"
+            if limit % 1024 == 0
+            else f"{limit} bytes"
+        )
+        super().__init__(f"the answer is over {size}")
+        self.limit = limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +97,7 @@ class UpstreamStream:
 
 class UpstreamHTTP(Protocol):
     max_redirects: int
+    max_answer_bytes: int
 
     async def send(
         self,
@@ -88,7 +110,8 @@ class UpstreamHTTP(Protocol):
         files: Any = None,
         data: Any = None,
     ) -> UpstreamAnswer:
-        """One call, its answer read whole; a redirect comes back as it is."""
+        """One call, its answer read whole (AnswerTooLarge past `max_answer_bytes`); a redirect comes
+        back as it is."""
         ...
 
     def stream(self, url: str, *, headers: Mapping[str, str]) -> contextlib.AbstractAsyncContextManager[UpstreamStream]:
@@ -131,6 +154,19 @@ def _as_httpx_errors() -> Iterator[None]:
         raise httpx.ReadError(f"{type(exc).__name__}: {exc}") from exc
 
 
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, unless its declared length (before any byte is read) or what arrived is over `limit`."""
+    if response.content_length is not None and response.content_length > limit:
+        raise AnswerTooLarge(limit)
+    chunks, total = [], 0
+    async for chunk in response.content.iter_any():
+        total += len(chunk)
+        if total > limit:
+            raise AnswerTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     with _as_httpx_errors():
         async for chunk in response.content.iter_any():
@@ -146,10 +182,12 @@ class AiohttpUpstream:
         timeout: httpx.Timeout,
         max_connections: int,
         max_redirects: int = 10,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
         keepalive_s: float = 5.0,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.max_redirects = max_redirects
+        self.max_answer_bytes = max_answer_bytes
         self._max_connections = max_connections
         self._keepalive_s = keepalive_s
         self._ssl = ssl_context if ssl_context is not None else httpx.create_ssl_context(trust_env=True)
@@ -209,7 +247,8 @@ class AiohttpUpstream:
                 allow_redirects=False,
                 proxy=self._proxy_for(target),
             ) as response:
-                return UpstreamAnswer(response.status, response.headers, await response.read(), str(response.url))
+                content = await _read_capped(response, self.max_answer_bytes)
+                return UpstreamAnswer(response.status, response.headers, content, str(response.url))
 
     @contextlib.asynccontextmanager
     async def stream(self, url: str, *, headers: Mapping[str, str]) -> AsyncIterator[UpstreamStream]:
@@ -275,10 +314,18 @@ class HttpxUpstream:
     """`UpstreamHTTP` through `transport`: one `httpx.Request` per call, handed to it as it is (no
     client: its auth flow, cookie jar, base URL and event hooks are machinery these calls never use)."""
 
-    def __init__(self, transport: httpx.AsyncBaseTransport, *, timeout: httpx.Timeout, max_redirects: int = 10) -> None:
+    def __init__(
+        self,
+        transport: httpx.AsyncBaseTransport,
+        *,
+        timeout: httpx.Timeout,
+        max_redirects: int = 10,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
+    ) -> None:
         self._transport = transport
         self._timeout = timeout.as_dict()
         self.max_redirects = max_redirects
+        self.max_answer_bytes = max_answer_bytes
 
     def _request(
         self, method: str, url: str | URL | httpx.URL, headers: Mapping[str, str], **body: Any
@@ -309,11 +356,20 @@ class HttpxUpstream:
     ) -> UpstreamAnswer:
         request = self._request(method, url, headers, json=json, content=content, files=files, data=data)
         response = await self._handle(request)
+        limit = self.max_answer_bytes
         try:
-            await response.aread()
+            declared = response.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise AnswerTooLarge(limit)
+            chunks, total = [], 0
+            async for chunk in response.aiter_bytes():
+                total += len(chunk)
+                if total > limit:
+                    raise AnswerTooLarge(limit)
+                chunks.append(chunk)
         finally:
             await response.aclose()
-        return UpstreamAnswer(response.status_code, response.headers, response.content, str(request.url))
+        return UpstreamAnswer(response.status_code, response.headers, b"".join(chunks), str(request.url))
 
     @contextlib.asynccontextmanager
     async def stream(self, url: str, *, headers: Mapping[str, str]) -> AsyncIterator[UpstreamStream]:
