@@ -156,8 +156,11 @@ def _as_httpx_errors() -> Iterator[None]:
 
 async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """The body, unless its declared length (before any byte is read) or what arrived is over `limit`."""
-    if response.content_length is not None and response.content_length > limit:
-        raise AnswerTooLarge(limit)
+    if response.content_length is not None:
+        if response.content_length > limit:
+            raise AnswerTooLarge(limit)
+        if "content-encoding" not in response.headers:
+            return await response.read()  # framed by its declared length, read as it is: no more
     chunks, total = [], 0
     async for chunk in response.content.iter_any():
         total += len(chunk)
