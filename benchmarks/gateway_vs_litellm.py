@@ -46,6 +46,12 @@ What each does per request (POST /v1/images/generations, aspect_ratio 1:1, outpu
 The fake is Ready at once, so a gateway's wait before its first poll is part of its latency and, in a
 closed loop, of its req/s; CPU-ms per request and peak RSS compare the work each does.
 
+The upstream's own latency, in the same run: at one client, a third side, `direct`, makes BFL's three
+calls itself (submit, poll the returned polling_url, download the result; `x-key` on the first two),
+from this process, with aiohttp (the client under the gateway's own upstream calls, and the cheapest
+here: the lowest floor), keep-alive to each of the fake's hosts. A gateway's p50 at one client minus
+direct's is the latency it adds; the summary prints it (medians over the repeats).
+
 Load: for each client count (default 1 8 64), a closed loop (each client sends its next request when
 the previous one answers; every prompt numbered, so no two requests are the same), each client an
 httpx.AsyncClient of its own with one keep-alive connection (one client shared by all, pool = clients,
@@ -53,8 +59,8 @@ spent most of this process's CPU at 64 clients in httpcore's pool, matching wait
 connections: up to 5 CPU-ms per request), `--warmup` seconds, then
 `--duration` seconds measured, without a pause between them: what completes inside the measured window
 counts (its latency may have started before), and CPU and peak RSS are read at the window's ends.
-For each repeat, for each upstream, for each client count: kontext then litellm, the order swapped
-every other repeat. A request counts only when it answers 200 with one
+For each repeat, for each upstream, for each client count: kontext, litellm (and at one client
+direct), the order reversed every other repeat. A request counts only when it answers 200 with one
 `data[0].url`; anything else is an error (never throughput). Per run: req/s, p50, p99, errors, CPU-ms
 per request of the gateway process (with its children), of the fake and of this client, and the
 gateway's peak RSS (VmHWM, reset per run through /proc/PID/clear_refs). Then per upstream and client
@@ -80,11 +86,12 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
 from common import CpuWatch, _children, free_port, http_get, machine, percentile, rss_mb, server_command, stop_process
@@ -152,7 +159,7 @@ UPSTREAMS = {
 class Run:
     upstream: str
     clients: int
-    side: str  # "kontext" or "litellm"
+    side: str  # "kontext", "litellm" or "direct"
     repeat: int
     n: int = 0
     errors: int = 0
@@ -356,8 +363,45 @@ class Target:
     url: str
     headers: dict[str, str]
     body: dict[str, Any]
-    process: Process
+    process: Process | None  # the server measured; None for `direct` (the calls are this process's own)
     extra: dict[str, Any] = field(default_factory=dict)
+    # `direct`: a client of its own per closed loop (made by this), in place of an httpx one
+    caller: Callable[[], contextlib.AbstractAsyncContextManager[Call]] | None = None
+
+
+Call = Callable[[dict[str, Any]], Awaitable[str | None]]  # one request: None when it went well, else why not
+
+
+def direct_bfl(base: str, tls: ssl.SSLContext) -> Callable[[], contextlib.AbstractAsyncContextManager[Call]]:
+    """BFL's own three calls made straight to the fake (`x-key` on the first two), by aiohttp, the client
+    under the gateway's own upstream calls (the cheapest here): the floor a gateway's latency is measured
+    over. Each closed loop has its own session, keep-alive to each of the fake's hosts."""
+    headers = {"x-key": BFL_KEY}
+
+    @contextlib.asynccontextmanager
+    async def caller() -> AsyncIterator[Call]:
+        connector = aiohttp.TCPConnector(limit=4, ssl=tls)
+        async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as session:
+
+            async def call(body: dict[str, Any]) -> str | None:
+                task = {k: body[k] for k in ("prompt", "aspect_ratio", "output_format")}
+                async with session.post(f"{base}/v1/flux-kontext-pro", json=task, headers=headers) as sub:
+                    if sub.status != 200:
+                        return f"submit: HTTP {sub.status}: {(await sub.text())[:200]}"
+                    polling_url = (await sub.json())["polling_url"]
+                async with session.get(polling_url, headers=headers) as poll:
+                    result = await poll.json() if poll.status == 200 else {}
+                if result.get("status") != "Ready":
+                    return f"poll: HTTP {poll.status}: {str(result)[:200]}"
+                async with session.get(result["result"]["sample"]) as image:
+                    data = await image.read()
+                if image.status != 200 or not data.startswith((b"\x89PNG", b"\xff\xd8\xff")):
+                    return f"download: HTTP {image.status}, {len(data)} bytes"
+                return None
+
+            yield call
+
+    return caller
 
 
 def check_answer(r: httpx.Response) -> str | None:
@@ -396,31 +440,45 @@ async def load(target: Target, clients: int, duration: float, warmup: float, fak
         sent = itertools.count()
 
         async def worker() -> None:
-            client = await stack.enter_async_context(httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False))
+            call: Call
+            if target.caller is not None:
+                call = await stack.enter_async_context(target.caller())
+            else:
+                client = await stack.enter_async_context(
+                    httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False)
+                )
+
+                async def call(body: dict[str, Any]) -> str | None:
+                    return check_answer(await client.post(target.url, json=body, headers=target.headers))
+
             while time.perf_counter() < t_end:
                 # Each prompt its own, as users' are: nothing keyed on the body is reused across requests.
                 body = {**target.body, "prompt": f"{target.body['prompt']} #{next(sent)}"}
                 t0 = time.perf_counter()
                 why: str | None
                 try:
-                    why = check_answer(await client.post(target.url, json=body, headers=target.headers))
-                except httpx.HTTPError as exc:
+                    why = await call(body)
+                except (httpx.HTTPError, aiohttp.ClientError) as exc:
                     why = f"{type(exc).__name__}: {exc}"
                 t1 = time.perf_counter()
                 done.append((t1, t1 - t0, why))
 
         async def sampler() -> None:
-            pid = target.process.pid
+            pid = target.process.pid if target.process is not None else None
             await asyncio.sleep(max(0.0, t_start - time.perf_counter()))
-            run.peak_reset = reset_peak(pid)
-            cpu.update(server=-tree_cpu_seconds(pid), fake=-tree_cpu_seconds(fake_pid), client=-own_cpu())
+            if pid is not None:
+                run.peak_reset = reset_peak(pid)
+            cpu.update(
+                server=-tree_cpu_seconds(pid) if pid else 0.0, fake=-tree_cpu_seconds(fake_pid), client=-own_cpu()
+            )
             window[0] = time.perf_counter()
             await asyncio.sleep(max(0.0, t_end - time.perf_counter()))
             window[1] = time.perf_counter()
-            cpu["server"] += tree_cpu_seconds(pid)
+            cpu["server"] = cpu["server"] + tree_cpu_seconds(pid) if pid else float("nan")
             cpu["fake"] += tree_cpu_seconds(fake_pid)
             cpu["client"] += own_cpu()
-            run.peak_rss_mb = peak_rss_mb(pid)
+            if pid is not None:
+                run.peak_rss_mb = peak_rss_mb(pid)
 
         await asyncio.gather(sampler(), *(worker() for _ in range(clients)))
     inside = [(seconds, why) for t1, seconds, why in done if window[0] <= t1 <= window[1]]
@@ -522,6 +580,7 @@ def started(args: argparse.Namespace, tmp: Path, want_litellm: bool) -> Iterator
             processes.append(litellm.start(http_ready(ll_port, "/health/liveliness"), timeout=300))
         yield {
             "port": port,
+            "ca": ca,
             "fake": fake,
             "gateway": gateway,
             "gateway_url": f"http://127.0.0.1:{gw_port}/v1/images/generations",
@@ -551,6 +610,10 @@ def targets_for(up: Upstream, setup: dict[str, Any]) -> list[Target]:
         out.append(
             Target("litellm", setup["litellm_url"], headers, {"model": "flux-kontext-pro", **body}, setup["litellm"])
         )
+    if up.provider == "bfl":
+        base = "https://api.bfl.ai" + ("" if setup["port"] == 443 else f":{setup['port']}")
+        tls = ssl.create_default_context(cafile=str(setup["ca"]))
+        out.append(Target("direct", base, {}, body, None, caller=direct_bfl(base, tls)))
     return out
 
 
@@ -558,6 +621,8 @@ def smoke(targets: list[Target], setup: dict[str, Any]) -> None:
     """One request per target before any timing: fail early, with the logs, when one does not work."""
     with httpx.Client(timeout=60, trust_env=False) as client:
         for t in targets:
+            if t.caller is not None:
+                continue  # `direct` runs in the load's own loop; its first request tells
             why = check_answer(client.post(t.url, json=t.body, headers=t.headers))
             if why is not None:
                 logs = "\n".join(
@@ -640,6 +705,27 @@ def print_summary(
                 cells += [fmt(k[key], digits), fmt(lite[key], digits), ratio(k[key], lite[key])]
             cells += [errs["kontext"], errs["litellm"]]
             print("| " + " | ".join(cells) + " |")
+    direct = [r for r in runs if r.side == "direct" and r.clients == 1]
+    if direct:
+        print(
+            "\nLatency added at one client: p50 over the upstream's own (`direct`: the same three calls made "
+            "straight to the fake by aiohttp, same run), medians over the repeats\n"
+        )
+        print("| upstream | p50 direct | p50 K | added by K | p50 L | added by L | errors direct |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for up in upstreams:
+            own = [r for r in direct if r.upstream == up.name]
+            if not own:
+                continue
+            base = median([r.p50_ms for r in own])
+            p50 = {
+                name: median([r.p50_ms for r in runs if r.upstream == up.name and r.clients == 1 and r.side == name])
+                for name in ("kontext", "litellm")
+            }
+            print(
+                f"| {up.name} | {fmt(base)} | {fmt(p50['kontext'])} | {fmt(p50['kontext'] - base)} "
+                f"| {fmt(p50['litellm'])} | {fmt(p50['litellm'] - base)} | {sum(r.errors for r in own)} |"
+            )
     k_idle, l_idle = idle.get("kontext"), idle.get("litellm")
     if k_idle is not None and l_idle is not None:
         idle_line = f"kontext {k_idle:.0f} MiB, litellm {l_idle:.0f} MiB, K/L {ratio(k_idle, l_idle)}"
@@ -736,6 +822,7 @@ def main() -> None:
                 "startup_s": {"kontext": gateway.startup_s, "litellm": litellm.startup_s if litellm else None},
                 "idle_rss_mb": {"kontext": gateway.idle_rss_mb, "litellm": litellm.idle_rss_mb if litellm else None},
             }
+            exec(HOOK.format(hosts=HOSTS), {})  # `direct` resolves the fake's host names here, as the gateways do
             per_upstream = {up.name: targets_for(up, setup) for up in upstreams}
             for ts in per_upstream.values():
                 smoke(ts, setup)
@@ -749,6 +836,8 @@ def main() -> None:
                     for c in args.clients:
                         ts = per_upstream[up.name] if rep % 2 == 0 else per_upstream[up.name][::-1]
                         for t in ts:
+                            if t.side == "direct" and c != 1:
+                                continue  # the upstream's own latency: one client is what the goal asks
                             run = Run(up.name, c, t.side, rep)
                             run_load(t, c, args.duration, args.warmup, fake.pid, run)
                             runs.append(run)
