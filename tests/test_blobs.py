@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -13,11 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from obstore.exceptions import PermissionDeniedError
 
 from conftest import aws_env, open_image, png_bytes
 from fakes.s3 import MotoS3, MotoUnavailable, moto_s3
 from kontext_gateway.config import Settings
 from kontext_gateway.links import URLSigner
+from kontext_gateway.store import s3blobs
 from kontext_gateway.store.blob_url import open_blob_store
 from kontext_gateway.store.blobs import (
     CACHE_CONTROL,
@@ -294,6 +297,28 @@ async def test_wrong_credentials(s3: MotoS3) -> None:
         with pytest.raises(BlobStoreUnavailable) as caught:
             await store.writable()
     assert "the access key is unknown (AWS_ACCESS_KEY_ID): InvalidAccessKeyId" in one_line(caught)
+
+
+async def test_a_read_refused_is_a_missing_blob_said_once(
+    s3: MotoS3, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without s3:ListBucket, S3 answers 403 (not 404) for a key that is not there: a missing blob for
+    whoever asked, not a server error, and one warning naming the permission."""
+    with aws_env(s3):
+        store = S3BlobStore(f"s3://{s3.new_bucket()}/p")
+    kept = await store.put(png_bytes(8, 8), ext="png")
+
+    def refuse(*_: object, **__: object) -> None:
+        raise PermissionDeniedError("the object store answered 403 Forbidden: AccessDenied")
+
+    monkeypatch.setattr(s3blobs.obstore, "get", refuse)
+    monkeypatch.setattr(s3blobs.obstore, "head", refuse)
+    gone = "0" * 64 + ".png"
+    with caplog.at_level(logging.WARNING, logger=s3blobs.__name__):
+        assert await store.get(gone) is None and await store.open(gone) is None
+        assert not await store.exists(gone) and not await store.exists(kept)
+    warnings = [r.getMessage() for r in caplog.records if r.name == s3blobs.__name__]
+    assert len(warnings) == 1 and "s3:ListBucket" in warnings[0] and "(403)" in warnings[0]
 
 
 def test_blob_url_forms(tmp_path: Path) -> None:

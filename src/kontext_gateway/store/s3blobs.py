@@ -13,6 +13,7 @@ first: the same bytes under the same key are the same object, so writing them ag
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import uuid
@@ -23,10 +24,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import obstore
-from obstore.exceptions import NotFoundError
+from obstore.exceptions import NotFoundError, PermissionDeniedError
 from obstore.store import S3Store
 
 from .blobs import CACHE_CONTROL, MEDIA_TYPES, Blob, BlobStoreUnavailable, content_id, fanned_out, valid_id
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from obstore import GetResult
@@ -86,6 +89,7 @@ class S3BlobStore:
         # The threads wait on the network, not on the CPU: many, so that a burst of images is not queued
         # behind a few slow requests (nor behind the default pool's image encoding).
         self._threads = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="s3-blobs")
+        self._refusal_logged = False
 
     def __repr__(self) -> str:
         return f"S3BlobStore({self.url!r}, endpoint={self.endpoint!r})"
@@ -164,6 +168,9 @@ class S3BlobStore:
             return obstore.get(self._store, key)
         except (FileNotFoundError, NotFoundError):
             return None
+        except PermissionDeniedError:
+            self._refused(key)
+            return None
 
     def _read(self, key: str) -> bytes | None:
         result = self._get(key)
@@ -174,7 +181,23 @@ class S3BlobStore:
             obstore.head(self._store, key)
         except (FileNotFoundError, NotFoundError):
             return False
+        except PermissionDeniedError:
+            self._refused(key)
+            return False
         return True
+
+    def _refused(self, key: str) -> None:
+        """A read refused (403). Reading works (the start-up probe read its object back), so this is S3's
+        answer for a key that is not there when the credentials lack s3:ListBucket: a missing blob,
+        said once in the log, not a server error for whoever asked."""
+        if not self._refusal_logged:
+            self._refusal_logged = True
+            log.warning(
+                "blob store %s: S3 refused to read %s (403) and answers so for every missing object: read "
+                "as missing; give the credentials s3:ListBucket on the bucket so that S3 answers 404",
+                self.url,
+                key,
+            )
 
     def _probe(self) -> None:
         key, probe = f"_probe/{uuid.uuid4().hex}", b"kontext-gateway probe"
