@@ -190,7 +190,7 @@ async def test_an_answer_declared_over_the_cap_is_refused_before_its_body(capped
         await asyncio.sleep(30)  # the rest never comes: a client that waited for it would time out
 
     async with upstream(script) as (url, _):
-        with pytest.raises(AnswerTooLarge, match="over 64 KiB"):
+        with pytest.raises(AnswerTooLarge, match="over 65,536 bytes"):
             await capped.send("GET", f"{url}/v1/get_result?id=a", headers={})
 
 

@@ -55,15 +55,20 @@ class AnswerTooLarge(Exception):
     """An answer to `send` longer than the client's `max_answer_bytes` (declared, or as it arrived)."""
 
     def __init__(self, limit: int) -> None:
-        size = (
-            f"{limit >> 20} MiB"
-            if limit % (1 << 20) == 0
-            else f"{limit >> 10} KiB"
-            if limit % 1024 == 0
-            else f"{limit} bytes"
-        )
+        size = f"{limit >> 20} MiB" if limit % (1 << 20) == 0 else f"{limit:,} bytes"
         super().__init__(f"the answer is over {size}")
         self.limit = limit
+
+
+async def _joined_up_to(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """The chunks joined, unless together they are over `limit` (raised as soon as they are)."""
+    parts, total = [], 0
+    async for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise AnswerTooLarge(limit)
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,13 +166,7 @@ async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
             raise AnswerTooLarge(limit)
         if "content-encoding" not in response.headers:
             return await response.read()  # framed by its declared length, read as it is: no more
-    chunks, total = [], 0
-    async for chunk in response.content.iter_any():
-        total += len(chunk)
-        if total > limit:
-            raise AnswerTooLarge(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await _joined_up_to(response.content.iter_any(), limit)
 
 
 async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
@@ -359,20 +358,14 @@ class HttpxUpstream:
     ) -> UpstreamAnswer:
         request = self._request(method, url, headers, json=json, content=content, files=files, data=data)
         response = await self._handle(request)
-        limit = self.max_answer_bytes
         try:
-            declared = response.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                raise AnswerTooLarge(limit)
-            chunks, total = [], 0
-            async for chunk in response.aiter_bytes():
-                total += len(chunk)
-                if total > limit:
-                    raise AnswerTooLarge(limit)
-                chunks.append(chunk)
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.max_answer_bytes:
+                raise AnswerTooLarge(self.max_answer_bytes)
+            content = await _joined_up_to(response.aiter_bytes(), self.max_answer_bytes)
         finally:
             await response.aclose()
-        return UpstreamAnswer(response.status_code, response.headers, b"".join(chunks), str(request.url))
+        return UpstreamAnswer(response.status_code, response.headers, content, str(request.url))
 
     @contextlib.asynccontextmanager
     async def stream(self, url: str, *, headers: Mapping[str, str]) -> AsyncIterator[UpstreamStream]:
