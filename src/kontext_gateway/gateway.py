@@ -40,6 +40,7 @@ from .store.db import Database, make_private
 from .store.history import HistoryRows
 from .store.idempotency import IdempotencyKeys
 from .store.keys import KeyRows
+from .store.notices import JobNotices
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class Gateway:
             events=self.webhooks,
         )
         self.worker = Worker(self.db, self.runner, settings)
+        self.notices: JobNotices | None = None  # PostgreSQL tells the claim loops of jobs enqueued elsewhere
 
         # The two APIs on the jobs, and the history.
         self.images = ImageService(
@@ -119,6 +121,9 @@ class Gateway:
         await self.db.start()  # the SQLite file and its journals: 0600 (Database.start)
         if workers:
             await self.worker.start()
+            if self.worker.concurrency and JobNotices.can_listen(self.db.engine):
+                self.notices = JobNotices(self.db.engine, self.worker.wake)
+                await self.notices.start()
             if self.worker.concurrency:  # deliveries go from the processes that run jobs
                 await self.webhooks.start()
                 await self.retention.start()  # so does the retention sweep
@@ -160,6 +165,8 @@ class Gateway:
 
     async def close(self) -> None:
         await self.worker.stop()  # after begin_drain(): waits out the drain's deadline
+        if self.notices is not None:
+            await self.notices.close()
         await self.webhooks.stop()
         await self.retention.stop()
         for provider in self.providers.values():

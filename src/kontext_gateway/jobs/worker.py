@@ -49,10 +49,12 @@ class Worker:
         self._drain_deadline = 0.0  # loop time by which running jobs are handed back
         self._handed_back: set[str] = set()  # jobs stopped for another worker: leases to release
 
-    def wake(self) -> None:
-        """A job was just enqueued in this process: look now rather than at the next poll."""
-        for event in self._wake.values():
-            event.set()
+    def wake(self, lane: str = "") -> None:
+        """A job of `lane` (of any, by default) was just enqueued, here or, told by the database, in
+        another process: look now rather than at the next poll."""
+        for name, event in self._wake.items():
+            if not lane or name == lane:
+                event.set()
 
     async def start(self) -> None:
         if self.concurrency:

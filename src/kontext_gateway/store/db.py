@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
-from kontext_gateway.store import ledger
+from kontext_gateway.store import ledger, notices
 from kontext_gateway.store.engine import SQLITE_BEGIN_IMMEDIATE, make_engine, sqlite_file
 from kontext_gateway.store.migrate import code_heads, database_heads, upgrade_to_head
 from kontext_gateway.store.models import FileRecord, RequestRecord, UpstreamTask, WebhookDelivery, utcnow
@@ -331,6 +331,8 @@ class Database:
             conn.execute(INSERT_REQUEST, values)
             if reservation is not None:  # after the request's row, which it references
                 conn.execute(insert(ledger.ENTRIES).values(ledger.entry(id, reservation, now)))
+            if values["status"] == JobStatus.STARTING:  # queued for a claim: wake the other processes
+                notices.announce(conn, lane)
 
         await self._run(work)
         return RequestRow(**values)
@@ -514,7 +516,10 @@ class Database:
                 .values(lease_until=utcnow() - timedelta(minutes=10))
                 .returning(RequestRecord.id)
             )
-            return len(result.all())
+            released = len(result.all())
+            if released and self.engine.dialect.name == "postgresql":
+                await session.execute(notices.NOTIFY, notices.notice())  # claimable again, at once
+            return released
 
     async def request_cancel(self, id: str) -> RequestRow | None:
         """Cancel a job: at once if no worker has it yet, else flag it for its worker. Returns the record."""

@@ -1,0 +1,126 @@
+"""Jobs enqueued in one process wake the claim loops of another at once (PostgreSQL's LISTEN/NOTIFY),
+rather than at their next poll; on real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from conftest import PATIENCE_S, throwaway_postgres_database
+from fakes.common import serve
+from fakes.replicate import FakeReplicate
+from kontext_gateway.config import Settings
+from kontext_gateway.gateway import Gateway
+from kontext_gateway.protocol import prediction_call
+from kontext_gateway.store.db import Database
+from kontext_gateway.store.notices import ANY_LANE, JobNotices
+from kontext_gateway.store.records import ENDED, JobStatus, Lane
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    with throwaway_postgres_database("kontext_notices") as url:
+        yield url
+
+
+@pytest.fixture
+async def two_processes(pg_url: str) -> AsyncIterator[tuple[Database, Database]]:
+    """The database as two processes see it: one that enqueues, one that claims (each its own engine)."""
+    url = Settings(database_url=pg_url).resolved_database_url()  # the gateway's driver: asyncpg
+    api, worker = Database(url), Database(url)
+    await api.start()
+    await worker.start()
+    try:
+        yield api, worker
+    finally:
+        await worker.close()
+        await api.close()
+
+
+async def enqueue(db: Database, **kw: object) -> str:
+    rid = f"req_{uuid.uuid4().hex}"
+    await db.create_request(id=rid, endpoint="images.generations", model="m", mode="text-to-image", params={}, **kw)  # type: ignore[arg-type]
+    return rid
+
+
+async def next_notice(heard: asyncio.Queue[str]) -> str:
+    return await asyncio.wait_for(heard.get(), PATIENCE_S)
+
+
+async def test_a_queued_job_is_announced_to_the_listeners_with_its_lane(
+    two_processes: tuple[Database, Database],
+) -> None:
+    api, worker = two_processes
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    notices = JobNotices(worker.engine, heard.put_nowait, retry_s=0.05)
+    await notices.start()
+    try:
+        assert await next_notice(heard) == ANY_LANE  # just connected: look once, something may have been missed
+        await enqueue(api, lane=Lane.LOCAL)
+        assert await next_notice(heard) == "local"
+        # Claimed by the process that enqueued it, or refused: nobody else has anything to claim.
+        claimed = await enqueue(api, claimed_by="worker-a", lease_s=30)
+        await enqueue(api, rejected={"error": {"message": "no", "type": "invalid_request_error"}})
+        await enqueue(api, lane=Lane.HOSTED)
+        assert await next_notice(heard) == "hosted"  # the next notice is this one: none for the two before
+        # Handed back by a worker shutting down: claimable again at once, by anyone.
+        assert await api.release_leases("worker-a", [claimed]) == 1
+        assert await next_notice(heard) == ANY_LANE
+        assert heard.empty()
+    finally:
+        await notices.close()
+
+
+async def test_a_lost_listening_connection_is_made_again(two_processes: tuple[Database, Database]) -> None:
+    api, worker = two_processes
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    notices = JobNotices(worker.engine, heard.put_nowait, retry_s=0.05)
+    await notices.start()
+    try:
+        assert await next_notice(heard) == ANY_LANE
+        async with api.engine.begin() as conn:  # the server ends the listening session (a restart, a proxy)
+            ended = await conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND query LIKE 'LISTEN %'"
+                )
+            )
+            assert ended.scalars().all() == [True]
+        assert await next_notice(heard) == ANY_LANE  # listening again, and looking once for what it missed
+        await enqueue(api)
+        assert await next_notice(heard) == "hosted"
+    finally:
+        await notices.close()
+    assert not notices.listening.is_set()
+
+
+async def test_a_worker_process_runs_a_job_another_enqueued_without_polling(pg_url: str, tmp_path: Path) -> None:
+    """The worker polls once an hour: only the notice can bring it the prediction in time."""
+    fake = FakeReplicate(pending_polls=0)
+    with serve(fake.app) as fake_url:
+        common = dict(database_url=pg_url, replicate_api_token="r8_test", replicate_base_url=fake_url)
+        api = Gateway(Settings(data_dir=tmp_path / "api", **common))  # type: ignore[arg-type]
+        worker = Gateway(Settings(data_dir=tmp_path / "worker", job_poll_interval_s=3600, **common))  # type: ignore[arg-type]
+        await api.start(workers=False)
+        await worker.start()
+        try:
+            assert worker.notices is not None and api.notices is None  # only a process that claims listens
+            await asyncio.wait_for(worker.notices.listening.wait(), PATIENCE_S)
+            call = prediction_call("replicate/flux.1-kontext-pro", {"input": {"prompt": "a fox"}}).call
+            rid = await api.images.submit(call, base_url="http://localhost/")
+            async with asyncio.timeout(PATIENCE_S):
+                while True:
+                    row = await api.db.get_request(rid)
+                    if row is not None and row.status in ENDED:
+                        break
+                    await asyncio.sleep(0.05)
+            assert row.status == JobStatus.SUCCEEDED and row.claimed_by == worker.worker.id
+        finally:
+            await worker.close()
+            await api.close()
+    assert worker.notices is not None and not worker.notices.listening.is_set()
