@@ -1,0 +1,130 @@
+"""How long a prediction waits for a worker in another process: created (API) to claimed (worker), on PostgreSQL.
+
+An API process (`kontext serve --workers 0`) enqueues; one `kontext worker --concurrency 8` process,
+otherwise idle, claims. Predictions arrive one at a time, each after a random pause (uniform in
+`--gap` seconds), so every one finds the worker waiting and lands at a random moment of its poll
+cycle. The fake Replicate (tests/fakes/replicate.py, `pending_polls=0`, as in predictions_throughput.py)
+answers at once. From the rows: claimed = `started_at` - `created_at` (the two processes' clocks are this
+machine's one), done = `completed_at` - `created_at`; p50 / p90 / max over `--jobs`. `--src DIR` runs the
+API and the worker from another checkout's src (before / after).
+
+    .venv/bin/python benchmarks/claim_latency.py
+    .venv/bin/python benchmarks/claim_latency.py --jobs 200 --src /tmp/before/src
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+from common import free_port, machine, percentile, server_command, stop_process
+from predictions_throughput import FAKE_CODE, MODEL, PG_SERVER, ROOT, TOKEN, _admin, _wait_http
+
+
+async def create(api_url: str, n: int, gap: tuple[float, float], seed: int) -> list[str]:
+    rng = random.Random(seed)
+    ids = []
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as client:
+        for i in range(n):
+            await asyncio.sleep(rng.uniform(*gap))
+            r = await client.post(f"/v1/models/{MODEL}/predictions", json={"input": {"prompt": f"job {i}"}})
+            r.raise_for_status()
+            ids.append(r.json()["id"])
+    return ids
+
+
+async def rows(dsn: str, ids: list[str], timeout: float) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + timeout
+        query = "SELECT id, status, created_at, started_at, completed_at FROM requests WHERE id = ANY($1)"
+        while True:
+            found = await conn.fetch(query, ids)
+            if len(found) == len(ids) and all(r["completed_at"] is not None for r in found):
+                return found
+            if time.monotonic() > deadline:
+                raise SystemExit(f"not every prediction ended within {timeout:g} s")
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=100, help="predictions, one at a time (default 100)")
+    ap.add_argument("--gap", type=float, nargs=2, default=(0.05, 0.6), help="pause before each, s (default 0.05 0.6)")
+    ap.add_argument("--src", type=Path, default=None, help="run the API and the worker from this src directory")
+    ap.add_argument("--pg-server", default=PG_SERVER, help=f"PostgreSQL server URL (default {PG_SERVER})")
+    ap.add_argument("--seed", type=int, default=7)
+    args = ap.parse_args()
+    print(f"machine: {machine()}\nsrc: {args.src or ROOT / 'src'}", flush=True)
+
+    data_dir = Path(tempfile.mkdtemp(prefix="kontext-claimbench-"))
+    pg_name = f"kontext_claim_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_admin(args.pg_server, f'CREATE DATABASE "{pg_name}"'))
+    dsn = f"{args.pg_server}/{pg_name}"
+    fake_port, api_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KONTEXT_") and k != "DATABASE_URL"}
+    env.update(
+        DATABASE_URL=dsn,
+        REPLICATE_API_TOKEN=TOKEN,
+        REPLICATE_BASE_URL=f"http://127.0.0.1:{fake_port}",
+        KONTEXT_DATA_DIR=str(data_dir),
+    )
+    if args.src is not None:
+        env["PYTHONPATH"] = str(args.src.resolve())
+    fake_env = {**env, "PYTHONPATH": str(ROOT / "tests")}
+    procs: list[subprocess.Popen] = []
+    log = None
+    try:
+        log = open(data_dir / "processes.log", "wb")
+        fake = subprocess.Popen(
+            [sys.executable, "-c", FAKE_CODE, str(fake_port), TOKEN, "0.25"], env=fake_env, stdout=log, stderr=log
+        )
+        procs.append(fake)
+        _wait_http(fake, fake_port, "/results/none.png", 404, "the fake Replicate", data_dir / "processes.log")
+        api = subprocess.Popen(
+            [*server_command(api_port, str(data_dir)), "--workers", "0"], env=env, stdout=log, stderr=log
+        )
+        procs.append(api)
+        _wait_http(api, api_port, "/health", 200, "kontext serve", data_dir / "processes.log")
+        script = Path(sys.executable).with_name("kontext")
+        base = [str(script)] if script.exists() else [sys.executable, "-m", "kontext_gateway"]
+        worker_cmd = [*base, "worker", "--concurrency", "8", "--data-dir", str(data_dir)]
+        procs.append(subprocess.Popen(worker_cmd, env=env, stdout=log, stderr=log))
+        api_url = f"http://127.0.0.1:{api_port}"
+        # One prediction first: the worker is up, connected and claiming before anything is timed.
+        asyncio.run(rows(dsn, asyncio.run(create(api_url, 1, (0.0, 0.0), args.seed)), 120))
+        ids = asyncio.run(create(api_url, args.jobs, tuple(args.gap), args.seed))
+        found = asyncio.run(rows(dsn, ids, 120))
+    finally:
+        for p in reversed(procs):
+            stop_process(p)
+        if log is not None:
+            log.close()
+        asyncio.run(_admin(args.pg_server, f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)'))
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+    statuses = {r["status"] for r in found}
+    claimed = sorted(1000 * (r["started_at"] - r["created_at"]).total_seconds() for r in found)
+    done = sorted(1000 * (r["completed_at"] - r["created_at"]).total_seconds() for r in found)
+    print(f"\n{len(found)} predictions, one at a time, {args.gap[0]:g}-{args.gap[1]:g} s apart; statuses {statuses}\n")
+    print("| ms | p50 | p90 | max |\n|---|---:|---:|---:|")
+    for name, values in (("created -> claimed", claimed), ("created -> completed", done)):
+        print(f"| {name} | {percentile(values, 50):.1f} | {percentile(values, 90):.1f} | {values[-1]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
