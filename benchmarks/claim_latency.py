@@ -5,8 +5,10 @@ otherwise idle, claims. Predictions arrive one at a time, each after a random pa
 `--gap` seconds), so every one finds the worker waiting and lands at a random moment of its poll
 cycle. The fake Replicate (tests/fakes/replicate.py, `pending_polls=0`, as in predictions_throughput.py)
 answers at once. From the rows: claimed = `started_at` - `created_at` (the two processes' clocks are this
-machine's one), done = `completed_at` - `created_at`; p50 / p90 / max over `--jobs`. `--src DIR` runs the
-API and the worker from another checkout's src (before / after).
+machine's one), done = `completed_at` - `created_at`; p50 / p90 / max over `--jobs`. Then `--waits`
+more, each with `Prefer: wait` (the API process waits for the worker's end and answers `succeeded`):
+the client's whole request, timed by the client. `--src DIR` runs the API and the worker from another
+checkout's src (before / after).
 
     .venv/bin/python benchmarks/claim_latency.py
     .venv/bin/python benchmarks/claim_latency.py --jobs 200 --src /tmp/before/src
@@ -45,6 +47,25 @@ async def create(api_url: str, n: int, gap: tuple[float, float], seed: int) -> l
     return ids
 
 
+async def waited(api_url: str, n: int, gap: tuple[float, float], seed: int) -> list[float]:
+    """`n` predictions with `Prefer: wait`, one at a time: ms from sending to the `succeeded` answer."""
+    rng = random.Random(seed)
+    took = []
+    async with httpx.AsyncClient(base_url=api_url, timeout=60) as client:
+        for i in range(n):
+            await asyncio.sleep(rng.uniform(*gap))
+            t0 = time.perf_counter()
+            r = await client.post(
+                f"/v1/models/{MODEL}/predictions",
+                json={"input": {"prompt": f"wait {i}"}},
+                headers={"Prefer": "wait=30"},
+            )
+            took.append(1000 * (time.perf_counter() - t0))
+            if r.status_code >= 300 or r.json().get("status") != "succeeded":
+                raise SystemExit(f"Prefer: wait answered {r.status_code}: {r.text[:300]}")
+    return sorted(took)
+
+
 async def rows(dsn: str, ids: list[str], timeout: float) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(dsn)
     try:
@@ -64,6 +85,7 @@ async def rows(dsn: str, ids: list[str], timeout: float) -> list[asyncpg.Record]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=100, help="predictions, one at a time (default 100)")
+    ap.add_argument("--waits", type=int, default=50, help="then predictions with Prefer: wait (default 50)")
     ap.add_argument("--gap", type=float, nargs=2, default=(0.05, 0.6), help="pause before each, s (default 0.05 0.6)")
     ap.add_argument("--src", type=Path, default=None, help="run the API and the worker from this src directory")
     ap.add_argument("--pg-server", default=PG_SERVER, help=f"PostgreSQL server URL (default {PG_SERVER})")
@@ -109,6 +131,7 @@ def main() -> None:
         asyncio.run(rows(dsn, asyncio.run(create(api_url, 1, (0.0, 0.0), args.seed)), 120))
         ids = asyncio.run(create(api_url, args.jobs, tuple(args.gap), args.seed))
         found = asyncio.run(rows(dsn, ids, 120))
+        took = asyncio.run(waited(api_url, args.waits, tuple(args.gap), args.seed)) if args.waits else []
     finally:
         for p in reversed(procs):
             stop_process(p)
@@ -124,6 +147,10 @@ def main() -> None:
     print("| ms | p50 | p90 | max |\n|---|---:|---:|---:|")
     for name, values in (("created -> claimed", claimed), ("created -> completed", done)):
         print(f"| {name} | {percentile(values, 50):.1f} | {percentile(values, 90):.1f} | {values[-1]:.1f} |")
+    if took:
+        print(
+            f"| Prefer: wait, the whole request ({len(took)}) | {percentile(took, 50):.1f} | {percentile(took, 90):.1f} | {took[-1]:.1f} |"
+        )
 
 
 if __name__ == "__main__":

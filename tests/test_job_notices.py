@@ -1,5 +1,6 @@
-"""Jobs enqueued in one process wake the claim loops of another at once (PostgreSQL's LISTEN/NOTIFY),
-rather than at their next poll; on real PostgreSQL."""
+"""Across processes, at once rather than at the next poll (PostgreSQL's LISTEN/NOTIFY, on real
+PostgreSQL): a job enqueued in one process wakes the claim loops of another, and a job that ended in
+one wakes its waiter in another."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sqlalchemy import text
 from conftest import PATIENCE_S, throwaway_postgres_database
 from fakes.common import serve
 from fakes.replicate import FakeReplicate
+from kontext_gateway import service
 from kontext_gateway.config import Settings
 from kontext_gateway.gateway import Gateway
 from kontext_gateway.protocol import prediction_call
@@ -57,7 +59,7 @@ async def test_a_queued_job_is_announced_to_the_listeners_with_its_lane(
 ) -> None:
     api, worker = two_processes
     heard: asyncio.Queue[str] = asyncio.Queue()
-    notices = JobNotices(worker.engine, heard.put_nowait, retry_s=0.05)
+    notices = JobNotices(worker.engine, new_job=heard.put_nowait, retry_s=0.05)
     await notices.start()
     try:
         assert await next_notice(heard) == ANY_LANE  # just connected: look once, something may have been missed
@@ -79,7 +81,7 @@ async def test_a_queued_job_is_announced_to_the_listeners_with_its_lane(
 async def test_a_lost_listening_connection_is_made_again(two_processes: tuple[Database, Database]) -> None:
     api, worker = two_processes
     heard: asyncio.Queue[str] = asyncio.Queue()
-    notices = JobNotices(worker.engine, heard.put_nowait, retry_s=0.05)
+    notices = JobNotices(worker.engine, new_job=heard.put_nowait, retry_s=0.05)
     await notices.start()
     try:
         assert await next_notice(heard) == ANY_LANE
@@ -124,3 +126,46 @@ async def test_a_worker_process_runs_a_job_another_enqueued_without_polling(pg_u
             await worker.close()
             await api.close()
     assert worker.notices is not None and not worker.notices.listening.is_set()
+
+
+async def test_the_end_of_a_job_is_announced_with_its_id(two_processes: tuple[Database, Database]) -> None:
+    api, worker = two_processes
+    ended: asyncio.Queue[str] = asyncio.Queue()
+    notices = JobNotices(api.engine, ended=ended.put_nowait, retry_s=0.05)  # where a waiter waits
+    await notices.start()
+    try:
+        await asyncio.wait_for(notices.listening.wait(), PATIENCE_S)
+        failed, canceled, running = [await enqueue(worker) for _ in range(3)]
+        await worker.mark_running(running, provider="replicate")  # not an end: no notice
+        error = {"message": "upstream down", "type": "server_error"}
+        await worker.mark_failed(failed, error=error, attempts=[], duration_ms=5, ledger=False)
+        assert await next_notice(ended) == failed
+        await api.request_cancel(canceled)  # never claimed: ended by the cancel itself
+        assert await next_notice(ended) == canceled
+        assert ended.empty()
+    finally:
+        await notices.close()
+
+
+async def test_a_waiter_hears_of_the_end_of_a_job_another_process_ran(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API process runs no jobs and reads the job once an hour: only the notice can end its wait in time."""
+    monkeypatch.setattr(service, "OTHER_JOB_POLL_S", 3600.0)
+    fake = FakeReplicate(pending_polls=0)
+    with serve(fake.app) as fake_url:
+        common = dict(database_url=pg_url, replicate_api_token="r8_test", replicate_base_url=fake_url)
+        api = Gateway(Settings(data_dir=tmp_path / "api", workers=0, local_workers=0, **common))  # type: ignore[arg-type]
+        worker = Gateway(Settings(data_dir=tmp_path / "worker", **common))  # type: ignore[arg-type]
+        await api.start()
+        await worker.start()
+        try:
+            assert api.worker.concurrency == 0 and api.notices is not None
+            await asyncio.wait_for(api.notices.listening.wait(), PATIENCE_S)
+            call = prediction_call("replicate/flux.1-kontext-pro", {"input": {"prompt": "a fox"}}).call
+            rid = await api.images.submit(call, base_url="http://localhost/", waiter=True)
+            record = await asyncio.wait_for(api.images.wait(rid), PATIENCE_S)
+            assert record.status == JobStatus.SUCCEEDED and record.claimed_by == worker.worker.id
+        finally:
+            await worker.close()
+            await api.close()

@@ -91,7 +91,8 @@ class Gateway:
             events=self.webhooks,
         )
         self.worker = Worker(self.db, self.runner, settings)
-        self.notices: JobNotices | None = None  # PostgreSQL tells the claim loops of jobs enqueued elsewhere
+        # PostgreSQL tells the claim loops of jobs enqueued elsewhere, and waiters of jobs ended elsewhere.
+        self.notices: JobNotices | None = None
 
         # The two APIs on the jobs, and the history.
         self.images = ImageService(
@@ -121,8 +122,12 @@ class Gateway:
         await self.db.start()  # the SQLite file and its journals: 0600 (Database.start)
         if workers:
             await self.worker.start()
-            if self.worker.concurrency and JobNotices.can_listen(self.db.engine):
-                self.notices = JobNotices(self.db.engine, self.worker.wake)
+            if JobNotices.can_listen(self.db.engine):  # jobs for the claim loops, ends for the waiters
+                self.notices = JobNotices(
+                    self.db.engine,
+                    new_job=self.worker.wake if self.worker.concurrency else None,
+                    ended=self.channels.done,
+                )
                 await self.notices.start()
             if self.worker.concurrency:  # deliveries go from the processes that run jobs
                 await self.webhooks.start()

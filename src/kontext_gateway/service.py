@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 MAX_PASSTHROUGH_BYTES = 64 * 1024
 OWN_JOB_POLL_S = 30.0  # how often a waiter reads a job that this process runs (its end is signalled)
+# How often a waiter reads a job run elsewhere (on PostgreSQL its end is signalled too: the fallback).
+OTHER_JOB_POLL_S = 0.2  # in a process that runs no jobs (an API process): the jobs it waits on run elsewhere
+OTHER_JOB_POLL_BUSY_S = 1.0  # in one that runs jobs too
 
 
 class JobQueue(Protocol):
@@ -347,12 +350,12 @@ class ImageService:
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
-                # A job this process runs signals its end; one run elsewhere (or not claimed yet) is
-                # seen by polling. The long look at our own is only a safety net.
+                # A job this process runs signals its end; so, on PostgreSQL, does one run elsewhere
+                # (store/notices.py), else it is seen by polling. The long looks are safety nets.
                 if self.jobs.runs(request_id):
                     poll = OWN_JOB_POLL_S
                 else:
-                    poll = 1.0 if self.jobs.concurrency else 0.2
+                    poll = OTHER_JOB_POLL_BUSY_S if self.jobs.concurrency else OTHER_JOB_POLL_S
                 left = poll if deadline is None else min(poll, deadline - time.monotonic())
                 if left > 0:
                     with contextlib.suppress(TimeoutError):

@@ -2,8 +2,9 @@
 
 - completion: an event set when the job ends (registered before the job is enqueued, so its end
   cannot be missed), with the job's final record beside it (the runner has it from the statement
-  that ended the job: the waiter needs no second read). Waiters in another process than the
-  runner's poll the database instead.
+  that ended the job: the waiter needs no second read). A waiter in another process than the
+  runner's is told by the database's notice on PostgreSQL (store/notices.py), and reads the record;
+  elsewhere it polls.
 - progress: a listener told of each denoising step (the CLI's progress bar).
 - previews: where a streaming request wants the job's previews (`stream: true`).
 - steps: (step, total) of the jobs this process runs on the local engine (the playground shows it).

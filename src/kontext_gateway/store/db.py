@@ -256,6 +256,8 @@ class Database:
             if charge is not None:
                 ledger.settle(conn, id, charge[0], charge[1], values.get("completed_at") or utcnow())
             _record_task_ends(conn, ended_tasks)
+            if values.get("status") in ENDED:
+                notices.announce_end(conn, id)
             return RequestRow.from_row(updated)
 
         return await self._run(work)
@@ -533,6 +535,7 @@ class Database:
             )
             if result.rowcount:
                 ledger.settle(conn, id, 0, [], now)  # never ran: the reservation is released
+                notices.announce_end(conn, id)
             conn.execute(
                 update(REQUESTS)
                 .where(REQUESTS.c.id == id, REQUESTS.c.status == JobStatus.PROCESSING)

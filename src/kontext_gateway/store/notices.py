@@ -1,10 +1,12 @@
-"""New jobs announced across processes: PostgreSQL's NOTIFY, heard by the processes that claim jobs.
+"""Jobs' comings and goings announced across processes: PostgreSQL's NOTIFY, heard where it matters.
 
-A job enqueued in one process (an API process's) is usually claimed in another (a worker's). Without a
-signal, that worker finds it at its next poll (`job_poll_interval_s`). On PostgreSQL the transaction
-that makes a job claimable also notifies channel `CHANNEL` with the job's lane (PostgreSQL delivers
-it at commit, never before), and each process that claims jobs LISTENs on a connection of its own and
-wakes that lane's claim loop at once. The polls stay, as the fallback: a notice sent while the
+A job enqueued in one process (an API process's) is usually run in another (a worker's), and whoever
+waits for it (a synchronous request, `Prefer: wait`) waits in the first. Without a signal, the worker
+finds the job at its next poll (`job_poll_interval_s`) and the waiter its end at its next read. On
+PostgreSQL the transaction that makes a job claimable notifies `CHANNEL` with the job's lane, and the
+one that ends a job notifies `ENDED_CHANNEL` with its id (PostgreSQL delivers a notice at commit,
+never before). Each serving process LISTENs on a connection of its own: its claim loops wake at once,
+and so does a waiter of the job that ended. The polls stay, as the fallback: a notice sent while the
 listening connection was down, a lease that ran out. SQLite has no such channel: polling alone.
 """
 
@@ -22,13 +24,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "kontext_jobs"
+CHANNEL = "kontext_jobs"  # a job became claimable; payload: its lane
+ENDED_CHANNEL = "kontext_ended"  # a job ended; payload: its id
 ANY_LANE = ""  # a notice's payload when jobs of any lane became claimable
-NOTIFY = text("SELECT pg_notify(:channel, :lane)")  # bound with notice(lane)
+NOTIFY = text("SELECT pg_notify(:channel, :payload)")  # bound with notice(...)
 
 
-def notice(lane: str = ANY_LANE) -> dict[str, str]:
-    return {"channel": CHANNEL, "lane": lane}
+def notice(lane: str = ANY_LANE, *, channel: str = CHANNEL) -> dict[str, str]:
+    return {"channel": channel, "payload": lane}
 
 
 def announce(conn: Connection, lane: str = ANY_LANE) -> None:
@@ -37,14 +40,29 @@ def announce(conn: Connection, lane: str = ANY_LANE) -> None:
         conn.execute(NOTIFY, notice(lane))
 
 
+def announce_end(conn: Connection, request_id: str) -> None:
+    """In the transaction that ends a job: tell its waiters, wherever they are, once it commits."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(NOTIFY, notice(request_id, channel=ENDED_CHANNEL))
+
+
 class JobNotices:
-    """Keeps one connection of `engine`'s LISTENing on `CHANNEL` and calls `heard(lane)` for each notice
-    (`ANY_LANE`, too, each time it has just connected: notices may have been missed meanwhile). A lost
+    """Keeps one connection of `engine`'s LISTENing and calls `new_job(lane)` for each job made claimable
+    (and `new_job(ANY_LANE)` each time it has just connected: notices may have been missed meanwhile),
+    `ended(request_id)` for each job that ended; either may be None (not listened for). A lost
     connection is made again after `retry_s`."""
 
-    def __init__(self, engine: AsyncEngine, heard: Callable[[str], None], *, retry_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        new_job: Callable[[str], None] | None = None,
+        ended: Callable[[str], None] | None = None,
+        retry_s: float = 5.0,
+    ) -> None:
         self._engine = engine
-        self._heard = heard
+        self._new_job = new_job
+        self._ended = ended
         self._retry_s = retry_s
         self._task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()  # set while a connection listens
@@ -85,14 +103,20 @@ class JobNotices:
             lost = asyncio.Event()
             raw.add_termination_listener(lambda _conn: lost.set())
             try:
-                await raw.add_listener(CHANNEL, self._notice)
+                if self._new_job is not None:
+                    await raw.add_listener(CHANNEL, self._notice)
+                if self._ended is not None:
+                    await raw.add_listener(ENDED_CHANNEL, self._notice)
                 self.listening.set()
-                self._heard(ANY_LANE)
+                if self._new_job is not None:
+                    self._new_job(ANY_LANE)
                 await lost.wait()
             finally:
                 self.listening.clear()
                 # Never back to the pool still listening: closed, the pool makes a fresh one.
                 await conn.invalidate()
 
-    def _notice(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        self._heard(payload)
+    def _notice(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
+        heard = self._new_job if channel == CHANNEL else self._ended
+        if heard is not None:
+            heard(payload)
