@@ -148,9 +148,8 @@ def main() -> None:
     for name, values in (("created -> claimed", claimed), ("created -> completed", done)):
         print(f"| {name} | {percentile(values, 50):.1f} | {percentile(values, 90):.1f} | {values[-1]:.1f} |")
     if took:
-        print(
-            f"| Prefer: wait, the whole request ({len(took)}) | {percentile(took, 50):.1f} | {percentile(took, 90):.1f} | {took[-1]:.1f} |"
-        )
+        name = f"Prefer: wait, the whole request ({len(took)})"
+        print(f"| {name} | {percentile(took, 50):.1f} | {percentile(took, 90):.1f} | {took[-1]:.1f} |")
 
 
 if __name__ == "__main__":
