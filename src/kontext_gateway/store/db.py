@@ -165,6 +165,7 @@ class Database:
         self._sessions: async_sessionmaker[AsyncSession] | None = None
         self._write_sessions: async_sessionmaker[AsyncSession] | None = None
         self._sqlite_thread: SQLiteThread | None = None  # where `_run` runs transactions, on a SQLite file
+        self._announcer: notices.Announcer | None = None  # PostgreSQL: jobs queued and ended, told to the others
 
     @property
     def engine(self) -> AsyncEngine:
@@ -188,10 +189,14 @@ class Database:
         self._write_sessions = async_sessionmaker(immediate, expire_on_commit=False)
         if sqlite_file(self.url):
             self._sqlite_thread = SQLiteThread(self.url)
+        if engine.dialect.name == "postgresql":
+            self._announcer = notices.Announcer(engine)
 
     async def close(self) -> None:
-        engine, sqlite_thread = self._engine, self._sqlite_thread
-        self._sqlite_thread = None  # from here on, a late transaction takes the async engine
+        engine, sqlite_thread, announcer = self._engine, self._sqlite_thread, self._announcer
+        self._sqlite_thread = self._announcer = None  # from here on, a late transaction takes the async engine
+        if announcer is not None:
+            await announcer.close()  # the notices asked for are sent
         if sqlite_thread is not None:
             await sqlite_thread.close()  # after the transactions already handed to it
         if engine is not None:
@@ -256,11 +261,12 @@ class Database:
             if charge is not None:
                 ledger.settle(conn, id, charge[0], charge[1], values.get("completed_at") or utcnow())
             _record_task_ends(conn, ended_tasks)
-            if values.get("status") in ENDED:
-                notices.announce_end(conn, id)
             return RequestRow.from_row(updated)
 
-        return await self._run(work)
+        row = await self._run(work)
+        if self._announcer is not None and row.status in ENDED:
+            self._announcer.ended(id)  # its waiters elsewhere, once committed
+        return row
 
     async def create_request(
         self,
@@ -333,10 +339,10 @@ class Database:
             conn.execute(INSERT_REQUEST, values)
             if reservation is not None:  # after the request's row, which it references
                 conn.execute(insert(ledger.ENTRIES).values(ledger.entry(id, reservation, now)))
-            if values["status"] == JobStatus.STARTING:  # queued for a claim: wake the other processes
-                notices.announce(conn, lane)
 
         await self._run(work)
+        if self._announcer is not None and values["status"] == JobStatus.STARTING:
+            self._announcer.new_job(lane)  # queued for a claim: wake the other processes
         return RequestRow(**values)
 
     async def mark_running(self, id: str, *, provider: str) -> None:
@@ -519,9 +525,9 @@ class Database:
                 .returning(RequestRecord.id)
             )
             released = len(result.all())
-            if released and self.engine.dialect.name == "postgresql":
-                await session.execute(notices.NOTIFY, notices.notice())  # claimable again, at once
-            return released
+        if released and self._announcer is not None:
+            self._announcer.new_job()  # claimable again, at once, by any lane
+        return released
 
     async def request_cancel(self, id: str) -> RequestRow | None:
         """Cancel a job: at once if no worker has it yet, else flag it for its worker. Returns the record."""
@@ -535,7 +541,6 @@ class Database:
             )
             if result.rowcount:
                 ledger.settle(conn, id, 0, [], now)  # never ran: the reservation is released
-                notices.announce_end(conn, id)
             conn.execute(
                 update(REQUESTS)
                 .where(REQUESTS.c.id == id, REQUESTS.c.status == JobStatus.PROCESSING)
@@ -544,7 +549,10 @@ class Database:
             row = conn.execute(select(*REQUESTS.c).where(REQUESTS.c.id == id)).first()
             return None if row is None else RequestRow.from_row(row)
 
-        return await self._run(work)
+        record = await self._run(work)
+        if self._announcer is not None and record is not None and record.status == JobStatus.CANCELED:
+            self._announcer.ended(id)  # ended by this cancel (or before: a waiter reads it either way)
+        return record
 
     async def ended_without_completed_webhook(self, since: datetime, until: datetime | None = None) -> list[RequestRow]:
         """Jobs that ended between `since` and `until` with a webhook but no `completed` delivery
