@@ -10,7 +10,7 @@ against a recording transport with the providers' real base URLs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,10 @@ from fakes.common import Elsewhere, serve
 from fakes.upstreams import Upstreams
 from kontext_gateway.catalog import Catalog
 from kontext_gateway.config import Settings
+from kontext_gateway.providers import hosted
 from kontext_gateway.providers.bfl import BFL
 from kontext_gateway.providers.calls import Pending, Task
-from kontext_gateway.providers.errors import UntrustedURL
+from kontext_gateway.providers.errors import BadResult, UntrustedURL
 from kontext_gateway.providers.fal import Fal
 from kontext_gateway.providers.fireworks import Fireworks
 from kontext_gateway.providers.hosted import HostedProvider
@@ -308,3 +309,25 @@ async def test_an_answer_nested_deeper_than_the_json_parser_goes_is_no_body(tmp_
     finally:
         await provider.aclose()
     assert answer.status == 200 and answer.body is None
+
+
+async def test_a_result_over_the_cap_is_a_bad_result_its_download_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No image Kontext makes is that large: the download stops at the cap, not at its end."""
+    monkeypatch.setattr(hosted, "MAX_RESULT_BYTES", 1024 * 1024)
+    sent: list[int] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(8):  # 2 MiB on offer, in 256 KiB chunks
+            sent.append(256 * 1024)
+            yield b"\0" * (256 * 1024)
+
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body()))
+    provider = HostedProvider(BFL, Settings(data_dir=tmp_path, bfl_api_key="bfl_test"), transport=transport)
+    try:
+        with pytest.raises(BadResult, match="the result is over 1 MiB"):
+            await provider.download("https://delivery.example/results/1/sample.png")
+    finally:
+        await provider.aclose()
+    assert sum(sent) <= 1024 * 1024 + 256 * 1024  # read up to the chunk that crossed the cap, no further

@@ -60,7 +60,7 @@ from .errors import (
     UpstreamError,
 )
 from .inputs import compact, inline_size
-from .transport import AnswerTooLarge, HttpxUpstream, UpstreamAnswer, UpstreamHTTP, upstream_http
+from .transport import AnswerTooLarge, HttpxUpstream, UpstreamAnswer, UpstreamHTTP, joined_up_to, upstream_http
 
 log = logging.getLogger(__name__)
 # The gateway's request id while a job's upstream calls run: every call sends it as `x-request-id`,
@@ -452,13 +452,10 @@ class HostedProvider:
                 if resp.status_code >= 400:
                     # A result URL that fails (expired, not yet written...) is a bad result, worth a retry.
                     raise BadResult(f"the result URL answered {resp.status_code}", status=resp.status_code)
-                chunks, total = [], 0
-                async for chunk in resp.aiter_bytes():
-                    total += len(chunk)
-                    if total > MAX_RESULT_BYTES:
-                        raise BadResult(f"the result is over {MAX_RESULT_BYTES // 2**20} MiB")
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                try:
+                    return await joined_up_to(resp.aiter_bytes(), MAX_RESULT_BYTES)
+                except AnswerTooLarge:
+                    raise BadResult(f"the result is over {MAX_RESULT_BYTES // 2**20} MiB") from None
         except httpx.TimeoutException as exc:
             raise Timeout(f"GET {_path(url)} timed out ({type(exc).__name__})") from None
         except httpx.TooManyRedirects:

@@ -60,8 +60,9 @@ class AnswerTooLarge(Exception):
         self.limit = limit
 
 
-async def _joined_up_to(chunks: AsyncIterator[bytes], limit: int) -> bytes:
-    """The chunks joined, unless together they are over `limit` (raised as soon as they are)."""
+async def joined_up_to(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """The chunks joined, unless together they are over `limit` (AnswerTooLarge as soon as they are):
+    an answer read whole here, a result download by its provider."""
     parts, total = [], 0
     async for chunk in chunks:
         total += len(chunk)
@@ -166,7 +167,7 @@ async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
             raise AnswerTooLarge(limit)
         if "content-encoding" not in response.headers:
             return await response.read()  # framed by its declared length, read as it is: no more
-    return await _joined_up_to(response.content.iter_any(), limit)
+    return await joined_up_to(response.content.iter_any(), limit)
 
 
 async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
@@ -362,7 +363,7 @@ class HttpxUpstream:
             declared = response.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > self.max_answer_bytes:
                 raise AnswerTooLarge(self.max_answer_bytes)
-            content = await _joined_up_to(response.aiter_bytes(), self.max_answer_bytes)
+            content = await joined_up_to(response.aiter_bytes(), self.max_answer_bytes)
         finally:
             await response.aclose()
         return UpstreamAnswer(response.status_code, response.headers, content, str(request.url))
