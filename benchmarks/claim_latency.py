@@ -35,35 +35,28 @@ from common import free_port, machine, percentile, server_command, stop_process
 from predictions_throughput import FAKE_CODE, MODEL, PG_SERVER, ROOT, TOKEN, _admin, _wait_http
 
 
-async def create(api_url: str, n: int, gap: tuple[float, float], seed: int) -> list[str]:
+async def send(
+    api_url: str, n: int, gap: tuple[float, float], seed: int, *, wait: bool = False
+) -> list[tuple[str, float]]:
+    """`n` predictions one at a time, each after a random pause: (id, ms from sending to the answer).
+    With `wait`, `Prefer: wait`: the answer comes once the worker has ended it (checked `succeeded`)."""
     rng = random.Random(seed)
-    ids = []
-    async with httpx.AsyncClient(base_url=api_url, timeout=30) as client:
-        for i in range(n):
-            await asyncio.sleep(rng.uniform(*gap))
-            r = await client.post(f"/v1/models/{MODEL}/predictions", json={"input": {"prompt": f"job {i}"}})
-            r.raise_for_status()
-            ids.append(r.json()["id"])
-    return ids
-
-
-async def waited(api_url: str, n: int, gap: tuple[float, float], seed: int) -> list[float]:
-    """`n` predictions with `Prefer: wait`, one at a time: ms from sending to the `succeeded` answer."""
-    rng = random.Random(seed)
-    took = []
+    sent = []
+    headers = {"Prefer": "wait=30"} if wait else {}
     async with httpx.AsyncClient(base_url=api_url, timeout=60) as client:
         for i in range(n):
             await asyncio.sleep(rng.uniform(*gap))
             t0 = time.perf_counter()
             r = await client.post(
                 f"/v1/models/{MODEL}/predictions",
-                json={"input": {"prompt": f"wait {i}"}},
-                headers={"Prefer": "wait=30"},
+                json={"input": {"prompt": f"{'wait' if wait else 'job'} {i}"}},
+                headers=headers,
             )
-            took.append(1000 * (time.perf_counter() - t0))
-            if r.status_code >= 300 or r.json().get("status") != "succeeded":
-                raise SystemExit(f"Prefer: wait answered {r.status_code}: {r.text[:300]}")
-    return sorted(took)
+            took = 1000 * (time.perf_counter() - t0)
+            if r.status_code >= 300 or (wait and r.json().get("status") != "succeeded"):
+                raise SystemExit(f"the create answered {r.status_code}: {r.text[:300]}")
+            sent.append((r.json()["id"], took))
+    return sent
 
 
 async def rows(dsn: str, ids: list[str], timeout: float) -> list[asyncpg.Record]:
@@ -128,10 +121,12 @@ def main() -> None:
         procs.append(subprocess.Popen(worker_cmd, env=env, stdout=log, stderr=log))
         api_url = f"http://127.0.0.1:{api_port}"
         # One prediction first: the worker is up, connected and claiming before anything is timed.
-        asyncio.run(rows(dsn, asyncio.run(create(api_url, 1, (0.0, 0.0), args.seed)), 120))
-        ids = asyncio.run(create(api_url, args.jobs, tuple(args.gap), args.seed))
+        first = asyncio.run(send(api_url, 1, (0.0, 0.0), args.seed))
+        asyncio.run(rows(dsn, [rid for rid, _ in first], 120))
+        ids = [rid for rid, _ in asyncio.run(send(api_url, args.jobs, tuple(args.gap), args.seed))]
         found = asyncio.run(rows(dsn, ids, 120))
-        took = asyncio.run(waited(api_url, args.waits, tuple(args.gap), args.seed)) if args.waits else []
+        waited = asyncio.run(send(api_url, args.waits, tuple(args.gap), args.seed, wait=True)) if args.waits else []
+        took = sorted(ms for _, ms in waited)
     finally:
         for p in reversed(procs):
             stop_process(p)
