@@ -2,21 +2,26 @@
 
 The transaction is the one that ends a request: UPDATE requests SET (12 columns) WHERE id = ... RETURNING
 every column, then COMMIT, on a migrated database in a temp dir (WAL, synchronous=NORMAL, as the gateway
-opens it). Six ways, one at a time in this process (uvloop), `--n` transactions each, `--repeats`
+opens it). Eight ways, one at a time in this process (uvloop), `--n` transactions each, `--repeats`
 rounds interleaved, medians:
 
   aiosqlite, built per call   the async engine (SQLAlchemy over aiosqlite): hops to aiosqlite's thread
                               for each cursor operation of each statement
-  one hop, built per call     `Database._run`: the whole transaction on the database's own thread,
-                              a blocking engine on the sqlite3 module, the statement built per call
-  one hop, prebuilt, pooled   the same with the statement built once (`UPDATE_REQUEST`), values as
-                              parameters, the connection checked out of a pool of one per transaction
-                              (and reset with a ROLLBACK when checked back in)
+  built per call              `Database._run`: the whole transaction through a blocking engine on the
+                              sqlite3 module (on the loop, the file being free), the statement built
+                              per call
+  one hop, prebuilt, pooled   the statement built once (`UPDATE_REQUEST`), values as parameters, on
+                              the SQLite thread's engine from an executor's thread, the connection
+                              checked out of a pool of one per transaction (and reset with a ROLLBACK
+                              when checked back in)
   one hop, prebuilt, executor the same on the connection the SQLite thread keeps, the hop made by
                               `loop.run_in_executor` (a one-thread executor)
   one hop, prebuilt           the same through `SQLiteThread`'s own hop (a queue it reads, the
-                              caller's future settled from there): what the gateway runs
-  sqlite3 alone, one hop      the same SQL through the sqlite3 module on that thread (the floor)
+                              caller's future settled from there): what the gateway does when
+                              another connection holds the write lock
+  on the loop, prebuilt       `Database._run` with the prebuilt statement: what the gateway runs
+  sqlite3 alone, one hop      the same SQL through the sqlite3 module on an executor's thread
+  sqlite3 alone, on the loop  the same on the loop (the floor)
 
 Then a hosted job's writes after its creation, through `Database` (CPU-ms per job): its upstream task
 recorded, then the task's end and the job's end, either as two transactions (the task's end on its
@@ -88,26 +93,24 @@ async def run(n: int, repeats: int) -> None:
         async with db.engine.begin() as conn:
             (await conn.execute(stmt)).first()
 
-    async def one_hop_built(rid: str) -> None:
+    async def built(rid: str) -> None:
         stmt = update(REQUESTS).where(REQUESTS.c.id == rid).values(**ending()).returning(*REQUESTS.c)
         await db._run(lambda conn: conn.execute(stmt).first())
 
-    async def one_hop_prebuilt(rid: str) -> None:
+    def prebuilt(rid: str) -> Callable[[Connection], Any]:
         params = {ROW_ID: rid, **ending()}
+        return lambda conn: conn.execute(UPDATE_REQUEST, params).first()
 
-        def work(conn: Connection) -> Any:
-            return conn.execute(UPDATE_REQUEST, params).first()
+    async def one_hop_prebuilt(rid: str) -> None:
+        work = prebuilt(rid)
+        await sqlite_thread._thread.call(lambda: sqlite_thread._transaction(work))
 
-        await db._run(work)
+    async def on_the_loop(rid: str) -> None:
+        await db._run(prebuilt(rid))
 
     async def one_hop_by_executor(rid: str) -> None:
-        params = {ROW_ID: rid, **ending()}
-
-        def work(conn: Connection) -> Any:
-            return conn.execute(UPDATE_REQUEST, params).first()
-
         # The SQLite thread's kept connection, used from the executor's thread while nothing else runs.
-        await loop.run_in_executor(raw_thread, sqlite_thread._transaction, work)
+        await loop.run_in_executor(raw_thread, sqlite_thread._transaction, prebuilt(rid))
 
     def pooled_transaction(rid: str) -> None:
         with pooled.begin() as conn:
@@ -130,13 +133,18 @@ async def run(n: int, repeats: int) -> None:
     async def sqlite3_alone(rid: str) -> None:
         await loop.run_in_executor(raw_thread, raw_transaction, rid)
 
+    async def sqlite3_on_the_loop(rid: str) -> None:
+        raw_transaction(rid)
+
     ways: dict[str, Callable[[str], Awaitable[None]]] = {
         "aiosqlite, built per call": via_aiosqlite,
-        "one hop, built per call": one_hop_built,
+        "built per call": built,
         "one hop, prebuilt, pooled": one_hop_pooled,
         "one hop, prebuilt, executor": one_hop_by_executor,
-        "one hop, prebuilt (the gateway)": one_hop_prebuilt,
+        "one hop, prebuilt": one_hop_prebuilt,
+        "on the loop, prebuilt (the gateway)": on_the_loop,
         "sqlite3 alone, one hop": sqlite3_alone,
+        "sqlite3 alone, on the loop": sqlite3_on_the_loop,
     }
     cpu: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(repeats):

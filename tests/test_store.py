@@ -23,7 +23,7 @@ from sqlalchemy import inspect, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from conftest import PATIENCE_S, png_bytes
+from conftest import PATIENCE_S, await_until, png_bytes
 from kontext_gateway.jobs.journal import DurableJournal
 from kontext_gateway.params import Size
 from kontext_gateway.providers.base import ProviderImage
@@ -331,7 +331,7 @@ async def test_close_waits_for_a_statement_still_under_way(tmp_path: pathlib.Pat
 
 
 async def test_job_statements_keep_foreign_keys(db: Database) -> None:
-    """The job's transactions (on SQLite, their own connection on their own thread) enforce the same
+    """The job's transactions (on SQLite, connections of their own) enforce the same
     constraints: a task of no request is refused and nothing is left behind."""
     with pytest.raises(IntegrityError):
         await db.record_task("req_missing", slot=0, config_key="bfl/flux-kontext-pro", task_id="t1", data={})
@@ -341,12 +341,22 @@ async def test_job_statements_keep_foreign_keys(db: Database) -> None:
     assert [(t.id, t.task_id, t.data) for t in await db.tasks_for(rid)] == [(row, "t1", {"a": 1})]
 
 
+def _write_lock(path: pathlib.Path) -> sqlite3.Connection:
+    """Another connection (as another process would) holding the file's write lock until it commits."""
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    return other
+
+
 async def test_close_lets_the_job_transactions_already_handed_over_commit(tmp_path: pathlib.Path) -> None:
-    """On a SQLite file the job's transactions queue for the database's thread; close() waits for the
-    ones already queued (a drain hands back jobs whose last writes are still in that queue)."""
-    url = f"sqlite+aiosqlite:///{tmp_path / 'k.db'}"
+    """On a SQLite file whose write lock another connection holds, the job's transactions queue for
+    the database's thread; close() waits for the ones already queued (a drain hands back jobs whose
+    last writes are still in that queue)."""
+    path = tmp_path / "k.db"
+    url = f"sqlite+aiosqlite:///{path}"
     db = Database(url)
     await db.start()
+    other = _write_lock(path)
     ids = [_new_id() for _ in range(40)]
     creating = [
         asyncio.ensure_future(
@@ -355,7 +365,12 @@ async def test_close_lets_the_job_transactions_already_handed_over_commit(tmp_pa
         for i in ids
     ]
     await asyncio.sleep(0)  # every one has handed its transaction over
-    await db.close()
+    closing = asyncio.ensure_future(db.close())
+    await asyncio.sleep(0.05)
+    assert not closing.done() and not any(t.done() for t in creating)
+    other.execute("COMMIT")
+    other.close()
+    await asyncio.wait_for(closing, timeout=PATIENCE_S)
     assert all(t.done() and t.exception() is None for t in creating)
     again = Database(url)
     await again.start()
@@ -365,9 +380,9 @@ async def test_close_lets_the_job_transactions_already_handed_over_commit(tmp_pa
         await again.close()
 
 
-async def test_the_sqlite_thread_reconnects_after_its_connection_is_lost(tmp_path: pathlib.Path) -> None:
-    """The SQLite thread keeps one connection; when one is lost (invalidated by a connection-level
-    error), the failing transaction fails alone and the next one gets a new connection."""
+async def test_a_lost_sqlite_connection_is_made_again_for_the_next_transaction(tmp_path: pathlib.Path) -> None:
+    """The job's transactions keep their connection; when one is lost (invalidated by a
+    connection-level error), the failing transaction fails alone and the next one gets a new connection."""
     db = Database(f"sqlite+aiosqlite:///{tmp_path / 'k.db'}")
     await db.start()
     try:
@@ -387,29 +402,80 @@ async def test_the_sqlite_thread_reconnects_after_its_connection_is_lost(tmp_pat
         await db.close()
 
 
-async def test_the_sqlite_thread_runs_transactions_in_order_and_skips_a_caller_that_stopped_waiting(
-    tmp_path: pathlib.Path,
-) -> None:
-    """Transactions run one after another in the order handed over; one that raises fails alone; a
-    caller cancelled while its transaction still waits in the queue leaves it unrun; close() ends the
-    thread."""
+async def test_a_job_transaction_runs_on_the_event_loop_while_the_file_is_free(tmp_path: pathlib.Path) -> None:
+    """No hop to another thread when nothing stands in the way: the transaction runs, and commits, on
+    the caller's thread, and the SQLite thread is never started."""
     db = Database(f"sqlite+aiosqlite:///{tmp_path / 'k.db'}")
     await db.start()
     try:
-        release = threading.Event()
-        ran: list[str] = []
+        rid = _new_id()
+        where: list[threading.Thread] = []
 
-        def holding(conn: Connection) -> str:
-            release.wait(PATIENCE_S)  # the thread is busy: the calls below queue behind this one
-            ran.append("holding")
-            return "held"
+        def work(conn: Connection) -> None:
+            where.append(threading.current_thread())
+            conn.execute(text("UPDATE requests SET model = 'm2' WHERE id = :id"), {"id": rid})
+
+        await db.create_request(id=rid, endpoint="images.generate", model="m", mode="generate", params={})
+        await db._run(work)
+        assert where == [threading.current_thread()]
+        assert db._sqlite_thread is not None and db._sqlite_thread.threads == ()
+        row = await db.get_request(rid)
+        assert row is not None and row.model == "m2"
+    finally:
+        await db.close()
+
+
+async def test_a_job_transaction_waits_for_another_writer_on_the_thread_not_on_the_loop(
+    tmp_path: pathlib.Path,
+) -> None:
+    """While another connection holds the write lock, the transaction waits for it on the SQLite
+    thread (the loop keeps serving meanwhile) and commits once the lock is free; the next one, with
+    the file free again, runs on the loop."""
+    path = tmp_path / "k.db"
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    await db.start()
+    try:
+        other = _write_lock(path)
+        rid = _new_id()
+        creating = asyncio.ensure_future(
+            db.create_request(id=rid, endpoint="images.generate", model="m", mode="generate", params={})
+        )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for _ in range(5):
+            await asyncio.sleep(0.02)
+        # On the loop, SQLite's busy wait (15 s) would have held these five turns for its whole length.
+        assert loop.time() - started < 7.5 and not creating.done()
+        other.execute("COMMIT")
+        other.close()
+        row = await asyncio.wait_for(creating, timeout=PATIENCE_S)
+        assert row.id == rid and (await db.get_request(rid)) is not None
+        assert db._sqlite_thread is not None and [t.name for t in db._sqlite_thread.threads] == ["kontext-sqlite-0"]
+        where = await db._run(lambda conn: threading.current_thread())
+        assert where is threading.current_thread()
+    finally:
+        await db.close()
+
+
+async def test_transactions_handed_to_the_thread_run_in_order_and_skip_a_caller_that_stopped_waiting(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Once one transaction waits for the thread, the ones after it queue behind it rather than run
+    on the loop ahead of it; they run in the order handed over; one that raises fails alone; a caller
+    cancelled while its transaction still waits in the queue leaves it unrun; close() ends the thread."""
+    path = tmp_path / "k.db"
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    await db.start()
+    try:
+        ran: list[str] = []
 
         def failing(conn: Connection) -> None:
             ran.append("failing")
             raise LookupError("no such thing")
 
+        other = _write_lock(path)
         rid = _new_id()
-        first = asyncio.ensure_future(db._run(holding))
+        first = asyncio.ensure_future(db._run(lambda conn: ran.append("first") or "done"))
         broken = asyncio.ensure_future(db._run(failing))
         abandoned = asyncio.ensure_future(
             db.create_request(id=rid, endpoint="images.generate", model="m", mode="generate", params={})
@@ -417,19 +483,45 @@ async def test_the_sqlite_thread_runs_transactions_in_order_and_skips_a_caller_t
         last = asyncio.ensure_future(db._run(lambda conn: ran.append("last") or "after"))
         await asyncio.sleep(0)  # every one has handed its transaction over
         abandoned.cancel()
-        release.set()
-        assert await first == "held"
+        other.execute("COMMIT")  # the first can begin now
+        other.close()
+        assert await first == "done"
         with pytest.raises(LookupError, match="no such thing"):
             await broken
         assert await last == "after"
         assert abandoned.cancelled()
-        assert ran == ["holding", "failing", "last"]
+        assert ran == ["first", "failing", "last"]
         assert await db.get_request(rid) is None  # the cancelled caller's row was never written
         assert db._sqlite_thread is not None
         (thread,) = db._sqlite_thread.threads
     finally:
         await db.close()
     assert not thread.is_alive()
+
+
+async def test_the_thread_checkpoints_what_the_loops_connection_writes(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop's connection never checkpoints the WAL (a checkpoint syncs files to disk): every
+    CHECKPOINT_EVERY commits the SQLite thread copies the WAL into the database file. Each row here
+    is larger than SQLite's own automatic checkpoint threshold (1000 pages) over the first batch."""
+    from kontext_gateway.store import sqlite_thread
+
+    monkeypatch.setattr(sqlite_thread, "CHECKPOINT_EVERY", 5)
+    path = tmp_path / "k.db"
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    await db.start()
+    try:
+        size = path.stat().st_size
+        big = {"prompt": "x" * 1_100_000}  # ~270 pages each
+        for _ in range(4):
+            await db.create_request(id=_new_id(), endpoint="images.generate", model="m", mode="generate", params=big)
+        assert db._sqlite_thread is not None and db._sqlite_thread.threads == ()
+        assert path.stat().st_size == size  # 1,080 pages committed, none copied into the file by the loop
+        await db.create_request(id=_new_id(), endpoint="images.generate", model="m", mode="generate", params=big)
+        assert await await_until(lambda: path.stat().st_size > size + 5 * 1_000_000)  # the five rows are in it now
+    finally:
+        await db.close()
 
 
 async def test_an_ending_appends_its_logs_to_those_already_written(db: Database) -> None:

@@ -152,8 +152,9 @@ class Database:
 
     The job's own statements (a request's insert and updates, its upstream tasks, a claim, a read) are
     blocking functions of a connection run as one transaction by `_run`. On a SQLite file the whole
-    transaction runs on the database's own thread, one hop from the event loop: the async driver
-    hops to its thread several times per statement, which cost more CPU than the SQL. Elsewhere
+    transaction runs through the sqlite3 module, on the event loop while the file is free, else on the
+    database's own thread (`SQLiteThread`): the async driver hops to its thread several times per
+    statement, which cost more CPU than the SQL. Elsewhere
     (PostgreSQL, a memory database) they run on the async engine's connection. The rest (keys, history,
     files, webhooks) goes through the async engine's sessions."""
 
@@ -164,7 +165,7 @@ class Database:
         self._engine: AsyncEngine | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
         self._write_sessions: async_sessionmaker[AsyncSession] | None = None
-        self._sqlite_thread: SQLiteThread | None = None  # where `_run` runs transactions, on a SQLite file
+        self._sqlite_thread: SQLiteThread | None = None  # what runs `_run`'s transactions, on a SQLite file
         self._announcer: notices.Announcer | None = None  # PostgreSQL: jobs queued and ended, told to the others
 
     @property

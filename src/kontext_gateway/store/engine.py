@@ -31,7 +31,7 @@ def make_engine(url: str, *, connect_args: dict[str, Any] | None = None) -> Asyn
     # opened per request (the default 5 reopened ~1 in 4: benchmarks/RESULTS.md, section 7).
     # SQLite: one connection here. It has one writer anyway; more connections only contend for its
     # lock (busy waits) and each brings its own aiosqlite thread to hop to. The job's own transactions
-    # take a second one, `make_sqlite_thread_engine`'s; transactions here that write begin IMMEDIATE
+    # take two more, `make_sqlite_thread_engine`'s; transactions here that write begin IMMEDIATE
     # (`Database.session(write=True)`). A memory database keeps SQLAlchemy's single-connection pool.
     pool: dict[str, Any] = {"pool_size": 20, "max_overflow": 20}
     if is_sqlite:
@@ -49,15 +49,29 @@ def sqlite_file(url: str) -> bool:
     return parsed.get_backend_name() == "sqlite" and name not in ("", ":memory:") and not name.startswith("file:")
 
 
-def make_sqlite_thread_engine(url: str) -> Engine:
+def make_sqlite_thread_engine(url: str, *, waits: bool = True) -> Engine:
     """A blocking engine (the sqlite3 module) on the same SQLite file as `url`, with one connection and
-    the same settings, for transactions run whole on one thread (`Database`'s SQLite thread)."""
+    the same settings, for the job's transactions run whole (`Database`'s `SQLiteThread`). Each begins
+    IMMEDIATE: the write lock is taken up front, so a transaction that reads, then writes, never fails
+    because another connection wrote in between.
+
+    `waits=False` is for transactions run on the event loop itself, which must never block on the
+    disk or on another connection: no busy wait (when another connection holds the write lock, BEGIN
+    fails at once, before any work, and the caller hands the transaction to the thread instead), and
+    no WAL checkpoints (a checkpoint syncs files to disk; the thread does it)."""
     sync_url = make_url(url).set(drivername="sqlite")
-    # The connection is opened, used and closed on that one thread; check_same_thread only guards
-    # against a use from elsewhere, which the pool of one on one thread rules out.
+    # Its one connection is opened, used and closed by one thread (the event loop's, or the SQLite
+    # thread); check_same_thread only guards against a use from elsewhere, which that rules out.
     engine = create_engine(sync_url, pool_size=1, max_overflow=0, connect_args={"check_same_thread": False})
     _configure_sqlite(engine)
-    return engine
+    if not waits:
+
+        @event.listens_for(engine, "connect")
+        def never_wait(dbapi_connection: Any, _record: Any) -> None:  # after _configure_sqlite's
+            dbapi_connection.execute("PRAGMA busy_timeout=0")
+            dbapi_connection.execute("PRAGMA wal_autocheckpoint=0")
+
+    return engine.execution_options(**{SQLITE_BEGIN_IMMEDIATE: True})
 
 
 def _configure_sqlite(engine: Engine) -> None:
