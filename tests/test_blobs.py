@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
@@ -243,6 +244,26 @@ async def test_local_layout_and_no_temporary_files(tmp_path: Path) -> None:
     blob = await store.open(blob_id)
     assert blob is not None and blob.path == store.path(blob_id)  # served as a file
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "blobs").rglob("*"))
+
+
+async def test_a_local_write_that_fails_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk that fills up during a put: the put fails with the OS's error, no temporary file and no
+    blob are left, and the same bytes are stored whole once the disk has room again."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = b"\x89PNG fake image bytes"
+    real_fsync = os.fsync
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        await store.put(data, ext="png")
+    assert [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()] == []
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    blob_id = await store.put(data, ext="png")
+    assert await store.get(blob_id) == data
+    assert [p.name for p in (tmp_path / "blobs").rglob("*") if p.is_file()] == [blob_id]
 
 
 async def test_local_path_outside_root_not_served(tmp_path: Path) -> None:

@@ -5,8 +5,9 @@ blobs are links.py's).
 A blob's id is `<sha256 of its bytes>.<ext>`: same bytes, same id, so a retry never stores a second copy,
 and a purge deletes the one copy once nothing names it any more (history.py).
 
-Local modes: images 0644 and their folders 0755 at most (never writable by others, whatever the umask);
-who may read them at all is the private data directory's to say (0700, Gateway.start).
+Local modes: images 0644 and their folders 0755 at most (never writable by others, whatever the umask;
+a stricter one takes more away); who may read them at all is the private data directory's to say (0700,
+Gateway.start).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,6 +33,8 @@ CACHE_CONTROL = "private, max-age=3600, immutable"
 # traversal guard. fullmatch, not `$`, which would let a trailing newline through.
 _BLOB_ID = re.compile(r"[0-9a-f]{64}\.(?:png|jpg|gif|webp|avif)")
 _CHUNK = 256 * 1024
+# A file for a blob being written aside: always a new one, never inherited by a child process.
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 FILE_THREAD_IDLE_S = 30.0  # a file thread with nothing to do this long ends; the next call starts one
 
 
@@ -173,21 +177,30 @@ class LocalBlobStore:
         return location if location.is_file() else None
 
     def _put(self, data: bytes, ext: str) -> str:
+        # Each system call here lets the event loop's thread take the GIL, and taking it back costs
+        # wake-ups of both threads when the loop is busy: these are the fewest calls that make a whole,
+        # durable file (a folder is made only when opening in it fails, not checked on every put).
         blob_id = content_id(data, ext)
         target = self.root / fanned_out(blob_id)
         if target.is_file():
             return blob_id
-        self._mkdirs(target.parent)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        tmp = target.with_name(f".tmp-{secrets.token_hex(8)}")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; let a front web server read it too
+            fd = os.open(tmp, _NEW_FILE, 0o644)
+        except FileNotFoundError:
+            _make_folder(target.parent)
+            fd = os.open(tmp, _NEW_FILE, 0o644)
+        try:
+            try:
+                rest = memoryview(data)
+                while rest:
+                    rest = rest[os.write(fd, rest) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, target)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         return blob_id
 
@@ -216,7 +229,7 @@ class LocalBlobStore:
                 location.unlink(missing_ok=True)
 
     def _probe(self) -> None:
-        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        _make_folder(self.root)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
         try:
             os.write(fd, b"probe")
@@ -227,11 +240,17 @@ class LocalBlobStore:
             os.close(fd)
             os.unlink(tmp)
 
-    def _mkdirs(self, folder: Path) -> None:
-        """`folder` and the folders up to the root, each made with 0755 at most: mkdir(parents=True)
-        gives the ones above the last the umask's mode, 0777 under umask 0."""
-        for level in (self.root, folder.parent, folder):
-            level.mkdir(mode=0o755, parents=True, exist_ok=True)
+
+def _make_folder(folder: Path) -> None:
+    """`folder`, and the folders above it that are missing, each made 0755 at most: mkdir(parents=True)
+    would make the ones above with the umask's mode, 0777 under umask 0."""
+    try:
+        os.mkdir(folder, 0o755)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        _make_folder(folder.parent)
+        _make_folder(folder)
 
 
 async def _file_chunks(files: ThreadQueue, path: Path) -> AsyncIterator[bytes]:
