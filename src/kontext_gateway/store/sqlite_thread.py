@@ -30,8 +30,9 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-# Commits on the loop's connection between two checkpoints by the thread. A commit of the job's
-# writes adds a handful of pages to the WAL: this keeps it near SQLite's own default of 1000 pages.
+# Commits on the loop's connection between two checkpoints by the thread. A job's commit adds about
+# nine pages to the WAL (its row and the indexes over it): some 1,800 pages between checkpoints, the
+# same order as SQLite's own automatic checkpoint (every 1,000 pages) on any other connection.
 CHECKPOINT_EVERY = 200
 
 
