@@ -320,7 +320,8 @@ async def test_a_job_enqueued_with_a_free_slot_is_handed_over_without_a_claim(pa
             worker.id,
             1,
         )
-        assert rid in holder.running and worker.runs(rid)
+        assert worker.runs(rid)
+        await holder.until(lambda h: rid in h.running)  # its task starts at the loop's next turn
         assert holder.seen[0].id == rid and holder.seen[0].claimed_by == worker.id
     finally:
         holder.release.set()
