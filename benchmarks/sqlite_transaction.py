@@ -2,7 +2,7 @@
 
 The transaction is the one that ends a request: UPDATE requests SET (12 columns) WHERE id = ... RETURNING
 every column, then COMMIT, on a migrated database in a temp dir (WAL, synchronous=NORMAL, as the gateway
-opens it). Eight ways, one at a time in this process (uvloop), `--n` transactions each, `--repeats`
+opens it). Nine ways, one at a time in this process (uvloop), `--n` transactions each, `--repeats`
 rounds interleaved, medians:
 
   aiosqlite, built per call   the async engine (SQLAlchemy over aiosqlite): hops to aiosqlite's thread
@@ -19,21 +19,27 @@ rounds interleaved, medians:
   one hop, prebuilt           the same through `SQLiteThread`'s own hop (a queue it reads, the
                               caller's future settled from there): what the gateway does when
                               another connection holds the write lock
-  on the loop, prebuilt       `Database._run` with the prebuilt statement: what the gateway runs
+  on the loop, prebuilt       `Database._run` with the prebuilt statement, by `Connection.execute`
+  on the loop, on the driver  the same statement as a `PreparedStatement`, run on the sqlite3 driver's
+                              cursor with its column types' conversions: what the gateway runs
   sqlite3 alone, one hop      the same SQL through the sqlite3 module on an executor's thread
   sqlite3 alone, on the loop  the same on the loop (the floor)
 
-Then a hosted job's writes after its creation, through `Database` (CPU-ms per job): its upstream task
-recorded, then the task's end and the job's end, either as two transactions (the task's end on its
-own, then the job's) or as one (the task's end committed with the job's ending).
+Then a hosted job's writes through `Database` (CPU-ms per job, user and system apart: the Python work
+is the user part, the WAL's writes at each commit most of the system part): its row created (already
+claimed, as a request answered while it waits is), its upstream task recorded, then the task's end and
+the job's end, either as two transactions (the task's end on its own, then the job's) or as one (the
+task's end committed with the job's ending).
 
     .venv/bin/python benchmarks/sqlite_transaction.py
+    PYTHONPATH=/tmp/before/src .venv/bin/python benchmarks/sqlite_transaction.py   # another checkout's src
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sqlite3
 import statistics
 import sys
@@ -48,12 +54,15 @@ from typing import Any
 import uvloop
 from sqlalchemy import Connection, update
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+if not os.environ.get("PYTHONPATH"):  # else the src it names (another checkout's) is the one measured
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from kontext_gateway.store.db import REQUESTS, ROW_ID, UPDATE_REQUEST, Database
 from kontext_gateway.store.engine import make_sqlite_thread_engine
 from kontext_gateway.store.models import utcnow
 from kontext_gateway.store.records import JobStatus, TaskEnd
+
+PARAMS = {"prompt": "a red fox in the snow, golden hour, 35 mm photo", "aspect_ratio": "1:1", "output_format": "png"}
 
 
 def ending() -> dict[str, Any]:
@@ -97,9 +106,15 @@ async def run(n: int, repeats: int) -> None:
         stmt = update(REQUESTS).where(REQUESTS.c.id == rid).values(**ending()).returning(*REQUESTS.c)
         await db._run(lambda conn: conn.execute(stmt).first())
 
+    core_update = getattr(UPDATE_REQUEST, "statement", UPDATE_REQUEST)  # a checkout from before PreparedStatement
+
     def prebuilt(rid: str) -> Callable[[Connection], Any]:
         params = {ROW_ID: rid, **ending()}
-        return lambda conn: conn.execute(UPDATE_REQUEST, params).first()
+        return lambda conn: conn.execute(core_update, params).first()
+
+    async def on_the_driver(rid: str) -> None:
+        params = {ROW_ID: rid, **ending()}
+        await db._run(lambda conn: UPDATE_REQUEST.first(conn, params))
 
     async def one_hop_prebuilt(rid: str) -> None:
         work = prebuilt(rid)
@@ -114,7 +129,7 @@ async def run(n: int, repeats: int) -> None:
 
     def pooled_transaction(rid: str) -> None:
         with pooled.begin() as conn:
-            conn.execute(UPDATE_REQUEST, {ROW_ID: rid, **ending()}).first()
+            conn.execute(core_update, {ROW_ID: rid, **ending()}).first()
 
     async def one_hop_pooled(rid: str) -> None:
         await loop.run_in_executor(raw_thread, pooled_transaction, rid)
@@ -142,10 +157,12 @@ async def run(n: int, repeats: int) -> None:
         "one hop, prebuilt, pooled": one_hop_pooled,
         "one hop, prebuilt, executor": one_hop_by_executor,
         "one hop, prebuilt": one_hop_prebuilt,
-        "on the loop, prebuilt (the gateway)": on_the_loop,
-        "sqlite3 alone, one hop": sqlite3_alone,
-        "sqlite3 alone, on the loop": sqlite3_on_the_loop,
+        "on the loop, prebuilt": on_the_loop,
     }
+    if hasattr(UPDATE_REQUEST, "first"):  # not in a checkout from before PreparedStatement
+        ways["on the loop, on the driver (the gateway)"] = on_the_driver
+    ways["sqlite3 alone, one hop"] = sqlite3_alone
+    ways["sqlite3 alone, on the loop"] = sqlite3_on_the_loop
     cpu: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(repeats):
         for name, way in ways.items():
@@ -165,17 +182,23 @@ async def run(n: int, repeats: int) -> None:
     print("|---|---:|---|")
     for name, values in cpu.items():
         print(f"| {name} | {statistics.median(values):.3f} | {', '.join(f'{v:.3f}' for v in values)} |")
-    print(f"\nA hosted job's writes after its creation ({n} jobs per way and round)\n")
-    print("| way | CPU-ms per job | rounds |")
-    print("|---|---:|---|")
+    print(f"\nA hosted job's writes ({n} jobs per way and round; CPU-ms per job, user + system)\n")
+    print("| way | user | system | rounds (user + system) |")
+    print("|---|---:|---:|---|")
     for name, values in jobs.items():
-        print(f"| {name} | {statistics.median(values):.3f} | {', '.join(f'{v:.3f}' for v in values)} |")
+        user, system = statistics.median(u for u, _ in values), statistics.median(s for _, s in values)
+        rounds = ", ".join(f"{u:.2f} + {s:.2f}" for u, s in values)
+        print(f"| {name} | {user:.3f} | {system:.3f} | {rounds} |")
 
 
-async def job_writes(db: Database, n: int, repeats: int) -> dict[str, list[float]]:
-    """The task recorded, then the task's end and the job's end: as two transactions or as one."""
+async def job_writes(db: Database, n: int, repeats: int) -> dict[str, list[tuple[float, float]]]:
+    """Per job, (user, system) CPU-ms: its row created, its task recorded, then the task's end and the
+    job's end, as two transactions or as one."""
 
     async def job(rid: str, together: bool) -> None:
+        await db.create_request(
+            id=rid, endpoint="images.generations", model="m", mode="generate", params=PARAMS, claimed_by="w", lease_s=60
+        )
         row = await db.record_task(rid, slot=0, config_key="bfl/flux-kontext-pro", task_id="t", data={"id": "t"})
         ended = [TaskEnd(row, "done", ["ab" * 32 + ".png"])]
         if not together:
@@ -196,18 +219,17 @@ async def job_writes(db: Database, n: int, repeats: int) -> dict[str, list[float
         )
 
     ways = {"task's end on its own, then the job's": False, "task's end with the job's ending": True}
-    cpu: dict[str, list[float]] = {name: [] for name in ways}
+    cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
     for _ in range(repeats):
         for name, together in ways.items():
-            ids = [f"req_{uuid.uuid4().hex}" for _ in range(n + 20)]
+            for _ in range(20):  # warm the caches
+                await job(f"req_{uuid.uuid4().hex}", together)
+            ids = [f"req_{uuid.uuid4().hex}" for _ in range(n)]
+            t0 = os.times()
             for rid in ids:
-                await db.create_request(id=rid, endpoint="images.generate", model="m", mode="generate", params={})
-            for rid in ids[:20]:  # warm the caches
                 await job(rid, together)
-            t0 = time.process_time()
-            for rid in ids[20:]:
-                await job(rid, together)
-            cpu[name].append((time.process_time() - t0) / n * 1000)
+            t1 = os.times()
+            cpu[name].append(((t1.user - t0.user) / n * 1000, (t1.system - t0.system) / n * 1000))
     return cpu
 
 

@@ -28,6 +28,7 @@ from kontext_gateway.store import ledger, notices
 from kontext_gateway.store.engine import SQLITE_BEGIN_IMMEDIATE, make_engine, sqlite_file
 from kontext_gateway.store.migrate import code_heads, database_heads, upgrade_to_head
 from kontext_gateway.store.models import FileRecord, RequestRecord, UpstreamTask, WebhookDelivery, utcnow
+from kontext_gateway.store.prepared import PreparedStatement
 from kontext_gateway.store.records import (
     ENDED,
     DeliveryRow,
@@ -49,21 +50,22 @@ log = logging.getLogger(__name__)
 REQUESTS = cast(Table, RequestRecord.__table__)
 TASKS = cast(Table, UpstreamTask.__table__)
 # The hottest of them built once, their values passed as parameters: building a statement (a bound
-# parameter per value, its cache key) cost more than running it. An UPDATE without .values() sets the
-# columns its parameters name; ROW_ID names the row and is no column.
+# parameter per value, its cache key) cost more than running it; and run on SQLite's driver itself
+# (`PreparedStatement`), whose per-statement machinery cost more than the SQL. An UPDATE without
+# .values() sets the columns its parameters name; ROW_ID names the row and is no column.
 ROW_ID = "row_id"
-INSERT_REQUEST = insert(REQUESTS)
-UPDATE_REQUEST = update(REQUESTS).where(REQUESTS.c.id == bindparam(ROW_ID)).returning(*REQUESTS.c)
+INSERT_REQUEST = PreparedStatement(insert(REQUESTS))
+UPDATE_REQUEST = PreparedStatement(update(REQUESTS).where(REQUESTS.c.id == bindparam(ROW_ID)).returning(*REQUESTS.c))
 MORE_LOGS = "more_logs"  # the text UPDATE_REQUEST_WITH_LOGS appends to the request's logs
-UPDATE_REQUEST_WITH_LOGS = (
+UPDATE_REQUEST_WITH_LOGS = PreparedStatement(
     update(REQUESTS)
     .where(REQUESTS.c.id == bindparam(ROW_ID))
     .values(logs=REQUESTS.c.logs + bindparam(MORE_LOGS))
     .returning(*REQUESTS.c)
 )
-SELECT_REQUEST = select(*REQUESTS.c).where(REQUESTS.c.id == bindparam(ROW_ID))
-INSERT_TASK = insert(TASKS).returning(TASKS.c.id)
-UPDATE_TASK = update(TASKS).where(TASKS.c.id == bindparam(ROW_ID))
+SELECT_REQUEST = PreparedStatement(select(*REQUESTS.c).where(REQUESTS.c.id == bindparam(ROW_ID)))
+INSERT_TASK = PreparedStatement(insert(TASKS).returning(TASKS.c.id))
+UPDATE_TASK = PreparedStatement(update(TASKS).where(TASKS.c.id == bindparam(ROW_ID)))
 
 OPEN_DELIVERY = ("pending", "sending")  # not yet delivered, failed or dropped
 CLOSE_WAIT_S = 10.0  # the longest close() waits for statements still under way
@@ -78,7 +80,7 @@ def _record_task_ends(conn: Connection, ended: Sequence[TaskEnd], now: datetime 
     rows = [
         {ROW_ID: e.row, "state": e.state, "output_blob_ids": list(e.output_blob_ids), "updated_at": now} for e in ended
     ]
-    conn.execute(UPDATE_TASK, rows[0] if len(rows) == 1 else rows)
+    UPDATE_TASK.execute(conn, rows[0] if len(rows) == 1 else rows)
 
 
 def _short(text: str | None) -> str | None:
@@ -256,7 +258,7 @@ class Database:
             stmt, params[MORE_LOGS] = UPDATE_REQUEST_WITH_LOGS, more_logs
 
         def work(conn: Connection) -> RequestRow:
-            updated = conn.execute(stmt, params).first()
+            updated = stmt.first(conn, params)
             if updated is None:
                 raise KeyError(f"no request {id!r}")
             if charge is not None:
@@ -337,7 +339,7 @@ class Database:
         def work(conn: Connection) -> None:
             if reservation is not None:
                 ledger.hold(conn, reservation, now)
-            conn.execute(INSERT_REQUEST, values)
+            INSERT_REQUEST.execute(conn, values)
             if reservation is not None:  # after the request's row, which it references
                 conn.execute(insert(ledger.ENTRIES).values(ledger.entry(id, reservation, now)))
 
@@ -611,7 +613,7 @@ class Database:
 
         def work(conn: Connection) -> int:
             _record_task_ends(conn, ended_tasks, now)
-            return int(conn.execute(INSERT_TASK, values).scalar_one())
+            return int(INSERT_TASK.scalar_one(conn, values))
 
         return await self._run(work)
 
@@ -769,7 +771,7 @@ class Database:
             await session.execute(update(WebhookDelivery).where(WebhookDelivery.id == id).values(**values))
 
     async def get_request(self, id: str) -> RequestRow | None:
-        row = await self._run(lambda conn: conn.execute(SELECT_REQUEST, {ROW_ID: id}).first())
+        row = await self._run(lambda conn: SELECT_REQUEST.first(conn, {ROW_ID: id}))
         return None if row is None else RequestRow.from_row(row)
 
     async def list_requests(
