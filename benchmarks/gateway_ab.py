@@ -13,7 +13,7 @@ its range, say whether B moved and how far. The side not under load is idle.
     .venv/bin/python benchmarks/gateway_ab.py --a /tmp/before/src            # B: this checkout's src
     .venv/bin/python benchmarks/gateway_ab.py --a /tmp/before/src --b /tmp/after/src --upstream bfl-png
 
-`--a` / `--b`: a `src` directory each (e.g. `git archive <rev> src | tar -x -C /tmp/before`).
+`--a` / `--b`: a `src` directory each (e.g. `mkdir -p /tmp/before && git archive <rev> src | tar -x -C /tmp/before`).
 """
 
 from __future__ import annotations
