@@ -66,16 +66,13 @@ from urllib.parse import urlsplit
 import httpx
 
 from common import CpuWatch, _children, free_port, machine, percentile, server_command
-from fast_upstream import HOSTS
 from gateway_vs_litellm import (
-    HOOK,
+    REPLICATE_TOKEN,
     Process,
     base_env,
     check_answer,
     http_ready,
-    make_tls,
-    pick_port,
-    tls_ready,
+    start_fake_upstream,
     tree_cpu_seconds,
 )
 
@@ -87,7 +84,6 @@ from kontext_gateway.store.blobs import BlobStore, LocalBlobStore  # noqa: E402
 
 MB = 1_000_000
 T = TypeVar("T")
-REPLICATE_TOKEN = "r8_bench"
 GATEWAY_MODEL = "replicate/flux.1-kontext-pro"
 PROMPT = "a red fox in the snow, golden hour, 35 mm photo"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -340,16 +336,9 @@ async def drive(
 def fast_fake(tmp: Path) -> Iterator[tuple[Process, dict[str, str]]]:
     """fast_upstream.py on the providers' host names (https, a throwaway CA), and the environment that
     points a gateway at it (no KONTEXT_*, provider or AWS_* variable of this machine's)."""
-    ca, cert, key = make_tls(tmp)
-    hook = tmp / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(HOOK.format(hosts=HOSTS))
-    port = pick_port(None)
-    suffix = "" if port == 443 else f":{port}"
     env = {k: v for k, v in base_env().items() if not k.upper().startswith("AWS_")}
-    cmd = [sys.executable, str(Path(__file__).with_name("fast_upstream.py")), "--port", str(port)]
-    cmd += ["--certfile", str(cert), "--keyfile", str(key), "--replicate-token", REPLICATE_TOKEN]
-    fake = Process("fake upstream", cmd, env, tmp / "fake.log").start(lambda: tls_ready(port, ca), timeout=60)
+    upstream = start_fake_upstream(tmp, None, env)
+    fake, ca, hook, suffix = upstream.process, upstream.ca, upstream.hook, upstream.suffix
     gw_env = {
         **env,
         "REPLICATE_API_TOKEN": REPLICATE_TOKEN,

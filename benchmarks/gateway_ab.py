@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import statistics
 import sys
 import tempfile
@@ -30,22 +28,17 @@ from pathlib import Path
 
 from common import CpuWatch, free_port, machine, server_command
 from gateway_vs_litellm import (
-    BFL_KEY,
-    HOOK,
-    HOSTS,
     PROMPT,
-    REPLICATE_TOKEN,
     ROOT,
     UPSTREAMS,
     Process,
     Run,
     Target,
     base_env,
+    gateway_env,
     http_ready,
-    make_tls,
-    pick_port,
     run_load,
-    tls_ready,
+    start_fake_upstream,
 )
 
 
@@ -53,41 +46,21 @@ from gateway_vs_litellm import (
 def started(srcs: dict[str, Path], tmp: Path, port: int | None) -> Iterator[tuple[Process, dict[str, Target]]]:
     """The fake upstream and one gateway per src directory, running (as the targets of the load); stopped
     on the way out."""
-    ca, cert, key = make_tls(tmp)
-    hook = tmp / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(HOOK.format(hosts=HOSTS))
-    port = pick_port(port)
-    suffix = "" if port == 443 else f":{port}"
     env = base_env()
     processes: list[Process] = []
     try:
-        fake_cmd = [sys.executable, str(Path(__file__).with_name("fast_upstream.py")), "--port", str(port)]
-        fake_args = ["--certfile", str(cert), "--keyfile", str(key), "--bfl-key", BFL_KEY]
-        fake = Process(
-            "fake upstream", [*fake_cmd, *fake_args, "--replicate-token", REPLICATE_TOKEN], env, tmp / "fake.log"
-        )
-        processes.append(fake.start(lambda: tls_ready(port, ca), timeout=60))
+        fake = start_fake_upstream(tmp, port, env)
+        processes.append(fake.process)
         targets: dict[str, Target] = {}
         body = {"prompt": PROMPT, "aspect_ratio": "1:1", "response_format": "url"}
         for side, src in srcs.items():
-            gw_env = {
-                **env,
-                "BFL_API_KEY": BFL_KEY,
-                "BFL_BASE_URL": f"https://api.bfl.ai{suffix}",
-                "REPLICATE_API_TOKEN": REPLICATE_TOKEN,
-                "REPLICATE_BASE_URL": f"https://api.replicate.com{suffix}",
-                "SSL_CERT_FILE": str(ca),
-                "PYTHONPATH": os.pathsep.join((str(hook), str(src))),
-            }
-            if suffix:
-                gw_env["KONTEXT_PROVIDER_HOSTS"] = json.dumps({"bfl": [f"https://api.us1.bfl.ai{suffix}"]})
             gw_port = free_port()
-            gateway = Process(side, server_command(gw_port, str(tmp / f"data-{side}")), gw_env, tmp / f"{side}.log")
+            command = server_command(gw_port, str(tmp / f"data-{side}"))
+            gateway = Process(side, command, gateway_env(env, fake, src), tmp / f"{side}.log")
             processes.append(gateway.start(http_ready(gw_port, "/health"), timeout=120))
             url = f"http://127.0.0.1:{gw_port}/v1/images/generations"
             targets[side] = Target(side, url, {}, body, gateway)
-        yield fake, targets
+        yield fake.process, targets
     finally:
         for p in reversed(processes):
             p.stop()

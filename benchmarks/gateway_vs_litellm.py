@@ -508,37 +508,65 @@ def run_load(target: Target, clients: int, duration: float, warmup: float, fake_
 # -- the setup -------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def started(args: argparse.Namespace, tmp: Path, want_litellm: bool) -> Iterator[dict[str, Any]]:
-    """The fake, the gateway and (when wanted) LiteLLM, running; stopped on the way out."""
+@dataclass(frozen=True)
+class FakeUpstream:
+    """fast_upstream.py, started: its process, the throwaway CA that signed its certificate, and the
+    folder holding the `sitecustomize.py` hook that resolves its host names (for a client's PYTHONPATH)."""
+
+    process: Process
+    ca: Path
+    hook: Path
+    port: int
+
+    @property
+    def suffix(self) -> str:
+        """What a provider's base URL needs after its host name: nothing on 443, else the port."""
+        return "" if self.port == 443 else f":{self.port}"
+
+
+def start_fake_upstream(tmp: Path, port: int | None, env: dict[str, str]) -> FakeUpstream:
+    """fast_upstream.py on the providers' host names over TLS (a throwaway CA made in `tmp`), on `port`
+    (default 443 when it can be bound), running with `env`; the caller stops its process."""
     ca, cert, key = make_tls(tmp)
     hook = tmp / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(HOOK.format(hosts=HOSTS))
-    port = pick_port(args.port)
-    suffix = "" if port == 443 else f":{port}"
+    port = pick_port(port)
+    cmd = [sys.executable, str(Path(__file__).with_name("fast_upstream.py")), "--port", str(port)]
+    cmd += ["--certfile", str(cert), "--keyfile", str(key), "--bfl-key", BFL_KEY, "--replicate-token", REPLICATE_TOKEN]
+    fake = Process("fake upstream", cmd, env, tmp / "fake.log").start(lambda: tls_ready(port, ca), timeout=60)
+    return FakeUpstream(fake, ca, hook, port)
+
+
+def gateway_env(env: dict[str, str], fake: FakeUpstream, src: Path | None) -> dict[str, str]:
+    """`kontext serve`'s environment pointed at the fake by BFL's and Replicate's keys and base URLs only
+    (shipped defaults otherwise), running `src` when given (another checkout's)."""
+    gw_env = {
+        **env,
+        "BFL_API_KEY": BFL_KEY,
+        "BFL_BASE_URL": f"https://api.bfl.ai{fake.suffix}",
+        "REPLICATE_API_TOKEN": REPLICATE_TOKEN,
+        "REPLICATE_BASE_URL": f"https://api.replicate.com{fake.suffix}",
+        "SSL_CERT_FILE": str(fake.ca),
+        "PYTHONPATH": os.pathsep.join(str(p) for p in (fake.hook, src) if p),
+    }
+    if fake.suffix:  # off 443 the polling host is no documented origin: name it
+        gw_env["KONTEXT_PROVIDER_HOSTS"] = json.dumps({"bfl": [f"https://api.us1.bfl.ai{fake.suffix}"]})
+    return gw_env
+
+
+@contextlib.contextmanager
+def started(args: argparse.Namespace, tmp: Path, want_litellm: bool) -> Iterator[dict[str, Any]]:
+    """The fake, the gateway and (when wanted) LiteLLM, running; stopped on the way out."""
     env = base_env()
     processes: list[Process] = []
     try:
-        fake_cmd = [sys.executable, str(Path(__file__).with_name("fast_upstream.py")), "--port", str(port)]
-        fake_args = ["--certfile", str(cert), "--keyfile", str(key), "--bfl-key", BFL_KEY]
-        fake = Process(
-            "fake upstream", [*fake_cmd, *fake_args, "--replicate-token", REPLICATE_TOKEN], env, tmp / "fake.log"
-        )
-        processes.append(fake.start(lambda: tls_ready(port, ca), timeout=60))
+        upstream = start_fake_upstream(tmp, args.port, env)
+        fake, ca, hook, port, suffix = upstream.process, upstream.ca, upstream.hook, upstream.port, upstream.suffix
+        processes.append(fake)
 
         data_dir = tmp / "kontext-data"
-        gw_env = {
-            **env,
-            "BFL_API_KEY": BFL_KEY,
-            "BFL_BASE_URL": f"https://api.bfl.ai{suffix}",
-            "REPLICATE_API_TOKEN": REPLICATE_TOKEN,
-            "REPLICATE_BASE_URL": f"https://api.replicate.com{suffix}",
-            "SSL_CERT_FILE": str(ca),
-            "PYTHONPATH": os.pathsep.join(str(p) for p in (hook, args.src) if p),
-        }
-        if suffix:  # off 443 the polling host is no documented origin: name it
-            gw_env["KONTEXT_PROVIDER_HOSTS"] = json.dumps({"bfl": [f"https://api.us1.bfl.ai{suffix}"]})
+        gw_env = gateway_env(env, upstream, args.src)
         gw_port = free_port()
         gateway = Process(
             "kontext", server_command(gw_port, str(data_dir)), gw_env, tmp / "kontext.log", cpus=args.gateway_cpus
