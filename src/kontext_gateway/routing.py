@@ -145,7 +145,8 @@ class Router:
         (`configured_only`: whether each would take it is judged for the configured routes only)."""
         entries = list(model.providers)
         if forced is not None:
-            if forced not in model.providers_for(mode):
+            # By key: the forced entry is one of the model's own, and pydantic's == compares every field.
+            if forced.config_key not in {e.config_key for e in model.providers_for(mode)}:
                 raise GatewayError(
                     f"Provider '{forced.config_key}' does not support {mode} for model '{model.id}'.",
                     param="model",
@@ -176,6 +177,8 @@ class Router:
         return RouteCheck(entry, impl, config_reason=config_reason, refusal=refusal)
 
     def _order(self, usable: list[Candidate], model: ModelSpec) -> list[Candidate]:
+        if len(usable) < 2:  # the common case: one configured route, nothing to weigh
+            return usable
         prio, weights = self.settings.provider_priority, self.settings.provider_weights
 
         def key(c: Candidate) -> tuple[Any, ...]:

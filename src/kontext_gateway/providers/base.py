@@ -8,7 +8,6 @@ emulates (output format conversion, response_format, storage).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -23,6 +22,23 @@ if TYPE_CHECKING:
     from .calls import Encoded
 
 ProgressFn = Callable[[int, int], None]  # (step, total)
+
+
+class Cancellation:
+    """Set once a job is abandoned; read from any thread (the local engine checks it per step). A
+    flag, not a `threading.Event`: nothing waits on it, and an Event (a lock and a condition) made
+    for every job showed in the event loop's profile."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True  # one store: atomic under the GIL, seen by every thread's next check
+
+    def is_set(self) -> bool:
+        return self._set
 
 
 @dataclass
@@ -44,7 +60,7 @@ class ImageJob:
     attempts: list[Attempt] = field(default_factory=list)  # every try, across providers, in order
     encoded_inputs: list[Encoded] | None = None  # inputs compacted once for upstreams (see inputs.py)
     # Set when the request is abandoned: work on other threads (the local engine) checks it per step.
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancelled: Cancellation = field(default_factory=Cancellation)
     journal: TaskJournal | None = None  # durable jobs record their upstream tasks here
     # -- the local engine's features; remote providers reject what they cannot do --
     mask: Image | None = None  # mode "L", same size as images[0]: 255 where to repaint, 0 where to keep
