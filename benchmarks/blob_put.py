@@ -43,11 +43,11 @@ async def via_store(store: LocalBlobStore, data: bytes) -> str:
 
 
 async def via_to_thread(store: LocalBlobStore, data: bytes) -> str:
-    return await asyncio.to_thread(store._put, data, "jpg")
+    return await asyncio.to_thread(store._put, data, "jpg", True)
 
 
 async def on_the_loop(store: LocalBlobStore, data: bytes) -> str:
-    return store._put(data, "jpg")
+    return store._put(data, "jpg", True)
 
 
 WAYS: dict[str, Put] = {"the store": via_store, "asyncio.to_thread": via_to_thread, "on the loop": on_the_loop}

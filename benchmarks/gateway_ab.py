@@ -12,6 +12,7 @@ its range, say whether B moved and how far. The side not under load is idle.
 
     .venv/bin/python benchmarks/gateway_ab.py --a /tmp/before/src            # B: this checkout's src
     .venv/bin/python benchmarks/gateway_ab.py --a /tmp/before/src --b /tmp/after/src --upstream bfl-png
+    .venv/bin/python benchmarks/gateway_ab.py --a /tmp/before/src --upstream bfl-png --response-format b64_json
 
 `--a` / `--b`: a `src` directory each (e.g. `mkdir -p /tmp/before && git archive <rev> src | tar -x -C /tmp/before`).
 """
@@ -82,6 +83,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each slice (default 1)")
     ap.add_argument("--pairs", type=int, default=10, help="slices per side, paired (default 10)")
     ap.add_argument("--port", type=int, default=None, help="the fake's port (default 443 when it can be bound)")
+    ap.add_argument(
+        "--response-format",
+        choices=["url", "b64_json"],
+        default="url",
+        help="url (the default: a link to the stored result) or b64_json (the result read back into the answer)",
+    )
+    ap.add_argument("--fetch", action="store_true", help="fetch each answer's URL too, as a client showing it would")
     args = ap.parse_args()
     srcs = {"A": args.a.resolve(), "B": args.b.resolve()}
     for side, src in srcs.items():
@@ -95,10 +103,15 @@ def main() -> None:
     with tmp, started(srcs, Path(tmp.name), args.port) as (fake, targets):
         for side, target in targets.items():
             assert target.process is not None
-            target.body.update(model=up.gateway_model, output_format=up.fmt)
+            target.body.update(model=up.gateway_model, output_format=up.fmt, response_format=args.response_format)
+            target.fetch = args.fetch
             rss = target.process.idle_rss_mb
             print(f"{side}: pid {target.process.pid}, src {srcs[side]}, idle RSS {rss:.0f} MiB")
-        print(f"{args.upstream}, {args.clients} clients, {args.pairs} slices of {args.slice:g} s per side\n")
+        print(
+            f"{args.upstream}, response_format {args.response_format}{', URL fetched' if args.fetch else ''}, "
+            f"{args.clients} clients, "
+            f"{args.pairs} slices of {args.slice:g} s per side\n"
+        )
         for i, side in enumerate(order(args.pairs)):
             run = Run(args.upstream, args.clients, side, i // 2 + 1)
             run_load(targets[side], args.clients, args.slice, args.warmup, fake.pid, run)

@@ -367,6 +367,7 @@ class Target:
     extra: dict[str, Any] = field(default_factory=dict)
     # `direct`: a client of its own per closed loop (made by this), in place of an httpx one
     caller: Callable[[], contextlib.AbstractAsyncContextManager[Call]] | None = None
+    fetch: bool = False  # each answer's URL fetched too, as a client that shows the image would
 
 
 Call = Callable[[dict[str, Any]], Awaitable[str | None]]  # one request: None when it went well, else why not
@@ -405,7 +406,7 @@ def direct_bfl(base: str, tls: ssl.SSLContext) -> Callable[[], contextlib.Abstra
 
 
 def check_answer(r: httpx.Response) -> str | None:
-    """None for a good answer (200, one data[0].url), else why not."""
+    """None for a good answer (200, one data[0].url, or data[0].b64_json when that was asked), else why not."""
     if r.status_code != 200:
         return f"HTTP {r.status_code}: {r.text[:300]}"
     try:
@@ -414,9 +415,9 @@ def check_answer(r: httpx.Response) -> str | None:
         return f"HTTP 200, not JSON: {r.text[:200]}"
     if not isinstance(data, list) or len(data) != 1 or not isinstance(data[0], dict):
         return f"HTTP 200, data is not one item: {r.text[:200]}"
-    url = data[0].get("url")
-    if not isinstance(url, str) or not url:
-        return f"HTTP 200 without data[0].url: {r.text[:200]}"
+    image = data[0].get("url") or data[0].get("b64_json")
+    if not isinstance(image, str) or not image:
+        return f"HTTP 200 without data[0].url or .b64_json: {r.text[:200]}"
     return None
 
 
@@ -449,7 +450,13 @@ async def load(target: Target, clients: int, duration: float, warmup: float, fak
                 )
 
                 async def call(body: dict[str, Any]) -> str | None:
-                    return check_answer(await client.post(target.url, json=body, headers=target.headers))
+                    answer = await client.post(target.url, json=body, headers=target.headers)
+                    why = check_answer(answer)
+                    if why is None and target.fetch and (url := answer.json()["data"][0].get("url")):
+                        image = await client.get(url)
+                        if image.status_code != 200 or not image.content.startswith((b"\x89PNG", b"\xff\xd8\xff")):
+                            why = f"GET of the result: HTTP {image.status_code}, {image.content[:40]!r}"
+                    return why
 
             while time.perf_counter() < t_end:
                 # Each prompt its own, as users' are: nothing keyed on the body is reused across requests.

@@ -69,7 +69,7 @@ def pieces(folder: Path, ext: str) -> dict[str, Callable[[bytes], object]]:
 
     return {
         "check (inspect_image)": lambda data: inspect_image(data, param="output", max_pixels=MAX_PIXELS),
-        "store (LocalBlobStore._put)": lambda data: store._put(data, ext),
+        "store (LocalBlobStore._put)": lambda data: store._put(data, ext, True),
         "joining the download's chunks": joined,
         "floor: hashlib.sha256": lambda data: hashlib.sha256(data).digest(),
         "floor: zlib.crc32 of the whole file": zlib.crc32,

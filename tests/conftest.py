@@ -12,9 +12,12 @@ the test rather than waited out.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import hashlib
 import io
 import json
+import mmap
 import os
 import socket
 import subprocess
@@ -300,6 +303,51 @@ def open_image(data: bytes) -> Image.Image:
     im = Image.open(io.BytesIO(data))
     im.load()
     return im
+
+
+def cached_pages(path: Path) -> tuple[int, int]:
+    """(pages of the file in the kernel's page cache, pages of the file), by mincore(2) on a mapping of
+    it: what a store left in memory after writing it."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap")
+        try:
+            flags = (ctypes.c_ubyte * pages)()
+            if libc.mincore(addr, size, flags) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+            return sum(f & 1 for f in flags), pages
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def skip_unless_pages_can_be_dropped(folder: Path) -> None:
+    """Skip, saying why, where a file's cached pages cannot be dropped and seen dropped: no
+    posix_fadvise (macOS), or a filesystem that keeps them (tmpfs: the pages are the file)."""
+    if not hasattr(os, "posix_fadvise") or not sys.platform.startswith("linux"):
+        pytest.skip("dropping a file's cached pages needs posix_fadvise and mincore (Linux)")
+    probe = folder / "page-cache-probe"
+    probe.write_bytes(os.urandom(64 * 1024))
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    left, _ = cached_pages(probe)
+    probe.unlink()
+    if left:
+        pytest.skip(f"the filesystem under {folder} keeps a file's pages after POSIX_FADV_DONTNEED (tmpfs?)")
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from obstore.exceptions import PermissionDeniedError
 
-from conftest import aws_env, open_image, png_bytes
+from conftest import aws_env, cached_pages, open_image, png_bytes, skip_unless_pages_can_be_dropped
 from fakes.s3 import MotoS3, MotoUnavailable, moto_s3
 from kontext_gateway.config import Settings
 from kontext_gateway.links import URLSigner
@@ -214,10 +214,10 @@ async def test_close_finishes_a_write_already_begun(stored: Stored) -> None:
     begun, release = threading.Event(), threading.Event()
     write = store._put  # type: ignore[attr-defined]
 
-    def held_write(data: bytes, ext: str) -> str:
+    def held_write(data: bytes, *how: object) -> str:  # the extension, and the local store's cache hint
         begun.set()
         release.wait(30)
-        return write(data, ext)
+        return write(data, *how)
 
     store._put = held_write  # type: ignore[attr-defined]
     put = asyncio.ensure_future(store.put(data, ext="png"))
@@ -244,6 +244,24 @@ async def test_local_layout_and_no_temporary_files(tmp_path: Path) -> None:
     blob = await store.open(blob_id)
     assert blob is not None and blob.path == store.path(blob_id)  # served as a file
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "blobs").rglob("*"))
+
+
+async def test_a_local_result_leaves_the_page_cache_and_an_input_stays(tmp_path: Path) -> None:
+    """A result (`cached=False`) is read back once at most: its pages are let go once it is durable; an
+    input, read back when its job runs, stays cached. Both read back whole."""
+    skip_unless_pages_can_be_dropped(tmp_path)
+    store = LocalBlobStore(tmp_path / "blobs")
+    try:
+        result, kept = os.urandom(MIB), os.urandom(MIB)
+        result_id = await store.put(result, ext="png", cached=False)
+        kept_id = await store.put(kept, ext="png")
+        result_path, kept_path = store.path(result_id), store.path(kept_id)
+        assert result_path is not None and kept_path is not None
+        assert cached_pages(result_path) == (0, 256)
+        assert cached_pages(kept_path) == (256, 256)
+        assert await store.get(result_id) == result and await store.get(kept_id) == kept
+    finally:
+        await store.close()
 
 
 async def test_a_local_write_that_fails_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

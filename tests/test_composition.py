@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from conftest import cached_pages, noise_png, open_image, skip_unless_pages_can_be_dropped
 from kontext_gateway.catalog import Catalog
 from kontext_gateway.config import Settings
 from kontext_gateway.jobs.channels import JobChannels
@@ -22,7 +23,7 @@ from kontext_gateway.jobs.worker import Worker
 from kontext_gateway.keys import KeyStore
 from kontext_gateway.links import OwnLinks, URLSigner
 from kontext_gateway.params import Size
-from kontext_gateway.protocol import image_call
+from kontext_gateway.protocol import ImageSource, image_call
 from kontext_gateway.providers.base import Attempt, ImageJob, ProviderImage, ProviderResult
 from kontext_gateway.providers.calls import Task
 from kontext_gateway.ratelimit import RateLimiter
@@ -449,11 +450,9 @@ def journaling_runner(parts: Parts, provider: Journaling) -> JobRunner:
     )
 
 
-async def claimed_job(parts: Parts) -> RequestRow:
-    await image_service(parts, Queue()).submit(
-        image_call("text-to-image", {"model": "kontext-tiny", "prompt": "a red square", "size": "24x16"}),
-        base_url="http://gw.test/",
-    )
+async def claimed_job(parts: Parts, **fields: Any) -> RequestRow:
+    fields = {"model": "kontext-tiny", "prompt": "a red square", "size": "24x16", **fields}
+    await image_service(parts, Queue()).submit(image_call("text-to-image", fields), base_url="http://gw.test/")
     claimed = await parts.db.claim_next("test-worker", 30, Lane.LOCAL)
     assert claimed is not None
     return claimed
@@ -493,3 +492,51 @@ async def test_a_job_handed_back_at_shutdown_records_its_ended_tasks_first(parts
     record = await parts.db.get_request(claimed.id)
     assert task.state == "done" and len(task.output_blob_ids) == 1  # the next run takes its image from here
     assert record is not None and record.status == JobStatus.PROCESSING  # handed back, not ended
+
+
+async def test_results_are_let_out_of_the_page_cache_and_inputs_kept(parts: Parts, tmp_path: Path) -> None:
+    """A result linked to (a URL, fetched once at most) is let out of the page cache once durable, whether
+    the runner stores it or the job's journal does. An input, read back when its job runs, and a result
+    whose answer reads it back at once (b64_json), stay cached."""
+    skip_unless_pages_can_be_dropped(tmp_path)
+    photo = noise_png(256, 256)  # pixels that do not compress: the file is several pages
+    rid = await image_service(parts, Queue()).submit(
+        image_call("edit", {"model": "kontext-tiny", "prompt": "make it red"}, [ImageSource("image", data=photo)]),
+        base_url="http://gw.test/",
+    )
+    claimed = await parts.db.claim_next("test-worker", 30, Lane.LOCAL)
+    assert claimed is not None and claimed.id == rid
+    (input_id,) = claimed.params["input_blob_ids"]
+    runner = JobRunner(
+        db=parts.db,
+        blobs=parts.blobs,
+        catalog=parts.catalog,
+        router=parts.router,
+        providers={"local": parts.painter},
+        settings=parts.settings,
+        channels=parts.channels,
+    )
+    assert (await runner.run(claimed))[0] == JobStatus.SUCCEEDED
+    journaled = await claimed_job(parts)
+    assert (await journaling_runner(parts, Journaling()).run(journaled))[0] == JobStatus.SUCCEEDED
+    inline = await claimed_job(parts, response_format="b64_json", size="512x512")  # bytes of its own
+    assert (await journaling_runner(parts, Journaling()).run(inline))[0] == JobStatus.SUCCEEDED
+
+    def cached(blob_id: str) -> tuple[int, int]:
+        path = parts.blobs.path(blob_id)
+        assert path is not None
+        return cached_pages(path)
+
+    kept, pages = cached(input_id)
+    assert pages > 10 and kept == pages
+    inline_record = await parts.db.get_request(inline.id)
+    assert inline_record is not None and inline_record.output_blob_ids
+    for blob_id in inline_record.output_blob_ids:
+        kept, pages = cached(blob_id)
+        assert pages >= 1 and kept == pages
+    for job_id in (rid, journaled.id):
+        record = await parts.db.get_request(job_id)
+        assert record is not None and record.output_blob_ids
+        for blob_id in record.output_blob_ids:
+            assert cached(blob_id)[0] == 0
+            assert open_image(await parts.blobs.get(blob_id) or b"").format == "PNG"  # whole, read from disk

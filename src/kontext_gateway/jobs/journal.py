@@ -23,9 +23,19 @@ from ..store.records import TaskEnd, TaskRow
 
 
 class DurableJournal:
-    def __init__(self, db: Database, blobs: BlobStore, request_id: str, rows: list[TaskRow], max_pixels: int) -> None:
+    def __init__(
+        self,
+        db: Database,
+        blobs: BlobStore,
+        request_id: str,
+        rows: list[TaskRow],
+        max_pixels: int,
+        *,
+        read_back: bool = False,
+    ) -> None:
         self.db = db
         self.blobs = blobs
+        self.read_back = read_back  # whether the job's answer reads its results' bytes at once (b64_json)
         self.request_id = request_id
         self.max_pixels = max_pixels
         # The latest task per (slot, entry) from earlier runs of this job.
@@ -124,7 +134,7 @@ class DurableJournal:
     async def _keep(self, img: ProviderImage) -> None:
         """Store a result as it came, noting where: the runner passes it on without storing it again."""
         assert img.data is not None and img.format is not None
-        img.blob_id = await self.blobs.put(img.data, ext=EXTENSIONS[img.format])
+        img.blob_id = await self.blobs.put(img.data, ext=EXTENSIONS[img.format], cached=self.read_back)
 
 
 def _task(row: TaskRow) -> Task:

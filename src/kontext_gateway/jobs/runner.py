@@ -84,7 +84,9 @@ class JobRunner:
         try:
             # A first run has no upstream tasks yet: only a resumed job reads its journal.
             rows = await db.tasks_for(rid) if record.runs > 1 else []
-            journal = DurableJournal(db, self.blobs, rid, rows, self.settings.max_input_pixels)
+            journal = DurableJournal(
+                db, self.blobs, rid, rows, self.settings.max_input_pixels, read_back=_read_back(record)
+            )
             if record.cancel_requested:
                 raise asyncio.CancelledError  # cancelled while no worker held it (e.g. after a crash)
             inputs, mask = await read_inputs(record, self.blobs)
@@ -106,7 +108,7 @@ class JobRunner:
                 job.model, job.mode, job, forced=forced, provider=params.get("provider")
             )
             entry, result = await self.router.run(candidates, job)
-            encoded, blob_ids = await self._encode_and_store(result.images, job)
+            encoded, blob_ids = await self._encode_and_store(result.images, job, read_back=_read_back(record))
         except asyncio.CancelledError:
             reason = self._stop_reason.pop(rid, "requested")
             if reason != "requested":
@@ -219,9 +221,11 @@ class JobRunner:
             metrics.cost(job.model.id, line["provider"], line["total_cost"] / pricing.MICROS)
         return total, lines
 
-    async def _encode_and_store(self, images: list[ProviderImage], job: ImageJob) -> tuple[list[bytes], list[str]]:
+    async def _encode_and_store(
+        self, images: list[ProviderImage], job: ImageJob, *, read_back: bool
+    ) -> tuple[list[bytes], list[str]]:
         """The images as asked for (encoded in a thread, where any needs encoding), and their blob ids
-        (stored, at once)."""
+        (stored, at once; kept in the page cache only when the answer reads them back at once)."""
         if all(_passes_through(img, job) for img in images):
             encoded = self._encode(images, job)  # nothing to convert: no hop to a thread
         else:
@@ -230,7 +234,9 @@ class JobRunner:
 
         async def store(img: ProviderImage, data: bytes) -> str:
             # The provider's bytes as they came are stored by the journal already: not again.
-            return img.blob_id if img.blob_id and data is img.data else await self.blobs.put(data, ext=ext)
+            if img.blob_id and data is img.data:
+                return img.blob_id
+            return await self.blobs.put(data, ext=ext, cached=read_back)
 
         return encoded, list(await asyncio.gather(*map(store, images, encoded)))
 
@@ -273,6 +279,13 @@ async def _record_quietly(journal: DurableJournal, request_id: str) -> None:
         await journal.record_unrecorded()
     except Exception:  # the next run polls those tasks again: slower, nothing lost
         log.warning("job %s: could not record its ended upstream tasks before handing it back", request_id)
+
+
+def _read_back(record: RequestRow) -> bool:
+    """Whether the job's answer reads its results' bytes at once (an images request's b64_json), so
+    that they are worth keeping in the page cache; otherwise a result is read once at most, later (its
+    URL fetched), and its pages are let go once it is durable."""
+    return record.params.get("response_format") == "b64_json"
 
 
 def _has_ledger(record: RequestRow) -> bool:

@@ -35,6 +35,8 @@ _BLOB_ID = re.compile(r"[0-9a-f]{64}\.(?:png|jpg|gif|webp|avif)")
 _CHUNK = 256 * 1024
 # A file for a blob being written aside: always a new one, never inherited by a child process.
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+# The kernel's hint to drop a file's cached pages (Linux, the BSDs; macOS has none).
+_DROP_PAGES: int | None = getattr(os, "POSIX_FADV_DONTNEED", None)
 FILE_THREAD_IDLE_S = 30.0  # a file thread with nothing to do this long ends; the next call starts one
 
 
@@ -66,9 +68,11 @@ class BlobStore(Protocol):
     # Whether `presigned_url` can make links that clients fetch from the store itself.
     presigns: bool
 
-    async def put(self, data: bytes, *, ext: str) -> str:
+    async def put(self, data: bytes, *, ext: str, cached: bool = True) -> str:
         """Store `data`; returns its id. Storing bytes already stored costs at most one write, and
-        leaves one copy. ValueError for an extension that is not an image's."""
+        leaves one copy. ValueError for an extension that is not an image's. `cached=False` says the
+        bytes are read back once at most (a result: its response, or its URL fetched once): a store
+        that keeps a copy in memory need not (a hint; the local directory drops the file's pages)."""
         ...
 
     async def get(self, blob_id: str) -> bytes | None:
@@ -135,8 +139,8 @@ class LocalBlobStore:
     def __repr__(self) -> str:
         return f"LocalBlobStore({str(self.root)!r})"
 
-    async def put(self, data: bytes, *, ext: str) -> str:
-        return await self._files.call(lambda: self._put(data, ext))
+    async def put(self, data: bytes, *, ext: str, cached: bool = True) -> str:
+        return await self._files.call(lambda: self._put(data, ext, cached))
 
     async def get(self, blob_id: str) -> bytes | None:
         return await self._files.call(lambda: self._read(blob_id))
@@ -176,7 +180,7 @@ class LocalBlobStore:
         location = self.root / fanned_out(blob_id)
         return location if location.is_file() else None
 
-    def _put(self, data: bytes, ext: str) -> str:
+    def _put(self, data: bytes, ext: str, cached: bool) -> str:
         # Each system call here lets the event loop's thread take the GIL, and taking it back costs
         # wake-ups of both threads when the loop is busy: these are the fewest calls that make a whole,
         # durable file (a folder is made only when opening in it fails, not checked on every put).
@@ -196,6 +200,11 @@ class LocalBlobStore:
                 while rest:
                     rest = rest[os.write(fd, rest) :]
                 os.fsync(fd)
+                if not cached and _DROP_PAGES is not None:
+                    # Clean once fsynced, its pages are let go at once, and the next file's write takes
+                    # them: left cached, every new file takes memory the kernel has not used yet, which
+                    # on a VM whose host maps memory on first use costs several times the copy itself.
+                    os.posix_fadvise(fd, 0, 0, _DROP_PAGES)
             finally:
                 os.close(fd)
             os.replace(tmp, target)

@@ -94,7 +94,7 @@ class S3BlobStore:
     def __repr__(self) -> str:
         return f"S3BlobStore({self.url!r}, endpoint={self.endpoint!r})"
 
-    async def put(self, data: bytes, *, ext: str) -> str:
+    async def put(self, data: bytes, *, ext: str, cached: bool = True) -> str:  # nothing cached here
         return await self._run(self._put, data, ext)
 
     async def get(self, blob_id: str) -> bytes | None:
