@@ -71,8 +71,8 @@ class BlobStore(Protocol):
     async def put(self, data: bytes, *, ext: str, cached: bool = True) -> str:
         """Store `data`; returns its id. Storing bytes already stored costs at most one write, and
         leaves one copy. ValueError for an extension that is not an image's. `cached=False` says the
-        bytes are read back once at most (a result: its response, or its URL fetched once): a store
-        that keeps a copy in memory need not (a hint; the local directory drops the file's pages)."""
+        bytes are read back once at most, and not at once (a result answered by URL): a store that
+        would keep them in memory need not (a hint; the local directory drops the file's pages)."""
         ...
 
     async def get(self, blob_id: str) -> bytes | None:
