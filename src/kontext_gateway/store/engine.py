@@ -101,6 +101,13 @@ def _configure_sqlite(engine: Engine) -> None:
             cursor.close()
 
 
+def is_busy(error: sqlite3.Error) -> bool:
+    """Whether SQLite refused because another connection holds the lock ("database is locked"):
+    SQLITE_BUSY, or one of its extended codes (the low byte is the primary code)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == sqlite3.SQLITE_BUSY
+
+
 def _switch_to_wal(cursor: Any) -> None:
     """`PRAGMA journal_mode=WAL` (readers don't block the writer), waiting out a concurrent opener.
 
@@ -116,7 +123,7 @@ def _switch_to_wal(cursor: Any) -> None:
             cursor.execute("PRAGMA journal_mode=WAL")
             return
         except sqlite3.OperationalError as error:
-            if "locked" not in str(error) or time.monotonic() >= deadline:
+            if not is_busy(error) or time.monotonic() >= deadline:
                 raise
         time.sleep(pause)
         pause = min(pause * 2, 0.1)

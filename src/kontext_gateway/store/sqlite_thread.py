@@ -23,7 +23,7 @@ from typing import TypeVar
 
 from sqlalchemy import Connection, RootTransaction
 
-from kontext_gateway.store.engine import make_sqlite_thread_engine
+from kontext_gateway.store.engine import is_busy, make_sqlite_thread_engine
 from kontext_gateway.store.thread_queue import ThreadQueue
 
 T = TypeVar("T")
@@ -87,7 +87,7 @@ class SQLiteThread:
         try:
             return conn, conn.begin()
         except sqlite3.OperationalError as error:  # from the begin event: the driver's own, unwrapped
-            if "database is locked" in str(error):
+            if is_busy(error):
                 return None
             raise
 
