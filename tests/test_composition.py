@@ -497,7 +497,7 @@ async def test_a_job_handed_back_at_shutdown_records_its_ended_tasks_first(parts
 async def test_results_are_let_out_of_the_page_cache_and_inputs_kept(parts: Parts, tmp_path: Path) -> None:
     """A result linked to (a URL, fetched once at most) is let out of the page cache once durable, whether
     the runner stores it or the job's journal does. An input, read back when its job runs, and a result
-    whose answer reads it back at once (b64_json), stay cached."""
+    whose answer reads it back at once (b64_json, or a stream's events), stay cached."""
     skip_unless_pages_can_be_dropped(tmp_path)
     photo = noise_png(256, 256)  # pixels that do not compress: the file is several pages
     rid = await image_service(parts, Queue()).submit(
@@ -521,6 +521,8 @@ async def test_results_are_let_out_of_the_page_cache_and_inputs_kept(parts: Part
     assert (await journaling_runner(parts, Journaling()).run(journaled))[0] == JobStatus.SUCCEEDED
     inline = await claimed_job(parts, response_format="b64_json", size="512x512")  # bytes of its own
     assert (await journaling_runner(parts, Journaling()).run(inline))[0] == JobStatus.SUCCEEDED
+    streamed = await claimed_job(parts, stream=True, size="256x256")  # its events carry the bytes too
+    assert (await journaling_runner(parts, Journaling()).run(streamed))[0] == JobStatus.SUCCEEDED
 
     def cached(blob_id: str) -> tuple[int, int]:
         path = parts.blobs.path(blob_id)
@@ -529,11 +531,12 @@ async def test_results_are_let_out_of_the_page_cache_and_inputs_kept(parts: Part
 
     kept, pages = cached(input_id)
     assert pages > 10 and kept == pages
-    inline_record = await parts.db.get_request(inline.id)
-    assert inline_record is not None and inline_record.output_blob_ids
-    for blob_id in inline_record.output_blob_ids:
-        kept, pages = cached(blob_id)
-        assert pages >= 1 and kept == pages
+    for job_id in (inline.id, streamed.id):
+        record = await parts.db.get_request(job_id)
+        assert record is not None and record.output_blob_ids
+        for blob_id in record.output_blob_ids:
+            kept, pages = cached(blob_id)
+            assert pages >= 1 and kept == pages
     for job_id in (rid, journaled.id):
         record = await parts.db.get_request(job_id)
         assert record is not None and record.output_blob_ids

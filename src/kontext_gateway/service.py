@@ -183,6 +183,7 @@ class ImageService:
             forced=prepared.forced.config_key if prepared.forced else None,
             provider=provider,
             mask_blob_id=mask_blob_id,
+            stream=bool(prepared.params.stream),
         )
         if progress is not None:
             self.channels.progress[request_id] = progress

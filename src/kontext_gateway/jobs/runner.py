@@ -282,10 +282,11 @@ async def _record_quietly(journal: DurableJournal, request_id: str) -> None:
 
 
 def _read_back(record: RequestRow) -> bool:
-    """Whether the job's answer reads its results' bytes at once (an images request's b64_json), so
-    that they are worth keeping in the page cache; otherwise a result is read once at most, later (its
-    URL fetched), and its pages are let go once it is durable."""
-    return record.params.get("response_format") == "b64_json"
+    """Whether the job's answer reads its results' bytes at once (an images request's b64_json, or its
+    stream of events), so that they are worth keeping in the page cache; otherwise a result is read
+    once at most, later (its URL fetched), and its pages are let go once it is durable."""
+    params = record.params
+    return params.get("response_format") == "b64_json" or bool(params.get("stream"))
 
 
 def _has_ledger(record: RequestRow) -> bool:

@@ -26,6 +26,7 @@ def to_params(
     forced: str | None,
     provider: str | None,
     mask_blob_id: str | None = None,
+    stream: bool = False,
 ) -> dict[str, Any]:
     size = job.size
     return {
@@ -40,6 +41,7 @@ def to_params(
         "n": job.n,
         "seed": job.seed,
         "response_format": response_format,
+        "stream": stream,  # answered as events, each image's bytes inline
         "output_format": job.output_format,
         "output_compression": job.output_compression,
         "cfg_scale": job.guidance,
