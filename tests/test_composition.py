@@ -159,15 +159,9 @@ async def test_the_image_service_alone_validates_prices_and_enqueues(parts: Part
     assert queue.woken == 1 and parts.painter.jobs == []  # enqueued, not run: running is a worker's
 
 
-async def test_the_runner_alone_runs_a_job_to_its_end(parts: Parts) -> None:
-    rid = await image_service(parts, Queue()).submit(
-        image_call("text-to-image", {"model": "kontext-tiny", "prompt": "a red square", "size": "24x16"}),
-        base_url="http://gw.test/",
-    )
-    assert await parts.db.claim_next("test-worker", 30, Lane.HOSTED) is None  # an engine job: not that lane
-    claimed = await parts.db.claim_next("test-worker", 30, Lane.LOCAL)
-    assert claimed is not None and claimed.id == rid and claimed.lane == Lane.LOCAL
-    runner = JobRunner(
+def painting_runner(parts: Parts) -> JobRunner:
+    """The runner on the parts' own router, its jobs painted by `parts.painter`."""
+    return JobRunner(
         db=parts.db,
         blobs=parts.blobs,
         catalog=parts.catalog,
@@ -176,6 +170,17 @@ async def test_the_runner_alone_runs_a_job_to_its_end(parts: Parts) -> None:
         settings=parts.settings,
         channels=parts.channels,
     )
+
+
+async def test_the_runner_alone_runs_a_job_to_its_end(parts: Parts) -> None:
+    rid = await image_service(parts, Queue()).submit(
+        image_call("text-to-image", {"model": "kontext-tiny", "prompt": "a red square", "size": "24x16"}),
+        base_url="http://gw.test/",
+    )
+    assert await parts.db.claim_next("test-worker", 30, Lane.HOSTED) is None  # an engine job: not that lane
+    claimed = await parts.db.claim_next("test-worker", 30, Lane.LOCAL)
+    assert claimed is not None and claimed.id == rid and claimed.lane == Lane.LOCAL
+    runner = painting_runner(parts)
     status, provider = await runner.run(claimed)
     assert (status, provider) == (JobStatus.SUCCEEDED, "local/kontext-tiny")
     record = await parts.db.get_request(rid)
@@ -507,15 +512,7 @@ async def test_results_are_let_out_of_the_page_cache_and_inputs_kept(parts: Part
     claimed = await parts.db.claim_next("test-worker", 30, Lane.LOCAL)
     assert claimed is not None and claimed.id == rid
     (input_id,) = claimed.params["input_blob_ids"]
-    runner = JobRunner(
-        db=parts.db,
-        blobs=parts.blobs,
-        catalog=parts.catalog,
-        router=parts.router,
-        providers={"local": parts.painter},
-        settings=parts.settings,
-        channels=parts.channels,
-    )
+    runner = painting_runner(parts)
     assert (await runner.run(claimed))[0] == JobStatus.SUCCEEDED
     journaled = await claimed_job(parts)
     assert (await journaling_runner(parts, Journaling()).run(journaled))[0] == JobStatus.SUCCEEDED

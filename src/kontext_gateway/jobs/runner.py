@@ -84,9 +84,8 @@ class JobRunner:
         try:
             # A first run has no upstream tasks yet: only a resumed job reads its journal.
             rows = await db.tasks_for(rid) if record.runs > 1 else []
-            journal = DurableJournal(
-                db, self.blobs, rid, rows, self.settings.max_input_pixels, read_back=_read_back(record)
-            )
+            read_back = _read_back(record)
+            journal = DurableJournal(db, self.blobs, rid, rows, self.settings.max_input_pixels, read_back=read_back)
             if record.cancel_requested:
                 raise asyncio.CancelledError  # cancelled while no worker held it (e.g. after a crash)
             inputs, mask = await read_inputs(record, self.blobs)
@@ -108,7 +107,7 @@ class JobRunner:
                 job.model, job.mode, job, forced=forced, provider=params.get("provider")
             )
             entry, result = await self.router.run(candidates, job)
-            encoded, blob_ids = await self._encode_and_store(result.images, job, read_back=_read_back(record))
+            encoded, blob_ids = await self._encode_and_store(result.images, job, read_back=read_back)
         except asyncio.CancelledError:
             reason = self._stop_reason.pop(rid, "requested")
             if reason != "requested":
