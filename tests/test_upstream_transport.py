@@ -148,6 +148,39 @@ async def test_a_large_result_streams_back_byte_for_byte(client: UpstreamHTTP) -
     assert inspect_image(data, param="output", max_pixels=2**24) == ("png", (1024, 1024))
 
 
+@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+async def test_a_result_sent_in_chunks_streams_back_byte_for_byte(client: UpstreamHTTP, encoding: str) -> None:
+    image = noise_png(512, 512)
+    wire = gzip.compress(image) if encoding == "gzip" else image
+    script = serving(lambda *_: chunked(wire, "content-type: image/png", f"content-encoding: {encoding}"))
+    async with upstream(script) as (url, _), client.stream(f"{url}/results/a/sample.png", headers={}) as resp:
+        pieces = [chunk async for chunk in resp.aiter_bytes()]
+    assert b"".join(pieces) == image
+    assert inspect_image(b"".join(pieces), param="output", max_pixels=2**24) == ("png", (512, 512))
+
+
+async def test_a_chunk_whose_end_comes_after_its_data_adds_no_empty_piece(client: UpstreamHTTP) -> None:
+    # Each chunk's closing CRLF sent a moment after its data: the reader has taken the data by the
+    # time the chunk's end is parsed, and that end must not come out as an empty piece.
+    parts = [bytes([n]) * 1000 for n in range(1, 6)]
+
+    async def script(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(seen, reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for part in parts:
+            writer.write(f"{len(part):x}\r\n".encode() + part)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"\r\n")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async with upstream(script) as (url, _), client.stream(f"{url}/results/a/sample.bin", headers={}) as resp:
+        pieces = [chunk async for chunk in resp.aiter_bytes()]
+    assert b"".join(pieces) == b"".join(parts)
+    assert all(pieces)
+
+
 async def test_content_encoding_is_decoded_once(client: UpstreamHTTP) -> None:
     body = json.dumps({"status": "Ready"}).encode()
     zipped = gzip.compress(body)

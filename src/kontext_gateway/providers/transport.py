@@ -171,9 +171,12 @@ async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
 
 
 async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    # Each piece as it arrived, not joined with those buffered beside it (as iter_any would): whoever
+    # reads the body whole joins it once.
     with _as_httpx_errors():
-        async for chunk in response.content.iter_any():
-            yield chunk
+        async for chunk, _ in response.content.iter_chunks():
+            if chunk:
+                yield chunk
 
 
 class AiohttpUpstream:
