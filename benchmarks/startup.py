@@ -4,6 +4,8 @@ Start-up: from spawning `kontext serve` to the first 200 from GET /health (sever
 Idle RSS: VmRSS of the server process (plus any children) after start-up and after one GET /v1/models.
 torch at idle: checked in-process (TestClient runs the app's lifespan, then GET /v1/models, then we
 look at sys.modules) and, for the real server, whether libtorch is mapped into its address space.
+Idle CPU: the server's own CPU time (its threads) over `--idle` seconds after start-up, no request
+made: what its background loops (job and webhook claims, leases) cost a machine that serves nothing.
 Targets: start-up < 2 s, idle RSS < 200 MB without torch loaded.
 """
 
@@ -17,7 +19,7 @@ import time
 
 import httpx
 
-from common import CpuWatch, Server, http_get, machine, rss_mb
+from common import CpuWatch, Server, cpu_seconds, http_get, machine, rss_mb
 
 STARTUP_TARGET_S = 2.0
 RSS_TARGET_MB = 200.0
@@ -43,6 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5, help="number of server starts (default 5)")
     ap.add_argument("--settle", type=float, default=1.0, help="seconds to wait before reading RSS (default 1)")
+    ap.add_argument("--idle", type=float, default=30.0, help="seconds the idle server's CPU is read over (default 30)")
     args = ap.parse_args()
     print(f"machine: {machine()}")
     watch = CpuWatch()
@@ -66,6 +69,13 @@ def main() -> None:
             f"{rss_models[-1]:.1f} MiB after GET /v1/models, libtorch mapped: {mapped[-1]}"
         )
 
+    with Server() as server:
+        time.sleep(5.0)  # past start-up's own work
+        cpu0 = cpu_seconds(server.proc.pid)
+        time.sleep(args.idle)
+        idle_ms_per_s = (cpu_seconds(server.proc.pid) - cpu0) / args.idle * 1000
+    print(f"idle server: {idle_ms_per_s:.2f} CPU-ms per second over {args.idle:g} s")
+
     out = subprocess.run([sys.executable, "-c", TORCH_CHECK], capture_output=True, text=True, check=True)
     torch_loaded, others = out.stdout.strip().split(" ", 1)
 
@@ -87,6 +97,7 @@ def main() -> None:
         f"| < {RSS_TARGET_MB:g} MB | {verdict(rss_max < RSS_TARGET_MB)} |"
     )
     print(f"| RSS after one kontext-tiny generation (torch loaded; reference) | {rss_gen:.1f} MiB | | |")
+    print(f"| CPU of the idle server, over {args.idle:g} s | {idle_ms_per_s:.2f} ms per second | | |")
     print(
         f"| torch imported at idle (TestClient, in-process) | {torch_loaded} (also loaded: {others}) "
         f"| False | {verdict(torch_loaded == 'False')} |"

@@ -31,6 +31,7 @@ from kontext_gateway.providers.calls import Task
 from kontext_gateway.store.blobs import LocalBlobStore
 from kontext_gateway.store.db import Database
 from kontext_gateway.store.models import Base, RequestRecord
+from kontext_gateway.store.records import Lane
 
 HEAD = "0007"  # the newest migration
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -238,6 +239,33 @@ async def test_lifecycle_succeeded(db: Database) -> None:
     assert (row.output_size, row.output_format, row.duration_ms) == ("1024x768", "png", 1234)
     assert row.completed_at >= row.started_at >= row.created_at
     assert {f.name for f in dataclasses.fields(row)} == {c.key for c in Base.metadata.tables["requests"].columns}
+
+
+async def test_a_claim_takes_the_oldest_waiting_job_of_its_lane_and_a_lapsed_one_again(db: Database) -> None:
+    ids = {name: _new_id() for name in ("older", "newer", "engine")}
+    for name, lane in (("older", Lane.HOSTED), ("newer", Lane.HOSTED), ("engine", Lane.LOCAL)):
+        await db.create_request(
+            id=ids[name], endpoint="images.generations", model="m", mode="text-to-image", params={}, lane=lane
+        )
+    before = datetime.now(UTC)
+    first = await db.claim_next("w1", 60.0, Lane.HOSTED)
+    assert first is not None and first.id == ids["older"]
+    assert (first.status, first.claimed_by, first.runs) == ("processing", "w1", 1)
+    assert first.started_at is not None and first.started_at >= before.replace(microsecond=0)
+    assert first.lease_until is not None and 50 < (first.lease_until - first.started_at).total_seconds() <= 60
+    second = await db.claim_next("w1", 60.0, Lane.HOSTED)
+    assert second is not None and second.id == ids["newer"]
+    assert await db.claim_next("w1", 60.0, Lane.HOSTED) is None  # both held; the engine's job is not this lane's
+    engine = await db.claim_next("w1", 60.0, Lane.LOCAL)
+    assert engine is not None and engine.id == ids["engine"]
+
+    # Its worker's lease ran out: another worker takes it, a second run, its start kept.
+    await db._update(ids["older"], lease_until=datetime(2000, 1, 1, tzinfo=UTC))
+    again = await db.claim_next("w2", 60.0, Lane.HOSTED)
+    assert again is not None and again.id == ids["older"]
+    assert (again.claimed_by, again.runs, again.started_at) == ("w2", 2, first.started_at)
+    stored = await db.get_request(ids["older"])
+    assert stored is not None and (stored.claimed_by, stored.runs, stored.started_at) == ("w2", 2, first.started_at)
 
 
 async def test_failed_keeps_error_and_provider(db: Database) -> None:

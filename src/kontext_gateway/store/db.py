@@ -22,7 +22,6 @@ from sqlalchemy import Connection, Table, and_, bindparam, event, func, insert, 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import aliased
 
 from kontext_gateway.store import ledger, notices
 from kontext_gateway.store.engine import SQLITE_BEGIN_IMMEDIATE, make_engine, sqlite_file
@@ -67,7 +66,88 @@ SELECT_REQUEST = PreparedStatement(select(*REQUESTS.c).where(REQUESTS.c.id == bi
 INSERT_TASK = PreparedStatement(insert(TASKS).returning(TASKS.c.id))
 UPDATE_TASK = PreparedStatement(update(TASKS).where(TASKS.c.id == bindparam(ROW_ID)))
 
+
+def _claim_job(*, skip_locked: bool) -> PreparedStatement:
+    """The UPDATE that claims the oldest waiting job of a lane (see Database.claim_next), its values passed
+    as `wanted_lane`, `now`, `worker` and `lease_end` (no column's name: a parameter named after a
+    column sets it): built once, as each idle lane runs it twice a second."""
+    now = bindparam("now", type_=REQUESTS.c.created_at.type)
+    waiting = (
+        select(REQUESTS.c.id)
+        .where(
+            REQUESTS.c.lane == bindparam("wanted_lane"),
+            or_(
+                REQUESTS.c.status == JobStatus.STARTING,
+                and_(REQUESTS.c.status == JobStatus.PROCESSING, REQUESTS.c.lease_until < now),
+            ),
+        )
+        .order_by(REQUESTS.c.created_at, REQUESTS.c.id)
+        .limit(1)
+    )
+    if skip_locked:
+        waiting = waiting.with_for_update(skip_locked=True)
+    return PreparedStatement(
+        update(REQUESTS)
+        .where(REQUESTS.c.id == waiting.scalar_subquery())
+        .values(
+            status=JobStatus.PROCESSING,
+            claimed_by=bindparam("worker"),
+            lease_until=bindparam("lease_end"),
+            started_at=func.coalesce(REQUESTS.c.started_at, now),
+            runs=REQUESTS.c.runs + 1,
+        )
+        .returning(*REQUESTS.c)
+    )
+
+
+CLAIM_JOB = _claim_job(skip_locked=False)
+CLAIM_JOB_LOCKED = _claim_job(skip_locked=True)  # PostgreSQL: several processes claim at once
+
 OPEN_DELIVERY = ("pending", "sending")  # not yet delivered, failed or dropped
+
+
+def _claim_delivery(*, skip_locked: bool) -> PreparedStatement:
+    """The UPDATE that claims the oldest due delivery (see Database.claim_delivery), its times passed as
+    `now` and `lease_end`: built once, as an idle dispatcher runs it every second (built per call, it
+    cost ten times the SQL)."""
+    deliveries = cast(Table, WebhookDelivery.__table__)
+    cand, other = deliveries.alias("cand"), deliveries.alias("other")
+    now = bindparam("now", type_=deliveries.c.next_attempt_at.type)
+    older_open = select(other.c.id).where(
+        other.c.request_id == cand.c.request_id, other.c.id < cand.c.id, other.c.state.in_(OPEN_DELIVERY)
+    )
+    sending = select(other.c.id).where(
+        other.c.request_id == cand.c.request_id,
+        other.c.id != cand.c.id,
+        other.c.state == "sending",
+        other.c.lease_until >= now,
+    )
+    due = (
+        select(cand.c.id)
+        .where(
+            or_(
+                and_(cand.c.state == "pending", cand.c.next_attempt_at <= now),
+                and_(cand.c.state == "sending", cand.c.lease_until < now),
+            ),
+            ~older_open.exists(),
+            ~sending.exists(),
+        )
+        .order_by(cand.c.next_attempt_at, cand.c.id)
+        .limit(1)
+    )
+    if skip_locked:
+        due = due.with_for_update(skip_locked=True, of=cand)
+    return PreparedStatement(
+        update(deliveries)
+        .where(deliveries.c.id == due.scalar_subquery())
+        .values(state="sending", lease_until=bindparam("lease_end"), attempts=deliveries.c.attempts + 1)
+        .returning(*deliveries.c)
+    )
+
+
+CLAIM_DELIVERY = _claim_delivery(skip_locked=False)
+CLAIM_DELIVERY_LOCKED = _claim_delivery(skip_locked=True)  # PostgreSQL: several processes claim at once
+SELECT_KEY_ID = PreparedStatement(select(REQUESTS.c.key_id).where(REQUESTS.c.id == bindparam(ROW_ID)))
 CLOSE_WAIT_S = 10.0  # the longest close() waits for statements still under way
 Charge = tuple[int, list[dict[str, Any]]]  # (micros of USD, ledger line items)
 T = TypeVar("T")
@@ -453,35 +533,11 @@ class Database:
         PostgreSQL: `FOR UPDATE SKIP LOCKED`, so several processes each claim a job exactly once.
         SQLite: one writer at a time, so the UPDATE with its subquery is atomic as it stands."""
         now = utcnow()
-        waiting = (
-            select(RequestRecord.id)
-            .where(
-                RequestRecord.lane == lane,
-                or_(
-                    RequestRecord.status == JobStatus.STARTING,
-                    and_(RequestRecord.status == JobStatus.PROCESSING, RequestRecord.lease_until < now),
-                ),
-            )
-            .order_by(RequestRecord.created_at, RequestRecord.id)
-            .limit(1)
-        )
-        if self.engine.dialect.name == "postgresql":
-            waiting = waiting.with_for_update(skip_locked=True)
-        stmt = (
-            update(RequestRecord)
-            .where(RequestRecord.id == waiting.scalar_subquery())
-            .values(
-                status=JobStatus.PROCESSING,
-                claimed_by=worker,
-                lease_until=now + timedelta(seconds=lease_s),
-                started_at=func.coalesce(RequestRecord.started_at, now),
-                runs=RequestRecord.runs + 1,
-            )
-            .returning(*REQUESTS.c)
-        )
+        claim = CLAIM_JOB_LOCKED if self.engine.dialect.name == "postgresql" else CLAIM_JOB
+        params = {"wanted_lane": lane, "now": now, "worker": worker, "lease_end": now + timedelta(seconds=lease_s)}
 
         def work(conn: Connection) -> RequestRow | None:
-            claimed = conn.execute(stmt).first()
+            claimed = claim.first(conn, params)
             return None if claimed is None else RequestRow.from_row(claimed)
 
         return await self._run(work)
@@ -673,48 +729,17 @@ class Database:
         and its events go out in order; a later event waits behind a terminal one being retried.
         PostgreSQL: `FOR UPDATE SKIP LOCKED` as in claim_next; SQLite: the UPDATE is atomic."""
         now = utcnow()
-        cand, other = aliased(WebhookDelivery, name="cand"), aliased(WebhookDelivery, name="other")
-        older_open = select(other.id).where(
-            other.request_id == cand.request_id, other.id < cand.id, other.state.in_(OPEN_DELIVERY)
-        )
-        sending = select(other.id).where(
-            other.request_id == cand.request_id, other.id != cand.id, other.state == "sending", other.lease_until >= now
-        )
-        due = (
-            select(cand.id)
-            .where(
-                or_(
-                    and_(cand.state == "pending", cand.next_attempt_at <= now),
-                    and_(cand.state == "sending", cand.lease_until < now),
-                ),
-                ~older_open.exists(),
-                ~sending.exists(),
-            )
-            .order_by(cand.next_attempt_at, cand.id)
-            .limit(1)
-        )
-        if self.engine.dialect.name == "postgresql":
-            due = due.with_for_update(skip_locked=True, of=cand)
-        stmt = (
-            update(WebhookDelivery)
-            .where(WebhookDelivery.id == due.scalar_subquery())
-            .values(
-                state="sending", lease_until=now + timedelta(seconds=lease_s), attempts=WebhookDelivery.attempts + 1
-            )
-            .returning(WebhookDelivery.id)
-        )
-        async with self.session(write=True) as session, session.begin():
-            claimed = (await session.execute(stmt)).scalar_one_or_none()
+        claim = CLAIM_DELIVERY_LOCKED if self.engine.dialect.name == "postgresql" else CLAIM_DELIVERY
+        params = {"now": now, "lease_end": now + timedelta(seconds=lease_s)}
+
+        def work(conn: Connection) -> DeliveryRow | None:
+            claimed = claim.first(conn, params)
             if claimed is None:
                 return None
-            found = (
-                await session.execute(
-                    select(WebhookDelivery, RequestRecord.key_id)
-                    .join(RequestRecord, RequestRecord.id == WebhookDelivery.request_id)
-                    .where(WebhookDelivery.id == claimed)
-                )
-            ).first()
-            return None if found is None else DeliveryRow.from_row(found[0], key_id=found[1])
+            key_id = SELECT_KEY_ID.first(conn, {ROW_ID: claimed.request_id})
+            return DeliveryRow.from_row(claimed, key_id=None if key_id is None else key_id[0])
+
+        return await self._run(work)
 
     async def finish_delivery(
         self, id: int, *, state: str, status: int | None = None, error: str | None = None
