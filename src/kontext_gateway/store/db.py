@@ -109,7 +109,7 @@ OPEN_DELIVERY = ("pending", "sending")  # not yet delivered, failed or dropped
 def _claim_delivery(*, skip_locked: bool) -> PreparedStatement:
     """The UPDATE that claims the oldest due delivery (see Database.claim_delivery), its times passed as
     `now` and `lease_end`: built once, as an idle dispatcher runs it every second (built per call, it
-    cost ten times the SQL)."""
+    cost thirty times the SQL)."""
     deliveries = cast(Table, WebhookDelivery.__table__)
     cand, other = deliveries.alias("cand"), deliveries.alias("other")
     now = bindparam("now", type_=deliveries.c.next_attempt_at.type)
@@ -148,6 +148,7 @@ def _claim_delivery(*, skip_locked: bool) -> PreparedStatement:
 CLAIM_DELIVERY = _claim_delivery(skip_locked=False)
 CLAIM_DELIVERY_LOCKED = _claim_delivery(skip_locked=True)  # PostgreSQL: several processes claim at once
 SELECT_KEY_ID = PreparedStatement(select(REQUESTS.c.key_id).where(REQUESTS.c.id == bindparam(ROW_ID)))
+
 CLOSE_WAIT_S = 10.0  # the longest close() waits for statements still under way
 Charge = tuple[int, list[dict[str, Any]]]  # (micros of USD, ledger line items)
 T = TypeVar("T")
