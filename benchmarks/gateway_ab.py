@@ -10,9 +10,15 @@ and host names) and take the load in turns: slices of `--slice` seconds in the o
 alike, and each A slice is compared with the B slice next to it: the ratio B/A per pair, its median and
 its range, say whether B moved and how far. The side not under load is idle.
 
+When the VM's speed swings within seconds (pairs of the same code 10-20 % apart), `--together` loads
+both sides at once instead: each slice sends `--clients` closed loops to A and as many to B over the
+same seconds, so every swing falls on both alike, and B/A is read per slice. Both share the cores then,
+so absolute figures are lower than alone; the ratio is what it is for.
+
     .venv/bin/python benchmarks/gateway_ab.py --a /tmp/before/src            # B: this checkout's src
     .venv/bin/python benchmarks/gateway_ab.py --a /tmp/before/src --b /tmp/after/src --upstream bfl-png
     .venv/bin/python benchmarks/gateway_ab.py --a /tmp/before/src --upstream bfl-png --response-format b64_json
+    .venv/bin/python benchmarks/gateway_ab.py --a /tmp/before/src --together --clients 32
 
 `--a` / `--b`: a `src` directory each (e.g. `mkdir -p /tmp/before && git archive <rev> src | tar -x -C /tmp/before`).
 """
@@ -20,6 +26,7 @@ its range, say whether B moved and how far. The side not under load is idle.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import statistics
 import sys
@@ -38,6 +45,7 @@ from gateway_vs_litellm import (
     base_env,
     gateway_env,
     http_ready,
+    load,
     run_load,
     start_fake_upstream,
 )
@@ -73,6 +81,29 @@ def order(slices: int) -> list[str]:
     return [side for pair in pairs for side in pair]
 
 
+def run_together(
+    targets: dict[str, Target], first: str, args: argparse.Namespace, fake_pid: int, repeat: int
+) -> dict[str, Run]:
+    """One slice of `--together`: both sides under the same load over the same seconds, `first`'s clients
+    started first (the order alternates between slices)."""
+    runs = {side: Run(args.upstream, args.clients, side, repeat) for side in targets}
+    sides = sorted(targets, key=lambda side: side != first)
+
+    async def both() -> None:
+        await asyncio.gather(
+            *(load(targets[s], args.clients, args.slice, args.warmup, fake_pid, runs[s]) for s in sides)
+        )
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(both())
+    else:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(both())
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--a", type=Path, required=True, help="side A's src directory (the baseline)")
@@ -90,6 +121,11 @@ def main() -> None:
         help="url (the default: a link to the stored result) or b64_json (the result read back into the answer)",
     )
     ap.add_argument("--fetch", action="store_true", help="fetch each answer's URL too, as a client showing it would")
+    ap.add_argument(
+        "--together",
+        action="store_true",
+        help="load both sides at once in each slice (--clients each), for a VM whose speed swings within seconds",
+    )
     args = ap.parse_args()
     srcs = {"A": args.a.resolve(), "B": args.b.resolve()}
     for side, src in srcs.items():
@@ -110,15 +146,21 @@ def main() -> None:
         print(
             f"{args.upstream}, response_format {args.response_format}{', URL fetched' if args.fetch else ''}, "
             f"{args.clients} clients, "
-            f"{args.pairs} slices of {args.slice:g} s per side\n"
+            f"{args.pairs} slices of {args.slice:g} s per side{', both sides at once' if args.together else ''}\n"
         )
-        for i, side in enumerate(order(args.pairs)):
-            run = Run(args.upstream, args.clients, side, i // 2 + 1)
-            run_load(targets[side], args.clients, args.slice, args.warmup, fake.pid, run)
-            if run.errors or not run.n:
-                sys.exit(f"{side}: {run.errors} errors in slice {i + 1}, e.g. {run.error_sample}")
-            runs[side].append(run)
-            print(f"  pair {run.repeat:2d} {side}: {run.rps:6.1f} req/s, {run.server_cpu_ms:.3f} CPU-ms/req")
+        sequence = order(args.pairs)
+        for i in range(args.pairs if args.together else len(sequence)):
+            if args.together:
+                slice_runs = list(run_together(targets, "AB"[i % 2], args, fake.pid, i + 1).values())
+            else:
+                run = Run(args.upstream, args.clients, sequence[i], i // 2 + 1)
+                run_load(targets[run.side], args.clients, args.slice, args.warmup, fake.pid, run)
+                slice_runs = [run]
+            for run in slice_runs:
+                if run.errors or not run.n:
+                    sys.exit(f"{run.side}: {run.errors} errors in slice {i + 1}, e.g. {run.error_sample}")
+                runs[run.side].append(run)
+                print(f"  pair {run.repeat:2d} {run.side}: {run.rps:6.1f} req/s, {run.server_cpu_ms:.3f} CPU-ms/req")
     cpu = {s: [r.server_cpu_ms for r in runs[s]] for s in runs}
     rps = {s: [r.rps for r in runs[s]] for s in runs}
     cpu_ratio = [b / a for a, b in zip(cpu["A"], cpu["B"], strict=True)]

@@ -190,9 +190,14 @@ def test_multiprocess_api_and_worker_export_one_view(tmp_path: Path) -> None:
             client.images.generate(model="kontext-tiny", prompt="x", n=0)
         client.close()
         after = scrape(url)
+        pids = {"api": str(api.pid), "worker": str(worker.pid)}
     finally:
         for proc in (worker, api):
             stop(proc)
+    # Each process, once serving, set its start-up heap aside from the collector (some 100,000 objects
+    # and more: the modules, routes and schemas); an in-process test server (above) sets none.
+    for name, pid in pids.items():
+        assert value(after, "kontext_gc_frozen_objects", pid=pid) > 50_000, name
     assert value(after, "kontext_requests_total", route=GEN, model="kontext-tiny", status="200") == 2
     assert value(after, "kontext_requests_total", route=GEN, model="kontext-tiny", status="400") == 1
     # Run by the worker process, counted in the API process's /metrics.

@@ -375,10 +375,11 @@ def _settings(args: argparse.Namespace) -> Any:
 def _serve(args: argparse.Namespace) -> int:
     import logging
     import signal
+    import socket
 
     import uvicorn
 
-    from . import metrics
+    from . import collector, metrics
     from .api.app import create_app
     from .store.blob_url import open_blob_store
 
@@ -415,6 +416,11 @@ def _serve(args: argparse.Namespace) -> int:
             with contextlib.suppress(ValueError):
                 self._captured_signals.remove(signal.SIGTERM)
 
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if not self.should_exit:  # started: the heap built so far lives as long as the process
+                metrics.gc_frozen(collector.settle_after_start())
+
     # log_config=None: uvicorn's loggers keep the handler installed above (JSON, redacted).
     config = uvicorn.Config(
         app,
@@ -434,7 +440,7 @@ async def _worker(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    from . import metrics
+    from . import collector, metrics
     from .gateway import Gateway
 
     settings = _settings(args)
@@ -451,6 +457,7 @@ async def _worker(args: argparse.Namespace) -> int:
         return 2
     gateway = Gateway(settings)
     await gateway.start()
+    metrics.gc_frozen(collector.settle_after_start())
     stop = asyncio.Event()
 
     def on_signal() -> None:

@@ -77,6 +77,12 @@ WEBHOOKS = Counter(
 )
 RATE_LIMITED = Counter("kontext_rate_limited_total", "Requests refused by a rate limit, by limit.", ["limit"])
 BUDGET_REJECTIONS = Counter("kontext_budget_rejections_total", "Requests refused because a budget was spent.")
+# Per process (a pid label across processes): set once, when the process has started serving.
+GC_FROZEN = Gauge(
+    "kontext_gc_frozen_objects",
+    "Objects of the start-up heap set aside from the garbage collector (gc.freeze) once serving began.",
+    multiprocess_mode="liveall",
+)
 
 _CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
@@ -137,6 +143,10 @@ def rate_limited(limit: str) -> None:
 
 def budget_rejected() -> None:
     BUDGET_REJECTIONS.inc()
+
+
+def gc_frozen(objects: int) -> None:
+    GC_FROZEN.set(objects)
 
 
 def multiprocess_dir() -> str | None:

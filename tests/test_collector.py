@@ -1,0 +1,74 @@
+"""The collector's settings for a serving process (collector.settle_after_start), in a fresh interpreter
+each: freezing is for the life of a process, and this one runs the other tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from kontext_gateway.collector import YOUNG_THRESHOLD
+
+
+def run(code: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_start_up_heap_is_set_aside_and_young_collections_are_rarer() -> None:
+    seen = run(
+        """
+        import gc, json
+        import kontext_gateway.api.app  # the serving process's modules
+        from kontext_gateway.collector import settle_after_start
+
+        default = gc.get_threshold()
+        frozen = settle_after_start()
+        print(json.dumps({
+            "frozen": frozen, "freeze_count": gc.get_freeze_count(), "default": default,
+            "threshold": gc.get_threshold(), "tracked": len(gc.get_objects()),
+        }))
+        """
+    )
+    assert seen["frozen"] == seen["freeze_count"] > 50_000
+    # What a full collection still walks is what came after, not the start-up heap.
+    assert seen["tracked"] < seen["frozen"] / 10
+    assert seen["threshold"] == [YOUNG_THRESHOLD, *seen["default"][1:]]
+    assert seen["default"][0] < YOUNG_THRESHOLD
+
+
+def test_cyclic_garbage_is_still_collected_without_being_asked() -> None:
+    # Cycles that only the collector can free, each holding 100 KB: made after settling, never collected
+    # by hand. They are freed in batches as new containers pass the threshold, so the memory they hold
+    # stays bounded (a few thousand at most alive at once, not all 30,000).
+    seen = run(
+        """
+        import gc, json, weakref
+        from kontext_gateway.collector import settle_after_start
+
+        settle_after_start()
+        freed = 0
+        most_alive = 0
+
+        class Node:
+            pass
+
+        def on_free(_):
+            global freed
+            freed += 1
+
+        refs = []
+        for made in range(1, 30_001):
+            node = Node()
+            node.self = node
+            node.payload = bytes(100_000)
+            refs.append(weakref.ref(node, on_free))
+            del node
+            most_alive = max(most_alive, made - freed)
+        print(json.dumps({"freed": freed, "most_alive": most_alive}))
+        """
+    )
+    assert seen["freed"] > 25_000
+    assert seen["most_alive"] <= YOUNG_THRESHOLD
