@@ -21,17 +21,20 @@ def test_start_up_heap_is_set_aside_and_young_collections_are_rarer() -> None:
     seen = run(
         """
         import gc, json
-        import kontext_gateway.api.app  # the serving process's modules
-        from kontext_gateway.collector import settle_after_start
+        from kontext_gateway.collector import pause_while_starting, settle_after_start
 
         default = gc.get_threshold()
+        pause_while_starting()
+        import kontext_gateway.api.app  # the serving process's modules, imported with the collector off
+        paused = not gc.isenabled()
         frozen = settle_after_start()
         print(json.dumps({
-            "frozen": frozen, "freeze_count": gc.get_freeze_count(), "default": default,
-            "threshold": gc.get_threshold(), "tracked": len(gc.get_objects()),
+            "frozen": frozen, "freeze_count": gc.get_freeze_count(), "default": default, "paused": paused,
+            "enabled": gc.isenabled(), "threshold": gc.get_threshold(), "tracked": len(gc.get_objects()),
         }))
         """
     )
+    assert seen["paused"] and seen["enabled"]
     assert seen["frozen"] == seen["freeze_count"] > 50_000
     # What a full collection still walks is what came after, not the start-up heap.
     assert seen["tracked"] < seen["frozen"] / 10
@@ -46,8 +49,9 @@ def test_cyclic_garbage_is_still_collected_without_being_asked() -> None:
     seen = run(
         """
         import gc, json, weakref
-        from kontext_gateway.collector import settle_after_start
+        from kontext_gateway.collector import pause_while_starting, settle_after_start
 
+        pause_while_starting()
         settle_after_start()
         freed = 0
         most_alive = 0

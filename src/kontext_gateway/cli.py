@@ -373,13 +373,16 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from . import collector
+
+    collector.pause_while_starting()  # until the app has started (create_app's on_started)
+
     import logging
     import signal
-    import socket
 
     import uvicorn
 
-    from . import collector, metrics
+    from . import metrics
     from .api.app import create_app
     from .store.blob_url import open_blob_store
 
@@ -399,7 +402,8 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger("kontext_gateway").info(
         "Kontext Gateway on http://%s:%s/v1 (data in %s)", args.host, args.port, settings.data_dir
     )
-    app = create_app(settings)
+    # Started, before it listens: what the process has built so far lives as long as it does.
+    app = create_app(settings, on_started=lambda: metrics.gc_frozen(collector.settle_after_start()))
 
     class DrainingServer(uvicorn.Server):
         """On SIGTERM (or Ctrl-C) the gateway takes no more jobs at once; uvicorn then stops listening
@@ -415,11 +419,6 @@ def _serve(args: argparse.Namespace) -> int:
             # once shut down, ending the process by the signal).
             with contextlib.suppress(ValueError):
                 self._captured_signals.remove(signal.SIGTERM)
-
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().startup(sockets)
-            if not self.should_exit:  # started: the heap built so far lives as long as the process
-                metrics.gc_frozen(collector.settle_after_start())
 
     # log_config=None: uvicorn's loggers keep the handler installed above (JSON, redacted).
     config = uvicorn.Config(
@@ -440,7 +439,11 @@ async def _worker(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    from . import collector, metrics
+    from . import collector
+
+    collector.pause_while_starting()  # until the gateway has started
+
+    from . import metrics
     from .gateway import Gateway
 
     settings = _settings(args)

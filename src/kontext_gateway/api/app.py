@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
@@ -36,7 +36,9 @@ from .trusted import CORS_EXPOSED, CORS_HEADERS, CORS_METHODS, TrustedRequestMid
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, on_started: Callable[[], object] | None = None) -> FastAPI:
+    """The application; `on_started` runs once the gateway has started, before the server listens (the
+    CLI's process settles its garbage collector there)."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -45,6 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await gateway.start()
         app.state.gateway = gateway
         app.state.model_views = models.ModelViews(gateway)
+        if on_started is not None:
+            on_started()
         try:
             yield
         finally:
