@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from kontext_gateway.collector import YOUNG_THRESHOLD
 
@@ -76,3 +77,46 @@ def test_cyclic_garbage_is_still_collected_without_being_asked() -> None:
     )
     assert seen["freed"] > 25_000
     assert seen["most_alive"] <= YOUNG_THRESHOLD
+
+
+def test_a_local_model_load_leaves_no_garbage_holding_the_request_images() -> None:
+    # The first local request imports torch and diffusers and builds the model: that leaves reference
+    # cycles reaching the loading request's frames, and so its decoded input image. With young
+    # collections rarer, the gateway collects after a load itself; here nothing else collects.
+    seen = run(
+        f"""
+        import gc, io, json, sys, tempfile
+        from pathlib import Path
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import httpx
+        from PIL import Image
+        from conftest import running_server
+        from kontext_gateway.collector import pause_while_starting, settle_after_start
+        from kontext_gateway.config import Settings
+
+        pause_while_starting()
+        data = Path(tempfile.mkdtemp())
+        photo = io.BytesIO()
+        Image.new("RGB", (1600, 1200), "teal").save(photo, "JPEG")
+        with running_server(Settings(data_dir=data, database_url=f"sqlite:///{{data / 'gateway.db'}}")) as url:
+            settle_after_start()
+            gc.disable()
+            answer = httpx.post(
+                f"{{url}}/v1/images/edits",
+                data={{"model": "kontext-tiny", "prompt": "night", "size": "256x256", "num_inference_steps": "2"}},
+                files={{"image": ("photo.jpg", photo.getvalue(), "image/jpeg")}},
+                timeout=600,
+            )
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            held = [
+                f"{{type(o).__name__}} -> {{ref!r}}"
+                for o in gc.garbage
+                for ref in gc.get_referents(o)
+                if isinstance(ref, Image.Image)
+            ]
+            print(json.dumps({{"status": answer.status_code, "body": answer.text[:300], "held": held}}))
+        """
+    )
+    assert seen["status"] == 200, seen["body"]
+    assert seen["held"] == []

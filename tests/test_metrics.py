@@ -194,8 +194,8 @@ def test_multiprocess_api_and_worker_export_one_view(tmp_path: Path) -> None:
     finally:
         for proc in (worker, api):
             stop(proc)
-    # Each process, once serving, set its start-up heap aside from the collector (some 100,000 objects
-    # and more: the modules, routes and schemas); an in-process test server (above) sets none.
+    # Each process, once serving, set its start-up heap aside from the collector (well over 50,000
+    # objects: the modules, routes and schemas); an in-process test server (above) sets none.
     for name, pid in pids.items():
         assert value(after, "kontext_gc_frozen_objects", pid=pid) > 50_000, name
     assert value(after, "kontext_requests_total", route=GEN, model="kontext-tiny", status="200") == 2

@@ -123,7 +123,11 @@ class LocalProvider:
                 self._unload(next(iter(self._engines)))
             engine = self._load(entry)
             self._engines[entry.config_key] = engine
-            return engine
+        # A load (torch's and diffusers' imports the first time, then the model) leaves reference
+        # cycles, some holding the frames of the request that loaded it and so its decoded input
+        # images: freed now, not whenever the collector's young generation next fills.
+        gc.collect()
+        return engine
 
     def _load(self, entry: ProviderEntry) -> KontextEngine:
         from ..engine.pipeline import KontextEngine, set_threads
