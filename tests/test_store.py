@@ -241,6 +241,24 @@ async def test_lifecycle_succeeded(db: Database) -> None:
     assert {f.name for f in dataclasses.fields(row)} == {c.key for c in Base.metadata.tables["requests"].columns}
 
 
+async def test_json_columns_keep_any_value_an_upstream_answer_can_carry(db: Database) -> None:
+    # What a job keeps of an upstream's parsed answer can hold what json.loads makes of hostile JSON: a
+    # NaN (which json.dumps writes as `NaN`, refused by PostgreSQL's JSONB), integers past 64 bits, text
+    # outside ASCII. Each is stored on both backends and read back as JSON can say it.
+    common = {"prompt": "a fox at dusk, café lights ☕", "score": float("nan"), "ratio": float("-inf")}
+    small = {**common, "seed": 2**63 - 1, "nested": [{"x": -(2**63)}, 1.5, None, True]}
+    large = {**common, "seed": 2**70 + 1, "nested": [{"x": -(2**65)}, 1.5, None, True]}
+    for params in (small, large):
+        rid = _new_id()
+        await db.create_request(
+            id=rid, endpoint="images.generations", model="flux-kontext-pro", mode="text-to-image", params=params
+        )
+        row = await db.get_request(rid)
+        assert row is not None
+        assert row.params == {**params, "score": None, "ratio": None}
+        assert isinstance(row.params["seed"], int) and isinstance(row.params["nested"][0]["x"], int)
+
+
 async def test_a_claim_takes_the_oldest_waiting_job_of_its_lane_and_a_lapsed_one_again(db: Database) -> None:
     ids = {name: _new_id() for name in ("older", "newer", "engine")}
     for name, lane in (("older", Lane.HOSTED), ("newer", Lane.HOSTED), ("engine", Lane.LOCAL)):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import math
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -19,6 +22,29 @@ _SQLITE_PRAGMAS = (
     "PRAGMA synchronous=NORMAL",  # safe with WAL, far fewer fsyncs
     "PRAGMA foreign_keys=ON",
 )
+
+
+def dump_json(value: Any) -> str:
+    """A JSON column's text (every engine's `json_serializer`): orjson's, about seven times json.dumps's
+    speed on a job's parameters, compact, and a float NaN or infinity as null (PostgreSQL's JSONB refuses
+    json.dumps's `NaN`); json.dumps's for the rare value orjson refuses (an integer past 64 bits, a
+    non-string key, a lone surrogate). Read back with json.loads either way (orjson would read an
+    integer past 64 bits as a float)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(_finite(value))
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every NaN and infinity as None, as orjson writes them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def make_engine(url: str, *, connect_args: dict[str, Any] | None = None) -> AsyncEngine:
@@ -36,7 +62,9 @@ def make_engine(url: str, *, connect_args: dict[str, Any] | None = None) -> Asyn
     pool: dict[str, Any] = {"pool_size": 20, "max_overflow": 20}
     if is_sqlite:
         pool = {"pool_size": 1, "max_overflow": 0} if in_file else {}
-    engine = create_async_engine(url, connect_args=connect_args or {}, pool_pre_ping=not is_sqlite, **pool)
+    engine = create_async_engine(
+        url, connect_args=connect_args or {}, pool_pre_ping=not is_sqlite, json_serializer=dump_json, **pool
+    )
     if is_sqlite:
         _configure_sqlite(engine.sync_engine)
     return engine
@@ -62,7 +90,9 @@ def make_sqlite_thread_engine(url: str, *, waits: bool = True) -> Engine:
     sync_url = make_url(url).set(drivername="sqlite")
     # Its one connection is opened, used and closed by one thread (the event loop's, or the SQLite
     # thread); check_same_thread only guards against a use from elsewhere, which that rules out.
-    engine = create_engine(sync_url, pool_size=1, max_overflow=0, connect_args={"check_same_thread": False})
+    engine = create_engine(
+        sync_url, pool_size=1, max_overflow=0, connect_args={"check_same_thread": False}, json_serializer=dump_json
+    )
     _configure_sqlite(engine)
     if not waits:
 
