@@ -66,6 +66,20 @@ async def test_calls_run_on_up_to_its_threads_at_once_and_no_more() -> None:
     assert q.threads == ()
 
 
+async def test_two_calls_queued_together_beside_an_idle_thread_run_at_once() -> None:
+    # One thread waits, idle; two calls come in the same tick. The idle thread takes one, so the other
+    # needs a thread of its own (it waited behind the first when the idle thread counted as free for
+    # both). The barrier passes only when both run at the same time.
+    q = ThreadQueue("t", threads=2)
+    assert await q.call(lambda: 1) == 1
+    await asyncio.sleep(0.05)  # the thread back to waiting (the test passes either way; it shows the bug so)
+    both = threading.Barrier(2, timeout=PATIENCE_S)
+    calls = [q.call(both.wait), q.call(both.wait)]
+    assert sorted(await asyncio.gather(*calls)) == [0, 1]
+    assert len(q.threads) == 2
+    await q.close()
+
+
 async def test_idle_threads_end_and_later_calls_start_new_ones() -> None:
     q = ThreadQueue("t", threads=2, idle_s=0.01)
     assert await q.call(lambda: 1) == 1

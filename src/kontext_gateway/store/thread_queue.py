@@ -34,7 +34,10 @@ class ThreadQueue:
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards the two below; a call is queued under it too
         self._threads: set[threading.Thread] = set()
-        self._waiting = 0  # threads waiting for a call, or about to
+        # Threads waiting for a call (or about to) less the calls queued and not yet taken: below zero,
+        # a queued call has no thread free for it. (Counting only the waiting threads, a thread that
+        # had not yet taken the call before it counted as free for the next one, which then waited.)
+        self._spare = 0
 
     @property
     def threads(self) -> tuple[threading.Thread, ...]:
@@ -48,7 +51,9 @@ class ThreadQueue:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         with self._lock:
             self._calls.put((future, fn))
-            if self._waiting == 0 and len(self._threads) < self._max_threads:
+            self._spare -= 1
+            if self._spare < 0 and len(self._threads) < self._max_threads:
+                self._spare += 1  # the new thread, waiting from its start
                 thread = threading.Thread(target=self._serve, name=f"{self._name}-{len(self._threads)}", daemon=True)
                 self._threads.add(thread)
                 thread.start()
@@ -64,33 +69,35 @@ class ThreadQueue:
             await asyncio.to_thread(_join, threads)
 
     def _serve(self) -> None:
+        """Counted as waiting from its start; taking a call settles one queued call against it, and it
+        counts as waiting again once the call is done."""
         me = threading.current_thread()
         while True:
-            with self._lock:
-                self._waiting += 1
             try:
                 call = self._calls.get(timeout=self._idle_s)
             except queue.Empty:
                 with self._lock:
-                    self._waiting -= 1
                     if self._calls.empty():  # nothing came meanwhile: callers queue under this lock
+                        self._spare -= 1
                         self._threads.discard(me)
                         return
                 continue
-            with self._lock:
-                self._waiting -= 1
-                if call is None:
+            if call is None:
+                with self._lock:
+                    self._spare -= 1
                     self._threads.discard(me)
-                    return
+                return
             future, fn = call
-            if future.cancelled():  # read across threads: at worst a call cancelled just now still runs
-                continue
-            try:
-                result, error = fn(), None
-            except BaseException as exc:  # whatever it is, it is the caller's to see
-                result, error = None, exc
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-                future.get_loop().call_soon_threadsafe(_settle, future, result, error)
+            # read across threads: at worst a call cancelled just now still runs
+            if not future.cancelled():
+                try:
+                    result, error = fn(), None
+                except BaseException as exc:  # whatever it is, it is the caller's to see
+                    result, error = None, exc
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+                    future.get_loop().call_soon_threadsafe(_settle, future, result, error)
+            with self._lock:
+                self._spare += 1
 
 
 def _join(threads: list[threading.Thread]) -> None:
