@@ -56,16 +56,15 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 
-from common import CpuWatch, _children, free_port, machine, percentile, server_command
+from common import CpuWatch, _children, free_port, machine, percentile, run_loop, server_command
 from gateway_vs_litellm import (
     REPLICATE_TOKEN,
     Process,
@@ -83,7 +82,6 @@ from fakes.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoS3, moto_s3  # noqa: E4
 from kontext_gateway.store.blobs import BlobStore, LocalBlobStore  # noqa: E402
 
 MB = 1_000_000
-T = TypeVar("T")
 GATEWAY_MODEL = "replicate/flux.1-kontext-pro"
 PROMPT = "a red fox in the snow, golden hour, 35 mm photo"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -418,16 +416,6 @@ def run_gateway(args: argparse.Namespace, s3: MotoS3 | None) -> list[GatewayRun]
                 finally:
                     gateway.stop()
     return runs
-
-
-def run_loop(coro: Coroutine[Any, Any, T]) -> T:
-    """`coro` on uvloop where installed (as the gateway runs), else asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
 
 
 def print_gateway(runs: list[GatewayRun], duration: float, warmup: float) -> None:

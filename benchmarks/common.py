@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import math
 import os
@@ -13,8 +14,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 
 def free_port() -> int:
@@ -191,3 +194,16 @@ class CpuWatch:
             f"({100 * others / (wall * ncpu):.0f}% of the machine), steal {steal - self.steal0:.1f} s"
             + ("  <-- results are skewed by other load" if others > 0.05 * wall * ncpu else "")
         )
+
+
+T = TypeVar("T")
+
+
+def run_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """`coro` on uvloop where installed (as the gateway runs), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)

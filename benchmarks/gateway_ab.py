@@ -34,7 +34,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from common import CpuWatch, free_port, machine, server_command
+from common import CpuWatch, free_port, machine, run_loop, server_command
 from gateway_vs_litellm import (
     PROMPT,
     ROOT,
@@ -94,13 +94,7 @@ def run_together(
             *(load(targets[s], args.clients, args.slice, args.warmup, fake_pid, runs[s]) for s in sides)
         )
 
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(both())
-    else:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(both())
+    run_loop(both())
     return runs
 
 

@@ -94,7 +94,18 @@ from typing import Any
 import aiohttp
 import httpx
 
-from common import CpuWatch, _children, free_port, http_get, machine, percentile, rss_mb, server_command, stop_process
+from common import (
+    CpuWatch,
+    _children,
+    free_port,
+    http_get,
+    machine,
+    percentile,
+    rss_mb,
+    run_loop,
+    server_command,
+    stop_process,
+)
 from fast_upstream import HOSTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -503,13 +514,7 @@ async def load(target: Target, clients: int, duration: float, warmup: float, fak
 
 
 def run_load(target: Target, clients: int, duration: float, warmup: float, fake_pid: int, run: Run) -> None:
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(load(target, clients, duration, warmup, fake_pid, run))
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(load(target, clients, duration, warmup, fake_pid, run))
+    run_loop(load(target, clients, duration, warmup, fake_pid, run))
 
 
 # -- the setup -------------------------------------------------------------------------------------------
