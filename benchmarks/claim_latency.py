@@ -1,4 +1,5 @@
-"""How long a prediction waits for a worker in another process: created (API) to claimed (worker), on PostgreSQL.
+"""How long a prediction waits for a worker in another process: created (API) to claimed (worker), on
+PostgreSQL or on the SQLite file both processes share (`--database sqlite`).
 
 An API process (`kontext serve --workers 0`) enqueues; one `kontext worker --concurrency 8` process,
 otherwise idle, claims. Predictions arrive one at a time, each after a random pause (uniform in
@@ -12,26 +13,31 @@ checkout's src (before / after).
 
     .venv/bin/python benchmarks/claim_latency.py
     .venv/bin/python benchmarks/claim_latency.py --jobs 200 --src /tmp/before/src
+    .venv/bin/python benchmarks/claim_latency.py --database sqlite    # the data dir's kontext.db
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
 
-from common import free_port, machine, percentile, server_command, stop_process
+from common import cpu_seconds, free_port, machine, percentile, server_command, stop_process
 from predictions_throughput import FAKE_CODE, MODEL, PG_SERVER, ROOT, TOKEN, _admin, _wait_http
 
 
@@ -59,20 +65,38 @@ async def send(
     return sent
 
 
-async def rows(dsn: str, ids: list[str], timeout: float) -> list[asyncpg.Record]:
+async def rows(dsn: str, ids: list[str], timeout: float) -> list[dict[str, Any]]:
+    """The predictions' rows once every one has ended: a PostgreSQL DSN, or a SQLite file's path."""
+    deadline = time.monotonic() + timeout
+    while True:
+        postgres = dsn.startswith("postgresql")
+        found = await (_pg_rows(dsn, ids) if postgres else asyncio.to_thread(_sqlite_rows, dsn, ids))
+        if len(found) == len(ids) and all(r["completed_at"] is not None for r in found):
+            return found
+        if time.monotonic() > deadline:
+            raise SystemExit(f"not every prediction ended within {timeout:g} s")
+        await asyncio.sleep(0.2)
+
+
+async def _pg_rows(dsn: str, ids: list[str]) -> list[dict[str, Any]]:
     conn = await asyncpg.connect(dsn)
     try:
-        deadline = time.monotonic() + timeout
         query = "SELECT id, status, created_at, started_at, completed_at FROM requests WHERE id = ANY($1)"
-        while True:
-            found = await conn.fetch(query, ids)
-            if len(found) == len(ids) and all(r["completed_at"] is not None for r in found):
-                return found
-            if time.monotonic() > deadline:
-                raise SystemExit(f"not every prediction ended within {timeout:g} s")
-            await asyncio.sleep(0.2)
+        return [dict(r) for r in await conn.fetch(query, ids)]
     finally:
         await conn.close()
+
+
+def _sqlite_rows(path: str, ids: list[str]) -> list[dict[str, Any]]:
+    names = ("id", "status", "created_at", "started_at", "completed_at")
+    query = f"SELECT {', '.join(names)} FROM requests WHERE id IN ({', '.join('?' * len(ids))})"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        found = conn.execute(query, ids).fetchall()
+    # SQLAlchemy keeps SQLite's datetimes as ISO text
+    return [
+        {n: datetime.fromisoformat(v) if n.endswith("_at") and v else v for n, v in zip(names, r, strict=True)}
+        for r in found
+    ]
 
 
 def main() -> None:
@@ -81,19 +105,28 @@ def main() -> None:
     ap.add_argument("--waits", type=int, default=50, help="then predictions with Prefer: wait (default 50)")
     ap.add_argument("--gap", type=float, nargs=2, default=(0.05, 0.6), help="pause before each, s (default 0.05 0.6)")
     ap.add_argument("--src", type=Path, default=None, help="run the API and the worker from this src directory")
+    ap.add_argument(
+        "--database",
+        choices=("postgresql", "sqlite"),
+        default="postgresql",
+        help="PostgreSQL (a throwaway database on --pg-server), or the data dir's SQLite file (default postgresql)",
+    )
     ap.add_argument("--pg-server", default=PG_SERVER, help=f"PostgreSQL server URL (default {PG_SERVER})")
+    ap.add_argument("--idle", type=float, default=10.0, help="seconds of nothing, for the idle CPU (default 10)")
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
-    print(f"machine: {machine()}\nsrc: {args.src or ROOT / 'src'}", flush=True)
+    print(f"machine: {machine()}\nsrc: {args.src or ROOT / 'src'}\ndatabase: {args.database}", flush=True)
 
     data_dir = Path(tempfile.mkdtemp(prefix="kontext-claimbench-"))
-    pg_name = f"kontext_claim_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_admin(args.pg_server, f'CREATE DATABASE "{pg_name}"'))
-    dsn = f"{args.pg_server}/{pg_name}"
+    pg_name = f"kontext_claim_{uuid.uuid4().hex[:10]}" if args.database == "postgresql" else None
+    if pg_name is not None:
+        asyncio.run(_admin(args.pg_server, f'CREATE DATABASE "{pg_name}"'))
+    dsn = f"{args.pg_server}/{pg_name}" if pg_name is not None else str(data_dir / "kontext.db")
     fake_port, api_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KONTEXT_") and k != "DATABASE_URL"}
+    if pg_name is not None:
+        env["DATABASE_URL"] = dsn  # else both processes take the data dir's SQLite file
     env.update(
-        DATABASE_URL=dsn,
         REPLICATE_API_TOKEN=TOKEN,
         REPLICATE_BASE_URL=f"http://127.0.0.1:{fake_port}",
         KONTEXT_DATA_DIR=str(data_dir),
@@ -118,11 +151,16 @@ def main() -> None:
         script = Path(sys.executable).with_name("kontext")
         base = [str(script)] if script.exists() else [sys.executable, "-m", "kontext_gateway"]
         worker_cmd = [*base, "worker", "--concurrency", "8", "--data-dir", str(data_dir)]
-        procs.append(subprocess.Popen(worker_cmd, env=env, stdout=log, stderr=log))
+        worker = subprocess.Popen(worker_cmd, env=env, stdout=log, stderr=log)
+        procs.append(worker)
         api_url = f"http://127.0.0.1:{api_port}"
         # One prediction first: the worker is up, connected and claiming before anything is timed.
         first = asyncio.run(send(api_url, 1, (0.0, 0.0), args.seed))
         asyncio.run(rows(dsn, [rid for rid, _ in first], 120))
+        # Idle: what each process costs while nothing happens (its polls and watches).
+        idle = {name: cpu_seconds(p.pid) for name, p in (("API", api), ("worker", worker))}
+        time.sleep(args.idle)
+        idle = {name: (cpu_seconds(p.pid) - idle[name]) / args.idle for name, p in (("API", api), ("worker", worker))}
         ids = [rid for rid, _ in asyncio.run(send(api_url, args.jobs, tuple(args.gap), args.seed))]
         found = asyncio.run(rows(dsn, ids, 120))
         waited = asyncio.run(send(api_url, args.waits, tuple(args.gap), args.seed, wait=True)) if args.waits else []
@@ -132,7 +170,8 @@ def main() -> None:
             stop_process(p)
         if log is not None:
             log.close()
-        asyncio.run(_admin(args.pg_server, f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)'))
+        if pg_name is not None:
+            asyncio.run(_admin(args.pg_server, f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)'))
         shutil.rmtree(data_dir, ignore_errors=True)
 
     statuses = {r["status"] for r in found}
@@ -145,6 +184,7 @@ def main() -> None:
     if took:
         name = f"Prefer: wait, the whole request ({len(took)})"
         print(f"| {name} | {percentile(took, 50):.1f} | {percentile(took, 90):.1f} | {took[-1]:.1f} |")
+    print(f"\nidle, over {args.idle:g} s: " + ", ".join(f"{n} {1000 * c:.1f} CPU-ms a second" for n, c in idle.items()))
 
 
 if __name__ == "__main__":

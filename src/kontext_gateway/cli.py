@@ -459,7 +459,7 @@ async def _worker(args: argparse.Namespace) -> int:
         )
         return 2
     gateway = Gateway(settings)
-    await gateway.start()
+    await gateway.start(api=False)
     metrics.gc_frozen(collector.settle_after_start())
     stop = asyncio.Event()
 

@@ -37,10 +37,12 @@ from .routing import Router
 from .service import ImageService
 from .store.blob_url import open_blob_store
 from .store.db import Database, make_private
+from .store.engine import sqlite_path
 from .store.history import HistoryRows
 from .store.idempotency import IdempotencyKeys
 from .store.keys import KeyRows
 from .store.notices import JobNotices
+from .store.sqlite_watch import SQLiteWatch
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +93,10 @@ class Gateway:
             events=self.webhooks,
         )
         self.worker = Worker(self.db, self.runner, settings)
-        # PostgreSQL tells the claim loops of jobs enqueued elsewhere, and waiters of jobs ended elsewhere.
+        # PostgreSQL tells the claim loops of jobs enqueued elsewhere, and waiters of jobs ended elsewhere;
+        # on a SQLite file shared by an API process and worker processes, a watch looks for them.
         self.notices: JobNotices | None = None
+        self.watch: SQLiteWatch | None = None
 
         # The two APIs on the jobs, and the history.
         self.images = ImageService(
@@ -115,7 +119,9 @@ class Gateway:
         # Purges payloads that are due (payload_retention).
         self.retention = RetentionSweeper(history=self.history, rows=history_rows, settings=settings)
 
-    async def start(self, *, workers: bool = True) -> None:
+    async def start(self, *, workers: bool = True, api: bool = True) -> None:
+        """`workers`: run jobs (as the settings say); `api`: whether this process serves the API too
+        (`kontext worker` does not: on a SQLite file, it watches for jobs other processes queue)."""
         _private_data_dir(self.settings.data_dir)
         # A missing bucket, an endpoint out of reach or a refused key fails here, in one line.
         await self.blobs.writable()
@@ -129,9 +135,30 @@ class Gateway:
                     ended=self.channels.done,
                 )
                 await self.notices.start()
+            elif (path := sqlite_path(self.db.url)) is not None:
+                self.watch = self._sqlite_watch(path, claims=not api)
+                if self.watch is not None:
+                    await self.watch.start()
             if self.worker.concurrency:  # deliveries go from the processes that run jobs
                 await self.webhooks.start()
                 await self.retention.start()  # so does the retention sweep
+
+    def _sqlite_watch(self, path: Path, *, claims: bool) -> SQLiteWatch | None:
+        """What this process looks for in the SQLite file: jobs to claim in a worker process (one that
+        serves no API: a serving process hands its own jobs over at once), the ends of the jobs it
+        waits on in a process that runs none. None: nothing (the embedded default runs and waits on
+        its own jobs, and hears of them in-process)."""
+        new_job = self.worker.wake if claims and self.worker.concurrency else None
+        ended = self.channels.done if not self.worker.concurrency else None
+        if new_job is None and ended is None:
+            return None
+        return SQLiteWatch(
+            path,
+            new_job=new_job,
+            ended=ended,
+            waited=self.channels.waited,
+            someone_waits=self.channels.someone_waits,
+        )
 
     async def readiness(self, *, timeout_s: float) -> dict[str, str]:
         """Each readiness check's answer: "ok", or what is wrong (see api/health.py)."""
@@ -172,6 +199,8 @@ class Gateway:
         await self.worker.stop()  # after begin_drain(): waits out the drain's deadline
         if self.notices is not None:
             await self.notices.close()
+        if self.watch is not None:
+            await self.watch.close()
         await self.webhooks.stop()
         await self.retention.stop()
         for provider in self.providers.values():

@@ -3,8 +3,8 @@
 - completion: an event set when the job ends (registered before the job is enqueued, so its end
   cannot be missed), with the job's final record beside it (the runner has it from the statement
   that ended the job: the waiter needs no second read). A waiter in another process than the
-  runner's is told by the database's notice on PostgreSQL (store/notices.py), and reads the record;
-  elsewhere it polls.
+  runner's is told by the database's notice on PostgreSQL (store/notices.py), or by the watch on a
+  SQLite file (store/sqlite_watch.py), and reads the record; otherwise it polls.
 - progress: a listener told of each denoising step (the CLI's progress bar).
 - previews: where a streaming request wants the job's previews (`stream: true`).
 - steps: (step, total) of the jobs this process runs on the local engine (the playground shows it).
@@ -31,6 +31,7 @@ Preview = Callable[[int, "Image"], None]  # (index 0.., a decoded picture at out
 class JobChannels:
     def __init__(self) -> None:
         self._completions: dict[str, asyncio.Event] = {}
+        self.someone_waits = asyncio.Event()  # set each time a waiter registers (a watch wakes for it)
         self._finals: dict[str, RequestRow] = {}
         self.progress: dict[str, ProgressFn] = {}
         self.previews: dict[str, Preview] = {}
@@ -38,7 +39,15 @@ class JobChannels:
 
     def completion(self, request_id: str) -> asyncio.Event:
         """The event set when the job ends (made on first ask)."""
-        return self._completions.setdefault(request_id, asyncio.Event())
+        event = self._completions.get(request_id)
+        if event is None:
+            event = self._completions[request_id] = asyncio.Event()
+            self.someone_waits.set()
+        return event
+
+    def waited(self) -> list[str]:
+        """The ids of the jobs someone waits on."""
+        return list(self._completions)
 
     def done(self, request_id: str, final: RequestRow | None = None) -> None:
         """The job ended (as `final`, when known). Only jobs someone waits on have an event, and the

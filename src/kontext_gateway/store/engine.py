@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -75,6 +76,11 @@ def sqlite_file(url: str) -> bool:
     parsed = make_url(url)
     name = str(parsed.database or "")
     return parsed.get_backend_name() == "sqlite" and name not in ("", ":memory:") and not name.startswith("file:")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The SQLite file `url` names (as its driver opens it), or None when it names no file."""
+    return Path(os.path.abspath(str(make_url(url).database))) if sqlite_file(url) else None
 
 
 def make_sqlite_thread_engine(url: str, *, waits: bool = True) -> Engine:

@@ -7,7 +7,8 @@ PostgreSQL, once the transaction that makes a job claimable has committed, `CHAN
 the job's lane, and once the one that ends a job has, `ENDED_CHANNEL` with its id. Each serving process
 LISTENs on a connection of its own: its claim loops wake at once, and so does a waiter of the job that
 ended. The polls stay, as the fallback: a notice lost to a crash just after a commit or sent while the
-listening connection was down, a lease that ran out. SQLite has no such channel: polling alone.
+listening connection was down, a lease that ran out. SQLite has no such channel: processes sharing
+a SQLite file look for the same news instead (sqlite_watch.py).
 
 The notices go in transactions of their own, not in the jobs': PostgreSQL serializes the commits of
 every transaction that notifies, fsync included, and creating jobs at hundreds a second through that
