@@ -1,15 +1,18 @@
 """How long a prediction waits for a worker in another process: created (API) to claimed (worker), on
 PostgreSQL or on the SQLite file both processes share (`--database sqlite`).
 
-An API process (`kontext serve --workers 0`) enqueues; one `kontext worker --concurrency 8` process,
-otherwise idle, claims. Predictions arrive one at a time, each after a random pause (uniform in
-`--gap` seconds), so every one finds the worker waiting and lands at a random moment of its poll
-cycle. The fake Replicate (tests/fakes/replicate.py, `pending_polls=0`, as in predictions_throughput.py)
-answers at once. From the rows: claimed = `started_at` - `created_at` (the two processes' clocks are this
-machine's one), done = `completed_at` - `created_at`; p50 / p90 / max over `--jobs`. Then `--waits`
-more, each with `Prefer: wait` (the API process waits for the worker's end and answers `succeeded`):
-the client's whole request, timed by the client. `--src DIR` runs the API and the worker from another
-checkout's src (before / after).
+An API process (`kontext serve --workers 0`) enqueues; one `kontext worker` process (`--concurrency` the
+crowd's size, 8 at least), otherwise idle, claims. Predictions arrive one at a time, each after a random
+pause (uniform in `--gap` seconds), so every one finds the worker waiting and lands at a random moment
+of its poll cycle. The fake Replicate (tests/fakes/replicate.py, `pending_polls=0`, as in
+predictions_throughput.py) answers at once. From the rows: claimed = `started_at` - `created_at` (the
+two processes' clocks are this machine's one), done = `completed_at` - `created_at`; p50 / p90 / max
+over `--jobs`. Then `--waits` more, each with `Prefer: wait` (the API process waits for the worker's end
+and answers `succeeded`): the client's whole request, timed by the client. Then a crowd: `--crowd`
+predictions with `Prefer: wait` at once, each pending upstream for `--crowd-polls` polls (some 5 s), and
+the CPU the API process spent while they waited (its waiters' reads of the jobs, and whatever tells it
+of their ends). Last, each process's CPU while nothing happens (`--idle` seconds). `--src DIR` runs the
+API and the worker from another checkout's src (before / after).
 
     .venv/bin/python benchmarks/claim_latency.py
     .venv/bin/python benchmarks/claim_latency.py --jobs 200 --src /tmp/before/src
@@ -25,6 +28,7 @@ import os
 import random
 import shutil
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,6 +103,29 @@ def _sqlite_rows(path: str, ids: list[str]) -> list[dict[str, Any]]:
     ]
 
 
+async def crowd(api_url: str, fake_url: str, n: int, polls: int) -> list[float]:
+    """`n` predictions with `Prefer: wait` at once, each pending upstream for `polls` polls: the seconds
+    each request took (all checked `succeeded`)."""
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=n)) as client:
+        (await client.post(f"{fake_url}/_bench/pending", params={"polls": polls})).raise_for_status()
+
+        async def one(i: int) -> float:
+            t0 = time.perf_counter()
+            r = await client.post(
+                f"{api_url}/v1/models/{MODEL}/predictions",
+                json={"input": {"prompt": f"crowd {i}"}},
+                headers={"Prefer": "wait=60"},
+            )
+            if r.status_code >= 300 or r.json().get("status") != "succeeded":
+                raise SystemExit(f"crowd prediction {i}: {r.status_code} {r.text[:300]}")
+            return time.perf_counter() - t0
+
+        try:
+            return list(await asyncio.gather(*(one(i) for i in range(n))))
+        finally:
+            await client.post(f"{fake_url}/_bench/pending", params={"polls": 0})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=100, help="predictions, one at a time (default 100)")
@@ -113,6 +140,8 @@ def main() -> None:
     )
     ap.add_argument("--pg-server", default=PG_SERVER, help=f"PostgreSQL server URL (default {PG_SERVER})")
     ap.add_argument("--idle", type=float, default=10.0, help="seconds of nothing, for the idle CPU (default 10)")
+    ap.add_argument("--crowd", type=int, default=128, help="then this many waiting at once (default 128)")
+    ap.add_argument("--crowd-polls", type=int, default=10, help="each pending for N polls (default 10)")
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
     print(f"machine: {machine()}\nsrc: {args.src or ROOT / 'src'}\ndatabase: {args.database}", flush=True)
@@ -150,7 +179,7 @@ def main() -> None:
         _wait_http(api, api_port, "/health", 200, "kontext serve", data_dir / "processes.log")
         script = Path(sys.executable).with_name("kontext")
         base = [str(script)] if script.exists() else [sys.executable, "-m", "kontext_gateway"]
-        worker_cmd = [*base, "worker", "--concurrency", "8", "--data-dir", str(data_dir)]
+        worker_cmd = [*base, "worker", "--concurrency", str(max(8, args.crowd)), "--data-dir", str(data_dir)]
         worker = subprocess.Popen(worker_cmd, env=env, stdout=log, stderr=log)
         procs.append(worker)
         api_url = f"http://127.0.0.1:{api_port}"
@@ -165,6 +194,10 @@ def main() -> None:
         found = asyncio.run(rows(dsn, ids, 120))
         waited = asyncio.run(send(api_url, args.waits, tuple(args.gap), args.seed, wait=True)) if args.waits else []
         took = sorted(ms for _, ms in waited)
+        # A crowd waiting at once in the API process for jobs the worker runs: what the waits cost it.
+        api_cpu = cpu_seconds(api.pid)
+        crowd_s = asyncio.run(crowd(api_url, f"http://127.0.0.1:{fake_port}", args.crowd, args.crowd_polls))
+        api_cpu = cpu_seconds(api.pid) - api_cpu
     finally:
         for p in reversed(procs):
             stop_process(p)
@@ -184,6 +217,12 @@ def main() -> None:
     if took:
         name = f"Prefer: wait, the whole request ({len(took)})"
         print(f"| {name} | {percentile(took, 50):.1f} | {percentile(took, 90):.1f} | {took[-1]:.1f} |")
+    if crowd_s:
+        print(
+            f"\ncrowd: {len(crowd_s)} Prefer: wait predictions at once, each pending for {args.crowd_polls} polls "
+            f"(each request {statistics.median(crowd_s):.2f} s, median): the API process spent {api_cpu:.2f} CPU-s, "
+            f"{1000 * api_cpu / len(crowd_s):.1f} CPU-ms per request"
+        )
     print(f"\nidle, over {args.idle:g} s: " + ", ".join(f"{n} {1000 * c:.1f} CPU-ms a second" for n, c in idle.items()))
 
 

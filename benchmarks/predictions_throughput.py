@@ -82,7 +82,11 @@ async def stats(request):
     downloads = sum(1 for method, path, _, _ in fake.requests if method == "GET" and path.startswith("/results/")
                 and path != "/results/none.png")  # not the benchmark's start-up probe
     return JSONResponse({"prompts": prompts, "downloads": downloads, "requests": len(fake.requests)})
+async def pending(request):  # from now on, each new prediction is pending for this many polls
+    fake.pending_polls = int(request.query_params["polls"])
+    return JSONResponse({"pending_polls": fake.pending_polls})
 fake.app.router.routes.append(Route("/_bench/stats", stats))
+fake.app.router.routes.append(Route("/_bench/pending", pending, methods=["POST"]))
 uvicorn.run(fake.app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
 """
 

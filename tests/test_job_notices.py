@@ -152,6 +152,7 @@ async def test_a_waiter_hears_of_the_end_of_a_job_another_process_ran(
 ) -> None:
     """The API process runs no jobs and reads the job once an hour: only the notice can end its wait in time."""
     monkeypatch.setattr(service, "OTHER_JOB_POLL_S", 3600.0)
+    monkeypatch.setattr(service, "HEARD_JOB_POLL_S", 3600.0)
     fake = FakeReplicate(pending_polls=0)
     with serve(fake.app) as fake_url:
         common = dict(database_url=pg_url, replicate_api_token="r8_test", replicate_base_url=fake_url)

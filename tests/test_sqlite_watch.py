@@ -159,6 +159,7 @@ async def test_a_waiter_sees_the_end_of_a_job_a_worker_process_ran(
     """The API process reads the job once an hour and the worker polls for jobs once an hour: only
     the watches can end the wait in time."""
     monkeypatch.setattr(service, "OTHER_JOB_POLL_S", 3600.0)
+    monkeypatch.setattr(service, "HEARD_JOB_POLL_S", 3600.0)
     fake = FakeReplicate(pending_polls=0)
     with serve(fake.app) as fake_url:
         api = Gateway(split_settings(tmp_path, fake_url, workers=0, local_workers=0))
@@ -171,6 +172,44 @@ async def test_a_waiter_sees_the_end_of_a_job_a_worker_process_ran(
             rid = await api.images.submit(call, base_url="http://localhost/", waiter=True)
             record = await asyncio.wait_for(api.images.wait(rid), PATIENCE_S)
             assert record.status == JobStatus.SUCCEEDED and record.claimed_by == worker.worker.id
+        finally:
+            await worker.close()
+            await api.close()
+
+
+async def test_a_waiter_that_hears_of_ends_reads_its_job_only_once_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a watch the waiter would read the job every 10 ms (a hundred reads a second); with
+    one, only when the watch says it ended: a crowd of waiters costs the API process next to nothing."""
+    monkeypatch.setattr(service, "OTHER_JOB_POLL_S", 0.01)
+    monkeypatch.setattr(service, "HEARD_JOB_POLL_S", 3600.0)
+    fake = FakeReplicate(pending_polls=6)  # the job takes the worker a few polls: half a second or more
+    with serve(fake.app) as fake_url:
+        api = Gateway(split_settings(tmp_path, fake_url, workers=0, local_workers=0))
+        worker = Gateway(split_settings(tmp_path, fake_url))
+        await api.start()
+        await worker.start(api=False)
+        reads = 0
+        get_request = api.db.get_request
+
+        async def counted(request_id: str) -> object:
+            nonlocal reads
+            reads += 1
+            return await get_request(request_id)
+
+        monkeypatch.setattr(api.db, "get_request", counted)
+        try:
+            call = prediction_call("replicate/flux.1-kontext-pro", {"input": {"prompt": "a fox"}}).call
+            rid = await api.images.submit(call, base_url="http://localhost/", waiter=True)
+            async with asyncio.timeout(PATIENCE_S):
+                while True:  # the watch has connected (it looks once someone waits)
+                    if api.watch is not None and api.watch.watching_ends:
+                        break
+                    await asyncio.sleep(0.01)
+            record = await asyncio.wait_for(api.images.wait(rid), PATIENCE_S)
+            assert record.status == JobStatus.SUCCEEDED
+            assert reads <= 2, f"{reads} reads of one job"
         finally:
             await worker.close()
             await api.close()

@@ -111,6 +111,7 @@ class Gateway:
             limits=self.limits,
             keys=self.keys,
             events=self.webhooks,
+            ends_heard=self._ends_heard,
         )
         self.predictions = PredictionService(images=self.images, db=self.db, view=view, settings=settings)
         self.history = History(
@@ -142,6 +143,12 @@ class Gateway:
             if self.worker.concurrency:  # deliveries go from the processes that run jobs
                 await self.webhooks.start()
                 await self.retention.start()  # so does the retention sweep
+
+    def _ends_heard(self) -> bool:
+        """Whether this process hears now of the ends of jobs run in others."""
+        if self.notices is not None:
+            return self.notices.listening.is_set()
+        return self.watch is not None and self.watch.watching_ends
 
     def _sqlite_watch(self, path: Path, *, claims: bool) -> SQLiteWatch | None:
         """What this process looks for in the SQLite file: jobs to claim in a worker process (one that

@@ -15,6 +15,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
@@ -48,9 +49,11 @@ log = logging.getLogger(__name__)
 
 MAX_PASSTHROUGH_BYTES = 64 * 1024
 OWN_JOB_POLL_S = 30.0  # how often a waiter reads a job that this process runs (its end is signalled)
-# How often a waiter reads a job run elsewhere (on PostgreSQL its end is signalled too: the fallback).
+# How often a waiter reads a job run elsewhere, while nothing tells this process of its end:
 OTHER_JOB_POLL_S = 0.2  # in a process that runs no jobs (an API process): the jobs it waits on run elsewhere
 OTHER_JOB_POLL_BUSY_S = 1.0  # in one that runs jobs too
+# ... and while something does (PostgreSQL's notice, the SQLite watch): the read is only a safety net.
+HEARD_JOB_POLL_S = 2.0
 
 
 class JobQueue(Protocol):
@@ -113,7 +116,10 @@ class ImageService:
         limits: RateLimiter,
         keys: KeyStore,
         events: JobEvents,
+        ends_heard: Callable[[], bool] = lambda: False,
     ) -> None:
+        """`ends_heard()`: whether this process hears now of the ends of jobs run elsewhere (then a
+        waiter reads such a job rarely)."""
         self.settings = settings
         self.catalog = catalog
         self.router = router
@@ -125,6 +131,7 @@ class ImageService:
         self.limits = limits
         self.keys = keys
         self.events = events  # told of a job canceled before any worker took it
+        self.ends_heard = ends_heard
 
     async def create(
         self,
@@ -351,10 +358,13 @@ class ImageService:
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
-                # A job this process runs signals its end; so, on PostgreSQL, does one run elsewhere
-                # (store/notices.py), else it is seen by polling. The long looks are safety nets.
+                # A job this process runs signals its end; so, on PostgreSQL (store/notices.py) or a
+                # watched SQLite file (store/sqlite_watch.py), does one run elsewhere, else it is seen
+                # by polling. The long looks are safety nets.
                 if self.jobs.runs(request_id):
                     poll = OWN_JOB_POLL_S
+                elif self.ends_heard():
+                    poll = HEARD_JOB_POLL_S
                 else:
                     poll = OTHER_JOB_POLL_BUSY_S if self.jobs.concurrency else OTHER_JOB_POLL_S
                 left = poll if deadline is None else min(poll, deadline - time.monotonic())

@@ -56,7 +56,13 @@ class SQLiteWatch:
         self._interval_s = interval_s
         self._retry_s = retry_s
         self._task: asyncio.Task[None] | None = None
+        self._connected = False
         self.looks = 0  # how often it asked what changed (the file had changed since the last look)
+
+    @property
+    def watching_ends(self) -> bool:
+        """Whether the ends of the jobs waited on are being looked for now (a connection is open)."""
+        return self._ended is not None and self._connected
 
     async def start(self) -> None:
         if self._task is None:
@@ -88,6 +94,7 @@ class SQLiteWatch:
             conn.execute("PRAGMA busy_timeout=0")  # on the event loop: never wait for a lock
             seen = _data_version(conn)
             self._look(conn)  # for what happened before this connection was made
+            self._connected = True
             while True:
                 if self._new_job is None and not self._waited():
                     self._someone_waits.clear()
@@ -104,6 +111,7 @@ class SQLiteWatch:
                     continue
                 seen = version
         finally:
+            self._connected = False
             conn.close()
 
     def _look(self, conn: sqlite3.Connection) -> None:
