@@ -89,7 +89,7 @@ class SQLiteWatch:
 
     async def _watch_once(self) -> None:
         # Autocommit: each statement is a read of its own, and nothing is ever held between looks.
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(self._path, isolation_level=None)
         try:
             conn.execute("PRAGMA busy_timeout=0")  # on the event loop: never wait for a lock
             seen = _data_version(conn)
