@@ -107,7 +107,9 @@ def _main(argv: list[str] | None) -> int:
         help="run jobs from the database, without the HTTP API",
         description="Claim and run jobs (image requests and predictions) from the "
         "database: several workers on one PostgreSQL database each claim a "
-        "job exactly once. On SIGINT / SIGTERM it drains: no more claims, running jobs get "
+        "job exactly once; on one machine, workers and an API process (serve --workers 0) may share "
+        "the data directory's SQLite file instead, and see each other's jobs by looking at it every "
+        "50 ms. On SIGINT / SIGTERM it drains: no more claims, running jobs get "
         "KONTEXT_DRAIN_TIMEOUT_S (default 30) to finish, the rest go back to the queue (another "
         "worker resumes them without submitting them upstream again); a second signal hands them "
         "back at once. Exits 0.",
