@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from fakes.s3 import MotoS3
     from fakes.upstreams import Upstreams
     from kontext_gateway.engine.pipeline import KontextEngine
+    from kontext_gateway.store.db import Database
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 # The longest a test waits for what is bound to happen. Generous: the waits end as soon as it has
@@ -59,6 +60,19 @@ def wait_until(condition: Callable[[], object], timeout: float = PATIENCE_S, int
             return False
         time.sleep(interval)
     return True
+
+
+async def enqueue_job(db: Database, **kw: object) -> str:
+    """A job row as the API writes one (text-to-image, no parameters), with `kw` for `create_request`;
+    its id."""
+    rid = f"req_{uuid.uuid4().hex}"
+    await db.create_request(id=rid, endpoint="images.generations", model="m", mode="text-to-image", params={}, **kw)  # type: ignore[arg-type]
+    return rid
+
+
+async def next_in(queue: asyncio.Queue[str]) -> str:
+    """The next item put in `queue`, waited for patiently."""
+    return await asyncio.wait_for(queue.get(), PATIENCE_S)
 
 
 async def await_until(condition: Callable[[], object], timeout: float = PATIENCE_S, interval: float = 0.02) -> bool:

@@ -5,14 +5,13 @@ one wakes its waiter in another."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
-from conftest import PATIENCE_S, throwaway_postgres_database
+from conftest import PATIENCE_S, enqueue_job, next_in, throwaway_postgres_database
 from fakes.common import serve
 from fakes.replicate import FakeReplicate
 from kontext_gateway import service
@@ -44,16 +43,6 @@ async def two_processes(pg_url: str) -> AsyncIterator[tuple[Database, Database]]
         await api.close()
 
 
-async def enqueue(db: Database, **kw: object) -> str:
-    rid = f"req_{uuid.uuid4().hex}"
-    await db.create_request(id=rid, endpoint="images.generations", model="m", mode="text-to-image", params={}, **kw)  # type: ignore[arg-type]
-    return rid
-
-
-async def next_notice(heard: asyncio.Queue[str]) -> str:
-    return await asyncio.wait_for(heard.get(), PATIENCE_S)
-
-
 async def test_a_queued_job_is_announced_to_the_listeners_with_its_lane(
     two_processes: tuple[Database, Database],
 ) -> None:
@@ -62,17 +51,17 @@ async def test_a_queued_job_is_announced_to_the_listeners_with_its_lane(
     notices = JobNotices(worker.engine, new_job=heard.put_nowait, retry_s=0.05)
     await notices.start()
     try:
-        assert await next_notice(heard) == ANY_LANE  # just connected: look once, something may have been missed
-        await enqueue(api, lane=Lane.LOCAL)
-        assert await next_notice(heard) == "local"
+        assert await next_in(heard) == ANY_LANE  # just connected: look once, something may have been missed
+        await enqueue_job(api, lane=Lane.LOCAL)
+        assert await next_in(heard) == "local"
         # Claimed by the process that enqueued it, or refused: nobody else has anything to claim.
-        claimed = await enqueue(api, claimed_by="worker-a", lease_s=30)
-        await enqueue(api, rejected={"error": {"message": "no", "type": "invalid_request_error"}})
-        await enqueue(api, lane=Lane.HOSTED)
-        assert await next_notice(heard) == "hosted"  # the next notice is this one: none for the two before
+        claimed = await enqueue_job(api, claimed_by="worker-a", lease_s=30)
+        await enqueue_job(api, rejected={"error": {"message": "no", "type": "invalid_request_error"}})
+        await enqueue_job(api, lane=Lane.HOSTED)
+        assert await next_in(heard) == "hosted"  # the next notice is this one: none for the two before
         # Handed back by a worker shutting down: claimable again at once, by anyone.
         assert await api.release_leases("worker-a", [claimed]) == 1
-        assert await next_notice(heard) == ANY_LANE
+        assert await next_in(heard) == ANY_LANE
         assert heard.empty()
     finally:
         await notices.close()
@@ -84,7 +73,7 @@ async def test_a_lost_listening_connection_is_made_again(two_processes: tuple[Da
     notices = JobNotices(worker.engine, new_job=heard.put_nowait, retry_s=0.05)
     await notices.start()
     try:
-        assert await next_notice(heard) == ANY_LANE
+        assert await next_in(heard) == ANY_LANE
         async with api.engine.begin() as conn:  # the server ends the listening session (a restart, a proxy)
             ended = await conn.execute(
                 text(
@@ -93,9 +82,9 @@ async def test_a_lost_listening_connection_is_made_again(two_processes: tuple[Da
                 )
             )
             assert ended.scalars().all() == [True]
-        assert await next_notice(heard) == ANY_LANE  # listening again, and looking once for what it missed
-        await enqueue(api)
-        assert await next_notice(heard) == "hosted"
+        assert await next_in(heard) == ANY_LANE  # listening again, and looking once for what it missed
+        await enqueue_job(api)
+        assert await next_in(heard) == "hosted"
     finally:
         await notices.close()
     assert not notices.listening.is_set()
@@ -135,13 +124,13 @@ async def test_the_end_of_a_job_is_announced_with_its_id(two_processes: tuple[Da
     await notices.start()
     try:
         await asyncio.wait_for(notices.listening.wait(), PATIENCE_S)
-        failed, canceled, running = [await enqueue(worker) for _ in range(3)]
+        failed, canceled, running = [await enqueue_job(worker) for _ in range(3)]
         await worker.mark_running(running, provider="replicate")  # not an end: no notice
         error = {"message": "upstream down", "type": "server_error"}
         await worker.mark_failed(failed, error=error, attempts=[], duration_ms=5, ledger=False)
-        assert await next_notice(ended) == failed
+        assert await next_in(ended) == failed
         await api.request_cancel(canceled)  # never claimed: ended by the cancel itself
-        assert await next_notice(ended) == canceled
+        assert await next_in(ended) == canceled
         assert ended.empty()
     finally:
         await notices.close()

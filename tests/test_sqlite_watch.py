@@ -5,19 +5,19 @@ waiter in the API process (store/sqlite_watch.py; PostgreSQL's notices are test_
 from __future__ import annotations
 
 import asyncio
-import uuid
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from conftest import PATIENCE_S
+from conftest import PATIENCE_S, await_until, enqueue_job, next_in
 from fakes.common import serve
 from fakes.replicate import FakeReplicate
 from kontext_gateway import service
 from kontext_gateway.config import Settings
 from kontext_gateway.gateway import Gateway
-from kontext_gateway.protocol import prediction_call
+from kontext_gateway.protocol import ImageCall, prediction_call
 from kontext_gateway.store.db import Database
 from kontext_gateway.store.records import ENDED, JobStatus, Lane
 from kontext_gateway.store.sqlite_watch import SQLiteWatch
@@ -41,24 +41,10 @@ async def two_processes(tmp_path: Path) -> AsyncIterator[tuple[Database, Databas
         await api.close()
 
 
-async def enqueue(db: Database, **kw: object) -> str:
-    rid = f"req_{uuid.uuid4().hex}"
-    await db.create_request(id=rid, endpoint="images.generations", model="m", mode="text-to-image", params={}, **kw)  # type: ignore[arg-type]
-    return rid
-
-
-async def next_heard(heard: asyncio.Queue[str]) -> str:
-    return await asyncio.wait_for(heard.get(), PATIENCE_S)
-
-
 async def looked_again(watch: SQLiteWatch) -> None:
     """Until the watch has asked what changed once more (after the change just committed)."""
     before = watch.looks
-    async with asyncio.timeout(PATIENCE_S):
-        while True:
-            if watch.looks > before:
-                return
-            await asyncio.sleep(QUICK_S)
+    assert await await_until(lambda: watch.looks > before, interval=QUICK_S)
 
 
 async def test_a_worker_watch_tells_the_lanes_that_have_a_queued_job(
@@ -69,20 +55,20 @@ async def test_a_worker_watch_tells_the_lanes_that_have_a_queued_job(
     watch = SQLiteWatch(path, new_job=heard.put_nowait, interval_s=QUICK_S)
     await watch.start()
     try:
-        local = await enqueue(api, lane=Lane.LOCAL)
-        assert await next_heard(heard) == "local"
+        local = await enqueue_job(api, lane=Lane.LOCAL)
+        assert await next_in(heard) == "local"
         claimed = await worker.claim_next("worker-b", 30, Lane.LOCAL)
         assert claimed is not None and claimed.id == local
         # Claimed by the process that enqueued it, or refused: nothing queued, nothing told.
         await looked_again(watch)
         while not heard.empty():
             heard.get_nowait()
-        await enqueue(api, claimed_by="worker-a", lease_s=30)
-        await enqueue(api, rejected={"error": {"message": "no", "type": "invalid_request_error"}})
+        await enqueue_job(api, claimed_by="worker-a", lease_s=30)
+        await enqueue_job(api, rejected={"error": {"message": "no", "type": "invalid_request_error"}})
         await looked_again(watch)
         assert heard.empty()
-        await enqueue(api, lane=Lane.HOSTED)
-        assert await next_heard(heard) == "hosted"
+        await enqueue_job(api, lane=Lane.HOSTED)
+        assert await next_in(heard) == "hosted"
     finally:
         await watch.close()
 
@@ -92,7 +78,7 @@ async def test_a_waiter_watch_tells_the_ends_of_the_jobs_waited_on_only(
 ) -> None:
     api, worker, path = two_processes
     ended: asyncio.Queue[str] = asyncio.Queue()
-    failed, canceled, running, not_waited = [await enqueue(api) for _ in range(4)]
+    failed, canceled, running, not_waited = [await enqueue_job(api) for _ in range(4)]
     waited = {failed, canceled, running}
     someone_waits = asyncio.Event()
     watch = SQLiteWatch(
@@ -104,10 +90,10 @@ async def test_a_waiter_watch_tells_the_ends_of_the_jobs_waited_on_only(
         await worker.mark_failed(not_waited, error=error, attempts=[], duration_ms=5, ledger=False)
         await worker.mark_running(running, provider="replicate")  # not an end
         await worker.mark_failed(failed, error=error, attempts=[], duration_ms=5, ledger=False)
-        assert await next_heard(ended) == failed
+        assert await next_in(ended) == failed
         waited.discard(failed)  # its waiter has read it and gone
         await worker.request_cancel(canceled)  # never claimed: ended by the cancel itself
-        assert await next_heard(ended) == canceled
+        assert await next_in(ended) == canceled
         waited.discard(canceled)
         assert ended.empty()  # each end told once: nothing changed since
         # Nobody waits: the watch sleeps until someone does, and then sees what ended meanwhile.
@@ -119,38 +105,47 @@ async def test_a_waiter_watch_tells_the_ends_of_the_jobs_waited_on_only(
         assert watch.looks == looks and ended.empty()
         waited.add(running)
         someone_waits.set()
-        assert await next_heard(ended) == running
+        assert await next_in(ended) == running
     finally:
         await watch.close()
 
 
-def split_settings(tmp_path: Path, fake_url: str, **kw: object) -> Settings:
-    """A process of a deployment whose API and workers share one data directory (and its SQLite file)."""
-    return Settings(data_dir=tmp_path, replicate_api_token="r8_test", replicate_base_url=fake_url, **kw)  # type: ignore[arg-type]
+@contextlib.asynccontextmanager
+async def split_deployment(
+    tmp_path: Path, *, pending_polls: int = 0, **worker_settings: object
+) -> AsyncIterator[tuple[Gateway, Gateway]]:
+    """An API process (`serve --workers 0`) and a worker process (`kontext worker`) sharing one data
+    directory, its SQLite file included, on a fake Replicate whose tasks take `pending_polls` polls."""
+    fake = FakeReplicate(pending_polls=pending_polls)
+    with serve(fake.app) as fake_url:
+        common = dict(data_dir=tmp_path, replicate_api_token="r8_test", replicate_base_url=fake_url)
+        api = Gateway(Settings(workers=0, local_workers=0, **common))  # type: ignore[arg-type]
+        worker = Gateway(Settings(**common, **worker_settings))  # type: ignore[arg-type]
+        await api.start()
+        await worker.start(api=False)
+        try:
+            yield api, worker
+        finally:
+            await worker.close()
+            await api.close()
+
+
+def a_prediction() -> ImageCall:
+    return prediction_call("replicate/flux.1-kontext-pro", {"input": {"prompt": "a fox"}}).call
 
 
 async def test_a_worker_process_runs_a_job_the_api_process_queued_without_polling(tmp_path: Path) -> None:
     """The worker polls once an hour: only the watch can bring it the prediction in time."""
-    fake = FakeReplicate(pending_polls=0)
-    with serve(fake.app) as fake_url:
-        api = Gateway(split_settings(tmp_path, fake_url, workers=0, local_workers=0))
-        worker = Gateway(split_settings(tmp_path, fake_url, job_poll_interval_s=3600))
-        await api.start()
-        await worker.start(api=False)
-        try:
-            assert worker.watch is not None and worker.notices is None
-            call = prediction_call("replicate/flux.1-kontext-pro", {"input": {"prompt": "a fox"}}).call
-            rid = await api.images.submit(call, base_url="http://localhost/")
-            async with asyncio.timeout(PATIENCE_S):
-                while True:
-                    row = await api.db.get_request(rid)
-                    if row is not None and row.status in ENDED:
-                        break
-                    await asyncio.sleep(0.05)
-            assert row.status == JobStatus.SUCCEEDED and row.claimed_by == worker.worker.id
-        finally:
-            await worker.close()
-            await api.close()
+    async with split_deployment(tmp_path, job_poll_interval_s=3600) as (api, worker):
+        assert worker.watch is not None and worker.notices is None
+        rid = await api.images.submit(a_prediction(), base_url="http://localhost/")
+        async with asyncio.timeout(PATIENCE_S):
+            while True:
+                row = await api.db.get_request(rid)
+                if row is not None and row.status in ENDED:
+                    break
+                await asyncio.sleep(0.05)
+        assert row.status == JobStatus.SUCCEEDED and row.claimed_by == worker.worker.id
 
 
 async def test_a_waiter_sees_the_end_of_a_job_a_worker_process_ran(
@@ -160,21 +155,11 @@ async def test_a_waiter_sees_the_end_of_a_job_a_worker_process_ran(
     the watches can end the wait in time."""
     monkeypatch.setattr(service, "OTHER_JOB_POLL_S", 3600.0)
     monkeypatch.setattr(service, "HEARD_JOB_POLL_S", 3600.0)
-    fake = FakeReplicate(pending_polls=0)
-    with serve(fake.app) as fake_url:
-        api = Gateway(split_settings(tmp_path, fake_url, workers=0, local_workers=0))
-        worker = Gateway(split_settings(tmp_path, fake_url, job_poll_interval_s=3600))
-        await api.start()
-        await worker.start(api=False)
-        try:
-            assert api.worker.concurrency == 0 and api.watch is not None
-            call = prediction_call("replicate/flux.1-kontext-pro", {"input": {"prompt": "a fox"}}).call
-            rid = await api.images.submit(call, base_url="http://localhost/", waiter=True)
-            record = await asyncio.wait_for(api.images.wait(rid), PATIENCE_S)
-            assert record.status == JobStatus.SUCCEEDED and record.claimed_by == worker.worker.id
-        finally:
-            await worker.close()
-            await api.close()
+    async with split_deployment(tmp_path, job_poll_interval_s=3600) as (api, worker):
+        assert api.worker.concurrency == 0 and api.watch is not None
+        rid = await api.images.submit(a_prediction(), base_url="http://localhost/", waiter=True)
+        record = await asyncio.wait_for(api.images.wait(rid), PATIENCE_S)
+        assert record.status == JobStatus.SUCCEEDED and record.claimed_by == worker.worker.id
 
 
 async def test_a_waiter_that_hears_of_ends_reads_its_job_only_once_told(
@@ -184,12 +169,8 @@ async def test_a_waiter_that_hears_of_ends_reads_its_job_only_once_told(
     one, only when the watch says it ended: a crowd of waiters costs the API process next to nothing."""
     monkeypatch.setattr(service, "OTHER_JOB_POLL_S", 0.01)
     monkeypatch.setattr(service, "HEARD_JOB_POLL_S", 3600.0)
-    fake = FakeReplicate(pending_polls=6)  # the job takes the worker a few polls: half a second or more
-    with serve(fake.app) as fake_url:
-        api = Gateway(split_settings(tmp_path, fake_url, workers=0, local_workers=0))
-        worker = Gateway(split_settings(tmp_path, fake_url))
-        await api.start()
-        await worker.start(api=False)
+    # The job takes the worker a few polls: half a second or more.
+    async with split_deployment(tmp_path, pending_polls=6) as (api, _worker):
         reads = 0
         get_request = api.db.get_request
 
@@ -199,20 +180,12 @@ async def test_a_waiter_that_hears_of_ends_reads_its_job_only_once_told(
             return await get_request(request_id)
 
         monkeypatch.setattr(api.db, "get_request", counted)
-        try:
-            call = prediction_call("replicate/flux.1-kontext-pro", {"input": {"prompt": "a fox"}}).call
-            rid = await api.images.submit(call, base_url="http://localhost/", waiter=True)
-            async with asyncio.timeout(PATIENCE_S):
-                while True:  # the watch has connected (it looks once someone waits)
-                    if api.watch is not None and api.watch.watching_ends:
-                        break
-                    await asyncio.sleep(0.01)
-            record = await asyncio.wait_for(api.images.wait(rid), PATIENCE_S)
-            assert record.status == JobStatus.SUCCEEDED
-            assert reads <= 2, f"{reads} reads of one job"
-        finally:
-            await worker.close()
-            await api.close()
+        rid = await api.images.submit(a_prediction(), base_url="http://localhost/", waiter=True)
+        watch = api.watch
+        assert watch is not None and await await_until(lambda: watch.watching_ends)  # connected
+        record = await asyncio.wait_for(api.images.wait(rid), PATIENCE_S)
+        assert record.status == JobStatus.SUCCEEDED
+        assert reads <= 2, f"{reads} reads of one job"
 
 
 async def test_the_embedded_default_watches_nothing(tmp_path: Path) -> None:
