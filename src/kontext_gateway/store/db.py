@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from kontext_gateway.store import ledger, notices
-from kontext_gateway.store.engine import SQLITE_BEGIN_IMMEDIATE, make_engine, sqlite_file
+from kontext_gateway.store.engine import SQLITE_BEGIN_IMMEDIATE, make_engine, sqlite_file, sqlite_path
 from kontext_gateway.store.migrate import code_heads, database_heads, upgrade_to_head
 from kontext_gateway.store.models import FileRecord, RequestRecord, UpstreamTask, WebhookDelivery, utcnow
 from kontext_gateway.store.prepared import PreparedStatement
@@ -192,12 +192,11 @@ def _private_sqlite_file(url: str) -> None:
     """Make a SQLite database file 0600 (new: created empty, which SQLite takes as an empty database;
     old: tightened), with its journal files. Memory databases, URIs and other backends: nothing."""
     parsed = make_url(url)
-    database = str(parsed.database)
-    if not sqlite_file(url) or parsed.query.get("uri"):
+    path = sqlite_path(url)  # the file SQLAlchemy's driver opens
+    if path is None or parsed.query.get("uri"):
         return
     # The folder store.engine.make_engine would make, made private.
-    Path(database).expanduser().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = Path(os.path.abspath(database))  # the file SQLAlchemy's driver opens
+    Path(str(parsed.database)).expanduser().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if path.parent.is_dir():
         # O_EXCL: a file another process made first is left to it (and tightened below)
         with contextlib.suppress(FileExistsError):
