@@ -21,19 +21,21 @@ import pytest
 from prometheus_client import REGISTRY
 
 from conftest import PATIENCE_S, reachable, throwaway_postgres_database
+from kontext_gateway.breaker import Admission
 from kontext_gateway.config import Settings
+from kontext_gateway.errors import GatewayError
 from kontext_gateway.gateway import Gateway
 from kontext_gateway.provider_health.backends import open_health_store, open_provider_health
 from kontext_gateway.provider_health.local import ProviderHealth
 from kontext_gateway.provider_health.redis_store import RedisHealthStore
 from kontext_gateway.provider_health.shared import SharedProviderHealth
 from kontext_gateway.provider_health.state import HealthStore
-from kontext_gateway.providers.errors import ServerError
+from kontext_gateway.providers.errors import Moderated, ServerError
 from kontext_gateway.routing import Router
 from kontext_gateway.store.db import Database
 from kontext_gateway.store.provider_health import PostgresHealthStore
 from kontext_gateway.store.records import HealthSnapshot, LatencyBatch
-from test_routing import PRO, Scripted, job
+from test_routing import PRO, Held, Scripted, job, started
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 KEY = "fal/flux.1-kontext-pro"
@@ -128,7 +130,7 @@ async def test_one_probe_across_processes_and_its_success_closes_for_both(
     a.reset_s = b.reset_s = 0.0  # the open period is over (the store's clock cannot be moved)
     assert a.state(KEY) == b.state(KEY) == "half_open"
     granted = await asyncio.gather(a.allow(KEY), b.allow(KEY), a.allow(KEY), b.allow(KEY))
-    assert sorted(granted) == [False, False, False, True]  # exactly one probe, whoever asked first
+    assert [g is Admission.PROBE for g in granted].count(True) == 1 and granted.count(None) == 3  # one probe
     prober, other = (a, b) if granted[0] or granted[2] else (b, a)
     assert not await other.allow(KEY) and not await prober.allow(KEY)  # the lease runs: no second probe
     await prober.success(KEY)
@@ -169,6 +171,32 @@ async def test_a_released_probe_frees_the_lease_at_once(new_store: Callable[[], 
     assert await a.allow(KEY) and not await b.allow(KEY)
     await a.release(KEY)  # e.g. moderation: no verdict on the provider
     assert await b.allow(KEY)
+
+
+async def test_a_request_let_through_while_closed_leaves_the_shared_probe_taken(
+    new_store: Callable[[], HealthStore],
+) -> None:
+    """A request that process one sent while the breaker was closed, ending in moderation while
+    process one's probe is out, does not give the store's probe lease back: process two may not probe
+    too."""
+    fal = Held("fal")
+    one = Router({"fal": fal}, Settings(breaker_failures=1), shared(new_store(), failures=1))
+    two = shared(new_store(), failures=1)
+    early, early_end = await started(one, fal)  # let through while closed
+    failing, failing_end = await started(one, fal)
+    failing_end.set_result(ServerError("down", status=503))
+    with pytest.raises(GatewayError):
+        await failing
+    one.health.reset_s = two.reset_s = 0.0  # the open period is over
+    probe, probe_end = await started(one, fal)  # the one probe, process one's
+    early_end.set_result(Moderated("flagged"))
+    with pytest.raises(GatewayError) as err:
+        await early
+    assert err.value.code == "content_policy_violation"
+    assert await two.allow(KEY) is None  # the lease is still the probe's
+    probe_end.set_result(None)
+    assert (await probe)[0].provider == "fal"
+    assert await two.allow(KEY) is Admission.CLOSED
 
 
 async def test_latency_learned_by_one_orders_routes_for_the_other(new_store: Callable[[], HealthStore]) -> None:

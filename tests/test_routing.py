@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import pytest
 from PIL import Image
 
-from kontext_gateway.breaker import CircuitBreaker
+from kontext_gateway.breaker import Admission, CircuitBreaker
 from kontext_gateway.catalog import Catalog
 from kontext_gateway.config import Settings
 from kontext_gateway.errors import GatewayError
@@ -260,6 +261,54 @@ async def test_breaker_opens_and_probes_back_in() -> None:
     j = job()
     assert (await r.run(r.candidates(PRO, "text-to-image", j), j))[0].provider == "fal"
     assert r.health.state("fal/flux.1-kontext-pro") == "closed" and fal.calls == 3
+
+
+@dataclass
+class Held(Scripted):
+    """A provider whose every call waits until the test ends it: each call's end, a future, is put on
+    `entered`; the test sets its result (an exception to raise, or None to succeed)."""
+
+    entered: asyncio.Queue[asyncio.Future[Exception | None]] = field(default_factory=asyncio.Queue)
+
+    async def generate(self, entry, job: ImageJob) -> ProviderResult:
+        end: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        self.entered.put_nowait(end)
+        self.outcomes.append(await end)
+        return await super().generate(entry, job)
+
+
+async def started(r: Router, provider: Held) -> tuple[asyncio.Task, asyncio.Future[Exception | None]]:
+    """A request sent through `r`, once inside its call to `provider`; and that call's end."""
+    j = job()
+    task = asyncio.create_task(r.run(r.candidates(PRO, "text-to-image", j), j))
+    return task, await provider.entered.get()
+
+
+async def test_a_request_let_through_while_closed_does_not_free_the_probe() -> None:
+    """A request sent while the breaker was closed, ending without a verdict (moderation) once the
+    breaker has opened and gone half-open, leaves the probe that another request holds taken: still
+    one probe at a time."""
+    now = [0.0]
+    fal = Held("fal")
+    r = router(Settings(breaker_failures=1, breaker_reset_s=30), fal=fal)
+    r.health.breaker.clock = lambda: now[0]
+    key = "fal/flux.1-kontext-pro"
+    early, early_end = await started(r, fal)  # let through while closed
+    failing, failing_end = await started(r, fal)
+    failing_end.set_result(ServerError("down", status=503))
+    with pytest.raises(GatewayError):
+        await failing
+    assert r.health.state(key) == "open"
+    now[0] = 31.0
+    probe, probe_end = await started(r, fal)  # the half-open breaker's one probe
+    early_end.set_result(Moderated("flagged"))
+    with pytest.raises(GatewayError) as err:
+        await early
+    assert err.value.code == "content_policy_violation"
+    assert r.health.state(key) == "half_open" and await r.health.allow(key) is None  # the probe is still out
+    probe_end.set_result(None)
+    assert (await probe)[0].provider == "fal"
+    assert r.health.state(key) == "closed" and await r.health.allow(key) is Admission.CLOSED
 
 
 def test_breaker_half_open_allows_one_probe_and_reopens_on_failure() -> None:

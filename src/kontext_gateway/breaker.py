@@ -9,11 +9,21 @@ breaker kept as the fallback of a shared one (provider_health/shared.py) leaves 
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import metrics
+
+
+class Admission(enum.Enum):
+    """How allow() let a request through: the breaker is closed, or the request is the one probe of a
+    half-open breaker. Only the probe has something to give back (release()) when it ends without a
+    verdict on the provider; a request let through while closed never does."""
+
+    CLOSED = "closed"
+    PROBE = "probe"
 
 
 @dataclass
@@ -50,19 +60,20 @@ class CircuitBreaker:
             return "closed"
         return "half_open" if self.clock() - s.opened_at >= self.reset_s else "open"
 
-    def allow(self, key: str) -> bool:
-        """Whether a request may go to `key` now. In half-open state, only one probe at a time."""
+    def allow(self, key: str) -> Admission | None:
+        """How a request may go to `key` now, or None when it may not. In half-open state, only one
+        probe at a time."""
         self._publish(key)
         state = self.state(key)
         if state == "closed":
-            return True
+            return Admission.CLOSED
         if state == "open":
-            return False
+            return None
         s = self._states[key]
         if s.probing:
-            return False
+            return None
         s.probing = True
-        return True
+        return Admission.PROBE
 
     def success(self, key: str) -> None:
         self._states.pop(key, None)
@@ -77,6 +88,7 @@ class CircuitBreaker:
         self._publish(key)
 
     def release(self, key: str) -> None:
-        """A probe that ended neither in success nor in a provider failure (e.g. moderation)."""
+        """The probe (only the request allow() admitted as Admission.PROBE) ended neither in success nor
+        in a provider failure (e.g. moderation): another request may probe."""
         if key in self._states:
             self._states[key].probing = False

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import metrics
+from .breaker import Admission
 from .catalog import Mode, ModelSpec, ProviderEntry
 from .config import Settings
 from .errors import GatewayError, unavailable
@@ -217,7 +218,11 @@ class Router:
         retry_after: list[float] = []
         for entry, impl in candidates:
             breaker_key = entry.config_key  # one breaker per (provider, model)
-            if not await self.health.allow(breaker_key) and len(candidates) > 1:
+            admission = await self.health.allow(breaker_key)
+            # Only a half-open breaker's probe has something to give back when it ends without a
+            # verdict: a request let through while closed must not free the probe another one holds.
+            probe = admission is Admission.PROBE
+            if admission is None and len(candidates) > 1:
                 job.attempts.append(
                     Attempt(
                         impl.name,
@@ -235,7 +240,8 @@ class Router:
             except UpstreamError as exc:
                 _record(job, seen, entry, impl, t0, error=exc)
                 if isinstance(exc, Moderated):
-                    await self.health.release(breaker_key)
+                    if probe:
+                        await self.health.release(breaker_key)
                     raise GatewayError(
                         f"The request was rejected by {entry.provider}'s content moderation: {exc.message}",
                         status=400,
@@ -243,7 +249,8 @@ class Router:
                         param="prompt",
                     ) from None
                 if exc.kind == "invalid_request":  # the request, not the provider's health
-                    await self.health.release(breaker_key)
+                    if probe:
+                        await self.health.release(breaker_key)
                 else:
                     await self.health.failure(breaker_key)
                 if isinstance(exc, RateLimited) and exc.retry_after is not None:
@@ -253,15 +260,17 @@ class Router:
             except GatewayError as exc:  # the local engine
                 _record(job, seen, entry, impl, t0, error=exc)
                 if exc.status < 500:
-                    await self.health.release(breaker_key)
+                    if probe:
+                        await self.health.release(breaker_key)
                     raise
                 await self.health.failure(breaker_key)
                 last = exc
                 continue
             except BaseException:
                 # Cancelled (the request's deadline, its client gone) or a bug: no verdict on the
-                # provider, but a probe this request was must not stay taken.
-                await self.health.release(breaker_key)
+                # provider, but a probe this request is must not stay taken.
+                if probe:
+                    await self.health.release(breaker_key)
                 raise
             _record(job, seen, entry, impl, t0, images=len(result.images))
             await self.health.success(breaker_key)

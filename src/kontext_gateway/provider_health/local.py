@@ -7,7 +7,7 @@ talk to its store; here they never suspend, so a request pays a few dictionary o
 
 from __future__ import annotations
 
-from ..breaker import CircuitBreaker
+from ..breaker import Admission, CircuitBreaker
 
 EWMA_WEIGHT = 0.2  # of a new latency sample against the running average
 
@@ -24,8 +24,8 @@ class ProviderHealth:
         """closed, open or half_open."""
         return self.breaker.state(key)
 
-    async def allow(self, key: str) -> bool:
-        """Whether a request may go to `key` now (in half-open state, only one probe at a time)."""
+    async def allow(self, key: str) -> Admission | None:
+        """How a request may go to `key` now, or None (in half-open state, only one probe at a time)."""
         return self.breaker.allow(key)
 
     async def success(self, key: str) -> None:
@@ -35,8 +35,9 @@ class ProviderHealth:
         self.breaker.failure(key)
 
     async def release(self, key: str) -> None:
-        """A request let through that ended with no verdict on the provider (moderation, a request
-        error, a cancel): a probe it was is given up, for another to take."""
+        """The probe (a request let through as Admission.PROBE) ended with no verdict on the provider
+        (moderation, a request error, a cancel): given up, for another to take. Only the probe calls
+        it: a request let through while closed has nothing to give back."""
         self.breaker.release(key)
 
     def latency(self, key: str) -> float | None:

@@ -43,7 +43,7 @@ from dataclasses import replace
 from typing import TypeVar
 
 from .. import metrics
-from ..breaker import CircuitBreaker
+from ..breaker import Admission, CircuitBreaker
 from ..store.records import HealthRow, LatencyBatch
 from .local import EWMA_WEIGHT, ProviderHealth
 from .state import HealthStore
@@ -158,7 +158,7 @@ class SharedProviderHealth(ProviderHealth):
 
     # -- the breaker --
 
-    async def allow(self, key: str) -> bool:
+    async def allow(self, key: str) -> Admission | None:
         await self._refresh_if_due()
         if self._down or self._offset is None:  # no shared view (yet): this process's own breaker
             allowed = self.breaker.allow(key)
@@ -167,10 +167,10 @@ class SharedProviderHealth(ProviderHealth):
         state = self.state(key)
         self._publish(key, state)
         if state == "closed":
-            return True
+            return Admission.CLOSED
         row = self._rows[key]
         if state == "open" or key in self._probes or (row.probe_until or 0.0) > self._store_now():
-            return False
+            return None
         # Half-open by our view, no probe seen: ask the store, which judges by its own clock.
         token = uuid.uuid4().hex
         self._probes[key] = token  # while asking, this process's other requests do not ask too
@@ -185,10 +185,10 @@ class SharedProviderHealth(ProviderHealth):
         current = self._rows.get(key, row)
         if granted:
             self._rows[key] = replace(current, probe_until=self._store_now() + self.probe_lease_s)
-            return True
+            return Admission.PROBE
         # Another process probes (or the store's clock says not yet): ask again after the next refresh.
         self._rows[key] = replace(current, probe_until=math.inf)
-        return False
+        return None
 
     async def success(self, key: str) -> None:
         self.breaker.success(key)
