@@ -418,18 +418,24 @@ def direct_bfl(base: str, tls: ssl.SSLContext) -> Callable[[], contextlib.Abstra
 
 def check_answer(r: httpx.Response) -> str | None:
     """None for a good answer (200, one data[0].url, or data[0].b64_json when that was asked), else why not."""
+    return answered_image(r)[0]
+
+
+def answered_image(r: httpx.Response) -> tuple[str | None, str]:
+    """Why the answer is not good (None when it is), and its data[0].url or .b64_json (each answer's
+    JSON parsed once)."""
     if r.status_code != 200:
-        return f"HTTP {r.status_code}: {r.text[:300]}"
+        return f"HTTP {r.status_code}: {r.text[:300]}", ""
     try:
         data = r.json().get("data")
     except ValueError:
-        return f"HTTP 200, not JSON: {r.text[:200]}"
+        return f"HTTP 200, not JSON: {r.text[:200]}", ""
     if not isinstance(data, list) or len(data) != 1 or not isinstance(data[0], dict):
-        return f"HTTP 200, data is not one item: {r.text[:200]}"
+        return f"HTTP 200, data is not one item: {r.text[:200]}", ""
     image = data[0].get("url") or data[0].get("b64_json")
     if not isinstance(image, str) or not image:
-        return f"HTTP 200 without data[0].url or .b64_json: {r.text[:200]}"
-    return None
+        return f"HTTP 200 without data[0].url or .b64_json: {r.text[:200]}", ""
+    return None, image
 
 
 def own_cpu() -> float:
@@ -462,8 +468,8 @@ async def load(target: Target, clients: int, duration: float, warmup: float, fak
 
                 async def call(body: dict[str, Any]) -> str | None:
                     answer = await client.post(target.url, json=body, headers=target.headers)
-                    why = check_answer(answer)
-                    if why is None and target.fetch and (url := answer.json()["data"][0].get("url")):
+                    why, url = answered_image(answer)
+                    if why is None and target.fetch and url.startswith(("https://", "http://")):
                         image = await client.get(url)
                         if image.status_code != 200 or not image.content.startswith((b"\x89PNG", b"\xff\xd8\xff")):
                             why = f"GET of the result: HTTP {image.status_code}, {image.content[:40]!r}"
