@@ -109,6 +109,7 @@ class Queue:
     """The service's view of where jobs run: told when one is enqueued."""
 
     concurrency: int = 0
+    draining: bool = False
     woken: int = 0
 
     def wake(self) -> None:

@@ -10,9 +10,12 @@ API process's links.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import signal
+import sqlite3
 import subprocess
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -191,3 +194,78 @@ def test_sigterm_drains_an_embedded_server_and_hands_its_running_job_back(tmp_pa
     assert row.status == JobStatus.PROCESSING and row.lease_until is not None
     assert row.lease_until < datetime.now(UTC)
     assert "handed 1 unfinished jobs back to the queue" in (tmp_path / "serve.log").read_text()
+
+
+def cut_off_by_a_stop(
+    tmp_path: Path, path: str, body: dict, headers: dict[str, str]
+) -> tuple[httpx.Response, RequestRow]:
+    """`kontext serve` (drain timeout 1 s) sent one request that waits on an upstream task that never
+    ends, then SIGTERM: the request's answer (once the drain has run out), and its job's row after."""
+    fake = FakeReplicate(pending_polls=10**9)
+    with serve(fake.app) as fake_url:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = {
+            "KONTEXT_DATA_DIR": str(tmp_path / "data"),
+            "REPLICATE_API_TOKEN": "r8_test",
+            "REPLICATE_BASE_URL": fake_url,
+            "KONTEXT_DRAIN_TIMEOUT_S": "1",
+        }
+        server = start_kontext(["serve", "--port", str(port)], env, tmp_path / "serve.log")
+        answers: list[httpx.Response | Exception] = []
+
+        def send() -> None:
+            try:
+                answers.append(httpx.post(f"{url}{path}", json=body, headers=headers, timeout=PATIENCE_S))
+            except httpx.HTTPError as exc:
+                answers.append(exc)
+
+        try:
+            wait_healthy(url, server, tmp_path / "serve.log")
+            client = threading.Thread(target=send)
+            client.start()
+            assert wait_until(lambda: len(fake.submits()) == 1)
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=PATIENCE_S) == 0
+            client.join(PATIENCE_S)
+        finally:
+            stop(server)
+    (answer,) = answers
+    assert isinstance(answer, httpx.Response), answer  # answered, not cut off without a word
+    with contextlib.closing(sqlite3.connect(tmp_path / "data" / "kontext.db")) as conn:
+        ids = [rid for (rid,) in conn.execute("SELECT id FROM requests")]
+    (row,) = rows(f"sqlite+aiosqlite:///{tmp_path / 'data' / 'kontext.db'}", ids)
+    # Handed back like any other job, not canceled as if its client had left: the next process finishes it.
+    assert row.status == JobStatus.PROCESSING and not row.cancel_requested, (row.status, row.cancel_requested)
+    assert row.lease_until is not None and row.lease_until < datetime.now(UTC)
+    assert "handed 1 unfinished jobs back to the queue" in (tmp_path / "serve.log").read_text()
+    return answer, row
+
+
+def test_a_synchronous_image_request_cut_off_by_a_stop_hears_where_its_job_goes_on(tmp_path: Path) -> None:
+    """Still waiting when the drain runs out: 503 naming the request (never the server's bare 500),
+    and the SDKs told not to retry (without an Idempotency-Key a retry would pay for a second job)."""
+    body = {"model": "replicate/flux.1-kontext-pro", "prompt": "a lighthouse"}
+    answer, row = cut_off_by_a_stop(tmp_path, "/v1/images/generations", body, {})
+    error = answer.json()["error"]
+    assert answer.status_code == 503 and error["code"] == "server_shutting_down", answer.text
+    assert answer.headers["x-request-id"] == row.id and f"GET /v1/requests/{row.id}" in error["message"]
+    assert answer.headers["x-should-retry"] == "false"
+
+
+def test_an_idempotent_image_request_cut_off_by_a_stop_may_be_sent_again(tmp_path: Path) -> None:
+    body = {"model": "replicate/flux.1-kontext-pro", "prompt": "a lighthouse"}
+    answer, row = cut_off_by_a_stop(tmp_path, "/v1/images/generations", body, {"Idempotency-Key": "lighthouse-1"})
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "server_shutting_down"
+    assert answer.headers["x-should-retry"] == "true" and answer.headers["retry-after"] == "1"
+    assert answer.headers["x-request-id"] == row.id and "same Idempotency-Key" in answer.json()["error"]["message"]
+
+
+def test_a_waiting_prediction_cut_off_by_a_stop_is_answered_as_it_stands(tmp_path: Path) -> None:
+    """`Prefer: wait` still holding when the drain runs out: 201, the prediction not yet done, as when
+    the wait runs out (its client polls `urls.get` on another process)."""
+    path = "/v1/models/black-forest-labs/flux-kontext-pro/predictions"
+    answer, row = cut_off_by_a_stop(tmp_path, path, {"input": {"prompt": "a lighthouse"}}, {"Prefer": "wait=60"})
+    prediction = answer.json()
+    assert answer.status_code == 201, answer.text
+    assert prediction["id"] == row.id and prediction["status"] in ("starting", "processing")

@@ -60,6 +60,9 @@ class JobQueue(Protocol):
     """Where jobs run (the worker): told when one is enqueued, asked to stop one."""
 
     concurrency: int
+    # Set once this process is stopping (SIGTERM): its jobs go back to the queue, none is canceled
+    # because a request waiting on it was cut off by the stop.
+    draining: bool
 
     def wake(self) -> None: ...
 
@@ -353,7 +356,9 @@ class ImageService:
         self, request_id: str, timeout: float | None = None, *, cancel_on_abandon: bool = True
     ) -> RequestRow:
         """Until the job ends (or `timeout` passes: then the record as it is). Cancelling the
-        waiter (the client hung up) cancels the job, unless it is a prediction that goes on."""
+        waiter (the client hung up) cancels the job, unless it is a prediction that goes on, or this
+        process is stopping (the server cut the request off: the job is handed back, and finished
+        elsewhere)."""
         event = self.channels.completion(request_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -379,7 +384,7 @@ class ImageService:
                 if record.status in ENDED or (deadline is not None and time.monotonic() >= deadline):
                     return record
         except asyncio.CancelledError:
-            if cancel_on_abandon:
+            if cancel_on_abandon and not self.jobs.draining:
                 await asyncio.shield(self.cancel(request_id))
             raise
         finally:

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
 from .. import safejson
-from ..errors import invalid, too_large
+from ..errors import GatewayError, invalid, too_large
 from ..idempotency import HEADER as IDEMPOTENCY_HEADER
 from ..idempotency import fingerprint
 from ..protocol import ImageCall, ImageSource, image_call
@@ -25,6 +25,7 @@ from . import openapi
 from .auth import principal
 from .bodies import SMALL_JSON_BYTES, is_json, json_body, media_type, unsupported_media_type
 from .deps import gateway
+from .stopping import answering_stop
 from .streaming import PreviewQueue, stream_response
 
 router = APIRouter()
@@ -99,11 +100,17 @@ async def _run(request: Request, call: ImageCall) -> Response:
             gw.channels.previews.pop(request_id, None)
             raise
         return stream_response(gw, request_id, call.mode, previews)
-    if key := request.headers.get(IDEMPOTENCY_HEADER):
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key:
         fp = fingerprint(request.url.path, dict(call.fields.items()), call.files)
         existing = await gw.idempotency.claim(who.scope, key, fp, request_id)
         if existing is not None:  # a retry: the same job's response; this waiter never cancels it
-            record = await gw.images.wait(existing, cancel_on_abandon=False)
+            try:
+                record = await gw.images.wait(existing, cancel_on_abandon=False)
+            except asyncio.CancelledError:
+                if not answering_stop(gw.worker.draining):
+                    raise
+                raise _cut_off(existing, retry_safe=True) from None
             outcome = await gw.images.render(record, base_url)
             return JSONResponse(outcome.body, headers={**outcome.headers, "idempotent-replayed": "true"})
     work = asyncio.ensure_future(
@@ -112,6 +119,12 @@ async def _run(request: Request, call: ImageCall) -> Response:
     gone = asyncio.ensure_future(_client_gone(request))
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        if not answering_stop(gw.worker.draining):
+            raise
+        # Cut off by the server's stop: the job goes back to the queue; the client hears where.
+        work.cancel()
+        raise _cut_off(request_id, retry_safe=key is not None) from None
     finally:
         gone.cancel()
     if not work.done():
@@ -140,6 +153,26 @@ def dry_run(request: Request) -> bool:
     if value not in ("true", "1", "false", "0", ""):
         raise invalid("'dryRun' must be true or false.", param="dryRun", code="invalid_value")
     return value in ("true", "1")
+
+
+def _cut_off(request_id: str, *, retry_safe: bool) -> GatewayError:
+    """503 for a request the server stopped waiting on (it shuts down): the job goes on elsewhere.
+    A retry would start another job, and pay for it, unless the Idempotency-Key brings it back to
+    this one: the SDKs are told to retry only then."""
+    retry = "Sending it again with the same Idempotency-Key waits for it." if retry_safe else ""
+    return GatewayError(
+        f"The server stopped before request '{request_id}' was done. Its job is back in the queue and "
+        f"finishes once a worker takes it up (another process, or this one restarted): "
+        f"GET /v1/requests/{request_id} shows its outcome. {retry}".rstrip(),
+        status=503,
+        type="server_error",
+        code="server_shutting_down",
+        headers={
+            "x-request-id": request_id,
+            "x-should-retry": "true" if retry_safe else "false",
+            **({"retry-after": "1"} if retry_safe else {}),
+        },
+    )
 
 
 async def _client_gone(request: Request) -> None:

@@ -68,7 +68,8 @@ ERRORS: dict[int, str] = {
     499: "The client hung up, or the request was canceled, before it finished.",
     500: "The local engine failed while generating.",
     502: "Every provider that could serve the request failed.",
-    503: "No provider can serve the request (none configured or available).",
+    503: "No provider can serve the request (none configured or available); or the server stopped before the "
+    "image was ready (`server_shutting_down`: the job goes on in the queue, `x-request-id` names it).",
     504: "The request ran out of time at the provider.",
 }
 

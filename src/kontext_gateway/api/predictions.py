@@ -6,6 +6,7 @@ PredictionService does the rest.
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 from fastapi import APIRouter, Request
@@ -21,6 +22,7 @@ from .auth import principal
 from .bodies import json_body
 from .deps import gateway
 from .images import dry_run
+from .stopping import answering_stop
 
 router = APIRouter()
 _WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d+))?\s*$", re.IGNORECASE)
@@ -80,11 +82,23 @@ async def _create(request: Request, model: str | None) -> JSONResponse:
         fp = fingerprint(request.url.path, body)
         existing = await gw.idempotency.claim(who.scope, key, fp, request_id)
         if existing is not None:  # a retry: the same prediction, nothing created or charged again
-            prediction = await gw.predictions.get(existing, base_url, wait=wait, principal=who)
+            try:
+                prediction = await gw.predictions.get(existing, base_url, wait=wait, principal=who)
+            except asyncio.CancelledError:
+                if not answering_stop(gw.worker.draining):
+                    raise
+                prediction = await gw.predictions.get(existing, base_url, principal=who)
             return JSONResponse(prediction, status_code=201, headers={"idempotent-replayed": "true"})
-    prediction = await gw.predictions.create(
-        parsed, base_url=base_url, wait=wait, request_id=request_id, principal=who, provider=provider
-    )
+    try:
+        prediction = await gw.predictions.create(
+            parsed, base_url=base_url, wait=wait, request_id=request_id, principal=who, provider=provider
+        )
+    except asyncio.CancelledError:
+        # Cut off by the server's stop while `Prefer: wait` held it: the prediction as it stands, as
+        # when the wait runs out (it goes on in the queue, handed back).
+        if not (wait and answering_stop(gw.worker.draining)):
+            raise
+        prediction = await gw.predictions.get(request_id, base_url, principal=who)
     return JSONResponse(prediction, status_code=201)
 
 
