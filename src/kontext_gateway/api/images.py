@@ -161,9 +161,9 @@ def _cut_off(request_id: str, *, retry_safe: bool) -> GatewayError:
     this one: the SDKs are told to retry only then."""
     retry = "Sending it again with the same Idempotency-Key waits for it." if retry_safe else ""
     return GatewayError(
-        f"The server stopped before request '{request_id}' was done. Its job is back in the queue and "
-        f"finishes once a worker takes it up (another process, or this one restarted): "
-        f"GET /v1/requests/{request_id} shows its outcome. {retry}".rstrip(),
+        f"The server stopped before request '{request_id}' was done. Its job goes on without this "
+        f"connection (in another worker, or in this server once restarted): GET /v1/requests/{request_id} "
+        f"shows its outcome. {retry}".rstrip(),
         status=503,
         type="server_error",
         code="server_shutting_down",
