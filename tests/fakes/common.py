@@ -48,7 +48,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,7 +163,7 @@ class Upload:
 
 
 async def record(
-    requests: list, request: Request, *, with_query: bool = False, received: list[Received] | None = None
+    requests: list[Any], request: Request, *, with_query: bool = False, received: list[Received] | None = None
 ) -> Any:
     """Append (method, path, headers, JSON body or raw bytes) to a fake's log, and the body's size to
     `received`; return the body."""
@@ -283,7 +283,9 @@ class DropConnection(Exception):
     """Raised after a partial response: uvicorn cuts the connection, the client sees it dropped."""
 
 
-async def http_fault(fault: Fault, send_error: Any, request: Request | None = None) -> Response | None:
+async def http_fault(
+    fault: Fault, send_error: Callable[[int, dict[str, str]], Response], request: Request | None = None
+) -> Response | None:
     """Apply a transport-level fault. Returns a response to send instead, or None to carry on."""
     if fault.kind == "redirect" and request is not None and fault.location:
         query = f"?{request.url.query}" if request.url.query else ""
@@ -439,7 +441,7 @@ class Elsewhere:
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 @functools.cache

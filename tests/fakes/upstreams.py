@@ -46,15 +46,18 @@ def solo_settings(
     provider_hosts = dict(overrides.pop("provider_hosts", {}))
     if hosts:
         provider_hosts[provider] = [*provider_hosts.get(provider, []), *hosts]
-    return Settings(
-        data_dir=data_dir,
-        database_url=f"sqlite:///{data_dir / 'gateway.db'}",
-        dev_weights_dir=None,
-        provider_hosts=provider_hosts,
+    fields: dict[str, Any] = {
+        "data_dir": data_dir,
+        "database_url": f"sqlite:///{data_dir / 'gateway.db'}",
+        "dev_weights_dir": None,
+        "provider_hosts": provider_hosts,
         **{KEYS[other][0]: None for other in KEYS if other != provider},
-        **{setting: key or default_key, BASE_URLS[provider]: base_url},
-        **{**FAST, **overrides},
-    )
+        setting: key or default_key,
+        BASE_URLS[provider]: base_url,
+        **FAST,
+        **overrides,
+    }
+    return Settings(**fields)
 
 
 class Upstreams:
@@ -83,11 +86,13 @@ class Upstreams:
     def settings(self, data_dir: Path, **overrides: Any) -> Settings:
         provider_hosts = {**self.hosts(), **overrides.pop("provider_hosts", {})}
         storage = {"fal_storage_url": self.fal.storage_url} if self.fal.storage_url else {}
-        return Settings(
-            data_dir=data_dir,
-            provider_hosts=provider_hosts,
+        fields: dict[str, Any] = {
+            "data_dir": data_dir,
+            "provider_hosts": provider_hosts,
             **storage,
             **dict(KEYS.values()),
             **{BASE_URLS[name]: url for name, url in self.urls.items()},
-            **{**FAST, **overrides},
-        )
+            **FAST,
+            **overrides,
+        }
+        return Settings(**fields)
