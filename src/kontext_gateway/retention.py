@@ -11,7 +11,6 @@ batches; several processes sweeping one database is harmless (a purge skips what
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import datetime, timedelta
 
@@ -19,6 +18,7 @@ from .config import Settings
 from .history import History
 from .store.history import HistoryRows
 from .store.models import utcnow
+from .tasks import stop_task
 
 log = logging.getLogger(__name__)
 BATCH = 100
@@ -40,10 +40,7 @@ class RetentionSweeper:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
 
     async def sweep(self) -> int:
         """Purge everything due, a batch at a time; returns how many requests were purged."""

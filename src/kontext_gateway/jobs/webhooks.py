@@ -45,6 +45,7 @@ from ..config import Settings
 from ..net import ensure_public_url
 from ..store.db import Database
 from ..store.records import JobStatus, RequestRow
+from ..tasks import stop_task
 from .dispatch import WebhookDispatcher
 
 log = logging.getLogger(__name__)
@@ -144,10 +145,7 @@ class Webhooks:
 
     async def stop(self) -> None:
         sweeper, self._sweeper = self._sweeper, None
-        if sweeper is not None:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+        await stop_task(sweeper)
         await self.dispatcher.stop()
 
     async def sweep(self) -> None:

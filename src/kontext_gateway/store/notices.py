@@ -20,13 +20,14 @@ after a quiet spell goes at once, and under load ten a second carry every job's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ..tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +130,7 @@ class JobNotices:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
 
     async def _listen(self) -> None:
         while True:

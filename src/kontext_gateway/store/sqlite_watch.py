@@ -15,12 +15,12 @@ as the fallback.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 from collections.abc import Callable, Collection
 from pathlib import Path
 
+from ..tasks import stop_task
 from .records import ENDED, JobStatus
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,7 @@ class SQLiteWatch:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
 
     async def _watch(self) -> None:
         while True:
