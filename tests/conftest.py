@@ -37,6 +37,7 @@ from PIL import Image
 from fakes.common import serve
 from kontext_gateway.api.app import create_app
 from kontext_gateway.config import Settings
+from kontext_gateway.store.records import ENDED, RequestRow
 
 if TYPE_CHECKING:
     from openai import OpenAI
@@ -73,6 +74,16 @@ async def enqueue_job(db: Database, **kw: object) -> str:
 async def next_in(queue: asyncio.Queue[str]) -> str:
     """The next item put in `queue`, waited for patiently."""
     return await asyncio.wait_for(queue.get(), PATIENCE_S)
+
+
+async def ended_request(db: Database, rid: str) -> RequestRow:
+    """The request's row once its job has ended (wherever it ran), read every 50 ms, waited for patiently."""
+    async with asyncio.timeout(PATIENCE_S):
+        while True:
+            row = await db.get_request(rid)
+            if row is not None and row.status in ENDED:
+                return row
+            await asyncio.sleep(0.05)
 
 
 async def await_until(condition: Callable[[], object], timeout: float = PATIENCE_S, interval: float = 0.02) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from conftest import PATIENCE_S, enqueue_job, next_in, throwaway_postgres_database
+from conftest import PATIENCE_S, ended_request, enqueue_job, next_in, throwaway_postgres_database
 from fakes.common import serve
 from fakes.replicate import FakeReplicate
 from kontext_gateway import service
@@ -20,7 +20,7 @@ from kontext_gateway.gateway import Gateway
 from kontext_gateway.protocol import prediction_call
 from kontext_gateway.store.db import Database
 from kontext_gateway.store.notices import ANY_LANE, JobNotices
-from kontext_gateway.store.records import ENDED, JobStatus, Lane
+from kontext_gateway.store.records import JobStatus, Lane
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +104,7 @@ async def test_a_worker_process_runs_a_job_another_enqueued_without_polling(pg_u
             await asyncio.wait_for(worker.notices.listening.wait(), PATIENCE_S)
             call = prediction_call("replicate/flux.1-kontext-pro", {"input": {"prompt": "a fox"}}).call
             rid = await api.images.submit(call, base_url="http://localhost/")
-            async with asyncio.timeout(PATIENCE_S):
-                while True:
-                    row = await api.db.get_request(rid)
-                    if row is not None and row.status in ENDED:
-                        break
-                    await asyncio.sleep(0.05)
+            row = await ended_request(api.db, rid)
             assert row.status == JobStatus.SUCCEEDED and row.claimed_by == worker.worker.id
         finally:
             await worker.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PATIENCE_S, await_until, enqueue_job, next_in
+from conftest import PATIENCE_S, await_until, ended_request, enqueue_job, next_in
 from fakes.common import serve
 from fakes.replicate import FakeReplicate
 from kontext_gateway import service
@@ -19,7 +19,7 @@ from kontext_gateway.config import Settings
 from kontext_gateway.gateway import Gateway
 from kontext_gateway.protocol import ImageCall, prediction_call
 from kontext_gateway.store.db import Database
-from kontext_gateway.store.records import ENDED, JobStatus, Lane
+from kontext_gateway.store.records import JobStatus, Lane
 from kontext_gateway.store.sqlite_watch import SQLiteWatch
 
 QUICK_S = 0.01  # the tests' watches look this often
@@ -139,12 +139,7 @@ async def test_a_worker_process_runs_a_job_the_api_process_queued_without_pollin
     async with split_deployment(tmp_path, job_poll_interval_s=3600) as (api, worker):
         assert worker.watch is not None and worker.notices is None
         rid = await api.images.submit(a_prediction(), base_url="http://localhost/")
-        async with asyncio.timeout(PATIENCE_S):
-            while True:
-                row = await api.db.get_request(rid)
-                if row is not None and row.status in ENDED:
-                    break
-                await asyncio.sleep(0.05)
+        row = await ended_request(api.db, rid)
         assert row.status == JobStatus.SUCCEEDED and row.claimed_by == worker.worker.id
 
 
