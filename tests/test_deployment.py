@@ -17,7 +17,7 @@ import sqlite3
 import subprocess
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -162,45 +162,11 @@ def test_killed_and_drained_workers_leave_every_job_done_once_and_every_image_re
                 stop(proc)
 
 
-def test_sigterm_drains_an_embedded_server_and_hands_its_running_job_back(tmp_path: Path) -> None:
-    fake = FakeReplicate(pending_polls=10**9)  # the upstream task never finishes while the server runs
-    with serve(fake.app) as fake_url:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        database_url = f"sqlite+aiosqlite:///{tmp_path / 'data' / 'kontext.db'}"
-        env = {
-            "KONTEXT_DATA_DIR": str(tmp_path / "data"),
-            "REPLICATE_API_TOKEN": "r8_test",
-            "REPLICATE_BASE_URL": fake_url,
-            "KONTEXT_DRAIN_TIMEOUT_S": "1",
-        }
-        server = start_kontext(["serve", "--port", str(port)], env, tmp_path / "serve.log")
-        try:
-            wait_healthy(url, server, tmp_path / "serve.log")
-            created = httpx.post(
-                f"{url}/v1/models/black-forest-labs/flux-kontext-pro/predictions",
-                json={"input": {"prompt": "a lighthouse"}},
-                timeout=PATIENCE_S,
-            )
-            assert created.status_code == 201, created.text
-            rid = created.json()["id"]
-            assert wait_until(lambda: len(fake.submits()) == 1)
-            server.send_signal(signal.SIGTERM)
-            assert server.wait(timeout=PATIENCE_S) == 0
-        finally:
-            stop(server)
-    (row,) = rows(database_url, [rid])
-    # Handed back, not failed: the next process resumes it at once from its journal.
-    assert row.status == JobStatus.PROCESSING and row.lease_until is not None
-    assert row.lease_until < datetime.now(UTC)
-    assert "handed 1 unfinished jobs back to the queue" in (tmp_path / "serve.log").read_text()
-
-
-def cut_off_by_a_stop(
-    tmp_path: Path, path: str, body: dict, headers: dict[str, str]
-) -> tuple[httpx.Response, RequestRow]:
-    """`kontext serve` (drain timeout 1 s) sent one request that waits on an upstream task that never
-    ends, then SIGTERM: the request's answer (once the drain has run out), and its job's row after."""
+@contextlib.contextmanager
+def stopping_server(tmp_path: Path) -> Iterator[tuple[str, FakeReplicate, Callable[[], None]]]:
+    """`kontext serve` on a data dir in `tmp_path` (drain timeout 1 s), its one upstream a fake Replicate
+    whose tasks never end while it runs: (its URL, the fake, `sigterm`: sends SIGTERM once the fake
+    has the task, and checks that the server drains and exits 0)."""
     fake = FakeReplicate(pending_polls=10**9)
     with serve(fake.app) as fake_url:
         port = free_port()
@@ -212,7 +178,51 @@ def cut_off_by_a_stop(
             "KONTEXT_DRAIN_TIMEOUT_S": "1",
         }
         server = start_kontext(["serve", "--port", str(port)], env, tmp_path / "serve.log")
-        answers: list[httpx.Response | Exception] = []
+
+        def sigterm() -> None:
+            assert wait_until(lambda: len(fake.submits()) == 1)
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=PATIENCE_S) == 0
+
+        try:
+            wait_healthy(url, server, tmp_path / "serve.log")
+            yield url, fake, sigterm
+        finally:
+            stop(server)
+
+
+def handed_back_row(tmp_path: Path) -> RequestRow:
+    """The one request `stopping_server` ran, checked handed back: its lease released for the next
+    process to resume it at once from its journal; not failed, not canceled."""
+    with contextlib.closing(sqlite3.connect(tmp_path / "data" / "kontext.db")) as conn:
+        ids = [rid for (rid,) in conn.execute("SELECT id FROM requests")]
+    (row,) = rows(f"sqlite+aiosqlite:///{tmp_path / 'data' / 'kontext.db'}", ids)
+    assert row.status == JobStatus.PROCESSING and not row.cancel_requested, (row.status, row.cancel_requested)
+    assert row.lease_until is not None and row.lease_until < datetime.now(UTC)
+    assert "handed 1 unfinished jobs back to the queue" in (tmp_path / "serve.log").read_text()
+    return row
+
+
+def test_sigterm_drains_an_embedded_server_and_hands_its_running_job_back(tmp_path: Path) -> None:
+    with stopping_server(tmp_path) as (url, _, sigterm):
+        created = httpx.post(
+            f"{url}/v1/models/black-forest-labs/flux-kontext-pro/predictions",
+            json={"input": {"prompt": "a lighthouse"}},
+            timeout=PATIENCE_S,
+        )
+        assert created.status_code == 201, created.text
+        sigterm()
+    assert handed_back_row(tmp_path).id == created.json()["id"]
+
+
+def cut_off_by_a_stop(
+    tmp_path: Path, path: str, body: dict, headers: dict[str, str]
+) -> tuple[httpx.Response, RequestRow]:
+    """A request that waits on the job of `stopping_server`, then SIGTERM: the request's answer (once
+    the drain has run out), and its job's row after, handed back like any other job (not canceled as
+    if its client had left)."""
+    answers: list[httpx.Response | Exception] = []
+    with stopping_server(tmp_path) as (url, _, sigterm):
 
         def send() -> None:
             try:
@@ -220,26 +230,13 @@ def cut_off_by_a_stop(
             except httpx.HTTPError as exc:
                 answers.append(exc)
 
-        try:
-            wait_healthy(url, server, tmp_path / "serve.log")
-            client = threading.Thread(target=send)
-            client.start()
-            assert wait_until(lambda: len(fake.submits()) == 1)
-            server.send_signal(signal.SIGTERM)
-            assert server.wait(timeout=PATIENCE_S) == 0
-            client.join(PATIENCE_S)
-        finally:
-            stop(server)
+        client = threading.Thread(target=send)
+        client.start()
+        sigterm()
+        client.join(PATIENCE_S)
     (answer,) = answers
     assert isinstance(answer, httpx.Response), answer  # answered, not cut off without a word
-    with contextlib.closing(sqlite3.connect(tmp_path / "data" / "kontext.db")) as conn:
-        ids = [rid for (rid,) in conn.execute("SELECT id FROM requests")]
-    (row,) = rows(f"sqlite+aiosqlite:///{tmp_path / 'data' / 'kontext.db'}", ids)
-    # Handed back like any other job, not canceled as if its client had left: the next process finishes it.
-    assert row.status == JobStatus.PROCESSING and not row.cancel_requested, (row.status, row.cancel_requested)
-    assert row.lease_until is not None and row.lease_until < datetime.now(UTC)
-    assert "handed 1 unfinished jobs back to the queue" in (tmp_path / "serve.log").read_text()
-    return answer, row
+    return answer, handed_back_row(tmp_path)
 
 
 def test_a_synchronous_image_request_cut_off_by_a_stop_hears_where_its_job_goes_on(tmp_path: Path) -> None:
